@@ -1,0 +1,1 @@
+"""fabstir_jupyter: use a decentralised LLM network from Python and Jupyter."""

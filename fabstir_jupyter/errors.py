@@ -1,0 +1,272 @@
+"""Errors raised by fabstir_jupyter.
+
+Every error carries a ``code`` from the one namespace shared with the reference host
+(spec/PROTOCOL.md §7) and says whether retrying, possibly on another host, may help::
+
+    FabstirError                      code           retryable
+    ├── NoHostsAvailable              NO_HOSTS_AVAILABLE    yes
+    ├── ConnectionFailed              CONNECTION_FAILED     yes
+    ├── InferenceTimeout              INFERENCE_TIMEOUT     yes
+    │   ├── FirstTokenTimeout
+    │   ├── IdleTimeout
+    │   └── DeadlineExceeded
+    ├── ModelNotAvailable             MODEL_NOT_AVAILABLE   no
+    ├── RateLimitExceeded             RATE_LIMIT_EXCEEDED   yes
+    ├── HostBusy                      HOST_BUSY             yes
+    ├── HostError                     HOST_ERROR            yes
+    ├── ContextOverflow               CONTEXT_OVERFLOW      no
+    ├── ProtocolError                 PROTOCOL_ERROR        yes
+    ├── SessionNotFound               SESSION_NOT_FOUND     no
+    ├── Cancelled                     CANCELLED             no
+    ├── AuthFailed                    AUTH_FAILED           no
+    ├── PaymentRequired               PAYMENT_REQUIRED      no
+    ├── EncryptionError               ENCRYPTION_* etc.     no
+    └── InvalidInput (also ValueError)
+        ├── InvalidPrompt             INVALID_PROMPT        no
+        └── InvalidOptions            INVALID_OPTIONS       no
+
+Messages are lower-case fragments without a final period ("host ws://h:1/v1/ws: no first
+token within 5 s"), so they nest. Errors never hold secrets: only the fields given here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "FabstirError",
+    "NoHostsAvailable",
+    "ConnectionFailed",
+    "InferenceTimeout",
+    "FirstTokenTimeout",
+    "IdleTimeout",
+    "DeadlineExceeded",
+    "ModelNotAvailable",
+    "RateLimitExceeded",
+    "HostBusy",
+    "HostError",
+    "ContextOverflow",
+    "ProtocolError",
+    "SessionNotFound",
+    "Cancelled",
+    "AuthFailed",
+    "PaymentRequired",
+    "EncryptionError",
+    "InvalidInput",
+    "InvalidPrompt",
+    "InvalidOptions",
+    "ERROR_CODES",
+    "error_from_code",
+]
+
+
+class FabstirError(Exception):
+    """Base class of every error this package raises on purpose.
+
+    Attributes:
+        code: the protocol error code (spec/PROTOCOL.md §7).
+        retryable: whether the same request may succeed on a retry or another host.
+        message: the human-readable text, a lower-case fragment.
+        host: the host URL the error came from, if any.
+        hint: a short suggestion of what to do next, if any.
+    """
+
+    code: str = "HOST_ERROR"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        host: str | None = None,
+        hint: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+        self.host = host
+        self.hint = hint
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        text = f"[{self.code}] {self.message}"
+        if self.host:
+            text = f"[{self.code}] host {self.host}: {self.message}"
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, host={self.host!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep code/host/hint when pickled or copied (e.g. across a loop thread).
+        return (_rebuild, (type(self), self.message, self.code, self.retryable, self.host, self.hint, self.retry_after))
+
+
+def _rebuild(cls: type[FabstirError], message: str, code: str, retryable: bool, host: str | None,
+             hint: str | None, retry_after: float | None) -> FabstirError:
+    return cls(message, code=code, retryable=retryable, host=host, hint=hint, retry_after=retry_after)
+
+
+class NoHostsAvailable(FabstirError):
+    """Raised when no known host can serve the request."""
+
+    code = "NO_HOSTS_AVAILABLE"
+    retryable = True
+
+
+class ConnectionFailed(FabstirError):
+    """Raised when a WebSocket or HTTP connection to a host fails or drops."""
+
+    code = "CONNECTION_FAILED"
+    retryable = True
+
+
+class InferenceTimeout(FabstirError):
+    """Raised when a host does not answer within a timeout."""
+
+    code = "INFERENCE_TIMEOUT"
+    retryable = True
+
+
+class FirstTokenTimeout(InferenceTimeout):
+    """Raised when no first frame of an answer arrives within ``first_token_timeout``."""
+
+
+class IdleTimeout(InferenceTimeout):
+    """Raised when the gap between two frames of a stream exceeds ``idle_timeout``."""
+
+
+class DeadlineExceeded(InferenceTimeout):
+    """Raised when the opt-in overall ``deadline`` of a request passes."""
+
+    retryable = False
+
+
+class ModelNotAvailable(FabstirError):
+    """Raised when no host serves the requested model; the message lists the available ones."""
+
+    code = "MODEL_NOT_AVAILABLE"
+
+
+class RateLimitExceeded(FabstirError):
+    """Raised when a host, or the client-side limiter, refuses a request for its rate."""
+
+    code = "RATE_LIMIT_EXCEEDED"
+    retryable = True
+
+
+class HostBusy(FabstirError):
+    """Raised when a host is at its concurrent-stream limit."""
+
+    code = "HOST_BUSY"
+    retryable = True
+
+
+class HostError(FabstirError):
+    """Raised when a host reports a failure with no better code; the host's text is kept."""
+
+    code = "HOST_ERROR"
+    retryable = True
+
+
+class ContextOverflow(FabstirError):
+    """Raised when the prompt does not fit the model's context window."""
+
+    code = "CONTEXT_OVERFLOW"
+
+
+class ProtocolError(FabstirError):
+    """Raised when a frame cannot be interpreted."""
+
+    code = "PROTOCOL_ERROR"
+    retryable = True
+
+
+class SessionNotFound(FabstirError):
+    """Raised when a session id is unknown (or already ended)."""
+
+    code = "SESSION_NOT_FOUND"
+
+
+class Cancelled(FabstirError):
+    """Raised when a stream was cancelled (by the caller, the host or a kernel interrupt)."""
+
+    code = "CANCELLED"
+
+
+class AuthFailed(FabstirError):
+    """Raised when a host refuses the client's credentials."""
+
+    code = "AUTH_FAILED"
+
+
+class PaymentRequired(FabstirError):
+    """Raised when inference would need a paid session that this package cannot open yet."""
+
+    code = "PAYMENT_REQUIRED"
+
+
+class EncryptionError(FabstirError):
+    """Raised for the encrypted-session codes of spec/PROTOCOL.md §6 (``code`` says which)."""
+
+    code = "ENCRYPTION_NOT_SUPPORTED"
+
+
+class InvalidInput(FabstirError, ValueError):
+    """Raised before any I/O when the caller's input is invalid; ``field`` names the culprit."""
+
+    code = "INVALID_OPTIONS"
+
+    def __init__(self, message: str, *, field: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.field = field
+
+
+class InvalidPrompt(InvalidInput):
+    """Raised when the prompt is empty, not a string, too long or holds control characters."""
+
+    code = "INVALID_PROMPT"
+
+
+class InvalidOptions(InvalidInput):
+    """Raised when an option has a bad value, a bad type, or an unknown name."""
+
+    code = "INVALID_OPTIONS"
+
+
+_ENCRYPTION_CODES = (
+    "ENCRYPTION_NOT_SUPPORTED",
+    "MISSING_PAYLOAD",
+    "INVALID_PAYLOAD",
+    "INVALID_HEX_ENCODING",
+    "INVALID_NONCE_SIZE",
+    "DECRYPTION_FAILED",
+    "SESSION_KEY_NOT_FOUND",
+)
+
+#: Every code this package knows, mapped to the class that carries it.
+ERROR_CODES: dict[str, type[FabstirError]] = {
+    cls.code: cls
+    for cls in (
+        NoHostsAvailable, ConnectionFailed, InferenceTimeout, ModelNotAvailable, RateLimitExceeded,
+        HostBusy, HostError, ContextOverflow, ProtocolError, SessionNotFound, Cancelled, AuthFailed,
+        PaymentRequired, InvalidPrompt, InvalidOptions,
+    )
+}
+ERROR_CODES.update({code: EncryptionError for code in _ENCRYPTION_CODES})
+
+
+def error_from_code(code: object, message: str, **kwargs: Any) -> FabstirError:
+    """Build the error class that matches ``code``; unknown codes become a ``HostError`` keeping them.
+
+    Used for codes that arrive from a host, so an unexpected value never raises here.
+    """
+    code_text = code if isinstance(code, str) and code else "HOST_ERROR"
+    cls = ERROR_CODES.get(code_text, HostError)
+    return cls(message, code=code_text, **kwargs)

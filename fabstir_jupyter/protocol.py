@@ -1,0 +1,887 @@
+"""The wire protocol, sans I/O: build frames, parse frames into events, read a response.
+
+Nothing here touches sockets, asyncio or the clock. Both sides live here, like the client and
+server halves of a sans-I/O library:
+
+* the client builds requests with :func:`inference_frame`, :func:`session_init_frame`,
+  :func:`prompt_frame`, :func:`cancel_frame`; parses what a host sends with
+  :func:`parse_host_frame`; and turns the events of one request into tokens and a result with
+  :class:`ResponseReader`, which absorbs the production-host quirks of spec/PROTOCOL.md §4;
+* the reference host parses requests with :func:`parse_client_frame` and answers with
+  :func:`chunk_frame`, :func:`end_frame`, :func:`error_frame` and friends.
+
+Every parse either returns an event or raises a :class:`~fabstir_jupyter.errors.FabstirError`
+(``PROTOCOL_ERROR`` for frames that cannot be interpreted, ``INVALID_PROMPT`` /
+``INVALID_OPTIONS`` for requests with bad fields); nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Union
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import (
+    ContextOverflow,
+    FabstirError,
+    HostError,
+    InvalidOptions,
+    InvalidPrompt,
+    ProtocolError,
+    error_from_code,
+)
+
+__all__ = [
+    "WS_PATH",
+    "FEATURES",
+    "ws_url",
+    "http_url",
+    "encode",
+    # client side
+    "inference_frame",
+    "session_init_frame",
+    "prompt_frame",
+    "cancel_frame",
+    "ping_frame",
+    "Usage",
+    "Connected",
+    "SessionInitAck",
+    "Chunk",
+    "StreamEnd",
+    "ErrorEvent",
+    "Pong",
+    "UnknownFrame",
+    "HostEvent",
+    "parse_host_frame",
+    "StopMatcher",
+    "ResponseReader",
+    # host side
+    "GenerationRequest",
+    "InferenceRequest",
+    "SessionInit",
+    "PromptRequest",
+    "StreamCancel",
+    "Ping",
+    "ClientEvent",
+    "parse_client_frame",
+    "connected_frame",
+    "session_init_ack_frame",
+    "chunk_frame",
+    "end_frame",
+    "error_frame",
+    "pong_frame",
+]
+
+WS_PATH = "/v1/ws"
+
+#: What the reference host guarantees (``GET /v1/version`` → ``features``; spec §3a).
+FEATURES: tuple[str, ...] = (
+    "coded-errors",
+    "usage-always",
+    "stop-sequences",
+    "top-p",
+    "seed",
+    "chat-messages",
+    "assistant-prefill",
+    "plaintext-sessions",
+    "pong",
+)
+
+CHAT_ROLES = ("system", "user", "assistant")
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def ws_url(url: str) -> str:
+    """Return the WebSocket endpoint for a host URL.
+
+    ``http://h:1`` → ``ws://h:1/v1/ws``; ``https://…`` → ``wss://…/v1/ws``; a ``ws(s)://`` URL with a
+    path is kept as given; a bare ``h:1`` is taken as ``ws://h:1/v1/ws``.
+
+    Raises:
+        InvalidOptions: the URL has another scheme or no host.
+    """
+    text = url.strip() if isinstance(url, str) else ""
+    if "://" not in text:
+        text = "ws://" + text
+    parts = urlsplit(text)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise InvalidOptions(f"host url {url!r} is not a ws://, wss://, http:// or https:// url", field="host_url")
+    path = parts.path.rstrip("/")
+    if parts.scheme.lower() in ("http", "https") or not path:
+        path = path + WS_PATH if not path.endswith(WS_PATH) else path
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def http_url(url: str) -> str:
+    """Return the HTTP base URL (no path) of a host, from any URL form :func:`ws_url` takes."""
+    parts = urlsplit(ws_url(url))
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def encode(frame: Mapping[str, Any]) -> str:
+    """Serialise a frame to the JSON text sent on the wire."""
+    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- client → host
+
+
+def _request_body(
+    *,
+    prompt: str,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    stream: bool,
+    top_p: float | None,
+    stop: Iterable[str] | None,
+    seed: int | None,
+    messages: list[dict[str, str]] | None,
+) -> dict[str, Any]:
+    # model, prompt and max_tokens are always present: production hosts drop requests without them.
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": stream,
+    }
+    if top_p is not None:
+        body["top_p"] = top_p
+    if stop:
+        body["stop"] = list(stop)
+    if seed is not None:
+        body["seed"] = seed
+    if messages:
+        body["messages"] = [dict(m) for m in messages]
+    return body
+
+
+def inference_frame(
+    *,
+    prompt: str,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    stream: bool = True,
+    top_p: float | None = None,
+    stop: Iterable[str] | None = None,
+    seed: int | None = None,
+    messages: list[dict[str, str]] | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a stateless ``inference`` request (spec §2)."""
+    frame: dict[str, Any] = {
+        "type": "inference",
+        "request": _request_body(
+            prompt=prompt, model=model, max_tokens=max_tokens, temperature=temperature, stream=stream,
+            top_p=top_p, stop=stop, seed=seed, messages=messages,
+        ),
+    }
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
+
+
+def session_init_frame(
+    session_id: str, *, job_id: int | str | None = None, chain_id: int | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """Build a plaintext ``session_init``; ``session_id`` is always sent as a string."""
+    frame: dict[str, Any] = {"type": "session_init", "session_id": str(session_id)}
+    if job_id is not None:
+        frame["job_id"] = job_id
+    if chain_id is not None:
+        frame["chain_id"] = chain_id
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
+
+
+def prompt_frame(
+    prompt: str,
+    *,
+    session_id: str | None,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    stream: bool = True,
+    top_p: float | None = None,
+    stop: Iterable[str] | None = None,
+    seed: int | None = None,
+    messages: list[dict[str, str]] | None = None,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a session ``prompt`` carrying a full ``request`` (production hosts need all of it)."""
+    frame: dict[str, Any] = {
+        "type": "prompt",
+        "prompt": prompt,
+        "request": _request_body(
+            prompt=prompt, model=model, max_tokens=max_tokens, temperature=temperature, stream=stream,
+            top_p=top_p, stop=stop, seed=seed, messages=messages,
+        ),
+    }
+    if session_id is not None:
+        frame["session_id"] = str(session_id)
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
+
+
+def cancel_frame(session_id: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Build a ``stream_cancel``; the host answers ``stream_end(reason="cancelled")``."""
+    frame: dict[str, Any] = {"type": "stream_cancel"}
+    if session_id is not None:
+        frame["session_id"] = str(session_id)
+    if reason is not None:
+        frame["reason"] = reason
+    return frame
+
+
+def ping_frame() -> dict[str, Any]:
+    """Build a JSON ping (answered by the reference host only; production hosts ignore it)."""
+    return {"type": "ping"}
+
+
+# --------------------------------------------------------------------------- host → client events
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts a host reports at the end of a stream."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    context_window_size: int | None = None
+
+    def to_dict(self) -> dict[str, int]:
+        data = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.context_window_size is not None:
+            data["context_window_size"] = self.context_window_size
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The host's greeting, sent right after the WebSocket upgrade."""
+
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInitAck:
+    """The host accepted a ``session_init``."""
+
+    session_id: str | None = None
+    status: str | None = None
+    message: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of generated text; ``tokens`` is how many tokens it holds (0 for the empty terminal chunk)."""
+
+    content: str
+    tokens: int = 1
+    finish_reason: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The end of a stream; ``usage`` and ``finish_reason`` are optional on production hosts."""
+
+    reason: str = "complete"
+    tokens_used: int = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """An ``error`` frame in any of its three shapes, normalised; ``error`` is the matching exception."""
+
+    code: str
+    message: str
+    id: str | None = None
+
+    @property
+    def error(self) -> FabstirError:
+        return error_from_code(self.code, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The reference host's answer to a JSON ping."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownFrame:
+    """A well-formed frame of a type this client does not know; ignored by readers."""
+
+    type: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+HostEvent = Union[Connected, SessionInitAck, Chunk, StreamEnd, ErrorEvent, Pong, UnknownFrame]
+
+
+def _load_object(data: str | bytes | bytearray | memoryview) -> dict[str, Any]:
+    if not isinstance(data, str):
+        raise ProtocolError("binary frame where a JSON text frame was expected")
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame is a JSON {type(obj).__name__}, not an object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("frame has no string 'type'")
+    return obj
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ProtocolError(f"'{key}' is a {type(value).__name__}, not a string")
+
+
+def _count(obj: Mapping[str, Any], key: str, default: int) -> int:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"'{key}' is a {type(value).__name__}, not a count")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ProtocolError(f"'{key}' is not a whole number")
+        value = int(value)
+    if value < 0:
+        raise ProtocolError(f"'{key}' is negative")
+    return value
+
+
+def _parse_usage(value: Any) -> Usage | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"'usage' is a {type(value).__name__}, not an object")
+    window = value.get("context_window_size")
+    return Usage(
+        prompt_tokens=_count(value, "prompt_tokens", 0),
+        completion_tokens=_count(value, "completion_tokens", 0),
+        total_tokens=_count(value, "total_tokens", 0),
+        context_window_size=None if window is None else _count(value, "context_window_size", 0),
+    )
+
+
+def _parse_error(obj: Mapping[str, Any]) -> ErrorEvent:
+    # Three shapes (spec §3): {code, message}, {error: "text"}, {error: {code, message}}.
+    request_id = _opt_str(obj, "id")
+    nested = obj.get("error")
+    code = obj.get("code")
+    message = obj.get("message")
+    if isinstance(nested, dict):
+        code = nested.get("code", code)
+        message = nested.get("message", message)
+    elif isinstance(nested, str) and message is None:
+        message = nested
+    code_text = code if isinstance(code, str) and code else "HOST_ERROR"
+    message_text = message if isinstance(message, str) else ("" if message is None else str(message))
+    return ErrorEvent(code=code_text, message=message_text or "host reported an error", id=request_id)
+
+
+def parse_host_frame(data: str | bytes | bytearray | memoryview) -> HostEvent:
+    """Parse one frame sent by a host into an event.
+
+    Raises:
+        ProtocolError: the frame is binary, not JSON, not an object, has no ``type``, or a known
+            type has fields of the wrong type.
+    """
+    obj = _load_object(data)
+    kind = obj["type"]
+    if kind == "stream_chunk":
+        content = obj.get("content", "")
+        if not isinstance(content, str):
+            raise ProtocolError(f"'content' is a {type(content).__name__}, not a string")
+        return Chunk(
+            content=content,
+            tokens=_count(obj, "tokens", 1 if content else 0),
+            finish_reason=_opt_str(obj, "finish_reason"),
+            id=_opt_str(obj, "id"),
+        )
+    if kind == "stream_end":
+        return StreamEnd(
+            reason=_opt_str(obj, "reason") or "complete",
+            tokens_used=_count(obj, "tokens_used", 0),
+            finish_reason=_opt_str(obj, "finish_reason"),
+            usage=_parse_usage(obj.get("usage")),
+            id=_opt_str(obj, "id"),
+        )
+    if kind == "error":
+        return _parse_error(obj)
+    if kind == "connected":
+        return Connected(message=_opt_str(obj, "message") or "")
+    if kind == "session_init_ack":
+        return SessionInitAck(
+            session_id=_opt_str(obj, "session_id"),
+            status=_opt_str(obj, "status"),
+            message=_opt_str(obj, "message"),
+            id=_opt_str(obj, "id"),
+        )
+    if kind == "pong":
+        return Pong()
+    return UnknownFrame(type=kind, data=obj)
+
+
+# --------------------------------------------------------------------------- reading one response
+
+
+class StopMatcher:
+    """Cut a stream of text at the first stop sequence, also across chunk boundaries.
+
+    :meth:`feed` returns the text that can safely be shown: it holds back the tail that could still
+    start a stop sequence. Once a stop sequence matched, ``matched`` is true and the stop text and
+    everything after it are dropped.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops: tuple[str, ...] = tuple(s for s in stops if s)
+        self.matched: str | None = None
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        """Add text; return what is now safe to emit."""
+        if self.matched is not None:
+            return ""
+        if not self.stops:
+            return text
+        buf = self._held + text
+        cut = -1
+        for stop in self.stops:
+            at = buf.find(stop)
+            if at != -1 and (cut == -1 or at < cut):
+                cut, self.matched = at, stop
+        if cut != -1:
+            self._held = ""
+            return buf[:cut]
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(buf)), hold, -1):
+                if stop.startswith(buf[-size:]):
+                    hold = size
+                    break
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        """Return the held-back text at the end of the stream (it can no longer start a match)."""
+        text, self._held = self._held, ""
+        return "" if self.matched is not None else text
+
+
+class ResponseReader:
+    """Turn the host events of one request into tokens and a result.
+
+    Feed every event with :meth:`receive`; it returns the text pieces to deliver now and raises the
+    matching :class:`FabstirError` for an error. When :attr:`done` turns true the response is over;
+    if :attr:`cancel_needed` is also true the client stopped it (stop sequence or its own
+    ``max_tokens``) and should send ``stream_cancel``, then may drain until ``stream_end``.
+
+    Quirks absorbed for hosts that do not declare the matching feature (spec §4): empty terminal
+    chunks, mid-stream ``"Error: "`` chunks, empty streams meaning context overflow, and
+    ``stream_end`` without ``usage`` or ``finish_reason``.
+
+    Args:
+        request_id: the ``id`` sent with the request; events carrying another id are a protocol error.
+        features: the host's ``/v1/version`` features.
+        stop_sequences: enforced here whatever the host does.
+        max_tokens: the client's own bound on received tokens.
+        prompt_nonempty: whether an empty answer can mean context overflow.
+    """
+
+    def __init__(
+        self,
+        *,
+        request_id: str | None = None,
+        features: Iterable[str] = (),
+        stop_sequences: Iterable[str] = (),
+        max_tokens: int,
+        prompt_nonempty: bool = True,
+    ) -> None:
+        self.request_id = request_id
+        self.features = frozenset(features)
+        self.max_tokens = max_tokens
+        self.prompt_nonempty = prompt_nonempty
+        self._stops = StopMatcher(stop_sequences)
+        self.done = False
+        self.cancel_needed = False
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.host_tokens = 0  # what the host says it generated (it bills this)
+        self.received_tokens = 0  # tokens whose text reached the caller (or was cut by a stop)
+        self.received_chars = 0
+        self.end_seen = False
+
+    def _check_id(self, event_id: str | None) -> None:
+        if self.request_id is not None and event_id is not None and event_id != self.request_id:
+            raise ProtocolError(f"frame for request {event_id!r} while reading request {self.request_id!r}")
+
+    def _stop_client_side(self, reason: str) -> list[str]:
+        self.done = True
+        self.cancel_needed = True
+        self.finish_reason = reason
+        return []
+
+    def receive(self, event: HostEvent) -> list[str]:
+        """Apply one host event; return the text to deliver now (possibly empty).
+
+        Raises:
+            FabstirError: the host reported an error, or broke the protocol.
+        """
+        if isinstance(event, (Connected, Pong, UnknownFrame, SessionInitAck)):
+            return []
+        if self.done:
+            if isinstance(event, StreamEnd):
+                self.end_seen = True
+                self._take_end_usage(event)
+            # Anything after our own stop (or after stream_end) is discarded, never delivered.
+            return []
+        if isinstance(event, ErrorEvent):
+            self._check_id(event.id)
+            self.done = True
+            raise event.error
+        if isinstance(event, Chunk):
+            return self._receive_chunk(event)
+        if isinstance(event, StreamEnd):
+            return self._receive_end(event)
+        raise ProtocolError(f"unexpected event {type(event).__name__}")  # pragma: no cover - exhaustive
+
+    def _receive_chunk(self, chunk: Chunk) -> list[str]:
+        self._check_id(chunk.id)
+        if not chunk.content:
+            # The production terminal chunk (content "", tokens 0): never yielded.
+            if chunk.finish_reason:
+                self.finish_reason = chunk.finish_reason
+            return []
+        if "coded-errors" not in self.features and chunk.content.startswith("Error: "):
+            self.done = True
+            raise HostError(chunk.content[len("Error: "):] or "host reported an error")
+        self.host_tokens += chunk.tokens
+        if self.received_tokens + max(chunk.tokens, 1) > self.max_tokens:
+            return self._stop_client_side("length")
+        self.received_tokens += max(chunk.tokens, 1)
+        text = self._stops.feed(chunk.content)
+        self.received_chars += len(text)
+        out = [text] if text else []
+        if self._stops.matched is not None:
+            self._stop_client_side("stop")
+        elif chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+        return out
+
+    def _take_end_usage(self, end: StreamEnd) -> None:
+        if end.usage is not None:
+            self.usage = end.usage
+        self.host_tokens = max(self.host_tokens, end.tokens_used)
+
+    def _receive_end(self, end: StreamEnd) -> list[str]:
+        self._check_id(end.id)
+        self.done = True
+        self.end_seen = True
+        self._take_end_usage(end)
+        if end.reason == "error":
+            raise HostError("stream ended with an error and no error frame")
+        if (
+            end.reason == "complete"
+            and self.received_tokens == 0
+            and end.tokens_used == 0
+            and end.usage is None
+            and self.prompt_nonempty
+            and "usage-always" not in self.features
+        ):
+            raise ContextOverflow("host returned an empty answer: the prompt probably exceeds its context window")
+        if end.reason == "cancelled":
+            self.finish_reason = "cancelled"
+        elif end.finish_reason:
+            self.finish_reason = end.finish_reason
+        elif self.finish_reason is None:
+            self.finish_reason = "length" if self.host_tokens >= self.max_tokens else "stop"
+        tail = self._stops.flush()
+        self.received_chars += len(tail)
+        return [tail] if tail else []
+
+
+# --------------------------------------------------------------------------- host side: parse requests
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """The generation parameters of an ``inference`` or ``prompt`` request, validated for type."""
+
+    prompt: str
+    model: str | None
+    max_tokens: int | None
+    temperature: float | None
+    stream: bool = True
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    messages: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """A stateless ``inference`` request."""
+
+    request: GenerationRequest
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInit:
+    """A plaintext ``session_init``."""
+
+    session_id: str
+    job_id: str | None = None
+    chain_id: int | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRequest:
+    """A ``prompt`` inside a session."""
+
+    request: GenerationRequest
+    session_id: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCancel:
+    """A ``stream_cancel``."""
+
+    session_id: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A JSON ``ping``."""
+
+
+ClientEvent = Union[InferenceRequest, SessionInit, PromptRequest, StreamCancel, Ping]
+
+
+def _field(obj: Mapping[str, Any], *names: str) -> Any:
+    for name in names:
+        if name in obj:
+            return obj[name]
+    return None
+
+
+def _opt_number(obj: Mapping[str, Any], key: str, *, integer: bool) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidOptions(f"'{key}' must be a number, not {type(value).__name__}", field=key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidOptions(f"'{key}' must be finite", field=key)
+    if integer:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise InvalidOptions(f"'{key}' must be a whole number", field=key)
+            value = int(value)
+        return value
+    return float(value)
+
+
+def _parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidOptions("'messages' must be a list", field="messages")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise InvalidOptions(f"messages[{i}] must be an object", field="messages")
+        role, content = item.get("role"), item.get("content")
+        if role not in CHAT_ROLES:
+            raise InvalidOptions(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}", field="messages")
+        if not isinstance(content, str):
+            raise InvalidOptions(f"messages[{i}].content must be a string", field="messages")
+        out.append((role, content))
+    return tuple(out)
+
+
+def _parse_generation(body: Any, fallback_prompt: Any = None) -> GenerationRequest:
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidOptions("'request' must be an object", field="request")
+    prompt = body.get("prompt", fallback_prompt)
+    messages = _parse_messages(body.get("messages"))
+    if prompt is None and messages:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise InvalidPrompt("'prompt' must be a string", field="prompt")
+    if not prompt and not messages:
+        raise InvalidPrompt("'prompt' is empty", field="prompt")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidOptions("'model' must be a string", field="model")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidOptions("'stream' must be a boolean", field="stream")
+    stop = body.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise InvalidOptions("'stop' must be a list of non-empty strings", field="stop")
+    return GenerationRequest(
+        prompt=prompt,
+        model=model or None,
+        max_tokens=_opt_number(body, "max_tokens", integer=True),
+        temperature=_opt_number(body, "temperature", integer=False),
+        stream=stream,
+        top_p=_opt_number(body, "top_p", integer=False),
+        stop=tuple(stop),
+        seed=_opt_number(body, "seed", integer=True),
+        messages=messages,
+    )
+
+
+def parse_client_frame(data: str | bytes | bytearray | memoryview) -> ClientEvent:
+    """Parse one frame sent by a client (the reference host's reader).
+
+    Only structure and types are checked here; limits (sizes, caps) are the host's policy.
+
+    Raises:
+        ProtocolError: binary, not JSON, not an object, no ``type``, or an unknown ``type``.
+        InvalidPrompt, InvalidOptions: a field is missing or has the wrong type.
+    """
+    obj = _load_object(data)
+    kind = obj["type"]
+    request_id = obj.get("id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+        raise InvalidOptions("'id' must be a string", field="id")
+    rid = None if request_id is None else str(request_id)
+    if kind == "inference":
+        return InferenceRequest(request=_parse_generation(obj.get("request")), id=rid)
+    if kind == "prompt":
+        session_id = _field(obj, "session_id", "sessionId")
+        return PromptRequest(
+            request=_parse_generation(obj.get("request"), fallback_prompt=obj.get("prompt")),
+            session_id=None if session_id is None else str(session_id),
+            id=rid,
+        )
+    if kind == "session_init":
+        session_id = _field(obj, "session_id", "sessionId")
+        if not isinstance(session_id, (str, int)) or isinstance(session_id, bool) or session_id == "":
+            raise InvalidOptions("'session_id' must be a non-empty string", field="session_id")
+        job_id = _field(obj, "job_id", "jobId")
+        chain_id = _field(obj, "chain_id", "chainId")
+        if chain_id is not None and (isinstance(chain_id, bool) or not isinstance(chain_id, int)):
+            raise InvalidOptions("'chain_id' must be an integer", field="chain_id")
+        return SessionInit(
+            session_id=str(session_id), job_id=None if job_id is None else str(job_id), chain_id=chain_id, id=rid
+        )
+    if kind == "stream_cancel":
+        session_id = _field(obj, "session_id", "sessionId")
+        reason = obj.get("reason")
+        return StreamCancel(
+            session_id=None if session_id is None else str(session_id),
+            reason=reason if isinstance(reason, str) else None,
+        )
+    if kind == "ping":
+        return Ping()
+    raise ProtocolError(f"unknown message type {kind[:64]!r}")
+
+
+# --------------------------------------------------------------------------- host side: build replies
+
+
+def _with_id(frame: dict[str, Any], request_id: str | None) -> dict[str, Any]:
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
+
+
+def connected_frame(message: str = "connected to fabstir-host") -> dict[str, Any]:
+    """Build the greeting sent right after the upgrade."""
+    return {"type": "connected", "message": message}
+
+
+def session_init_ack_frame(
+    session_id: str, *, job_id: str | None = None, chain_id: int | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """Build a ``session_init_ack``."""
+    return _with_id(
+        {
+            "type": "session_init_ack",
+            "status": "success",
+            "session_id": session_id,
+            "job_id": job_id,
+            "chain_id": chain_id,
+            "message": "session initialised",
+        },
+        request_id,
+    )
+
+
+def chunk_frame(content: str, *, tokens: int = 1, request_id: str | None = None) -> dict[str, Any]:
+    """Build a ``stream_chunk``."""
+    return _with_id({"type": "stream_chunk", "content": content, "tokens": tokens}, request_id)
+
+
+def end_frame(
+    *,
+    reason: str,
+    finish_reason: str,
+    usage: Usage,
+    request_id: str | None = None,
+) -> dict[str, Any]:
+    """Build a ``stream_end`` that always carries ``usage`` and ``finish_reason``."""
+    return _with_id(
+        {
+            "type": "stream_end",
+            "reason": reason,
+            "finish_reason": finish_reason,
+            "tokens_used": usage.completion_tokens,
+            "usage": usage.to_dict(),
+        },
+        request_id,
+    )
+
+
+def error_frame(code: str, message: str, *, request_id: str | None = None) -> dict[str, Any]:
+    """Build an ``error`` that every reader understands: flat and nested code/message."""
+    return _with_id(
+        {"type": "error", "code": code, "message": message, "error": {"code": code, "message": message}},
+        request_id,
+    )
+
+
+def pong_frame() -> dict[str, Any]:
+    """Build the answer to a JSON ping."""
+    return {"type": "pong"}
