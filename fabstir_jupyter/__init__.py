@@ -1,1 +1,95 @@
-"""fabstir_jupyter: use a decentralised LLM network from Python and Jupyter."""
+"""fabstir_jupyter: use a decentralised LLM network from Python and Jupyter.
+
+The public names below are imported lazily, so ``import fabstir_jupyter`` (and ``%load_ext``)
+stays cheap: nothing heavy loads until a name is used.
+
+Quick start::
+
+    from fabstir_jupyter import InferenceManager
+
+    async with InferenceManager(["ws://127.0.0.1:8080/v1/ws"]) as manager:
+        async for token in manager.stream_inference("Explain entropy", max_tokens=64):
+            print(token, end="")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .config import HostRequirements, InferenceConfig, InferenceOptions
+    from .errors import (
+        AuthFailed,
+        Cancelled,
+        ConnectionFailed,
+        ContextOverflow,
+        FabstirError,
+        HostBusy,
+        HostError,
+        InferenceTimeout,
+        InvalidOptions,
+        InvalidPrompt,
+        ModelNotAvailable,
+        NoHostsAvailable,
+        PaymentRequired,
+        ProtocolError,
+        RateLimitExceeded,
+        SessionNotFound,
+    )
+    from .hosts import HostInfo, HostManager, StaticSource
+    from .inference import InferenceManager, InferenceResult, InferenceStream
+    from .sessions import Session, SessionManager
+    from .transport import ConnectionPool, WebSocketClient
+    from .usage import UsageLedger, UsageRecord
+
+_LAZY = {
+    "HostRequirements": "config",
+    "InferenceConfig": "config",
+    "InferenceOptions": "config",
+    "AuthFailed": "errors",
+    "Cancelled": "errors",
+    "ConnectionFailed": "errors",
+    "ContextOverflow": "errors",
+    "FabstirError": "errors",
+    "HostBusy": "errors",
+    "HostError": "errors",
+    "InferenceTimeout": "errors",
+    "InvalidOptions": "errors",
+    "InvalidPrompt": "errors",
+    "ModelNotAvailable": "errors",
+    "NoHostsAvailable": "errors",
+    "PaymentRequired": "errors",
+    "ProtocolError": "errors",
+    "RateLimitExceeded": "errors",
+    "SessionNotFound": "errors",
+    "HostInfo": "hosts",
+    "HostManager": "hosts",
+    "StaticSource": "hosts",
+    "InferenceManager": "inference",
+    "InferenceResult": "inference",
+    "InferenceStream": "inference",
+    "Session": "sessions",
+    "SessionManager": "sessions",
+    "ConnectionPool": "transport",
+    "WebSocketClient": "transport",
+    "UsageLedger": "usage",
+    "UsageRecord": "usage",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fabstir_jupyter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

