@@ -1,0 +1,107 @@
+"""Sessions on the reference host: context across turns, transcript kept by the client."""
+
+from __future__ import annotations
+
+import pytest
+
+from fabstir_jupyter.errors import SessionNotFound
+from fabstir_jupyter.host.scripted import scripted_text
+
+
+async def turn(manager, session_id, prompt, **options):
+    async with manager.sessions.stream(session_id, prompt, **options) as stream:
+        pieces = [p async for p in stream]
+    return stream, "".join(pieces)
+
+
+async def test_session_keeps_the_transcript_and_pins_one_socket(start_host, make_manager):
+    """Three turns run on one pinned socket; the transcript holds every turn in order."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session(system_prompt="be brief")
+    texts = []
+    for prompt in ("hello", "how do rivers form?", "and lakes?"):
+        stream, text = await turn(manager, session.id, prompt, max_tokens=5)
+        assert text == scripted_text(prompt, 5)
+        assert stream.usage.session_id == session.id
+        texts.append(text)
+    assert session.turns == 3
+    assert [m["role"] for m in session.transcript] == ["user", "assistant"] * 3
+    assert [m["content"] for m in session.transcript[1::2]] == texts
+    assert manager.pool.stats() == {"idle": 0, "in_use": 1}  # pinned, not returned
+    await manager.sessions.end_session(session.id)
+    assert manager.pool.stats()["in_use"] == 0
+
+
+async def test_host_remembers_the_conversation(start_host, make_manager):
+    """The host's prompt token count grows with the remembered history (host-side memory)."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session()
+    first, _ = await turn(manager, session.id, "one two three", max_tokens=4)
+    second, _ = await turn(manager, session.id, "four five", max_tokens=4)
+    assert first.usage.prompt_tokens == 3
+    assert second.usage.prompt_tokens == 3 + 4 + 2
+
+
+async def test_brief_session_inference_generator(start_host, make_manager):
+    """InferenceManager.session_inference is the same operation as the session manager's."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session()
+    text = "".join([t async for t in manager.session_inference(session.id, "hi there", max_tokens=3)])
+    assert text == scripted_text("hi there", 3)
+
+
+async def test_transcript_is_resent_after_the_socket_breaks(start_host, make_manager):
+    """When the pinned socket dies, the next turn opens a new one and resends the history."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session()
+    await turn(manager, session.id, "one two three", max_tokens=4)
+    await session._conn.close()  # the host sees a dropped connection
+    again, text = await turn(manager, session.id, "four five", max_tokens=4)
+    assert text == scripted_text("four five", 4)
+    assert again.usage.prompt_tokens == 3 + 4 + 2  # history arrived as messages
+
+
+async def test_cancelled_turn_keeps_the_pinned_socket(start_host, make_manager):
+    """Breaking out of a session turn cancels on the host and keeps the socket for the next turn."""
+    host = await start_host(backend={"token_rate": 200})
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session()
+    async with manager.sessions.stream(session.id, "long answer please", max_tokens=1000) as stream:
+        async for _ in stream:
+            if len(stream.text.split()) >= 2:
+                break
+    pinned = session._conn
+    assert pinned is not None and pinned.is_open
+    _, text = await turn(manager, session.id, "short", max_tokens=2)
+    assert session._conn is pinned
+    assert text == scripted_text("short", 2)
+
+
+async def test_unknown_and_ended_sessions_are_session_not_found(start_host, make_manager):
+    """Turns on unknown or ended sessions raise SESSION_NOT_FOUND before any I/O."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    with pytest.raises(SessionNotFound):
+        manager.sessions.stream("nope", "hello")
+    session = await manager.sessions.create_session()
+    await manager.sessions.end_session(session.id)
+    with pytest.raises(SessionNotFound):
+        manager.sessions.stream(session.id, "hello")
+    assert manager.sessions.sessions == []
+
+
+async def test_session_on_a_legacy_host_flattens_the_history(start_host, make_manager):
+    """A host without plaintext memory gets the transcript flattened into each prompt."""
+    host = await start_host(legacy=True)
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session()
+    await turn(manager, session.id, "first question", max_tokens=3)
+    second, text = await turn(manager, session.id, "second question", max_tokens=3)
+    # The legacy host keys on the whole (flattened) prompt, so the answer differs from a fresh one.
+    flattened = "User: first question\nAssistant: " + scripted_text("first question", 3) + "\nUser: second question\nAssistant:"
+    assert text == scripted_text(flattened, 3)
+    assert session.turns == 2
