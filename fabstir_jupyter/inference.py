@@ -67,7 +67,8 @@ __all__ = ["InferenceManager", "InferenceStream", "InferenceResult", "backoff_de
 logger = logging.getLogger("fabstir_jupyter.inference")
 
 _END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
-_CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel
+_CANCEL_DRAIN_TIMEOUT = 2.0
+_COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost  # seconds to wait for stream_end after stream_cancel
 
 
 def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
@@ -126,7 +127,6 @@ class InferenceStream:
         self.session = session
         self.request_id = uuid.uuid4().hex[:16]
         # Results, filled as the stream runs and complete when it ends.
-        self.text = ""
         self.finish_reason: str | None = None
         self.usage: UsageRecord | None = None
         self.host: HostInfo | None = None
@@ -135,7 +135,8 @@ class InferenceStream:
         self.attempts = 0
         self.error: FabstirError | None = None
         self.records: list[UsageRecord] = []
-        self._pieces: list[str] = []
+        self._pieces: list[str] = []  # recent pieces, compacted into _chunks to keep memory near len(text)
+        self._chunks: list[str] = []
         self._queue: asyncio.Queue[Any] | None = None
         self._producer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -148,6 +149,23 @@ class InferenceStream:
         state = "done" if self._finished else ("running" if self._producer else "new")
         host = self.host.api_url if self.host else None
         return f"<InferenceStream {self.request_id} {state} host={host} chars={len(self.text)}>"
+
+    @property
+    def text(self) -> str:
+        """The text delivered so far (the whole answer once the stream has ended)."""
+        if self._pieces or len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks) + "".join(self._pieces)]
+            self._pieces.clear()
+        return self._chunks[0] if self._chunks else ""
+
+    def _append_text(self, piece: str) -> None:
+        pieces = self._pieces
+        pieces.append(piece)
+        if len(pieces) >= _COMPACT_EVERY:
+            self._chunks.append("".join(pieces))
+            pieces.clear()
+            if len(self._chunks) >= _COMPACT_EVERY:
+                self._chunks = ["".join(self._chunks)]
 
     # ------------------------------------------------------------------ consumer side
 
@@ -264,8 +282,7 @@ class InferenceStream:
         if self.ttft is None:
             self.ttft = time.perf_counter() - self._started_at
         self._delivered += 1
-        self._pieces.append(piece)
-        self.text = "".join(self._pieces) if len(self._pieces) < 64 else self.text + piece
+        self._append_text(piece)
         if self.options.stream:
             assert self._queue is not None
             await self._queue.put(piece)
