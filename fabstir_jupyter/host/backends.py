@@ -218,7 +218,7 @@ async def sleep_unless_cancelled(delay: float, cancel: asyncio.Event) -> bool:
         return False
     try:
         await asyncio.wait_for(cancel.wait(), delay)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         return False
     return True
 

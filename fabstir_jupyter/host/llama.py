@@ -189,9 +189,9 @@ class LlamaCppBackend(Backend):
     async def generate(
         self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
     ) -> AsyncIterator[str]:
-        await self.wait_loaded()
         self._waiting += 1
         try:
+            await self.wait_loaded()
             held = await acquire_unless_cancelled(self._slot, cancel)
         finally:
             self._waiting -= 1

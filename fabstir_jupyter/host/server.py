@@ -67,82 +67,17 @@ from ..protocol import (
     session_init_ack_frame,
 )
 from .backends import AbortConnection, Backend, GenerationParams, GenerationStats
+from .config import DEFAULT_VERSION, HostConfig
+from .legacy import legacy_error_frame, legacy_final_frames
 from .limits import AddressLimiter, Session, SessionStore, TokenBucket
 
 __all__ = ["DEFAULT_VERSION", "HostConfig", "HostServer"]
 
 logger = logging.getLogger("fabstir_jupyter.host")
 
-DEFAULT_VERSION = "0.1.0"
 DEFAULT_TEMPERATURE = 0.7
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    """Settings of a :class:`HostServer`; every limit is answered with a coded error.
-
-    Attributes:
-        host: the address to bind.
-        port: the port to bind (0 picks a free one; read ``HostServer.port``).
-        max_frame_bytes: the largest WebSocket message accepted; a larger one closes the
-            connection with code 1009.
-        max_prompt_chars: prompt plus message characters per request (``INVALID_PROMPT`` above).
-        max_tokens_cap: the largest ``max_tokens`` accepted (``INVALID_OPTIONS`` above).
-        default_max_tokens: used when a request has no ``max_tokens`` (capped by the cap).
-        max_concurrent_streams: streams running or queued on the whole host (``HOST_BUSY`` above).
-        rate_limit_per_connection: generation requests per minute per connection (0 = off).
-        rate_limit_per_address: generation requests per minute per remote address (0 = off).
-        session_idle_timeout: seconds after which an unused plaintext session is forgotten.
-        max_sessions: the most sessions kept (the least recently used goes first).
-        max_session_messages: the most messages a session transcript keeps.
-        max_stop_sequences: the most stop sequences per request.
-        max_stop_chars: the longest stop sequence.
-        compression: accept permessage-deflate.
-        log_prompts: log prompt text (never logged otherwise).
-        legacy: imitate a production host (spec §4): no usage or finish_reason, an empty terminal
-            chunk, empty features, silent drops, no pong, stop/top_p/seed/messages ignored,
-            ``/health`` degraded and ``/v1/models`` 503.
-        send_timeout: seconds a frame may wait for the client to read before the connection is
-            dropped.
-        cancel_grace: seconds a backend gets to stop after a cancel before its task is cancelled.
-        version: reported by ``GET /v1/version``.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    max_frame_bytes: int = 1 << 20
-    max_prompt_chars: int = 32_000
-    max_tokens_cap: int = 4096
-    default_max_tokens: int = 256
-    max_concurrent_streams: int = 4
-    rate_limit_per_connection: float = 600.0
-    rate_limit_per_address: float = 600.0
-    session_idle_timeout: float = 600.0
-    max_sessions: int = 1000
-    max_session_messages: int = 200
-    max_stop_sequences: int = 16
-    max_stop_chars: int = 256
-    compression: bool = True
-    log_prompts: bool = False
-    legacy: bool = False
-    send_timeout: float = 30.0
-    cancel_grace: float = 0.5
-    version: str = DEFAULT_VERSION
-
-    def __post_init__(self) -> None:
-        positive = (
-            "max_frame_bytes", "max_prompt_chars", "max_tokens_cap", "default_max_tokens",
-            "max_concurrent_streams", "max_sessions", "max_session_messages", "send_timeout",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise InvalidOptions(f"host config: {name} must be positive", field=name)
-        for name in ("rate_limit_per_connection", "rate_limit_per_address", "session_idle_timeout", "cancel_grace"):
-            if getattr(self, name) < 0:
-                raise InvalidOptions(f"host config: {name} must not be negative", field=name)
-        if not 0 <= self.port <= 65535:
-            raise InvalidOptions(f"host config: port {self.port} is out of range", field="port")
 
 
 @dataclass(eq=False)
@@ -293,6 +228,8 @@ class HostServer:
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == WS_PATH:
+            if len(self._connections) >= self.config.max_connections:
+                return _json_response(503, {"error": {"code": "HOST_BUSY", "message": "too many connections"}})
             return None
         if path == "/health":
             return _json_response(200, self._health())
@@ -510,7 +447,7 @@ class HostServer:
                 self._release(conn, job)
                 raise
             task = asyncio.current_task()
-            if task is not None:
+            if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
                 task.uncancel()
             finish = "cancelled"
         except AbortConnection:
@@ -590,6 +527,8 @@ class HostServer:
                 await self._send(conn, chunk_frame(tail, tokens=pending, request_id=rid))
         if not job.stream and job.text:
             await self._send(conn, chunk_frame("".join(job.text), tokens=job.generated, request_id=rid))
+        if stops.matched is not None:  # a stop found in the held-back tail
+            return "stop"
         if reason is None:
             reason = job.stats.finish_reason or ("length" if job.generated >= params.max_tokens else "stop")
         return reason
@@ -607,7 +546,7 @@ class HostServer:
     def _final_frames(self, job: _Stream, finish: str, error: FabstirError | None) -> list[dict[str, Any]]:
         rid = job.request_id
         if self.config.legacy:
-            return _legacy_final_frames(job, finish, error)
+            return legacy_final_frames(finish, job.generated, error, rid)
         reason = {"cancelled": "cancelled", "error": "error"}.get(finish, "complete")
         frames = []
         if error is not None:
@@ -616,12 +555,9 @@ class HostServer:
         return frames
 
     def _error_frame(self, code: str, message: str, request_id: str | None) -> dict[str, Any]:
-        if not self.config.legacy:
-            return error_frame(code, message, request_id=request_id)
-        frame: dict[str, Any] = {"type": "error", "code": code, "message": message}  # production's flat shape
-        if request_id is not None:
-            frame["id"] = request_id
-        return frame
+        if self.config.legacy:
+            return legacy_error_frame(code, message, request_id)
+        return error_frame(code, message, request_id=request_id)
 
     # ------------------------------------------------------------------ sending
 
@@ -631,39 +567,16 @@ class HostServer:
 
     async def _send_locked(self, conn: _Connection, text: str) -> None:
         try:
-            async with asyncio.timeout(self.config.send_timeout):
-                await conn.ws.send(text)
-        except TimeoutError:
+            if _timeout is not None:
+                async with _timeout(self.config.send_timeout):
+                    await conn.ws.send(text)
+            else:  # Python 3.10
+                await asyncio.wait_for(conn.ws.send(text), self.config.send_timeout)
+        except asyncio.TimeoutError:
             logger.warning("client %s stopped reading for %g s; dropping it", conn.address, self.config.send_timeout)
             if conn.ws.transport is not None:
                 conn.ws.transport.abort()
             raise _ConnectionGone("send timed out") from None
-
-
-def _legacy_final_frames(job: _Stream, finish: str, error: FabstirError | None) -> list[dict[str, Any]]:
-    """The end of a stream as a production host sends it (spec §3 and §4)."""
-    rid = job.request_id
-    terminal = chunk_frame("", tokens=0, request_id=rid)
-    if error is None:
-        reason = "cancelled" if finish == "cancelled" else "complete"
-        return [terminal, _legacy_end(reason, job.generated, rid)]
-    if error.code == "CONTEXT_OVERFLOW":
-        return [terminal, _legacy_end("complete", 0, rid)]  # the empty answer of spec §4.2
-    if error.code == "HOST_ERROR":
-        # spec §4.5: the error as text, then a normal end.
-        return [chunk_frame(f"Error: {error.message}", tokens=0, request_id=rid), terminal,
-                _legacy_end("complete", job.generated, rid)]
-    coded: dict[str, Any] = {"type": "error", "code": error.code, "message": error.message}
-    if rid is not None:
-        coded["id"] = rid
-    return [coded, _legacy_end("error", job.generated, rid)]
-
-
-def _legacy_end(reason: str, tokens_used: int, request_id: str | None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"type": "stream_end", "reason": reason, "tokens_used": tokens_used}
-    if request_id is not None:
-        frame["id"] = request_id
-    return frame
 
 
 def _peek(data: str | bytes) -> tuple[str | None, str | None]:

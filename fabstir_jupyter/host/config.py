@@ -1,0 +1,80 @@
+"""Settings of the reference host (:class:`HostConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidOptions
+
+__all__ = ["DEFAULT_VERSION", "HostConfig"]
+
+DEFAULT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Settings of a :class:`HostServer`; every limit is answered with a coded error.
+
+    Attributes:
+        host: the address to bind.
+        port: the port to bind (0 picks a free one; read ``HostServer.port``).
+        max_frame_bytes: the largest WebSocket message accepted; a larger one closes the
+            connection with code 1009.
+        max_prompt_chars: prompt plus message characters per request (``INVALID_PROMPT`` above).
+        max_tokens_cap: the largest ``max_tokens`` accepted (``INVALID_OPTIONS`` above).
+        default_max_tokens: used when a request has no ``max_tokens`` (capped by the cap).
+        max_concurrent_streams: streams running or queued on the whole host (``HOST_BUSY`` above).
+        rate_limit_per_connection: generation requests per minute per connection (0 = off).
+        rate_limit_per_address: generation requests per minute per remote address (0 = off).
+        session_idle_timeout: seconds after which an unused plaintext session is forgotten.
+        max_sessions: the most sessions kept (the least recently used goes first).
+        max_session_messages: the most messages a session transcript keeps.
+        max_stop_sequences: the most stop sequences per request.
+        max_stop_chars: the longest stop sequence.
+        max_connections: open WebSocket connections; more are refused with HTTP 503.
+        compression: accept permessage-deflate.
+        log_prompts: log prompt text (never logged otherwise).
+        legacy: imitate a production host (spec §4): no usage or finish_reason, an empty terminal
+            chunk, empty features, silent drops, no pong, stop/top_p/seed/messages ignored,
+            ``/health`` degraded and ``/v1/models`` 503.
+        send_timeout: seconds a frame may wait for the client to read before the connection is
+            dropped.
+        cancel_grace: seconds a backend gets to stop after a cancel before its task is cancelled.
+        version: reported by ``GET /v1/version``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_frame_bytes: int = 1 << 20
+    max_prompt_chars: int = 32_000
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 256
+    max_concurrent_streams: int = 4
+    rate_limit_per_connection: float = 600.0
+    rate_limit_per_address: float = 600.0
+    session_idle_timeout: float = 600.0
+    max_sessions: int = 1000
+    max_session_messages: int = 200
+    max_stop_sequences: int = 16
+    max_stop_chars: int = 256
+    max_connections: int = 1000
+    compression: bool = True
+    log_prompts: bool = False
+    legacy: bool = False
+    send_timeout: float = 30.0
+    cancel_grace: float = 0.5
+    version: str = DEFAULT_VERSION
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_frame_bytes", "max_prompt_chars", "max_tokens_cap", "default_max_tokens",
+            "max_concurrent_streams", "max_sessions", "max_session_messages", "send_timeout", "max_connections",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidOptions(f"host config: {name} must be positive", field=name)
+        for name in ("rate_limit_per_connection", "rate_limit_per_address", "session_idle_timeout", "cancel_grace"):
+            if getattr(self, name) < 0:
+                raise InvalidOptions(f"host config: {name} must not be negative", field=name)
+        if not 0 <= self.port <= 65535:
+            raise InvalidOptions(f"host config: port {self.port} is out of range", field="port")

@@ -1,0 +1,162 @@
+"""``fabstir-host`` as a subprocess: the ready line, serving, and clean exits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from websockets.asyncio.client import connect
+
+from fabstir_jupyter.host.cli import build_parser, make_config
+from fabstir_jupyter.host.scripted import scripted_text
+
+READY = re.compile(r"^fabstir-host listening on (ws://127\.0\.0\.1:(\d+)/v1/ws)$")
+
+
+async def start_host(*args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``python -m fabstir_jupyter.host`` and return it with the URL from its ready line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fabstir_jupyter.host", "--port", "0", *args,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode().rstrip("\n")
+    match = READY.match(line)
+    assert match, f"unexpected ready line {line!r}"
+    assert int(match.group(2)) > 0
+    return process, match.group(1)
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+async def test_cli_prints_ready_line_and_serves():
+    """With --port 0 the host prints one ready line with its URL and answers there."""
+    process, url = await start_host("--backend", "scripted", "--token-rate", "0")
+    try:
+        async with connect(url) as ws:
+            assert json.loads(await ws.recv())["type"] == "connected"
+            await ws.send(json.dumps({"type": "inference", "request": {
+                "prompt": "cli", "model": "scripted-1", "max_tokens": 3, "temperature": 0}}))
+            text = ""
+            while (frame := json.loads(await ws.recv()))["type"] != "stream_end":
+                text += frame["content"]
+            assert text == scripted_text("cli", 3)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    assert process.stdout is not None
+    assert await process.stdout.read() == b""  # nothing but the ready line on stdout
+
+
+async def test_cli_exits_on_stdin_eof_with_exit_with_parent():
+    """With --exit-with-parent, closing the host's stdin makes it exit cleanly."""
+    process, _ = await start_host("--backend", "scripted", "--exit-with-parent")
+    try:
+        assert process.stdin is not None
+        process.stdin.close()
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        await stop(process)
+
+
+async def test_cli_keeps_running_without_exit_with_parent_on_stdin_eof():
+    """Without --exit-with-parent, stdin EOF does not stop the host; SIGINT does."""
+    process, _ = await start_host("--backend", "scripted")
+    try:
+        assert process.stdin is not None
+        process.stdin.close()
+        await asyncio.sleep(0.3)
+        assert process.returncode is None
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        await stop(process)
+
+
+async def test_cli_reports_a_bad_backend_setting():
+    """The openai backend without --upstream-url exits 2 with a one-line error."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fabstir_jupyter.host", "--backend", "openai", "--port", "0",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 2 and out == b""
+    assert b"--upstream-url" in err
+
+
+def test_cli_flags_reach_the_config():
+    """Limit flags map onto HostConfig fields."""
+    args = build_parser().parse_args([
+        "--backend", "scripted", "--port", "0", "--max-tokens-cap", "200000", "--rate-limit", "0",
+        "--legacy", "--no-compression", "--max-concurrent-streams", "9",
+    ])
+    config = make_config(args)
+    assert config.max_tokens_cap == 200_000 and config.rate_limit_per_connection == 0
+    assert config.legacy and not config.compression and config.max_concurrent_streams == 9
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_cli_help_and_version_exit_zero(flag, capsys):
+    """--help and --version print and exit 0."""
+    from fabstir_jupyter.host.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([flag])
+    assert info.value.code == 0
+    assert "fabstir-host" in capsys.readouterr().out
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+async def test_cli_dies_with_its_parent_even_if_stdin_stays_open():
+    """With --exit-with-parent, SIGKILLing the parent stops the host although its stdin is still open."""
+    import os
+
+    read_end, write_end = os.pipe()  # the host's stdin; this test keeps the write end open
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-m', 'fabstir_jupyter.host', '--backend', 'scripted',"
+        " '--port', '0', '--exit-with-parent'], stdin=int(sys.argv[1]), stdout=subprocess.PIPE)\n"
+        "print(child.pid, flush=True)\n"
+        "print(child.stdout.readline().decode().strip(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", parent_code, str(read_end), stdout=subprocess.PIPE, pass_fds=(read_end,),
+    )
+    try:
+        assert parent.stdout is not None
+        host_pid = int(await asyncio.wait_for(parent.stdout.readline(), 20))
+        ready = (await asyncio.wait_for(parent.stdout.readline(), 20)).decode()
+        assert ready.startswith("fabstir-host listening on ")
+        assert _alive(host_pid)
+        parent.kill()
+        await parent.wait()
+        for _ in range(100):
+            if not _alive(host_pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not _alive(host_pid)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()

@@ -1,0 +1,122 @@
+"""The openai backend against a minimal OpenAI-compatible upstream on loopback (canned SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from fabstir_jupyter.host.backends import BackendUnavailable
+from fabstir_jupyter.host.openai_proxy import OpenAIProxyBackend
+from fabstir_jupyter.protocol import inference_frame
+
+from .conftest import Result, get_json
+
+
+class Upstream:
+    """A tiny HTTP/1.1 server answering ``GET /v1/models`` and streaming ``POST /v1/chat/completions``."""
+
+    def __init__(self, pieces: list[str], *, status: int = 200, usage: dict[str, int] | None = None) -> None:
+        self.pieces = pieces
+        self.status = status
+        self.usage = usage
+        self.bodies: list[dict[str, Any]] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def __aenter__(self) -> Upstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        request_line, *header_lines = head.split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        if request_line.startswith("GET /v1/models"):
+            payload = json.dumps({"data": [{"id": "upstream-llm"}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        elif self.status != 200:
+            payload = b'{"error": "slow down"}'
+            writer.write(f"HTTP/1.1 {self.status} Error\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                         + payload)
+        else:
+            self.bodies.append(json.loads(body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            for piece in self.pieces:
+                event = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                writer.write(f"data: {json.dumps(event)}\n\n".encode())
+            final: dict[str, Any] = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            writer.write(f"data: {json.dumps(final)}\n\n".encode())
+            if self.usage is not None:
+                writer.write(f"data: {json.dumps({'choices': [], 'usage': self.usage})}\n\n".encode())
+            writer.write(b"data: [DONE]\n\n")
+        await writer.drain()
+        writer.close()
+
+
+async def test_openai_backend_relays_stream_and_usage(make_host, make_peer):
+    """Deltas become chunks; the upstream's usage becomes the host's usage."""
+    usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+    async with Upstream(["Hel", "lo", " there"], usage=usage) as upstream:
+        backend = OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="upstream-llm", model_id="proxied")
+        server = await make_host(backend)
+        peer = await make_peer(server)
+        await peer.send(inference_frame(prompt="hi", model="proxied", max_tokens=20, temperature=0.3, top_p=0.9,
+                                        seed=4, request_id="o"))
+        result = Result(await peer.until_end())
+    assert result.text == "Hello there"
+    assert result.end["usage"] == {**usage, "context_window_size": 4096}
+    assert result.end["finish_reason"] == "stop"
+    sent = upstream.bodies[0]
+    assert sent["model"] == "upstream-llm" and sent["stream"] is True
+    assert sent["messages"] == [{"role": "user", "content": "hi"}]
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["seed"]) == (20, 0.3, 0.9, 4)
+
+
+async def test_openai_backend_discovers_model_and_drops_prefill_feature(make_host):
+    """Without --upstream-model the first upstream model is served; prefill is not advertised."""
+    async with Upstream(["x"]) as upstream:
+        server = await make_host(OpenAIProxyBackend(upstream_url=upstream.url))
+        models = (await get_json(server, "/v1/models"))[1]["models"]
+        features = (await get_json(server, "/v1/version"))[1]["features"]
+    assert [m["id"] for m in models] == ["upstream-llm"]
+    assert "assistant-prefill" not in features and "chat-messages" in features
+
+
+async def test_openai_backend_maps_upstream_429(make_host, make_peer):
+    """An upstream 429 becomes RATE_LIMIT_EXCEEDED, then stream_end(error)."""
+    async with Upstream([], status=429) as upstream:
+        server = await make_host(OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m"))
+        peer = await make_peer(server)
+        await peer.send(inference_frame(prompt="hi", model="m", max_tokens=5, temperature=0))
+        result = Result(await peer.until_end())
+    assert [e["code"] for e in result.errors] == ["RATE_LIMIT_EXCEEDED"]
+    assert result.end["reason"] == "error"
+
+
+async def test_openai_backend_reports_unreachable_upstream(make_host, make_peer):
+    """A dead upstream is HOST_ERROR for the request."""
+    server = await make_host(OpenAIProxyBackend(upstream_url="http://127.0.0.1:9/v1", upstream_model="m"))
+    peer = await make_peer(server)
+    await peer.send(inference_frame(prompt="hi", model="m", max_tokens=5, temperature=0))
+    result = Result(await peer.until_end())
+    assert [e["code"] for e in result.errors] == ["HOST_ERROR"]
+
+
+def test_openai_backend_needs_an_http_url():
+    """A non-http upstream URL is refused at construction."""
+    with pytest.raises(BackendUnavailable):
+        OpenAIProxyBackend(upstream_url="ws://x")
