@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     )
     from .hosts import HostInfo, HostManager, StaticSource
     from .inference import InferenceManager, InferenceResult, InferenceStream
+    from .sdk import FabstirSDK, FabstirSDKCore
     from .sessions import Session, SessionManager
     from .transport import ConnectionPool, WebSocketClient
     from .usage import UsageLedger, UsageRecord
@@ -71,6 +72,8 @@ _LAZY = {
     "InferenceManager": "inference",
     "InferenceResult": "inference",
     "InferenceStream": "inference",
+    "FabstirSDK": "sdk",
+    "FabstirSDKCore": "sdk",
     "Session": "sessions",
     "SessionManager": "sessions",
     "ConnectionPool": "transport",
