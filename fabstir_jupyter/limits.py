@@ -12,11 +12,12 @@ __all__ = ["TokenBucket", "RateLimiter", "ResponseCache"]
 class TokenBucket:
     """A token bucket: ``rate`` tokens per second, at most ``burst`` saved up.
 
-    :meth:`reserve` takes a token and returns how many seconds the caller must wait before using it
-    (0 when one was available). The clock is injectable so tests count, not sleep.
+    Two ways to use it: :meth:`try_acquire` takes a token only if one is there (a server refusing
+    a request), :meth:`reserve` always takes one and returns how long the caller must wait before
+    using it (a client spacing its requests). The clock is injectable so tests count, not sleep.
     """
 
-    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, rate: float, burst: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self.rate = rate
@@ -36,10 +37,28 @@ class TokenBucket:
         self._tokens -= 1.0
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def try_acquire(self) -> bool:
+        """Take one token if one is available now; return whether it was taken."""
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def retry_after(self) -> float:
+        """Seconds until a token is available (0 if one is available now)."""
+        self._refill()
+        return max(0.0, (1.0 - self._tokens) / self.rate)
+
     def available(self) -> float:
-        """Tokens available now (may be negative while reservations are outstanding)."""
+        """Tokens available now (negative while reservations are outstanding)."""
         self._refill()
         return self._tokens
+
+    @property
+    def full(self) -> bool:
+        """Whether the bucket has refilled completely (a table of buckets can then forget it)."""
+        return self.available() >= self.burst
 
 
 class RateLimiter:

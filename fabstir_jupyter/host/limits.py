@@ -11,58 +11,19 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-__all__ = ["TokenBucket", "AddressLimiter", "Session", "SessionStore"]
+from ..limits import TokenBucket
+
+__all__ = ["per_minute_bucket", "AddressLimiter", "Session", "SessionStore"]
 
 Clock = Callable[[], float]
 
 
-class TokenBucket:
-    """A token bucket: ``rate_per_minute`` requests per minute, bursts up to ``burst``.
-
-    Args:
-        rate_per_minute: the refill rate; 0 or less turns the bucket off (every request passes).
-        burst: the bucket size (default: one minute's worth, at least 1).
-        clock: monotonic seconds.
-    """
-
-    def __init__(self, rate_per_minute: float, *, burst: float | None = None, clock: Clock = time.monotonic) -> None:
-        self.rate = max(0.0, float(rate_per_minute)) / 60.0
-        self.capacity = float(burst) if burst is not None else max(1.0, float(rate_per_minute))
-        self._tokens = self.capacity
-        self._clock = clock
-        self._stamp = clock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def try_acquire(self) -> bool:
-        """Take one token; return False (and take nothing) when the bucket is empty."""
-        if not self.enabled:
-            return True
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-    def retry_after(self) -> float:
-        """Seconds until the next token is available (0 if one is available now)."""
-        if not self.enabled:
-            return 0.0
-        self._refill()
-        return max(0.0, (1.0 - self._tokens) / self.rate)
-
-    @property
-    def full(self) -> bool:
-        """Whether the bucket has refilled completely (it can then be forgotten)."""
-        self._refill()
-        return self._tokens >= self.capacity
+def per_minute_bucket(rate_per_minute: float, *, clock: Clock = time.monotonic) -> TokenBucket | None:
+    """A bucket admitting ``rate_per_minute`` requests per minute in bursts of up to a minute's worth;
+    ``None`` when the rate is 0 or less (limiting off)."""
+    if rate_per_minute <= 0:
+        return None
+    return TokenBucket(rate_per_minute / 60.0, max(1.0, float(rate_per_minute)), clock=clock)
 
 
 class AddressLimiter:
@@ -85,12 +46,13 @@ class AddressLimiter:
         bucket = self._buckets.get(address)
         if bucket is None:
             self._prune()
-            bucket = self._buckets[address] = TokenBucket(self.rate_per_minute, clock=self._clock)
+            bucket = self._buckets[address] = per_minute_bucket(self.rate_per_minute, clock=self._clock)
         else:
             self._buckets.move_to_end(address)
         return bucket.try_acquire()
 
     def retry_after(self, address: str) -> float:
+        """Seconds until ``address`` may send again."""
         bucket = self._buckets.get(address)
         return bucket.retry_after() if bucket is not None else 0.0
 

@@ -69,7 +69,8 @@ from ..protocol import (
 from .backends import AbortConnection, Backend, GenerationParams, GenerationStats
 from .config import DEFAULT_VERSION, HostConfig
 from .legacy import legacy_error_frame, legacy_final_frames
-from .limits import AddressLimiter, Session, SessionStore, TokenBucket
+from ..limits import TokenBucket
+from .limits import AddressLimiter, Session, SessionStore, per_minute_bucket
 
 __all__ = ["DEFAULT_VERSION", "HostConfig", "HostServer"]
 
@@ -108,7 +109,7 @@ class _Connection:
 
     ws: ServerConnection
     address: str
-    bucket: TokenBucket
+    bucket: TokenBucket | None  # None: no per-connection limit
     stream: _Stream | None = None
     session_id: str | None = None
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -266,7 +267,7 @@ class HostServer:
     async def _handle(self, ws: ServerConnection) -> None:
         remote = ws.remote_address
         address = str(remote[0]) if isinstance(remote, tuple) and remote else "unknown"
-        conn = _Connection(ws, address, TokenBucket(self.config.rate_limit_per_connection))
+        conn = _Connection(ws, address, per_minute_bucket(self.config.rate_limit_per_connection))
         self._connections.add(conn)
         logger.debug("connection from %s", address)
         try:
@@ -356,7 +357,7 @@ class HostServer:
     def _admit(self, conn: _Connection, event: InferenceRequest | PromptRequest) -> _Stream | None:
         """Check limits and build the stream of a request; None means "drop it" (legacy only)."""
         cfg, req, legacy = self.config, event.request, self.config.legacy
-        if not conn.bucket.try_acquire():
+        if conn.bucket is not None and not conn.bucket.try_acquire():
             raise RateLimitExceeded(
                 f"more than {cfg.rate_limit_per_connection:g} requests per minute on this connection",
                 retry_after=conn.bucket.retry_after(),
