@@ -22,6 +22,7 @@ The brief's async generators (:meth:`InferenceManager.stream_inference`, ``direc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -195,8 +196,11 @@ class InferenceStream:
             await self._start()
         if self._finished:
             raise StopAsyncIteration
-        assert self._queue is not None
-        item = await self._queue.get()
+        queue = self._queue
+        assert queue is not None and self._producer is not None
+        # The producer puts _END when it ends, unless the queue was full then: a drained queue
+        # behind a finished producer ends the iteration too.
+        item = _END if queue.empty() and self._producer.done() else await queue.get()
         if item is _END:
             self._finished = True
             if self.error is not None:
@@ -307,11 +311,8 @@ class InferenceStream:
             self.finish_reason = "error"
         finally:
             if self._queue is not None:
-                try:
+                with contextlib.suppress(asyncio.QueueFull):  # then _next sees the producer is done
                     self._queue.put_nowait(_END)
-                except asyncio.QueueFull:
-                    # The consumer is behind; hand the end over when it catches up.
-                    asyncio.get_running_loop().create_task(self._queue.put(_END))
 
     async def _orchestrate(self) -> None:
         """Select → connect → stream → record, retrying before the first token."""
