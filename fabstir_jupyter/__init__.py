@@ -96,3 +96,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%%fabstir`` and ``%fabstir`` (``%load_ext fabstir_jupyter``); IPython loads here only."""
+    from .notebook.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Remove the magics and stop the loop thread, sockets and local hosts (``%unload_ext fabstir_jupyter``)."""
+    from .notebook.magics import unload_ipython_extension as unload
+
+    unload(ipython)

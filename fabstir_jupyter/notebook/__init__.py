@@ -1,0 +1,48 @@
+"""The notebook layer: ``%%fabstir``/``%fabstir`` magics, the loop-thread bridge, live outputs.
+
+Load it with ``%load_ext fabstir_jupyter``. Names here resolve lazily, so importing this package
+loads neither IPython nor the widgets until one is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .bridge import BackgroundRun, NotebookBridge, close_bridge, get_bridge
+    from .magics import FabstirMagics, load_ipython_extension, unload_ipython_extension
+    from .output import OutputSink, TextOutput, make_output
+    from .parsers import interpolate
+    from .widgets import HostDashboard, StreamOutput
+
+_LAZY = {
+    "BackgroundRun": "bridge",
+    "NotebookBridge": "bridge",
+    "close_bridge": "bridge",
+    "get_bridge": "bridge",
+    "FabstirMagics": "magics",
+    "load_ipython_extension": "magics",
+    "unload_ipython_extension": "magics",
+    "OutputSink": "output",
+    "TextOutput": "output",
+    "make_output": "output",
+    "interpolate": "parsers",
+    "HostDashboard": "widgets",
+    "StreamOutput": "widgets",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fabstir_jupyter.notebook' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,584 @@
+"""The bridge between notebook cells and the async SDK: one loop thread per process.
+
+ipykernel runs its own event loop in the main thread, so a cell magic cannot ``asyncio.run()``
+(see DESIGN.md, "Running async code from a cell magic"). The bridge owns a private event loop in a
+daemon thread (:class:`~fabstir_jupyter.runner.LoopThread`) and the SDKs whose managers, sockets
+and pools belong to that loop: they are created and used only from coroutines running there.
+
+A blocking cell (:meth:`NotebookBridge.run_stream`) submits a coroutine that consumes the stream
+and hands text to the main thread through a ``queue.Queue``; the main thread updates the output,
+so display calls stay on the main thread. Ctrl-C cancels the coroutine (the stream's exit sends
+``stream_cancel``), waits for its cleanup, marks the output cancelled and re-raises
+``KeyboardInterrupt`` so queued cells stop.
+
+Coroutines run in a copy of the submitting thread's ``contextvars`` context, so in a kernel the
+output a ``--background`` stream writes from the loop thread lands in the cell that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextvars
+import inspect
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar, Union
+
+from ..errors import Cancelled, FabstirError, SessionNotFound
+from ..runner import LoopThread
+
+if TYPE_CHECKING:
+    from ..inference import InferenceManager, InferenceResult, InferenceStream
+    from ..sdk import FabstirSDK
+    from ..sessions import Session
+    from .output import OutputSink
+
+__all__ = ["NotebookBridge", "NetworkSettings", "LoopTask", "BackgroundRun", "get_bridge", "close_bridge"]
+
+logger = logging.getLogger("fabstir_jupyter.notebook")
+
+T = TypeVar("T")
+
+StreamFactory = Callable[[], Union["InferenceStream", Awaitable["InferenceStream"]]]
+
+LOOP_THREAD_NAME = "fabstir-notebook-loop"
+_END = object()  # queue sentinel: the consumer coroutine has finished
+_CLOSE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """What identifies one SDK: ``None`` and ``()`` mean "not set here" (environment, then config file)."""
+
+    network: str | None = None
+    hosts: tuple[str, ...] = ()
+    local_backend: str | None = None
+    usage_db: str | None = None
+
+
+@dataclass
+class _NamedSession:
+    name: str
+    settings: NetworkSettings
+    session: Session
+
+
+class LoopTask:
+    """A coroutine running on the bridge's loop, seen from another thread.
+
+    Unlike the future of ``run_coroutine_threadsafe`` (which is marked cancelled as soon as the
+    cancel is requested), :attr:`done` is set only once the coroutine has really finished,
+    its cleanup (``stream_cancel``, socket release) included.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
+                 context: contextvars.Context | None = None) -> None:
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.done = threading.Event()
+        self._loop = loop
+        self._task: asyncio.Task[Any] | None = None
+        self._cancel_requested = False
+        context = context if context is not None else contextvars.copy_context()
+        try:
+            loop.call_soon_threadsafe(self._start, coro, context)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            self.future.cancel()
+            self.done.set()
+            raise
+
+    def _start(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+        if self._cancel_requested:
+            coro.close()
+            self.future.cancel()
+            self.done.set()
+            return
+        self._task = context.run(self._loop.create_task, coro)
+        self._task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self.future.cancel()
+        elif task.exception() is not None:
+            self.future.set_exception(task.exception())  # type: ignore[arg-type]
+        else:
+            self.future.set_result(task.result())
+        self.done.set()
+
+    def _cancel_on_loop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def cancel(self) -> None:
+        """Ask the coroutine to stop; returns at once (wait on :attr:`done` for its cleanup)."""
+        self._cancel_requested = True
+        try:
+            self._loop.call_soon_threadsafe(self._cancel_on_loop)
+        except RuntimeError:  # the loop is gone: nothing runs any more
+            self.done.set()
+
+    def wait(self, poll: float = 0.1) -> Any:
+        """Wait for the result in short slices (so Ctrl-C stays responsive); re-raise its error.
+
+        Raises:
+            concurrent.futures.CancelledError: the coroutine was cancelled.
+        """
+        while True:
+            try:
+                return self.future.result(poll)
+            except concurrent.futures.TimeoutError:
+                continue
+
+
+class BackgroundRun:
+    """A ``--background`` stream: it keeps running on the loop thread after the cell returns.
+
+    Attributes:
+        sink: the output it streams into.
+        result_value: the :class:`~fabstir_jupyter.inference.InferenceResult` once finished.
+        error: the error it failed with, if any.
+    """
+
+    def __init__(self, task: LoopTask | None, sink: OutputSink) -> None:
+        self._task: LoopTask = task  # type: ignore[assignment]  # set right after the coroutine is built
+        self.sink = sink
+        self.stream: InferenceStream | None = None
+        self.result_value: InferenceResult | None = None
+        self.error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done() else ("cancelled" if self.cancelled() else "done")
+        return f"<BackgroundRun {state} chars={len(self.text)}>"
+
+    @property
+    def text(self) -> str:
+        """The text so far."""
+        return self.stream.text if self.stream is not None else ""
+
+    def done(self) -> bool:
+        """Whether the stream has ended (finished, failed or cancelled), cleanup included."""
+        return self._task.done.is_set()
+
+    def cancelled(self) -> bool:
+        return self._task.future.cancelled()
+
+    def cancel(self) -> None:
+        """Stop the stream (``stream_cancel`` is sent); returns at once, safe from any thread."""
+        self._task.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the stream has ended; return whether it did within ``timeout``."""
+        return self._task.done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> InferenceResult:
+        """Wait for and return the result.
+
+        Raises:
+            FabstirError: the stream failed.
+            concurrent.futures.CancelledError: it was cancelled.
+            TimeoutError: not finished within ``timeout``.
+        """
+        return self._task.future.result(timeout)  # type: ignore[no-any-return]
+
+
+class NotebookBridge:
+    """One per process (see :func:`get_bridge`): the loop thread, the SDKs, the named sessions.
+
+    SDKs are keyed by their :class:`NetworkSettings` and created lazily; :meth:`configure` sets the
+    default network and closes the SDKs of other settings (with their sessions and local hosts).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._loop: LoopThread | None = None
+        self._sdks: dict[NetworkSettings, FabstirSDK] = {}
+        self._manager_locks: dict[NetworkSettings, asyncio.Lock] = {}
+        self.settings = NetworkSettings()
+        self.sessions: dict[str, _NamedSession] = {}
+        self.background: set[BackgroundRun] = set()
+        self._streams: set[LoopTask] = set()  # blocking streams in progress
+        self.closed = False
+        atexit.register(self.close)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("running" if self.running else "idle")
+        return f"<NotebookBridge {state} sdks={len(self._sdks)} sessions={len(self.sessions)}>"
+
+    # ------------------------------------------------------------------ the loop thread
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop thread is alive."""
+        return self._loop is not None and self._loop.running
+
+    @property
+    def loop_thread(self) -> LoopThread:
+        """The loop thread, started on first use."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("the notebook bridge is closed")
+            if self._loop is None or not self._loop.running:
+                self._loop = LoopThread(LOOP_THREAD_NAME)
+            return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> LoopTask:
+        """Schedule ``coro`` on the loop thread, in a copy of this thread's context."""
+        return LoopTask(self.loop_thread.loop, coro, contextvars.copy_context())
+
+    def run(self, coro: Coroutine[Any, Any, T], *, poll: float = 0.1, cancel_grace: float = 5.0) -> T:
+        """Run ``coro`` on the loop thread and wait for its result.
+
+        Raises:
+            KeyboardInterrupt: re-raised after the coroutine was cancelled and had up to
+                ``cancel_grace`` seconds to clean up.
+            Exception: whatever the coroutine raised.
+        """
+        task = self.submit(coro)
+        try:
+            return task.wait(poll)  # type: ignore[no-any-return]
+        except KeyboardInterrupt:
+            task.cancel()
+            task.done.wait(cancel_grace)
+            raise
+
+    # ------------------------------------------------------------------ SDKs and managers
+
+    def configure(self, settings: NetworkSettings) -> None:
+        """Make ``settings`` the default network; SDKs of other settings are closed (their named
+        sessions end and local hosts stop)."""
+        with self._lock:
+            if settings == self.settings:
+                return
+            self.settings = settings
+            stale = {key: sdk for key, sdk in self._sdks.items() if key != settings}
+        for key, sdk in stale.items():
+            self._close_sdk(key, sdk)
+
+    def sdk(self, settings: NetworkSettings | None = None) -> FabstirSDK:
+        """The SDK for ``settings`` (default: the configured ones), created on first use.
+
+        Raises:
+            InvalidOptions: the settings are invalid (unknown network, static without hosts...).
+        """
+        key = self.settings if settings is None else settings
+        with self._lock:
+            sdk = self._sdks.get(key)
+            if sdk is None:
+                from ..config import InferenceConfig
+                from ..sdk import FabstirSDK
+
+                sdk = FabstirSDK(network=key.network, hosts=list(key.hosts) or None,
+                                 config=InferenceConfig(usage_db=key.usage_db), local_backend=key.local_backend)
+                self._sdks[key] = sdk
+            return sdk
+
+    async def manager(self, settings: NetworkSettings | None = None) -> InferenceManager:
+        """The inference manager for ``settings``, bound to the loop thread. Await it there.
+
+        The first call may start local host processes (in a worker thread, so the loop stays free).
+        """
+        key = self.settings if settings is None else settings
+        sdk = self.sdk(key)
+        manager = sdk._inference
+        if manager is None:
+            lock = self._manager_locks.setdefault(key, asyncio.Lock())
+            async with lock:
+                if sdk._inference is None:
+                    await asyncio.to_thread(sdk.get_inference_manager)
+                manager = sdk._inference
+        assert manager is not None
+        manager._owner_loop()  # bind it to this loop (the loop thread), not a private one
+        return manager
+
+    def _close_sdk(self, key: NetworkSettings, sdk: FabstirSDK) -> None:
+        with self._lock:
+            self._sdks.pop(key, None)
+            self._manager_locks.pop(key, None)
+            for name in [n for n, s in self.sessions.items() if s.settings == key]:
+                del self.sessions[name]
+        try:
+            if self.running and sdk._inference is not None:
+                self.run(asyncio.wait_for(sdk.aclose(), _CLOSE_TIMEOUT))
+            else:
+                sdk.close()
+        except Exception as exc:  # closing must not fail the caller
+            logger.warning("fabstir: closing %r failed: %s", sdk, exc)
+
+    # ------------------------------------------------------------------ named sessions
+
+    async def named_session(self, name: str, settings: NetworkSettings | None = None, *,
+                            model: str | None = None, host: str | None = None) -> Session:
+        """Return the live session called ``name``, creating it on first use. Await it on the loop.
+
+        Raises:
+            InvalidOptions: ``name`` lives on another network than ``settings``.
+        """
+        from ..errors import InvalidOptions
+
+        key = self.settings if settings is None else settings
+        entry = self.sessions.get(name)
+        if entry is not None and not entry.session.ended:
+            if entry.settings != key:
+                raise InvalidOptions(f"session {name!r} lives on another network; end it first",
+                                     field="session", hint=f"%fabstir end {name}")
+            return entry.session
+        manager = await self.manager(key)
+        session = await manager.sessions.create_session(model=model, host=host)
+        self.sessions[name] = _NamedSession(name, key, session)
+        return session
+
+    def end_session(self, name: str) -> Session:
+        """End the named session ``name`` (its socket closes); return it.
+
+        Raises:
+            SessionNotFound: no live session has that name.
+        """
+        entry = self.sessions.get(name)
+        if entry is None or entry.session.ended:
+            raise SessionNotFound(f"no session named {name!r}", hint="%fabstir sessions lists them")
+
+        async def end() -> Session:
+            manager = await self.manager(entry.settings)
+            return await manager.sessions.end_session(entry.session.id)
+
+        session = self.run(end())
+        self.sessions.pop(name, None)
+        return session
+
+    # ------------------------------------------------------------------ streams
+
+    def run_stream(self, make_stream: StreamFactory, sink: OutputSink, *, poll: float = 0.1,
+                   interval: float = 0.0, cancel_grace: float = 5.0) -> InferenceResult:
+        """Stream into ``sink`` from this (main) thread; return the finished result.
+
+        ``make_stream`` is called on the loop thread and returns an
+        :class:`~fabstir_jupyter.inference.InferenceStream` (or an awaitable of one). Text reaches
+        ``sink.append`` on this thread, batched: at most one call per ``interval`` seconds (0: as
+        it arrives), and none lost. Then ``sink.finish(result)``.
+
+        Raises:
+            FabstirError: the request failed (after ``sink.failed(error)``).
+            KeyboardInterrupt: Ctrl-C (or one raised by the sink): the stream was cancelled on the
+                host (``stream_cancel``), its cleanup awaited up to ``cancel_grace`` seconds, and
+                ``sink.cancelled()`` called.
+        """
+        pieces: queue.Queue[Any] = queue.Queue()
+
+        async def consume() -> InferenceResult:
+            try:
+                stream = await _make(make_stream)
+                async with stream:
+                    async for piece in stream:
+                        pieces.put(piece)
+                return stream.result()
+            finally:
+                pieces.put(_END)
+
+        task = self.submit(consume())
+        with self._lock:
+            self._streams.add(task)
+        try:
+            self._pump(pieces, sink, poll=poll, interval=interval, task=task)
+            result: InferenceResult = task.wait(poll)
+        except KeyboardInterrupt:
+            task.cancel()
+            try:
+                task.done.wait(cancel_grace)
+            finally:
+                sink.cancelled()
+            raise
+        except FabstirError as exc:
+            sink.failed(exc)
+            raise
+        except concurrent.futures.CancelledError:
+            # Cancelled from elsewhere (the bridge closing): report it as a coded error.
+            sink.cancelled()
+            raise Cancelled("the stream was cancelled (the notebook bridge closed)") from None
+        except BaseException:
+            task.cancel()
+            task.done.wait(cancel_grace)
+            raise
+        finally:
+            with self._lock:
+                self._streams.discard(task)
+        sink.finish(result)
+        return result
+
+    @staticmethod
+    def _pump(pieces: queue.Queue[Any], sink: OutputSink, *, poll: float, interval: float, task: LoopTask) -> None:
+        """Move text from the queue to ``sink.append`` until the consumer ends.
+
+        When the queue stays empty for ``poll`` seconds after text was appended, ``append("")`` is
+        called once: a sink that batches (the widget) sends what it holds, so a pause in the stream
+        does not hold back the last tokens.
+        """
+        buffer: list[str] = []
+        last = 0.0
+        ended = False
+        idle_tick_due = False
+        while not ended:
+            wait = poll
+            if buffer:
+                wait = min(poll, max(0.0, last + interval - time.monotonic()))
+            try:
+                item = pieces.get(timeout=wait) if wait > 0 else pieces.get_nowait()
+            except queue.Empty:
+                item = None
+                if not buffer:
+                    if idle_tick_due:
+                        idle_tick_due = False
+                        sink.append("")
+                    if task.done.is_set() and pieces.empty():
+                        return  # the consumer never got to put its end marker
+            while item is not None:
+                if item is _END:
+                    ended = True
+                    break
+                buffer.append(item)
+                try:
+                    item = pieces.get_nowait()
+                except queue.Empty:
+                    item = None
+            if buffer and (ended or time.monotonic() - last >= interval):
+                text = "".join(buffer)
+                buffer.clear()
+                last = time.monotonic()
+                idle_tick_due = True
+                sink.append(text)
+
+    def run_background(self, make_stream: StreamFactory, sink: OutputSink, *, interval: float = 0.05,
+                       on_result: Callable[[InferenceResult], None] | None = None,
+                       on_error: Callable[[FabstirError], None] | None = None) -> BackgroundRun:
+        """Start a stream that keeps running on the loop thread; return its handle at once.
+
+        The sink is updated from the loop thread: ``append`` per piece, plus ``append("")`` every
+        ``interval`` seconds (so a batching sink sends what it holds during a pause), then
+        ``finish``/``failed``/``cancelled``; ``on_result`` or ``on_error`` runs after that. A sink
+        with ``set_cancel(callback)`` gets the handle's :meth:`BackgroundRun.cancel` (a stop button).
+        """
+        run = BackgroundRun(None, sink)
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                sink.append("")
+
+        async def consume() -> InferenceResult:
+            ticker = asyncio.get_running_loop().create_task(tick()) if interval > 0 else None
+            try:
+                stream = await _make(make_stream)
+                run.stream = stream
+                async with stream:
+                    async for piece in stream:
+                        sink.append(piece)
+                result = stream.result()
+            except asyncio.CancelledError:
+                _quietly(sink.cancelled)
+                raise
+            except FabstirError as exc:
+                run.error = exc
+                _quietly(sink.failed, exc)
+                if on_error is not None:
+                    _quietly(on_error, exc)
+                raise
+            finally:
+                if ticker is not None:
+                    ticker.cancel()
+            run.result_value = result
+            sink.finish(result)
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        set_cancel = getattr(sink, "set_cancel", None)
+        if callable(set_cancel):
+            set_cancel(run.cancel)
+        run._task = LoopTask(self.loop_thread.loop, consume(), contextvars.copy_context())
+        with self._lock:
+            self.background.add(run)
+        run._task.future.add_done_callback(lambda _: self._forget(run))
+        return run
+
+    def _forget(self, run: BackgroundRun) -> None:
+        with self._lock:
+            self.background.discard(run)
+
+    def cancel_background(self, wait: float = 5.0) -> int:
+        """Cancel every running background stream; wait up to ``wait`` s for each; return how many."""
+        with self._lock:
+            runs = [r for r in self.background if not r.done()]
+        for run in runs:
+            run.cancel()
+        for run in runs:
+            run.wait(wait)
+        return len(runs)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Cancel background streams, close every SDK (sockets, ledgers, local hosts), stop the loop
+        thread. Idempotent; registered with :mod:`atexit` and called when the extension unloads."""
+        with self._lock:
+            if self.closed:
+                return
+            sdks = list(self._sdks.items())
+        try:
+            if self.running:
+                self.cancel_background()
+                with self._lock:
+                    streams = list(self._streams)
+                for task in streams:
+                    task.cancel()
+                for task in streams:
+                    task.done.wait(5.0)
+            for key, sdk in sdks:
+                self._close_sdk(key, sdk)
+        finally:
+            with self._lock:
+                self.closed = True
+                self.sessions.clear()
+                loop, self._loop = self._loop, None
+            if loop is not None:
+                loop.stop()
+            atexit.unregister(self.close)
+
+
+async def _make(make_stream: StreamFactory) -> InferenceStream:
+    stream = make_stream()
+    if inspect.isawaitable(stream):
+        stream = await stream
+    return stream  # type: ignore[return-value]
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # an output's failure must not hide the stream's own outcome
+        logger.exception("fabstir: output callback failed")
+
+
+_bridge: NotebookBridge | None = None
+_bridge_lock = threading.Lock()
+
+
+def get_bridge() -> NotebookBridge:
+    """Return this process's bridge, creating it (again, after :func:`close_bridge`) if needed."""
+    global _bridge
+    with _bridge_lock:
+        if _bridge is None or _bridge.closed:
+            _bridge = NotebookBridge()
+        return _bridge
+
+
+def close_bridge() -> None:
+    """Close this process's bridge, if one exists (the loop thread stops; sockets and hosts close)."""
+    global _bridge
+    with _bridge_lock:
+        bridge, _bridge = _bridge, None
+    if bridge is not None:
+        bridge.close()

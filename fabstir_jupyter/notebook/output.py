@@ -1,0 +1,314 @@
+"""Live outputs of ``%%fabstir``: the :class:`OutputSink` protocol and the plain-text fallback.
+
+Every live output implements :class:`OutputSink`. The magic calls ``start`` once (before any text),
+``append`` for each batch of text as it arrives, and then exactly one of ``finish``, ``failed`` or
+``cancelled``. In a blocking cell every call comes from the main thread; in ``--background`` mode
+they come from the loop thread, in the context (and so the output area) of the cell that started
+the stream.
+
+:func:`make_output` picks the live widget (``widgets.StreamOutput``) where a widget front end is
+available, else :class:`TextOutput`: text streamed to stdout, then the final rendering and a
+one-line status.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Protocol, TextIO, runtime_checkable
+
+from ..errors import FabstirError
+
+__all__ = [
+    "OutputSink",
+    "TextOutput",
+    "Rendering",
+    "make_output",
+    "render",
+    "status_line",
+    "widgets_available",
+]
+
+logger = logging.getLogger("fabstir_jupyter.notebook")
+
+STATUS_PREFIX = "[fabstir]"
+
+
+@runtime_checkable
+class OutputSink(Protocol):
+    """What a live output of ``%%fabstir`` implements.
+
+    ``result`` in :meth:`finish` is an :class:`~fabstir_jupyter.inference.InferenceResult` (or a
+    finished :class:`~fabstir_jupyter.inference.InferenceStream`): ``text``, ``usage`` (a
+    :class:`~fabstir_jupyter.usage.UsageRecord` or None), ``finish_reason``, ``ttft``, ``host`` (a
+    URL string, or a ``HostInfo`` on a stream) and ``model``.
+
+    Optional extras, used when present: ``set_cancel(callback)`` (a stop button calls ``callback()``
+    to cancel a ``--background`` stream; the callback is thread-safe and returns at once).
+    """
+
+    def start(self, *, host: str | None, model: str | None) -> None:
+        """Show the output (before any text arrives); ``host``/``model`` as requested, if known."""
+
+    def append(self, text: str) -> None:
+        """Add text that just arrived (one or more tokens)."""
+
+    def finish(self, result: Any) -> None:
+        """Show the final rendering and the status line."""
+
+    def failed(self, error: FabstirError) -> None:
+        """Mark the output failed (the magic also prints the error's one line to stderr)."""
+
+    def cancelled(self) -> None:
+        """Mark the output cancelled (kernel interrupt, stop button or ``%fabstir cancel``)."""
+
+
+# --------------------------------------------------------------------------- rendering
+
+_FENCE = re.compile(r"\A\s*```[ \t]*(?P<lang>[\w+#.-]*)[ \t]*\n(?P<body>.*?)\n?```\s*\Z", re.DOTALL)
+
+
+def _unfence(text: str) -> tuple[str, str]:
+    """Return ``(body, language)`` of text wrapped in one code fence, else ``(text, "")``."""
+    match = _FENCE.match(text)
+    if match is None:
+        return text, ""
+    return match.group("body"), match.group("lang")
+
+
+class Rendering:
+    """The final rendering of an answer for IPython's display: a MIME bundle per ``format``.
+
+    ``text/plain`` is always the answer's text, so terminals, nbconvert and nbval see stable output.
+    """
+
+    def __init__(self, text: str, format: str = "markdown") -> None:
+        self.text = text
+        self.format = format
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle: dict[str, Any] = {"text/plain": self.text}
+        if self.format == "markdown":
+            bundle["text/markdown"] = self.text
+        elif self.format == "code":
+            body, language = _unfence(self.text)
+            bundle["text/markdown"] = f"```{language}\n{body}\n```"
+        elif self.format == "json":
+            body, _ = _unfence(self.text)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                bundle["text/markdown"] = f"```\n{self.text}\n```"
+            else:
+                bundle["text/plain"] = json.dumps(data, indent=2, ensure_ascii=False)
+                bundle["application/json"] = data if isinstance(data, (dict, list)) else {"value": data}
+        return bundle
+
+
+def render(text: str, format: str = "markdown") -> Rendering:
+    """Return the displayable final rendering of ``text`` (``markdown``, ``text``, ``code``, ``json``)."""
+    return Rendering(text, format)
+
+
+def _host_text(host: Any) -> str | None:
+    if host is None:
+        return None
+    return str(getattr(host, "api_url", host))
+
+
+def status_line(result: Any, note: str | None = None) -> str:
+    """Return the one-line status of a finished request: host, model, ttft, tokens/s, tokens, cost."""
+    parts = []
+    host = _host_text(getattr(result, "host", None))
+    if host:
+        parts.append(f"host {host}")
+    model = getattr(result, "model", None)
+    if model:
+        parts.append(f"model {model}")
+    ttft = getattr(result, "ttft", None)
+    if ttft is not None:
+        parts.append(f"ttft {ttft * 1000:.0f} ms")
+    usage = getattr(result, "usage", None)
+    rate = getattr(usage, "tokens_per_second", None) if usage is not None else None
+    if rate is not None:
+        parts.append(f"{rate:.1f} tok/s")
+    if usage is not None:
+        parts.append(f"{usage.received_tokens} tokens")
+        if usage.cost is not None:
+            parts.append(f"cost {usage.cost:.6g} {usage.cost_unit or ''}".rstrip())
+    reason = getattr(result, "finish_reason", None)
+    if reason:
+        parts.append(f"finish {reason}")
+    if note:
+        parts.append(note)
+    return f"{STATUS_PREFIX} " + " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- the text fallback
+
+
+def _shell() -> Any:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython is there whenever the magic runs
+        return None
+    return get_ipython()
+
+
+def _in_kernel() -> bool:
+    """Whether we run inside a Jupyter kernel (a front end that renders rich output)."""
+    return getattr(_shell(), "kernel", None) is not None
+
+
+class TextOutput:
+    """The fallback output: text to stdout as it arrives, then the final rendering and a status line.
+
+    In a kernel (a notebook with ``FABSTIR_NO_WIDGETS=1``, or without anywidget) the streamed text
+    is replaced by the final rendering (Markdown by default); in a terminal the streamed text stays
+    and only the status line follows (and, for ``--format json``, the pretty-printed JSON).
+
+    Args:
+        format: ``markdown``, ``text``, ``code`` or ``json``.
+        background: the stream runs in the background (calls come from the loop thread).
+        note: appended to the status line (e.g. a selection mode this network cannot honour).
+        rich: display the final rendering (default: only inside a kernel).
+        stream: where text goes (default: ``sys.stdout`` at the time of each write).
+    """
+
+    def __init__(self, format: str = "markdown", *, background: bool = False, note: str | None = None,
+                 rich: bool | None = None, stream: TextIO | None = None) -> None:
+        self.format = format
+        self.background = background
+        self.note = note
+        self.rich = rich
+        self._stream = stream
+        self._parts: list[str] = []
+        self.state = "new"
+        self.host: str | None = None
+        self.model: str | None = None
+        self.result: Any = None
+        self.error: FabstirError | None = None
+        self._flush_each = True
+
+    def __repr__(self) -> str:
+        return f"<TextOutput {self.state} chars={len(self.text)}>"
+
+    @property
+    def text(self) -> str:
+        """The text shown so far."""
+        if len(self._parts) > 1:
+            self._parts[:] = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
+
+    def _out(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stdout
+
+    def _write(self, text: str, *, flush: bool = True) -> None:
+        out = self._out()
+        out.write(text)
+        if flush:
+            out.flush()
+
+    def _end_line(self) -> None:
+        if self._parts and not self.text.endswith("\n"):
+            self._write("\n")
+
+    def start(self, *, host: str | None = None, model: str | None = None) -> None:
+        self.host, self.model = host, model
+        self.state = "streaming"
+        # A kernel's stdout sends what it holds every 0.2 s on its own; flushing each piece there
+        # would send one message per token (Jupyter Server drops iopub output above 1000 msg/s).
+        self._flush_each = not _in_kernel()
+
+    def append(self, text: str) -> None:
+        if not text:
+            return
+        self._parts.append(text)
+        self._write(text, flush=self._flush_each)
+
+    def finish(self, result: Any) -> None:
+        self.result = result
+        self.state = "done"
+        text = getattr(result, "text", None)
+        text = self.text if text is None else str(text)
+        rich = _in_kernel() if self.rich is None else self.rich
+        if rich and self.format != "text":
+            from IPython.display import clear_output, display
+
+            clear_output(wait=True)
+            display(render(text, self.format))
+        else:
+            self._end_line()
+            if self.format == "json":
+                bundle = render(text, "json")._repr_mimebundle_()
+                if "application/json" in bundle:
+                    self._write(bundle["text/plain"] + "\n")
+        self._write(status_line(result, self.note) + "\n")
+
+    def failed(self, error: FabstirError) -> None:
+        self.error = error
+        self.state = "failed"
+        self._end_line()
+
+    def cancelled(self) -> None:
+        if self.state in ("done", "failed", "cancelled"):
+            return
+        self.state = "cancelled"
+        self._end_line()
+        self._write(f"{STATUS_PREFIX} cancelled after {len(self.text)} characters\n")
+
+
+# --------------------------------------------------------------------------- choosing an output
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def widgets_available() -> bool:
+    """Whether the live widget can be used: a kernel with a comm manager, ipywidgets and anywidget
+    installed, and ``FABSTIR_NO_WIDGETS`` unset."""
+    if _env_flag("FABSTIR_NO_WIDGETS"):
+        return False
+    kernel = getattr(_shell(), "kernel", None)
+    if kernel is None or getattr(kernel, "comm_manager", None) is None:
+        return False
+    return all(importlib.util.find_spec(name) is not None for name in ("ipywidgets", "anywidget"))
+
+
+def _construct(factory: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``factory`` with the keyword arguments it accepts."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return factory(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return factory(**kwargs)
+    return factory(**{k: v for k, v in kwargs.items() if k in parameters})
+
+
+def make_output(format: str = "markdown", background: bool = False, *, update_interval: float = 0.05,
+                note: str | None = None) -> OutputSink:
+    """Return the live output for one ``%%fabstir`` cell: the widget where usable, else text.
+
+    The widget module is imported here, lazily; if it fails to import or build, the text fallback
+    is used (and the reason logged).
+    """
+    if widgets_available():
+        try:
+            from .widgets import StreamOutput
+
+            return _construct(StreamOutput, format=format, background=background,  # type: ignore[no-any-return]
+                              update_interval=update_interval, note=note)
+        except Exception as exc:  # the fallback must always work
+            logger.warning("fabstir: live widget unavailable (%s: %s); streaming as text",
+                           type(exc).__name__, exc)
+    return TextOutput(format, background=background, note=note)

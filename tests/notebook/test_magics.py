@@ -1,0 +1,618 @@
+"""%%fabstir and %fabstir driven through a real IPython shell against scripted hosts on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+from traitlets.config import Config
+
+from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.inference import InferenceResult, InferenceStream
+from fabstir_jupyter.notebook import magics as magics_module
+from fabstir_jupyter.notebook.magics import HOST_COLUMNS, FabstirMagics
+from fabstir_jupyter.notebook.output import TextOutput
+
+from .conftest import loop_thread_alive, wait_until
+
+PROMPT = "Tell me about rivers"
+
+
+def cell(ip, line: str, body: str = PROMPT):
+    """Run one %%fabstir cell; return what the magic returned."""
+    return ip.run_cell_magic("fabstir", line, body)
+
+
+def stream_options(monkeypatch) -> list:
+    """Record the resolved InferenceOptions of every stream the magic creates."""
+    seen = []
+    original = InferenceStream.__init__
+
+    def spy(self, manager, prompt, options, **kwargs):
+        seen.append((prompt, options))
+        original(self, manager, prompt, options, **kwargs)
+
+    monkeypatch.setattr(InferenceStream, "__init__", spy)
+    return seen
+
+
+def one_line_error(capsys) -> str:
+    """The stderr of the last call, which must be exactly one line with no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_ext_registers_the_line_and_cell_magic(make_shell):
+    """%load_ext fabstir_jupyter registers %fabstir and %%fabstir and a %config-able object."""
+    ip = make_shell()
+    assert ip.find_line_magic("fabstir") is not None and ip.find_cell_magic("fabstir") is not None
+    assert any(isinstance(c, FabstirMagics) for c in ip.configurables)
+
+
+def test_loading_the_extension_stays_cheap():
+    """%load_ext imports neither pandas, websockets nor the widgets, and starts no thread."""
+    code = (
+        "import sys, threading\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "from traitlets.config import Config\n"
+        "c = Config(); c.HistoryManager.hist_file = ':memory:'\n"
+        "ip = InteractiveShell.instance(config=c)\n"
+        "ip.run_line_magic('load_ext', 'fabstir_jupyter')\n"
+        "print(','.join(sorted(sys.modules)))\n"
+        "print(','.join(t.name for t in threading.enumerate()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    modules, threads = out.strip().split("\n")
+    loaded = set(modules.split(","))
+    assert "fabstir_jupyter.notebook.magics" in loaded
+    assert not {"pandas", "websockets", "httpx", "fabstir_jupyter.notebook.widgets", "anywidget"} & loaded
+    assert "fabstir-notebook-loop" not in threads
+
+
+def test_cell_magic_help_documents_every_option(make_shell):
+    """%%fabstir? shows the docstring built from the parsers: every option and command."""
+    ip = make_shell()
+    doc = ip.find_cell_magic("fabstir").__doc__
+    for text in ("--model", "--max-tokens", "--temperature", "--top-p", "--stop", "--seed", "--host", "--session",
+                 "--mode", "--format", "--out", "--background", "--no-interpolate", "--network", "{name.attr}",
+                 "%fabstir hosts", "%fabstir end NAME", "%fabstir config"):
+        assert text in doc
+
+
+# --------------------------------------------------------------------------- %%fabstir
+
+
+def test_cell_streams_the_answer_and_returns_nothing(ip, capsys):
+    """The answer streams to stdout with a status line; the cell returns None (no duplicate output)."""
+    assert cell(ip, "--max-tokens 10") is None
+    out = capsys.readouterr().out
+    expected = scripted_text(PROMPT, 10)
+    assert out.startswith(expected)
+    assert "[fabstir] host http://127.0.0.1:" in out and "model scripted-1" in out and "10 tokens" in out
+
+
+def test_out_stores_the_result_object(ip):
+    """--out VAR holds the InferenceResult with text, usage, host, model and ttft."""
+    cell(ip, "--max-tokens 6 --out answer")
+    answer = ip.user_ns["answer"]
+    assert isinstance(answer, InferenceResult)
+    assert answer.text == str(answer) == scripted_text(PROMPT, 6)
+    assert answer.usage.received_tokens == 6 and answer.finish_reason == "length"
+    assert answer.model == "scripted-1" and answer.ttft is not None and answer.host.startswith("http://127.0.0.1")
+
+
+def test_sampling_options_reach_the_request(ip, monkeypatch):
+    """--model, --max-tokens, --temperature, --top-p, --stop and --seed become the request's options."""
+    seen = stream_options(monkeypatch)
+    cell(ip, "-m scripted-1 --max-tokens 9 --temperature 0.3 --top-p 0.8 --stop 'zzz' --stop qqq --seed 5 --out r")
+    (_, options), = seen
+    assert (options.model, options.max_tokens, options.temperature, options.top_p, options.seed) == \
+        ("scripted-1", 9, 0.3, 0.8, 5)
+    assert options.stop_sequences == ("zzz", "qqq")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 9, seed=5)
+
+
+def test_stop_sequence_cuts_the_answer(ip):
+    """--stop ends the answer right before the stop text."""
+    full = scripted_text(PROMPT, 20)
+    stop = full.split(" ")[4]
+    cell(ip, f"--max-tokens 20 --stop {stop} --out r")
+    assert ip.user_ns["r"].text == full[: full.index(stop)]
+    assert ip.user_ns["r"].finish_reason == "stop"
+
+
+def test_seed_changes_the_answer_reproducibly(ip):
+    """--seed gives the scripted answer for that seed, twice the same."""
+    cell(ip, "--max-tokens 5 --seed 11 --out a")
+    cell(ip, "--max-tokens 5 --seed 11 --out b")
+    assert ip.user_ns["a"].text == ip.user_ns["b"].text == scripted_text(PROMPT, 5, seed=11)
+    assert ip.user_ns["a"].text != scripted_text(PROMPT, 5)
+
+
+def test_host_option_pins_a_host(make_shell, start_host):
+    """--host sends the request to that host, by URL."""
+    first, second = start_host(), start_host()
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{first.ws_url!r}, {second.ws_url!r}]")
+    for _ in range(2):
+        cell(ip, f"--max-tokens 3 --host {second.http_url} --out r")
+        assert ip.user_ns["r"].host == second.http_url
+
+
+def test_host_option_accepts_host_and_port(ip, host):
+    """--host also takes the bare host:port form."""
+    cell(ip, f"--max-tokens 2 --host 127.0.0.1:{host.port} --out r")
+    assert ip.user_ns["r"].host == host.http_url and ip.user_ns["r"].text == scripted_text(PROMPT, 2)
+
+
+def test_sessions_continue_across_cells(ip, capsys):
+    """--session NAME creates a conversation in one cell and continues it in the next."""
+    cell(ip, "--session chat --max-tokens 4 --out one", "first question")
+    cell(ip, "--session chat --max-tokens 4 --out two", "second question")
+    assert ip.user_ns["one"].text == scripted_text("first question", 4)
+    assert ip.user_ns["two"].text == scripted_text("second question", 4)
+    frame = ip.run_line_magic("fabstir", "sessions")
+    assert list(frame["name"]) == ["chat"] and list(frame["turns"]) == [2] and list(frame["messages"]) == [4]
+    ip.run_line_magic("fabstir", "end chat")
+    assert "ended session 'chat' after 2 turns" in capsys.readouterr().out
+    assert ip.run_line_magic("fabstir", "sessions").empty
+
+
+def test_mode_is_accepted_and_noted_when_unsupported(ip, capsys):
+    """--mode cheapest runs (auto selection) and the status line says the mode is not supported yet."""
+    cell(ip, "--max-tokens 2 --mode cheapest")
+    out = capsys.readouterr().out
+    assert "mode cheapest not supported by this network yet: used auto" in out
+    cell(ip, "--max-tokens 2 --mode auto")
+    assert "not supported" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "text", "code", "json"])
+def test_format_selects_the_rendering(ip, monkeypatch, fmt):
+    """--format reaches the output; the default comes from FabstirMagics.default_format."""
+    made = []
+    original = magics_module.make_output
+
+    def spy(format, background, **kwargs):
+        made.append(format)
+        return original(format, background, **kwargs)
+
+    monkeypatch.setattr(magics_module, "make_output", spy)
+    cell(ip, f"--max-tokens 2 --format {fmt}")
+    ip.run_line_magic("config", f"FabstirMagics.default_format = {fmt!r}")
+    cell(ip, "--max-tokens 2")
+    assert made == [fmt, fmt]
+
+
+def test_json_format_with_a_non_json_answer_still_shows_the_text(ip, capsys, monkeypatch):
+    """--format json on an answer that is not JSON keeps the streamed text and does not fail."""
+    monkeypatch.setattr(magics_module, "make_output",
+                        lambda format, background, **kw: TextOutput(format, rich=False))
+    cell(ip, "--max-tokens 3 --format json")
+    captured = capsys.readouterr()
+    assert captured.out.startswith(scripted_text(PROMPT, 3)) and "[fabstir] host" in captured.out
+    assert captured.err == ""
+
+
+def test_interpolation_through_the_magic(ip):
+    """{name}, {obj.attr} and {d[key]} come from the user namespace; --no-interpolate sends text as is."""
+    ip.run_cell("topic = 'rivers'\nclass Doc: title = 'Dune'\ndoc = Doc()\nd = {'k': 'v'}")
+    cell(ip, "--max-tokens 4 --out a", "Tell me about {topic} in {doc.title} {d[k]} {missing} {{topic}}")
+    assert ip.user_ns["a"].text == scripted_text("Tell me about rivers in Dune v {missing} {topic}", 4)
+    cell(ip, "--max-tokens 4 --no-interpolate --out b", "Tell me about {topic}")
+    assert ip.user_ns["b"].text == scripted_text("Tell me about {topic}", 4)
+
+
+def test_network_option_applies_to_one_cell(ip, capsys):
+    """--network base-sepolia refuses inference for that cell only; the next cell uses the default."""
+    cell(ip, "--network base-sepolia --max-tokens 2")
+    assert one_line_error(capsys).startswith("FabstirError [PAYMENT_REQUIRED]:")
+    cell(ip, "--max-tokens 2 --out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 2)
+
+
+def test_network_option_naming_the_default_reuses_its_sdk(ip):
+    """--network with the network already in use does not build a second SDK."""
+    cell(ip, "--network static --max-tokens 2")
+    cell(ip, "--max-tokens 2")
+    assert len(magics_module.get_bridge()._sdks) == 1
+    assert len(ip.run_line_magic("fabstir", "usage")) == 2
+
+
+def test_background_returns_at_once_and_stores_the_result(make_shell, start_host):
+    """--background returns before the stream ends; --out is set when it finishes."""
+    slow = start_host(token_rate=100)
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}]")
+    started = time.monotonic()
+    assert cell(ip, "--background --max-tokens 30 --out later") is None
+    assert time.monotonic() - started < 0.25 + 0.3  # 30 tokens at 100/s take 0.3 s
+    magics = ip.magics_manager.registry["FabstirMagics"]
+    run = magics.last_background
+    assert run.wait(5) and not run.cancelled()
+    assert ip.user_ns["later"].text == scripted_text(PROMPT, 30) == run.text
+
+
+def test_cancel_stops_background_streams(make_shell, start_host, capsys):
+    """%fabstir cancel stops a running background stream; the host stops generating."""
+    slow = start_host(token_rate=50)
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}]")
+    cell(ip, "--background --max-tokens 1000 --out never")
+    run = ip.magics_manager.registry["FabstirMagics"].last_background
+    assert wait_until(lambda: len(run.text) > 0)
+    ip.run_line_magic("fabstir", "cancel")
+    assert "cancelled 1 background stream" in capsys.readouterr().out
+    assert run.done() and run.cancelled()
+    assert wait_until(lambda: slow.active_streams == 0)
+    assert "never" not in ip.user_ns
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_model_is_one_line_with_the_code(ip, capsys):
+    """An unknown model prints 'FabstirError [MODEL_NOT_AVAILABLE]: ...' and no traceback."""
+    assert cell(ip, "--model no-such-model") is None
+    line = one_line_error(capsys)
+    assert line.startswith("FabstirError [MODEL_NOT_AVAILABLE]:") and "scripted-1" in line
+
+
+def test_empty_prompt_is_one_line(ip, capsys):
+    """An empty cell is INVALID_PROMPT, refused before any request."""
+    cell(ip, "", "\n  \n")
+    assert one_line_error(capsys).startswith("FabstirError [INVALID_PROMPT]:")
+
+
+def test_bad_options_are_one_usage_line(ip, capsys):
+    """A parser error prints one UsageError line, and nothing is sent."""
+    cell(ip, "--max-tokens lots")
+    line = one_line_error(capsys)
+    assert line == ("UsageError: %%fabstir: argument --max-tokens: expected a positive integer, not 'lots' "
+                    "(see %fabstir help)")
+
+
+def test_hint_is_shown_when_the_error_has_one(make_shell, capsys):
+    """A static network without hosts names the fix in the hint."""
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "network static")
+    line = one_line_error(capsys)
+    assert line.startswith("FabstirError [INVALID_OPTIONS]: network 'static' needs hosts")
+    assert ip.magics_manager.registry["FabstirMagics"].network is None  # the switch was not kept
+
+
+def test_unreachable_host_is_one_line(make_shell, capsys):
+    """No reachable host gives NO_HOSTS_AVAILABLE in one line."""
+    ip = make_shell()
+    ip.run_line_magic("config", "FabstirMagics.hosts = ['ws://127.0.0.1:9/v1/ws']")
+    cell(ip, "--max-tokens 2")
+    assert one_line_error(capsys).startswith("FabstirError [NO_HOSTS_AVAILABLE]:")
+
+
+# --------------------------------------------------------------------------- interrupt
+
+
+class InterruptingOutput(TextOutput):
+    """A text output that raises KeyboardInterrupt on the main thread after ``after`` appends."""
+
+    def __init__(self, *args, after: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.after = after
+        self.appends = 0
+        self.threads = set()
+
+    def append(self, text: str) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().append(text)
+        self.appends += 1
+        if self.appends == self.after:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_cancels_the_stream_and_propagates(make_shell, start_host, monkeypatch):
+    """Ctrl-C during a stream sends stream_cancel, marks the output cancelled, re-raises, and the kernel
+    stays usable."""
+    slow = start_host(token_rate=200)
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}]")
+    sinks = []
+
+    def make(format, background, **kwargs):
+        sinks.append(InterruptingOutput(format, rich=False))
+        return sinks[-1]
+
+    monkeypatch.setattr(magics_module, "make_output", make)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cell(ip, "--max-tokens 2000 --out never")
+    sink = sinks[0]
+    assert sink.state == "cancelled" and sink.threads == {"MainThread"}
+    assert wait_until(lambda: slow.active_streams == 0, 3.0)
+    assert time.monotonic() - started < 5.0  # far less than the 10 s stream
+    pool = magics_module.get_bridge().sdk()._inference.pool
+    assert pool.stats() == {"idle": 1, "in_use": 0}  # stream_cancel drained the stream: the socket is reusable
+    assert "never" not in ip.user_ns
+    monkeypatch.undo()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}]")
+    cell(ip, "--max-tokens 3 --out again")
+    assert ip.user_ns["again"].text == scripted_text(PROMPT, 3)
+
+
+def test_interrupt_in_a_session_keeps_the_conversation_usable(make_shell, start_host, monkeypatch):
+    """A cancelled session turn stops the host stream; the session answers the next turn."""
+    slow = start_host(token_rate=200)
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}]")
+    monkeypatch.setattr(magics_module, "make_output",
+                        lambda format, background, **kw: InterruptingOutput(format, rich=False, after=2))
+    with pytest.raises(KeyboardInterrupt):
+        cell(ip, "--session s --max-tokens 2000", "long question")
+    assert wait_until(lambda: slow.active_streams == 0, 3.0)
+    session = magics_module.get_bridge().sessions["s"].session
+    assert session._conn is not None and session._conn.is_open  # cancel is not close: the pinned socket stays
+    monkeypatch.setattr(magics_module, "make_output",
+                        lambda format, background, **kw: TextOutput(format, rich=False))
+    cell(ip, "--session s --max-tokens 3 --out r", "short question")
+    assert ip.user_ns["r"].text == scripted_text("short question", 3)
+
+
+# --------------------------------------------------------------------------- line commands
+
+
+def test_hosts_returns_a_frame_of_hosts(make_shell, start_host):
+    """%fabstir hosts (no widget front end) is a DataFrame with one row per host and the documented columns."""
+    hosts = [start_host(), start_host()]
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = {[h.ws_url for h in hosts]!r}")
+    cell(ip, f"--max-tokens 5 --host {hosts[0].ws_url}")
+    frame = ip.run_line_magic("fabstir", "hosts")
+    assert isinstance(frame, pd.DataFrame) and tuple(frame.columns) == HOST_COLUMNS
+    assert sorted(frame["url"]) == sorted(h.http_url for h in hosts)
+    row = frame.set_index("url").loc[hosts[0].http_url]
+    assert (row["models"], row["health"], row["requests"], row["tokens"], row["errors"]) == \
+        ("scripted-1", "ok", 1, 5, 0)
+    assert row["latency_ms"] > 0
+    assert len(ip.run_line_magic("fabstir", "hosts --refresh --frame")) == 2
+
+
+def test_usage_returns_the_ledger(ip):
+    """%fabstir usage is one row per request; --by summarises."""
+    cell(ip, "--max-tokens 3")
+    cell(ip, "--max-tokens 4")
+    frame = ip.run_line_magic("fabstir", "usage")
+    assert list(frame["received_tokens"]) == [3, 4] and set(frame["model"]) == {"scripted-1"}
+    assert list(ip.run_line_magic("fabstir", "usage --limit 1")["received_tokens"]) == [4]
+    summary = ip.run_line_magic("fabstir", "usage --by model")
+    assert summary.loc["scripted-1", "requests"] == 2 and summary.loc["scripted-1", "received_tokens"] == 7
+
+
+def test_usage_before_any_request_is_empty_and_starts_nothing(make_shell, capsys):
+    """%fabstir usage works before the first request, without starting hosts or the loop thread."""
+    ip = make_shell()
+    ip.run_line_magic("config", "FabstirMagics.local_backend = 'scripted'")
+    frame = ip.run_line_magic("fabstir", "usage")
+    assert frame.empty and "received_tokens" in frame.columns
+    assert not loop_thread_alive()
+    ip.run_line_magic("fabstir", "usage --by colour")
+    assert "cannot group usage by 'colour'" in one_line_error(capsys)
+
+
+def test_models_lists_what_hosts_serve(ip):
+    """%fabstir models is one row per model with its hosts."""
+    frame = ip.run_line_magic("fabstir", "models")
+    assert list(frame["model"]) == ["scripted-1"] and list(frame["hosts"]) == [1]
+
+
+def test_end_unknown_session_is_one_line(ip, capsys):
+    """Ending a session that does not exist is SESSION_NOT_FOUND."""
+    ip.run_line_magic("fabstir", "end nobody")
+    assert one_line_error(capsys).startswith("FabstirError [SESSION_NOT_FOUND]: no session named 'nobody'")
+
+
+def test_network_shows_and_switches(ip, capsys):
+    """%fabstir network shows the network; %fabstir network NAME switches it (SDK recreated)."""
+    ip.run_line_magic("fabstir", "network")
+    assert capsys.readouterr().out == "[fabstir] network static: 1 static host(s)\n"
+    bridge = magics_module.get_bridge()
+    old = bridge.sdk()
+    ip.run_line_magic("fabstir", "network base-sepolia")
+    assert "network base-sepolia" in capsys.readouterr().out
+    assert bridge.sdk() is not old and bridge.sdk().settings.network == "base-sepolia"
+    cell(ip, "--max-tokens 2")
+    assert one_line_error(capsys).startswith("FabstirError [PAYMENT_REQUIRED]")
+    ip.run_line_magic("fabstir", "network static")
+    cell(ip, "--max-tokens 2 --out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 2)
+
+
+def test_config_shows_and_sets_settings(ip, capsys):
+    """%fabstir config lists every setting with its source; KEY VALUE sets it like %config."""
+    ip.run_line_magic("fabstir", "config")
+    out = capsys.readouterr().out
+    for key in ("default_model", "max_tokens", "network", "hosts", "local_backend", "update_interval",
+                "default_format", "usage_db"):
+        assert f"{key} " in out
+    ip.run_line_magic("fabstir", "config max_tokens 4")
+    assert capsys.readouterr().out == "max_tokens = 4  (%config)\n"
+    cell(ip, "--out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 4)
+    ip.run_line_magic("fabstir", "config max_tokens none")
+    ip.run_line_magic("fabstir", "config default_format code")
+    assert ip.magics_manager.registry["FabstirMagics"].default_format == "code"
+    capsys.readouterr()
+    ip.run_line_magic("fabstir", "config default_format html")
+    assert one_line_error(capsys).startswith("UsageError: %fabstir config default_format:")
+    ip.run_line_magic("fabstir", "config update_interval -1")
+    assert "update_interval must be between 0 and 10" in one_line_error(capsys)
+
+
+def test_help_prints_the_documentation(make_shell, capsys):
+    """%fabstir help (and a bare %fabstir) print every command and option."""
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "help")
+    out = capsys.readouterr().out
+    assert "%fabstir hosts" in out and "--max-tokens" in out
+    ip.run_line_magic("fabstir", "")
+    assert capsys.readouterr().out == out
+
+
+def test_unknown_line_command_is_one_usage_line(make_shell, capsys):
+    """A bad %fabstir command prints one UsageError line."""
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "frobnicate")
+    assert one_line_error(capsys).startswith("UsageError: %fabstir: argument COMMAND: invalid choice")
+
+
+# --------------------------------------------------------------------------- settings precedence
+
+
+def test_settings_precedence_option_then_config_then_env_then_file(ip, monkeypatch, isolated_env):
+    """max_tokens: the cell option beats %config, which beats the environment, which beats the config file."""
+    config_dir = isolated_env / "config" / "fabstir-jupyter"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.json").write_text(json.dumps({"max_tokens": 2}))
+    cell(ip, "--out r")
+    assert ip.user_ns["r"].usage.received_tokens == 2
+    monkeypatch.setenv("FABSTIR_MAX_TOKENS", "3")
+    cell(ip, "--out r")
+    assert ip.user_ns["r"].usage.received_tokens == 3
+    ip.run_line_magic("config", "FabstirMagics.max_tokens = 4")
+    cell(ip, "--out r")
+    assert ip.user_ns["r"].usage.received_tokens == 4
+    cell(ip, "--max-tokens 5 --out r")
+    assert ip.user_ns["r"].usage.received_tokens == 5
+
+
+def test_ipython_config_reaches_the_magics(make_shell, host):
+    """Values from the shell's config (ipython_config.py) apply when the extension loads."""
+    config = Config()
+    config.FabstirMagics.max_tokens = 3
+    config.FabstirMagics.hosts = [host.ws_url]
+    config.FabstirMagics.default_model = "scripted-1"
+    ip = make_shell(config)
+    cell(ip, "--out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 3)
+
+
+def test_default_model_from_config_is_used(ip, capsys):
+    """%config FabstirMagics.default_model applies when the cell names no model."""
+    ip.run_line_magic("config", "FabstirMagics.default_model = 'missing-model'")
+    cell(ip, "--max-tokens 2")
+    assert "missing-model" in one_line_error(capsys)
+    cell(ip, "--max-tokens 2 -m scripted-1 --out r")
+    assert ip.user_ns["r"].model == "scripted-1"
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_unload_stops_the_loop_thread_and_removes_the_magics(ip):
+    """%unload_ext closes the bridge: the loop thread stops and the magics are gone."""
+    cell(ip, "--max-tokens 2")
+    assert loop_thread_alive()
+    ip.run_line_magic("unload_ext", "fabstir_jupyter")
+    assert wait_until(lambda: not loop_thread_alive())
+    assert ip.find_line_magic("fabstir") is None and ip.find_cell_magic("fabstir") is None
+    assert not any(isinstance(c, FabstirMagics) for c in ip.configurables)
+
+
+def test_reload_ext_gives_a_working_magic(ip):
+    """%reload_ext closes the old bridge and the reloaded magic streams again."""
+    cell(ip, "--max-tokens 2")
+    old = magics_module.get_bridge()
+    ip.run_line_magic("reload_ext", "fabstir_jupyter")
+    assert old.closed
+    ip.run_line_magic("config", "FabstirMagics.usage_db = ':memory:'")
+    cell(ip, "--max-tokens 3 --out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 3)
+    assert sum(isinstance(c, FabstirMagics) for c in ip.configurables) == 1
+
+
+def test_local_network_starts_a_host_process_and_unload_stops_it(make_shell, capsys):
+    """network local with the scripted backend starts a host process; unloading stops it."""
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "config local_backend scripted")
+    ip.run_line_magic("fabstir", "network local")
+    assert "network local: 1 local scripted host(s)" in capsys.readouterr().out
+    cell(ip, "--max-tokens 4 --out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 4)
+    processes = list(magics_module.get_bridge().sdk()._processes)
+    assert len(processes) == 1 and processes[0]._proc.poll() is None
+    proc = processes[0]._proc
+    ip.run_line_magic("unload_ext", "fabstir_jupyter")
+    assert proc.poll() is not None
+    assert not loop_thread_alive()
+
+
+# --------------------------------------------------------------------------- with the widgets
+
+
+@pytest.fixture
+def widget_front_end(monkeypatch):
+    """Pretend a widget front end is there, so the magic picks the anywidget outputs."""
+    pytest.importorskip("anywidget")
+    from fabstir_jupyter.notebook import output
+
+    monkeypatch.setattr(output, "widgets_available", lambda: True)
+    monkeypatch.setattr(magics_module, "widgets_available", lambda: True)
+    made = []
+    original = magics_module.make_output
+
+    def spy(format, background, **kwargs):
+        made.append(original(format, background, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(magics_module, "make_output", spy)
+    return made
+
+
+def test_cell_streams_into_the_live_widget(ip, widget_front_end):
+    """With a widget front end the answer goes to StreamOutput, which ends done with the whole text."""
+    from fabstir_jupyter.notebook.widgets import StreamOutput
+
+    cell(ip, "--max-tokens 40 --out r")
+    widget, = widget_front_end
+    assert isinstance(widget, StreamOutput)
+    assert widget.state == "done" and widget.text == ip.user_ns["r"].text == scripted_text(PROMPT, 40)
+    assert widget.status["model"] == "scripted-1" and widget.status["tokens"] == 40
+    assert widget.batcher.messages >= 1 and repr(widget) == widget.text
+
+
+def test_widget_stop_button_cancels_a_background_stream(make_shell, start_host, widget_front_end):
+    """In --background mode the widget's stop button cancels the stream on the host."""
+    slow = start_host(token_rate=100)
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}]")
+    cell(ip, "--background --max-tokens 1000")
+    widget, = widget_front_end
+    run = ip.magics_manager.registry["FabstirMagics"].last_background
+    assert widget.background and wait_until(lambda: len(run.text) > 0)
+    widget._handle_message(widget, {"type": "stop"}, [])  # what the view sends on a click
+    assert run.wait(3) and run.cancelled() and widget.state == "cancelled"
+    assert wait_until(lambda: slow.active_streams == 0)
+
+
+def test_hosts_returns_the_dashboard_widget(make_shell, start_host, widget_front_end):
+    """%fabstir hosts returns the HostDashboard with one row per host; --frame still gives a DataFrame."""
+    from fabstir_jupyter.notebook.widgets import HostDashboard
+
+    hosts = [start_host(), start_host()]
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = {[h.ws_url for h in hosts]!r}")
+    cell(ip, "--max-tokens 3")
+    dashboard = ip.run_line_magic("fabstir", "hosts")
+    assert isinstance(dashboard, HostDashboard)
+    assert sorted(dashboard.hosts_frame["url"]) == sorted(h.http_url for h in hosts)
+    assert dashboard.usage_frame["tokens"].sum() == 3
+    dashboard._handle_message(dashboard, {"type": "refresh"}, [])  # the refresh button probes again
+    assert dashboard.error == "" and len(dashboard.rows) == 2
+    assert isinstance(ip.run_line_magic("fabstir", "hosts --frame"), pd.DataFrame)

@@ -1,0 +1,741 @@
+"""The notebook widgets: stream traffic, view catch-up, states, reprs, the dashboard, the JS modules."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import comm
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fabstir_jupyter.errors import ModelNotAvailable
+from fabstir_jupyter.hosts import HostInfo, HostManager
+from fabstir_jupyter.inference import InferenceResult
+from fabstir_jupyter.notebook import widgets
+from fabstir_jupyter.notebook.widgets import (
+    HOST_COLUMNS,
+    USAGE_COLUMNS,
+    BatchProgress,
+    DeltaBatcher,
+    HostDashboard,
+    StreamOutput,
+)
+from fabstir_jupyter.usage import ListSink, UsageLedger, UsageRecord
+
+STATIC = Path(widgets.__file__).parent / "static"
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """A ``send`` seam that keeps each message with the fake time it was sent at."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.messages: list[dict] = []
+        self.times: list[float] = []
+
+    def __call__(self, content: dict) -> None:
+        self.messages.append(content)
+        self.times.append(self.clock())
+
+
+def json_bytes(value) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def make_tokens(count: int, seed: int = 7) -> list[str]:
+    """Tokens of 4 to 6 characters, words and spaces."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [" " + "".join(rng.choice(letters) for _ in range(rng.randint(3, 5))) for _ in range(count)]
+
+
+def stream(sink, clock: FakeClock, tokens: list[str], rate: float, ttft: float = 0.3) -> float:
+    """Append ``tokens`` at ``rate`` tokens per second of fake time; return the stream's duration."""
+    start = clock.now
+    for index, token in enumerate(tokens):
+        clock.now = start + ttft + index / rate
+        sink.append(token)
+    return clock.now - start
+
+
+def max_per_second(times: list[float]) -> int:
+    """The most messages in any one-second window."""
+    best, first = 0, 0
+    for last, now in enumerate(times):
+        while now - times[first] >= 1.0:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+class ViewSimulator:
+    """The live view's rules of stream_output.js (applyMessage), in Python."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def apply(self, message: dict) -> None:
+        if message["type"] == "delta":
+            if message["offset"] == len(self.text):
+                self.text += message["text"]
+        elif message["type"] == "snapshot":
+            if len(message["text"]) > len(self.text):
+                self.text = message["text"]
+        elif message["type"] == "reset":
+            self.text = ""
+
+
+def result(text: str, *, host="http://h1:8080", tokens=5, cost=0.00021, ttft=0.25, duration=1.25):
+    usage = UsageRecord(time=0.0, request_id="r1", host="http://h1:8080", model="smol", received_tokens=tokens,
+                        completion_tokens=tokens, ttft=ttft, duration=duration, cost=cost, cost_unit="USDC",
+                        finish_reason="stop")
+    return InferenceResult(text=text, finish_reason="stop", usage=usage, host=host, model="smol", ttft=ttft,
+                           request_id="r1")
+
+
+def stream_output(clock: FakeClock, **kwargs) -> tuple[StreamOutput, Recorder]:
+    recorder = Recorder(clock)
+    return StreamOutput(clock=clock, send=recorder, show=False, **kwargs), recorder
+
+
+@pytest.fixture
+def comm_log(monkeypatch):
+    """Record every message that widgets created in the test publish on their comm."""
+    log: list[tuple[str, dict]] = []
+
+    class RecordingComm(comm.DummyComm):
+        def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+            log.append((msg_type, data or {}))
+
+    monkeypatch.setattr(comm, "create_comm", RecordingComm)
+    return log
+
+
+# --------------------------------------------------------------------------- stream traffic
+
+
+def test_stream_of_10000_tokens_sends_at_most_25_messages_per_second():
+    """A 10 000-token stream at 200 tokens/s sends at most 25 messages in any second of stream time."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.start(host="http://h1:8080", model="smol")
+    duration = stream(widget, clock, make_tokens(10_000), rate=200)
+    widget.finish(result(widget.batcher.text))
+    assert max_per_second(recorder.times) <= 25
+    assert len(recorder.messages) <= 25 * duration
+
+
+@pytest.mark.parametrize("count", [10_000, 5_500, 11_000])
+def test_stream_bytes_stay_within_four_times_the_text(count):
+    """Custom messages plus the final trait stay within 4× the text, JSON keys included."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.start(host=None, model=None)
+    stream(widget, clock, make_tokens(count), rate=200)
+    widget.finish(result(widget.batcher.text))
+    text = widget.text
+    total = sum(json_bytes(m) for m in recorder.messages) + json_bytes(text)
+    assert total <= 4 * len(text.encode())
+    assert widget.batcher.bytes_sent == sum(json_bytes(m) for m in recorder.messages)
+
+
+@pytest.mark.parametrize("rate", [5, 20, 85, 200, 2000])
+def test_text_payload_stays_under_four_times_the_text_at_any_rate(rate):
+    """The text carried by deltas, snapshots and the final trait is under 4× the text, however slow."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.start(host=None, model=None)
+    stream(widget, clock, make_tokens(2_000), rate=rate)
+    widget.finish(result(widget.batcher.text))
+    payload = sum(len(m["text"]) for m in recorder.messages) + len(widget.text)
+    assert payload < 4 * len(widget.text)
+
+
+def test_widget_traffic_through_a_recording_comm(comm_log, monkeypatch):
+    """On the real comm: ≤ 25 messages per second, ≤ 4× the text, and the text trait is sent once."""
+    clock = FakeClock()
+    times: list[float] = []
+    widget = StreamOutput(clock=clock, show=False)
+    opened = len(comm_log)
+    real_send = widget._send
+
+    def timed_send(msg, buffers=None):
+        times.append(clock())
+        real_send(msg, buffers)
+
+    monkeypatch.setattr(widget, "_send", timed_send)
+    widget.start(host="http://h1:8080", model="smol")
+    stream(widget, clock, make_tokens(10_000), rate=200)
+    widget.finish(result(widget.batcher.text))
+    sent = [data for kind, data in comm_log[opened:] if kind == "comm_msg"]
+    custom = [d["content"] for d in sent if d["method"] == "custom"]
+    updates = [d["state"] for d in sent if d["method"] == "update"]
+    assert max_per_second(times) <= 25
+    assert [s["text"] for s in updates if s.get("text")] == [widget.text]  # the full text goes once
+    total = sum(json_bytes(c) for c in custom) + sum(json_bytes(s) for s in updates)
+    assert total <= 4 * len(widget.text.encode())
+
+
+def test_first_batch_is_a_snapshot_and_later_ones_deltas_with_offsets():
+    """The first batch goes out at once as a snapshot; then deltas at their offsets until the text doubles."""
+    clock = FakeClock()
+    sent: list[dict] = []
+    batcher = DeltaBatcher(sent.append, interval=0.05, clock=clock)
+    clock.now += 0.2
+    batcher.append("Hello world")
+    assert sent == [{"type": "snapshot", "text": "Hello world"}]
+    batcher.append(" and")
+    clock.now += 0.01
+    batcher.append(" more")
+    assert len(sent) == 1  # batched
+    clock.now += 0.06
+    batcher.append("!")
+    assert sent[1] == {"type": "delta", "offset": 11, "text": " and more!"}
+    clock.now += 0.06
+    batcher.append(" Twice as long now.")
+    assert sent[2] == {"type": "snapshot", "text": "Hello world and more! Twice as long now."}
+
+
+def test_idle_append_sends_the_due_batch():
+    """append("") after a pause sends what is pending; nothing is sent when nothing is pending."""
+    clock = FakeClock()
+    sent: list[dict] = []
+    batcher = DeltaBatcher(sent.append, clock=clock)
+    clock.now += 1
+    batcher.append("a")
+    batcher.append("b")
+    assert len(sent) == 1
+    batcher.append("")
+    assert len(sent) == 1  # not due yet
+    clock.now += 0.06
+    batcher.append("")
+    assert sent[-1]["text"] == "ab"  # twice the last snapshot: a snapshot
+    clock.now += 1
+    batcher.append("")
+    assert len(sent) == 2
+
+
+def test_offsets_count_code_points():
+    """Offsets count code points (Python's len), emoji included."""
+    sent: list[dict] = []
+    batcher = DeltaBatcher(sent.append, interval=0, clock=FakeClock())
+    for piece in ["😀é", "x", "𝔘ñ", "y"]:
+        batcher.append(piece)
+    assert [m["type"] for m in sent] == ["snapshot", "delta", "snapshot", "delta"]
+    assert [m["offset"] for m in sent if m["type"] == "delta"] == [2, 5]
+    view = ViewSimulator()
+    for message in sent:
+        view.apply(message)
+    assert view.text == batcher.text == "😀éx𝔘ñy"
+
+
+def test_interval_must_not_be_negative():
+    """A negative or NaN interval is a ValueError."""
+    with pytest.raises(ValueError):
+        DeltaBatcher(lambda m: None, interval=-1)
+    with pytest.raises(ValueError):
+        DeltaBatcher(lambda m: None, interval=float("nan"))
+
+
+# --------------------------------------------------------------------------- the view catches up
+
+token_text = st.text(
+    alphabet=st.sampled_from(list("ab c\n\"\\<>") + ["é", "😀", "𝔘", "\t"]), min_size=1, max_size=6
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokens=st.lists(token_text, min_size=1, max_size=250),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.12), min_size=1, max_size=250),
+    data=st.data(),
+)
+def test_view_reconstructs_the_text_after_any_dropped_prefix(tokens, gaps, data):
+    """A view that missed any prefix of messages shows a prefix of the text, then exactly the text."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.start(host=None, model=None)
+    for index, token in enumerate(tokens):
+        clock.now += gaps[index % len(gaps)]
+        widget.append(token)
+    widget.finish(result(widget.batcher.text))
+    messages = recorder.messages
+    dropped = data.draw(st.integers(min_value=0, max_value=len(messages)), label="dropped")
+    view = ViewSimulator()
+    sent_text = ""
+    synced = False
+    for index, message in enumerate(messages):
+        sent_text = message["text"] if message["type"] == "snapshot" else sent_text + message["text"]
+        if index < dropped:
+            continue
+        view.apply(message)
+        assert sent_text.startswith(view.text)
+        synced = synced or message["type"] == "snapshot" or dropped == 0
+        if synced:
+            assert view.text == sent_text
+    view.text = widget.text  # the final trait
+    assert view.text == "".join(tokens)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rate=st.integers(min_value=5, max_value=3000), count=st.integers(min_value=1, max_value=3000))
+def test_a_snapshot_follows_before_the_text_grows_eightfold(rate, count):
+    """No batch leaves the text 8× longer than at the last snapshot without being a snapshot."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.start(host=None, model=None)
+    stream(widget, clock, make_tokens(count, seed=rate), rate=rate)
+    widget.finish(result(widget.batcher.text))
+    last_snapshot, length = 0, 0
+    for message in recorder.messages:
+        if message["type"] == "snapshot":
+            assert length == 0 or len(message["text"]) >= 2 * last_snapshot
+            last_snapshot = length = len(message["text"])
+        else:
+            length += len(message["text"])
+            assert length < widget.batcher.max_growth * last_snapshot
+
+
+# --------------------------------------------------------------------------- states and reprs
+
+
+def test_finish_sets_the_text_once_and_the_status():
+    """finish() flushes, sets text and a done status with host, model, TTFT, tokens/s, tokens, cost."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock, note="mode cheapest")
+    widget.start(host="http://h1:8080", model="smol")
+    assert widget.status["state"] == "running"
+    clock.now += 0.25
+    widget.append("Hello")
+    widget.append(" world")
+    assert widget.text == ""  # not during the stream
+    host = HostInfo.from_url("http://h1:8080", address="0xabc")
+    widget.finish(SimpleNamespace(**{**result("Hello world").__dict__, "host": host}))
+    status = widget.status
+    assert widget.text == "Hello world"
+    view = ViewSimulator()
+    for message in recorder.messages:
+        view.apply(message)
+    assert view.text == "Hello world"  # the pending batch was flushed
+    assert status["state"] == "done"
+    assert status["host"] == "http://h1:8080" and status["model"] == "smol"
+    assert status["ttft"] == 0.25 and status["tokens"] == 5 and status["cost"] == 0.00021
+    assert status["tokens_per_second"] == pytest.approx(4 / 1.0)
+    assert status["cost_unit"] == "USDC" and status["note"] == "mode cheapest"
+    json.dumps(status, allow_nan=False)
+
+
+def test_failed_shows_code_message_and_hint():
+    """failed() keeps the text so far and puts the error's code, message and hint in the status."""
+    clock = FakeClock()
+    widget, _ = stream_output(clock)
+    widget.start(host=None, model="smol")
+    clock.now += 1
+    widget.append("partial")
+    widget.failed(ModelNotAvailable("model 'x' is not served", hint="try --model smol"))
+    assert widget.status["state"] == "error"
+    assert widget.status["error"] == {"code": "MODEL_NOT_AVAILABLE", "message": "model 'x' is not served",
+                                      "hint": "try --model smol"}
+    assert widget.text == "partial"
+    assert repr(widget) == "partial\n[MODEL_NOT_AVAILABLE] model 'x' is not served (try --model smol)"
+
+
+def test_failed_accepts_a_plain_exception():
+    """A non-Fabstir error shows its class name as the code."""
+    widget, _ = stream_output(FakeClock())
+    widget.start(host=None, model=None)
+    widget.failed(RuntimeError("boom"))
+    assert widget.status["error"]["code"] == "RuntimeError"
+    assert repr(widget) == "[RuntimeError] boom"
+
+
+def test_cancelled_keeps_the_partial_text_and_ignores_later_ends():
+    """cancelled() marks the output cancelled; a finish() after it changes nothing."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.start(host="http://h1:8080", model="smol")
+    clock.now += 1
+    widget.append("half an")
+    widget.append(" answer")
+    widget.cancelled()
+    assert widget.status["state"] == "cancelled" and widget.status["host"] == "http://h1:8080"
+    assert widget.text == "half an answer"
+    assert recorder.messages[-1]["text"] == "half an answer"  # flushed before the end
+    widget.finish(result("other"))
+    widget.failed(RuntimeError("late"))
+    assert widget.status["state"] == "cancelled" and widget.text == "half an answer"
+    assert repr(widget) == "half an answer\n[cancelled]"
+
+
+def test_repr_is_the_text():
+    """The text/plain repr is the final text, without a memory address."""
+    widget, _ = stream_output(FakeClock())
+    widget.start(host=None, model=None)
+    widget.append("# Title\n\nBody")
+    widget.finish(result("# Title\n\nBody"))
+    data, _metadata = widget._repr_mimebundle_()
+    assert repr(widget) == str(widget) == data["text/plain"] == "# Title\n\nBody"
+    assert "application/vnd.jupyter.widget-view+json" in data
+    assert " at 0x" not in data["text/plain"]
+
+
+def test_pretty_repr_is_the_text():
+    """IPython's pretty printer shows the text too."""
+    from IPython.lib.pretty import pretty
+
+    widget, _ = stream_output(FakeClock())
+    widget.finish(result("just this"))
+    assert pretty(widget) == "just this"
+
+
+def test_append_before_start_starts_and_restart_resets_the_view():
+    """append() without start() starts; a second start() sends a reset and begins with a snapshot."""
+    clock = FakeClock()
+    widget, recorder = stream_output(clock)
+    widget.append("x")
+    assert widget.state == "running"
+    widget.finish(result("x"))
+    widget.start(host=None, model=None)
+    assert recorder.messages[-1] == {"type": "reset"}
+    assert widget.text == "" and widget.status["state"] == "running"
+    clock.now += 1
+    widget.append("y")
+    assert recorder.messages[-1] == {"type": "snapshot", "text": "y"}
+
+
+def test_stop_button_message_calls_on_stop():
+    """The view's {type: "stop"} message calls every registered stop callback."""
+    calls: list[str] = []
+    widget, _ = stream_output(FakeClock(), background=True, on_stop=lambda: calls.append("init"))
+    widget.set_cancel(lambda: calls.append("cancel"))
+    widget._handle_custom_msg({"type": "stop"}, [])
+    widget._handle_custom_msg({"type": "other"}, [])
+    assert calls == ["init", "cancel"]
+    assert widget.background is True
+
+
+def test_a_failing_stop_callback_does_not_hide_the_others():
+    """A stop callback that raises is logged; the next one still runs."""
+    calls: list[str] = []
+    widget, _ = stream_output(FakeClock())
+    widget.on_stop(lambda: 1 / 0)
+    widget.on_stop(lambda: calls.append("second"))
+    widget._handle_custom_msg({"type": "stop"}, [])
+    assert calls == ["second"]
+
+
+def test_update_interval_is_an_alias_of_interval():
+    """The magics' update_interval sets the batching interval."""
+    widget = StreamOutput(update_interval=0.2, show=False)
+    assert widget.batcher.interval == 0.2
+    assert widget.format == "markdown"
+
+
+# --------------------------------------------------------------------------- the host dashboard
+
+
+def sample_hosts() -> list[HostInfo]:
+    fast = HostInfo.from_url("http://fast:1", address="0x1111111111111111111111111111111111111111",
+                             models=("smol",), region="eu", stake=1000.0, latency_ms=12.0, health="ok",
+                             prices={"smol": {"stable": 2000, "native": 0}})
+    slow = HostInfo.from_url("http://slow:2", address="0x2222222222222222222222222222222222222222",
+                             models=("smol", "big"), region="us", stake=50.0, latency_ms=180.0, health="ok",
+                             prices={"smol": {"native": 10**12}, "big": {"stable": 9000}})
+    new = HostInfo.from_url("http://new:3", models=(), region=None, latency_ms=None, health="unknown",
+                            requests=3, failures=1)
+    return [slow, new, fast]
+
+
+def sample_records() -> list[UsageRecord]:
+    return [
+        UsageRecord(time=1.0, request_id="a", host="http://fast:1", model="smol", received_tokens=10,
+                    completion_tokens=10, ttft=0.1, duration=1.1, cost=0.00002, cost_unit="USDC"),
+        UsageRecord(time=2.0, request_id="b", host="http://fast:1", model="smol", received_tokens=30,
+                    completion_tokens=30, ttft=0.3, duration=1.3, cost=0.00006, cost_unit="USDC"),
+        UsageRecord(time=3.0, request_id="c", host="http://slow:2", model="big", received_tokens=0,
+                    error_code="HOST_BUSY", finish_reason="error"),
+    ]
+
+
+def test_dashboard_rows_from_host_infos():
+    """Rows carry address, URL, models, region, stake, price per 1k tokens, latency, status and counts."""
+    sink = ListSink()
+    sink.records.extend(sample_records())
+    dashboard = HostDashboard(lambda: (sample_hosts(), sink))
+    rows = {row["url"]: row for row in dashboard.rows}
+    assert set(rows) == {"http://fast:1", "http://slow:2", "http://new:3"}
+    assert all(tuple(row) == HOST_COLUMNS for row in dashboard.rows)
+    fast, slow, new = rows["http://fast:1"], rows["http://slow:2"], rows["http://new:3"]
+    assert fast["models"] == ["smol"] and fast["region"] == "eu" and fast["stake"] == 1000.0
+    assert fast["price"] == pytest.approx(0.002) and fast["price_unit"] == "USDC"  # 2000/1000/1e6 × 1000
+    assert slow["price"] == pytest.approx(0.009) and slow["price_unit"] == "USDC"  # USDC preferred
+    assert (fast["requests"], fast["tokens"], fast["errors"]) == (2, 40, 0)  # from usage
+    assert (slow["requests"], slow["errors"]) == (1, 1)
+    assert (new["requests"], new["tokens"], new["errors"]) == (3, 0, 1)  # the host's own counters
+    assert new["price"] is None and new["latency_ms"] is None and new["status"] == "unknown"
+    json.dumps(dashboard.rows, allow_nan=False)
+
+
+def test_dashboard_usage_summary_per_host_and_model():
+    """usage_rows has one row per host and model with requests, errors, tokens, cost, TTFT, tokens/s."""
+    sink = ListSink()
+    sink.records.extend(sample_records())
+    dashboard = HostDashboard(lambda: (sample_hosts(), sink))
+    usage = {(row["host"], row["model"]): row for row in dashboard.usage_rows}
+    assert set(usage) == {("http://fast:1", "smol"), ("http://slow:2", "big")}
+    fast = usage[("http://fast:1", "smol")]
+    assert (fast["requests"], fast["errors"], fast["tokens"]) == (2, 0, 40)
+    assert fast["cost"] == pytest.approx(0.00008) and fast["cost_unit"] == "USDC"
+    assert fast["mean_ttft_ms"] == pytest.approx(200.0) and fast["tokens_per_second"] == pytest.approx((9 + 29) / 2)
+    assert usage[("http://slow:2", "big")]["cost"] is None
+    json.dumps(dashboard.usage_rows, allow_nan=False)
+
+
+def test_dashboard_sorting_puts_missing_values_last():
+    """sort_by/sort_ascending order the rows; hosts without the value come last either way."""
+    dashboard = HostDashboard(lambda: (sample_hosts(), None))
+    assert dashboard.sort_by == "latency_ms" and dashboard.sort_ascending
+    assert [r["url"] for r in dashboard.sorted_rows()] == ["http://fast:1", "http://slow:2", "http://new:3"]
+    dashboard.sort_ascending = False
+    assert [r["url"] for r in dashboard.sorted_rows()] == ["http://slow:2", "http://fast:1", "http://new:3"]
+    dashboard.sort_by, dashboard.sort_ascending = "region", True
+    assert [r["region"] for r in dashboard.sorted_rows()] == ["eu", "us", None]
+    dashboard.sort_by = "models"  # lists sort by their joined text
+    assert [r["models"] for r in dashboard.sorted_rows()] == [[], ["smol"], ["smol", "big"]]
+
+
+def test_dashboard_frames():
+    """hosts_frame and usage_frame are DataFrames of the same data, the hosts in the table's order."""
+    sink = ListSink()
+    sink.records.extend(sample_records())
+    dashboard = HostDashboard(lambda: (sample_hosts(), sink))
+    hosts = dashboard.hosts_frame
+    assert list(hosts.columns) == list(HOST_COLUMNS)
+    assert list(hosts["url"]) == ["http://fast:1", "http://slow:2", "http://new:3"]
+    usage = dashboard.usage_frame
+    assert list(usage.columns) == list(USAGE_COLUMNS) and len(usage) == 2
+    empty = HostDashboard(lambda: ([], None))
+    assert empty.hosts_frame.empty and list(empty.usage_frame.columns) == list(USAGE_COLUMNS)
+
+
+def test_dashboard_refresh_message_calls_the_source_again():
+    """A {type: "refresh"} message from the view reads the source again and resets the rows."""
+    calls = []
+    hosts = sample_hosts()
+
+    def source():
+        calls.append(1)
+        return hosts[: len(calls)], None
+
+    dashboard = HostDashboard(source)
+    assert len(dashboard.rows) == 1
+    before = dashboard.updated
+    dashboard._handle_custom_msg({"type": "refresh"}, [])
+    assert len(calls) == 2 and len(dashboard.rows) == 2 and dashboard.updated >= before
+    dashboard.refresh()
+    assert len(dashboard.rows) == 3 and repr(dashboard) == "HostDashboard: 3 hosts"
+
+
+def test_dashboard_refresh_failure_keeps_the_rows_and_sets_error():
+    """A source that fails on refresh leaves the rows and shows the error; the next success clears it."""
+    state = {"fail": False}
+
+    def source():
+        if state["fail"]:
+            raise RuntimeError("registry unreachable")
+        return sample_hosts(), None
+
+    dashboard = HostDashboard(source)
+    state["fail"] = True
+    dashboard._handle_custom_msg({"type": "refresh"}, [])  # logged, not raised
+    assert len(dashboard.rows) == 3 and "registry unreachable" in dashboard.error
+    with pytest.raises(RuntimeError):
+        dashboard.refresh()
+    state["fail"] = False
+    dashboard.refresh()
+    assert dashboard.error == ""
+
+
+def test_dashboard_from_a_host_manager_and_a_ledger(tmp_path):
+    """A HostManager's known hosts and a UsageLedger (records or summary frames) feed the dashboard."""
+    manager = HostManager(["http://fast:1"])
+    for host in sample_hosts():
+        manager.add_host(host)
+    ledger = UsageLedger(tmp_path / "usage.sqlite")
+    try:
+        for record in sample_records():
+            ledger.record(record)
+        dashboard = HostDashboard(manager, ledger, auto_refresh=30)
+        assert len(dashboard.rows) == 3 and dashboard.auto_refresh == 30
+        assert {(r["host"], r["model"]) for r in dashboard.usage_rows} == {("http://fast:1", "smol"),
+                                                                            ("http://slow:2", "big")}
+        summary = HostDashboard(lambda: (manager.hosts, ledger.summary(by=("host", "model"))))
+        assert summary.usage_rows == dashboard.usage_rows
+    finally:
+        ledger.close()
+
+
+def test_dashboard_repr_counts_hosts():
+    """The text/plain repr is stable: 'HostDashboard: N hosts'."""
+    dashboard = HostDashboard(sample_hosts()[:1])
+    assert repr(dashboard) == "HostDashboard: 1 host"
+    assert dashboard._repr_mimebundle_()[0]["text/plain"] == "HostDashboard: 1 host"
+
+
+def test_batch_progress_updates_and_repr():
+    """update() sets done, total and errors in one sync; None keeps a value."""
+    progress = BatchProgress(10, description="prompts")
+    progress.update(3)
+    progress.update(7, errors=1)
+    assert (progress.done, progress.total, progress.errors) == (7, 10, 1)
+    progress.update(8, total=12)
+    assert repr(progress) == "BatchProgress: prompts: 8/12 done, 1 error"
+
+
+def test_importing_the_widgets_does_not_import_pandas():
+    """pandas loads only when a frame is asked for."""
+    code = "import sys, fabstir_jupyter.notebook.widgets; print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# --------------------------------------------------------------------------- the JS modules
+
+
+@pytest.mark.parametrize("cls, stem", [
+    (StreamOutput, "stream_output"), (HostDashboard, "host_dashboard"), (BatchProgress, "batch_progress"),
+])
+def test_static_files_are_the_widgets_modules_and_styles(cls, stem):
+    """Each widget's _esm and _css hold the contents of its files in the package's static folder."""
+    assert str(cls._esm) == (STATIC / f"{stem}.js").read_text()
+    assert str(cls._css) == (STATIC / f"{stem}.css").read_text()
+
+
+def run_node(tmp_path: Path, script: str) -> str:
+    for source in STATIC.glob("*.js"):
+        shutil.copy(source, tmp_path / (source.stem + ".mjs"))
+    main = tmp_path / "main.mjs"
+    main.write_text(script)
+    done = subprocess.run([NODE, str(main)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@needs_node
+@pytest.mark.parametrize("name, hooks", [
+    ("stream_output", ["initialize", "render"]),
+    ("host_dashboard", ["initialize", "render"]),
+    ("batch_progress", ["render"]),
+])
+def test_js_files_are_es_modules_with_a_default_export(tmp_path, name, hooks):
+    """node --check passes and the default export holds render (and initialize where used)."""
+    copy = tmp_path / f"{name}.mjs"
+    shutil.copy(STATIC / f"{name}.js", copy)
+    check = subprocess.run([NODE, "--check", str(copy)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    out = run_node(tmp_path, f"""
+        import widget from "./{name}.mjs";
+        console.log(JSON.stringify(Object.keys(widget).filter((k) => typeof widget[k] === "function")));
+    """)
+    assert sorted(json.loads(out)) == sorted(hooks)
+
+
+@needs_node
+def test_js_view_applies_messages_like_the_python_simulator(tmp_path):
+    """stream_output.js's applyMessage rebuilds the same text as the simulator, emoji and drops included."""
+    clock = FakeClock()
+    rng = random.Random(3)
+    pieces = ["😀", "é", "ab", "\n", "𝔘x", " ", "\"q\"", "<b>"]
+    widget, recorder = stream_output(clock, interval=0.05)
+    widget.start(host=None, model=None)
+    for _ in range(600):
+        clock.now += rng.choice([0.0, 0.01, 0.03, 0.06])
+        widget.append(rng.choice(pieces))
+    widget.finish(result(widget.batcher.text))
+    messages = recorder.messages
+    cases = []
+    for dropped in (0, 1, 2, 5, len(messages) // 2, len(messages) - 1):
+        view = ViewSimulator()
+        for message in messages[dropped:]:
+            view.apply(message)
+        cases.append({"dropped": dropped, "expected": view.text})
+    (tmp_path / "messages.json").write_text(json.dumps({"messages": messages, "cases": cases}))
+    out = run_node(tmp_path, """
+        import { readFileSync } from "node:fs";
+        import { applyMessage, newLive } from "./stream_output.mjs";
+        const { messages, cases } = JSON.parse(readFileSync("messages.json", "utf8"));
+        const results = cases.map(({ dropped, expected }) => {
+          const live = newLive();
+          for (const m of messages.slice(dropped)) applyMessage(live, m);
+          return live.text === expected;
+        });
+        console.log(JSON.stringify(results));
+    """)
+    assert json.loads(out) == [True] * len(cases)
+    assert cases[0]["expected"] == widget.text
+
+
+@needs_node
+def test_markdown_renderer_escapes_host_text(tmp_path):
+    """markdownToHtml escapes HTML and renders fences, headings, emphasis, lists and safe links only."""
+    source = ("# Title <b>\n\nSome **bold**, *it*, snake_case and `<code>`.\n\n- one\n- two\n\n1. first\n"
+              "2. second\n\n```python\nprint('<script>')\n```\n<script>alert(1)</script>\n"
+              "[ok](https://example.org/a?b=1&c=2) [bad](javascript:alert(1)) <img src=x onerror=alert(1)>")
+    (tmp_path / "source.json").write_text(json.dumps(source))
+    html = run_node(tmp_path, """
+        import { readFileSync } from "node:fs";
+        import { markdownToHtml } from "./stream_output.mjs";
+        process.stdout.write(markdownToHtml(JSON.parse(readFileSync("source.json", "utf8"))));
+    """)
+    assert "<h1>Title &lt;b&gt;</h1>" in html
+    assert "<strong>bold</strong>" in html and "<em>it</em>" in html and "snake_case" in html
+    assert "<code>&lt;code&gt;</code>" in html
+    assert "<ul><li>one</li><li>two</li></ul>" in html and "<ol><li>first</li><li>second</li></ol>" in html
+    assert '<pre><code class="language-python">print(&#39;&lt;script&gt;&#39;)</code></pre>' in html
+    assert '<a href="https://example.org/a?b=1&amp;c=2"' in html
+    assert "<script" not in html and "<img" not in html and 'href="javascript' not in html
+
+
+@needs_node
+def test_js_sorts_rows_like_python(tmp_path):
+    """host_dashboard.js's sortRows orders rows as HostDashboard.sorted_rows does."""
+    dashboard = HostDashboard(lambda: (sample_hosts(), None))
+    orders = {}
+    for key in ("latency_ms", "region", "price", "address", "requests"):
+        for ascending in (True, False):
+            dashboard.sort_by, dashboard.sort_ascending = key, ascending
+            orders[f"{key}:{ascending}"] = [r["url"] for r in dashboard.sorted_rows()]
+    (tmp_path / "rows.json").write_text(json.dumps(dashboard.rows))
+    out = run_node(tmp_path, """
+        import { readFileSync } from "node:fs";
+        import { sortRows } from "./host_dashboard.mjs";
+        const rows = JSON.parse(readFileSync("rows.json", "utf8"));
+        const orders = {};
+        for (const key of ["latency_ms", "region", "price", "address", "requests"])
+          for (const ascending of [true, false])
+            orders[`${key}:${ascending ? "True" : "False"}`] = sortRows(rows, key, ascending).map((r) => r.url);
+        console.log(JSON.stringify(orders));
+    """)
+    assert json.loads(out) == orders
