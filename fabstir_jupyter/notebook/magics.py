@@ -46,6 +46,7 @@ from .parsers import (
     parse_cell_options,
     parse_line_command,
 )
+from .tables import host_rows, hosts_dataframe, usage_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,10 +66,6 @@ _ENV = {
     "local_backend": "FABSTIR_LOCAL_BACKEND",
     "usage_db": "FABSTIR_USAGE_DB",
 }
-
-HOST_COLUMNS = ("address", "url", "models", "region", "stake", "price", "price_unit", "latency_ms", "health",
-                "requests", "tokens", "errors")
-
 
 def format_error(error: FabstirError) -> str:
     """The one line shown for an expected failure: ``FabstirError [CODE]: message (hint: ...)``."""
@@ -95,19 +92,6 @@ def _config_file_settings() -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _cheapest_price(host: Any) -> tuple[float | None, str | None]:
-    """The price of 1000 tokens of the host's cheapest priced model (USDC before the native token)."""
-    best: dict[str, float] = {}
-    for model in host.prices:
-        value, unit = host.cost(model, 1000)
-        if value is not None and unit is not None and value < best.get(unit, float("inf")):
-            best[unit] = value
-    for unit in ("USDC", *sorted(best)):
-        if unit in best:
-            return best[unit], unit
-    return None, None
 
 
 def _mode_supported() -> bool:
@@ -312,33 +296,9 @@ class FabstirMagics(Magics):
         return bridge.run(discover())
 
     def hosts_frame(self, refresh: bool = False) -> pd.DataFrame:
-        """The discovered hosts as a DataFrame (one row per host, columns :data:`HOST_COLUMNS`)."""
-        import pandas as pd
-
+        """The discovered hosts as a DataFrame: the dashboard's table (:data:`.tables.HOST_COLUMNS`)."""
         manager = self._discover(refresh)
-        tokens: dict[str, int] = {}
-        summary: Any = getattr(manager.usage, "summary", None)
-        if callable(summary):
-            by_host = summary("host")
-            tokens = {str(h): int(n) for h, n in by_host["received_tokens"].items() if isinstance(h, str)}
-        rows = []
-        for host in manager.host_manager.hosts:
-            price, unit = _cheapest_price(host)
-            rows.append({
-                "address": host.address,
-                "url": host.api_url,
-                "models": ", ".join(host.models),
-                "region": host.region,
-                "stake": host.stake,
-                "price": price,
-                "price_unit": unit,
-                "latency_ms": None if host.latency_ms is None else round(host.latency_ms, 1),
-                "health": host.health,
-                "requests": host.requests,
-                "tokens": tokens.get(host.api_url, 0),
-                "errors": host.failures,
-            })
-        return pd.DataFrame(rows, columns=list(HOST_COLUMNS))
+        return hosts_dataframe(host_rows(manager.host_manager.hosts, usage_rows(manager.usage)))
 
     def usage_frame(self, by: tuple[str, ...] | str = ("host", "model"), limit: int | None = None) -> pd.DataFrame:
         """The usage ledger: every record, or a summary grouped ``by`` columns (``()`` for records)."""

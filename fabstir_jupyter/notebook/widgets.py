@@ -3,7 +3,7 @@
 :class:`StreamOutput` shows one ``%%fabstir`` answer as it streams (it implements the magics'
 ``OutputSink``: ``start``, ``append``, ``finish``, ``failed``, ``cancelled``). Setting a trait
 resends its whole value, so appending tokens to a trait costs O(n²) bytes. Instead
-:class:`DeltaBatcher` turns the growing text into custom messages, batched for ``interval``
+:class:`~.batching.DeltaBatcher` turns the growing text into custom messages, batched for ``interval``
 seconds (the front end also drops iopub output above 1000 messages/s)::
 
     {"type": "delta", "offset": 120, "text": " more words"}   # applies where the view has 120 chars
@@ -15,192 +15,41 @@ snapshot replaces the delta of a batch each time the text has doubled since the 
 The full ``text`` trait is set once, at the end (saved widget state and re-renders are right).
 The text carried stays under 4× the text: deltas 1×, snapshots under 2×, the final trait 1×.
 Past a few KiB, snapshots also leave room for the messages' JSON keys, so that a stream of
-tokens at a normal rate stays within 4× its text in bytes as well (see :class:`DeltaBatcher`).
+tokens at a normal rate stays within 4× its text in bytes as well (see :class:`~.batching.DeltaBatcher`).
 
+The widgets only adapt: the batching rules live in :mod:`.batching`, the host and usage tables
+(rows, prices, sorting, DataFrames) in :mod:`.tables`, neither of which imports a widget library.
 The ES modules and styles are hand-written files in ``static/`` (no bundler, no build step).
 pandas is imported only by the ``*_frame`` properties.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 import anywidget
 import traitlets
+
+from .batching import DEFAULT_INTERVAL, DeltaBatcher
+from .tables import host_rows, hosts_dataframe, sort_rows, usage_dataframe, usage_rows
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from ..errors import FabstirError
-    from ..hosts.info import HostInfo
 
-__all__ = [
-    "DeltaBatcher",
-    "StreamOutput",
-    "HostDashboard",
-    "BatchProgress",
-    "HOST_COLUMNS",
-    "USAGE_COLUMNS",
-    "host_rows",
-    "usage_rows",
-]
+__all__ = ["StreamOutput", "HostDashboard", "BatchProgress"]
 
 logger = logging.getLogger("fabstir_jupyter.notebook")
 
 STATIC = Path(__file__).parent / "static"
 
 FORMATS = ("markdown", "text", "code", "json")
-
-#: Default batching interval of :class:`StreamOutput`, seconds (at most 20 delta messages/s).
-DEFAULT_INTERVAL = 0.05
-
-
-def _json_size(content: Any) -> int:
-    """Bytes of ``content`` as compact UTF-8 JSON (what a message costs on the wire, framing aside)."""
-    return len(json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode())
-
-
-# --------------------------------------------------------------------------- the stream's traffic
-
-
-class DeltaBatcher:
-    """Turn a growing text into batched delta and snapshot messages; no I/O of its own.
-
-    ``append`` collects text; a batch goes out through ``send(content)`` once ``interval`` seconds
-    (of ``clock``) have passed since the previous one, or on :meth:`flush`. A batch is sent as::
-
-        {"type": "delta", "offset": <length of the text before it>, "text": <the batch>}
-
-    or, when a snapshot is due and sent, as ``{"type": "snapshot", "text": <the whole text>}``
-    instead (a view in step applies it just as well). A snapshot is due each time the text has
-    doubled since the last one (the first batch is always one). It is sent
-
-    * while the text is shorter than ``free_snapshot_chars`` (early, when views are most likely
-      to have missed something and snapshots are cheap), or
-    * when the bytes sent so far plus the snapshot stay within ``3 ×`` the text, so that with the
-      final trait the total stays within 4× the text, JSON keys included, or
-    * at the latest once the text has grown ``max_growth`` times since the last snapshot, so a
-      view that missed messages always catches up within a bounded growth of the text.
-
-    A delta's keys cost about 41 bytes, so batches of 50 characters (200 tokens/s of 5 characters
-    in 50 ms batches) cost 1.8× their text; the budget then defers snapshots beyond doubling. A
-    slow stream with batches of a few characters exceeds 4× by the keys alone (20 tokens/s: about
-    8×, a few hundred bytes per second); the text carried stays under 4× whatever the rate.
-
-    Thread-safe: in ``--background`` mode the calls come from the loop thread.
-
-    Args:
-        send: called with each message's content (a JSON-able dict).
-        interval: seconds to batch text before sending it.
-        clock: a monotonic clock in seconds (tests pass a fake one).
-        free_snapshot_chars: below this length snapshots ignore the byte budget.
-        max_growth: a due snapshot is sent regardless of the budget once the text is this many
-            times longer than at the last snapshot.
-    """
-
-    def __init__(
-        self,
-        send: Callable[[dict[str, Any]], None],
-        *,
-        interval: float = DEFAULT_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-        free_snapshot_chars: int = 4096,
-        max_growth: float = 8.0,
-    ) -> None:
-        if not interval >= 0:
-            raise ValueError(f"interval must be >= 0 seconds, got {interval!r}")
-        self._send = send
-        self.interval = float(interval)
-        self.clock = clock
-        self.free_snapshot_chars = free_snapshot_chars
-        self.max_growth = max_growth
-        self._lock = threading.RLock()
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the text and counters (a new stream starts); the next batch is a snapshot."""
-        with self._lock:
-            self._sent: list[str] = []  # text already sent, in pieces compacted now and then
-            self._pending: list[str] = []  # text appended since the last batch
-            self._length = 0  # characters appended so far
-            self._sent_length = 0  # characters the sent messages cover
-            self._snapshot_length = 0  # length of the text at the last snapshot
-            self._text_bytes = 0  # UTF-8 bytes of the sent text
-            self._last_flush = self.clock()
-            self.messages = 0
-            self.snapshots = 0
-            self.bytes_sent = 0
-
-    @property
-    def text(self) -> str:
-        """All the text appended since the last :meth:`reset`."""
-        with self._lock:
-            return self._sent_text() + "".join(self._pending)
-
-    def _sent_text(self) -> str:
-        if len(self._sent) > 1:
-            self._sent[:] = ["".join(self._sent)]
-        return self._sent[0] if self._sent else ""
-
-    @property
-    def pending(self) -> int:
-        """Characters appended but not yet sent."""
-        return self._length - self._sent_length
-
-    def append(self, piece: str) -> None:
-        """Add ``piece``; send the batch if ``interval`` has passed since the last one.
-
-        An empty ``piece`` only sends a batch that is due (call it when idle, so a pause in
-        the stream does not hold back the last tokens).
-        """
-        with self._lock:
-            if piece:
-                self._pending.append(piece)
-                self._length += len(piece)
-            if self._length > self._sent_length and self.clock() - self._last_flush >= self.interval:
-                self.flush()
-
-    def flush(self) -> None:
-        """Send what is pending now, as a delta or a snapshot."""
-        with self._lock:
-            self._last_flush = self.clock()
-            if self._length == self._sent_length:
-                return
-            batch = "".join(self._pending)
-            self._pending.clear()
-            self._sent.append(batch)
-            self._text_bytes += len(batch.encode())
-            if self._snapshot_now():
-                content: dict[str, Any] = {"type": "snapshot", "text": self._sent_text()}
-                self._snapshot_length = self._length
-                self.snapshots += 1
-            else:
-                content = {"type": "delta", "offset": self._sent_length, "text": batch}
-                if len(self._sent) >= 256:
-                    self._sent_text()
-            self._sent_length = self._length
-            self.messages += 1
-            self.bytes_sent += _json_size(content)
-            self._send(content)
-
-    def _snapshot_now(self) -> bool:
-        """Whether this batch goes out as a snapshot (see the class's rules)."""
-        last, length = self._snapshot_length, self._length
-        if last == 0:
-            return True
-        if length < 2 * last:
-            return False
-        if length < self.free_snapshot_chars or length >= self.max_growth * last:
-            return True
-        # Keys and quotes of a snapshot: {"type":"snapshot","text":""} (JSON escapes not counted).
-        return self.bytes_sent + self._text_bytes + 29 <= 3 * self._text_bytes
 
 
 # --------------------------------------------------------------------------- the live answer
@@ -490,162 +339,6 @@ def _display(widget: Any) -> Any:
 
 # --------------------------------------------------------------------------- the host dashboard
 
-#: The host table's columns, in order (``price`` is per 1000 tokens of the host's cheapest model).
-HOST_COLUMNS = (
-    "address", "url", "models", "region", "stake", "price", "price_unit", "latency_ms", "status",
-    "requests", "tokens", "errors",
-)
-#: The usage summary's columns, one row per host and model.
-USAGE_COLUMNS = (
-    "host", "model", "requests", "errors", "tokens", "cost", "cost_unit", "mean_ttft_ms", "tokens_per_second",
-)
-
-
-def _clean(value: Any) -> Any:
-    """A JSON-safe cell: pandas' NA/NaN and infinities become None, numpy scalars plain numbers."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (int, float)):
-        try:
-            value = value.item()
-        except (TypeError, ValueError):
-            pass
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int):
-        return value
-    try:
-        import pandas as pd
-
-        if pd.isna(value):
-            return None
-    except (ImportError, TypeError, ValueError):
-        pass
-    return str(value)
-
-
-def _host_price(host: Any) -> tuple[float | None, str | None]:
-    """The price of 1000 tokens of the host's cheapest model (USDC preferred over the native token)."""
-    best: dict[str, float] = {}
-    cost = getattr(host, "cost", None)
-    for model in getattr(host, "prices", None) or {}:
-        value, unit = cost(model, 1000) if cost is not None else (None, None)
-        if value is not None and unit is not None and (unit not in best or value < best[unit]):
-            best[unit] = value
-    for unit in ("USDC", *sorted(best)):
-        if unit in best:
-            return best[unit], unit
-    return None, None
-
-
-def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """Return one JSON-safe row per host (:data:`HOST_COLUMNS`).
-
-    ``requests``, ``tokens`` and ``errors`` come from the usage summary rows of that host (by URL)
-    when there are any, else from the host's own counters (this process's requests; no tokens).
-    """
-    by_host: dict[str, dict[str, int]] = {}
-    for row in usage:
-        totals = by_host.setdefault(str(row.get("host")), {"requests": 0, "tokens": 0, "errors": 0})
-        for key in totals:
-            totals[key] += int(row.get(key) or 0)
-    rows = []
-    for host in hosts:
-        url = getattr(host, "api_url", None) or str(host)
-        price, unit = _host_price(host)
-        totals = by_host.get(url)
-        rows.append({
-            "address": getattr(host, "address", None),
-            "url": url,
-            "models": list(getattr(host, "models", ()) or ()),
-            "region": getattr(host, "region", None),
-            "stake": _clean(getattr(host, "stake", None)),
-            "price": _clean(price),
-            "price_unit": unit,
-            "latency_ms": _clean(getattr(host, "latency_ms", None)),
-            "status": getattr(host, "health", None) or "unknown",
-            "requests": totals["requests"] if totals else int(getattr(host, "requests", 0) or 0),
-            "tokens": totals["tokens"] if totals else 0,
-            "errors": totals["errors"] if totals else int(getattr(host, "failures", 0) or 0),
-        })
-    return rows
-
-
-def usage_rows(usage: Any) -> list[dict[str, Any]]:
-    """Return the per host/model usage summary rows (:data:`USAGE_COLUMNS`) of ``usage``.
-
-    ``usage`` is None, a records DataFrame (``UsageLedger.to_frame()``), a summary DataFrame
-    (``UsageLedger.summary(by=("host", "model"))``), a ledger or sink (anything with
-    ``to_frame()`` or a ``records`` list of :class:`~fabstir_jupyter.usage.UsageRecord`), or a
-    list of usage records.
-    """
-    if usage is None:
-        return []
-    import pandas as pd
-
-    frame = usage
-    if not isinstance(frame, pd.DataFrame):
-        if hasattr(frame, "to_frame") and callable(frame.to_frame):
-            frame = frame.to_frame()
-        else:
-            records = getattr(frame, "records", frame)
-            records = records() if callable(records) else records
-            frame = pd.DataFrame([r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records])
-    if frame.empty:
-        return []
-    if "requests" in frame.columns:  # already a summary
-        frame = frame.reset_index()
-        summary = pd.DataFrame({
-            "host": frame.get("host"),
-            "model": frame.get("model"),
-            "requests": frame["requests"],
-            "errors": frame.get("errors", 0),
-            "tokens": frame.get("received_tokens", 0),
-            "cost": frame.get("cost"),
-            "cost_unit": frame.get("cost_unit"),
-            "mean_ttft_ms": frame["mean_ttft"] * 1000 if "mean_ttft" in frame else None,
-            "tokens_per_second": frame.get("mean_tokens_per_second"),
-        })
-    else:
-        frame = frame.copy()
-        for column in ("host", "model", "error_code", "cost", "cost_unit", "ttft", "tokens_per_second"):
-            if column not in frame:
-                frame[column] = None
-        if "received_tokens" not in frame:
-            frame["received_tokens"] = 0
-        groups = frame.groupby(["host", "model"], dropna=False, sort=True)
-        summary = pd.DataFrame({
-            "requests": groups.size(),
-            "errors": groups["error_code"].count(),
-            "tokens": groups["received_tokens"].sum(),
-            "cost": groups["cost"].sum(min_count=1),
-            "cost_unit": groups["cost_unit"].agg(_one_unit),
-            "mean_ttft_ms": groups["ttft"].mean() * 1000,
-            "tokens_per_second": groups["tokens_per_second"].mean(),
-        }).reset_index()
-    return [{column: _clean(row.get(column)) for column in USAGE_COLUMNS}
-            for row in summary.to_dict(orient="records")]
-
-
-def _one_unit(values: Any) -> str | None:
-    units = set(values.dropna())
-    if not units:
-        return None
-    return str(units.pop()) if len(units) == 1 else "mixed"
-
-
-def _sort_key(value: Any) -> tuple[int, Any]:
-    """Nulls last; numbers by value; text case-insensitively; lists by their joined text."""
-    if value is None:
-        return (2, 0)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (0, value)
-    if isinstance(value, list):
-        value = ", ".join(map(str, value))
-    return (1, str(value).lower())
-
 
 class HostDashboard(anywidget.AnyWidget):
     """Discovered hosts: a sortable table, a usage summary and a latency/price chart.
@@ -713,25 +406,17 @@ class HostDashboard(anywidget.AnyWidget):
 
     def sorted_rows(self) -> list[dict[str, Any]]:
         """The rows in the table's order (``sort_by``, ``sort_ascending``; missing values last)."""
-        key = self.sort_by
-        present = [r for r in self.rows if r.get(key) is not None]
-        missing = [r for r in self.rows if r.get(key) is None]
-        present.sort(key=lambda r: _sort_key(r.get(key)), reverse=not self.sort_ascending)
-        return present + missing
+        return sort_rows(self.rows, self.sort_by, self.sort_ascending)
 
     @property
     def hosts_frame(self) -> pd.DataFrame:
-        """The host table as a DataFrame, in the table's order."""
-        import pandas as pd
-
-        return pd.DataFrame(self.sorted_rows(), columns=list(HOST_COLUMNS))
+        """The host table as a DataFrame, in the table's order (``models`` as text)."""
+        return hosts_dataframe(self.sorted_rows())
 
     @property
     def usage_frame(self) -> pd.DataFrame:
         """The usage summary as a DataFrame, one row per host and model."""
-        import pandas as pd
-
-        return pd.DataFrame(self.usage_rows, columns=list(USAGE_COLUMNS))
+        return usage_dataframe(self.usage_rows)
 
     def __repr__(self) -> str:
         count = len(self.rows)

@@ -15,8 +15,9 @@ from traitlets.config import Config
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.inference import InferenceResult, InferenceStream
 from fabstir_jupyter.notebook import magics as magics_module
-from fabstir_jupyter.notebook.magics import HOST_COLUMNS, FabstirMagics
+from fabstir_jupyter.notebook.magics import FabstirMagics
 from fabstir_jupyter.notebook.output import TextOutput
+from fabstir_jupyter.notebook.tables import HOST_COLUMNS
 
 from .conftest import loop_thread_alive, wait_until
 
@@ -378,7 +379,7 @@ def test_hosts_returns_a_frame_of_hosts(make_shell, start_host):
     assert isinstance(frame, pd.DataFrame) and tuple(frame.columns) == HOST_COLUMNS
     assert sorted(frame["url"]) == sorted(h.http_url for h in hosts)
     row = frame.set_index("url").loc[hosts[0].http_url]
-    assert (row["models"], row["health"], row["requests"], row["tokens"], row["errors"]) == \
+    assert (row["models"], row["status"], row["requests"], row["tokens"], row["errors"]) == \
         ("scripted-1", "ok", 1, 5, 0)
     assert row["latency_ms"] > 0
     assert len(ip.run_line_magic("fabstir", "hosts --refresh --frame")) == 2

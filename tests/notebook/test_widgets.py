@@ -19,14 +19,9 @@ from fabstir_jupyter.errors import ModelNotAvailable
 from fabstir_jupyter.hosts import HostInfo, HostManager
 from fabstir_jupyter.inference import InferenceResult
 from fabstir_jupyter.notebook import widgets
-from fabstir_jupyter.notebook.widgets import (
-    HOST_COLUMNS,
-    USAGE_COLUMNS,
-    BatchProgress,
-    DeltaBatcher,
-    HostDashboard,
-    StreamOutput,
-)
+from fabstir_jupyter.notebook.batching import DeltaBatcher
+from fabstir_jupyter.notebook.tables import HOST_COLUMNS, USAGE_COLUMNS
+from fabstir_jupyter.notebook.widgets import BatchProgress, HostDashboard, StreamOutput
 from fabstir_jupyter.usage import ListSink, UsageLedger, UsageRecord
 
 STATIC = Path(widgets.__file__).parent / "static"

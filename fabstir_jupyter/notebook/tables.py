@@ -1,0 +1,212 @@
+"""The host and usage tables behind the dashboard and ``%fabstir hosts``: rows, prices, frames.
+
+Pure table logic shared by :class:`~fabstir_jupyter.notebook.widgets.HostDashboard` (its synced
+rows and ``*_frame`` properties) and the magics' DataFrame fallback, so both show the same columns
+built by the same code. Rows are JSON-safe dicts (``models`` a list); the DataFrames join
+``models`` into text. Imports neither anywidget nor ipywidgets; pandas is imported only inside
+the functions that need it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ..hosts.info import HostInfo
+
+__all__ = [
+    "HOST_COLUMNS",
+    "USAGE_COLUMNS",
+    "host_rows",
+    "usage_rows",
+    "sort_rows",
+    "hosts_dataframe",
+    "usage_dataframe",
+]
+
+#: The host table's columns, in order (``price`` is per 1000 tokens of the host's cheapest model).
+HOST_COLUMNS = (
+    "address", "url", "models", "region", "stake", "price", "price_unit", "latency_ms", "status",
+    "requests", "tokens", "errors",
+)
+#: The usage summary's columns, one row per host and model.
+USAGE_COLUMNS = (
+    "host", "model", "requests", "errors", "tokens", "cost", "cost_unit", "mean_ttft_ms", "tokens_per_second",
+)
+
+
+def _clean(value: Any) -> Any:
+    """A JSON-safe cell: pandas' NA/NaN and infinities become None, numpy scalars plain numbers."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (ImportError, TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def _host_price(host: Any) -> tuple[float | None, str | None]:
+    """The price of 1000 tokens of the host's cheapest model (USDC preferred over the native token)."""
+    best: dict[str, float] = {}
+    cost = getattr(host, "cost", None)
+    for model in getattr(host, "prices", None) or {}:
+        value, unit = cost(model, 1000) if cost is not None else (None, None)
+        if value is not None and unit is not None and (unit not in best or value < best[unit]):
+            best[unit] = value
+    for unit in ("USDC", *sorted(best)):
+        if unit in best:
+            return best[unit], unit
+    return None, None
+
+
+def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """Return one JSON-safe row per host (:data:`HOST_COLUMNS`).
+
+    ``requests``, ``tokens`` and ``errors`` come from the usage summary rows of that host (by URL)
+    when there are any, else from the host's own counters (this process's requests; no tokens).
+    """
+    by_host: dict[str, dict[str, int]] = {}
+    for row in usage:
+        totals = by_host.setdefault(str(row.get("host")), {"requests": 0, "tokens": 0, "errors": 0})
+        for key in totals:
+            totals[key] += int(row.get(key) or 0)
+    rows = []
+    for host in hosts:
+        url = getattr(host, "api_url", None) or str(host)
+        price, unit = _host_price(host)
+        totals = by_host.get(url)
+        rows.append({
+            "address": getattr(host, "address", None),
+            "url": url,
+            "models": list(getattr(host, "models", ()) or ()),
+            "region": getattr(host, "region", None),
+            "stake": _clean(getattr(host, "stake", None)),
+            "price": _clean(price),
+            "price_unit": unit,
+            "latency_ms": _clean(getattr(host, "latency_ms", None)),
+            "status": getattr(host, "health", None) or "unknown",
+            "requests": totals["requests"] if totals else int(getattr(host, "requests", 0) or 0),
+            "tokens": totals["tokens"] if totals else 0,
+            "errors": totals["errors"] if totals else int(getattr(host, "failures", 0) or 0),
+        })
+    return rows
+
+
+def usage_rows(usage: Any) -> list[dict[str, Any]]:
+    """Return the per host/model usage summary rows (:data:`USAGE_COLUMNS`) of ``usage``.
+
+    ``usage`` is None, a records DataFrame (``UsageLedger.to_frame()``), a summary DataFrame
+    (``UsageLedger.summary(by=("host", "model"))``), a ledger or sink (anything with
+    ``to_frame()`` or a ``records`` list of :class:`~fabstir_jupyter.usage.UsageRecord`), or a
+    list of usage records. A write-only sink (``record`` but nothing to read back) has no rows.
+    """
+    if usage is None or (hasattr(usage, "record") and not hasattr(usage, "to_frame")
+                         and not hasattr(usage, "records")):
+        return []
+    import pandas as pd
+
+    frame = usage
+    if not isinstance(frame, pd.DataFrame):
+        if hasattr(frame, "to_frame") and callable(frame.to_frame):
+            frame = frame.to_frame()
+        else:
+            records = getattr(frame, "records", frame)
+            records = records() if callable(records) else records
+            frame = pd.DataFrame([r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records])
+    if frame.empty:
+        return []
+    if "requests" in frame.columns:  # already a summary
+        frame = frame.reset_index()
+        summary = pd.DataFrame({
+            "host": frame.get("host"),
+            "model": frame.get("model"),
+            "requests": frame["requests"],
+            "errors": frame.get("errors", 0),
+            "tokens": frame.get("received_tokens", 0),
+            "cost": frame.get("cost"),
+            "cost_unit": frame.get("cost_unit"),
+            "mean_ttft_ms": frame["mean_ttft"] * 1000 if "mean_ttft" in frame else None,
+            "tokens_per_second": frame.get("mean_tokens_per_second"),
+        })
+    else:
+        frame = frame.copy()
+        for column in ("host", "model", "error_code", "cost", "cost_unit", "ttft", "tokens_per_second"):
+            if column not in frame:
+                frame[column] = None
+        if "received_tokens" not in frame:
+            frame["received_tokens"] = 0
+        groups = frame.groupby(["host", "model"], dropna=False, sort=True)
+        summary = pd.DataFrame({
+            "requests": groups.size(),
+            "errors": groups["error_code"].count(),
+            "tokens": groups["received_tokens"].sum(),
+            "cost": groups["cost"].sum(min_count=1),
+            "cost_unit": groups["cost_unit"].agg(_one_unit),
+            "mean_ttft_ms": groups["ttft"].mean() * 1000,
+            "tokens_per_second": groups["tokens_per_second"].mean(),
+        }).reset_index()
+    return [{column: _clean(row.get(column)) for column in USAGE_COLUMNS}
+            for row in summary.to_dict(orient="records")]
+
+
+def _one_unit(values: Any) -> str | None:
+    units = set(values.dropna())
+    if not units:
+        return None
+    return str(units.pop()) if len(units) == 1 else "mixed"
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    """Nulls last; numbers by value; text case-insensitively; lists by their joined text."""
+    if value is None:
+        return (2, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    if isinstance(value, list):
+        value = ", ".join(map(str, value))
+    return (1, str(value).lower())
+
+
+def sort_rows(rows: Iterable[dict[str, Any]], key: str, ascending: bool = True) -> list[dict[str, Any]]:
+    """Return ``rows`` ordered by their ``key`` value; rows without one come last either way."""
+    rows = list(rows)
+    present = [r for r in rows if r.get(key) is not None]
+    missing = [r for r in rows if r.get(key) is None]
+    present.sort(key=lambda r: _sort_key(r.get(key)), reverse=not ascending)
+    return present + missing
+
+
+def hosts_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Return host rows (:func:`host_rows`, in the caller's order) as a DataFrame of :data:`HOST_COLUMNS`.
+
+    ``models`` becomes text (``"a, b"``), the way a DataFrame shows it best.
+    """
+    import pandas as pd
+
+    shown = [{**row, "models": ", ".join(map(str, row.get("models") or ()))} for row in rows]
+    return pd.DataFrame(shown, columns=list(HOST_COLUMNS))
+
+
+def usage_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Return usage summary rows (:func:`usage_rows`) as a DataFrame of :data:`USAGE_COLUMNS`."""
+    import pandas as pd
+
+    return pd.DataFrame(list(rows), columns=list(USAGE_COLUMNS))
