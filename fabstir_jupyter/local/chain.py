@@ -1,0 +1,376 @@
+"""An in-process EVM chain with the registry contracts deployed: the local network's chain.
+
+:class:`LocalChain` runs py-evm through eth-tester and web3's sync API, deploys ``ModelRegistry``,
+``NodeRegistry`` and ``Multicall3`` from their committed artifacts (no compiler needed), and
+registers hosts, each with its own funded secp256k1 account whose compressed public key goes into
+the metadata's ``publicKey``. Everything here blocks: an async caller runs it in a thread.
+
+The chain lives in the process that made it and vanishes with it. Reads go through
+:attr:`LocalChain.provider`, which serves raw JSON-RPC requests and batches the way a node does,
+so :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource` reads it like any endpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Iterable, Mapping, Sequence, Tuple, Union
+
+from eth_account import Account
+from eth_keys import keys
+from eth_tester import EthereumTester, PyEVMBackend
+from eth_tester.exceptions import TransactionFailed
+from eth_utils import keccak, to_checksum_address
+from web3 import Web3
+from web3.exceptions import ContractLogicError, Web3RPCError
+from web3.providers.eth_tester import EthereumTesterProvider
+
+from ..errors import InvalidOptions
+from .contracts import load_artifact
+
+__all__ = ["LocalChain", "LocalChainError", "LocalHost", "LocalProvider", "model_id"]
+
+TOKEN_DECIMALS = 18
+# A deterministic stand-in for the stable token (USDC on Base): prices are kept per token address.
+DEFAULT_STABLE_TOKEN = to_checksum_address(keccak(b"fabstir local stable token")[12:])
+_FUNDER_BALANCE = 10**12 * 10**18  # wei in each genesis account: enough to stake thousands of hosts
+_GAS_ALLOWANCE = 10**18  # wei given to each host account on top of its stake, for its transactions
+_TX_GAS = 3_000_000  # explicit gas: web3 then skips estimate_gas (a second execution)
+
+ModelRef = Union[str, Tuple[str, str]]
+PricePair = Tuple[int, int]
+
+
+class LocalChainError(RuntimeError):
+    """Raised when a local chain transaction reverts; the message holds the contract's reason."""
+
+
+def model_id(repo: str, file_name: str) -> str:
+    """Return the registry id of a model: ``0x`` + keccak256(utf8(repo + "/" + file_name)) in hex."""
+    return "0x" + keccak(f"{repo}/{file_name}".encode("utf-8")).hex()
+
+
+def _split_model(model: ModelRef) -> tuple[str, str]:
+    if isinstance(model, tuple) and len(model) == 2 and all(isinstance(p, str) and p for p in model):
+        return model
+    if isinstance(model, str) and "/" in model.strip("/"):
+        repo, _, file_name = model.strip().rpartition("/")
+        return repo, file_name
+    raise InvalidOptions(f"a model must be (repo, file) or 'repo/file', not {model!r}", field="models")
+
+
+_MODEL_ID = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
+def _model_key(model: ModelRef) -> str:
+    if isinstance(model, str) and _MODEL_ID.fullmatch(model.strip()):
+        return model.strip().lower()
+    return model_id(*_split_model(model))
+
+
+def _wei(tokens: int | float | Decimal | str) -> int:
+    try:
+        amount = Decimal(str(tokens)) * 10**TOKEN_DECIMALS
+    except ArithmeticError:
+        raise InvalidOptions(f"stake must be a number of tokens, not {tokens!r}", field="stake") from None
+    if amount < 0 or amount != amount.to_integral_value():
+        raise InvalidOptions(
+            f"stake must be a non-negative amount with at most 18 decimals, not {tokens!r}", field="stake"
+        )
+    return int(amount)
+
+
+class LocalProvider(EthereumTesterProvider):
+    """eth-tester answering raw JSON-RPC requests as a node does.
+
+    web3's own calls pass through eth-tester's middleware; a raw ``make_request`` (what
+    :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource` sends) skips it, so this provider
+    fills the ``from`` that eth-tester requires of ``eth_call``, answers a revert with a JSON-RPC
+    error instead of raising, and serves ``make_batch_request`` in order (one round trip). A lock
+    keeps requests from several threads apart: py-evm is not thread-safe.
+    """
+
+    def __init__(self, ethereum_tester: EthereumTester, default_from: str) -> None:
+        super().__init__(ethereum_tester)
+        self.default_from = default_from
+        self._lock = threading.RLock()
+
+    def make_request(self, method: Any, params: Any) -> Any:
+        needs_from = method in ("eth_call", "eth_estimateGas") and params and isinstance(params[0], dict)
+        if needs_from and not params[0].get("from"):
+            params = [{**params[0], "from": self.default_from}, *params[1:]]
+        with self._lock:
+            try:
+                return super().make_request(method, params)
+            except TransactionFailed as exc:
+                self._current_request_id += 1
+                return {
+                    "jsonrpc": "2.0",
+                    "id": str(self._current_request_id),
+                    "error": {"code": 3, "message": str(exc)},
+                }
+
+    def make_batch_request(self, requests: list[tuple[Any, Any]]) -> list[Any]:
+        with self._lock:
+            return [self.make_request(method, params) for method, params in requests]
+
+
+@dataclass(frozen=True)
+class LocalHost:
+    """A host registered on a :class:`LocalChain`: its account, URL and offer as registered."""
+
+    address: str
+    api_url: str
+    public_key: str  # compressed secp256k1 key, 66 hex characters, as published in metadata
+    model_ids: tuple[str, ...]
+    stake_wei: int
+    metadata: str
+    private_key: str = field(repr=False)  # 0x-hex; never printed
+
+    @property
+    def stake(self) -> float:
+        """The stake in whole tokens."""
+        return self.stake_wei / 10**TOKEN_DECIMALS
+
+
+class LocalChain:
+    """An in-process EVM chain with NodeRegistry, ModelRegistry and Multicall3 deployed.
+
+    Args:
+        minimum_stake: whole tokens a node must stake to register.
+        stable_token: the address that stands for the stable token in prices (default: a fixed
+            made-up address; no token contract is deployed).
+        seed: derive host keys from this seed (reproducible addresses) instead of at random.
+
+    Attributes:
+        w3: a sync :class:`web3.Web3` on :attr:`provider`.
+        addresses: ``node_registry``, ``model_registry``, ``multicall`` and ``stable_token``.
+        hosts: the hosts registered so far, in order.
+    """
+
+    def __init__(
+        self, *, minimum_stake: int | float = 0, stable_token: str = DEFAULT_STABLE_TOKEN, seed: int | None = None
+    ) -> None:
+        state = PyEVMBackend.generate_genesis_state(overrides={"balance": _FUNDER_BALANCE}, num_accounts=2)
+        self.tester = EthereumTester(PyEVMBackend(genesis_state=state))
+        self.deployer = self.tester.get_accounts()[0]
+        self.provider = LocalProvider(self.tester, default_from=self.deployer)
+        self.w3 = Web3(self.provider)
+        self.w3.eth.default_account = self.deployer
+        self.chain_id = self.w3.eth.chain_id
+        self._seed = seed
+        self._counter = itertools.count()
+        self._known_models: set[str] = set()
+        self.hosts: list[LocalHost] = []
+        model_registry = self._deploy("ModelRegistry")
+        stable_token = to_checksum_address(stable_token)
+        node_registry = self._deploy("NodeRegistry", model_registry.address, stable_token, _wei(minimum_stake))
+        multicall = self._deploy("Multicall3")
+        self.model_registry = model_registry
+        self.node_registry = node_registry
+        self.multicall = multicall
+        self.addresses: dict[str, str] = {
+            "node_registry": node_registry.address,
+            "model_registry": model_registry.address,
+            "multicall": multicall.address,
+            "stable_token": stable_token,
+        }
+
+    def __repr__(self) -> str:
+        registry = self.addresses["node_registry"]
+        return f"<LocalChain chain_id={self.chain_id} hosts={len(self.hosts)} node_registry={registry}>"
+
+    def __enter__(self) -> LocalChain:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget the hosts; the chain itself is garbage-collected with this object."""
+        self.hosts.clear()
+
+    # ------------------------------------------------------------------ transactions
+
+    def _deploy(self, name: str, *args: Any) -> Any:
+        artifact = load_artifact(name)
+        factory = self.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        tx = {"from": self.deployer, "gas": 10_000_000}
+        tx_hash = self._send(lambda: factory.constructor(*args).transact(tx), f"deploy {name}")
+        receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+        return self.w3.eth.contract(address=receipt["contractAddress"], abi=artifact["abi"])
+
+    @staticmethod
+    def _send(transact: Any, what: str) -> Any:
+        try:
+            return transact()
+        except (ContractLogicError, Web3RPCError, TransactionFailed) as exc:
+            raise LocalChainError(f"{what}: {getattr(exc, 'message', None) or exc}") from exc
+
+    def _transact(self, fn: Any, sender: str, what: str, value: int = 0) -> Any:
+        tx = {"from": sender, "value": value, "gas": _TX_GAS}
+        tx_hash = self._send(lambda: fn.transact(tx), what)
+        receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+        if receipt["status"] != 1:
+            # eth-tester mines a reverted transaction; replay it as a call for the reason
+            self._send(lambda: fn.call(tx, block_identifier=receipt["blockNumber"] - 1), what)
+            raise LocalChainError(f"{what}: reverted")
+        return receipt
+
+    def _new_key(self) -> str:
+        if self._seed is None:
+            return Account.create().key.to_0x_hex()
+        index = next(self._counter)
+        return "0x" + keccak(f"fabstir local host {self._seed} {index}".encode()).hex()
+
+    # ------------------------------------------------------------------ models
+
+    def add_model(self, repo: str, file_name: str, *, sha256: bytes | str | None = None, approval_tier: int = 1) -> str:
+        """Add a model to the ModelRegistry (once) and return its id as ``0x`` hex."""
+        mid = model_id(repo, file_name)
+        if mid in self._known_models:
+            return mid
+        digest = bytes.fromhex(sha256.removeprefix("0x")) if isinstance(sha256, str) else (sha256 or bytes(32))
+        fn = self.model_registry.functions.addModel(repo, file_name, digest.rjust(32, b"\0"), approval_tier)
+        self._transact(fn, self.deployer, f"addModel {repo}/{file_name}")
+        self._known_models.add(mid)
+        return mid
+
+    # ------------------------------------------------------------------ hosts
+
+    def register_host(
+        self,
+        api_url: str,
+        *,
+        models: Iterable[ModelRef] = (),
+        stake: int | float | Decimal = 1000,
+        prices: PricePair | Mapping[ModelRef, PricePair] = (0, 0),
+        metadata: Mapping[str, Any] | str | None = None,
+        region: str | None = None,
+        name: str | None = None,
+        private_key: str | None = None,
+    ) -> LocalHost:
+        """Register a host with its own funded account, staking ``stake`` whole tokens.
+
+        Args:
+            api_url: the host's ``http(s)://`` URL, as the registry stores it.
+            models: the models it serves, ``(repo, file)`` or ``"repo/file"``; each is added to
+                the ModelRegistry if new.
+            stake: whole tokens (18 decimals) sent with the registration.
+            prices: ``(native, stable)`` for every model (the node's minimum prices), or
+                ``{model: (native, stable)}`` per model, the minimum then being the smallest
+                non-zero price of each token. Raw units, precision factor 1000.
+            metadata: a mapping merged over the generated metadata (``name``, ``location``,
+                ``publicKey``), or a string stored verbatim (e.g. invalid JSON, for tests).
+            region: stored as the metadata ``location``.
+            name: the metadata ``name`` (default ``local-host-<n>``).
+            private_key: the host's key (0x-hex); default a fresh one.
+
+        Raises:
+            InvalidOptions: a malformed model or price.
+            LocalChainError: the registration reverted (e.g. already registered).
+        """
+        key = private_key or self._new_key()
+        account = Account.from_key(key)
+        public_key = keys.PrivateKey(bytes(account.key)).public_key.to_compressed_bytes().hex()
+        pairs = [_split_model(m) for m in models]
+        ids = [self.add_model(repo, file_name) for repo, file_name in pairs]
+        min_native, min_stable, per_native, per_stable = self._prices(prices, pairs, ids)
+        if isinstance(metadata, str):
+            text = metadata
+        else:
+            fields: dict[str, Any] = {"name": name or f"local-host-{len(self.hosts)}", "publicKey": public_key}
+            if region is not None:
+                fields["location"] = region
+            fields.update(metadata or {})
+            text = json.dumps(fields, separators=(",", ":"))
+        stake_wei = _wei(stake)
+        if account.address not in self.tester.get_accounts():
+            self.tester.add_account(account.key.to_0x_hex())
+        self._send(
+            lambda: self.w3.eth.send_transaction(
+                {"from": self.deployer, "to": account.address, "value": stake_wei + _GAS_ALLOWANCE, "gas": 21_000}
+            ),
+            f"fund {account.address}",
+        )
+        fn = self.node_registry.functions.registerNode(
+            text, api_url, [bytes.fromhex(i[2:]) for i in ids], min_native, min_stable, per_native, per_stable
+        )
+        self._transact(fn, account.address, f"registerNode {account.address}", value=stake_wei)
+        host = LocalHost(
+            address=account.address,
+            api_url=api_url,
+            public_key=public_key,
+            model_ids=tuple(ids),
+            stake_wei=stake_wei,
+            metadata=text,
+            private_key=account.key.to_0x_hex(),
+        )
+        self.hosts.append(host)
+        return host
+
+    @staticmethod
+    def _prices(
+        prices: PricePair | Mapping[ModelRef, PricePair], pairs: Sequence[tuple[str, str]], ids: Sequence[str]
+    ) -> tuple[int, int, list[int], list[int]]:
+        def pair(value: Any) -> tuple[int, int]:
+            if (
+                isinstance(value, (tuple, list))
+                and len(value) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            ):
+                return int(value[0]), int(value[1])
+            raise InvalidOptions(
+                f"a price must be (native, stable) non-negative integers, not {value!r}", field="prices"
+            )
+
+        if not isinstance(prices, Mapping):
+            native, stable = pair(prices)
+            return native, stable, [], []
+        by_id: dict[str, tuple[int, int]] = {}
+        for model, value in prices.items():
+            by_id[_model_key(model)] = pair(value)
+        unknown = set(by_id) - set(ids)
+        if unknown:
+            raise InvalidOptions(f"prices name models the host does not serve: {sorted(unknown)}", field="prices")
+        per = [by_id.get(i, (0, 0)) for i in ids]
+        min_native = min((p[0] for p in per if p[0]), default=0)
+        min_stable = min((p[1] for p in per if p[1]), default=0)
+        return min_native, min_stable, [p[0] for p in per], [p[1] for p in per]
+
+    @staticmethod
+    def _host(host: LocalHost | str) -> str:
+        return host.address if isinstance(host, LocalHost) else to_checksum_address(host)
+
+    def deactivate_host(self, host: LocalHost | str) -> None:
+        """Take a host off the active list (it stays registered, stake kept)."""
+        address = self._host(host)
+        self._transact(self.node_registry.functions.deactivateNode(), address, f"deactivateNode {address}")
+
+    def reactivate_host(self, host: LocalHost | str) -> None:
+        """Put a deactivated host back on the active list."""
+        address = self._host(host)
+        self._transact(self.node_registry.functions.reactivateNode(), address, f"reactivateNode {address}")
+
+    def unregister_host(self, host: LocalHost | str) -> None:
+        """Remove a host and refund its stake."""
+        address = self._host(host)
+        self._transact(self.node_registry.functions.unregisterNode(), address, f"unregisterNode {address}")
+        self.hosts = [h for h in self.hosts if h.address != address]
+
+    def update_metadata(self, host: LocalHost | str, metadata: Mapping[str, Any] | str) -> None:
+        """Replace a host's metadata (a mapping is stored as compact JSON, a string verbatim)."""
+        address = self._host(host)
+        text = metadata if isinstance(metadata, str) else json.dumps(dict(metadata), separators=(",", ":"))
+        self._transact(self.node_registry.functions.updateMetadata(text), address, f"updateMetadata {address}")
+
+    def set_model_pricing(self, host: LocalHost | str, model: ModelRef, native: int, stable: int) -> None:
+        """Set a host's price for one model it serves (0 falls back to its minimum)."""
+        address = self._host(host)
+        mid = _model_key(model)
+        fn = self.node_registry.functions.setModelPricing(bytes.fromhex(mid[2:]), native, stable)
+        self._transact(fn, address, f"setModelPricing {address}")

@@ -1,0 +1,31 @@
+"""Contracts of the local network: Vyper sources and their committed compiled artifacts.
+
+``NodeRegistry`` and ``ModelRegistry`` have the view functions of the production contracts
+(spec/PROTOCOL.md §8) plus the registration functions the local network needs; ``Multicall3``
+serves ``aggregate3``. Each ``<Name>.vy`` has a ``<Name>.json`` beside it (ABI and bytecode),
+written by ``python -m fabstir_jupyter.local.contracts.build``; loading one needs no compiler.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CONTRACTS", "CONTRACTS_DIR", "load_artifact"]
+
+CONTRACTS_DIR = Path(__file__).resolve().parent
+CONTRACTS = ("ModelRegistry", "NodeRegistry", "Multicall3")
+
+
+@lru_cache(maxsize=None)
+def load_artifact(name: str) -> dict[str, Any]:
+    """Return the committed artifact of contract ``name``: ``abi``, ``bytecode`` and build facts.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`CONTRACTS`.
+    """
+    if name not in CONTRACTS:
+        raise ValueError(f"unknown contract {name!r}; known: {', '.join(CONTRACTS)}")
+    return json.loads((CONTRACTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
