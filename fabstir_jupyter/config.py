@@ -26,17 +26,23 @@ __all__ = [
     "InferenceConfig",
     "InferenceOptions",
     "HostRequirements",
+    "SELECTION_MODES",
     "ContentFilter",
     "resolve_options",
+    "validate_mode",
     "validate_prompt",
     "build_messages",
     "flatten_messages",
+    "wire_transcript",
 ]
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.7
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 200
+
+#: Host selection modes (spec/PROTOCOL.md §9); a specific host is asked for with ``host_address``.
+SELECTION_MODES = ("auto", "cheapest", "fastest", "reliable")
 
 #: ``filter(text) -> text``: runs on the prompt before sending and on the final answer; raise
 #: :class:`~fabstir_jupyter.errors.InvalidPrompt` to refuse.
@@ -153,6 +159,8 @@ class InferenceOptions:
         seed: sampling seed, for reproducible answers.
         messages: prior chat turns ``[{"role": ..., "content": ...}]``; the prompt is the next user turn.
         system_prompt: a system message placed first.
+        mode: host selection mode, one of :data:`SELECTION_MODES` (default ``"auto"``); ignored
+            when ``host_address`` names a host.
     """
 
     model: str | None = None
@@ -165,6 +173,7 @@ class InferenceOptions:
     seed: int | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
     system_prompt: str | None = None
+    mode: str | None = None
 
     def replace(self, **changes: Any) -> InferenceOptions:
         """Return a copy with some fields changed."""
@@ -197,6 +206,22 @@ class HostRequirements:
     min_stake: float | None = None
     max_latency: float | None = None
     region: str | None = None
+
+
+def validate_mode(mode: Any) -> str:
+    """Return the selection mode named by ``mode`` (lower-cased; ``None`` means ``"auto"``).
+
+    Raises:
+        InvalidOptions: not one of :data:`SELECTION_MODES`; ``field`` is ``"mode"``.
+    """
+    if mode is None:
+        return "auto"
+    if isinstance(mode, str) and mode.strip().lower() in SELECTION_MODES:
+        return mode.strip().lower()
+    raise InvalidOptions(
+        f"mode must be one of {', '.join(SELECTION_MODES)}, not {mode!r} (a specific host is host_address)",
+        field="mode",
+    )
 
 
 def validate_prompt(prompt: Any, *, max_chars: int, field_name: str = "prompt") -> str:
@@ -336,6 +361,10 @@ def resolve_options(
     if system_prompt is not None:
         validate_prompt(system_prompt, max_chars=config.max_prompt_chars, field_name="system_prompt")
 
+    mode = normalised.get("mode")
+    if mode is not None:
+        mode = validate_mode(mode)
+
     return InferenceOptions(
         model=model,
         max_tokens=max_tokens,
@@ -347,6 +376,7 @@ def resolve_options(
         seed=seed,
         messages=messages,
         system_prompt=system_prompt,
+        mode=mode,
     )
 
 
@@ -369,3 +399,22 @@ def flatten_messages(messages: Sequence[Mapping[str, str]]) -> str:
     if messages and messages[-1]["role"] == "assistant":
         return "\n".join(lines)
     return "\n".join(lines + ["Assistant:"])
+
+
+def wire_transcript(
+    messages: list[dict[str, str]], features: frozenset[str], prefill: str | None = None
+) -> tuple[str, list[dict[str, str]] | None]:
+    """Shape a transcript for a host: ``(prompt, messages)`` to put on the wire.
+
+    With ``prefill`` (the partial answer a failed host left), an assistant message is appended so
+    the host continues that text. Hosts with the ``chat-messages`` (and, for a prefill,
+    ``assistant-prefill``) features get the messages; others get them flattened into the prompt,
+    which then ends inside the open assistant turn.
+    """
+    if prefill:
+        messages = messages + [{"role": "assistant", "content": prefill}]
+    supported = "chat-messages" in features and (not prefill or "assistant-prefill" in features)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if supported:
+        return last_user, messages
+    return flatten_messages(messages), None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import threading
@@ -37,9 +38,9 @@ from .config import (
     InferenceConfig,
     InferenceOptions,
     build_messages,
-    flatten_messages,
     resolve_options,
     validate_prompt,
+    wire_transcript,
 )
 from .errors import (
     Cancelled,
@@ -143,6 +144,8 @@ class InferenceStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
         self._delivered = 0
+        self._received_total = 0  # tokens delivered over all attempts (the client's max_tokens budget)
+        self._reader: protocol.ResponseReader | None = None
         self._started_at = 0.0
         self._reader_wait_started = 0.0
 
@@ -315,7 +318,8 @@ class InferenceStream:
                     self._queue.put_nowait(_END)
 
     async def _orchestrate(self) -> None:
-        """Select → connect → stream → record, retrying before the first token."""
+        """Select → connect → stream → record; on a retryable failure, try again (another host where
+        one exists) — from scratch before the first token, as a continuation after it."""
         manager = self._manager
         config = manager.config
         tried: list[HostInfo] = []
@@ -324,25 +328,31 @@ class InferenceStream:
             self.attempts += 1
             host: HostInfo | None = None
             attempt_started = time.time()
+            self._reader = None
             try:
                 host = await self._choose_host(tried)
                 await self._attempt(host, attempt_started, deadline)
                 return
             except FabstirError as exc:
-                self._record(host, attempt_started, error=exc)
+                reader = self._reader
+                # A host counts as unreachable only when no connection could be opened; a stream
+                # that broke mid-way says less about the next connection.
+                self._record(host, attempt_started, error=exc,
+                             reachable=not (isinstance(exc, ConnectionFailed) and reader is None),
+                             received_tokens=reader.received_tokens if reader else 0,
+                             completion_tokens=reader.host_tokens if reader else None)
                 if host is not None:
                     tried.append(host)
                 retry = (
                     exc.retryable
-                    and self._delivered == 0
                     and self.attempts <= config.max_retries
                     and (deadline is None or time.perf_counter() < deadline)
                 )
                 if not retry:
                     raise
                 delay = backoff_delay(self.attempts, config, manager.rng, exc.retry_after)
-                logger.info("attempt %d of %s failed (%s); retrying in %.2f s", self.attempts, self.request_id,
-                            exc, delay)
+                logger.info("attempt %d of %s failed (%s); %s in %.2f s", self.attempts, self.request_id, exc,
+                            "continuing elsewhere" if self._delivered else "retrying", delay)
                 await asyncio.sleep(delay)
 
     async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
@@ -364,7 +374,7 @@ class InferenceStream:
         model = resolve_model(self.options.model, host, config.default_model)
         self.model = model
         cache_key = manager._cache_key(host, model, self.prompt, self.options) if self.session is None else None
-        if cache_key is not None:
+        if cache_key is not None and not self._delivered:
             hit = manager.cache.get(cache_key)  # type: ignore[union-attr]
             if hit is not None:
                 text, finish_reason, tokens = hit
@@ -380,17 +390,24 @@ class InferenceStream:
                                         retry_after=wait)
             await asyncio.sleep(wait)
 
+        # A continuation (text already delivered by a failed host) sends that text as an assistant
+        # prefill and asks only for the tokens still owed.
+        prefill = self.text if self._delivered else None
+        max_tokens = (self.options.max_tokens or config.default_max_tokens) - self._received_total
+        if max_tokens <= 0:
+            self.finish_reason = "length"
+            return
         if self.session is not None:
             conn, frame = await self.session._open_turn(manager, host, model, self.prompt, self.options,
-                                                        self.request_id)
+                                                        self.request_id, max_tokens=max_tokens, prefill=prefill)
         else:
             conn = await manager.pool.checkout(host.ws_url)
-            frame = self._inference_frame(host, model)
-        reader = protocol.ResponseReader(
+            frame = self._inference_frame(host, model, max_tokens=max_tokens, prefill=prefill)
+        reader = self._reader = protocol.ResponseReader(
             request_id=self.request_id,
             features=host.features,
             stop_sequences=self.options.stop_sequences,
-            max_tokens=self.options.max_tokens or config.default_max_tokens,
+            max_tokens=max_tokens,
             prompt_nonempty=True,
         )
         clean = False
@@ -422,6 +439,7 @@ class InferenceStream:
             self._finish_attempt(host, reader, attempt_started, sent_at, first_at, cancelled=True)
             raise
         finally:
+            self._received_total += reader.received_tokens
             self._release(conn, clean)
         self.finish_reason = reader.finish_reason
         self._finish_attempt(host, reader, attempt_started, sent_at, first_at)
@@ -430,20 +448,16 @@ class InferenceStream:
         if self.session is not None:
             self.session._complete_turn(self.prompt, self.text, synced=clean)
 
-    def _inference_frame(self, host: HostInfo, model: str) -> dict[str, Any]:
+    def _inference_frame(self, host: HostInfo, model: str, *, max_tokens: int, prefill: str | None) -> dict[str, Any]:
         options = self.options
         prompt = self.prompt
         messages = None
-        if options.messages or options.system_prompt:
-            transcript = build_messages(prompt, options)
-            if "chat-messages" in host.features:
-                messages = transcript
-            else:
-                prompt = flatten_messages(transcript)
+        if options.messages or options.system_prompt or prefill:
+            prompt, messages = wire_transcript(build_messages(prompt, options), host.features, prefill)
         return protocol.inference_frame(
             prompt=prompt,
             model=model,
-            max_tokens=options.max_tokens or self._manager.config.default_max_tokens,
+            max_tokens=max_tokens,
             temperature=options.temperature if options.temperature is not None else 0.7,
             stream=options.stream,
             top_p=options.top_p,
@@ -498,7 +512,27 @@ class InferenceStream:
             ttft=None if first_at is None else first_at - sent_at,
             finish_reason="cancelled" if cancelled else reader.finish_reason,
         )
-        self.usage = record
+        self.usage = self._stream_usage(record)
+
+    def _stream_usage(self, final: UsageRecord) -> UsageRecord:
+        """The whole stream's usage: the final attempt's record, with the tokens and cost of earlier
+        attempts that delivered text (failover) added. The ledger keeps one record per attempt."""
+        earlier = [r for r in self.records[:-1] if r.received_tokens]
+        if not earlier:
+            return final
+        parts = earlier + [final]
+        completion = sum(r.completion_tokens or 0 for r in parts)
+        costs = [r.cost for r in parts if r.cost is not None]
+        return dataclasses.replace(
+            final,
+            time=parts[0].time,
+            received_tokens=sum(r.received_tokens for r in parts),
+            completion_tokens=completion,
+            total_tokens=None if final.prompt_tokens is None else final.prompt_tokens + completion,
+            ttft=self.ttft,
+            duration=sum(r.duration for r in parts),
+            cost=sum(costs) if costs and len({r.cost_unit for r in parts if r.cost is not None}) == 1 else final.cost,
+        )
 
     def _record(
         self,
@@ -506,6 +540,7 @@ class InferenceStream:
         attempt_started: float,
         *,
         error: FabstirError | None = None,
+        reachable: bool = True,
         cached: bool = False,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
@@ -515,7 +550,7 @@ class InferenceStream:
         finish_reason: str | None = None,
     ) -> UsageRecord:
         if error is not None and host is not None:
-            host.record_request(False, reachable=not isinstance(error, ConnectionFailed))
+            host.record_request(False, reachable=reachable)
         cost, unit = None, None
         if host is not None and self.model is not None and completion_tokens:
             cost, unit = host.cost(self.model, completion_tokens)

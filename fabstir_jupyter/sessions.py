@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from . import protocol
-from .config import InferenceOptions, flatten_messages, validate_prompt
+from .config import InferenceOptions, validate_prompt, wire_transcript
 from .errors import FabstirError, ProtocolError, SessionNotFound
 from .hosts import HostInfo
 from .transport import WebSocketClient
@@ -53,8 +53,13 @@ class Session:
         return messages + [dict(m) for m in self.transcript] + [{"role": "user", "content": prompt}]
 
     async def _open_turn(self, manager: InferenceManager, host: HostInfo, model: str, prompt: str,
-                         options: InferenceOptions, request_id: str) -> tuple[WebSocketClient, dict[str, Any]]:
-        """Return the pinned socket (opening it and sending ``session_init`` if needed) and the frame."""
+                         options: InferenceOptions, request_id: str, *, max_tokens: int,
+                         prefill: str | None = None) -> tuple[WebSocketClient, dict[str, Any]]:
+        """Return the pinned socket (opening it and sending ``session_init`` if needed) and the frame.
+
+        ``prefill`` is the partial answer of a failed attempt: the history is resent with it so the
+        (possibly new) host continues the answer.
+        """
         if self._conn is not None and (not self._conn.is_open or host is not self.host):
             manager.pool.discard(self._conn)
             self._conn, self._synced = None, False
@@ -78,19 +83,15 @@ class Session:
                 raise
             self._conn, self._synced = conn, False
         self.host, self.model = host, model
-        replay = not self._synced or "plaintext-sessions" not in host.features
+        replay = not self._synced or "plaintext-sessions" not in host.features or bool(prefill)
         wire_prompt, messages = prompt, None
-        if replay and (self.transcript or self.system_prompt):
-            history = self.messages_for(prompt)
-            if "chat-messages" in host.features:
-                messages = history
-            else:
-                wire_prompt = flatten_messages(history)
+        if replay and (self.transcript or self.system_prompt or prefill):
+            wire_prompt, messages = wire_transcript(self.messages_for(prompt), host.features, prefill)
         frame = protocol.prompt_frame(
             wire_prompt,
             session_id=self.id,
             model=model,
-            max_tokens=options.max_tokens or manager.config.default_max_tokens,
+            max_tokens=max_tokens,
             temperature=options.temperature if options.temperature is not None else 0.7,
             stream=options.stream,
             top_p=options.top_p,
@@ -159,8 +160,8 @@ class SessionManager:
         session = self.get(session_id)
         if session.model is not None:
             kwargs.setdefault("model", session.model)
-        return self._inference._make_stream(prompt, options, kwargs, kind="session", session=session,
-                                            host=session.host)
+        # No fixed host: the stream starts on the session's host and fails over to another.
+        return self._inference._make_stream(prompt, options, kwargs, kind="session", session=session)
 
     async def session_inference(self, session_id: str, prompt: str,
                                 options: InferenceOptions | Mapping[str, Any] | None = None,

@@ -213,9 +213,9 @@ async def test_slow_first_token_within_the_timeout_is_fine(start_host, make_mana
 
 
 async def test_idle_timeout_fires_when_a_stream_stalls(start_host, make_manager):
-    """A stream slower than idle_timeout between frames fails with IdleTimeout, not retried."""
+    """A stream slower than idle_timeout between frames fails with IdleTimeout (no retries allowed)."""
     host = await start_host(backend={"token_rate": 2})
-    manager = make_manager([host.ws_url], idle_timeout=0.1, first_token_timeout=5)
+    manager = make_manager([host.ws_url], idle_timeout=0.1, first_token_timeout=5, max_retries=0)
     with pytest.raises(IdleTimeout):
         await collect(manager.stream(PROMPT, max_tokens=10))
     assert len(manager.usage.records) == 1
@@ -234,9 +234,9 @@ async def test_slow_consumer_is_not_mistaken_for_a_stalled_host(start_host, make
 
 
 async def test_host_closing_mid_stream_is_connection_failed(start_host, make_manager):
-    """An abrupt close after tokens were delivered raises ConnectionFailed (no retry after the first token)."""
+    """With no retries left, an abrupt close after some tokens raises ConnectionFailed; the text so far stays."""
     host = await start_host(backend={"close_after": 3})
-    manager = make_manager([host.ws_url])
+    manager = make_manager([host.ws_url], max_retries=0)
     received = []
     with pytest.raises(ConnectionFailed):
         async with manager.stream(PROMPT, max_tokens=10) as stream:
@@ -250,10 +250,48 @@ async def test_host_closing_mid_stream_is_connection_failed(start_host, make_man
 async def test_mid_stream_host_error_is_raised_with_its_code(start_host, make_manager):
     """A host error after some tokens raises HostError; the partial text stays readable."""
     host = await start_host(backend={"fail_after": 2})
-    manager = make_manager([host.ws_url])
+    manager = make_manager([host.ws_url], max_retries=0)
     with pytest.raises(HostError):
         await collect(manager.stream(PROMPT, max_tokens=10))
     assert manager.usage.records[-1].error_code == "HOST_ERROR"
+
+
+async def test_failover_continues_the_answer_on_another_host_without_gap_or_repeat(start_host, make_manager):
+    """When the serving host drops mid-stream, the next host continues from the partial answer exactly."""
+    failing = await start_host(backend={"close_after": 4})
+    healthy = await start_host()
+    manager = make_manager([failing.ws_url, healthy.ws_url])
+    # Make the failing host the first choice.
+    for info in await manager.host_manager.discover_all_active_hosts():
+        info.latency_ms = 1.0 if info.ws_url == failing.ws_url else 500.0
+    stream, pieces = await collect(manager.stream(PROMPT, max_tokens=20, seed=5))
+    assert "".join(pieces) == scripted_text(PROMPT, 20, seed=5)
+    assert stream.finish_reason == "length"
+    first, second = manager.usage.records
+    assert (first.host, first.error_code, first.received_tokens) == (failing.http_url, "CONNECTION_FAILED", 4)
+    assert (second.host, second.error_code, second.received_tokens) == (healthy.http_url, None, 16)
+    assert stream.usage.received_tokens == 20 and stream.host.ws_url == healthy.ws_url
+
+
+async def test_failover_on_the_same_host_when_it_is_the_only_one(start_host, make_manager):
+    """A lone host that keeps dropping is resumed from the partial answer until the budget is met."""
+    host = await start_host(backend={"close_after": 3})
+    manager = make_manager([host.ws_url], max_retries=5)
+    stream, pieces = await collect(manager.stream(PROMPT, max_tokens=10))
+    assert "".join(pieces) == scripted_text(PROMPT, 10)
+    assert [r.received_tokens for r in manager.usage.records] == [3, 3, 3, 1]
+
+
+async def test_failover_after_an_idle_stall(start_host, make_manager):
+    """A host that stalls past idle_timeout mid-stream is replaced; the text stays continuous."""
+    stalling = await start_host(backend={"token_rate": 40, "first_token_delay": 0})
+    fast = await start_host()
+    manager = make_manager([stalling.ws_url, fast.ws_url], idle_timeout=0.01)
+    for info in await manager.host_manager.discover_all_active_hosts():
+        info.latency_ms = 1.0 if info.ws_url == stalling.ws_url else 500.0
+    stream, _ = await collect(manager.stream(PROMPT, max_tokens=12))
+    assert stream.text == scripted_text(PROMPT, 12)
+    assert manager.usage.records[0].error_code == "INFERENCE_TIMEOUT"
 
 
 async def test_host_busy_is_retried(start_host, make_manager):

@@ -105,3 +105,19 @@ async def test_session_on_a_legacy_host_flattens_the_history(start_host, make_ma
     flattened = "User: first question\nAssistant: " + scripted_text("first question", 3) + "\nUser: second question\nAssistant:"
     assert text == scripted_text(flattened, 3)
     assert session.turns == 2
+
+
+async def test_session_fails_over_mid_answer_and_keeps_the_transcript(start_host, make_manager):
+    """A session whose host drops mid-answer continues on another host; history and answer are exact."""
+    flaky = await start_host(backend={"close_after": 6})
+    steady = await start_host()
+    manager = make_manager([flaky.ws_url, steady.ws_url])
+    session = await manager.sessions.create_session(host=flaky.ws_url)
+    _, first = await turn(manager, session.id, "first question", max_tokens=4)
+    assert first == scripted_text("first question", 4) and session.host.ws_url == flaky.ws_url
+    second_stream, second = await turn(manager, session.id, "second question", max_tokens=10)
+    assert second == scripted_text("second question", 10)
+    assert session.host.ws_url == steady.ws_url
+    assert [m["content"] for m in session.transcript] == ["first question", first, "second question", second]
+    # The new host got the whole history plus the partial answer as messages.
+    assert second_stream.usage.prompt_tokens >= len(("first question " + first + "second question").split())
