@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
 
 from . import _compat, protocol
 from .config import (
@@ -363,7 +363,8 @@ class InferenceStream:
             host = self._fixed_host
         else:
             requirements = HostRequirements(model=self.options.model or manager.config.default_model)
-            host = await manager.host_manager.select_best_host(requirements, exclude=tried)
+            host = await manager.host_manager.select_best_host(requirements, mode=self.options.mode or "auto",
+                                                               exclude=tried)
         await manager.host_manager.describe(host)
         return host
 
@@ -736,9 +737,40 @@ class InferenceManager:
         async for piece in self.sessions.session_inference(session_id, prompt, options, **kwargs):
             yield piece
 
-    async def select_best_host(self, requirements: HostRequirements | None = None) -> HostInfo:
-        """Return the best host for ``requirements`` (discovering and probing as needed)."""
-        return await self.host_manager.select_best_host(requirements)
+    async def select_best_host(self, requirements: HostRequirements | None = None, *,
+                               mode: str = "auto") -> HostInfo:
+        """Return the best host for ``requirements`` in a selection ``mode`` (auto, cheapest,
+        fastest, reliable), discovering and probing as needed."""
+        return await self.host_manager.select_best_host(requirements, mode=mode)
+
+    async def batch(self, prompts: Sequence[str], options: InferenceOptions | Mapping[str, Any] | None = None, *,
+                    max_concurrency: int | None = None, per_host_concurrency: int | None = None,
+                    progress: Callable[[int, int, int], Any] | None = None,
+                    requirements: HostRequirements | None = None, **kwargs: Any) -> Any:
+        """Run many prompts across hosts and return a pandas DataFrame, one row per prompt.
+
+        See :func:`fabstir_jupyter.batch.run_batch`: bounded concurrency overall and per host,
+        failover, ``progress(done, total, errors)`` after each prompt; a bad prompt or a dead host
+        gives a row with an error, never an exception.
+        """
+        from .batch import run_batch
+
+        return await self._call_on_owner(run_batch(
+            self, prompts, options, max_concurrency=max_concurrency, per_host_concurrency=per_host_concurrency,
+            progress=progress, requirements=requirements, **kwargs))
+
+    def batch_blocking(self, prompts: Sequence[str], options: InferenceOptions | Mapping[str, Any] | None = None,
+                       **kwargs: Any) -> Any:
+        """Blocking :meth:`batch`, for scripts and notebook cells."""
+        from .batch import run_batch
+
+        return self._run_blocking(run_batch(self, prompts, options, **kwargs))
+
+    async def _call_on_owner(self, coro: Any) -> Any:
+        loop = self._owner_loop()
+        if loop is asyncio.get_running_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     async def connect_to_host(self, host_url: str) -> WebSocketClient:
         """Open a new WebSocket to a host (the caller owns it and must close it)."""

@@ -13,7 +13,7 @@ import random
 import time
 from typing import Iterable, Protocol, Sequence, Union
 
-from ..config import HostRequirements, InferenceConfig
+from ..config import HostRequirements, InferenceConfig, validate_mode
 from ..errors import InvalidOptions
 from .info import HostInfo
 from .probe import HostProber
@@ -155,15 +155,24 @@ class HostManager:
         return host
 
     async def select_best_host(
-        self, requirements: HostRequirements | None = None, *, exclude: Iterable[HostInfo] = ()
+        self,
+        requirements: HostRequirements | None = None,
+        *,
+        mode: str | None = "auto",
+        exclude: Iterable[HostInfo] = (),
     ) -> HostInfo:
-        """Discover (cached) and pick the best host for ``requirements``.
+        """Discover (cached) and pick a host for ``requirements`` in selection ``mode``.
+
+        ``mode`` is ``"auto"`` (``None`` too), ``"cheapest"``, ``"fastest"`` or ``"reliable"``
+        (see :mod:`fabstir_jupyter.hosts.selection`); ``exclude`` is avoided while other hosts fit.
 
         Raises:
+            InvalidOptions: unknown ``mode`` (checked before any I/O).
             NoHostsAvailable, ModelNotAvailable: nothing fits; the message says what is available.
         """
+        mode = validate_mode(mode)
         await self.discover_all_active_hosts()
-        return select_host(self.hosts, requirements, exclude=exclude, rng=self.rng)
+        return select_host(self.hosts, requirements, mode=mode, exclude=exclude, rng=self.rng)
 
     async def aclose(self) -> None:
         """Release the probe HTTP client; idempotent."""

@@ -1,24 +1,111 @@
 """Host selection: plain functions over host lists, no I/O.
 
-Filters first (reachable, serves the model, ``min_stake``, ``max_latency``), then scores what is
-left. Measured latency and success rate count, and ``region`` is a preference that raises a host's
-score, never a filter (spec/PROTOCOL.md §9). Selection modes and the stake/price weights of §9 build
-on :func:`score_host`.
+Selection runs in three steps (spec/PROTOCOL.md §9):
+
+1. **Filter** (:func:`eligible_hosts`): unreachable hosts, hosts that do not serve the model, and
+   hosts below ``min_stake`` or above ``max_latency`` are dropped. When nothing is left, the error
+   lists what is available.
+2. **Score** (:func:`score_host`): ``w_stake·stake + w_price·price + w_uptime·uptime +
+   w_latency·latency`` with the production SDK's weights per mode (:data:`MODE_WEIGHTS`), each factor
+   in [0, 1] (:func:`score_factors`):
+
+   * stake: whole tokens, linear up to a cap of 10 000 (:data:`STAKE_CAP`); no stake scores 0;
+   * price: the host's stable-token price for the model (raw units, precision 1000), placed on a
+     logarithmic scale between 100 (score 1) and 100 000 (score 0). Production uses a linear scale,
+     which squeezes every realistic price (0.1 to 10 USDC per 1 000 tokens) into the top tenth of
+     the range, so ``cheapest`` could not tell a price from ten times that price; on the log scale
+     each tenfold step is a third of the range. An unpriced host (no stable price, or 0) gets the
+     neutral :data:`NEUTRAL_PRICE_SCORE`: neither a bargain nor a penalty;
+   * uptime: the host's *measured* success rate over real requests, smoothed towards a prior of
+     0.9 worth two requests (``(successes + 1.8) / (requests + 2)``, additive smoothing), so a new
+     host starts at 0.9 and one failure on a fresh host does not condemn it;
+   * latency: the *measured* latency (probe and real requests) on a logarithmic scale between
+     10 ms (score 1) and 5 s (score 0), since a host ten times further away is what matters, not
+     a few milliseconds more: 20 ms scores 0.89, 100 ms 0.63, 1 s 0.26. Unknown latency takes the
+     neutral prior 0.5 (about 224 ms).
+
+   A host in the preferred ``region`` gets :data:`REGION_BONUS` on top: a preference, not a filter.
+3. **Pick** (:func:`select_host`): among the top 10 by score, hosts more than
+   :data:`CLEAR_MARGIN` below the best are dropped (a clear winner is picked deterministically), and
+   the rest are drawn with weights ``exp((score - best) / PICK_TEMPERATURE)``: hosts of equal score
+   share the load evenly, a host 0.02 below the best is drawn e times less often. The randomness
+   is a seedable :class:`random.Random`.
+
+Modes are ``auto``, ``cheapest``, ``fastest`` and ``reliable``; a specific host is asked for with
+``host_address`` and never reaches this module.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
-from ..config import HostRequirements
+from ..config import SELECTION_MODES, HostRequirements, validate_mode
 from ..errors import ModelNotAvailable, NoHostsAvailable
 from .info import HostInfo, resolve_model
 
-__all__ = ["eligible_hosts", "score_host", "select_host"]
+__all__ = [
+    "MODE_WEIGHTS",
+    "SELECTION_MODES",
+    "ModeWeights",
+    "ScoreFactors",
+    "eligible_hosts",
+    "rank_hosts",
+    "score_factors",
+    "score_host",
+    "select_host",
+    "stable_price",
+]
 
-_REGION_BONUS = 0.25
-_UNKNOWN_LATENCY_MS = 250.0
+
+class ModeWeights(NamedTuple):
+    """Weights of the four score factors in one selection mode; they sum to 1."""
+
+    stake: float
+    price: float
+    uptime: float
+    latency: float
+
+
+class ScoreFactors(NamedTuple):
+    """The four normalised score factors of one host, each in [0, 1]."""
+
+    stake: float
+    price: float
+    uptime: float
+    latency: float
+
+
+#: The production SDK's weights per mode (spec/PROTOCOL.md §9).
+MODE_WEIGHTS: dict[str, ModeWeights] = {
+    "auto": ModeWeights(stake=0.35, price=0.30, uptime=0.20, latency=0.15),
+    "cheapest": ModeWeights(stake=0.15, price=0.70, uptime=0.10, latency=0.05),
+    "reliable": ModeWeights(stake=0.50, price=0.05, uptime=0.40, latency=0.05),
+    "fastest": ModeWeights(stake=0.10, price=0.20, uptime=0.10, latency=0.60),
+}
+assert set(MODE_WEIGHTS) == set(SELECTION_MODES)
+
+#: Stake (whole tokens) at and above which the stake factor is 1.
+STAKE_CAP = 10_000.0
+#: Stable price (raw units, precision 1000) scoring 1, and the one scoring 0.
+PRICE_FLOOR, PRICE_CEILING = 100, 100_000
+#: Price factor of a host with no stable price.
+NEUTRAL_PRICE_SCORE = 0.5
+#: Success-rate prior and its weight in requests (additive smoothing of the measured rate).
+UPTIME_PRIOR, UPTIME_PRIOR_WEIGHT = 0.9, 2.0
+#: Latency (ms) scoring 1, and the one scoring 0.
+LATENCY_FLOOR_MS, LATENCY_CEILING_MS = 10.0, 5_000.0
+#: Latency factor of a host whose latency was never measured.
+NEUTRAL_LATENCY_SCORE = 0.5
+#: Added to the score of a host in the preferred region.
+REGION_BONUS = 0.1
+#: Hosts considered by the weighted pick.
+TOP_N = 10
+#: Hosts further than this below the best score are never picked.
+CLEAR_MARGIN = 0.05
+#: Score difference that makes a host e times less likely to be picked.
+PICK_TEMPERATURE = 0.02
 
 
 def _serves(host: HostInfo, model: str | None) -> bool:
@@ -63,31 +150,125 @@ def eligible_hosts(hosts: Iterable[HostInfo], requirements: HostRequirements) ->
     return fitting
 
 
-def score_host(host: HostInfo, requirements: HostRequirements) -> float:
-    """Score a host in [0, 1.25]: lower latency and a better success record score higher."""
-    latency = host.latency_ms if host.latency_ms is not None else _UNKNOWN_LATENCY_MS
-    latency_score = 1.0 / (1.0 + latency / 100.0)
-    success = host.success_rate if host.success_rate is not None else 0.9
-    score = 0.5 * latency_score + 0.5 * success
-    if requirements.region and host.region and host.region.lower() == requirements.region.lower():
-        score += _REGION_BONUS
+def stable_price(host: HostInfo, model: str | None = None) -> int | None:
+    """Return the host's stable-token price for ``model`` (raw units, precision 1000), or ``None``.
+
+    The model is resolved as a request would resolve it (no name: the host's default model). When
+    the host's prices do not name that model, its cheapest stable price stands in. ``None`` means
+    not priced in the stable token.
+    """
+    prices = host.prices
+    if not prices:
+        return None
+    key: str | None = None
+    if host.models:
+        try:
+            key = resolve_model(model, host)
+        except ModelNotAvailable:
+            key = None
+    elif model is not None:
+        key = model
+    if key is not None and key in prices:
+        return prices[key].get("stable") or None
+    listed = [p.get("stable") for p in prices.values() if p.get("stable")]
+    return min(listed) if listed else None  # type: ignore[type-var]
+
+
+def _log_score(value: float, floor: float, ceiling: float) -> float:
+    """1 at ``floor`` or below, 0 at ``ceiling`` or above, linear in log(value) between."""
+    clamped = min(max(value, floor), ceiling)
+    return 1.0 - math.log(clamped / floor) / math.log(ceiling / floor)
+
+
+def score_factors(host: HostInfo, requirements: HostRequirements | None = None) -> ScoreFactors:
+    """Return the host's four normalised factors (see the module docstring for each scale)."""
+    requirements = requirements or HostRequirements()
+    stake = min(max(host.stake or 0.0, 0.0), STAKE_CAP) / STAKE_CAP
+
+    price = stable_price(host, requirements.model)
+    if price is None:
+        price_score = NEUTRAL_PRICE_SCORE
+    else:
+        price_score = _log_score(price, PRICE_FLOOR, PRICE_CEILING)
+
+    successes = host.requests - host.failures
+    uptime = (successes + UPTIME_PRIOR * UPTIME_PRIOR_WEIGHT) / (host.requests + UPTIME_PRIOR_WEIGHT)
+
+    if host.latency_ms is None:
+        latency = NEUTRAL_LATENCY_SCORE
+    else:
+        latency = _log_score(host.latency_ms, LATENCY_FLOOR_MS, LATENCY_CEILING_MS)
+    return ScoreFactors(stake=stake, price=price_score, uptime=uptime, latency=latency)
+
+
+def score_host(host: HostInfo, requirements: HostRequirements | None = None, mode: str = "auto") -> float:
+    """Score a host for ``mode``: the weighted factors in [0, 1], plus the region bonus.
+
+    Raises:
+        InvalidOptions: ``mode`` is not one of :data:`SELECTION_MODES` (``field="mode"``).
+    """
+    weights = MODE_WEIGHTS[validate_mode(mode)]
+    requirements = requirements or HostRequirements()
+    factors = score_factors(host, requirements)
+    score = (
+        weights.stake * factors.stake
+        + weights.price * factors.price
+        + weights.uptime * factors.uptime
+        + weights.latency * factors.latency
+    )
+    if requirements.region and host.region and host.region.strip().lower() == requirements.region.strip().lower():
+        score += REGION_BONUS
     return score
+
+
+def rank_hosts(
+    hosts: Iterable[HostInfo],
+    requirements: HostRequirements | None = None,
+    *,
+    mode: str = "auto",
+    exclude: Iterable[HostInfo] = (),
+) -> list[tuple[HostInfo, float]]:
+    """Return ``(host, score)`` for every eligible host, best first (ties keep the input order).
+
+    Hosts in ``exclude`` are left out while other eligible hosts exist.
+
+    Raises:
+        InvalidOptions: unknown ``mode``.
+        NoHostsAvailable, ModelNotAvailable: see :func:`eligible_hosts`.
+    """
+    mode = validate_mode(mode)
+    requirements = requirements or HostRequirements()
+    candidates = eligible_hosts(hosts, requirements)
+    avoided = {id(h) for h in exclude}
+    fresh = [h for h in candidates if id(h) not in avoided] or candidates
+    scored = [(h, score_host(h, requirements, mode)) for h in fresh]
+    scored.sort(key=lambda pair: -pair[1])
+    return scored
 
 
 def select_host(
     hosts: Sequence[HostInfo],
     requirements: HostRequirements | None = None,
     *,
+    mode: str = "auto",
     exclude: Iterable[HostInfo] = (),
     rng: random.Random | None = None,
 ) -> HostInfo:
-    """Pick the best host for ``requirements``, avoiding ``exclude`` while others exist.
+    """Pick a host for ``requirements`` in ``mode``, avoiding ``exclude`` while others exist.
 
-    Ties are broken by ``rng`` (seedable) so load spreads over equal hosts.
+    Among the :data:`TOP_N` best, a host more than :data:`CLEAR_MARGIN` below the best score is
+    never picked; the others are drawn with weights ``exp((score - best) / PICK_TEMPERATURE)``
+    using ``rng`` (seed it for reproducible picks), so load spreads over hosts of equal score.
+
+    Raises:
+        InvalidOptions: unknown ``mode`` (``field="mode"``).
+        NoHostsAvailable, ModelNotAvailable: nothing fits; the message says what is available.
     """
-    requirements = requirements or HostRequirements()
-    candidates = eligible_hosts(hosts, requirements)
-    avoided = {id(h) for h in exclude}
-    fresh = [h for h in candidates if id(h) not in avoided] or candidates
+    ranked = rank_hosts(hosts, requirements, mode=mode, exclude=exclude)[:TOP_N]
+    best = ranked[0][1]
+    pool = [(h, s) for h, s in ranked if best - s <= CLEAR_MARGIN]
+    if len(pool) == 1:
+        return pool[0][0]
     rng = rng or random.Random()
-    return max(fresh, key=lambda h: (round(score_host(h, requirements), 6), rng.random()))
+    weights = [math.exp((s - best) / PICK_TEMPERATURE) for _, s in pool]
+    return rng.choices([h for h, _ in pool], weights=weights)[0]

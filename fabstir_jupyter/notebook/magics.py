@@ -12,7 +12,6 @@ traceback; a kernel interrupt cancels the stream on the host and re-raises ``Key
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -92,13 +91,6 @@ def _config_file_settings() -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _mode_supported() -> bool:
-    """Whether requests can carry a selection mode (lands with the network issue)."""
-    from ..config import InferenceOptions
-
-    return "mode" in {f.name for f in dataclasses.fields(InferenceOptions)}
 
 
 @magics_class
@@ -229,11 +221,8 @@ class FabstirMagics(Magics):
             request["max_tokens"] = max_tokens
         note = None
         self.last_mode = options.mode
-        if options.mode not in (None, "auto"):
-            if _mode_supported():
-                request["mode"] = options.mode
-            else:
-                note = f"mode {options.mode} not supported by this network yet: used auto"
+        if options.mode is not None:
+            request["mode"] = options.mode
         fmt = options.format or self.default_format
         make_stream = self._stream_factory(prompt, options, settings, request)
         sink = make_output(fmt, options.background, update_interval=self.update_interval, note=note)

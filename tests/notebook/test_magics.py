@@ -168,13 +168,21 @@ def test_sessions_continue_across_cells(ip, capsys):
     assert ip.run_line_magic("fabstir", "sessions").empty
 
 
-def test_mode_is_accepted_and_noted_when_unsupported(ip, capsys):
-    """--mode cheapest runs (auto selection) and the status line says the mode is not supported yet."""
+def test_mode_reaches_host_selection(ip, capsys, monkeypatch):
+    """--mode cheapest is passed to the request, and so to host selection."""
+    from fabstir_jupyter.hosts import discovery
+
+    modes = []
+    original = discovery.HostManager.select_best_host
+
+    async def spy(self, requirements=None, *, mode="auto", exclude=()):
+        modes.append(mode)
+        return await original(self, requirements, mode=mode, exclude=exclude)
+
+    monkeypatch.setattr(discovery.HostManager, "select_best_host", spy)
     cell(ip, "--max-tokens 2 --mode cheapest")
-    out = capsys.readouterr().out
-    assert "mode cheapest not supported by this network yet: used auto" in out
-    cell(ip, "--max-tokens 2 --mode auto")
     assert "not supported" not in capsys.readouterr().out
+    assert modes[-1] == "cheapest"
 
 
 @pytest.mark.parametrize("fmt", ["markdown", "text", "code", "json"])

@@ -1,0 +1,278 @@
+"""Batches: spreading prompts over hosts, failover, bad prompts, concurrency bounds and the frame."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+
+import pytest
+
+from fabstir_jupyter.batch import BATCH_COLUMNS, run_batch
+from fabstir_jupyter.errors import InvalidOptions
+from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.hosts import HostInfo
+
+DEAD = "ws://127.0.0.1:9/v1/ws"
+N = 8
+
+
+def prompts(count):
+    return [f"question number {i}" for i in range(count)]
+
+
+class Progress:
+    """A progress callback that records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, done, total, errors):
+        self.calls.append((done, total, errors))
+
+
+@contextlib.asynccontextmanager
+async def watch_streams(servers, interval=0.002):
+    """Sample the hosts' active streams; yields a dict of the highest counts seen (per host and total)."""
+    peaks = collections.Counter()
+
+    async def sample():
+        while True:
+            counts = [s.active_streams for s in servers]
+            for server, count in zip(servers, counts):
+                peaks[server.http_url] = max(peaks[server.http_url], count)
+            peaks["total"] = max(peaks["total"], sum(counts))
+            await asyncio.sleep(interval)
+
+    task = asyncio.ensure_future(sample())
+    try:
+        yield peaks
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_batch_spreads_prompts_over_live_hosts_around_a_dead_one(start_host, make_manager):
+    """12 prompts over 2 live hosts and a dead one: every row answered exactly, progress 12 times."""
+    a = await start_host(backend={"token_rate": 400})
+    b = await start_host(backend={"token_rate": 400})
+    manager = make_manager([a.ws_url, DEAD, b.ws_url])
+    progress = Progress()
+    frame = await run_batch(manager, prompts(12), max_tokens=N, progress=progress)
+
+    assert len(frame) == 12
+    assert frame["error"].isna().all()
+    assert list(frame["text"]) == [scripted_text(p, N) for p in prompts(12)]
+    assert set(frame["host"]) == {a.http_url, b.http_url}
+    assert (frame["tokens"] == N).all() and (frame["finish_reason"] == "length").all()
+    assert (frame["model"] == "scripted-1").all()
+    assert frame["ttft"].notna().all() and (frame["duration"] >= frame["ttft"]).all()
+    assert [c[0] for c in progress.calls] == list(range(1, 13))
+    assert progress.calls[-1] == (12, 12, 0)
+    assert {r.kind for r in manager.usage.records} == {"batch"}
+
+
+async def test_bad_prompts_get_invalid_prompt_rows(start_host, make_manager):
+    """Empty, blank, NUL-holding and non-string prompts error in their rows; the rest are answered."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    batch = ["first", "", "nul\x00here", "second", "   ", None]
+    progress = Progress()
+    frame = await run_batch(manager, batch, max_tokens=4, progress=progress)
+
+    assert list(frame["error"]) == [None, "INVALID_PROMPT", "INVALID_PROMPT", None, "INVALID_PROMPT", "INVALID_PROMPT"]
+    assert "U+0000" in frame["error_message"][2]
+    assert frame["text"][0] == scripted_text("first", 4) and frame["text"][3] == scripted_text("second", 4)
+    assert list(frame["text"][[1, 2, 4, 5]]) == [""] * 4
+    assert list(frame["tokens"][[1, 2]]) == [0, 0] and frame["host"][1] is None
+    assert progress.calls[-1] == (6, 6, 4)
+
+
+async def test_a_host_failing_every_request_loses_its_prompts_to_another(start_host, make_manager):
+    """Prompts that fail on a broken host are run again elsewhere; the broken host is soon benched."""
+    good = await start_host()
+    broken = await start_host(backend={"error_code": "HOST_ERROR"})
+    manager = make_manager([broken.ws_url, good.ws_url])
+    frame = await run_batch(manager, prompts(10), max_tokens=N, per_host_concurrency=1)
+
+    assert frame["error"].isna().all()
+    assert set(frame["host"]) == {good.http_url}
+    assert list(frame["text"]) == [scripted_text(p, N) for p in prompts(10)]
+    failed = {r.request_id for r in manager.usage.records if r.error_code == "HOST_ERROR"}
+    assert 1 <= len(failed) <= 3
+
+
+async def test_a_host_dropping_streams_still_gives_exact_rows(start_host, make_manager):
+    """A host that drops the connection mid-answer: rows still hold the exact, gapless text."""
+    flaky = await start_host(backend={"close_after": 3})
+    steady = await start_host()
+    manager = make_manager([flaky.ws_url, steady.ws_url])
+    frame = await run_batch(manager, prompts(6), max_tokens=N)
+
+    assert frame["error"].isna().all()
+    assert list(frame["text"]) == [scripted_text(p, N) for p in prompts(6)]
+    assert (frame["tokens"] == N).all()
+
+
+async def test_no_live_host_gives_error_rows_not_an_exception(make_manager):
+    """With only a dead host, every row says NO_HOSTS_AVAILABLE and the frame is still returned."""
+    manager = make_manager([DEAD])
+    progress = Progress()
+    frame = await run_batch(manager, prompts(3), progress=progress)
+
+    assert list(frame["error"]) == ["NO_HOSTS_AVAILABLE"] * 3
+    assert (frame["finish_reason"] == "error").all()
+    assert progress.calls[-1] == (3, 3, 3)
+
+
+async def test_concurrency_bounds_are_respected(start_host, make_manager):
+    """max_concurrency bounds the batch and per_host_concurrency each host; both are reached."""
+    servers = [await start_host(backend={"token_rate": 200}) for _ in range(2)]
+    manager = make_manager([s.ws_url for s in servers])
+    async with watch_streams(servers) as peaks:
+        frame = await run_batch(manager, prompts(12), max_tokens=10, max_concurrency=3, per_host_concurrency=2)
+    assert frame["error"].isna().all()
+    assert peaks["total"] == 3
+    assert max(peaks[s.http_url] for s in servers) == 2
+
+
+async def test_default_concurrency_is_hosts_times_the_per_host_limit(start_host, make_manager):
+    """Without max_concurrency, every fitting host runs up to its limit (dead hosts do not count)."""
+    servers = [await start_host(backend={"token_rate": 200}) for _ in range(2)]
+    manager = make_manager([servers[0].ws_url, DEAD, servers[1].ws_url])
+    async with watch_streams(servers) as peaks:
+        await run_batch(manager, prompts(10), max_tokens=10, per_host_concurrency=2)
+    assert peaks["total"] == 4
+    assert all(peaks[s.http_url] == 2 for s in servers)
+
+
+async def test_frame_columns_and_input_order(start_host, make_manager):
+    """Columns are BATCH_COLUMNS in order; rows follow the input even when answers finish out of order."""
+    slow = await start_host(backend={"token_rate": 50})
+    fast = await start_host()
+    manager = make_manager([slow.ws_url, fast.ws_url])
+    batch = prompts(6)
+    frame = await run_batch(manager, batch, max_tokens=4, per_host_concurrency=1)
+
+    assert list(frame.columns) == list(BATCH_COLUMNS) == [
+        "prompt", "text", "host", "model", "tokens", "ttft", "duration", "cost", "cost_unit", "finish_reason",
+        "error", "error_message",
+    ]
+    assert list(frame["prompt"]) == batch
+    assert list(frame["text"]) == [scripted_text(p, 4) for p in batch]
+
+
+async def test_cheapest_mode_keeps_the_batch_on_the_cheap_host(start_host, make_manager):
+    """mode='cheapest' sends every prompt to the cheap host while it has room, and reports its cost."""
+    dear = await start_host()
+    cheap = await start_host()
+    manager = make_manager([])
+    for server, price in ((dear, 90_000), (cheap, 150)):
+        manager.host_manager.add_host(
+            HostInfo.from_url(server.ws_url, prices={"scripted-1": {"native": 0, "stable": price}}, stake=5000))
+    frame = await run_batch(manager, prompts(6), max_tokens=N, mode="cheapest", max_concurrency=2,
+                            per_host_concurrency=2)
+
+    assert set(frame["host"]) == {cheap.http_url}
+    assert frame["cost"].tolist() == pytest.approx([N * 150 / 1000 / 1e6] * 6)
+    assert set(frame["cost_unit"]) == {"USDC"}
+
+
+async def test_host_address_pins_every_prompt(start_host, make_manager):
+    """host_address sends every prompt to that host, without selection."""
+    a = await start_host()
+    b = await start_host()
+    manager = make_manager([a.ws_url, b.ws_url])
+    frame = await run_batch(manager, prompts(4), max_tokens=4, host_address=b.ws_url)
+    assert set(frame["host"]) == {b.http_url}
+    assert frame["error"].isna().all()
+
+
+async def test_progress_errors_are_swallowed_and_logged(start_host, make_manager, caplog):
+    """A progress callback that raises is logged; the batch finishes."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+
+    def broken(done, total, errors):
+        raise RuntimeError("progress bar exploded")
+
+    with caplog.at_level(logging.WARNING, logger="fabstir_jupyter.batch"):
+        frame = await run_batch(manager, prompts(3), max_tokens=4, progress=broken)
+    assert frame["error"].isna().all()
+    assert sum("progress callback failed" in r.message for r in caplog.records) == 3
+
+
+async def test_empty_batch_gives_an_empty_frame(make_manager):
+    """No prompts: an empty frame with the columns, and no progress calls."""
+    progress = Progress()
+    frame = await run_batch(make_manager([DEAD]), [], progress=progress)
+    assert frame.empty and list(frame.columns) == list(BATCH_COLUMNS)
+    assert progress.calls == []
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda m: run_batch(m, "one prompt"), "prompts"),
+    (lambda m: run_batch(m, ["x"], max_concurrency=0), "max_concurrency"),
+    (lambda m: run_batch(m, ["x"], per_host_concurrency=1.5), "per_host_concurrency"),
+    (lambda m: run_batch(m, ["x"], temperature=9), "temperature"),
+    (lambda m: run_batch(m, ["x"], mode="specific"), "mode"),
+    (lambda m: run_batch(m, ["x"], progress="yes"), "progress"),
+])
+async def test_misuse_raises_before_any_io(make_manager, call, field):
+    """Bad options and limits raise INVALID_OPTIONS naming the field; no host is contacted."""
+    manager = make_manager([DEAD])
+    with pytest.raises(InvalidOptions) as exc:
+        await call(manager)
+    assert exc.value.field == field
+    assert manager.usage.records == []
+
+
+async def test_cancelling_a_batch_cancels_its_streams(start_host, make_manager):
+    """Cancelling run_batch stops every running stream on the hosts."""
+    host = await start_host(backend={"token_rate": 20})
+    manager = make_manager([host.ws_url])
+    task = asyncio.ensure_future(run_batch(manager, prompts(4), max_tokens=200))
+    for _ in range(200):
+        if host.active_streams:
+            break
+        await asyncio.sleep(0.01)
+    assert host.active_streams > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):
+        if not host.active_streams:
+            break
+        await asyncio.sleep(0.01)
+    assert host.active_streams == 0
+
+
+async def test_a_host_killed_mid_batch_loses_its_prompts_to_the_others(start_host, make_manager):
+    """A host closed while it streams: its prompts run again on the live hosts, with exact text."""
+    servers = [await start_host(backend={"token_rate": 200}) for _ in range(3)]
+    manager = make_manager([s.ws_url for s in servers], backoff_initial=0.05, backoff_max=0.2)
+    victim = servers[1]
+
+    async def kill_when_busy():
+        while not victim.active_streams:
+            await asyncio.sleep(0.005)
+        await victim.close()
+
+    killer = asyncio.ensure_future(kill_when_busy())
+    frame = await run_batch(manager, prompts(12), max_tokens=N)
+    await killer
+
+    assert frame["error"].isna().all()
+    assert list(frame["text"]) == [scripted_text(p, N) for p in prompts(12)]
+    assert victim.http_url not in set(frame["host"])
+    assert any(r.host == victim.http_url and r.error_code for r in manager.usage.records)
+
+
+async def test_manager_batch_delegates_to_the_batch_runner(start_host, make_manager):
+    """InferenceManager.batch returns the same frame as run_batch, in input order."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    frame = await manager.batch(["one", "two", "three"], max_tokens=3)
+    assert list(frame["text"]) == [scripted_text(p, 3) for p in ("one", "two", "three")]
+    assert frame["error"].isna().all() or (frame["error"].map(lambda e: e is None)).all()
