@@ -661,9 +661,12 @@ class InferenceManager:
     # ------------------------------------------------------------------ building streams
 
     def _check_network(self) -> None:
-        if self.config.network == "base-sepolia":
+        # Hosts found on a real registry expect paid sessions (spec/PROTOCOL.md §10): unpaid requests
+        # would be freeloading on someone's GPU, so only our own local network and hosts the user
+        # listed explicitly get inference.
+        if self.config.network not in ("local", "static"):
             raise PaymentRequired(
-                "inference on base-sepolia needs paid sessions, which this version cannot open; "
+                f"inference on {self.config.network} needs paid sessions, which this version cannot open; "
                 "discovery and probing work",
                 hint="use network='local' or a static host list",
             )

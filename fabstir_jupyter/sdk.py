@@ -1,50 +1,72 @@
 """The SDK facade: pick a network, hold the managers, own their lifecycle.
 
-``FabstirSDK()`` with no arguments runs the embedded default, ``network="local"``: host processes
-started on this machine (the embedded SmolLM2 model by default, or the scripted backend), which
-live as long as the SDK object (and die with this process, however it ends). A static host list
-(``hosts=[...]`` or ``FABSTIR_HOSTS``) uses those hosts instead. On ``base-sepolia`` discovery and
-probing work but inference is refused until paid sessions exist (spec/PROTOCOL.md §10).
+``FabstirSDK()`` with no arguments runs the embedded default, ``network="local"``: a
+:class:`~fabstir_jupyter.local.network.LocalNetwork` (an in-process chain with the registry
+deployed, and host processes registered on it: the embedded SmolLM2 model by default, or the
+scripted backend), which lives as long as the SDK object and dies with this process however it
+ends. Hosts are found on that chain's registry, as in production, plus any static ``hosts=[...]``.
+
+Chain networks read a real registry through its RPC endpoint: ``"base-sepolia"`` (a preset of
+:mod:`fabstir_jupyter.networks`) or a dict ``{"rpc_url": ..., "chain_id": ..., "addresses": {...}}``.
+There, discovery and probing work but inference is refused until paid sessions exist
+(spec/PROTOCOL.md §10). A static host list alone (``hosts=[...]`` or ``FABSTIR_HOSTS``) is
+``network="static"``.
 
 Settings come from arguments, then the environment (``FABSTIR_NETWORK``, ``FABSTIR_HOSTS``,
 ``FABSTIR_RPC_URL``, ``FABSTIR_PRIVATE_KEY``, ``FABSTIR_LOCAL_BACKEND``, ``FABSTIR_LOCAL_HOSTS``),
-then ``config.json`` in the user's config dir.
+then ``config.json`` in the user's config dir. Importing this module loads neither web3 nor the
+chain: they load when a network needs them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from .config import InferenceConfig
-from .errors import AuthFailed, InvalidOptions
+from .errors import AuthFailed, ConnectionFailed, InvalidOptions
 from .hosts import HostManager, hosts_from_env
 from .inference import InferenceManager
 from .local import HostProcess
+from .networks import NETWORKS as CHAIN_NETWORKS
+from .networks import NetworkPreset, resolve_network
 from .sessions import SessionManager
+
+if TYPE_CHECKING:
+    from .local.network import LocalNetwork
 
 __all__ = ["FabstirSDK", "FabstirSDKCore", "SDKSettings", "NETWORKS", "load_settings"]
 
 logger = logging.getLogger("fabstir_jupyter.sdk")
 
-NETWORKS = ("local", "static", "base-sepolia")
+#: The networks known by name (a chain network may also be given as a dict).
+NETWORKS = ("local", "static", *CHAIN_NETWORKS)
 LOCAL_BACKENDS = ("llama-cpp", "scripted")
+
+NetworkSpec = Union[str, Mapping[str, Any], NetworkPreset]
 
 
 @dataclass(frozen=True)
 class SDKSettings:
-    """Resolved SDK settings (never holds the private key: see :meth:`FabstirSDK.authenticate`)."""
+    """Resolved SDK settings (never holds the private key: see :meth:`FabstirSDK.authenticate`).
+
+    ``network`` is a name: ``"local"``, ``"static"``, a preset's, or a custom network's (``chain``
+    then says where its registry is).
+    """
 
     network: str = "local"
     hosts: tuple[str, ...] = ()
-    rpc_url: str | None = None
+    rpc_url: str | None = field(default=None, repr=False)  # may carry an API key
     local_backend: str = "llama-cpp"
     local_hosts: int = 1
     local_host_args: tuple[str, ...] = field(default=())
+    chain: NetworkPreset | None = None
 
 
 def _config_file() -> Path:
@@ -53,8 +75,20 @@ def _config_file() -> Path:
     return Path(user_config_dir("fabstir-jupyter")) / "config.json"
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidOptions(f"config file {path} is not valid JSON: {exc}", field="config_file") from None
+    if not isinstance(stored, dict):
+        raise InvalidOptions(f"config file {path} must hold a JSON object", field="config_file")
+    return stored
+
+
 def load_settings(
-    network: str | None = None,
+    network: NetworkSpec | None = None,
     hosts: Sequence[str] | None = None,
     *,
     rpc_url: str | None = None,
@@ -66,18 +100,12 @@ def load_settings(
     """Resolve settings: arguments, then environment, then the user's config file.
 
     Raises:
-        InvalidOptions: an unknown network or local backend, or an unreadable config file.
+        InvalidOptions: an unknown network or local backend, a chain network without an RPC URL
+            (and no static hosts), or an unreadable config file; ``field`` names the setting.
     """
     env = os.environ if environ is None else environ
     path = config_file if config_file is not None else _config_file()
-    stored: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidOptions(f"config file {path} is not valid JSON: {exc}", field="config_file") from None
-        if not isinstance(stored, dict):
-            raise InvalidOptions(f"config file {path} must hold a JSON object", field="config_file")
+    stored = _read_config(path)
 
     def pick(arg: Any, env_name: str, key: str, default: Any) -> Any:
         if arg is not None:
@@ -88,8 +116,24 @@ def load_settings(
 
     host_list = list(hosts) if hosts is not None else hosts_from_env(dict(env)) or list(stored.get("hosts", []))
     chosen = pick(network, "FABSTIR_NETWORK", "network", None) or ("static" if host_list else "local")
-    if chosen not in NETWORKS:
-        raise InvalidOptions(f"unknown network {chosen!r}; choose one of {', '.join(NETWORKS)}", field="network")
+    url = pick(rpc_url, "FABSTIR_RPC_URL", "rpc_url", None)
+    chain: NetworkPreset | None = None
+    if isinstance(chosen, (Mapping, NetworkPreset)):
+        chain = resolve_network(chosen, rpc_url=url)
+    elif not isinstance(chosen, str) or chosen not in NETWORKS:
+        raise InvalidOptions(
+            f"unknown network {chosen!r}; choose one of {', '.join(NETWORKS)}, or pass a dict with "
+            "rpc_url, chain_id and addresses",
+            field="network",
+        )
+    elif chosen in CHAIN_NETWORKS:
+        chain = resolve_network(chosen, rpc_url=url)
+    if chain is not None and not chain.reachable and not host_list:
+        raise InvalidOptions(
+            f"network {chain.name!r} needs an RPC URL to read its registry: pass rpc_url=..., set "
+            f"FABSTIR_RPC_URL, or put \"rpc_url\" in {path}",
+            field="rpc_url",
+        )
     backend = pick(local_backend, "FABSTIR_LOCAL_BACKEND", "local_backend", "llama-cpp")
     if backend not in LOCAL_BACKENDS:
         raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(LOCAL_BACKENDS)}",
@@ -103,12 +147,17 @@ def load_settings(
         raise InvalidOptions("local_hosts must be between 1 and 16", field="local_hosts")
     if chosen == "static" and not host_list:
         raise InvalidOptions("network 'static' needs hosts=[...] or FABSTIR_HOSTS", field="hosts")
+    host_args = stored.get("local_host_args", ())
+    if not isinstance(host_args, (list, tuple)) or not all(isinstance(a, str) for a in host_args):
+        raise InvalidOptions(f"local_host_args in {path} must be a list of strings", field="local_host_args")
     return SDKSettings(
-        network=chosen,
+        network=chain.name if chain is not None else chosen,
         hosts=tuple(host_list),
-        rpc_url=pick(rpc_url, "FABSTIR_RPC_URL", "rpc_url", None),
+        rpc_url=url,
         local_backend=backend,
         local_hosts=count,
+        local_host_args=tuple(host_args),
+        chain=chain,
     )
 
 
@@ -116,17 +165,25 @@ class FabstirSDK:
     """The entry point: a network, its hosts, and the managers that use them.
 
     Args:
-        network: ``"local"`` (default: hosts started here), ``"static"`` (``hosts``), or
-            ``"base-sepolia"`` (discovery only for now).
-        hosts: host URLs; implies ``network="static"`` when no network is given.
+        network: ``"local"`` (default: a local chain and hosts started here), ``"static"``
+            (``hosts`` only), ``"base-sepolia"`` (its registry; discovery only for now), or a dict
+            ``{"rpc_url": ..., "chain_id": ..., "addresses": {"node_registry": ..., ...}}`` for
+            another registry (``"provider"`` instead of ``rpc_url`` takes an in-process web3;
+            ``"name"`` names it). On chain networks inference is refused (spec/PROTOCOL.md §10).
+        hosts: host URLs, used besides the network's; alone they mean ``network="static"``.
         config: client settings shared by the managers.
+        rpc_url: the chain network's JSON-RPC URL (else ``FABSTIR_RPC_URL``, else the config file).
         local_backend: ``"llama-cpp"`` (the embedded model) or ``"scripted"`` for the local network.
         local_hosts: how many local host processes to start.
+        usage: where usage records go (default: the ledger of ``config.usage_db``).
+
+    Raises:
+        InvalidOptions: bad settings (``field`` names which).
     """
 
     def __init__(
         self,
-        network: str | None = None,
+        network: NetworkSpec | None = None,
         hosts: Sequence[str] | None = None,
         *,
         config: InferenceConfig | None = None,
@@ -139,7 +196,8 @@ class FabstirSDK:
                                       local_hosts=local_hosts)
         base = config or InferenceConfig()
         self.config = base.replace(network=self.settings.network)
-        self._processes: list[HostProcess] = []
+        self._network: LocalNetwork | None = None
+        self._lock = threading.RLock()
         self._account: Any = None
         self._usage = usage
         self._host_manager: HostManager | None = None
@@ -179,65 +237,120 @@ class FabstirSDK:
     # ------------------------------------------------------------------ hosts and managers
 
     @property
-    def host_urls(self) -> list[str]:
-        """The static or local host URLs known so far."""
-        if self.settings.network == "local":
-            return [p.url for p in self._processes if p.url]
-        return list(self.settings.hosts)
+    def local_network(self) -> LocalNetwork | None:
+        """The local network, once started (``network="local"`` only)."""
+        return self._network
 
-    def _start_local_hosts(self) -> list[str]:
-        while len(self._processes) < self.settings.local_hosts:
-            process = HostProcess(self.settings.local_backend, self.settings.local_host_args)
-            self._processes.append(process)
-            process.start()
-        return self.host_urls
+    @property
+    def _processes(self) -> list[HostProcess]:
+        # the local hosts' processes (the notebook layer and its tests look at them)
+        return [] if self._network is None else self._network.processes
+
+    @property
+    def host_urls(self) -> list[str]:
+        """The host URLs known so far: local hosts, static hosts, then hosts found on chain."""
+        urls = [] if self._network is None else self._network.urls
+        urls += [u for u in self.settings.hosts if u not in urls]
+        if self._host_manager is not None and self.settings.chain is not None:
+            known = set(urls)
+            urls += [h.ws_url for h in self._host_manager.hosts if h.ws_url not in known]
+        return urls
+
+    def _start_local_network(self) -> LocalNetwork:
+        with self._lock:
+            if self._closed:
+                raise ConnectionFailed("sdk is closed")
+            if self._network is None:
+                try:
+                    from .local.network import LocalNetwork  # deferred: web3 and py-evm are heavy
+                except ImportError as exc:
+                    raise InvalidOptions(
+                        f"network 'local' needs the local chain, which is not installed ({exc.name})",
+                        field="network",
+                        hint="pip install 'fabstir-jupyter[local]', or use hosts=[...]",
+                    ) from exc
+                self._network = LocalNetwork(self.settings.local_hosts, self.settings.local_backend,
+                                             host_args=self.settings.local_host_args)
+            return self._network
 
     def get_host_manager(self) -> HostManager:
-        """The host manager (starting the local hosts on first use of ``network="local"``)."""
-        if self._host_manager is None:
-            urls = self._start_local_hosts() if self.settings.network == "local" else self.host_urls
-            self._host_manager = HostManager(urls, config=self.config)
-        return self._host_manager
+        """The host manager (on ``network="local"`` the first call starts the local network).
+
+        Blocks while the local network starts; from async code ``await sdk.astart()`` first.
+
+        Raises:
+            ConnectionFailed: a local host did not start, or the SDK is closed.
+            InvalidOptions: ``network="local"`` without the ``local`` extra installed.
+        """
+        with self._lock:
+            if self._closed:
+                raise ConnectionFailed("sdk is closed")
+            if self._host_manager is None:
+                sources = []
+                if self.settings.network == "local":
+                    sources.append(self._start_local_network().source())
+                elif self.settings.chain is not None and self.settings.chain.reachable:
+                    sources.append(self.settings.chain.source())
+                self._host_manager = HostManager(list(self.settings.hosts), sources=sources, config=self.config)
+            return self._host_manager
 
     def get_inference_manager(self) -> InferenceManager:
-        """The inference manager for this network."""
-        if self._inference is None:
-            self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage)
-        return self._inference
+        """The inference manager for this network (refusing inference on chain networks).
+
+        Raises:
+            ConnectionFailed: a local host did not start, or the SDK is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise ConnectionFailed("sdk is closed")
+            if self._inference is None:
+                self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage)
+            return self._inference
 
     def get_session_manager(self) -> SessionManager:
         """The session manager (shares the inference manager's hosts, pool and usage)."""
         return self.get_inference_manager().sessions
 
+    async def astart(self) -> FabstirSDK:
+        """Start the local network (if any) in a worker thread, so the event loop stays free; return self."""
+        if self.settings.network == "local":
+            await asyncio.to_thread(self.get_host_manager)
+        return self
+
     # ------------------------------------------------------------------ lifecycle
 
-    def _stop_processes(self) -> None:
-        for process in self._processes:
-            process.stop()
-        self._processes.clear()
+    def _stop_network(self) -> None:
+        with self._lock:
+            network, self._network = self._network, None
+        if network is not None:
+            network.stop()
 
     async def aclose(self) -> None:
-        """Close the managers and stop local hosts. Idempotent."""
+        """Close the managers and stop the local network. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._inference is not None:
-            await self._inference.aclose()
-        elif self._host_manager is not None:
-            await self._host_manager.aclose()
-        self._stop_processes()
+        try:
+            if self._inference is not None:
+                await self._inference.aclose()
+            elif self._host_manager is not None:
+                await self._host_manager.aclose()
+        finally:
+            await asyncio.to_thread(self._stop_network)
 
     def close(self) -> None:
         """Blocking :meth:`aclose`, for scripts."""
         if self._closed:
             return
         self._closed = True
-        if self._inference is not None:
-            self._inference.close()
-        self._stop_processes()
+        try:
+            if self._inference is not None:
+                self._inference.close()
+        finally:
+            self._stop_network()
 
     async def __aenter__(self) -> FabstirSDK:
-        return self
+        return await self.astart()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
 import pytest
 
-from fabstir_jupyter.errors import AuthFailed, InvalidOptions, PaymentRequired
+from fabstir_jupyter.errors import AuthFailed, ConnectionFailed, InvalidOptions, PaymentRequired
 from fabstir_jupyter.host.scripted import scripted_text
-from fabstir_jupyter.sdk import FabstirSDK, FabstirSDKCore, load_settings
+from fabstir_jupyter.networks import NETWORKS as CHAIN_NETWORKS
+from fabstir_jupyter.networks import NetworkPreset, resolve_network
+from fabstir_jupyter.sdk import NETWORKS, FabstirSDK, FabstirSDKCore, load_settings
 
 KEY = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
 
@@ -55,14 +58,17 @@ def test_broken_config_file_is_a_clear_error(tmp_path):
 
 
 def test_local_network_starts_hosts_and_stops_them_on_close():
-    """FabstirSDK(local) starts scripted host processes, infers through them, and stops them."""
+    """FabstirSDK(local) registers scripted hosts on a local chain, infers through them, and stops them."""
+    pytest.importorskip("eth_tester", reason="the local network needs eth-tester and py-evm (the 'chain' extra)")
     sdk = FabstirSDK(network="local", local_backend="scripted", local_hosts=2,
                      config=__import__("fabstir_jupyter").InferenceConfig(usage_db=":memory:"))
     try:
         manager = sdk.get_inference_manager()
         assert len(sdk.host_urls) == 2
+        assert [h.url for h in sdk.local_network.hosts] == sdk.host_urls
         pids = [p.pid for p in sdk._processes]
         assert manager.infer("local hello", max_tokens=3).text == scripted_text("local hello", 3)
+        assert {h.address for h in sdk.get_host_manager().hosts} == {h.address for h in sdk.local_network.hosts}
         assert sdk.get_session_manager() is manager.sessions
     finally:
         sdk.close()
@@ -78,6 +84,80 @@ def test_base_sepolia_refuses_inference():
             sdk.get_inference_manager().stream("hello")
 
 
+def test_base_sepolia_without_rpc_url_names_fabstir_rpc_url(tmp_path):
+    """base-sepolia with neither an RPC URL nor static hosts is refused with a pointer to FABSTIR_RPC_URL."""
+    with pytest.raises(InvalidOptions) as info:
+        load_settings(network="base-sepolia", environ={}, config_file=tmp_path / "none.json")
+    assert info.value.field == "rpc_url" and "FABSTIR_RPC_URL" in str(info.value)
+
+
+def test_base_sepolia_takes_its_rpc_url_from_argument_environment_then_file(tmp_path):
+    """The RPC URL follows the settings precedence; the preset supplies the registry addresses."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"rpc_url": "https://file.example/rpc"}))
+    env = {"FABSTIR_NETWORK": "base-sepolia", "FABSTIR_RPC_URL": "https://env.example/v2/SECRET"}
+    assert load_settings(environ={"FABSTIR_NETWORK": "base-sepolia"}, config_file=path).rpc_url == \
+        "https://file.example/rpc"
+    settings = load_settings(environ=env, config_file=path)
+    assert settings.chain.rpc_url == "https://env.example/v2/SECRET" and settings.chain.chain_id == 84532
+    assert dict(settings.chain.addresses) == dict(CHAIN_NETWORKS["base-sepolia"].addresses)
+    assert "SECRET" not in repr(settings) and "SECRET" not in repr(settings.chain)
+    chosen = load_settings(rpc_url="https://arg.example", environ=env, config_file=path)
+    assert chosen.chain.rpc_url == "https://arg.example"
+
+
+def test_base_sepolia_discovers_through_its_rpc_url_and_refuses_inference(monkeypatch):
+    """With an RPC URL, base-sepolia reads its registry there (errors hide the URL's key); inference is refused."""
+    monkeypatch.delenv("FABSTIR_HOSTS", raising=False)
+    with FabstirSDK(network="base-sepolia", rpc_url="http://127.0.0.1:9/v2/SECRETKEY") as sdk:
+        manager = sdk.get_inference_manager()
+        with pytest.raises(PaymentRequired):
+            manager.stream("hello")
+        with pytest.raises(ConnectionFailed) as info:
+            asyncio.run(sdk.get_host_manager().discover_all_active_hosts(probe=False))
+        assert "SECRETKEY" not in str(info.value)
+
+
+def test_network_names_and_presets():
+    """The SDK knows local, static and the chain presets; base-sepolia's addresses are spec/PROTOCOL.md §8's."""
+    assert NETWORKS == ("local", "static", "base-sepolia")
+    preset = CHAIN_NETWORKS["base-sepolia"]
+    assert (preset.chain_id, preset.rpc_url) == (84532, None)
+    assert preset.addresses["node_registry"] == "0x8BC0Af4aAa2dfb99699B1A24bA85E507de10Fd22"
+    assert preset.addresses["stable_token"] == "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+
+
+def test_dict_network_is_resolved_into_a_named_chain(tmp_path):
+    """A dict with rpc_url, chain_id and addresses is a chain network of its own (default name 'custom')."""
+    spec = {"rpc_url": "https://rpc.example", "chain_id": 31337,
+            "addresses": {"node_registry": "0x" + "11" * 20, "multicall": "0x" + "22" * 20}}
+    settings = load_settings(network=spec, environ={}, config_file=tmp_path / "none.json")
+    assert settings.network == "custom"
+    assert settings.chain == NetworkPreset(chain_id=31337, addresses=spec["addresses"], rpc_url="https://rpc.example")
+    named = resolve_network({**spec, "name": "devnet", "rpc_url": None}, rpc_url="https://fallback.example")
+    assert (named.name, named.rpc_url) == ("devnet", "https://fallback.example")
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"rpc_url": "https://r.example"}, "addresses"),
+    ({"rpc_url": "https://r.example", "addresses": {"model_registry": "0x" + "11" * 20}}, "addresses"),
+    ({"rpc_url": "https://r.example", "addresses": {"node_registry": "0x1234"}}, "addresses"),
+    ({"rpc_url": "https://r.example", "addresses": {"node_registry": "0x" + "11" * 20, "token": "x"}}, "addresses"),
+    ({"rpc_url": "ftp://r.example", "addresses": {"node_registry": "0x" + "11" * 20}}, "rpc_url"),
+    ({"rpc_url": "https://r.example", "chain_id": -1, "addresses": {"node_registry": "0x" + "11" * 20}},
+     "chain_id"),
+    ({"name": "local", "rpc_url": "https://r.example", "addresses": {"node_registry": "0x" + "11" * 20}},
+     "network"),
+    ({"rpc": "https://r.example", "addresses": {"node_registry": "0x" + "11" * 20}}, "network"),
+    ({"provider": "https://r.example", "addresses": {"node_registry": "0x" + "11" * 20}}, "provider"),
+])
+def test_bad_dict_networks_are_invalid_options(spec, field):
+    """A malformed custom network is refused with the part at fault named."""
+    with pytest.raises(InvalidOptions) as info:
+        resolve_network(spec)
+    assert info.value.field == field
+
+
 def test_authenticate_never_shows_the_key():
     """The address is derived; the key appears in no repr, str or error."""
     with FabstirSDKCore(hosts=["http://127.0.0.1:9"]) as sdk:
@@ -87,3 +167,15 @@ def test_authenticate_never_shows_the_key():
         with pytest.raises(AuthFailed) as info:
             sdk.authenticate(KEY[:-4] + "zzzz")
         assert KEY[2:-4] not in str(info.value) and KEY[2:-4] not in repr(info.value)
+
+
+def test_local_network_without_the_local_extra_says_what_to_install(monkeypatch):
+    """Without web3/eth-tester, network='local' fails with InvalidOptions naming the extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fabstir_jupyter.local.network", None)  # as if it could not import
+    with FabstirSDK(network="local", local_backend="scripted") as sdk:
+        with pytest.raises(InvalidOptions) as info:
+            sdk.get_host_manager()
+    assert info.value.field == "network" and "fabstir-jupyter[local]" in (info.value.hint or "")
+    assert sdk.local_network is None

@@ -154,8 +154,11 @@ def _die_with_parent(stop: asyncio.Event, loop: asyncio.AbstractEventLoop, paren
         loop.call_soon(stop.set)
 
     def watch_stdin() -> None:
+        # os.read, not sys.stdin: a daemon thread blocked inside the buffered reader holds its lock
+        # at interpreter shutdown, which aborts the process ("_enter_buffered_busy").
         try:
-            while sys.stdin.buffer.read1(65536):
+            fd = sys.stdin.fileno()
+            while os.read(fd, 65536):
                 pass
         except (OSError, ValueError, AttributeError):
             pass

@@ -2,23 +2,80 @@
 
 The child gets ``--exit-with-parent``: it exits when its stdin pipe reaches EOF (which happens
 however the parent dies, SIGKILL included) and asks the kernel for ``PR_SET_PDEATHSIG``.
+
+Two details make that hold in practice:
+
+- Linux delivers ``PR_SET_PDEATHSIG`` when the *thread* that forked the child exits, not the
+  process. A host started from a short-lived thread (``asyncio.to_thread``, a worker pool) would be
+  signalled as soon as that thread ended, so every host is forked by one daemon thread that lives as
+  long as this process (:func:`_spawn`).
+- Each host runs in its own session, so a Ctrl-C in a terminal or a Jupyter kernel interrupt (which
+  signals the kernel's whole process group) interrupts the parent, not its hosts; they still die
+  with the parent through the two mechanisms above.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
-import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..errors import ConnectionFailed
 
 __all__ = ["HostProcess"]
 
 _READY = re.compile(r"fabstir-host listening on (ws://\S+)")
+
+# ---------------------------------------------------------------------------- the spawner thread
+
+_SpawnRequest = tuple["concurrent.futures.Future[subprocess.Popen[str]]", list[str], dict[str, Any]]
+_spawn_lock = threading.Lock()
+_spawn_queue: queue.SimpleQueue[_SpawnRequest] | None = None
+_spawn_pid: int | None = None
+
+
+def _spawner(requests: queue.SimpleQueue[_SpawnRequest]) -> None:
+    while True:
+        future, cmd, kwargs = requests.get()
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(subprocess.Popen(cmd, **kwargs))
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+
+def _forget_spawner() -> None:
+    # in a forked child the spawner thread does not exist (and the lock may have been held)
+    global _spawn_lock, _spawn_queue, _spawn_pid
+    _spawn_lock, _spawn_queue, _spawn_pid = threading.Lock(), None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``cmd`` from the process-wide spawner thread (see the module docstring)."""
+    global _spawn_queue, _spawn_pid
+    with _spawn_lock:
+        if _spawn_queue is None or _spawn_pid != os.getpid():  # first use (or a fork not seen)
+            _spawn_queue = queue.SimpleQueue()
+            _spawn_pid = os.getpid()
+            threading.Thread(target=_spawner, args=(_spawn_queue,), name="fabstir-host-spawner", daemon=True).start()
+        requests = _spawn_queue
+    future: concurrent.futures.Future[subprocess.Popen[str]] = concurrent.futures.Future()
+    requests.put((future, cmd, kwargs))
+    return future.result()
+
+
+# ---------------------------------------------------------------------------- one host process
 
 
 class HostProcess:
@@ -37,6 +94,8 @@ class HostProcess:
         self.url: str | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._stderr: list[str] = []
+        self._ready: threading.Event = threading.Event()
+        self._found: list[str] = []
 
     def __repr__(self) -> str:
         return f"<HostProcess {self.backend} {self.url or 'not started'}>"
@@ -45,46 +104,89 @@ class HostProcess:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def running(self) -> bool:
+        """Whether the child was started and has not exited."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def launch(self) -> None:
+        """Start the child without waiting for it to listen; :meth:`wait_ready` waits.
+
+        Several hosts can boot (and load their models) at once: launch them all, then wait.
+        """
+        if self._proc is not None:
+            return
+        cmd = [sys.executable, "-m", "fabstir_jupyter.host", "--backend", self.backend, "--port", "0",
+               "--exit-with-parent", *self.args]
+        self._proc = _spawn(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        )
+        threading.Thread(target=self._collect_stderr, args=(self._proc,), daemon=True).start()
+        threading.Thread(target=self._wait_ready, args=(self._proc,), daemon=True).start()
+
+    def wait_ready(self) -> str:
+        """Wait for the ready line of a launched host and return its WebSocket URL.
+
+        Raises:
+            ConnectionFailed: the host exited or did not get ready within ``start_timeout``
+                (it is stopped; the message ends with its last stderr lines).
+        """
+        if self._proc is None:
+            raise ConnectionFailed(f"fabstir-host ({self.backend}) was not launched")
+        self._ready.wait(self.start_timeout)
+        if not self._found:
+            proc = self._proc
+            self.stop()
+            tail = "".join(self._stderr[-20:]).strip()
+            why = (f"exited with status {proc.returncode}" if proc.returncode is not None
+                   else f"did not start within {self.start_timeout:g} s")
+            raise ConnectionFailed(f"fabstir-host ({self.backend}) {why}" + (f": {tail[-800:]}" if tail else ""))
+        self.url = self._found[0]
+        return self.url
+
     def start(self) -> str:
         """Start the host and return its WebSocket URL once it listens.
 
         Raises:
             ConnectionFailed: the host exited or did not get ready within ``start_timeout``.
         """
-        cmd = [sys.executable, "-m", "fabstir_jupyter.host", "--backend", self.backend, "--port", "0",
-               "--exit-with-parent", *self.args]
-        self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        threading.Thread(target=self._collect_stderr, daemon=True).start()
-        found: list[str] = []
-        reader = threading.Thread(target=self._wait_ready, args=(found,), daemon=True)
-        reader.start()
-        reader.join(self.start_timeout)
-        if not found:
-            self.stop()
-            tail = "".join(self._stderr[-20:]).strip()
-            raise ConnectionFailed(f"fabstir-host ({self.backend}) did not start within {self.start_timeout:g} s"
-                                   + (f": {tail[-800:]}" if tail else ""))
-        self.url = found[0]
-        return self.url
+        self.launch()
+        return self.wait_ready()
 
-    def _wait_ready(self, found: list[str]) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            match = _READY.search(line)
-            if match:
-                found.append(match.group(1))
-                break
+    def _wait_ready(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                match = _READY.search(line)
+                if match:
+                    self._found.append(match.group(1))
+                    break
+        finally:
+            self._ready.set()  # found, or stdout closed: the child is gone
         # Keep draining so the child never blocks on a full stdout pipe.
-        threading.Thread(target=lambda: [None for _ in self._proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+        for _line in proc.stdout:
+            pass
 
-    def _collect_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        for line in self._proc.stderr:
+    def _collect_stderr(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
             self._stderr.append(line)
             del self._stderr[:-200]
+
+    @property
+    def stderr_tail(self) -> str:
+        """The last lines the host wrote to stderr (its logs)."""
+        return "".join(self._stderr[-20:])
+
+    def request_stop(self) -> None:
+        """Close the host's stdin, which makes it exit; returns at once (:meth:`stop` waits)."""
+        proc = self._proc
+        if proc is not None and proc.stdin and not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the host: close its stdin (it exits), then terminate, then kill. Idempotent."""
@@ -102,6 +204,22 @@ class HostProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the host (a crash, for failover tests) and reap it; it is then stopped."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if proc.stdin:
+            try:
+                proc.stdin.close()
+            except OSError:  # the pipe is broken: the reader is gone
+                pass
 
     def __enter__(self) -> HostProcess:
         self.start()

