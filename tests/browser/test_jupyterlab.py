@@ -1,0 +1,363 @@
+"""The quickstart notebook in a real browser: JupyterLab in Debian's Chromium, driven by Playwright.
+
+JupyterLab runs as a subprocess on a free loopback port with a random token, serving a temporary
+copy of ``notebooks/``, with private Jupyter, IPython and fabstir config dirs. The quickstart's own
+cells run unchanged; only the hosts are slowed down (8 tokens/s) so the answer can be watched
+growing:
+
+* where the SDK reads ``local_host_args`` from its config file, the notebook's local network
+  starts two scripted hosts with ``--token-rate 8`` (``FABSTIR_LOCAL_HOSTS=2`` and a
+  ``config.json`` in the private config dir): the quickstart runs exactly as a user runs it;
+* otherwise two slow scripted ``fabstir-host`` processes started here are given to the kernel
+  through ``FABSTIR_HOSTS`` (the quickstart's ``local_backend`` setting then does not matter).
+
+The test runs the quickstart's setup cells and its first ``%%fabstir`` cell, reads the live widget's
+text twice while the answer streams and checks that it grew, checks the final rendering (the
+scripted text, status ``done``), runs ``%fabstir hosts`` and checks one dashboard row per host.
+Screenshots go to ``$FABSTIR_TEST_ARTIFACTS/browser`` (else the test's tmp dir); their paths are
+printed. Never downloads a browser: it skips, saying why, only without ``/usr/bin/chromium``,
+Playwright or JupyterLab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.local import HostProcess
+from fabstir_jupyter.notebook.parsers import parse_cell_options
+from fabstir_jupyter.protocol import http_url
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+QUICKSTART = "quickstart.ipynb"
+TOKEN_RATE = 8  # tokens per second of the slow scripted hosts: a 40-token answer streams for ~5 s
+SLOW_HOST_ARGS = ["--token-rate", str(TOKEN_RATE)]
+HOSTS = 2
+
+# Every wait is bounded (seconds).
+LAB_START_TIMEOUT = 60.0
+KERNEL_READY_TIMEOUT = 60.0
+CELL_TIMEOUT = 30.0
+FIRST_TEXT_TIMEOUT = 60.0  # the first request starts the local network (chain and hosts)
+STREAM_END_TIMEOUT = 30.0
+READ_GAP = 0.6  # between the two reads of the live text
+
+
+def _require_browser_stack():
+    """Skip, saying what is missing, unless Chromium, Playwright and JupyterLab are all there."""
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium (never `playwright install`)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install playwright (it ships its driver)")
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        pytest.skip("jupyterlab is not installed: pip install jupyterlab")
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _api(base: str, token: str, path: str, method: str = "GET", timeout: float = 5.0) -> object:
+    request = urllib.request.Request(f"{base}{path}", method=method, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    """Where screenshots go: ``$FABSTIR_TEST_ARTIFACTS/browser``, else the test's tmp dir."""
+    root = os.environ.get("FABSTIR_TEST_ARTIFACTS")
+    path = Path(root) / "browser" if root else tmp_path / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def browser_stack():
+    """Playwright's ``sync_playwright``; skips first (before any process starts) if a piece is missing."""
+    return _require_browser_stack()
+
+
+def _sdk_reads_local_host_args(tmp_path: Path) -> bool:
+    """Whether the SDK passes ``local_host_args`` from its config file to the local hosts."""
+    from fabstir_jupyter.sdk import load_settings
+
+    probe = tmp_path / "probe-config.json"
+    probe.write_text(json.dumps({"local_host_args": SLOW_HOST_ARGS}))
+    try:
+        settings = load_settings(environ={}, config_file=probe)
+    except Exception:  # an SDK that rejects the key cannot pass it either
+        return False
+    return tuple(getattr(settings, "local_host_args", ())) == tuple(SLOW_HOST_ARGS)
+
+
+@pytest.fixture
+def slow_hosts(browser_stack, tmp_path):
+    """Slow scripted hosts for the kernel: yields ``(env, urls)``.
+
+    ``env`` goes into JupyterLab's environment; ``urls`` are the hosts' URLs when this test started
+    them (static hosts), or None when the notebook's local network starts them itself.
+    """
+    config_home = tmp_path / "home" / "xdg-config"
+    if _sdk_reads_local_host_args(tmp_path):
+        config = config_home / "fabstir-jupyter" / "config.json"
+        config.parent.mkdir(parents=True)
+        config.write_text(json.dumps({"local_host_args": SLOW_HOST_ARGS}))
+        print(f"\nhosts: the notebook's local network, {HOSTS} scripted hosts with {' '.join(SLOW_HOST_ARGS)}")
+        yield {"FABSTIR_LOCAL_HOSTS": str(HOSTS), "XDG_CONFIG_HOME": str(config_home)}, None
+        return
+    hosts = [HostProcess("scripted", SLOW_HOST_ARGS, start_timeout=30.0) for _ in range(HOSTS)]
+    try:
+        for host in hosts:
+            host.start()
+        urls = [host.url for host in hosts]
+        print(f"\nhosts: {HOSTS} static scripted hosts with {' '.join(SLOW_HOST_ARGS)} (FABSTIR_HOSTS)")
+        yield {"FABSTIR_HOSTS": ",".join(urls), "XDG_CONFIG_HOME": str(config_home)}, urls
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+@pytest.fixture
+def lab(tmp_path, slow_hosts):
+    """JupyterLab on a free port serving a copy of ``notebooks/``: yields ``(base_url, token)``.
+
+    Its settings, config, runtime and IPython dirs are private to the test, so neither the user's
+    Jupyter/IPython set-up nor the fabstir config file leaks in. Stops the kernels and the server.
+    """
+    root = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOKS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    home = tmp_path / "home"
+    settings = home / "lab-settings"
+    # All cells stay in the DOM (no virtual scrolling), and no news or update pop-ups.
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))
+    notes = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notes.parent.mkdir(parents=True)
+    notes.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FABSTIR_")}
+    env.update({
+        "FABSTIR_USAGE_DB": ":memory:",
+        "XDG_DATA_HOME": str(home / "xdg-data"),
+        "JUPYTER_CONFIG_DIR": str(home / "jupyter-config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "jupyter-runtime"),
+        "IPYTHONDIR": str(home / "ipython"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(slow_hosts[0])
+    port = _free_port()
+    token = secrets.token_hex(16)
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "jupyterlab.log"
+    cmd = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
+        "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={home / 'workspaces'}",
+        "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=", "--ServerApp.log_level=WARN",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # CI containers run as root
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAB_START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{_tail(log_path)}")
+            try:
+                _api(base, token, "/api/status", timeout=2.0)
+                break
+            except (urllib.error.URLError, OSError, ValueError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"jupyter lab not ready within {LAB_START_TIMEOUT:g} s:\n{_tail(log_path)}")
+                time.sleep(0.2)
+        yield base, token
+    finally:
+        try:  # shut the kernels down cleanly first (ipykernel also exits when its parent dies)
+            for kernel in _api(base, token, "/api/kernels") or []:  # type: ignore[union-attr]
+                _api(base, token, f"/api/kernels/{kernel['id']}", method="DELETE", timeout=10.0)
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group this test started (server + kernels)
+                proc.wait(5)
+        print(f"\njupyter lab log: {log_path}")
+
+
+# JavaScript run in the page (window.jupyterapp exists because of --LabApp.expose_app_in_browser).
+PANEL = "window.jupyterapp.shell.currentWidget"
+NOTEBOOK_READY = f"""() => {{
+    const app = window.jupyterapp;
+    const panel = app && app.shell.currentWidget;
+    if (!panel || !panel.sessionContext || !panel.context || !panel.context.isReady) return false;
+    const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+    return !!kernel && kernel.status === "idle" && panel.content.widgets.length > 0;
+}}"""
+RUN_CELL = f"""async (index) => {{
+    const panel = {PANEL};
+    panel.content.activeCellIndex = index;
+    return await window.jupyterapp.commands.execute("notebook:run-cell");
+}}"""
+SELECT_CELL = f"""(index) => {{
+    const panel = {PANEL};
+    panel.content.activeCellIndex = index;
+    panel.content.mode = "command";
+    panel.content.widgets[index].node.setAttribute("data-fabstir-test", "cell-" + index);
+    panel.content.node.focus();
+}}"""
+STREAM_STATE = f"""(index) => {{
+    const cell = {PANEL}.content.widgets[index];
+    const root = cell && cell.node.querySelector(".fabstir-stream");
+    if (!root) return null;
+    const text = (selector) => {{ const node = root.querySelector(selector); return node ? node.textContent : ""; }};
+    return {{state: root.dataset.state || "", live: text(".fabstir-live"), body: text(".fabstir-body"),
+             status: text(".fabstir-status")}};
+}}"""
+DASHBOARD_ROWS = f"""(index) => {{
+    const cell = {PANEL}.content.widgets[index];
+    const table = cell && cell.node.querySelector(".fabstir-dash .fabstir-dash-content > table.fabstir-table");
+    if (!table) return null;
+    return Array.from(table.tBodies[0].rows, (row) => Array.from(row.cells, (td) => td.textContent));
+}}"""
+
+
+def _cells(path: Path) -> tuple[list[int], int, int, str]:
+    """The quickstart's code cells before its first ``%%fabstir`` cell, that cell's index, the
+    ``%fabstir hosts`` cell's index, and the text the scripted host answers to that ``%%fabstir`` cell."""
+    cells = nbformat.read(path, as_version=4).cells
+    stream = next(i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.startswith("%%fabstir"))
+    hosts = next(i for i, c in enumerate(cells) if c.cell_type == "code" and c.source.strip() == "%fabstir hosts")
+    setup = [i for i, c in enumerate(cells[:stream]) if c.cell_type == "code"]
+    line, _, body = cells[stream].source.partition("\n")
+    options = parse_cell_options(line.removeprefix("%%fabstir"))
+    assert options.max_tokens and "{" not in body, "the test expects a plain prompt with --max-tokens"
+    expected = scripted_text(body.strip("\n"), options.max_tokens, seed=options.seed)
+    return setup, stream, hosts, expected
+
+
+def _poll(read, until, timeout: float, step: float = 0.05):
+    """Call ``read()`` until ``until(value)`` holds; return the value, or the last one after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not until(value) and time.monotonic() < deadline:
+        time.sleep(step)
+        value = read()
+    return value
+
+
+def test_quickstart_streams_live_and_shows_the_dashboard(browser_stack, lab, slow_hosts, artifacts):
+    sync_playwright = browser_stack
+    base, token = lab
+    setup, stream_cell, hosts_cell, expected = _cells(NOTEBOOKS / QUICKSTART)
+    shots: list[Path] = []
+
+    def shot(page, name: str, selector: str | None = None) -> None:
+        path = artifacts / f"{name}.png"
+        (page.locator(selector) if selector else page).screenshot(path=str(path))
+        shots.append(path)
+        print(f"screenshot: {path}")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+                                             timeout=30_000)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            try:
+                page.goto(f"{base}/lab/tree/{QUICKSTART}?token={token}", wait_until="domcontentloaded")
+                page.wait_for_function(NOTEBOOK_READY, timeout=KERNEL_READY_TIMEOUT * 1000, polling=200)
+                page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
+
+                # The setup cells: load the extension, choose the backend, show the settings.
+                for index in setup:
+                    assert page.evaluate(RUN_CELL, index) is not False, f"cell {index} failed"
+
+                # The %%fabstir cell, started from the keyboard like a user would.
+                page.evaluate(SELECT_CELL, stream_cell)
+                page.keyboard.press("Shift+Enter")
+                read = lambda: page.evaluate(STREAM_STATE, stream_cell)  # noqa: E731
+                first = _poll(read, lambda s: bool(s and s["state"] == "running" and s["live"].strip()),
+                              FIRST_TEXT_TIMEOUT)
+                assert first and first["state"] == "running" and first["live"].strip(), \
+                    f"no streamed text within {FIRST_TEXT_TIMEOUT:g} s: {first!r}"
+                time.sleep(READ_GAP)
+                second = read()
+                assert second["state"] == "running", f"the stream ended too soon to be seen growing: {second!r}"
+                assert len(second["live"]) > len(first["live"]), (first, second)
+                assert second["live"].startswith(first["live"])
+                assert expected.startswith(second["live"]), "the live text is not a prefix of the answer"
+                shot(page, "quickstart-streaming", f'[data-fabstir-test="cell-{stream_cell}"]')
+
+                final = _poll(read, lambda s: bool(s and s["state"] != "running"), STREAM_END_TIMEOUT)
+                assert final["state"] == "done", final
+                assert " ".join(final["body"].split()) == " ".join(expected.split())
+                assert f"{len(expected.split())} tokens" in final["status"], final["status"]
+                shot(page, "quickstart-stream", f'[data-fabstir-test="cell-{stream_cell}"]')
+
+                # The host dashboard: one row per host, each host's URL in its row.
+                page.evaluate(SELECT_CELL, hosts_cell)
+                assert page.evaluate(RUN_CELL, hosts_cell) is not False, "the %fabstir hosts cell failed"
+                rows = _poll(lambda: page.evaluate(DASHBOARD_ROWS, hosts_cell),
+                             lambda r: r is not None and len(r) >= HOSTS, CELL_TIMEOUT)
+                assert rows is not None and len(rows) == HOSTS, rows
+                shown = {cell for row in rows for cell in row if cell.startswith("http://127.0.0.1:")}
+                started = slow_hosts[1]
+                if started is not None:  # static hosts: exactly the ones started here
+                    assert shown == {http_url(u) for u in started}, rows
+                else:  # the local network's hosts: one distinct URL per row
+                    assert len(shown) == HOSTS, rows
+                shot(page, "quickstart-dashboard", f'[data-fabstir-test="cell-{hosts_cell}"]')
+                page.locator(f'[data-fabstir-test="cell-{stream_cell}"]').scroll_into_view_if_needed()
+                shot(page, "quickstart-page")
+            except BaseException:
+                try:
+                    shot(page, "failure")
+                except Exception:  # the page may be gone; the original error matters
+                    pass
+                raise
+        finally:
+            browser.close()
+    assert all(path.stat().st_size > 0 for path in shots)
