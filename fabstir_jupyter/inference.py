@@ -158,7 +158,7 @@ class InferenceStream:
     def text(self) -> str:
         """The text delivered so far (the whole answer once the stream has ended)."""
         if self._pieces or len(self._chunks) > 1:
-            self._chunks = ["".join(self._chunks) + "".join(self._pieces)]
+            self._chunks = ["".join(self._chunks + self._pieces)]  # one join: two copies at most, not three
             self._pieces.clear()
         return self._chunks[0] if self._chunks else ""
 

@@ -166,7 +166,9 @@ class LlamaCppBackend(Backend):
             raise
         try:
             llm = llama_cpp.Llama(
-                model_path=str(self.model_path), n_ctx=self.n_ctx, n_threads=self.threads, verbose=False,
+                model_path=str(self.model_path), n_ctx=self.n_ctx, n_threads=self.threads,
+                n_threads_batch=self.threads,  # else prompt processing uses every core whatever --threads says
+                verbose=False,
             )
         except Exception as exc:
             self._load_error = f"cannot load {self.model_path.name}: {exc}"
