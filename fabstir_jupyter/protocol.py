@@ -345,9 +345,41 @@ class UnknownFrame:
 HostEvent = Union[Connected, SessionInitAck, Chunk, StreamEnd, ErrorEvent, Pong, UnknownFrame]
 
 
+#: Deepest nesting of JSON arrays/objects accepted in a frame. The C JSON decoder recurses on the C
+#: stack and only the interpreter's recursion limit stops it: py-evm and py_ecc raise that limit to
+#: 12 288 and 100 000 when imported, and then a frame of 100 000 "[" crashes the process.
+MAX_JSON_DEPTH = 64
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` nests arrays/objects deeper than ``limit`` (brackets in strings ignored)."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _load_object(data: str | bytes | bytearray | memoryview) -> dict[str, Any]:
     if not isinstance(data, str):
         raise ProtocolError("binary frame where a JSON text frame was expected")
+    # Counting brackets is cheap (C speed); only frames with many of them get the exact depth scan.
+    if data.count("[") + data.count("{") > MAX_JSON_DEPTH and _nesting_exceeds(data, MAX_JSON_DEPTH):
+        raise ProtocolError(f"frame nests JSON deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as exc:

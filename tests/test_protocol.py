@@ -1088,3 +1088,27 @@ def test_fuzz_reader_raises_only_fabstir_errors(frames: list[dict[str, Any]], fe
     for stop in stops:
         if stop:
             assert stop not in delivered
+
+
+@pytest.mark.parametrize("parse", [parse_host_frame, parse_client_frame])
+def test_deep_nesting_is_refused_even_with_a_raised_recursion_limit(parse) -> None:
+    """With the recursion limit raised (py-evm and py_ecc do it on import), deep JSON is a
+    PROTOCOL_ERROR, not a crash of the C decoder on the C stack."""
+    import sys
+
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 100_000))
+    try:
+        with pytest.raises(ProtocolError):
+            parse("[" * 200_000 + "]" * 200_000)
+        with pytest.raises(ProtocolError):
+            parse('{"type":"stream_chunk","content":"x","a":' + "{\"b\":" * 100_000 + "1" + "}" * 100_001)
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """Code with many brackets in a chunk's text is ordinary content."""
+    content = "[" * 500 + "{" * 500 + '\\"' + "]" * 10
+    event = parse_host_frame(json.dumps({"type": "stream_chunk", "content": content}))
+    assert event.content == content
