@@ -20,6 +20,8 @@ import importlib.util
 import logging
 import os
 import random
+import re
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -255,8 +257,7 @@ class LlamaCppBackend(Backend):
         llm = self._llm
         assert self._formatter is not None
         messages = [{"role": role, "content": content} for role, content in params.messages]
-        prompt = self._render(messages, params.prefill)
-        tokens = llm.tokenize(prompt.encode("utf-8", "ignore"), add_bos=False, special=True)
+        tokens = self._prompt_tokens(messages, params.prefill)
         if not push(("prompt", len(tokens))):
             return
         if len(tokens) >= self.n_ctx:
@@ -293,6 +294,37 @@ class LlamaCppBackend(Backend):
                     return
         finally:
             generator.close()
+
+    def _prompt_tokens(self, messages: list[dict[str, str]], prefill: str | None) -> list[int]:
+        """Tokenize the chat prompt so that only the template can produce control tokens.
+
+        The template's own markers (``<|im_start|>``...) are tokenized as special tokens; the users'
+        text is tokenized as plain text, so a prompt that contains ``<|im_end|>`` cannot close its
+        turn or open a system turn. Each message's content is rendered as a unique placeholder,
+        and the rendered prompt is split at the placeholders.
+        """
+        llm = self._llm
+        nonce = secrets.token_hex(8)
+        marked = [{"role": m["role"], "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+        marked_prefill = marked[-1]["content"] if prefill is not None else None
+        rendered = self._render(marked, marked_prefill)
+        parts = re.split(f"\ue000{nonce}:(\\d+)\ue001", rendered)
+        indices = [int(p) for p in parts[1::2]]
+        if sorted(indices) != list(range(len(messages))):
+            # The template dropped or repeated a message, so contents cannot be told apart from the
+            # template's text: tokenize the whole prompt as before (markers in text stay special).
+            logger.warning("chat template did not keep message boundaries; tokenizing the prompt as a whole")
+            prompt = self._render(messages, prefill)
+            return list(llm.tokenize(prompt.encode("utf-8", "ignore"), add_bos=False, special=True))
+        tokens: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:  # a message's content: plain text
+                text, special = messages[int(part)]["content"], False
+            else:  # template text between contents: its markers are control tokens
+                text, special = part, True
+            if text:
+                tokens += llm.tokenize(text.encode("utf-8", "ignore"), add_bos=False, special=special)
+        return tokens
 
     def _render(self, messages: list[dict[str, str]], prefill: str | None) -> str:
         assert self._formatter is not None
