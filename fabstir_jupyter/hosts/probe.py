@@ -8,6 +8,7 @@ state (spec/PROTOCOL.md §4.6), so liveness is the time to the WebSocket ``conne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from typing import Any
@@ -39,19 +40,29 @@ class HostProber:
         self.timeout = timeout
         self._limit = asyncio.Semaphore(concurrency)
         self._http: httpx.AsyncClient | None = None
+        self._http_building: asyncio.Future[httpx.AsyncClient] | None = None
         self._described: dict[str, asyncio.Future[None]] = {}
 
-    def _client(self) -> httpx.AsyncClient:
+    def _build_client(self) -> httpx.AsyncClient:
+        verify = self.config.verify_tls
+        if isinstance(verify, str):
+            verify = ssl.create_default_context(cafile=verify)
+        return httpx.AsyncClient(timeout=self.timeout, verify=verify, trust_env=True)
+
+    async def _client(self) -> httpx.AsyncClient:
+        # Building the client loads TLS certificates and imports transports: ~80 ms the first time,
+        # so it happens in a worker thread, once, rather than on the event loop.
         if self._http is None:
-            verify = self.config.verify_tls
-            if isinstance(verify, str):
-                verify = ssl.create_default_context(cafile=verify)
-            self._http = httpx.AsyncClient(timeout=self.timeout, verify=verify, trust_env=True)
+            if self._http_building is None:
+                self._http_building = asyncio.ensure_future(asyncio.to_thread(self._build_client))
+            client = await asyncio.shield(self._http_building)
+            if self._http is None:
+                self._http = client
         return self._http
 
     async def _get_json(self, url: str) -> Any | None:
         try:
-            response = await self._client().get(url)
+            response = await (await self._client()).get(url)
         except httpx.HTTPError as exc:
             logger.debug("probe %s failed: %s", redact_url(url), exc)
             return None
@@ -127,6 +138,10 @@ class HostProber:
 
     async def aclose(self) -> None:
         """Close the HTTP client; idempotent."""
+        building, self._http_building = self._http_building, None
+        if self._http is None and building is not None:
+            with contextlib.suppress(Exception):
+                self._http = await building
         if self._http is not None:
             await self._http.aclose()
             self._http = None
