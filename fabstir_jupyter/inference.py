@@ -106,7 +106,9 @@ class InferenceStream:
     """One inference request: an async context manager and async iterator of text pieces.
 
     When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model`` and ``ttft``
-    are filled. Leaving the ``async with`` block early cancels the request on the host. Create it
+    are filled. ``ttft`` is what the caller waited: seconds from the stream's start (host selection
+    and connection included) to the first text; ``usage.ttft`` is the host's part: from sending the
+    request to its first frame. Leaving the ``async with`` block early cancels the request on the host. Create it
     with :meth:`InferenceManager.stream`; it can be iterated from the manager's own event loop or
     from another thread's loop (pieces are then handed across).
     """
