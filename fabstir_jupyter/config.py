@@ -179,6 +179,17 @@ class InferenceOptions:
         """Return a copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def sampling_fields(self) -> dict[str, Any]:
+        """The sampling fields of a request frame, as :func:`protocol.inference_frame` and
+        :func:`protocol.prompt_frame` take them (defaults filled)."""
+        return {
+            "temperature": self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE,
+            "stream": self.stream,
+            "top_p": self.top_p,
+            "stop": self.stop_sequences or None,
+            "seed": self.seed,
+        }
+
     @property
     def is_deterministic(self) -> bool:
         """Whether the same request should give the same answer (temperature 0 or a seed)."""

@@ -461,11 +461,7 @@ class InferenceStream:
             prompt=prompt,
             model=model,
             max_tokens=max_tokens,
-            temperature=options.temperature if options.temperature is not None else 0.7,
-            stream=options.stream,
-            top_p=options.top_p,
-            stop=options.stop_sequences or None,
-            seed=options.seed,
+            **options.sampling_fields(),
             messages=messages,
             request_id=self.request_id,
         )

@@ -92,11 +92,7 @@ class Session:
             session_id=self.id,
             model=model,
             max_tokens=max_tokens,
-            temperature=options.temperature if options.temperature is not None else 0.7,
-            stream=options.stream,
-            top_p=options.top_p,
-            stop=options.stop_sequences or None,
-            seed=options.seed,
+            **options.sampling_fields(),
             messages=messages,
             request_id=request_id,
         )
