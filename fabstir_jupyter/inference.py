@@ -449,7 +449,7 @@ class InferenceStream:
         if cache_key is not None and self.finish_reason in ("stop", "length"):
             manager.cache.put(cache_key, (self.text, self.finish_reason, reader.received_tokens))  # type: ignore[union-attr]
         if self.session is not None:
-            self.session._complete_turn(self.prompt, self.text, synced=clean)
+            self.session._complete_turn(self.prompt, self.text, synced=clean, usage=reader.usage)
 
     def _inference_frame(self, host: HostInfo, model: str, *, max_tokens: int, prefill: str | None) -> dict[str, Any]:
         options = self.options

@@ -1,5 +1,10 @@
 """Conversations: plaintext sessions on one host, with the transcript kept by the client.
 
+Context window: when the next turn (history + prompt + ``max_tokens``) would not fit the model's
+context window (``usage.context_window_size`` as the host reports it), the oldest turns are left
+out of what is sent; the client's ``transcript`` keeps them all. Token counts are estimated from
+the characters-per-token ratio of the previous turn.
+
 A session pins one socket (``session_init`` once, then one ``prompt`` per turn) and keeps the
 transcript itself, because hosts may forget (production hosts keep plaintext history not at all,
 any host loses it on restart). Whenever the host may lack the history (a new socket, a host
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from . import protocol
+from .protocol import Usage
 from .config import InferenceOptions, validate_prompt, wire_transcript
 from .errors import FabstirError, ProtocolError, SessionNotFound
 from .hosts import HostInfo
@@ -40,6 +46,10 @@ class Session:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ended: bool = False
+    context_window: int | None = None
+    window_start: int = 0  # transcript messages before this index are no longer sent (trimmed)
+    _chars_per_token: float = field(default=4.0, repr=False)
+    _history_chars: int = field(default=0, repr=False)
     _conn: WebSocketClient | None = field(default=None, repr=False)
     _synced: bool = field(default=False, repr=False)  # the host's memory matches the transcript
 
@@ -48,10 +58,24 @@ class Session:
         return f"<Session {self.id} model={self.model} host={host} turns={self.turns}{' ended' if self.ended else ''}>"
 
     def messages_for(self, prompt: str) -> list[dict[str, str]]:
-        """The full transcript to send for a new ``prompt`` (system prompt first)."""
+        """The transcript to send for a new ``prompt``: system prompt, the turns inside the context
+        window, then the prompt."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return messages + [dict(m) for m in self.transcript] + [{"role": "user", "content": prompt}]
+        kept = self.transcript[self.window_start:]
+        return messages + [dict(m) for m in kept] + [{"role": "user", "content": prompt}]
 
+    def _trim_to_window(self, prompt: str, prefill: str | None, max_tokens: int) -> bool:
+        """Drop the oldest turns from what is sent until the turn should fit; return whether any went."""
+        if not self.context_window:
+            return False
+        trimmed = False
+        while self.window_start < len(self.transcript):
+            chars = sum(len(m["content"]) for m in self.messages_for(prompt)) + len(prefill or "")
+            if chars / self._chars_per_token + max_tokens <= self.context_window:
+                break
+            self.window_start += 2  # one user + assistant turn
+            trimmed = True
+        return trimmed
     async def _open_turn(self, manager: InferenceManager, host: HostInfo, model: str, prompt: str,
                          options: InferenceOptions, request_id: str, *, max_tokens: int,
                          prefill: str | None = None) -> tuple[WebSocketClient, dict[str, Any]]:
@@ -83,7 +107,12 @@ class Session:
                 raise
             self._conn, self._synced = conn, False
         self.host, self.model = host, model
-        replay = not self._synced or "plaintext-sessions" not in host.features or bool(prefill)
+        if self.context_window is None:
+            self.context_window = host.context_window
+        trimmed = self._trim_to_window(prompt, prefill, max_tokens)
+        # The host keeps the untrimmed history in its memory: a trimmed turn resends the window.
+        replay = not self._synced or "plaintext-sessions" not in host.features or bool(prefill) or trimmed
+        self._history_chars = sum(len(m["content"]) for m in self.messages_for(prompt)) + len(prefill or "")
         wire_prompt, messages = prompt, None
         if replay and (self.transcript or self.system_prompt or prefill):
             wire_prompt, messages = wire_transcript(self.messages_for(prompt), host.features, prefill)
@@ -105,11 +134,18 @@ class Session:
             if self._conn is conn:
                 self._conn, self._synced = None, False
 
-    def _complete_turn(self, prompt: str, answer: str, *, synced: bool) -> None:
+    def _complete_turn(self, prompt: str, answer: str, *, synced: bool, usage: Usage | None = None) -> None:
         self.transcript.append({"role": "user", "content": prompt})
         self.transcript.append({"role": "assistant", "content": answer})
         self.turns += 1
         self._synced = synced
+        if usage is not None:
+            self.prompt_tokens += usage.prompt_tokens
+            self.completion_tokens += usage.completion_tokens
+            if usage.context_window_size:
+                self.context_window = usage.context_window_size
+            if usage.prompt_tokens and self._history_chars:
+                self._chars_per_token = max(0.5, self._history_chars / usage.prompt_tokens)
 
 
 class SessionManager:
@@ -149,6 +185,29 @@ class SessionManager:
     def sessions(self) -> list[Session]:
         """Live sessions, oldest first."""
         return [s for s in self._sessions.values() if not s.ended]
+
+    def to_frame(self, include_ended: bool = False) -> Any:
+        """The sessions as a pandas DataFrame: id, model, host, turns, tokens, context use, state."""
+        import pandas as pd
+
+        rows = [
+            {
+                "id": s.id,
+                "model": s.model,
+                "host": s.host.api_url if s.host else None,
+                "turns": s.turns,
+                "prompt_tokens": s.prompt_tokens,
+                "completion_tokens": s.completion_tokens,
+                "context_window": s.context_window,
+                "trimmed_turns": s.window_start // 2,
+                "created_at": pd.Timestamp(s.created_at, unit="s"),
+                "ended": s.ended,
+            }
+            for s in self._sessions.values()
+            if include_ended or not s.ended
+        ]
+        return pd.DataFrame(rows, columns=["id", "model", "host", "turns", "prompt_tokens", "completion_tokens",
+                                           "context_window", "trimmed_turns", "created_at", "ended"])
 
     def stream(self, session_id: str, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
                **kwargs: Any) -> InferenceStream:

@@ -121,3 +121,34 @@ async def test_session_fails_over_mid_answer_and_keeps_the_transcript(start_host
     assert [m["content"] for m in session.transcript] == ["first question", first, "second question", second]
     # The new host got the whole history plus the partial answer as messages.
     assert second_stream.usage.prompt_tokens >= len(("first question " + first + "second question").split())
+
+
+async def test_oldest_turns_are_trimmed_before_the_context_overflows(start_host, make_manager):
+    """With a 60-token window, a long conversation keeps going: old turns leave what is sent, not the transcript."""
+    host = await start_host(backend={"context_window": 60})
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session()
+    for i in range(8):
+        prompt = f"question number {i} about the long history of rivers and seas"
+        stream, text = await turn(manager, session.id, prompt, max_tokens=8)
+        assert text == scripted_text(prompt, 8)
+        assert stream.usage.prompt_tokens + 8 <= 60
+    assert session.turns == 8 and len(session.transcript) == 16
+    assert session.window_start > 0 and session.context_window == 60
+    frame = manager.sessions.to_frame()
+    assert list(frame["id"]) == [session.id]
+    assert frame.loc[0, "turns"] == 8 and frame.loc[0, "trimmed_turns"] == session.window_start // 2
+    assert frame.loc[0, "prompt_tokens"] == session.prompt_tokens > 0
+
+
+async def test_without_trimming_the_same_conversation_overflows(start_host, make_manager):
+    """The scripted host really refuses an over-long history (what trimming avoids)."""
+    from fabstir_jupyter.errors import ContextOverflow
+
+    host = await start_host(backend={"context_window": 60})
+    manager = make_manager([host.ws_url])
+    long_history = [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "reply " * 20}]
+    with pytest.raises(ContextOverflow):
+        async with manager.stream("and now?", max_tokens=8, messages=long_history) as stream:
+            async for _ in stream:
+                pass
