@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import subprocess
 import sys
 
@@ -145,3 +146,32 @@ async def test_llama_cpp_network_serves_the_embedded_model_under_its_registry_na
             result = await manager.ainfer("Say hello.", max_tokens=3, model=name)
             assert result.usage.model == SMOLLM2_MODEL.file and result.usage.completion_tokens >= 1
             assert result.usage.cost_unit == "USDC"
+
+
+async def test_selection_modes_on_the_local_chain(network):
+    """cheapest picks the lowest stable price, fastest the lowest measured latency, reliable the best record."""
+    async with HostManager(sources=[network.source()], rng=random.Random(3)) as manager:
+        hosts = await manager.discover_all_active_hosts()
+        assert len(hosts) == 3
+        cheapest = min(hosts, key=lambda h: min(p["stable"] for p in h.prices.values()))
+        for _ in range(5):
+            assert (await manager.select_best_host(mode="cheapest")) is cheapest
+        for i, host in enumerate(hosts):  # make latency decide "fastest" whatever the probes measured
+            host.latency_ms = 20.0 if i == 2 else 2000.0
+        assert (await manager.select_best_host(mode="fastest")) is hosts[2]
+        for i, host in enumerate(hosts):  # and the success record decide "reliable"
+            host.requests, host.failures = 50, (0 if i == 1 else 25)
+        assert (await manager.select_best_host(mode="reliable")) is hosts[1]
+
+
+async def test_batch_over_the_local_chain_with_one_host_killed():
+    """A batch over chain-discovered hosts completes every prompt though one host was SIGKILLed."""
+    with LocalNetwork(3, "scripted", seed=11) as local:
+        config = InferenceConfig(usage_db=":memory:", backoff_initial=0.0)
+        async with InferenceManager(HostManager(sources=[local.source()]), config) as manager:
+            await manager.host_manager.discover_all_active_hosts()
+            local.kill_host(0)
+            prompts = [f"prompt {i}" for i in range(9)]
+            frame = await manager.batch(prompts, max_tokens=5)
+        assert list(frame["text"]) == [scripted_text(p, 5) for p in prompts]
+        assert frame["error"].map(lambda e: e is None or e != e).all()
