@@ -153,3 +153,23 @@ async def test_discovery_probes_hosts_and_caches_with_a_ttl(start_host):
         assert CountingSource.calls == 2
         assert manager.find(live.http_url) is info
         assert len(manager.hosts) == 2
+
+
+def test_served_ids_replace_registry_names_which_stay_as_aliases_with_their_prices():
+    """A host serving a registry model under its own id keeps the registry names and prices working."""
+    registry_name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    info = host(models=(registry_name,), prices={registry_name: {"stable": 2000}},
+                model_names={"HuggingFaceTB/SmolLM2:" + registry_name: registry_name, "0xabc": registry_name})
+    info.adopt_served_models(["SmolLM2-135M-Instruct.Q4_1"], {"SmolLM2": "SmolLM2-135M-Instruct.Q4_1"})
+    assert info.models == ("SmolLM2-135M-Instruct.Q4_1",)
+    for name in (registry_name, "HuggingFaceTB/SmolLM2:" + registry_name, "0xabc", "SmolLM2"):
+        assert resolve_model(name, info) == "SmolLM2-135M-Instruct.Q4_1"
+    assert info.cost("SmolLM2-135M-Instruct.Q4_1", 1000) == (pytest.approx(0.002), "USDC")
+
+
+def test_unmatched_registry_models_are_not_guessed_onto_another_model():
+    """With several served models and no file-name match, a registry name is not aliased."""
+    info = host(models=("llama-2-7b.gguf",))
+    info.adopt_served_models(["alpha", "beta"], {})
+    with pytest.raises(ModelNotAvailable):
+        resolve_model("llama-2-7b.gguf", info)

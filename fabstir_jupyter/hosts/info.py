@@ -80,6 +80,28 @@ class HostInfo:
             self.failures += 1
         self.health = "ok" if reachable else "unreachable"
 
+    def adopt_served_models(self, ids: list[str], names: dict[str, str]) -> None:
+        """Take the model ids the host itself lists (``/v1/models``), keeping registry names working.
+
+        A registry model the host serves under another id (same file name, or the host's only
+        model) becomes an alias of that id, and its prices move to it; the host's own names become
+        aliases too.
+        """
+        registry, old_aliases = list(self.models), dict(self.model_names)
+        self.models = tuple(ids)
+        self.model_names.update(names)
+        for name in registry:
+            if name in ids:
+                continue
+            matches = [i for i in ids if _normalised(i) == _normalised(name)]
+            target = matches[0] if len(matches) == 1 else (ids[0] if len(ids) == 1 else None)
+            if target is None:
+                continue  # never alias one model to another by guess
+            self.model_names[name] = target
+            self.model_names.update({alias: target for alias, model in old_aliases.items() if model == name})
+            if name in self.prices and target not in self.prices:
+                self.prices[target] = self.prices.pop(name)
+
     def cost(self, model: str, tokens: int) -> tuple[float | None, str | None]:
         """Return ``(cost, unit)`` of ``tokens`` of ``model`` at this host's price, or ``(None, None)``.
 
@@ -104,6 +126,10 @@ def _file_part(name: str) -> str:
         if sep in name:
             name = name.rsplit(sep, 1)[1]
     return name
+
+
+def _normalised(name: str) -> str:
+    return _file_part(name).lower().removesuffix(".gguf")
 
 
 def resolve_model(name: str | None, host: HostInfo, default: str | None = None) -> str:

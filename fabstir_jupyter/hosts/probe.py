@@ -107,8 +107,7 @@ class HostProber:
                     if isinstance(entry.get("context_window"), int):
                         host.context_window = entry["context_window"]
             if ids:
-                host.models = tuple(ids)
-                host.model_names.update(names)
+                host.adopt_served_models(ids, names)
 
     async def ping(self, host: HostInfo) -> float | None:
         """Time a WebSocket open up to the ``connected`` greeting; update the host; return seconds.
