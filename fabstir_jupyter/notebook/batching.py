@@ -17,10 +17,17 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["DEFAULT_INTERVAL", "DeltaBatcher"]
+__all__ = ["DEFAULT_INTERVAL", "DEFAULT_MAX_LATENCY", "DeltaBatcher"]
 
-#: Default batching interval of :class:`DeltaBatcher` (and the widget), seconds (at most 20 delta messages/s).
+#: Least time between two messages of :class:`DeltaBatcher` (and the widget), seconds (at most 20/s).
 DEFAULT_INTERVAL = 0.05
+#: How long a character waits for its delta at most, while the byte budget allows (seconds).
+DEFAULT_MAX_LATENCY = 0.25
+
+#: ``{"type":"snapshot","text":""}``: what a snapshot costs besides its text.
+SNAPSHOT_KEYS = 29
+#: Envelope kept in reserve for the last delta (:meth:`DeltaBatcher.flush` at the end): offsets to 10**15.
+DELTA_RESERVE = 52
 
 
 def _json_size(content: Any) -> int:
@@ -28,39 +35,76 @@ def _json_size(content: Any) -> int:
     return len(json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+def _string_size(text: str) -> int:
+    """Bytes of ``text`` inside a JSON string, quotes aside (its UTF-8 size unless it has escapes)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return len(text)
+    return _json_size(text) - 2
+
+
+def _delta_envelope(offset: int) -> int:
+    """``{"type":"delta","offset":<offset>,"text":""}``: what a delta costs besides its text."""
+    return 36 + len(str(offset))
+
+
 class DeltaBatcher:
     """Turn a growing text into batched delta and snapshot messages; no I/O of its own.
 
-    ``append`` collects text; a batch goes out through ``send(content)`` once ``interval`` seconds
-    (of ``clock``) have passed since the previous one, or on :meth:`flush`. A batch is sent as::
+    Sizes below are JSON bytes of text ("J"): the text's UTF-8 bytes, plus one byte for each
+    quote, backslash, newline or tab and five for other control characters.
 
-        {"type": "delta", "offset": <length of the text before it>, "text": <the batch>}
+    **When a batch goes out.** ``append`` collects text; a batch goes out through ``send(content)``
 
-    or, when a snapshot is due and sent, as ``{"type": "snapshot", "text": <the whole text>}``
-    instead (a view in step applies it just as well). A snapshot is due each time the text has
-    doubled since the last one (the first batch is always one). It is sent
+    * at once for the first text of a stream (time to first token matters), then
+    * never sooner than ``interval`` after the previous message (at most ``1/interval`` messages
+      per second, 20 by default, plus the one of :meth:`flush` at the end), and only once the
+      pending text is worth its envelope (at least ``worth ×`` the ~38 bytes of a delta's keys) or
+      its oldest character has waited ``max_latency`` — and the byte budget has room for the
+      envelope (below); or
+    * on :meth:`flush` (the end of the stream), whatever the rules.
 
-    * while the text is shorter than ``free_snapshot_chars`` (early, when views are most likely
-      to have missed something and snapshots are cheap), or
-    * when the bytes sent so far plus the snapshot stay within ``3 ×`` the text, so that with the
-      final trait the total stays within 4× the text, JSON keys included, or
-    * at the latest once the text has grown ``max_growth`` times since the last snapshot, so a
-      view that missed messages always catches up within a bounded growth of the text.
+    A character therefore waits at most ``max_latency`` (plus the time to the next ``append``)
+    while the stream brings ``envelope / (delta_share × max_latency)`` bytes per second or more
+    (about 234 B/s, some 50 tokens/s of 4-5 characters, with the defaults); a slower stream waits
+    until its text pays for the envelope: no later than when some ``envelope / delta_share`` ≈
+    60-70 bytes more have arrived (measured with tokens of 1-8 characters: at most 0.26 s at 85
+    tokens/s, about 0.7-1 s at 20 tokens/s, 3-4 s at 5 tokens/s).
 
-    A delta's keys cost about 41 bytes, so batches of 50 characters (200 tokens/s of 5 characters
-    in 50 ms batches) cost 1.8× their text; the budget then defers snapshots beyond doubling. A
-    slow stream with batches of a few characters exceeds 4× by the keys alone (20 tokens/s: about
-    8×, a few hundred bytes per second); the text carried stays under 4× whatever the rate.
+    **Delta or snapshot.** A batch is sent as ``{"type": "delta", "offset": <length of the text
+    before it>, "text": <the batch>}``, or as ``{"type": "snapshot", "text": <the whole text>}``
+    when a snapshot is due (a view in step applies either). The first batch is a snapshot; later,
+    one is due when the text has doubled (in bytes) since the last one and the snapshot budget has
+    room, and at the latest once it has grown ``max_growth`` times, so a view that missed messages
+    (one that rendered late) always catches up within a bounded growth of the text.
+
+    **Byte budget.** Two pools grow with the text ``J``: delta envelopes may spend
+    ``delta_share × J + delta_slack`` bytes (:data:`DELTA_RESERVE` of it kept for the last
+    delta), snapshots ``snapshot_share × J + snapshot_slack`` (their text and keys). A snapshot
+    forced by ``max_growth`` = 8 always fits the defaults' pool (for a last snapshot of ``L`` ≥ 39
+    bytes the pool grew by ``1.25 × 7L`` since; smaller ones are covered by the slack of 208 ≥ 29 ×
+    6 snapshots + 29). So the messages' JSON plus the final text trait's (``J + 2``) stay within::
+
+        (2 + delta_share + snapshot_share) × J + delta_slack + snapshot_slack + 2
+        = 3.9 × J + 338 bytes with the defaults
+
+    (deltas' text ``J``, final trait ``J + 2``, the two pools; :meth:`flush` is called once, at
+    the end, and spends the reserve): at most 4× the text once it is
+    3.4 kB or longer (some 750 tokens), whatever the rate, and a few hundred bytes more for a
+    shorter answer.
 
     Thread-safe: in ``--background`` mode the calls come from the loop thread.
 
     Args:
         send: called with each message's content (a JSON-able dict).
-        interval: seconds to batch text before sending it.
+        interval: least seconds between two messages (0: no rate limit).
+        max_latency: seconds a character may wait for its delta while the budget has room.
         clock: a monotonic clock in seconds (tests pass a fake one).
-        free_snapshot_chars: below this length snapshots ignore the byte budget.
-        max_growth: a due snapshot is sent regardless of the budget once the text is this many
-            times longer than at the last snapshot.
+        worth: a batch that is at least this many times its delta's envelope goes out without
+            waiting for ``max_latency``.
+        delta_share, delta_slack: the delta envelopes' pool, per byte of text and in bytes.
+        snapshot_share, snapshot_slack: the snapshots' pool, per byte of text and in bytes.
+        max_growth: a due snapshot is sent regardless of its pool once the text is this many
+            times longer (in bytes) than at the last snapshot.
     """
 
     def __init__(
@@ -68,16 +112,28 @@ class DeltaBatcher:
         send: Callable[[dict[str, Any]], None],
         *,
         interval: float = DEFAULT_INTERVAL,
+        max_latency: float = DEFAULT_MAX_LATENCY,
         clock: Callable[[], float] = time.monotonic,
-        free_snapshot_chars: int = 4096,
+        worth: float = 2.0,
+        delta_share: float = 0.65,
+        delta_slack: int = 128,
+        snapshot_share: float = 1.25,
+        snapshot_slack: int = 208,
         max_growth: float = 8.0,
     ) -> None:
         if not interval >= 0:
             raise ValueError(f"interval must be >= 0 seconds, got {interval!r}")
+        if not max_latency >= 0:
+            raise ValueError(f"max_latency must be >= 0 seconds, got {max_latency!r}")
         self._send = send
         self.interval = float(interval)
+        self.max_latency = float(max_latency)
         self.clock = clock
-        self.free_snapshot_chars = free_snapshot_chars
+        self.worth = worth
+        self.delta_share = delta_share
+        self.delta_slack = delta_slack
+        self.snapshot_share = snapshot_share
+        self.snapshot_slack = snapshot_slack
         self.max_growth = max_growth
         self._lock = threading.RLock()
         self.reset()
@@ -89,18 +145,28 @@ class DeltaBatcher:
             self._pending: list[str] = []  # text appended since the last batch
             self._length = 0  # characters appended so far
             self._sent_length = 0  # characters the sent messages cover
-            self._snapshot_length = 0  # length of the text at the last snapshot
-            self._text_bytes = 0  # UTF-8 bytes of the sent text
-            self._last_flush = self.clock()
+            self._size = 0  # JSON bytes of the text appended so far
+            self._sent_size = 0  # JSON bytes of the text the sent messages cover
+            self._snapshot_size = 0  # JSON bytes of the text at the last snapshot
+            self._last_send: float | None = None  # clock of the last message
+            self._pending_since: float | None = None  # clock of the oldest pending character
             self.messages = 0
             self.snapshots = 0
             self.bytes_sent = 0
+            self.envelope_bytes = 0  # bytes of delta keys sent (the delta pool's spending)
+            self.snapshot_bytes = 0  # bytes of snapshots sent (the snapshot pool's spending)
+            self.max_wait = 0.0  # the longest a character waited for its message
 
     @property
     def text(self) -> str:
         """All the text appended since the last :meth:`reset`."""
         with self._lock:
             return self._sent_text() + "".join(self._pending)
+
+    @property
+    def size(self) -> int:
+        """JSON bytes of :attr:`text` (its UTF-8 bytes when it has no quotes, backslashes or controls)."""
+        return self._size
 
     def _sent_text(self) -> str:
         if len(self._sent) > 1:
@@ -113,49 +179,76 @@ class DeltaBatcher:
         return self._length - self._sent_length
 
     def append(self, piece: str) -> None:
-        """Add ``piece``; send the batch if ``interval`` has passed since the last one.
+        """Add ``piece``; send the batch if it is due (see the class's rules).
 
         An empty ``piece`` only sends a batch that is due (call it when idle, so a pause in
         the stream does not hold back the last tokens).
         """
         with self._lock:
+            now = self.clock()
             if piece:
                 self._pending.append(piece)
                 self._length += len(piece)
-            if self._length > self._sent_length and self.clock() - self._last_flush >= self.interval:
-                self.flush()
+                self._size += _string_size(piece)
+                if self._pending_since is None:
+                    self._pending_since = now
+            if self._length > self._sent_length and self._due(now):
+                self._send_batch(now)
 
     def flush(self) -> None:
-        """Send what is pending now, as a delta or a snapshot."""
+        """Send what is pending now, as a delta or a snapshot, whatever the rules."""
         with self._lock:
-            self._last_flush = self.clock()
-            if self._length == self._sent_length:
-                return
-            batch = "".join(self._pending)
-            self._pending.clear()
-            self._sent.append(batch)
-            self._text_bytes += len(batch.encode())
-            if self._snapshot_now():
-                content: dict[str, Any] = {"type": "snapshot", "text": self._sent_text()}
-                self._snapshot_length = self._length
-                self.snapshots += 1
-            else:
-                content = {"type": "delta", "offset": self._sent_length, "text": batch}
-                if len(self._sent) >= 256:
-                    self._sent_text()
-            self._sent_length = self._length
-            self.messages += 1
-            self.bytes_sent += _json_size(content)
-            self._send(content)
+            if self._length > self._sent_length:
+                self._send_batch(self.clock())
+
+    def _due(self, now: float) -> bool:
+        """Whether the pending batch goes out now (see the class's rules)."""
+        if self._sent_length == 0:
+            return True  # the first text of the stream: at once
+        if self._last_send is not None and now - self._last_send < self.interval:
+            return False
+        envelope = _delta_envelope(self._sent_length)
+        assert self._pending_since is not None
+        if self._size - self._sent_size < self.worth * envelope and now - self._pending_since < self.max_latency:
+            return False
+        if self._snapshot_now():
+            return True  # paid from the snapshot pool
+        return self.envelope_bytes + envelope + DELTA_RESERVE <= self.delta_share * self._size + self.delta_slack
 
     def _snapshot_now(self) -> bool:
-        """Whether this batch goes out as a snapshot (see the class's rules)."""
-        last, length = self._snapshot_length, self._length
+        """Whether the pending batch goes out as a snapshot (see the class's rules)."""
+        last, size = self._snapshot_size, self._size
         if last == 0:
             return True
-        if length < 2 * last:
+        if size < 2 * last:
             return False
-        if length < self.free_snapshot_chars or length >= self.max_growth * last:
+        if size >= self.max_growth * last:
             return True
-        # Keys and quotes of a snapshot: {"type":"snapshot","text":""} (JSON escapes not counted).
-        return self.bytes_sent + self._text_bytes + 29 <= 3 * self._text_bytes
+        cost = size + SNAPSHOT_KEYS
+        return self.snapshot_bytes + cost <= self.snapshot_share * size + self.snapshot_slack
+
+    def _send_batch(self, now: float) -> None:
+        batch = "".join(self._pending)
+        self._pending.clear()
+        self._sent.append(batch)
+        if self._snapshot_now():
+            content: dict[str, Any] = {"type": "snapshot", "text": self._sent_text()}
+            cost = _json_size(content)
+            self._snapshot_size = self._size
+            self.snapshots += 1
+            self.snapshot_bytes += cost
+        else:
+            content = {"type": "delta", "offset": self._sent_length, "text": batch}
+            cost = _json_size(content)
+            self.envelope_bytes += cost - (self._size - self._sent_size)
+            if len(self._sent) >= 256:
+                self._sent_text()
+        if self._pending_since is not None:
+            self.max_wait = max(self.max_wait, now - self._pending_since)
+        self._sent_length = self._length
+        self._sent_size = self._size
+        self._pending_since = None
+        self._last_send = now
+        self.messages += 1
+        self.bytes_sent += cost
+        self._send(content)

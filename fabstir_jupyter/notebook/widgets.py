@@ -3,19 +3,21 @@
 :class:`StreamOutput` shows one ``%%fabstir`` answer as it streams (it implements the magics'
 ``OutputSink``: ``start``, ``append``, ``finish``, ``failed``, ``cancelled``). Setting a trait
 resends its whole value, so appending tokens to a trait costs O(n²) bytes. Instead
-:class:`~.batching.DeltaBatcher` turns the growing text into custom messages, batched for ``interval``
-seconds (the front end also drops iopub output above 1000 messages/s)::
+:class:`~.batching.DeltaBatcher` turns the growing text into custom messages, at most one per
+``interval`` seconds, each batch held until it is worth its JSON envelope or has waited
+``max_latency`` (0.25 s) (the front end also drops iopub output above 1000 messages/s)::
 
     {"type": "delta", "offset": 120, "text": " more words"}   # applies where the view has 120 chars
     {"type": "snapshot", "text": "the whole text so far"}      # catch-up for a view that missed some
 
 A custom message sent before the front end has loaded the widget's module is lost, and a message
 from the view is not handled while the cell runs, so the kernel pushes catch-up state unasked: a
-snapshot replaces the delta of a batch each time the text has doubled since the last snapshot.
-The full ``text`` trait is set once, at the end (saved widget state and re-renders are right).
-The text carried stays under 4× the text: deltas 1×, snapshots under 2×, the final trait 1×.
-Past a few KiB, snapshots also leave room for the messages' JSON keys, so that a stream of
-tokens at a normal rate stays within 4× its text in bytes as well (see :class:`~.batching.DeltaBatcher`).
+snapshot replaces the delta of a batch when the text has doubled since the last snapshot (and the
+snapshot budget has room), at the latest when it has grown 8×. The full ``text`` trait is set
+once, at the end (saved widget state and re-renders are right). Deltas' envelopes and snapshots
+each spend from a byte pool that grows with the text, so messages plus the final trait stay
+within 3.9× the text + 338 bytes at any token rate: under 4× past 3.4 kB (see
+:class:`~.batching.DeltaBatcher`).
 
 The widgets only adapt: the batching rules live in :mod:`.batching`, the host and usage tables
 (rows, prices, sorting, DataFrames) in :mod:`.tables`, neither of which imports a widget library.
@@ -90,8 +92,8 @@ class StreamOutput(anywidget.AnyWidget):
     Args:
         format: how the final text is rendered.
         background: show a stop button; clicking it calls the :meth:`on_stop` callbacks.
-        interval: seconds to batch text before sending it (``update_interval`` is an alias,
-            the name the magics' config uses).
+        interval: least seconds between two messages (``update_interval`` is an alias, the
+            name the magics' config uses).
         clock: a monotonic clock (tests pass a fake one).
         send: where messages go (default: the widget's comm); tests pass a recorder.
         on_stop: a callback for the stop button.
@@ -158,7 +160,9 @@ class StreamOutput(anywidget.AnyWidget):
             self._display_handle = _display(self)
 
     def append(self, text: str) -> None:
-        """Add text that just arrived; it reaches the view within ``interval`` seconds.
+        """Add text that just arrived; the first text is sent at once, later text within the
+        batcher's ``max_latency`` (0.25 s) while the stream brings some 50 tokens/s or more, and
+        as soon as it pays for its message's keys when slower (see :class:`~.batching.DeltaBatcher`).
 
         ``append("")`` sends a batch that is due without adding text: call it when the stream
         is idle (e.g. on each queue timeout) so a pause does not hold back the last tokens.

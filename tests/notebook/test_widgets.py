@@ -168,6 +168,114 @@ def test_text_payload_stays_under_four_times_the_text_at_any_rate(rate):
     assert payload < 4 * len(widget.text)
 
 
+def make_short_tokens(count: int, seed: int = 11) -> list[str]:
+    """Tokens of 1 to 8 characters, letters and spaces (JSON bytes = UTF-8 bytes = characters)."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghij ") for _ in range(rng.randint(1, 8))) for _ in range(count)]
+
+
+def text_size(text: str) -> int:
+    """JSON bytes of ``text`` inside a string (its UTF-8 bytes when nothing needs escaping)."""
+    return json_bytes(text) - 2
+
+
+def byte_bound(batcher: DeltaBatcher, size: int) -> float:
+    """The bound the batcher guarantees for its messages plus the final trait (see its docstring)."""
+    return ((2 + batcher.delta_share + batcher.snapshot_share) * size + batcher.delta_slack
+            + batcher.snapshot_slack + 2)
+
+
+def run_batcher(tokens: list[str], rate: float, **options):
+    """Stream ``tokens`` into a DeltaBatcher at ``rate`` tokens/s of fake time, then flush (the end).
+
+    Returns the batcher, the recorder, per message ``(wait, budget_wait)`` and the tokens' arrival
+    times: ``wait`` is how long the oldest character the message carries had been pending,
+    ``budget_wait`` how long the stream took, from that character on, to bring 70 characters (bytes,
+    for the ASCII tokens the latency tests use; 70 ≥ a delta's envelope / delta_share).
+    """
+    clock = FakeClock()
+    recorder = Recorder(clock)
+    batcher = DeltaBatcher(recorder, clock=clock, **options)
+    starts: list[float] = []  # append time of each character, in order
+    start = clock.now
+    for index, token in enumerate(tokens):
+        clock.now = start + 0.3 + index / rate
+        starts.extend([clock.now] * len(token))
+        batcher.append(token)
+    batcher.flush()
+    arrivals = [start + 0.3 + index / rate for index in range(len(tokens))]
+    ends = []  # time at which 70 bytes had arrived counting from each character on
+    for index in range(len(starts)):
+        ends.append(starts[index + 69] if index + 69 < len(starts) else float("inf"))
+    waits, covered = [], 0
+    for message, sent_at in zip(recorder.messages, recorder.times):
+        first = 0 if message["type"] == "snapshot" and covered == 0 else covered
+        covered = len(message["text"]) if message["type"] == "snapshot" else covered + len(message["text"])
+        waits.append((sent_at - starts[first], ends[first] - starts[first]))
+    return batcher, recorder, waits, arrivals
+
+
+@pytest.mark.parametrize("rate", [5, 20, 85, 200, 2000])
+@pytest.mark.parametrize("count", [2_000, 10_000])
+def test_traffic_at_any_rate_stays_within_25_per_second_and_four_times_the_text(rate, count):
+    """Tokens of 1-8 characters at 5 to 2000 tokens/s: ≤ 25 messages in any second of stream time,
+    messages plus the final trait ≤ 4× the text (and ≤ the batcher's stated bound), latency bounded."""
+    tokens = make_short_tokens(count, seed=rate)
+    batcher, recorder, waits, _ = run_batcher(tokens, rate)
+    text = "".join(tokens)
+    assert batcher.text == text
+    view = ViewSimulator()
+    for message in recorder.messages:
+        view.apply(message)
+    assert view.text == text
+    assert max_per_second(recorder.times) <= 25
+    total = sum(json_bytes(m) for m in recorder.messages) + json_bytes(text)
+    assert total == batcher.bytes_sent + json_bytes(text)
+    assert total <= 4 * len(text.encode())
+    assert total <= byte_bound(batcher, text_size(text))
+    period = 1 / rate
+    for wait, budget_wait in waits[:-1]:  # the last is the end's flush
+        # at most max_latency (plus the gap to the next append), unless the delta pool was short:
+        # then no later than when 70 bytes (≥ envelope / delta_share) had arrived from it on
+        assert wait <= max(batcher.max_latency, budget_wait) + period + 1e-9
+    if rate >= 85:  # 85 tokens/s of ~4.5 bytes pay for an envelope each 0.25 s with room to spare
+        assert max(wait for wait, _ in waits[:-1]) <= batcher.max_latency + period + 1e-9
+
+
+@pytest.mark.parametrize("rate", [20, 85, 200])
+def test_the_first_text_goes_out_at_once(rate):
+    """Time to first token: the first append sends a snapshot at once, however little text it has."""
+    batcher, recorder, _, arrivals = run_batcher(make_short_tokens(50, seed=rate), rate)
+    assert recorder.messages[0]["type"] == "snapshot" and recorder.times[0] == arrivals[0]
+
+
+short_token = st.text(alphabet=st.sampled_from(list("abc \n\"\\<") + ["é", "😀", "\t", "\x01"]),
+                      min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tokens=st.lists(short_token, min_size=1, max_size=400), rate=st.sampled_from([5, 20, 85, 200, 2000]),
+       interval=st.sampled_from([0, 0.05]))
+def test_short_streams_stay_within_the_stated_bound(tokens, rate, interval):
+    """Any stream, escapes included: messages + final trait ≤ (2 + delta_share + snapshot_share) × J
+    + delta_slack + snapshot_slack + 2 = 3.9 J + 338 bytes (J: the text's JSON bytes), each pool within
+    its share, and the view rebuilds the text."""
+    batcher, recorder, _, _ = run_batcher(tokens, rate, interval=interval)
+    text = "".join(tokens)
+    size = text_size(text)
+    assert size == batcher.size
+    total = sum(json_bytes(m) for m in recorder.messages) + json_bytes(text)
+    assert total <= byte_bound(batcher, size)
+    assert byte_bound(batcher, size) == pytest.approx(3.9 * size + 338)
+    assert batcher.snapshot_bytes <= batcher.snapshot_share * size + batcher.snapshot_slack
+    assert batcher.envelope_bytes <= batcher.delta_share * size + batcher.delta_slack
+    view = ViewSimulator()
+    for message in recorder.messages:
+        view.apply(message)
+    assert view.text == text
+
+
+
 def test_widget_traffic_through_a_recording_comm(comm_log, monkeypatch):
     """On the real comm: ≤ 25 messages per second, ≤ 4× the text, and the text trait is sent once."""
     clock = FakeClock()
@@ -194,10 +302,12 @@ def test_widget_traffic_through_a_recording_comm(comm_log, monkeypatch):
 
 
 def test_first_batch_is_a_snapshot_and_later_ones_deltas_with_offsets():
-    """The first batch goes out at once as a snapshot; then deltas at their offsets until the text doubles."""
+    """The first text goes out at once as a snapshot; then deltas at their offsets, batched until their
+    oldest character has waited max_latency (or they are worth their envelope); a snapshot when the text
+    has doubled."""
     clock = FakeClock()
     sent: list[dict] = []
-    batcher = DeltaBatcher(sent.append, interval=0.05, clock=clock)
+    batcher = DeltaBatcher(sent.append, interval=0.05, max_latency=0.25, clock=clock)
     clock.now += 0.2
     batcher.append("Hello world")
     assert sent == [{"type": "snapshot", "text": "Hello world"}]
@@ -207,10 +317,34 @@ def test_first_batch_is_a_snapshot_and_later_ones_deltas_with_offsets():
     assert len(sent) == 1  # batched
     clock.now += 0.06
     batcher.append("!")
-    assert sent[1] == {"type": "delta", "offset": 11, "text": " and more!"}
+    assert len(sent) == 1  # past the interval, but 10 characters are not worth a ~38-byte envelope yet
+    clock.now += 0.19
+    batcher.append("")
+    assert sent[1] == {"type": "delta", "offset": 11, "text": " and more!"}  # waited max_latency
     clock.now += 0.06
     batcher.append(" Twice as long now.")
+    clock.now += 0.3
+    batcher.append("")
     assert sent[2] == {"type": "snapshot", "text": "Hello world and more! Twice as long now."}
+
+
+def test_a_batch_worth_its_envelope_goes_out_after_the_interval():
+    """Pending text of at least worth × the delta's envelope is sent once interval has passed."""
+    clock = FakeClock()
+    sent: list[dict] = []
+    batcher = DeltaBatcher(sent.append, interval=0.05, max_latency=10, clock=clock)
+    batcher.append("x" * 1000)
+    batcher.append("y" * 30)
+    clock.now += 0.0625
+    batcher.append("")
+    assert len(sent) == 1  # 30 bytes < 2 × 40
+    batcher.append("y" * 50)
+    assert sent[-1] == {"type": "delta", "offset": 1000, "text": "y" * 80}
+    batcher.append("z" * 200)
+    assert len(sent) == 2  # within the interval
+    clock.now += 0.0625
+    batcher.append("")
+    assert sent[-1]["offset"] == 1080
 
 
 def test_idle_append_sends_the_due_batch():
@@ -224,7 +358,7 @@ def test_idle_append_sends_the_due_batch():
     assert len(sent) == 1
     batcher.append("")
     assert len(sent) == 1  # not due yet
-    clock.now += 0.06
+    clock.now += 0.3  # past max_latency
     batcher.append("")
     assert sent[-1]["text"] == "ab"  # twice the last snapshot: a snapshot
     clock.now += 1
@@ -235,7 +369,7 @@ def test_idle_append_sends_the_due_batch():
 def test_offsets_count_code_points():
     """Offsets count code points (Python's len), emoji included."""
     sent: list[dict] = []
-    batcher = DeltaBatcher(sent.append, interval=0, clock=FakeClock())
+    batcher = DeltaBatcher(sent.append, interval=0, max_latency=0, clock=FakeClock())
     for piece in ["😀é", "x", "𝔘ñ", "y"]:
         batcher.append(piece)
     assert [m["type"] for m in sent] == ["snapshot", "delta", "snapshot", "delta"]
@@ -247,11 +381,13 @@ def test_offsets_count_code_points():
 
 
 def test_interval_must_not_be_negative():
-    """A negative or NaN interval is a ValueError."""
+    """A negative or NaN interval or max_latency is a ValueError."""
     with pytest.raises(ValueError):
         DeltaBatcher(lambda m: None, interval=-1)
     with pytest.raises(ValueError):
         DeltaBatcher(lambda m: None, interval=float("nan"))
+    with pytest.raises(ValueError):
+        DeltaBatcher(lambda m: None, max_latency=-0.1)
 
 
 # --------------------------------------------------------------------------- the view catches up
@@ -297,20 +433,21 @@ def test_view_reconstructs_the_text_after_any_dropped_prefix(tokens, gaps, data)
 @settings(max_examples=60, deadline=None)
 @given(rate=st.integers(min_value=5, max_value=3000), count=st.integers(min_value=1, max_value=3000))
 def test_a_snapshot_follows_before_the_text_grows_eightfold(rate, count):
-    """No batch leaves the text 8× longer than at the last snapshot without being a snapshot."""
+    """No batch leaves the text 8× longer (in bytes) than at the last snapshot without being a snapshot;
+    snapshots come at doublings at the earliest."""
     clock = FakeClock()
     widget, recorder = stream_output(clock)
     widget.start(host=None, model=None)
     stream(widget, clock, make_tokens(count, seed=rate), rate=rate)
     widget.finish(result(widget.batcher.text))
-    last_snapshot, length = 0, 0
+    last_snapshot, size = 0, 0
     for message in recorder.messages:
         if message["type"] == "snapshot":
-            assert length == 0 or len(message["text"]) >= 2 * last_snapshot
-            last_snapshot = length = len(message["text"])
+            assert size == 0 or json_bytes(message["text"]) - 2 >= 2 * last_snapshot
+            last_snapshot = size = json_bytes(message["text"]) - 2
         else:
-            length += len(message["text"])
-            assert length < widget.batcher.max_growth * last_snapshot
+            size += json_bytes(message["text"]) - 2
+            assert size < widget.batcher.max_growth * last_snapshot
 
 
 # --------------------------------------------------------------------------- states and reprs
