@@ -742,7 +742,7 @@ class InferenceManager:
                                mode: str = "auto") -> HostInfo:
         """Return the best host for ``requirements`` in a selection ``mode`` (auto, cheapest,
         fastest, reliable), discovering and probing as needed."""
-        return await self.host_manager.select_best_host(requirements, mode=mode)
+        return await self._call_on_owner(self.host_manager.select_best_host(requirements, mode=mode))
 
     async def batch(self, prompts: Sequence[str], options: InferenceOptions | Mapping[str, Any] | None = None, *,
                     max_concurrency: int | None = None, per_host_concurrency: int | None = None,

@@ -34,6 +34,7 @@ from .parsers import (
     EndCommand,
     HelpCommand,
     HostsCommand,
+    ManagerCommand,
     ModelsCommand,
     NetworkCommand,
     SessionsCommand,
@@ -440,6 +441,17 @@ class FabstirMagics(Magics):
         """Stop every background stream."""
         count = self.bridge.cancel_background()
         print(f"[fabstir] cancelled {count} background stream{'s' if count != 1 else ''}")
+
+    def handle_manager(self, command: ManagerCommand) -> InferenceManager:
+        """The :class:`~fabstir_jupyter.inference.InferenceManager` the ``%%fabstir`` cells use.
+
+        It lives on the bridge's loop thread (starting the network on first use) and shares the
+        cells' hosts, connection pool and usage ledger. Its blocking methods (``infer``,
+        ``batch_blocking``) work from a cell, and so does awaiting ``batch``, which runs on the
+        manager's own loop. ``batch_blocking(prompts, progress=bar.update)`` with
+        ``bar = BatchProgress(len(prompts))`` drives a progress bar.
+        """
+        return self._manager()
 
     def handle_help(self, command: HelpCommand) -> None:
         """Print what the magics do."""

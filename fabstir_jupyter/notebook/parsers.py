@@ -35,6 +35,7 @@ __all__ = [
     "ConfigCommand",
     "HelpCommand",
     "CancelCommand",
+    "ManagerCommand",
     "LineCommand",
     "cell_parser",
     "line_parser",
@@ -314,8 +315,15 @@ class CancelCommand:
     type: Literal["cancel"] = "cancel"
 
 
+@dataclass(frozen=True)
+class ManagerCommand:
+    """``%fabstir manager``: the ``InferenceManager`` the cells use, for the Python API."""
+
+    type: Literal["manager"] = "manager"
+
+
 LineCommand = Union[HostsCommand, UsageCommand, SessionsCommand, EndCommand, ModelsCommand, NetworkCommand,
-                    ConfigCommand, HelpCommand, CancelCommand]
+                    ConfigCommand, HelpCommand, CancelCommand, ManagerCommand]
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
@@ -327,6 +335,9 @@ LINE_COMMAND_HELP: dict[str, str] = {
     "network": "show the network, or switch to NAME (local, static, base-sepolia)",
     "config": "show the settings, show KEY, or set KEY to VALUE (also: %config FabstirMagics.KEY = VALUE)",
     "cancel": "stop every --background stream still running",
+    "manager": "return the InferenceManager the %%fabstir cells use (same hosts, pool and usage ledger), for "
+               "infer(), batch_blocking(prompts, progress=...) and select_best_host(mode=...); await its async "
+               "methods (await manager.batch(...)) or call the blocking ones",
     "help": "show this help",
 }
 
@@ -357,6 +368,7 @@ def line_parser() -> argparse.ArgumentParser:
     config.add_argument("key", metavar="KEY", nargs="?", choices=CONFIG_KEYS)
     config.add_argument("value", metavar="VALUE", nargs="?")
     command("cancel")
+    command("manager")
     command("help")
     return parser
 
@@ -391,6 +403,8 @@ def parse_line_command(line: str) -> LineCommand:
         return ConfigCommand(key=args.key, value=args.value)
     if name == "cancel":
         return CancelCommand()
+    if name == "manager":
+        return ManagerCommand()
     return HelpCommand()
 
 

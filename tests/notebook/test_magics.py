@@ -85,7 +85,7 @@ def test_cell_magic_help_documents_every_option(make_shell):
     doc = ip.find_cell_magic("fabstir").__doc__
     for text in ("--model", "--max-tokens", "--temperature", "--top-p", "--stop", "--seed", "--host", "--session",
                  "--mode", "--format", "--out", "--background", "--no-interpolate", "--network", "{name.attr}",
-                 "%fabstir hosts", "%fabstir end NAME", "%fabstir config"):
+                 "%fabstir hosts", "%fabstir end NAME", "%fabstir config", "%fabstir manager"):
         assert text in doc
 
 
@@ -560,6 +560,122 @@ def test_local_network_starts_a_host_process_and_unload_stops_it(make_shell, cap
     ip.run_line_magic("unload_ext", "fabstir_jupyter")
     assert proc.poll() is not None
     assert not loop_thread_alive()
+
+
+# --------------------------------------------------------------------------- %fabstir manager and batches
+
+
+def manager_of_streams(monkeypatch) -> list:
+    """Record the InferenceManager behind every stream created from now on."""
+    seen = []
+    original = InferenceStream.__init__
+
+    def spy(self, manager, prompt, options, **kwargs):
+        seen.append(manager)
+        original(self, manager, prompt, options, **kwargs)
+
+    monkeypatch.setattr(InferenceStream, "__init__", spy)
+    return seen
+
+
+def test_manager_is_the_one_the_cells_use(ip, monkeypatch):
+    """%fabstir manager returns the InferenceManager behind %%fabstir: same object, same usage ledger."""
+    from fabstir_jupyter.inference import InferenceManager
+
+    managers = manager_of_streams(monkeypatch)
+    cell(ip, "--max-tokens 3 --out r")
+    manager = ip.run_line_magic("fabstir", "manager")
+    assert isinstance(manager, InferenceManager)
+    assert managers == [manager]
+    assert ip.run_line_magic("fabstir", "manager") is manager
+    magics = ip.magics_manager.registry["FabstirMagics"]
+    assert magics.bridge.sdk()._inference is manager
+    assert list(manager.usage.to_frame()["request_id"].notna()) == [True]
+    result = manager.infer(PROMPT, max_tokens=3)  # blocking, from this (the cell's) thread
+    assert result.text == ip.user_ns["r"].text == scripted_text(PROMPT, 3)
+    cell(ip, "--max-tokens 2")
+    assert managers[-1] is manager and len(manager.usage.to_frame()) == 3
+
+
+def test_manager_before_any_cell_starts_the_network(ip):
+    """%fabstir manager works first thing in a notebook, and the cells then use that manager."""
+    manager = ip.run_line_magic("fabstir", "manager")
+    assert manager.infer("first", max_tokens=2).text == scripted_text("first", 2)
+    cell(ip, "--max-tokens 2")
+    assert len(manager.usage.to_frame()) == 2
+
+
+def test_manager_batch_blocking_runs_on_the_test_hosts(make_shell, start_host):
+    """batch_blocking through the magics' manager spreads prompts over the hosts, one row per prompt."""
+    hosts = [start_host(), start_host()]
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = {[h.ws_url for h in hosts]!r}")
+    manager = ip.run_line_magic("fabstir", "manager")
+    prompts = [f"Name river number {i}" for i in range(8)]
+    for mode in ("auto", "cheapest", "fastest", "reliable"):
+        frame = manager.batch_blocking(prompts, max_tokens=4, mode=mode)
+        assert list(frame["prompt"]) == prompts
+        assert list(frame["text"]) == [scripted_text(p, 4) for p in prompts]
+        assert frame["error"].isna().all() and (frame["tokens"] == 4).all()
+        assert set(frame["host"]) <= {h.http_url for h in hosts}
+    records = manager.usage.to_frame()
+    assert records["error_code"].isna().sum() == 4 * len(prompts)  # HOST_BUSY retries add rows
+    assert sum(h.active_streams for h in hosts) == 0
+
+
+def test_batch_drives_a_progress_bar_to_the_end(ip):
+    """batch_blocking(prompts, progress=bar.update) with bar = BatchProgress(len(prompts)) ends at done == total."""
+    pytest.importorskip("anywidget")
+    from fabstir_jupyter.notebook.widgets import BatchProgress
+
+    manager = ip.run_line_magic("fabstir", "manager")
+    prompts = [f"Prompt {i}" for i in range(6)] + [""]  # the empty prompt gives an error row, not an exception
+    bar = BatchProgress(len(prompts), description="batch")
+    calls = []
+    update = bar.update
+
+    def recording_update(done, total=None, errors=None):
+        calls.append((done, total, errors))
+        update(done, total, errors)
+
+    frame = manager.batch_blocking(prompts, progress=recording_update, max_tokens=3)
+    assert len(frame) == len(prompts) and frame["error"].notna().sum() == 1
+    assert [done for done, _, _ in calls] == list(range(1, len(prompts) + 1))
+    assert {total for _, total, _ in calls} == {len(prompts)}
+    assert bar.done == bar.total == len(prompts) and bar.errors == 1
+    assert repr(bar) == f"BatchProgress: batch: {len(prompts)}/{len(prompts)} done, 1 error"
+
+    again = BatchProgress(3)
+    manager.batch_blocking(prompts[:3], progress=again.update, max_tokens=3)  # the bound method itself
+    assert again.done == again.total == 3 and again.errors == 0
+
+
+def test_awaiting_the_managers_batch_from_a_cell(ip):
+    """`await manager.batch(...)` in a cell runs on the manager's own loop and reports progress."""
+    pytest.importorskip("anywidget")
+    from fabstir_jupyter.notebook.widgets import BatchProgress
+
+    ip.user_ns["manager"] = ip.run_line_magic("fabstir", "manager")
+    ip.user_ns["prompts"] = ["one", "two", "three"]
+    result = ip.run_cell(
+        "from fabstir_jupyter.notebook.widgets import BatchProgress\n"
+        "bar = BatchProgress(len(prompts))\n"
+        "frame = await manager.batch(prompts, progress=bar.update, max_tokens=2, mode='cheapest')\n"
+        "best = await manager.select_best_host(mode='reliable')\n"
+    )
+    assert result.success, result.error_in_exec
+    frame, bar = ip.user_ns["frame"], ip.user_ns["bar"]
+    assert isinstance(bar, BatchProgress) and bar.done == bar.total == 3
+    assert list(frame["text"]) == [scripted_text(p, 2) for p in ("one", "two", "three")]
+    assert ip.user_ns["best"].api_url == frame["host"][0]
+
+
+def test_manager_on_a_bad_network_is_one_line(make_shell, capsys):
+    """Where no network can start, %fabstir manager prints one error line and returns None."""
+    ip = make_shell()
+    ip.run_line_magic("config", "FabstirMagics.network = 'static'")
+    assert ip.run_line_magic("fabstir", "manager") is None
+    assert one_line_error(capsys).startswith("FabstirError [")
 
 
 # --------------------------------------------------------------------------- with the widgets

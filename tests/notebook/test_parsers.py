@@ -17,6 +17,7 @@ from fabstir_jupyter.notebook.parsers import (
     EndCommand,
     HelpCommand,
     HostsCommand,
+    ManagerCommand,
     ModelsCommand,
     NetworkCommand,
     SessionsCommand,
@@ -164,6 +165,7 @@ def test_bad_cell_options_are_one_line_usage_errors(line, fragment):
     ("config max_tokens 64", ConfigCommand(key="max_tokens", value="64")),
     ("config hosts ws://a:1 ws://b:2", ConfigCommand(key="hosts", value="ws://a:1 ws://b:2")),
     ("cancel", CancelCommand()),
+    ("manager", ManagerCommand()),
 ])
 def test_line_commands_parse_to_typed_objects(line, expected):
     """Each %fabstir command is a dataclass tagged by its subcommand."""
@@ -179,6 +181,7 @@ def test_line_commands_parse_to_typed_objects(line, expected):
     ("config colour red", "invalid choice: 'colour'"),
     ("usage --limit x", "expected a positive integer"),
     ("hosts extra", "unrecognized arguments: extra"),
+    ("manager --frame", "unrecognized arguments: --frame"),
 ])
 def test_bad_line_commands_are_one_line_usage_errors(line, fragment):
     """Unknown commands and bad arguments raise a one-line UsageError."""
@@ -194,7 +197,8 @@ def test_help_documents_every_option_and_command():
                  "--session", "--mode", "--format", "--out", "--background", "--no-interpolate", "--network"):
         assert flag in text
     commands = line_help()
-    for name in ("hosts", "usage", "sessions", "end NAME", "models", "network", "config", "cancel", "help"):
+    for name in ("hosts", "usage", "sessions", "end NAME", "models", "network", "config", "cancel", "manager",
+                 "help"):
         assert f"%fabstir {name}" in commands
 
 
