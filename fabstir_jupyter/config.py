@@ -63,6 +63,14 @@ def _positive(name: str, value: Any, *, integer: bool = False, allow_none: bool 
         raise InvalidOptions(f"{name} must be positive, not {value!r}", field=name)
 
 
+def _check_token(name: str, token: object) -> None:
+    # The message never echoes the token.
+    if token is None:
+        return
+    if not isinstance(token, str) or not token or any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise InvalidOptions(f"{name}: a token must be non-empty printable ASCII without spaces", field=name)
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Client-wide inference settings. Times are in seconds.
@@ -95,6 +103,9 @@ class InferenceConfig:
             refused until paid sessions exist (spec/PROTOCOL.md §10).
         usage_db: the usage ledger's SQLite file; ``None`` = the user's data dir, ``":memory:"`` allowed.
         trace: log every frame sent and received at DEBUG on ``fabstir_jupyter.wire``.
+        auth_token: a bearer token sent to every host (``Authorization: Bearer ...``); never shown.
+        auth_tokens: bearer tokens per host, keyed by any host URL form (``http://h:1``,
+            ``wss://h:1/v1/ws``, ``h:1``); wins over ``auth_token``. Never shown.
     """
 
     default_model: str | None = None
@@ -122,6 +133,8 @@ class InferenceConfig:
     network: str = "local"
     usage_db: str | None = None
     trace: bool = False
+    auth_token: str | None = field(default=None, repr=False, compare=False)
+    auth_tokens: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
@@ -138,6 +151,27 @@ class InferenceConfig:
             _positive(name, getattr(self, name), integer=True)
         if self.default_max_tokens > self.max_tokens_cap:
             raise InvalidOptions("default_max_tokens is above max_tokens_cap", field="default_max_tokens")
+        _check_token("auth_token", self.auth_token)
+        if self.auth_tokens is not None:
+            if not isinstance(self.auth_tokens, Mapping):
+                raise InvalidOptions("auth_tokens must map host urls to tokens", field="auth_tokens")
+            from .protocol import http_url
+
+            keyed: dict[str, str] = {}
+            for url, token in self.auth_tokens.items():
+                _check_token("auth_tokens", token)
+                keyed[http_url(url)] = token  # raises InvalidOptions naming the bad url
+            object.__setattr__(self, "_tokens_by_host", keyed)
+
+    def auth_headers(self, url: str) -> dict[str, str] | None:
+        """Return the ``Authorization`` header for a host URL, or ``None`` when it has no token."""
+        token = self.auth_token
+        keyed: dict[str, str] | None = getattr(self, "_tokens_by_host", None)
+        if keyed:
+            from .protocol import http_url
+
+            token = keyed.get(http_url(url), token)
+        return {"Authorization": f"Bearer {token}"} if token is not None else None
 
     def replace(self, **changes: Any) -> InferenceConfig:
         """Return a copy with some fields changed (validated again)."""

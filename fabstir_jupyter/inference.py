@@ -605,7 +605,7 @@ class InferenceManager:
         if host_manager is None or isinstance(host_manager, list):
             host_manager = HostManager(host_manager or [], config=self.config)
         self.host_manager = host_manager
-        self.pool = ConnectionPool(self.config)
+        self.pool = ConnectionPool(self.config, headers_for=self.config.auth_headers)
         self._owns_usage = usage is None
         self.usage: UsageSink = usage if usage is not None else UsageLedger(self.config.usage_db)
         self.rng = rng or random.Random()
@@ -775,7 +775,7 @@ class InferenceManager:
 
     async def connect_to_host(self, host_url: str) -> WebSocketClient:
         """Open a new WebSocket to a host (the caller owns it and must close it)."""
-        return await WebSocketClient(host_url, self.config).connect()
+        return await WebSocketClient(host_url, self.config, headers=self.config.auth_headers(host_url)).connect()
 
     async def ainfer(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
                      **kwargs: Any) -> InferenceResult:

@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
     ConnectionClosed,
     InvalidHandshake,
+    InvalidMessage,
     InvalidStatus,
     InvalidURI,
     PayloadTooBig,
@@ -41,6 +42,21 @@ __all__ = ["WebSocketClient", "ConnectionPool", "ssl_context_for", "redact_url"]
 
 logger = logging.getLogger("fabstir_jupyter.transport")
 wire_logger = logging.getLogger("fabstir_jupyter.wire")
+
+
+class _RedactAuthorization(logging.Filter):
+    """Hide the ``Authorization`` value in the ``websockets`` client's handshake debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2 and str(args[0]).lower() == "authorization":
+            record.args = (args[0], "[redacted]")
+        return True
+
+
+_handshake_logger = logging.getLogger("websockets.client")
+if not any(isinstance(f, _RedactAuthorization) for f in _handshake_logger.filters):
+    _handshake_logger.addFilter(_RedactAuthorization())
 
 
 def redact_url(url: str) -> str:
@@ -82,12 +98,20 @@ def _translate(exc: BaseException, url: str, during: str) -> FabstirError:
     if isinstance(exc, InvalidStatus):
         status = exc.response.status_code
         if status in (401, 403):
-            return AuthFailed(f"host refused the connection with HTTP {status}", host=host)
+            return AuthFailed(
+                f"host refused the connection with HTTP {status}", host=host,
+                hint="set InferenceConfig(auth_token=...) or auth_tokens={host_url: token} to this host's token",
+            )
         return ConnectionFailed(f"{during}: host answered HTTP {status} instead of a websocket upgrade", host=host)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ConnectionFailed(
-            f"{during}: tls certificate not trusted ({exc.verify_message})", host=host,
+            f"{during}: the host's tls certificate is not trusted ({exc.verify_message})", host=host,
             hint="pass verify_tls=<CA bundle path> for a private CA, or verify_tls=False to opt out",
+        )
+    if isinstance(exc, InvalidMessage) and url.startswith("ws://"):
+        return ConnectionFailed(
+            f"{during}: {exc}", host=host,
+            hint="if this host serves TLS, use its wss:// or https:// url",
         )
     if isinstance(exc, PayloadTooBig):
         return ProtocolError(f"{during}: frame larger than max_frame_bytes", host=host)
@@ -282,7 +306,7 @@ class ConnectionPool:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config or InferenceConfig()
-        self._headers_for = headers_for
+        self._headers_for = headers_for if headers_for is not None else self.config.auth_headers
         self._clock = clock
         self._idle: dict[str, list[WebSocketClient]] = defaultdict(list)
         self._in_use: dict[str, set[WebSocketClient]] = defaultdict(set)

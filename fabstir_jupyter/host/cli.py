@@ -8,6 +8,10 @@ Tools that start it as a subprocess read that line to learn the port (``--port 0
 one). Logs go to stderr. SIGINT and SIGTERM stop it cleanly. With ``--exit-with-parent`` it also
 stops when its stdin reaches end-of-file and asks Linux to signal it when its parent dies, so a
 host started by a notebook kernel never outlives the kernel (keep the stdin pipe open).
+
+A private host takes its bearer token from ``--auth-token-file PATH`` or the environment variable
+``FABSTIR_HOST_TOKEN`` (the file wins), never from a flag value, which other users could read in
+``ps``. ``--certfile``/``--keyfile`` serve ``wss://`` and ``https://``.
 """
 
 from __future__ import annotations
@@ -18,23 +22,27 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from typing import Sequence
 
-from ..errors import FabstirError
+from ..errors import FabstirError, InvalidOptions
 from .backends import Backend, BackendUnavailable
 from .server import DEFAULT_VERSION, HostConfig, HostServer
 
 __all__ = ["build_parser", "make_backend", "make_config", "main"]
 
 READY_PREFIX = "fabstir-host listening on "
+TOKEN_ENV = "FABSTIR_HOST_TOKEN"
 _PR_SET_PDEATHSIG = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``fabstir-host``."""
-    parser = argparse.ArgumentParser(prog="fabstir-host", description="Reference LLM host for the Fabstir protocol.")
+    # No abbreviations: "--auth-token SECRET" must fail rather than read a file named SECRET.
+    parser = argparse.ArgumentParser(prog="fabstir-host", description="Reference LLM host for the Fabstir protocol.",
+                                     allow_abbrev=False)
     parser.add_argument("--backend", choices=("llama-cpp", "openai", "scripted"), default="llama-cpp")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default: 8080)")
@@ -44,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-prompts", action="store_true", help="log prompt text (never logged otherwise)")
     parser.add_argument("--version", action="version", version=f"fabstir-host {DEFAULT_VERSION}")
+
+    security = parser.add_argument_group("security")
+    security.add_argument("--auth-token-file", metavar="PATH",
+                          help=f"require 'Authorization: Bearer <token>' with the token in PATH "
+                               f"(or set {TOKEN_ENV}); /health and /v1/version stay public")
+    security.add_argument("--certfile", metavar="PATH", help="PEM certificate chain: serve wss:// and https://")
+    security.add_argument("--keyfile", metavar="PATH", help="PEM private key of --certfile (default: in the certfile)")
 
     limits = parser.add_argument_group("limits")
     defaults = HostConfig()
@@ -83,8 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_auth_token(args: argparse.Namespace) -> str | None:
+    """Return the bearer token from ``--auth-token-file`` or ``FABSTIR_HOST_TOKEN`` (``None``: no auth).
+
+    Raises:
+        InvalidOptions: the file cannot be read or holds no token.
+    """
+    path = getattr(args, "auth_token_file", None)
+    if path is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidOptions(f"cannot read --auth-token-file {path}: {type(exc).__name__}", field="auth_token") from None
+    if not token:
+        raise InvalidOptions(f"--auth-token-file {path} is empty", field="auth_token")
+    return token
+
+
 def make_config(args: argparse.Namespace) -> HostConfig:
-    """Build the :class:`HostConfig` the parsed arguments describe."""
+    """Build the :class:`HostConfig` the parsed arguments describe.
+
+    Raises:
+        InvalidOptions: a limit is out of range or the token file is unusable.
+    """
     return HostConfig(
         host=args.host,
         port=args.port,
@@ -101,6 +139,9 @@ def make_config(args: argparse.Namespace) -> HostConfig:
         compression=not args.no_compression,
         log_prompts=args.log_prompts,
         legacy=args.legacy,
+        auth_token=read_auth_token(args),
+        certfile=getattr(args, "certfile", None),
+        keyfile=getattr(args, "keyfile", None),
     )
 
 
@@ -189,7 +230,7 @@ async def _serve(args: argparse.Namespace, parent: int) -> int:
         wait_loaded = getattr(backend, "wait_loaded", None)
         if wait_loaded is not None:
             await wait_loaded()
-    except (OSError, BackendUnavailable, FabstirError) as exc:
+    except (OSError, ssl.SSLError, BackendUnavailable, FabstirError) as exc:
         print(f"fabstir-host: error: {exc}", file=sys.stderr, flush=True)
         await server.close()
         return 1

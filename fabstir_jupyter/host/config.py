@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import InvalidOptions
 
@@ -41,6 +41,11 @@ class HostConfig:
             dropped.
         cancel_grace: seconds a backend gets to stop after a cancel before its task is cancelled.
         version: reported by ``GET /v1/version``.
+        auth_token: when set, the WebSocket upgrade and ``GET /v1/models`` need the header
+            ``Authorization: Bearer <auth_token>`` (HTTP 401 otherwise); ``/health`` and
+            ``/v1/version`` stay public. Never shown by ``repr`` nor logged.
+        certfile: a PEM certificate chain; when set the host serves ``wss://`` and ``https://``.
+        keyfile: the PEM private key of ``certfile`` (default: read from ``certfile``).
     """
 
     host: str = "127.0.0.1"
@@ -64,6 +69,9 @@ class HostConfig:
     send_timeout: float = 30.0
     cancel_grace: float = 0.5
     version: str = DEFAULT_VERSION
+    auth_token: str | None = field(default=None, repr=False, compare=False)
+    certfile: str | None = None
+    keyfile: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -78,3 +86,16 @@ class HostConfig:
                 raise InvalidOptions(f"host config: {name} must not be negative", field=name)
         if not 0 <= self.port <= 65535:
             raise InvalidOptions(f"host config: port {self.port} is out of range", field="port")
+        if self.auth_token is not None:
+            token = self.auth_token
+            if not isinstance(token, str) or not token or any(not 0x21 <= ord(c) <= 0x7E for c in token):
+                # the message must not echo the token
+                raise InvalidOptions("host config: auth_token must be non-empty printable ASCII without spaces",
+                                     field="auth_token")
+        if self.keyfile is not None and self.certfile is None:
+            raise InvalidOptions("host config: keyfile needs a certfile", field="keyfile")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the host serves TLS (``wss://`` and ``https://``)."""
+        return self.certfile is not None

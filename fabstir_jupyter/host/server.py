@@ -15,7 +15,9 @@ Replies to a request:
   then ``stream_end(reason="error")``; ``stream_cancel`` ends it with ``reason="cancelled"``.
 
 HTTP: ``GET /health``, ``GET /v1/version``, ``GET /v1/models``; every other path but ``/v1/ws``
-is a 404.
+is a 404. With ``HostConfig.auth_token`` the upgrade to ``/v1/ws`` and ``/v1/models`` need
+``Authorization: Bearer <token>`` (HTTP 401 otherwise, before any frame is read); ``/health`` and
+``/v1/version`` stay public. With ``HostConfig.certfile`` all of it is served over TLS.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hmac
 import http
 import json
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +83,24 @@ logger = logging.getLogger("fabstir_jupyter.host")
 DEFAULT_TEMPERATURE = 0.7
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
+AUTH_FEATURE = "auth-bearer"
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+class _RedactSecretHeaders(logging.Filter):
+    """Hide the values of credential headers in the ``websockets`` handshake debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str) \
+                and args[0].lower() in _SECRET_HEADERS:
+            record.args = (args[0], "[redacted]")
+        return True
+
+
+_ws_logger = logging.getLogger("fabstir_jupyter.host.websockets")
+if not any(isinstance(f, _RedactSecretHeaders) for f in _ws_logger.filters):
+    _ws_logger.addFilter(_RedactSecretHeaders())
 
 
 @dataclass(eq=False)
@@ -160,6 +182,7 @@ class HostServer:
         """
         if self._server is not None:
             raise RuntimeError("host server already started")
+        ssl_context = self._ssl_context()
         await self.backend.start()
         self._server = await serve(
             self._handle,
@@ -170,10 +193,24 @@ class HostServer:
             max_size=self.config.max_frame_bytes,
             max_queue=16,
             write_limit=1 << 16,
-            logger=logging.getLogger("fabstir_jupyter.host.websockets"),
+            logger=_ws_logger,
+            ssl=ssl_context,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("listening on %s (backend %s)", self.ws_url, type(self.backend).__name__)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        """Load ``certfile``/``keyfile`` into a server TLS context (``None`` without TLS).
+
+        Raises:
+            OSError: a file cannot be read; ssl.SSLError: the certificate or key is not valid PEM.
+        """
+        if self.config.certfile is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.config.certfile, self.config.keyfile)
+        return context
 
     async def close(self) -> None:
         """Stop listening, cancel every stream, close every connection (1001), close the backend."""
@@ -198,13 +235,15 @@ class HostServer:
 
     @property
     def ws_url(self) -> str:
-        """The WebSocket URL clients use (``ws://127.0.0.1:PORT/v1/ws`` for a wildcard bind)."""
-        return f"ws://{self._url_host()}:{self.port}{WS_PATH}"
+        """The WebSocket URL clients use (``ws://127.0.0.1:PORT/v1/ws`` for a wildcard bind; ``wss://`` with TLS)."""
+        scheme = "wss" if self.config.tls else "ws"
+        return f"{scheme}://{self._url_host()}:{self.port}{WS_PATH}"
 
     @property
     def http_url(self) -> str:
-        """The HTTP base URL of the host (no path)."""
-        return f"http://{self._url_host()}:{self.port}"
+        """The HTTP base URL of the host (no path; ``https://`` with TLS)."""
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{self._url_host()}:{self.port}"
 
     def _url_host(self) -> str:
         host = self.config.host
@@ -222,12 +261,22 @@ class HostServer:
         """What ``/v1/version`` lists: the guarantees of this host and backend."""
         if self.config.legacy:
             return []
-        return [f for f in FEATURES if f not in self.backend.unsupported_features]
+        features = [f for f in FEATURES if f not in self.backend.unsupported_features]
+        if self.config.auth_token is not None:
+            features.append(AUTH_FEATURE)
+        return features
 
     # ------------------------------------------------------------------ HTTP
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        if path in (WS_PATH, "/v1/models") and not self._authorized(request):
+            logger.info("refused %s from %s: missing or wrong bearer token", path, _remote(connection))
+            return _json_response(
+                401,
+                {"error": {"code": "AUTH_FAILED", "message": "this host needs Authorization: Bearer <token>"}},
+                extra=[("WWW-Authenticate", 'Bearer realm="fabstir-host"')],
+            )
         if path == WS_PATH:
             if len(self._connections) >= self.config.max_connections:
                 return _json_response(503, {"error": {"code": "HOST_BUSY", "message": "too many connections"}})
@@ -241,6 +290,19 @@ class HostServer:
                 return _json_response(503, {"error": "model listing unavailable"})
             return _json_response(200, {"models": [m.to_dict() for m in self.backend.models]})
         return _json_response(404, {"error": {"code": "NOT_FOUND", "message": f"no route for {path[:200]}"}})
+
+    def _authorized(self, request: Request) -> bool:
+        """Whether the request carries the configured bearer token (always, when none is set)."""
+        expected = self.config.auth_token
+        if expected is None:
+            return True
+        values = request.headers.get_all("Authorization")
+        if len(values) != 1:
+            return False
+        scheme, _, credentials = values[0].strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode(), expected.encode())
 
     def _health(self) -> dict[str, Any]:
         if self.config.legacy:
@@ -596,9 +658,15 @@ def _peek(data: str | bytes) -> tuple[str | None, str | None]:
     return rid_text, kind if isinstance(kind, str) else None
 
 
-def _json_response(status: int, body: dict[str, Any]) -> Response:
+def _remote(connection: ServerConnection) -> str:
+    remote = connection.remote_address
+    return str(remote[0]) if isinstance(remote, tuple) and remote else "unknown"
+
+
+def _json_response(status: int, body: dict[str, Any], *, extra: list[tuple[str, str]] | None = None) -> Response:
     data = json.dumps(body, separators=(",", ":")).encode()
     headers = Headers([
+        *(extra or []),
         ("Date", email.utils.formatdate(usegmt=True)),
         ("Connection", "close"),
         ("Content-Type", "application/json"),

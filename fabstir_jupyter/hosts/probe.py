@@ -17,7 +17,7 @@ import httpx
 
 from .. import _compat
 from ..config import InferenceConfig
-from ..errors import FabstirError
+from ..errors import AuthFailed, FabstirError
 from ..transport import WebSocketClient, redact_url
 from .info import HostInfo
 
@@ -62,7 +62,7 @@ class HostProber:
 
     async def _get_json(self, url: str) -> Any | None:
         try:
-            response = await (await self._client()).get(url)
+            response = await (await self._client()).get(url, headers=self.config.auth_headers(url))
         except httpx.HTTPError as exc:
             logger.debug("probe %s failed: %s", redact_url(url), exc)
             return None
@@ -115,11 +115,17 @@ class HostProber:
         Returns ``None`` (and marks the host unreachable) when it does not answer within the timeout.
         """
         async with self._limit:
-            client = WebSocketClient(host.ws_url, self.config.replace(connection_timeout=self.timeout))
+            client = WebSocketClient(host.ws_url, self.config.replace(connection_timeout=self.timeout),
+                                     headers=self.config.auth_headers(host.ws_url))
             try:
                 async with _compat.timeout(self.timeout):
                     await client.connect()
             except (FabstirError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, AuthFailed) or isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                    # alive, but refuses our token or we refuse its certificate: leave it selectable so
+                    # the request itself raises the error that says what to fix
+                    logger.info("host %s is up but not usable: %s", redact_url(host.ws_url), exc)
+                    return None
                 logger.info("host %s unreachable: %s", redact_url(host.ws_url), exc)
                 host.health = "unreachable"
                 return None
