@@ -786,7 +786,10 @@ def _opt_number(obj: Mapping[str, Any], key: str, *, integer: bool) -> Any:
                 raise InvalidOptions(f"'{key}' must be a whole number", field=key)
             value = int(value)
         return value
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer beyond float range, e.g. 10**400
+        raise InvalidOptions(f"'{key}' is out of range", field=key) from None
 
 
 def _parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
@@ -826,8 +829,10 @@ def _parse_generation(body: Any, fallback_prompt: Any = None) -> GenerationReque
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise InvalidOptions("'stream' must be a boolean", field="stream")
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
+    stop = body.get("stop")
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str) and stop:
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise InvalidOptions("'stop' must be a list of non-empty strings", field="stop")

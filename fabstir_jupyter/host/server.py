@@ -98,9 +98,25 @@ class _RedactSecretHeaders(logging.Filter):
         return True
 
 
-_ws_logger = logging.getLogger("fabstir_jupyter.host.websockets")
-if not any(isinstance(f, _RedactSecretHeaders) for f in _ws_logger.filters):
-    _ws_logger.addFilter(_RedactSecretHeaders())
+class _DropFrames(logging.Filter):
+    """Drop websockets' per-frame DEBUG lines ("< TEXT '...'"), which show prompt text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.DEBUG and record.msg in ("< %s", "> %s"))
+
+
+def _websockets_logger(name: str, *, frames: bool) -> logging.Logger:
+    ws_logger = logging.getLogger(name)
+    if not any(isinstance(f, _RedactSecretHeaders) for f in ws_logger.filters):
+        ws_logger.addFilter(_RedactSecretHeaders())
+    if not frames and not any(isinstance(f, _DropFrames) for f in ws_logger.filters):
+        ws_logger.addFilter(_DropFrames())
+    return ws_logger
+
+
+# Frames (and so prompts) reach the log only for a host started with log_prompts.
+_ws_logger = _websockets_logger("fabstir_jupyter.host.websockets", frames=False)
+_ws_frame_logger = _websockets_logger("fabstir_jupyter.host.wire", frames=True)
 
 
 @dataclass(eq=False)
@@ -193,7 +209,7 @@ class HostServer:
             max_size=self.config.max_frame_bytes,
             max_queue=16,
             write_limit=1 << 16,
-            logger=_ws_logger,
+            logger=_ws_frame_logger if self.config.log_prompts else _ws_logger,
             ssl=ssl_context,
         )
         self.port = self._server.sockets[0].getsockname()[1]
