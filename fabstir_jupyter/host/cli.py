@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--rate-limit-per-address", type=float, default=defaults.rate_limit_per_address,
                         help="requests per minute per remote address (0 = off)")
     limits.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout)
+    limits.add_argument("--idle-connection-timeout", type=float, default=defaults.idle_connection_timeout,
+                        help="close connections silent this long with no stream running (seconds)")
     limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     limits.add_argument("--max-session-messages", type=int, default=defaults.max_session_messages)
     limits.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate")
@@ -134,6 +136,7 @@ def make_config(args: argparse.Namespace) -> HostConfig:
         rate_limit_per_connection=args.rate_limit,
         rate_limit_per_address=args.rate_limit_per_address,
         session_idle_timeout=args.session_idle_timeout,
+        idle_connection_timeout=args.idle_connection_timeout,
         max_sessions=args.max_sessions,
         max_session_messages=args.max_session_messages,
         compression=not args.no_compression,

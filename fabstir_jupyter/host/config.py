@@ -32,6 +32,8 @@ class HostConfig:
         max_stop_sequences: the most stop sequences per request.
         max_stop_chars: the longest stop sequence.
         max_connections: open WebSocket connections; more are refused with HTTP 503.
+        idle_connection_timeout: seconds a connection with no stream running may stay silent
+            before the host closes it (so idle sockets cannot hold every connection slot).
         compression: accept permessage-deflate.
         log_prompts: log prompt text (never logged otherwise).
         legacy: imitate a production host (spec §4): no usage or finish_reason, an empty terminal
@@ -63,6 +65,7 @@ class HostConfig:
     max_stop_sequences: int = 16
     max_stop_chars: int = 256
     max_connections: int = 1000
+    idle_connection_timeout: float = 300.0
     compression: bool = True
     log_prompts: bool = False
     legacy: bool = False
@@ -77,6 +80,7 @@ class HostConfig:
         positive = (
             "max_frame_bytes", "max_prompt_chars", "max_tokens_cap", "default_max_tokens",
             "max_concurrent_streams", "max_sessions", "max_session_messages", "send_timeout", "max_connections",
+            "idle_connection_timeout",
         )
         for name in positive:
             if getattr(self, name) <= 0:

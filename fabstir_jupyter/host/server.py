@@ -73,6 +73,7 @@ from ..protocol import (
 from .backends import AbortConnection, Backend, GenerationParams, GenerationStats
 from .config import DEFAULT_VERSION, HostConfig
 from .legacy import legacy_error_frame, legacy_final_frames
+from .. import _compat
 from ..limits import TokenBucket
 from .limits import AddressLimiter, Session, SessionStore, per_minute_bucket
 
@@ -151,6 +152,7 @@ class _Connection:
     stream: _Stream | None = None
     session_id: str | None = None
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_activity: float = field(default_factory=time.monotonic)  # last frame in, or end of a stream
 
 
 class _ConnectionGone(Exception):
@@ -350,8 +352,8 @@ class HostServer:
         logger.debug("connection from %s", address)
         try:
             await self._send(conn, connected_frame())
-            async for data in ws:
-                await self._on_frame(conn, data)
+            while await self._next_frame(conn):
+                pass
         except (ConnectionClosed, _ConnectionGone):
             pass
         finally:
@@ -362,6 +364,27 @@ class HostServer:
                 job.task.cancel()
                 await asyncio.gather(job.task, return_exceptions=True)
             logger.debug("connection from %s closed", address)
+
+    async def _next_frame(self, conn: _Connection) -> bool:
+        """Handle the next frame; return False once the connection has been idle too long.
+
+        A connection counts as idle while no stream runs on it and no frame arrives for
+        ``idle_connection_timeout`` seconds; it is then closed with 1001 ("going away").
+        """
+        limit = self.config.idle_connection_timeout
+        while True:
+            try:
+                async with _compat.timeout(limit):
+                    data = await conn.ws.recv()
+                break
+            except asyncio.TimeoutError:
+                if conn.stream is None and time.monotonic() - conn.last_activity >= limit:
+                    logger.debug("closing a connection from %s idle for %g s", conn.address, limit)
+                    await conn.ws.close(1001, "idle")
+                    return False
+        conn.last_activity = time.monotonic()
+        await self._on_frame(conn, data)
+        return True
 
     async def _on_frame(self, conn: _Connection, data: str | bytes) -> None:
         try:
@@ -573,6 +596,7 @@ class HostServer:
         self._active -= 1
         if conn.stream is job:
             conn.stream = None
+            conn.last_activity = time.monotonic()
 
     async def _generate(self, conn: _Connection, job: _Stream) -> str:
         """Stream the backend's tokens to the client; return the finish reason."""
