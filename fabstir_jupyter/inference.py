@@ -69,8 +69,16 @@ __all__ = ["InferenceManager", "InferenceStream", "InferenceResult", "backoff_de
 logger = logging.getLogger("fabstir_jupyter.inference")
 
 _END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
-_CANCEL_DRAIN_TIMEOUT = 2.0
-_COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost  # seconds to wait for stream_end after stream_cancel
+_CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
+_COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
+
+
+def _is_progress(event: protocol.HostEvent) -> bool:
+    """Whether a frame advances the answer (text, its end, an error); pings, unknown frames and
+    empty chunks do not, so they never restart first_token_timeout or idle_timeout."""
+    if isinstance(event, protocol.Chunk):
+        return bool(event.content)
+    return isinstance(event, (protocol.StreamEnd, protocol.ErrorEvent))
 
 
 def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
@@ -416,25 +424,41 @@ class InferenceStream:
         clean = False
         sent_at = time.perf_counter()
         first_at: float | None = None
+        # Timeouts are deadlines that only progress moves (text, stream_end, error): a host that
+        # floods pings, unknown frames or empty chunks cannot keep a request waiting forever.
+        progressed = False
+        wait_until = sent_at + config.first_token_timeout
+        stale = conn.finished_ids  # late frames of requests already finished on this socket are dropped
         try:
             await conn.send(frame)
             while not reader.done:
-                timeout = config.first_token_timeout if first_at is None else config.idle_timeout
+                timeout = wait_until - time.perf_counter()
                 if deadline is not None:
-                    timeout = min(timeout, max(deadline - time.perf_counter(), 0.001))
+                    timeout = min(timeout, deadline - time.perf_counter())
+                if timeout <= 0:
+                    raise self._timeout_error(host, not progressed, deadline)
                 try:
                     event = await conn.recv_event(timeout)
                 except InferenceTimeout:
-                    raise self._timeout_error(host, first_at is None, deadline) from None
+                    raise self._timeout_error(host, not progressed, deadline) from None
+                if stale and getattr(event, "id", None) in stale:
+                    continue  # a late frame of a request already finished on this socket
                 if first_at is None and isinstance(event, (protocol.Chunk, protocol.StreamEnd)):
                     first_at = time.perf_counter()
                     host.record_latency(first_at - sent_at) if self._delivered == 0 else None
                 for piece in reader.receive(event):
                     await self._deliver(piece)
+                if _is_progress(event):
+                    progressed = True
+                    # Measured at the reader, after delivery: a slow consumer is not a stalled host.
+                    wait_until = time.perf_counter() + config.idle_timeout
             if reader.cancel_needed:
                 clean = await self._cancel_on_host(conn, reader)
             else:
-                clean = True
+                await asyncio.sleep(0)  # let frames already on the wire reach the socket's buffer
+                # Frames after stream_end belong to no request: a socket holding some is not clean.
+                clean = not conn.has_unread_frames()
+            conn.finished_ids.append(self.request_id)
         except asyncio.CancelledError:
             if not reader.done:
                 clean = await asyncio.shield(self._cancel_on_host(conn, reader))
@@ -480,7 +504,7 @@ class InferenceStream:
         session_id = self.session.id if self.session is not None else None
         try:
             await conn.send(protocol.cancel_frame(session_id, reason="client"))
-            async with _compat.timeout(_CANCEL_DRAIN_TIMEOUT):
+            async with _compat.timeout(min(_CANCEL_DRAIN_TIMEOUT, self._manager.config.idle_timeout)):
                 while not reader.end_seen:
                     event = await conn.recv_event(None)
                     if isinstance(event, protocol.ErrorEvent):

@@ -641,7 +641,7 @@ class ResponseReader:
         self._check_id(chunk.id)
         if not chunk.content:
             # The production terminal chunk (content "", tokens 0): never yielded.
-            if chunk.finish_reason:
+            if chunk.finish_reason in FINISH_REASONS:
                 self.finish_reason = chunk.finish_reason
             return []
         if "coded-errors" not in self.features and chunk.content.startswith("Error: "):
@@ -656,7 +656,7 @@ class ResponseReader:
         out = [text] if text else []
         if self._stops.matched is not None:
             self._stop_client_side("stop")
-        elif chunk.finish_reason:
+        elif chunk.finish_reason in FINISH_REASONS:
             self.finish_reason = chunk.finish_reason
         return out
 
@@ -683,7 +683,7 @@ class ResponseReader:
             raise ContextOverflow("host returned an empty answer: the prompt probably exceeds its context window")
         if end.reason == "cancelled":
             self.finish_reason = "cancelled"
-        elif end.finish_reason:
+        elif end.finish_reason in FINISH_REASONS:  # another value from a host is not ours to report
             self.finish_reason = end.finish_reason
         elif self.finish_reason is None:
             self.finish_reason = "length" if self.host_tokens >= self.max_tokens else "stop"

@@ -16,6 +16,7 @@ Errors from ``websockets`` and ``ssl`` are translated here, once, into
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import time
@@ -41,6 +42,7 @@ from .errors import AuthFailed, ConnectionFailed, FabstirError, InferenceTimeout
 __all__ = ["WebSocketClient", "ConnectionPool", "ssl_context_for", "redact_url"]
 
 logger = logging.getLogger("fabstir_jupyter.transport")
+_FINISHED_IDS_KEPT = 16
 wire_logger = logging.getLogger("fabstir_jupyter.wire")
 
 
@@ -113,7 +115,10 @@ def _translate(exc: BaseException, url: str, during: str) -> FabstirError:
             f"{during}: {exc}", host=host,
             hint="if this host serves TLS, use its wss:// or https:// url",
         )
-    if isinstance(exc, PayloadTooBig):
+    if isinstance(exc, PayloadTooBig) or (
+        # websockets >= 14 reports an oversize frame as the close it sent: 1009 "message too big".
+        isinstance(exc, ConnectionClosed) and exc.sent is not None and exc.sent.code == 1009
+    ):
         return ProtocolError(f"{during}: frame larger than max_frame_bytes", host=host)
     if isinstance(exc, ConnectionClosed):
         return ConnectionFailed(f"{during}: connection closed ({exc})", host=host)
@@ -149,6 +154,9 @@ class WebSocketClient:
         self.connected_latency: float | None = None
         self.last_used = time.monotonic()
         self.in_use = False
+        # Ids of requests finished on this socket: a host that sends frames for one of them after its
+        # stream_end has them dropped instead of mixed into (or failing) the next answer.
+        self.finished_ids: collections.deque[str] = collections.deque(maxlen=_FINISHED_IDS_KEPT)
         self._trace = self.config.trace
 
     def __repr__(self) -> str:
@@ -255,6 +263,13 @@ class WebSocketClient:
         except FabstirError as exc:
             exc.host = redact_url(self.url)
             raise
+
+    def has_unread_frames(self) -> bool:
+        """Whether frames already arrived that nobody has read (a host talking past stream_end)."""
+        try:
+            return len(self._ws.recv_messages.frames) > 0  # type: ignore[union-attr]
+        except AttributeError:  # not connected, or a websockets version without this buffer
+            return False
 
     async def close(self) -> None:
         """Close the socket with a normal close frame (bounded by a short timeout); idempotent."""
