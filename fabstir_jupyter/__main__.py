@@ -1,8 +1,9 @@
-"""``python -m fabstir_jupyter demo [PROMPT]``: stream an answer from a local embedded host.
+"""``python -m fabstir_jupyter demo [PROMPT]``: stream an answer from the embedded default network.
 
-Starts a ``fabstir-host`` with the embedded SmolLM2 model on a free loopback port, streams the
-answer to the terminal, prints usage, and stops the host. ``--backend scripted`` runs without the
-model.
+Starts what ``FabstirSDK()`` starts with no configuration (a local chain with the registry deployed
+and a ``fabstir-host`` with the embedded SmolLM2 model registered on it), discovers the host on
+that chain, streams the answer to the terminal, prints usage, and stops everything.
+``--backend scripted`` runs without the model.
 """
 
 from __future__ import annotations
@@ -10,54 +11,61 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 
 from .config import InferenceConfig
 from .errors import FabstirError
-from .inference import InferenceManager
-from .local import HostProcess
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
 
 
-async def _stream(url: str, prompt: str, max_tokens: int, seed: int | None) -> None:
-    config = InferenceConfig(usage_db=":memory:")
-    async with InferenceManager([url], config) as manager:
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def _demo(prompt: str, backend: str, max_tokens: int, seed: int | None) -> None:
+    from .sdk import FabstirSDK
+
+    started = time.perf_counter()
+    _say(f"starting the embedded local network (a local chain and one {backend} host) ...")
+    async with FabstirSDK(network="local", local_backend=backend, config=InferenceConfig(usage_db=":memory:")) as sdk:
+        manager = sdk.get_inference_manager()
+        hosts = await manager.host_manager.discover_all_active_hosts()
+        _say(f"network ready in {time.perf_counter() - started:.1f} s; "
+             f"{len(hosts)} host(s) found on the local chain: {', '.join(h.api_url for h in hosts)}\n")
+        print(f">>> {prompt}\n")
         async with manager.stream(prompt, max_tokens=max_tokens, seed=seed, temperature=0.7) as stream:
             async for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        usage = stream.usage
         print("\n")
+        usage = stream.usage
         if usage is not None:
             tps = usage.tokens_per_second
+            cost = f", cost {usage.cost:.8f} {usage.cost_unit}" if usage.cost is not None else ""
             print(f"[{stream.model} on {stream.host.api_url if stream.host else '?'}] "
                   f"{usage.received_tokens} tokens, finish={stream.finish_reason}, "
                   f"first token {stream.ttft * 1000 if stream.ttft else 0:.0f} ms"
-                  + (f", {tps:.1f} tokens/s" if tps else ""))
+                  + (f", {tps:.1f} tokens/s" if tps else "") + cost)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fabstir_jupyter")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="stream an answer from a local embedded host")
-    demo.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
-    demo.add_argument("--backend", default="llama-cpp", choices=["llama-cpp", "scripted"])
-    demo.add_argument("--max-tokens", type=int, default=128)
-    demo.add_argument("--seed", type=int, default=None)
+    demo = sub.add_parser("demo", help="stream an answer from the embedded default network")
+    demo.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the prompt (default: %(default)r)")
+    demo.add_argument("--backend", default="llama-cpp", choices=["llama-cpp", "scripted"],
+                      help="the local host's backend: the embedded model or scripted text (default: %(default)s)")
+    demo.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible answer")
     args = parser.parse_args(argv)
-
-    print(f"starting a local fabstir-host ({args.backend}) ...", file=sys.stderr)
     try:
-        with HostProcess(args.backend) as host:
-            assert host.url is not None
-            print(f"host ready at {host.url}\n", file=sys.stderr)
-            print(f">>> {args.prompt}\n")
-            asyncio.run(_stream(host.url, args.prompt, args.max_tokens, args.seed))
+        asyncio.run(_demo(args.prompt, args.backend, args.max_tokens, args.seed))
     except FabstirError as exc:
-        print(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), file=sys.stderr)
+        _say(f"error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""))
         return 1
     except KeyboardInterrupt:
-        print("\ncancelled", file=sys.stderr)
+        _say("\ncancelled")
         return 130
     return 0
 

