@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fabstir_jupyter.crypto import PrivateKey, PublicKey, recover_public_key
+from fabstir_jupyter.crypto import PrivateKey, recover_public_key
 from fabstir_jupyter.encryption import (
     ALG,
     RESPONSE_AAD,
