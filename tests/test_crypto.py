@@ -222,6 +222,36 @@ def test_public_key_recovers_from_a_raw_signed_transaction(kind):
     assert public_key_from_transaction(raw.to_0x_hex(), expected_address=key.address.lower()) == key.public_key
 
 
+@pytest.fixture(scope="module")
+def tester_w3():
+    """An in-process chain (eth-tester) where the SECRET_HEX account holds 1 ETH."""
+    pytest.importorskip("eth_tester", reason="needs eth-tester (the 'local' extra)")
+    from eth_tester import EthereumTester
+    from web3 import EthereumTesterProvider, Web3
+
+    w3 = Web3(EthereumTesterProvider(EthereumTester()))
+    funder = w3.eth.accounts[0]
+    w3.eth.send_transaction({"from": funder, "to": Account.from_key(SECRET_HEX).address, "value": 10**18, "gas": 21_000})
+    return w3
+
+
+@pytest.mark.parametrize("kind", TX_KINDS)
+def test_public_key_recovers_from_the_fields_a_node_returns(tester_w3, kind):
+    """Every type, sent to a real chain and read back with eth_getTransactionByHash (v/r/s, yParity,
+    EIP-155 v), rebuilds its signed encoding, matches its hash and gives the signer's key."""
+    key = PrivateKey.from_hex(SECRET_HEX)
+    extra = dict(TX_KINDS[kind])
+    if "chainId" in extra:
+        extra["chainId"] = tester_w3.eth.chain_id
+    if "accessList" in extra:
+        extra["accessList"] = [{"address": "0x" + "22" * 20, "storageKeys": ["0x" + "00" * 32]}]
+    nonce = tester_w3.eth.get_transaction_count(key.address)
+    tx = {"to": "0x" + "11" * 20, "value": 5, "gas": 60_000, "nonce": nonce, "data": b"\x01\x02", **extra}
+    sent = tester_w3.eth.send_raw_transaction(Account.sign_transaction(tx, SECRET_HEX).raw_transaction)
+    fetched = dict(tester_w3.eth.get_transaction(sent))
+    assert public_key_from_transaction(fetched, expected_address=key.address) == key.public_key
+
+
 @pytest.mark.parametrize("tx", [b"", b"\x02", b"\xc0", "0xzz", b"\x02" + bytes(40), "0x" + "f8" * 10])
 def test_public_key_from_garbage_is_a_coded_error(tx):
     """Bytes that are no signed transaction are INVALID_PAYLOAD."""
