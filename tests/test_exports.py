@@ -63,6 +63,8 @@ def test_type_checking_block_matches_the_lazy_table():
     ("fabstir_jupyter.protocol", {"asyncio", "websockets", "httpx", "socket"}),
     ("fabstir_jupyter.errors", {"asyncio", "websockets"}),
     ("fabstir_jupyter.config", {"websockets", "httpx"}),
+    ("fabstir_jupyter.crypto", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
+    ("fabstir_jupyter.encryption", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
 ])
 def test_lower_layers_stay_free_of_io(module, forbidden):
     """The sans-I/O layers import no networking (checked on their source)."""
@@ -76,10 +78,16 @@ def test_lower_layers_stay_free_of_io(module, forbidden):
     assert not imported & forbidden
 
 
+def test_encryption_loads_no_io_at_run_time():
+    """The encrypted protocol layer (and the libraries under it) loads no asyncio, sockets, web3 or IPython."""
+    loaded = _imports_after("import fabstir_jupyter.encryption")
+    assert not {"asyncio", "socket", "websockets", "httpx", "web3", "IPython"} & loaded
+
+
 def test_host_package_uses_only_the_shared_core_layers():
     """fabstir-host imports nothing from the client layers (transport, inference, hosts...);
-    the pure token bucket in limits.py is shared."""
-    allowed = {"errors", "config", "protocol", "limits", "host", "_compat"}
+    the pure token bucket in limits.py and the encrypted protocol (encryption.py, crypto.py) are shared."""
+    allowed = {"errors", "config", "protocol", "encryption", "crypto", "limits", "host", "_compat"}
     for path in (PACKAGE / "host").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:
