@@ -7,7 +7,14 @@ import json
 import pytest
 
 from fabstir_jupyter.host import ScriptedBackend, scripted_text, scripted_token
-from fabstir_jupyter.protocol import ResponseReader, cancel_frame, inference_frame, parse_host_frame, ping_frame
+from fabstir_jupyter.protocol import (
+    ResponseReader,
+    cancel_frame,
+    inference_frame,
+    parse_host_frame,
+    ping_frame,
+    prompt_frame,
+)
 
 from .conftest import get_json
 
@@ -93,11 +100,18 @@ async def test_legacy_host_sends_flat_coded_errors(make_host, make_peer):
     assert result.end["reason"] == "error"
 
 
-async def test_legacy_host_still_honours_cancel(make_host, make_peer):
-    """stream_cancel ends a legacy stream with reason cancelled."""
+async def test_legacy_host_ends_a_cancelled_stream_as_production(make_host, make_peer):
+    """A cancel gets one stream_end(cancelled) with finish_reason and session_id, no id, no empty chunk."""
     peer = await make_peer(await make_host(ScriptedBackend(token_rate=100), legacy=True))
-    await peer.send(inference_frame(prompt="a", model="scripted-1", max_tokens=500, temperature=0))
+    await peer.send({"type": "session_init", "session_id": "77", "id": "i"})
+    assert (await peer.recv())["type"] == "session_init_ack"
+    await peer.send(prompt_frame("a", session_id="77", model="scripted-1", max_tokens=500, temperature=0,
+                                 request_id="p"))
     await peer.recv()
     await peer.send(cancel_frame())
-    end = (await peer.until_end())[-1]
-    assert end["reason"] == "cancelled" and "finish_reason" not in end
+    frames = await peer.until_end()
+    end = frames[-1]
+    assert end == {"type": "stream_end", "reason": "cancelled", "tokens_used": end["tokens_used"],
+                   "finish_reason": "cancelled", "session_id": "77"}
+    assert 1 <= end["tokens_used"] < 500
+    assert all(f["type"] == "stream_chunk" and f["content"] for f in frames[:-1])
