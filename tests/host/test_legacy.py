@@ -115,3 +115,24 @@ async def test_legacy_host_ends_a_cancelled_stream_as_production(make_host, make
                    "finish_reason": "cancelled", "session_id": "77"}
     assert 1 <= end["tokens_used"] < 500
     assert all(f["type"] == "stream_chunk" and f["content"] for f in frames[:-1])
+
+
+async def test_legacy_host_answers_encrypted_messages_as_a_node_without_a_key(legacy):
+    """encrypted_message: MISSING_SESSION_ID with no session, then SESSION_KEY_NOT_FOUND; ids echoed."""
+    payload = {"ciphertextHex": "00" * 20, "nonceHex": "11" * 24, "aadHex": ""}
+    await legacy.send({"type": "encrypted_message", "id": "e1", "payload": payload})
+    assert await legacy.recv() == {"type": "error", "code": "MISSING_SESSION_ID",
+                                   "message": "encrypted_message requires session_id", "id": "e1"}
+    await legacy.send({"type": "session_init", "session_id": "9"})
+    await legacy.recv()
+    await legacy.send({"type": "encrypted_message", "id": "e2", "payload": payload})
+    assert await legacy.recv() == {"type": "error", "code": "SESSION_KEY_NOT_FOUND",
+                                   "message": "No session key found for session_id: 9", "id": "e2"}
+
+
+async def test_legacy_host_runs_a_prompt_without_session_or_request(legacy):
+    """Production answers a prompt with no session_init and no request object, from its top-level fields."""
+    await legacy.send({"type": "prompt", "prompt": "bare", "max_tokens": 3, "id": "b"})
+    result = await legacy.until_end()
+    assert "".join(f["content"] for f in result if f["type"] == "stream_chunk") == scripted_text("bare", 3)
+    assert result[-1] == {"type": "stream_end", "reason": "complete", "tokens_used": 3, "id": "b"}
