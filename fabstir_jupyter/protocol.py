@@ -699,7 +699,11 @@ class ResponseReader:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """The generation parameters of an ``inference`` or ``prompt`` request, validated for type."""
+    """The generation parameters of an ``inference`` or ``prompt`` request, validated for type.
+
+    ``model`` and ``max_tokens`` are ``None`` only for a ``prompt`` frame that had no ``request``
+    and no such top-level field; ``prompt`` is ``""`` when it was empty or absent there.
+    """
 
     prompt: str
     model: str | None
@@ -810,19 +814,24 @@ def _parse_messages(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _parse_generation(body: Any, fallback_prompt: Any = None) -> GenerationRequest:
-    if body is None:
-        body = {}
+#: The fields production hosts need in a ``request`` object; without one of them they drop it silently.
+_REQUIRED_REQUEST_FIELDS = ("model", "prompt", "max_tokens")
+#: The fields a ``prompt`` frame without ``request`` may carry at its top level (production reads them there).
+_TOP_LEVEL_REQUEST_FIELDS = ("prompt", "model", "max_tokens", "temperature", "stream")
+
+
+def _parse_generation(body: Any, *, complete: bool) -> GenerationRequest:
+    """Check the types of a request body; with ``complete``, also that model, prompt and max_tokens are there.
+
+    Emptiness (an empty prompt, an empty model) is the host's to judge: production hosts answer it
+    with an error, while a missing field gets no answer at all from them.
+    """
     if not isinstance(body, dict):
         raise InvalidOptions("'request' must be an object", field="request")
-    prompt = body.get("prompt", fallback_prompt)
+    prompt = body.get("prompt")
     messages = _parse_messages(body.get("messages"))
-    if prompt is None and messages:
-        prompt = ""
-    if not isinstance(prompt, str):
+    if prompt is not None and not isinstance(prompt, str):
         raise InvalidPrompt("'prompt' must be a string", field="prompt")
-    if not prompt and not messages:
-        raise InvalidPrompt("'prompt' is empty", field="prompt")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidOptions("'model' must be a string", field="model")
@@ -836,15 +845,26 @@ def _parse_generation(body: Any, fallback_prompt: Any = None) -> GenerationReque
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
         raise InvalidOptions("'stop' must be a list of non-empty strings", field="stop")
+    max_tokens = _opt_number(body, "max_tokens", integer=True)
+    temperature = _opt_number(body, "temperature", integer=False)
+    top_p = _opt_number(body, "top_p", integer=False)
+    seed = _opt_number(body, "seed", integer=True)
+    if complete:
+        for name in _REQUIRED_REQUEST_FIELDS:
+            if body.get(name) is None:
+                raise InvalidOptions(
+                    f"request has no '{name}' (production hosts drop such a request without an answer)",
+                    field=name,
+                )
     return GenerationRequest(
-        prompt=prompt,
-        model=model or None,
-        max_tokens=_opt_number(body, "max_tokens", integer=True),
-        temperature=_opt_number(body, "temperature", integer=False),
+        prompt=prompt or "",
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
         stream=stream,
-        top_p=_opt_number(body, "top_p", integer=False),
+        top_p=top_p,
         stop=tuple(stop),
-        seed=_opt_number(body, "seed", integer=True),
+        seed=seed,
         messages=messages,
     )
 
@@ -852,11 +872,15 @@ def _parse_generation(body: Any, fallback_prompt: Any = None) -> GenerationReque
 def parse_client_frame(data: str | bytes | bytearray | memoryview) -> ClientEvent:
     """Parse one frame sent by a client (the reference host's reader).
 
-    Only structure and types are checked here; limits (sizes, caps) are the host's policy.
+    Only structure and types are checked here; values (an empty prompt, sizes, caps) are the
+    host's policy. A ``request`` object must hold ``model``, ``prompt`` and ``max_tokens``:
+    production hosts drop one without them silently, so a client must learn it here. A ``prompt``
+    frame without ``request`` is read from its top-level fields, as production does; its missing
+    fields stay ``None`` for the host's defaults.
 
     Raises:
         ProtocolError: binary, not JSON, not an object, no ``type``, or an unknown ``type``.
-        InvalidPrompt, InvalidOptions: a field is missing or has the wrong type.
+        InvalidPrompt, InvalidOptions: a field is missing or has the wrong type; ``field`` names it.
     """
     obj = _load_object(data)
     kind = obj["type"]
@@ -865,14 +889,18 @@ def parse_client_frame(data: str | bytes | bytearray | memoryview) -> ClientEven
         raise InvalidOptions("'id' must be a string", field="id")
     rid = None if request_id is None else str(request_id)
     if kind == "inference":
-        return InferenceRequest(request=_parse_generation(obj.get("request")), id=rid)
+        if obj.get("request") is None:
+            raise InvalidOptions(
+                "inference has no 'request' (production hosts drop it without an answer)", field="request"
+            )
+        return InferenceRequest(request=_parse_generation(obj["request"], complete=True), id=rid)
     if kind == "prompt":
         session_id = _opt_ident(obj, "session_id", "sessionId")
-        return PromptRequest(
-            request=_parse_generation(obj.get("request"), fallback_prompt=obj.get("prompt")),
-            session_id=session_id,
-            id=rid,
-        )
+        if "request" in obj:  # production reads a present request verbatim (null included)
+            request = _parse_generation(obj["request"], complete=True)
+        else:  # production builds one from the top-level fields and fills in its defaults
+            request = _parse_generation({k: obj[k] for k in _TOP_LEVEL_REQUEST_FIELDS if k in obj}, complete=False)
+        return PromptRequest(request=request, session_id=session_id, id=rid)
     if kind == "session_init":
         session_id = _opt_ident(obj, "session_id", "sessionId")
         if not session_id:
@@ -906,9 +934,14 @@ def connected_frame(message: str = "connected to fabstir-host") -> dict[str, Any
 
 
 def session_init_ack_frame(
-    session_id: str, *, job_id: str | None = None, chain_id: int | None = None, request_id: str | None = None
+    session_id: str,
+    *,
+    job_id: int | str | None = None,
+    chain_id: int | None = None,
+    request_id: str | None = None,
+    message: str = "session initialised",
 ) -> dict[str, Any]:
-    """Build a ``session_init_ack``."""
+    """Build a ``session_init_ack``; pass ``job_id`` as a number where it is one (production does)."""
     return _with_id(
         {
             "type": "session_init_ack",
@@ -916,7 +949,7 @@ def session_init_ack_frame(
             "session_id": session_id,
             "job_id": job_id,
             "chain_id": chain_id,
-            "message": "session initialised",
+            "message": message,
         },
         request_id,
     )

@@ -805,15 +805,47 @@ def test_host_parses_inference() -> None:
     assert isinstance(event.request.max_tokens, int) and isinstance(event.request.temperature, float)
 
 
-def test_host_parses_inference_with_messages_only() -> None:
-    """A request with messages and no prompt is valid; its prompt is empty."""
+def test_host_parses_inference_with_messages_and_empty_prompt() -> None:
+    """A request with messages may have an empty prompt (the messages replace it)."""
     event = parse_client_frame(json.dumps({
         "type": "inference",
-        "request": {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "He"}]},
+        "request": {"model": "m", "prompt": "", "max_tokens": 4,
+                    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "He"}]},
     }))
     assert isinstance(event, InferenceRequest)
     assert event.request.prompt == ""
     assert event.request.messages == (("user", "hi"), ("assistant", "He"))
+
+
+@pytest.mark.parametrize("missing", ["model", "prompt", "max_tokens"])
+@pytest.mark.parametrize("kind", ["inference", "prompt"])
+def test_host_rejects_request_without_a_field_production_needs(kind: str, missing: str) -> None:
+    """A request without model, prompt or max_tokens (or with null) is INVALID_OPTIONS naming the field."""
+    body = {"model": "m", "prompt": "hi", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    for absent in (None, "null"):
+        request = {k: v for k, v in body.items() if k != missing}
+        if absent == "null":
+            request[missing] = None
+        with pytest.raises(InvalidOptions) as info:
+            parse_client_frame(json.dumps({"type": kind, "prompt": "outer", "request": request}))
+        assert info.value.field == missing and f"'{missing}'" in info.value.message
+
+
+def test_host_keeps_empty_prompt_and_model_for_the_host_to_judge() -> None:
+    """An empty prompt or model parses: the host answers it (production does too, with an error)."""
+    event = parse_client_frame(_inference(prompt="", model=""))
+    assert isinstance(event, InferenceRequest)
+    assert event.request.prompt == "" and event.request.model == ""
+
+
+def test_host_reads_a_prompt_frame_without_request_from_its_top_level() -> None:
+    """Without request, prompt/model/max_tokens/temperature/stream come from the frame, as production reads them."""
+    event = parse_client_frame(json.dumps({"type": "prompt", "prompt": "p", "model": "m", "max_tokens": 3,
+                                           "temperature": 0.5, "stream": False, "top_p": 0.1}))
+    assert isinstance(event, PromptRequest)
+    assert event.request == GenerationRequest(prompt="p", model="m", max_tokens=3, temperature=0.5, stream=False)
+    bare = parse_client_frame(json.dumps({"type": "prompt", "session_id": "s"}))
+    assert isinstance(bare, PromptRequest) and bare.request.prompt == "" and bare.request.model is None
 
 
 def test_host_parses_prompt_with_camel_case_session_id() -> None:
@@ -876,11 +908,13 @@ def _nested(depth: int) -> str:
         ('{"type":"stream_chunk","content":"x"}', "PROTOCOL_ERROR"),
         (_nested(100_000), "PROTOCOL_ERROR"),
         ('{"type":"inference","request":{"prompt":"hi","max_tokens":' + "1" * 5000 + "}}", "PROTOCOL_ERROR"),
-        ('{"type":"inference"}', "INVALID_PROMPT"),
-        (_inference(prompt=""), "INVALID_PROMPT"),
+        ('{"type":"inference"}', "INVALID_OPTIONS"),
+        ('{"type":"inference","request":null}', "INVALID_OPTIONS"),
+        ('{"type":"prompt","prompt":"hi","request":null}', "INVALID_OPTIONS"),
+        ('{"type":"inference","request":{"model":"m","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}}',
+         "INVALID_OPTIONS"),
         (_inference(prompt=5), "INVALID_PROMPT"),
         (_inference(prompt=["hi"]), "INVALID_PROMPT"),
-        ('{"type":"prompt","session_id":"s"}', "INVALID_PROMPT"),
         ('{"type":"prompt","prompt":7}', "INVALID_PROMPT"),
         ('{"type":"inference","request":"hi"}', "INVALID_OPTIONS"),
         (_inference(model=5), "INVALID_OPTIONS"),

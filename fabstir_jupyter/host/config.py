@@ -36,9 +36,10 @@ class HostConfig:
             before the host closes it (so idle sockets cannot hold every connection slot).
         compression: accept permessage-deflate.
         log_prompts: log prompt text (never logged otherwise).
-        legacy: imitate a production host (spec §4): no usage or finish_reason, an empty terminal
-            chunk, empty features, silent drops, no pong, stop/top_p/seed/messages ignored,
-            ``/health`` degraded and ``/v1/models`` 503.
+        legacy: imitate a production node without an encryption key (spec §4): no usage or
+            finish_reason, an empty terminal chunk, empty features, silent drops of what it cannot
+            read, uncoded validation errors, no pong, stop/top_p/seed/messages ignored, ``/health``
+            degraded and ``/v1/models`` 503 (see :mod:`fabstir_jupyter.host.legacy`).
         send_timeout: seconds a frame may wait for the client to read before the connection is
             dropped.
         cancel_grace: seconds a backend gets to stop after a cancel before its task is cancelled.

@@ -5,11 +5,17 @@ the host keeps the wire protocol, limits and sessions; the upstream runs the mod
 streams ``POST {upstream}/chat/completions`` (server-sent events) and maps the upstream's
 ``usage`` into the host's. Each content delta counts as one token until the upstream reports its
 own counts. Assistant prefill is not guaranteed upstream, so it is not advertised.
+
+The event stream is read with ``httpx-sse``, which ends lines only at CR, LF or CRLF as the SSE
+format says (``httpx``'s ``aiter_lines`` also breaks at U+2028, U+2029 and U+0085, which an
+upstream may send raw inside its JSON). A UTF-16 surrogate pair that an upstream splits across
+two deltas (``"\\ud83d"`` then ``"\\ude00"``) is joined before it reaches the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from typing import Any, AsyncIterator
 
@@ -31,6 +37,9 @@ class OpenAIProxyBackend(Backend):
         context_window: the context size reported to clients.
         api_key: sent as a bearer token when given.
         timeout: seconds for connecting and between streamed bytes.
+
+    Raises:
+        BackendUnavailable: ``httpx-sse`` is not installed, or the URL is not http(s).
     """
 
     unsupported_features = frozenset({"assistant-prefill"})
@@ -45,6 +54,8 @@ class OpenAIProxyBackend(Backend):
         api_key: str | None = None,
         timeout: float = 60.0,
     ) -> None:
+        if importlib.util.find_spec("httpx_sse") is None:
+            raise BackendUnavailable("the openai backend needs httpx-sse: install fabstir-jupyter[host]")
         if not upstream_url.startswith(("http://", "https://")):
             raise BackendUnavailable(f"upstream url {upstream_url!r} is not an http(s) url")
         self.upstream_url = upstream_url.rstrip("/")
@@ -87,6 +98,8 @@ class OpenAIProxyBackend(Backend):
     async def generate(
         self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
     ) -> AsyncIterator[str]:
+        from httpx_sse import EventSource, SSEError
+
         stats.prompt_tokens = sum(count_words(content) for _, content in params.messages)  # until usage arrives
         body: dict[str, Any] = {
             "model": self.upstream_model,
@@ -103,27 +116,63 @@ class OpenAIProxyBackend(Backend):
         if params.stop:
             body["stop"] = list(params.stop)[:4]
         url = f"{self.upstream_url}/chat/completions"
+        joiner = _SurrogateJoiner()
         try:
-            async with self._client.stream("POST", url, json=body) as response:
+            async with self._client.stream("POST", url, json=body, headers={"Accept": "text/event-stream"}) as response:
                 if response.status_code != 200:
                     raise _upstream_error(response.status_code, (await response.aread())[:500].decode("utf-8", "replace"))
-                async for line in response.aiter_lines():
+                async for event in EventSource(response).aiter_sse():
                     if cancel.is_set():
                         return
-                    if not line.startswith("data:"):
+                    data = event.data.strip()
+                    if not data:  # an event with no data (a keep-alive, say)
                         continue
-                    data = line[5:].strip()
                     if data == "[DONE]":
                         break
                     for piece in _read_event(data, stats):
-                        yield piece
+                        yield joiner.feed(piece)
+            tail = joiner.flush()
+            if tail:
+                yield tail
         except FabstirError:
             raise
+        except SSEError as exc:
+            raise HostError(f"upstream {self.upstream_url}: not an event stream: {exc}") from None
         except httpx.HTTPError as exc:
             raise HostError(f"upstream {self.upstream_url}: {type(exc).__name__}: {exc}") from None
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class _SurrogateJoiner:
+    """Join UTF-16 surrogate halves that arrive in separate deltas; a half with no partner becomes U+FFFD.
+
+    JSON escapes astral characters as two ``\\uXXXX`` halves, and an upstream may cut a delta
+    between them. A lone surrogate cannot be sent as UTF-8, so it must never reach the socket.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""  # a high surrogate waiting for its low half
+
+    def feed(self, text: str) -> str:
+        """Return ``text`` as valid Unicode, holding back a trailing high surrogate ("" if that is all)."""
+        text, self._pending = self._pending + text, ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._pending = text[:-1], text[-1]
+        return _valid_unicode(text)
+
+    def flush(self) -> str:
+        """Return what is held back at the end of the stream (U+FFFD for a half with no partner)."""
+        pending, self._pending = self._pending, ""
+        return _valid_unicode(pending)
+
+
+def _valid_unicode(text: str) -> str:
+    if text.isascii():
+        return text
+    # Through UTF-16: pairs become one character, lone halves become U+FFFD.
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _read_event(data: str, stats: GenerationStats) -> list[str]:

@@ -12,7 +12,9 @@ Replies to a request:
 * rejected before it starts (rate limit, bad option, unknown model or session, host busy, a second
   request on a busy connection): one ``error`` frame carrying the request's ``id``;
 * started: ``stream_chunk`` × N then ``stream_end``; a failure after the start sends ``error``
-  then ``stream_end(reason="error")``; ``stream_cancel`` ends it with ``reason="cancelled"``.
+  then ``stream_end(reason="error")``; ``stream_cancel`` ends it with ``reason="cancelled"``, and
+  the frame after the cancel is read only once that ``stream_end`` is out (as production does:
+  a client may "stop, then send" without being told the connection is busy).
 
 HTTP: ``GET /health``, ``GET /v1/version``, ``GET /v1/models``; every other path but ``/v1/ws``
 is a 404. With ``HostConfig.auth_token`` the upgrade to ``/v1/ws`` and ``/v1/models`` need
@@ -72,7 +74,15 @@ from ..protocol import (
 )
 from .backends import AbortConnection, Backend, GenerationParams, GenerationStats
 from .config import DEFAULT_VERSION, HostConfig
-from .legacy import legacy_error_frame, legacy_final_frames
+from .legacy import (
+    PRODUCTION_DEFAULT_MAX_TOKENS,
+    legacy_encrypted_reply,
+    legacy_error_frame,
+    legacy_final_frames,
+    legacy_rejection_frames,
+    production_job_id,
+    production_validation_error,
+)
 from .. import _compat
 from ..limits import TokenBucket
 from .limits import AddressLimiter, Session, SessionStore, per_minute_bucket
@@ -396,7 +406,7 @@ class HostServer:
             if not self.config.legacy:
                 await self._send(conn, pong_frame())
         elif isinstance(event, StreamCancel):
-            self._cancel(conn.stream)
+            await self._cancel_and_wait(conn)
         elif conn.stream is not None:
             if self.config.legacy:
                 logger.debug("legacy: dropped a %s on a busy connection", type(event).__name__)
@@ -409,21 +419,53 @@ class HostServer:
         elif isinstance(event, SessionInit):
             self.sessions.open(event.session_id, job_id=event.job_id, chain_id=event.chain_id)
             conn.session_id = event.session_id
-            await self._send(conn, session_init_ack_frame(
-                event.session_id, job_id=event.job_id, chain_id=event.chain_id, request_id=event.id
-            ))
+            await self._send(conn, self._session_init_ack(event))
         else:
             await self._start(conn, event)
 
-    async def _reject_frame(self, conn: _Connection, data: str | bytes, exc: FabstirError) -> None:
+    def _session_init_ack(self, event: SessionInit) -> dict[str, Any]:
+        # Production echoes job_id as a number (null when it is not one).
+        job_id: int | str | None = production_job_id(event.job_id)
         if self.config.legacy:
-            logger.debug("legacy: dropped a malformed frame (%s)", exc.code)
+            return session_init_ack_frame(event.session_id, job_id=job_id, chain_id=event.chain_id,
+                                          request_id=event.id, message="Session initialized successfully")
+        if job_id is None:
+            job_id = event.job_id  # a non-numeric id is kept as sent
+        return session_init_ack_frame(event.session_id, job_id=job_id, chain_id=event.chain_id, request_id=event.id)
+
+    async def _reject_frame(self, conn: _Connection, data: str | bytes, exc: FabstirError) -> None:
+        obj = _peek(data)
+        kind = obj.get("type") if obj is not None else None
+        if self.config.legacy:
+            reply = legacy_encrypted_reply(obj, conn.session_id) if obj is not None else None
+            if reply is None:
+                logger.debug("legacy: dropped a malformed frame (%s)", exc.code)
+                return
+            await self._send(conn, reply)
             return
-        request_id, kind = _peek(data)
         code, message = exc.code, exc.message
         if kind in _ENCRYPTED_TYPES:
             code, message = "ENCRYPTION_NOT_SUPPORTED", "encrypted sessions are not supported by this host; use session_init"
-        await self._send(conn, error_frame(code, message, request_id=request_id))
+        await self._send(conn, error_frame(code, message, request_id=_request_id(obj)))
+
+    async def _cancel_and_wait(self, conn: _Connection) -> None:
+        """Cancel the connection's stream and wait until its last frame is out.
+
+        The next frame on the socket is read only then, so a client that sends its next request
+        right after ``stream_cancel`` (production's SDK does) is served in order, never answered
+        ``HOST_BUSY`` nor dropped. The wait is bounded: the backend gets ``cancel_grace`` seconds to
+        stop before its task is interrupted, and a final frame that the client does not read drops
+        the connection after ``send_timeout``.
+        """
+        job = conn.stream
+        if job is None:
+            return
+        self._cancel(job)
+        if job.task is not None:
+            limit = self.config.cancel_grace + self.config.send_timeout + 1.0
+            done, _ = await asyncio.wait({job.task}, timeout=limit)
+            if not done:
+                logger.warning("request %s: still running %g s after its cancel", job.request_id, limit)
 
     def _cancel(self, job: _Stream | None) -> None:
         if job is None or job.cancel.is_set():
@@ -446,7 +488,12 @@ class HostServer:
             job = self._admit(conn, event)
         except FabstirError as exc:
             logger.info("request %s rejected: %s", event.id, exc.code)
-            await self._send(conn, self._error_frame(exc.code, exc.message, event.id))
+            if self.config.legacy:
+                async with conn.send_lock:
+                    for frame in legacy_rejection_frames(exc, event.id):
+                        await self._send_locked(conn, encode(frame))
+            else:
+                await self._send(conn, self._error_frame(exc.code, exc.message, event.id))
             return
         if job is None:
             return
@@ -456,30 +503,37 @@ class HostServer:
         self._log_start(job, conn)
 
     def _admit(self, conn: _Connection, event: InferenceRequest | PromptRequest) -> _Stream | None:
-        """Check limits and build the stream of a request; None means "drop it" (legacy only)."""
+        """Check limits and build the stream of a request; None means "drop it" (legacy only).
+
+        Raises:
+            FabstirError: the request is refused; the caller answers it.
+        """
         cfg, req, legacy = self.config, event.request, self.config.legacy
-        if conn.bucket is not None and not conn.bucket.try_acquire():
-            raise RateLimitExceeded(
-                f"more than {cfg.rate_limit_per_connection:g} requests per minute on this connection",
-                retry_after=conn.bucket.retry_after(),
-            )
-        if not self._address_limiter.try_acquire(conn.address):
-            raise RateLimitExceeded(
-                f"more than {cfg.rate_limit_per_address:g} requests per minute from {conn.address}",
-                retry_after=self._address_limiter.retry_after(conn.address),
-            )
-        if legacy and (req.model is None or req.max_tokens is None or not req.prompt):
-            return None
+        # Defaults apply only to a prompt frame without request (the parser refuses other gaps).
+        default_max_tokens = PRODUCTION_DEFAULT_MAX_TOKENS if legacy else min(cfg.default_max_tokens, cfg.max_tokens_cap)
+        max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
+        temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+        if legacy:  # production validates before it counts the request against its rate limit
+            if max_tokens < 0:  # it cannot read a negative count, so it drops the request
+                return None
+            model_name = "default" if req.model is None else req.model
+            problem = production_validation_error(req.prompt, model_name, max_tokens, temperature)
+            if problem is not None:
+                raise InvalidOptions(problem)
+        self._check_rate(conn)
+        if not legacy:
+            if req.model == "":
+                raise InvalidOptions("'model' is empty", field="model")
+            if not req.prompt and not req.messages:
+                raise InvalidPrompt("'prompt' is empty", field="prompt")
         model = self.backend.resolve_model(req.model)
         if model is None and legacy:
             model = self.backend.resolve_model(None)
         if model is None:
             available = ", ".join(m.id for m in self.backend.models) or "none"
             raise ModelNotAvailable(f"model {req.model!r} is not served by this host; available: {available}")
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(cfg.default_max_tokens, cfg.max_tokens_cap)
         if not 1 <= max_tokens <= cfg.max_tokens_cap:
             raise InvalidOptions(f"'max_tokens' must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}", field="max_tokens")
-        temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
         if not 0.0 <= temperature <= 2.0:
             raise InvalidOptions(f"'temperature' must be between 0 and 2, got {temperature:g}", field="temperature")
         if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
@@ -493,14 +547,14 @@ class HostServer:
         if chars > cfg.max_prompt_chars:
             raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}", field="prompt")
         session, turn_input = None, self._turn_input(req.prompt, () if legacy else req.messages)
-        if isinstance(event, PromptRequest):
+        if isinstance(event, PromptRequest) and not legacy:  # production runs a prompt without a session too
             session_id = event.session_id or conn.session_id
             session = self.sessions.get(session_id) if session_id is not None else None
             if session is None:
                 if session_id is None:
                     raise SessionNotFound("no session on this connection; send session_init first")
                 raise SessionNotFound(f"session {session_id!r} is not open on this host; send session_init first")
-            if not req.messages and not legacy:
+            if not req.messages:
                 turn_input = [*session.messages, ("user", req.prompt)]
         if self._active >= cfg.max_concurrent_streams:
             raise HostBusy(f"host is at its limit of {cfg.max_concurrent_streams} concurrent streams")
@@ -518,9 +572,27 @@ class HostServer:
             params=params,
             stream=req.stream or legacy,
             context_window=model.context_window,
-            session=None if legacy else session,
+            session=session,
             turn_input=turn_input,
         )
+
+    def _check_rate(self, conn: _Connection) -> None:
+        """Take one request from the connection's and the address's budgets.
+
+        Raises:
+            RateLimitExceeded: either budget is spent (``retry_after`` says for how long).
+        """
+        cfg = self.config
+        if conn.bucket is not None and not conn.bucket.try_acquire():
+            raise RateLimitExceeded(
+                f"more than {cfg.rate_limit_per_connection:g} requests per minute on this connection",
+                retry_after=conn.bucket.retry_after(),
+            )
+        if not self._address_limiter.try_acquire(conn.address):
+            raise RateLimitExceeded(
+                f"more than {cfg.rate_limit_per_address:g} requests per minute from {conn.address}",
+                retry_after=self._address_limiter.retry_after(conn.address),
+            )
 
     @staticmethod
     def _turn_input(prompt: str, messages: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
@@ -565,15 +637,14 @@ class HostServer:
             job.generating = False
             if job.timer is not None:
                 job.timer.cancel()
-        # Free the connection before the last frames go out: a client may send its next request
-        # as soon as it reads stream_end.
-        self._release(conn, job)
         if abort:
+            self._release(conn, job)
             logger.info("request %s: dropping the connection (fault injection)", job.request_id)
             if conn.ws.transport is not None:
                 conn.ws.transport.abort()
             return
         if finish is None:
+            self._release(conn, job)
             return
         if job.session is not None and finish != "error":
             self.sessions.record_turn(job.session, job.turn_input, "".join(job.text))
@@ -581,13 +652,19 @@ class HostServer:
             "request %s: %s after %d tokens in %.3f s%s", job.request_id, finish, job.generated,
             time.monotonic() - job.started, f" ({error.code})" if error else "",
         )
-        frames = self._final_frames(job, finish, error)
+        frames = self._final_frames(job, finish, error, conn.session_id)
         try:
             async with conn.send_lock:
+                # Free the connection before the last frames go out (a client may send its next
+                # request as soon as it reads stream_end), but under the send lock, so that no
+                # reply to a later frame can overtake them.
+                self._release(conn, job)
                 for frame in frames:
                     await self._send_locked(conn, encode(frame))
         except (ConnectionClosed, _ConnectionGone):
             pass
+        finally:
+            self._release(conn, job)
 
     def _release(self, conn: _Connection, job: _Stream) -> None:
         if job.finished:
@@ -646,10 +723,12 @@ class HostServer:
             context_window_size=job.context_window,
         )
 
-    def _final_frames(self, job: _Stream, finish: str, error: FabstirError | None) -> list[dict[str, Any]]:
+    def _final_frames(
+        self, job: _Stream, finish: str, error: FabstirError | None, session_id: str | None
+    ) -> list[dict[str, Any]]:
         rid = job.request_id
         if self.config.legacy:
-            return legacy_final_frames(finish, job.generated, error, rid)
+            return legacy_final_frames(finish, job.generated, error, rid, session_id=session_id)
         reason = {"cancelled": "cancelled", "error": "error"}.get(finish, "complete")
         frames = []
         if error is not None:
@@ -682,20 +761,21 @@ class HostServer:
             raise _ConnectionGone("send timed out") from None
 
 
-def _peek(data: str | bytes) -> tuple[str | None, str | None]:
-    """Return the ``id`` and ``type`` of a frame that failed to parse, where they can be read."""
+def _peek(data: str | bytes) -> dict[str, Any] | None:
+    """Return the JSON object of a frame that failed to parse, where it can be read."""
     if not isinstance(data, str):
-        return None, None
+        return None
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError):
-        return None, None
-    if not isinstance(obj, dict):
-        return None, None
-    rid = obj.get("id")
-    rid_text = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-    kind = obj.get("type")
-    return rid_text, kind if isinstance(kind, str) else None
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _request_id(obj: dict[str, Any] | None) -> str | None:
+    """Return the ``id`` of a decoded frame as the host echoes it (a string), if it has a usable one."""
+    rid = obj.get("id") if obj is not None else None
+    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
 
 
 def _remote(connection: ServerConnection) -> str:

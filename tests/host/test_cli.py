@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
@@ -113,6 +114,23 @@ def test_cli_help_and_version_exit_zero(flag, capsys):
         main([flag])
     assert info.value.code == 0
     assert "fabstir-host" in capsys.readouterr().out
+
+
+def test_cli_help_describes_every_option_and_its_default(capsys):
+    """Every option of --help has a description and states its default."""
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    options = [a for a in parser._actions if a.default is not argparse.SUPPRESS]  # all but --help, --version
+    assert len(options) > 30
+    for action in options:
+        assert action.help, f"{action.option_strings} has no description"
+        assert "(default: " in formatter._expand_help(action), f"{action.option_strings} shows no default"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert shown.count("(default: ") == len(options)
+    assert "the largest max_tokens a request may ask for (default: 4096)" in shown
+    assert "--legacy imitate a production node" in shown and "(default: off)" in shown
 
 
 def _alive(pid: int) -> bool:

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from fabstir_jupyter.host import ScriptedBackend, scripted_text, scripted_token
-from fabstir_jupyter.protocol import ResponseReader, cancel_frame, inference_frame, parse_host_frame, ping_frame
+from fabstir_jupyter.protocol import (
+    ResponseReader,
+    cancel_frame,
+    inference_frame,
+    parse_host_frame,
+    ping_frame,
+    prompt_frame,
+)
 
 from .conftest import get_json
 
@@ -93,11 +100,39 @@ async def test_legacy_host_sends_flat_coded_errors(make_host, make_peer):
     assert result.end["reason"] == "error"
 
 
-async def test_legacy_host_still_honours_cancel(make_host, make_peer):
-    """stream_cancel ends a legacy stream with reason cancelled."""
+async def test_legacy_host_ends_a_cancelled_stream_as_production(make_host, make_peer):
+    """A cancel gets one stream_end(cancelled) with finish_reason and session_id, no id, no empty chunk."""
     peer = await make_peer(await make_host(ScriptedBackend(token_rate=100), legacy=True))
-    await peer.send(inference_frame(prompt="a", model="scripted-1", max_tokens=500, temperature=0))
+    await peer.send({"type": "session_init", "session_id": "77", "id": "i"})
+    assert (await peer.recv())["type"] == "session_init_ack"
+    await peer.send(prompt_frame("a", session_id="77", model="scripted-1", max_tokens=500, temperature=0,
+                                 request_id="p"))
     await peer.recv()
     await peer.send(cancel_frame())
-    end = (await peer.until_end())[-1]
-    assert end["reason"] == "cancelled" and "finish_reason" not in end
+    frames = await peer.until_end()
+    end = frames[-1]
+    assert end == {"type": "stream_end", "reason": "cancelled", "tokens_used": end["tokens_used"],
+                   "finish_reason": "cancelled", "session_id": "77"}
+    assert 1 <= end["tokens_used"] < 500
+    assert all(f["type"] == "stream_chunk" and f["content"] for f in frames[:-1])
+
+
+async def test_legacy_host_answers_encrypted_messages_as_a_node_without_a_key(legacy):
+    """encrypted_message: MISSING_SESSION_ID with no session, then SESSION_KEY_NOT_FOUND; ids echoed."""
+    payload = {"ciphertextHex": "00" * 20, "nonceHex": "11" * 24, "aadHex": ""}
+    await legacy.send({"type": "encrypted_message", "id": "e1", "payload": payload})
+    assert await legacy.recv() == {"type": "error", "code": "MISSING_SESSION_ID",
+                                   "message": "encrypted_message requires session_id", "id": "e1"}
+    await legacy.send({"type": "session_init", "session_id": "9"})
+    await legacy.recv()
+    await legacy.send({"type": "encrypted_message", "id": "e2", "payload": payload})
+    assert await legacy.recv() == {"type": "error", "code": "SESSION_KEY_NOT_FOUND",
+                                   "message": "No session key found for session_id: 9", "id": "e2"}
+
+
+async def test_legacy_host_runs_a_prompt_without_session_or_request(legacy):
+    """Production answers a prompt with no session_init and no request object, from its top-level fields."""
+    await legacy.send({"type": "prompt", "prompt": "bare", "max_tokens": 3, "id": "b"})
+    result = await legacy.until_end()
+    assert "".join(f["content"] for f in result if f["type"] == "stream_chunk") == scripted_text("bare", 3)
+    assert result[-1] == {"type": "stream_end", "reason": "complete", "tokens_used": 3, "id": "b"}

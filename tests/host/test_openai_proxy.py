@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+from websockets.asyncio.client import connect
+
+from fabstir_jupyter.host import HostConfig, HostServer
 from fabstir_jupyter.host.backends import BackendUnavailable
 from fabstir_jupyter.host.openai_proxy import OpenAIProxyBackend
 from fabstir_jupyter.protocol import inference_frame
@@ -18,10 +21,18 @@ from .conftest import Result, get_json
 class Upstream:
     """A tiny HTTP/1.1 server answering ``GET /v1/models`` and streaming ``POST /v1/chat/completions``."""
 
-    def __init__(self, pieces: list[str], *, status: int = 200, usage: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        pieces: list[str],
+        *,
+        status: int = 200,
+        usage: dict[str, int] | None = None,
+        raw_events: list[bytes] | None = None,
+    ) -> None:
         self.pieces = pieces
         self.status = status
         self.usage = usage
+        self.raw_events = raw_events  # sent as they are instead of the events made from ``pieces``
         self.bodies: list[dict[str, Any]] = []
         self.server: asyncio.Server | None = None
 
@@ -55,6 +66,9 @@ class Upstream:
         else:
             self.bodies.append(json.loads(body))
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+            for raw in self.raw_events or ():
+                writer.write(raw)
+                await writer.drain()
             for piece in self.pieces:
                 event = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 writer.write(f"data: {json.dumps(event)}\n\n".encode())
@@ -114,6 +128,47 @@ async def test_openai_backend_reports_unreachable_upstream(make_host, make_peer)
     await peer.send(inference_frame(prompt="hi", model="m", max_tokens=5, temperature=0))
     result = Result(await peer.until_end())
     assert [e["code"] for e in result.errors] == ["HOST_ERROR"]
+
+
+def delta_event(content_json: str, *, newline: bytes = b"\n") -> bytes:
+    """One SSE event whose delta content is ``content_json`` (JSON string text), as raw UTF-8 bytes."""
+    data = '{"choices":[{"index":0,"delta":{"content":' + content_json + '},"finish_reason":null}]}'
+    return b"data: " + data.encode("utf-8") + newline + newline
+
+
+async def relay(raw_events: list[bytes], *prompts: str) -> list[Result]:
+    """Serve ``raw_events`` from an upstream; return the host's answer to each prompt, on one socket."""
+    results = []
+    async with Upstream([], raw_events=raw_events) as upstream:
+        async with HostServer(HostConfig(), OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m")) as server:
+            async with connect(server.ws_url, open_timeout=5) as ws:
+                await asyncio.wait_for(ws.recv(), 5)  # connected
+                for prompt in prompts:
+                    await ws.send(json.dumps(inference_frame(prompt=prompt, model="m", max_tokens=50, temperature=0)))
+                    frames = []
+                    while not frames or frames[-1]["type"] != "stream_end":
+                        frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+                    results.append(Result(frames))
+    return results
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+async def test_openai_backend_keeps_unicode_line_breaks_inside_event_data(newline):
+    """U+2028, U+2029 and U+0085 sent raw inside the JSON stay text: SSE lines end only at CR, LF or CRLF."""
+    pieces = ["a\u2028b", "c\u2029d", "e\u0085f", "\x1c\x1d\x1e"]
+    events = [delta_event(json.dumps(p, ensure_ascii=False), newline=newline) for p in pieces]
+    (result,) = await relay(events, "hi")
+    assert result.errors == [] and result.end["reason"] == "complete"
+    assert result.text == "".join(pieces)
+
+
+async def test_openai_backend_joins_a_surrogate_pair_split_across_deltas():
+    """A pair escaped as \\ud83d in one delta and \\ude00 in the next is one emoji; the socket lives on."""
+    events = [delta_event('"x\\ud83d"'), delta_event('"\\ude00y"'), delta_event('"\\ud83d"'), delta_event('"z"')]
+    first, second = await relay(events, "one", "two")
+    assert first.errors == [] and first.end["reason"] == "complete"
+    assert first.text == "x\U0001f600y\ufffdz"  # a half with no partner is U+FFFD, never a lone surrogate
+    assert second.text == first.text
 
 
 def test_openai_backend_needs_an_http_url():

@@ -9,7 +9,14 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from fabstir_jupyter.host import Backend, ModelInfo, ScriptedBackend, scripted_text
-from fabstir_jupyter.protocol import FEATURES, cancel_frame, inference_frame, parse_host_frame, ping_frame
+from fabstir_jupyter.protocol import (
+    FEATURES,
+    cancel_frame,
+    inference_frame,
+    parse_host_frame,
+    ping_frame,
+    session_init_frame,
+)
 
 from .conftest import get_json, wait_until
 
@@ -78,11 +85,34 @@ async def test_host_non_streaming_request_gets_one_chunk(peer):
     assert result.end["usage"]["completion_tokens"] == 5
 
 
-async def test_host_uses_default_model_and_max_tokens_when_missing(make_host, make_peer):
-    """A request without model or max_tokens uses the default model and default_max_tokens."""
+@pytest.mark.parametrize("missing", ["model", "prompt", "max_tokens"])
+async def test_host_rejects_request_without_model_prompt_or_max_tokens(peer, missing):
+    """A request lacking a field production needs is INVALID_OPTIONS naming it (production drops it silently)."""
+    body = {"prompt": "x", "model": "scripted-1", "max_tokens": 3}
+    del body[missing]
+    await peer.send({"type": "inference", "id": "m", "request": body})
+    error = await peer.recv()
+    assert error["type"] == "error" and error["code"] == "INVALID_OPTIONS" and error["id"] == "m"
+    assert f"'{missing}'" in error["message"] and error["error"] == {"code": "INVALID_OPTIONS", "message": error["message"]}
+    assert await peer.silent_for(0.05)
+
+
+@pytest.mark.parametrize(("request_fields", "code"), [({"prompt": ""}, "INVALID_PROMPT"), ({"model": ""}, "INVALID_OPTIONS")])
+async def test_host_rejects_empty_prompt_or_model(peer, request_fields, code):
+    """An empty prompt or model is answered with a coded error, not a default."""
+    await peer.send({"type": "inference", "id": "e",
+                     "request": {"prompt": "x", "model": "scripted-1", "max_tokens": 3, **request_fields}})
+    error = await peer.recv()
+    assert error["type"] == "error" and error["code"] == code and error["id"] == "e"
+
+
+async def test_host_fills_defaults_for_a_prompt_frame_without_request(make_host, make_peer):
+    """A session prompt without request uses the default model and default_max_tokens (production fills its own)."""
     server = await make_host(default_max_tokens=3)
     peer = await make_peer(server)
-    await peer.send({"type": "inference", "request": {"prompt": "defaults"}})
+    await peer.send(session_init_frame("d"))
+    await peer.recv()
+    await peer.send({"type": "prompt", "prompt": "defaults"})
     result_frames = await peer.until_end()
     assert result_frames[-1]["usage"]["completion_tokens"] == 3
 
@@ -369,7 +399,7 @@ async def test_host_drops_connection_on_oversize_frame(make_host, make_peer):
         ("[1, 2]", "PROTOCOL_ERROR"),
         ('{"no_type": 1}', "PROTOCOL_ERROR"),
         ('{"type": "teleport"}', "PROTOCOL_ERROR"),
-        ('{"type": "inference"}', "INVALID_PROMPT"),
+        ('{"type": "inference"}', "INVALID_OPTIONS"),
         ('{"type": "inference", "request": {"prompt": 5}}', "INVALID_PROMPT"),
         ('{"type": "inference", "request": {"prompt": "x", "max_tokens": "ten"}}', "INVALID_OPTIONS"),
         ('{"type": "inference", "request": {"prompt": "x", "stream": "yes"}}', "INVALID_OPTIONS"),

@@ -27,17 +27,23 @@ async def turn(peer, prompt: str, *, session_id: str | None = "s1", max_tokens: 
 
 
 async def test_host_acknowledges_session_init(peer):
-    """session_init gets session_init_ack echoing session, job, chain and id."""
+    """session_init gets session_init_ack echoing session, job (a number, as production), chain and id."""
     ack = await open_session(peer, "sess-9", job_id=12, chain_id=84532, request_id="i1")
     assert ack["type"] == "session_init_ack" and ack["status"] == "success"
-    assert ack["session_id"] == "sess-9" and ack["job_id"] == "12" and ack["chain_id"] == 84532 and ack["id"] == "i1"
+    assert ack["session_id"] == "sess-9" and ack["job_id"] == 12 and ack["chain_id"] == 84532 and ack["id"] == "i1"
 
 
 async def test_host_accepts_camel_case_session_fields(peer):
-    """sessionId / jobId / chainId are accepted like the snake_case names."""
+    """sessionId / jobId / chainId are accepted like the snake_case names; a numeric jobId string is a number."""
     await peer.send({"type": "session_init", "sessionId": "cc", "jobId": "3", "chainId": 1})
     ack = await peer.recv()
-    assert ack["session_id"] == "cc" and ack["job_id"] == "3"
+    assert ack["session_id"] == "cc" and ack["job_id"] == 3
+
+
+async def test_host_keeps_a_non_numeric_job_id_as_sent(peer):
+    """A job id that is not a number is echoed as the string it was (production would send null)."""
+    ack = await open_session(peer, "s", job_id="job-x")
+    assert ack["job_id"] == "job-x"
 
 
 async def test_host_streams_a_session_prompt(peer):
