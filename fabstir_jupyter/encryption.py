@@ -756,7 +756,7 @@ class HostEncryption:
         else:
             body = {"prompt": text}  # older SDKs encrypt the bare prompt
         return EncryptedPrompt(
-            request=_parse_generation(body), session_id=session_id, message_index=index,
+            request=_parse_generation(body, complete=False), session_id=session_id, message_index=index,
             web_search=obj.get("web_search") is True, id=request_id,
         )
 
