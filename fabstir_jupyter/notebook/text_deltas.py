@@ -68,7 +68,7 @@ class DeltaBatcher:
     So a character waits at most ``interval`` plus the time to the next ``append`` (the widget's
     caller appends each token and calls ``append("")`` when idle), while the stream brings at
     least ``DELTA_KEYS / delta_share`` ≈ 3 bytes per message: tokens of 4-6 characters at any
-    rate (measured by ``benchmarks/widget_traffic.py``: at most 50 ms at 5 to 2000 tokens/s). A
+    rate (``benchmarks/widget_traffic.py``: 0 ms at 5 and 20 tokens/s, under 50 ms at 85 and 200). A
     stream of 1-2 character tokens at a low rate spends the pool's slack, then groups about 3
     bytes per message.
 
