@@ -3,25 +3,26 @@
 :class:`StreamOutput` shows one ``%%fabstir`` answer as it streams (it implements the magics'
 ``OutputSink``: ``start``, ``append``, ``finish``, ``failed``, ``cancelled``). Setting a trait
 resends its whole value, so appending tokens to a trait costs O(n²) bytes. Instead
-:class:`~.batching.DeltaBatcher` turns the growing text into custom messages, at most one per
-``interval`` seconds, each batch held until it is worth its JSON envelope or has waited
-``max_latency`` (0.25 s) (the front end also drops iopub output above 1000 messages/s)::
+:class:`~.text_deltas.DeltaBatcher` turns the growing text into custom messages, as soon as text
+is pending and at most one per ``interval`` seconds (the front end also drops iopub output above
+1000 messages/s)::
 
-    {"type": "delta", "offset": 120, "text": " more words"}   # applies where the view has 120 chars
-    {"type": "snapshot", "text": "the whole text so far"}      # catch-up for a view that missed some
+    " more words"                                    # a delta: appended by a view in step
+    {"type": "snapshot", "text": "the whole text"}   # catch-up for a view that missed some
+    {"type": "reset"}                                # a new stream on the same widget
 
 A custom message sent before the front end has loaded the widget's module is lost, and a message
 from the view is not handled while the cell runs, so the kernel pushes catch-up state unasked: a
-snapshot replaces the delta of a batch when the text has doubled since the last snapshot (and the
-snapshot budget has room), at the latest when it has grown 8×. The full ``text`` trait is set
-once, at the end (saved widget state and re-renders are right). Deltas' envelopes and snapshots
-each spend from a byte pool that grows with the text, so messages plus the final trait stay
-within 3.9× the text + 338 bytes at any token rate: under 4× past 3.4 kB (see
-:class:`~.batching.DeltaBatcher`).
+snapshot replaces a delta when the text has doubled since the last snapshot (and the snapshot
+budget has room), at the latest when it has grown 8×. The full ``text`` trait is set once, at the
+end (saved widget state and re-renders are right). Deltas' quotes and snapshots each spend from a
+byte pool that grows with the text, so messages plus the final trait stay within 3.9× the text +
+338 bytes at any token rate: under 4× past 3.4 kB (see :class:`~.text_deltas.DeltaBatcher`).
 
-The widgets only adapt: the batching rules live in :mod:`.batching`, the host and usage tables
+The widgets only adapt: the pacing rules live in :mod:`.text_deltas`, the host and usage tables
 (rows, prices, sorting, DataFrames) in :mod:`.tables`, neither of which imports a widget library.
-The ES modules and styles are hand-written files in ``static/`` (no bundler, no build step).
+The front end is TypeScript in the repository's ``js/`` folder, bundled by esbuild into
+``static/`` (committed, so installing the package needs no Node; a test rebuilds and compares).
 pandas is imported only by the ``*_frame`` properties.
 """
 
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import anywidget
 import traitlets
 
-from .batching import DEFAULT_INTERVAL, DeltaBatcher
+from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
 from .tables import host_rows, hosts_dataframe, sort_rows, usage_dataframe, usage_rows
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class StreamOutput(anywidget.AnyWidget):
         interval: float = DEFAULT_INTERVAL,
         update_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        send: Callable[[dict[str, Any]], None] | None = None,
+        send: Callable[[Any], None] | None = None,
         on_stop: Callable[[], Any] | None = None,
         note: str | None = None,
         show: bool = True,
@@ -160,11 +161,10 @@ class StreamOutput(anywidget.AnyWidget):
             self._display_handle = _display(self)
 
     def append(self, text: str) -> None:
-        """Add text that just arrived; the first text is sent at once, later text within the
-        batcher's ``max_latency`` (0.25 s) while the stream brings some 50 tokens/s or more, and
-        as soon as it pays for its message's keys when slower (see :class:`~.batching.DeltaBatcher`).
+        """Add text that just arrived; it is sent at once when ``interval`` has passed since the
+        last message, else with the next ``append`` after that (see :class:`~.text_deltas.DeltaBatcher`).
 
-        ``append("")`` sends a batch that is due without adding text: call it when the stream
+        ``append("")`` sends pending text that is due without adding any: call it when the stream
         is idle (e.g. on each queue timeout) so a pause does not hold back the last tokens.
         """
         if self._state == "new":
@@ -178,7 +178,7 @@ class StreamOutput(anywidget.AnyWidget):
         self.batcher.append(text)
 
     def tick(self) -> None:
-        """Send a batch that is due; same as ``append("")``."""
+        """Send pending text that is due; same as ``append("")``."""
         self.append("")
 
     def finish(self, result: Any) -> None:
@@ -314,7 +314,7 @@ class StreamOutput(anywidget.AnyWidget):
             except Exception as exc:  # the display is cosmetic; the widget state is already right
                 logger.debug("fabstir: could not update the widget's display: %s", exc)
 
-    def _send_message(self, content: dict[str, Any]) -> None:
+    def _send_message(self, content: Any) -> None:
         if self._custom_send is not None:
             self._custom_send(content)
         else:

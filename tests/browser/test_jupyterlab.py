@@ -13,7 +13,9 @@ growing:
 
 The test runs the quickstart's setup cells and its first ``%%fabstir`` cell, reads the live widget's
 text twice while the answer streams and checks that it grew, checks the final rendering (the
-scripted text, status ``done``), runs ``%fabstir hosts`` and checks one dashboard row per host.
+scripted text, status ``done``), runs ``%fabstir hosts`` and checks one dashboard row per host, and
+that the chart's tick and point labels contrast with the background (WCAG 4.5:1) in JupyterLab's
+light and dark themes.
 Screenshots go to ``$FABSTIR_TEST_ARTIFACTS/browser`` (else the test's tmp dir); their paths are
 printed. Never downloads a browser: it skips, saying why, only without ``/usr/bin/chromium``,
 Playwright or JupyterLab.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -264,6 +267,38 @@ DASHBOARD_ROWS = f"""(index) => {{
 }}"""
 
 
+CHART_COLOURS = f"""(index) => {{
+    const cell = {PANEL}.content.widgets[index];
+    const chart = cell && cell.node.querySelector(".fabstir-dash .fabstir-chart");
+    const tick = chart && chart.querySelector('[aria-label="y-axis tick label"] text');
+    const label = chart && chart.querySelector(".fabstir-point-label text");
+    if (!tick || !label) return null;
+    let node = chart, background = null;
+    for (; node && !background; node = node.parentElement) {{
+        const colour = getComputedStyle(node).backgroundColor;
+        if (colour && colour !== "transparent" && !/rgba\\(.*,\\s*0\\)$/.test(colour)) background = colour;
+    }}
+    return {{theme: document.body.dataset.jpThemeName || "", tick: getComputedStyle(tick).fill,
+             label: getComputedStyle(label).fill, background: background || "rgb(255, 255, 255)"}};
+}}"""
+CHANGE_THEME = """async (theme) => {
+    await window.jupyterapp.commands.execute("apputils:change-theme", {theme});
+}"""
+THEME_NAME = "() => document.body.dataset.jpThemeName || ''"
+
+
+def _contrast(foreground: str, background: str) -> float:
+    """WCAG contrast ratio of two CSS ``rgb()``/``rgba()`` colours (alpha ignored)."""
+
+    def luminance(colour: str) -> float:
+        channels = [float(v) / 255 for v in re.findall(r"[\d.]+", colour)[:3]]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
 def _cells(path: Path) -> tuple[list[int], int, int, str]:
     """The quickstart's code cells before its first ``%%fabstir`` cell, that cell's index, the
     ``%fabstir hosts`` cell's index, and the text the scripted host answers to that ``%%fabstir`` cell."""
@@ -350,6 +385,19 @@ def test_quickstart_streams_live_and_shows_the_dashboard(browser_stack, lab, slo
                 else:  # the local network's hosts: one distinct URL per row
                     assert len(shown) == HOSTS, rows
                 shot(page, "quickstart-dashboard", f'[data-fabstir-test="cell-{hosts_cell}"]')
+
+                # The chart's labels read in the light theme and in the dark one.
+                for theme in ("JupyterLab Light", "JupyterLab Dark"):
+                    if page.evaluate(THEME_NAME) != theme:
+                        page.evaluate(CHANGE_THEME, theme)
+                        _poll(lambda: page.evaluate(THEME_NAME), lambda name, t=theme: name == t, CELL_TIMEOUT)
+                    colours = _poll(lambda: page.evaluate(CHART_COLOURS, hosts_cell),
+                                    lambda c, t=theme: bool(c) and c["theme"] == t, CELL_TIMEOUT)
+                    assert colours and colours["theme"] == theme, colours
+                    for part in ("tick", "label"):
+                        assert _contrast(colours[part], colours["background"]) >= 4.5, (theme, part, colours)
+                    if theme.endswith("Dark"):
+                        shot(page, "quickstart-dashboard-dark", f'[data-fabstir-test="cell-{hosts_cell}"]')
                 page.locator(f'[data-fabstir-test="cell-{stream_cell}"]').scroll_into_view_if_needed()
                 shot(page, "quickstart-page")
             except BaseException:

@@ -1,13 +1,20 @@
-"""Batch a growing text into the delta and snapshot messages of a live output; no I/O, no widgets.
+"""Pace a growing text into the delta and snapshot messages of a live output; no I/O, no widgets.
 
 :class:`DeltaBatcher` is the pure half of :class:`~fabstir_jupyter.notebook.widgets.StreamOutput`:
 text goes in through :meth:`~DeltaBatcher.append`, JSON-able message contents come out through the
 ``send`` callable it was given::
 
-    {"type": "delta", "offset": 120, "text": " more words"}   # applies where the view has 120 chars
-    {"type": "snapshot", "text": "the whole text so far"}      # catch-up for a view that missed some
+    " more words"                                    # a delta: a bare string, appended by a view in step
+    {"type": "snapshot", "text": "the whole text"}   # replaces the view's text (catch-up)
 
-Imports neither anywidget nor ipywidgets, so the batching rules are testable (and usable) alone.
+(:class:`~fabstir_jupyter.notebook.widgets.StreamOutput` also sends ``{"type": "reset"}`` when a
+stream restarts.) A delta is a bare JSON string because it is the message of nearly every token
+at low rates: a typed object such as ``{"type":"delta","offset":120,"text":" more"}`` spends ~40
+bytes of keys on ~5 bytes of text. The view needs no offset either: a comm delivers messages in
+order and loses only those sent before the view's handler existed (a prefix), so a view is in
+step once it has seen a snapshot or a reset, and ignores deltas until then (``js/src/live_text.ts``).
+
+Imports neither anywidget nor ipywidgets, so the pacing rules are testable (and usable) alone.
 """
 
 from __future__ import annotations
@@ -17,17 +24,18 @@ import threading
 import time
 from typing import Any, Callable
 
-__all__ = ["DEFAULT_INTERVAL", "DEFAULT_MAX_LATENCY", "DeltaBatcher"]
+__all__ = ["DEFAULT_INTERVAL", "DELTA_KEYS", "SNAPSHOT_KEYS", "DeltaBatcher"]
 
 #: Least time between two messages of :class:`DeltaBatcher` (and the widget), seconds (at most 20/s).
 DEFAULT_INTERVAL = 0.05
-#: How long a character waits for its delta at most, while the byte budget allows (seconds).
-DEFAULT_MAX_LATENCY = 0.25
 
+#: ``""``: what a delta costs besides its text (the quotes of a bare JSON string).
+DELTA_KEYS = 2
 #: ``{"type":"snapshot","text":""}``: what a snapshot costs besides its text.
 SNAPSHOT_KEYS = 29
-#: Envelope kept in reserve for the last delta (:meth:`DeltaBatcher.flush` at the end): offsets to 10**15.
-DELTA_RESERVE = 52
+
+# Float noise in "interval has passed" (a clock of start + i / rate): 1 ns.
+_EPSILON = 1e-9
 
 
 def _json_size(content: Any) -> int:
@@ -42,79 +50,68 @@ def _string_size(text: str) -> int:
     return _json_size(text) - 2
 
 
-def _delta_envelope(offset: int) -> int:
-    """``{"type":"delta","offset":<offset>,"text":""}``: what a delta costs besides its text."""
-    return 36 + len(str(offset))
-
-
 class DeltaBatcher:
-    """Turn a growing text into batched delta and snapshot messages; no I/O of its own.
+    """Turn a growing text into delta and snapshot messages, as soon as the budgets allow.
 
     Sizes below are JSON bytes of text ("J"): the text's UTF-8 bytes, plus one byte for each
     quote, backslash, newline or tab and five for other control characters.
 
-    **When a batch goes out.** ``append`` collects text; a batch goes out through ``send(content)``
+    **When a message goes out.** ``append`` collects text; what is pending goes out through
+    ``send(content)``
 
     * at once for the first text of a stream (time to first token matters), then
-    * never sooner than ``interval`` after the previous message (at most ``1/interval`` messages
-      per second, 20 by default, plus the one of :meth:`flush` at the end), and only once the
-      pending text is worth its envelope (at least ``worth ×`` the ~38 bytes of a delta's keys) or
-      its oldest character has waited ``max_latency`` — and the byte budget has room for the
-      envelope (below); or
+    * as soon as text is pending, ``interval`` has passed since the previous message (at most
+      ``1/interval`` messages per second, 20 by default, plus the one of :meth:`flush` at the
+      end) and the delta pool (below) has room for the message's 2 bytes of quotes; or
     * on :meth:`flush` (the end of the stream), whatever the rules.
 
-    A character therefore waits at most ``max_latency`` (plus the time to the next ``append``)
-    while the stream brings ``envelope / (delta_share × max_latency)`` bytes per second or more
-    (about 234 B/s, some 50 tokens/s of 4-5 characters, with the defaults); a slower stream waits
-    until its text pays for the envelope: no later than when some ``envelope / delta_share`` ≈
-    60-70 bytes more have arrived (measured with tokens of 1-8 characters: at most 0.26 s at 85
-    tokens/s, about 0.7-1 s at 20 tokens/s, 3-4 s at 5 tokens/s).
+    So a character waits at most ``interval`` plus the time to the next ``append`` (the widget's
+    caller appends each token and calls ``append("")`` when idle), while the stream brings at
+    least ``DELTA_KEYS / delta_share`` ≈ 3 bytes per message: tokens of 4-6 characters at any
+    rate (``benchmarks/widget_traffic.py``: 0 ms at 5 and 20 tokens/s, under 50 ms at 85 and 200). A
+    stream of 1-2 character tokens at a low rate spends the pool's slack, then groups about 3
+    bytes per message.
 
-    **Delta or snapshot.** A batch is sent as ``{"type": "delta", "offset": <length of the text
-    before it>, "text": <the batch>}``, or as ``{"type": "snapshot", "text": <the whole text>}``
-    when a snapshot is due (a view in step applies either). The first batch is a snapshot; later,
-    one is due when the text has doubled (in bytes) since the last one and the snapshot budget has
-    room, and at the latest once it has grown ``max_growth`` times, so a view that missed messages
-    (one that rendered late) always catches up within a bounded growth of the text.
+    **Delta or snapshot.** The first message is a snapshot; later, one replaces the delta when
+    the text has doubled (in bytes) since the last snapshot and the snapshot pool has room, and
+    at the latest once it has grown ``max_growth`` times, so a view that missed messages (one
+    that rendered late) always catches up within a bounded growth of the text.
 
-    **Byte budget.** Two pools grow with the text ``J``: delta envelopes may spend
-    ``delta_share × J + delta_slack`` bytes (:data:`DELTA_RESERVE` of it kept for the last
-    delta), snapshots ``snapshot_share × J + snapshot_slack`` (their text and keys). A snapshot
-    forced by ``max_growth`` = 8 always fits the defaults' pool (for a last snapshot of ``L`` ≥ 39
-    bytes the pool grew by ``1.25 × 7L`` since; smaller ones are covered by the slack of 208 ≥ 29 ×
-    6 snapshots + 29). So the messages' JSON plus the final text trait's (``J + 2``) stay within::
+    **Byte budget.** Two pools grow with the text ``J``: deltas' quotes may spend
+    ``delta_share × J + delta_slack`` bytes (2 of them kept for the last delta), snapshots
+    ``snapshot_share × J + snapshot_slack`` (their text and keys). A snapshot forced by
+    ``max_growth`` = 8 always fits the defaults' pool (for a last snapshot of ``L`` ≥ 39 bytes the
+    pool grew by ``1.25 × 7L`` since; smaller ones are covered by the slack of 208 ≥ 29 × 6
+    snapshots + 29). So the messages' JSON plus the final text trait's (``J + 2``) stay within::
 
         (2 + delta_share + snapshot_share) × J + delta_slack + snapshot_slack + 2
         = 3.9 × J + 338 bytes with the defaults
 
     (deltas' text ``J``, final trait ``J + 2``, the two pools; :meth:`flush` is called once, at
-    the end, and spends the reserve): at most 4× the text once it is
-    3.4 kB or longer (some 750 tokens), whatever the rate, and a few hundred bytes more for a
-    shorter answer.
+    the end, and spends the reserve): at most 4× the text once it is 3.4 kB or longer (some 750
+    tokens), whatever the rate, and a few hundred bytes more for a shorter answer.
 
     Thread-safe: in ``--background`` mode the calls come from the loop thread.
 
     Args:
-        send: called with each message's content (a JSON-able dict).
+        send: called with each message's content (a JSON-able str or dict).
         interval: least seconds between two messages (0: no rate limit).
-        max_latency: seconds a character may wait for its delta while the budget has room.
         clock: a monotonic clock in seconds (tests pass a fake one).
-        worth: a batch that is at least this many times its delta's envelope goes out without
-            waiting for ``max_latency``.
-        delta_share, delta_slack: the delta envelopes' pool, per byte of text and in bytes.
+        delta_share, delta_slack: the deltas' pool, per byte of text and in bytes.
         snapshot_share, snapshot_slack: the snapshots' pool, per byte of text and in bytes.
         max_growth: a due snapshot is sent regardless of its pool once the text is this many
             times longer (in bytes) than at the last snapshot.
+
+    Raises:
+        ValueError: ``interval`` is negative or NaN.
     """
 
     def __init__(
         self,
-        send: Callable[[dict[str, Any]], None],
+        send: Callable[[Any], None],
         *,
         interval: float = DEFAULT_INTERVAL,
-        max_latency: float = DEFAULT_MAX_LATENCY,
         clock: Callable[[], float] = time.monotonic,
-        worth: float = 2.0,
         delta_share: float = 0.65,
         delta_slack: int = 128,
         snapshot_share: float = 1.25,
@@ -123,13 +120,9 @@ class DeltaBatcher:
     ) -> None:
         if not interval >= 0:
             raise ValueError(f"interval must be >= 0 seconds, got {interval!r}")
-        if not max_latency >= 0:
-            raise ValueError(f"max_latency must be >= 0 seconds, got {max_latency!r}")
         self._send = send
         self.interval = float(interval)
-        self.max_latency = float(max_latency)
         self.clock = clock
-        self.worth = worth
         self.delta_share = delta_share
         self.delta_slack = delta_slack
         self.snapshot_share = snapshot_share
@@ -139,10 +132,10 @@ class DeltaBatcher:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the text and counters (a new stream starts); the next batch is a snapshot."""
+        """Forget the text and counters (a new stream starts); the next message is a snapshot."""
         with self._lock:
             self._sent: list[str] = []  # text already sent, in pieces compacted now and then
-            self._pending: list[str] = []  # text appended since the last batch
+            self._pending: list[str] = []  # text appended since the last message
             self._length = 0  # characters appended so far
             self._sent_length = 0  # characters the sent messages cover
             self._size = 0  # JSON bytes of the text appended so far
@@ -153,7 +146,7 @@ class DeltaBatcher:
             self.messages = 0
             self.snapshots = 0
             self.bytes_sent = 0
-            self.envelope_bytes = 0  # bytes of delta keys sent (the delta pool's spending)
+            self.envelope_bytes = 0  # bytes of deltas' quotes sent (the delta pool's spending)
             self.snapshot_bytes = 0  # bytes of snapshots sent (the snapshot pool's spending)
             self.max_wait = 0.0  # the longest a character waited for its message
 
@@ -179,10 +172,10 @@ class DeltaBatcher:
         return self._length - self._sent_length
 
     def append(self, piece: str) -> None:
-        """Add ``piece``; send the batch if it is due (see the class's rules).
+        """Add ``piece``; send what is pending if the budgets allow (see the class's rules).
 
-        An empty ``piece`` only sends a batch that is due (call it when idle, so a pause in
-        the stream does not hold back the last tokens).
+        An empty ``piece`` only sends what is pending (call it when idle, so a pause in the
+        stream does not hold back the last tokens).
         """
         with self._lock:
             now = self.clock()
@@ -193,30 +186,27 @@ class DeltaBatcher:
                 if self._pending_since is None:
                     self._pending_since = now
             if self._length > self._sent_length and self._due(now):
-                self._send_batch(now)
+                self._send_pending(now)
 
     def flush(self) -> None:
         """Send what is pending now, as a delta or a snapshot, whatever the rules."""
         with self._lock:
             if self._length > self._sent_length:
-                self._send_batch(self.clock())
+                self._send_pending(self.clock())
 
     def _due(self, now: float) -> bool:
-        """Whether the pending batch goes out now (see the class's rules)."""
+        """Whether the pending text goes out now (see the class's rules)."""
         if self._sent_length == 0:
             return True  # the first text of the stream: at once
-        if self._last_send is not None and now - self._last_send < self.interval:
-            return False
-        envelope = _delta_envelope(self._sent_length)
-        assert self._pending_since is not None
-        if self._size - self._sent_size < self.worth * envelope and now - self._pending_since < self.max_latency:
+        if self._last_send is not None and now - self._last_send < self.interval - _EPSILON:
             return False
         if self._snapshot_now():
             return True  # paid from the snapshot pool
-        return self.envelope_bytes + envelope + DELTA_RESERVE <= self.delta_share * self._size + self.delta_slack
+        # DELTA_KEYS for this delta, DELTA_KEYS kept for the last one (flush)
+        return self.envelope_bytes + 2 * DELTA_KEYS <= self.delta_share * self._size + self.delta_slack
 
     def _snapshot_now(self) -> bool:
-        """Whether the pending batch goes out as a snapshot (see the class's rules)."""
+        """Whether the pending text goes out as a snapshot (see the class's rules)."""
         last, size = self._snapshot_size, self._size
         if last == 0:
             return True
@@ -227,20 +217,21 @@ class DeltaBatcher:
         cost = size + SNAPSHOT_KEYS
         return self.snapshot_bytes + cost <= self.snapshot_share * size + self.snapshot_slack
 
-    def _send_batch(self, now: float) -> None:
+    def _send_pending(self, now: float) -> None:
         batch = "".join(self._pending)
         self._pending.clear()
         self._sent.append(batch)
+        content: Any
         if self._snapshot_now():
-            content: dict[str, Any] = {"type": "snapshot", "text": self._sent_text()}
+            content = {"type": "snapshot", "text": self._sent_text()}
             cost = _json_size(content)
             self._snapshot_size = self._size
             self.snapshots += 1
             self.snapshot_bytes += cost
         else:
-            content = {"type": "delta", "offset": self._sent_length, "text": batch}
-            cost = _json_size(content)
-            self.envelope_bytes += cost - (self._size - self._sent_size)
+            content = batch
+            cost = self._size - self._sent_size + DELTA_KEYS
+            self.envelope_bytes += DELTA_KEYS
             if len(self._sent) >= 256:
                 self._sent_text()
         if self._pending_since is not None:

@@ -1,0 +1,240 @@
+// The live answer of %%fabstir: the view of StreamOutput (fabstir_jupyter/notebook/widgets.py).
+//
+// initialize() registers the custom-message handler once per model, so messages that arrive
+// before any view exists still reach the live text; render() only draws. The messages and how the
+// live text follows them: live_text.ts. When the stream ends the kernel sets the `text` trait and
+// the view shows its final rendering (markdown.ts).
+
+import type { AnyModel, Initialize, Render } from "@anywidget/types";
+
+import { el } from "./dom";
+import { formatCost } from "./format";
+import { applyMessage, newLiveText, type LiveText } from "./live_text";
+import { renderFinal, type Format } from "./markdown";
+
+export { applyMessage, newLiveText } from "./live_text";
+export { markdownToHtml, renderFinal } from "./markdown";
+
+/** `status.error` of a failed stream. */
+export interface StreamError {
+  code?: string | null;
+  message?: string | null;
+  hint?: string | null;
+}
+
+/** The `status` trait: the stream's state and figures (an empty object before start()). */
+export interface StreamStatus {
+  state?: "running" | "done" | "cancelled" | "error";
+  host?: string | null;
+  model?: string | null;
+  ttft?: number | null; // seconds
+  tokens_per_second?: number | null;
+  tokens?: number | null;
+  cost?: number | null;
+  cost_unit?: string | null;
+  finish_reason?: string | null;
+  note?: string | null;
+  error?: StreamError | null;
+}
+
+/** The synced traits of StreamOutput in fabstir_jupyter/notebook/widgets.py. */
+export interface StreamOutputModel {
+  text: string; // the final text, set once when the stream ends
+  status: StreamStatus;
+  format: Format; // the final rendering
+  background: boolean; // show a stop button while running
+  _key: string; // keys the per-model live text (initialize and render get different model proxies)
+}
+
+type Model = AnyModel<StreamOutputModel>;
+
+/** What the model's handler (initialize) shares with its views (render). */
+interface LiveState {
+  live: LiveText;
+  handled: boolean;
+  views: Set<() => void>;
+}
+
+const STATES = new Map<string, LiveState>();
+const TRAITS = ["text", "status", "format", "background"] as const;
+const COPY_RESET_MS = 1500;
+
+function stateFor(model: Model): LiveState {
+  const key = model.get("_key") || "";
+  let state = STATES.get(key);
+  if (!state) {
+    state = { live: newLiveText(), handled: false, views: new Set() };
+    if (key) STATES.set(key, state);
+  }
+  return state;
+}
+
+function listen(model: Model, state: LiveState): () => void {
+  const onCustom = (msg: unknown) => {
+    if (applyMessage(state.live, msg)) for (const view of state.views) view();
+  };
+  model.on("msg:custom", onCustom);
+  state.handled = true;
+  return () => {
+    model.off("msg:custom", onCustom);
+    state.handled = false;
+  };
+}
+
+/** The parts of the status line: host, model, TTFT, tokens/s, tokens, cost, finish reason, note. */
+export function statusParts(status: StreamStatus | null | undefined): string[] {
+  const s = status || {};
+  const parts: string[] = [];
+  if (s.host) parts.push(String(s.host));
+  if (s.model) parts.push(String(s.model));
+  if (typeof s.ttft === "number") parts.push(`TTFT ${Math.round(s.ttft * 1000)} ms`);
+  if (typeof s.tokens_per_second === "number") parts.push(`${s.tokens_per_second.toFixed(1)} tok/s`);
+  if (typeof s.tokens === "number") parts.push(`${s.tokens} tokens`);
+  if (typeof s.cost === "number") parts.push(`${formatCost(s.cost)} ${s.cost_unit || ""}`.trim());
+  if (s.finish_reason && s.finish_reason !== "stop") parts.push(`finish: ${s.finish_reason}`);
+  if (s.note) parts.push(String(s.note));
+  return parts;
+}
+
+const initialize: Initialize<StreamOutputModel> = ({ model }) => {
+  const unlisten = listen(model, stateFor(model));
+  return () => {
+    unlisten();
+    STATES.delete(model.get("_key") || "");
+  };
+};
+
+const render: Render<StreamOutputModel> = ({ model, el: host }) => {
+  const state = stateFor(model);
+  const live = state.live;
+  const unlisten = state.handled ? null : listen(model, state); // a front end that skipped initialize
+
+  const root = el("div", "fabstir-stream");
+  const body = el("div", "fabstir-body");
+  const liveText = el("div", "fabstir-live");
+  const cursor = el("span", "fabstir-cursor");
+  const problem = el("div", "fabstir-problem");
+  const footer = el("div", "fabstir-footer");
+  const badge = el("span", "fabstir-badge");
+  const statusLine = el("span", "fabstir-status");
+  const stop = el("button", "fabstir-button fabstir-stop", "■ Stop");
+  const copy = el("button", "fabstir-button fabstir-copy", "Copy");
+  stop.type = copy.type = "button";
+  stop.title = "Stop this background stream";
+  copy.title = "Copy the answer";
+  footer.append(badge, statusLine, stop, copy);
+  root.append(body, problem, footer);
+  host.replaceChildren(root);
+
+  let shownEpoch = -1;
+  let shownLength = 0;
+  let finalKey: string | null = null;
+  let cancelFrame: (() => void) | null = null;
+  let copyReset: ReturnType<typeof setTimeout> | null = null;
+  let disposed = false;
+
+  function drawLive(): void {
+    if (live.epoch !== shownEpoch || live.text.length < shownLength) {
+      liveText.textContent = live.text;
+    } else if (live.text.length > shownLength) {
+      liveText.append(document.createTextNode(live.text.slice(shownLength)));
+    }
+    shownEpoch = live.epoch;
+    shownLength = live.text.length;
+    if (body.firstChild !== liveText || body.childNodes.length !== 2) body.replaceChildren(liveText, cursor);
+    finalKey = null;
+  }
+
+  function draw(): void {
+    cancelFrame = null;
+    const status = model.get("status") || {};
+    const phase = status.state || "new"; // "new": displayed before the stream started
+    root.dataset.state = phase;
+    if (phase === "running" || phase === "new") {
+      drawLive();
+      const parts = statusParts({ host: status.host, model: status.model, ttft: status.ttft, note: status.note });
+      if (phase === "running") parts.push(`${live.chars.toLocaleString()} chars`);
+      statusLine.textContent = parts.join(" · ");
+      badge.textContent = phase === "running" ? "streaming" : "";
+    } else {
+      const text = model.get("text") || "";
+      const format = model.get("format") || "markdown";
+      const key = `${phase}\u0000${format}\u0000${text}`;
+      if (key !== finalKey) {
+        // renderFinal escapes the model's text; only its own tags are HTML.
+        body.innerHTML = text ? renderFinal(text, format) : "";
+        finalKey = key;
+        shownEpoch = -1;
+        shownLength = 0;
+        liveText.textContent = "";
+      }
+      statusLine.textContent = statusParts(status).join(" · ");
+      badge.textContent = phase === "done" ? "" : phase === "cancelled" ? "cancelled" : "error";
+    }
+    const error = phase === "error" ? status.error || {} : null;
+    problem.replaceChildren();
+    if (error) {
+      problem.append(el("div", "fabstir-error-line", `[${error.code || "ERROR"}] ${error.message || ""}`));
+      if (error.hint) problem.append(el("div", "fabstir-hint", `hint: ${error.hint}`));
+    } else if (phase === "cancelled") {
+      problem.append(el("div", "fabstir-cancel-line", "Cancelled: the text above is what arrived before the stop."));
+    }
+    problem.hidden = !problem.firstChild;
+    badge.hidden = !badge.textContent;
+    stop.hidden = !(model.get("background") && phase === "running");
+    if (stop.hidden) {
+      stop.disabled = false;
+      stop.textContent = "■ Stop";
+    }
+    copy.hidden = phase === "running" || phase === "new" || !(model.get("text") || "");
+  }
+
+  function schedule(): void {
+    if (cancelFrame) return;
+    if (typeof requestAnimationFrame === "function") {
+      const id = requestAnimationFrame(draw);
+      cancelFrame = () => cancelAnimationFrame(id);
+    } else {
+      const id = setTimeout(draw, 16);
+      cancelFrame = () => clearTimeout(id);
+    }
+  }
+
+  function resetCopyLater(): void {
+    if (copyReset) clearTimeout(copyReset);
+    copyReset = setTimeout(() => {
+      copyReset = null;
+      copy.textContent = "Copy";
+    }, COPY_RESET_MS);
+  }
+
+  stop.addEventListener("click", () => {
+    stop.disabled = true;
+    stop.textContent = "stopping…";
+    model.send({ type: "stop" });
+  });
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(model.get("text") || "");
+      copy.textContent = "Copied";
+    } catch {
+      copy.textContent = "Copy failed";
+    }
+    if (!disposed) resetCopyLater(); // the view may have gone while the clipboard answered
+  });
+
+  state.views.add(schedule);
+  for (const name of TRAITS) model.on(`change:${name}`, schedule);
+  draw();
+  return () => {
+    disposed = true;
+    state.views.delete(schedule);
+    for (const name of TRAITS) model.off(`change:${name}`, schedule);
+    if (unlisten) unlisten();
+    if (cancelFrame) cancelFrame();
+    if (copyReset) clearTimeout(copyReset);
+    copyReset = null;
+  };
+};
+
+export default { initialize, render };
