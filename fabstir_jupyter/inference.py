@@ -54,6 +54,7 @@ from .errors import (
     NoHostsAvailable,
     PaymentRequired,
     RateLimitExceeded,
+    SessionNotFound,
 )
 from .hosts import HostInfo, HostManager, resolve_model
 from .limits import RateLimiter, ResponseCache
@@ -96,7 +97,10 @@ def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
 
 @dataclass(frozen=True)
 class InferenceResult:
-    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns)."""
+    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns).
+
+    A request that failed after delivering text has that partial ``text`` and its ``error`` set.
+    """
 
     text: str
     finish_reason: str | None
@@ -105,6 +109,7 @@ class InferenceResult:
     model: str | None
     ttft: float | None
     request_id: str
+    error: FabstirError | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -273,8 +278,30 @@ class InferenceStream:
                 self.finish_reason = "cancelled"
         self._finished = True
 
+    async def _stop(self, reason: FabstirError) -> None:
+        """End a running stream on purpose (its session ended): the host gets ``stream_cancel``,
+        nothing fails over or retries, and the consumer's iteration raises ``reason`` after the
+        text already delivered. Returns once the stream's cleanup is done; may be awaited from any
+        loop. A stream not started yet is left alone (its first attempt checks its session)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if loop is asyncio.get_running_loop():
+            await self._stop_here(reason)
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop_here(reason), loop))
+
+    async def _stop_here(self, reason: FabstirError) -> None:
+        producer = self._producer
+        if producer is None or producer.done():
+            return
+        self.error = reason  # set before the producer ends, so the consumer sees it with the end marker
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+
     def result(self) -> InferenceResult:
-        """The finished request as an :class:`InferenceResult`."""
+        """The request as an :class:`InferenceResult`: the whole answer once finished, or the partial
+        text and the ``error`` of a request that failed."""
         return InferenceResult(
             text=self.text,
             finish_reason=self.finish_reason,
@@ -283,6 +310,7 @@ class InferenceStream:
             model=self.model,
             ttft=self.ttft,
             request_id=self.request_id,
+            error=self.error,
         )
 
     # ------------------------------------------------------------------ producer side
@@ -294,6 +322,8 @@ class InferenceStream:
         self._queue = asyncio.Queue(self._manager.config.stream_buffer_size)
         self._started_at = time.perf_counter()
         self._producer = self._loop.create_task(self._produce(), name=f"fabstir-stream-{self.request_id}")
+        if self.session is not None:
+            self.session._turn = self  # so that ending the session stops this turn
 
     async def _deliver(self, piece: str) -> None:
         if self.ttft is None:
@@ -323,6 +353,13 @@ class InferenceStream:
                                       retryable=False)
             self.finish_reason = "error"
         finally:
+            if self.error is not None and self.text:
+                self.error.partial_text = self.text  # the answer so far is not lost with the error
+            if self.session is not None:
+                if self.finish_reason == "cancelled":
+                    self.session.cancelled_turns += 1
+                if self.session._turn is self:
+                    self.session._turn = None
             if self._queue is not None:
                 with contextlib.suppress(asyncio.QueueFull):  # then _next sees the producer is done
                     self._queue.put_nowait(_END)
@@ -334,6 +371,8 @@ class InferenceStream:
         config = manager.config
         tried: list[HostInfo] = []
         deadline = None if config.deadline is None else time.perf_counter() + config.deadline
+        if self.session is not None and self.session.ended:  # created before the session ended
+            raise SessionNotFound(f"no active session {self.session.id!r}: it has ended")
         while True:
             self.attempts += 1
             host: HostInfo | None = None

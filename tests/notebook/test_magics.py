@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from traitlets.config import Config
 
+from fabstir_jupyter.errors import Cancelled
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.inference import InferenceResult, InferenceStream
 from fabstir_jupyter.notebook import magics as magics_module
@@ -166,6 +167,30 @@ def test_sessions_continue_across_cells(ip, capsys):
     ip.run_line_magic("fabstir", "end chat")
     assert "ended session 'chat' after 2 turns" in capsys.readouterr().out
     assert ip.run_line_magic("fabstir", "sessions").empty
+
+
+def test_ending_a_session_cancels_its_background_turn(make_shell, start_host, capsys):
+    """%fabstir end NAME while that session's --background cell streams: the turn is cancelled on its
+    host (no failover to the spare host), --out keeps the partial answer, and no usage row follows."""
+    slow, spare = start_host(token_rate=50), start_host()
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}, {spare.ws_url!r}]")
+    cell(ip, f"--session s --host {slow.http_url} --background --max-tokens 1000 --out partial", "a long story")
+    run = ip.magics_manager.registry["FabstirMagics"].last_background
+    assert wait_until(lambda: len(run.text.split()) >= 3)
+    session_id = magics_module.get_bridge().sessions["s"].session.id
+    ip.run_line_magic("fabstir", "end s")
+    captured = capsys.readouterr()
+    assert "[fabstir] ended session 's' after 0 turns (1 turn cancelled)" in captured.out
+    assert run.wait(5) and isinstance(run.error, Cancelled)
+    partial = ip.user_ns["partial"]
+    assert partial.finish_reason == "cancelled" and partial.error is run.error
+    assert partial.text == run.text == scripted_text("a long story", partial.usage.received_tokens)
+    assert wait_until(lambda: slow.active_streams == 0)
+    rows = ip.run_line_magic("fabstir", "usage")
+    rows = rows[rows["session_id"] == session_id]
+    assert list(rows["finish_reason"]) == ["cancelled"] and list(rows["host"]) == [slow.http_url]
+    assert "s" not in magics_module.get_bridge().sessions
 
 
 def test_mode_reaches_host_selection(ip, capsys, monkeypatch):
