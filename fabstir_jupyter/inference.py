@@ -151,6 +151,7 @@ class InferenceStream:
         self.ttft: float | None = None
         self.attempts = 0
         self.error: FabstirError | None = None
+        self._pinned_misses = 0  # attempts on a pinned host that could not reach it or got no answer
         self.records: list[UsageRecord] = []
         self._pieces: list[str] = []  # recent pieces, compacted into _chunks to keep memory near len(text)
         self._chunks: list[str] = []
@@ -380,6 +381,7 @@ class InferenceStream:
             self._reader = None
             try:
                 host = await self._choose_host(tried)
+                await self._describe(host)
                 await self._attempt(host, attempt_started, deadline)
                 return
             except FabstirError as exc:
@@ -396,6 +398,7 @@ class InferenceStream:
                     exc.retryable
                     and self.attempts <= config.max_retries
                     and (deadline is None or time.perf_counter() < deadline)
+                    and not self._pinned_host_gives_up(exc, reader, time.time() - attempt_started)
                 )
                 if not retry:
                     raise
@@ -404,18 +407,57 @@ class InferenceStream:
                             "continuing elsewhere" if self._delivered else "retrying", delay)
                 await asyncio.sleep(delay)
 
+    def _pinned_host_gives_up(self, exc: FabstirError, reader: protocol.ResponseReader | None,
+                              elapsed: float) -> bool:
+        """Whether a failed attempt on a pinned host (``host=``) ends the request.
+
+        A pinned host that could not be reached, or did not answer, gets one more try, and only
+        when it failed fast (refused, reset: it may be restarting). One that made us wait out a
+        timeout gets none: no other host can take over, and waiting again on the same silent host
+        only doubles the wait. A stream that broke after text keeps the usual retries.
+        """
+        if self._fixed_host is None:
+            return False
+        unanswered = (isinstance(exc, ConnectionFailed) and reader is None) or (
+            isinstance(exc, InferenceTimeout) and (reader is None or reader.received_tokens == 0))
+        if not unanswered:
+            return False
+        self._pinned_misses += 1
+        gives_up = self._pinned_misses > 1 or elapsed >= self._manager.config.connection_timeout / 2
+        if gives_up and exc.hint is None:
+            exc.hint = "the host is pinned (host=, --host), so no other host was tried"
+        return gives_up
+
     async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
         manager = self._manager
         if self.session is not None and self.session.host is not None and not tried:
-            host = self.session.host
-        elif self._fixed_host is not None:
-            host = self._fixed_host
-        else:
-            requirements = HostRequirements(model=self.options.model or manager.config.default_model)
-            host = await manager.host_manager.select_best_host(requirements, mode=self.options.mode or "auto",
-                                                               exclude=tried)
-        await manager.host_manager.describe(host)
-        return host
+            return self.session.host
+        if self._fixed_host is not None:
+            return self._fixed_host
+        requirements = HostRequirements(model=self.options.model or manager.config.default_model)
+        mode = self.options.mode or "auto"
+        return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
+
+    async def _describe(self, host: HostInfo) -> None:
+        """Read the host's features and models (once per host) before the request is built.
+
+        A pinned host's socket opens meanwhile (and waits in the pool for the attempt): a host that
+        accepts TCP and never answers then costs ``connection_timeout`` once, not the description's
+        probe timeout on top.
+        """
+        host_manager = self._manager.host_manager
+        if host is not self._fixed_host:
+            await host_manager.describe(host)
+            return
+        pool = self._manager.pool
+        describing = asyncio.ensure_future(host_manager.describe(host))
+        try:
+            conn = await pool.checkout(host.ws_url)
+        except BaseException:
+            describing.cancel()  # only this wait: the description itself is shared and goes on
+            raise
+        pool.checkin(conn)
+        await describing
 
     async def _attempt(self, host: HostInfo, attempt_started: float, deadline: float | None) -> None:
         manager = self._manager
