@@ -72,6 +72,7 @@ logger = logging.getLogger("fabstir_jupyter.inference")
 _END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
 _CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
 _COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
+_RECHECK_INTERVAL = 1.0  # seconds between two pings of the hosts marked unreachable (see _recheck_unreachable)
 
 
 def _is_progress(event: protocol.HostEvent) -> bool:
@@ -386,10 +387,14 @@ class InferenceStream:
                 return
             except FabstirError as exc:
                 reader = self._reader
-                # A host counts as unreachable only when no connection could be opened; a stream
-                # that broke mid-way says less about the next connection.
+                # A host counts as unreachable only when no connection could be opened. A stream that
+                # broke mid-way says nothing sure about the next connection (the host may be
+                # restarting, or gone), so it leaves the host's health as it was.
+                opened = reader is not None
+                failed_to_connect = isinstance(exc, ConnectionFailed) and not opened
+                broke = isinstance(exc, ConnectionFailed) and opened
                 self._record(host, attempt_started, error=exc,
-                             reachable=not (isinstance(exc, ConnectionFailed) and reader is None),
+                             reachable=None if broke else not failed_to_connect,
                              received_tokens=reader.received_tokens if reader else 0,
                              completion_tokens=reader.host_tokens if reader else None)
                 if host is not None:
@@ -436,7 +441,14 @@ class InferenceStream:
             return self._fixed_host
         requirements = HostRequirements(model=self.options.model or manager.config.default_model)
         mode = self.options.mode or "auto"
-        return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
+        try:
+            return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
+        except NoHostsAvailable:
+            # Hosts marked unreachable stay so until something talks to them again: give them a
+            # second look (a crashed host may be back) before giving up.
+            if not await manager._recheck_unreachable():
+                raise
+            return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
 
     async def _describe(self, host: HostInfo) -> None:
         """Read the host's features and models (once per host) before the request is built.
@@ -644,7 +656,7 @@ class InferenceStream:
         attempt_started: float,
         *,
         error: FabstirError | None = None,
-        reachable: bool = True,
+        reachable: bool | None = True,
         cached: bool = False,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
@@ -721,6 +733,8 @@ class InferenceManager:
         self._lock = threading.Lock()
         self._sessions: SessionManager | None = None
         self._closed = False
+        self._recheck: asyncio.Future[Any] | None = None
+        self._recheck_at = float("-inf")
 
     def __repr__(self) -> str:
         return f"<InferenceManager hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
@@ -760,6 +774,25 @@ class InferenceManager:
                 "use `await manager.ainfer(...)` here"
             )
         return wait_future(asyncio.run_coroutine_threadsafe(coro, loop), timeout)
+
+    async def _recheck_unreachable(self) -> bool:
+        """Ping the hosts marked unreachable; return whether any host is reachable now.
+
+        At most one round per ``_RECHECK_INTERVAL`` seconds, shared by the streams that ask
+        meanwhile, so many failing requests do not flood dead hosts with probes.
+        """
+        hosts = self.host_manager
+        if self._recheck is None or (self._recheck.done()
+                                     and time.monotonic() - self._recheck_at >= _RECHECK_INTERVAL):
+            down = [h for h in hosts.hosts if not h.reachable]
+            if not down:
+                return False
+            logger.info("no reachable host; checking the %d marked unreachable again", len(down))
+            self._recheck_at = time.monotonic()
+            self._recheck = asyncio.ensure_future(
+                asyncio.gather(*(hosts.prober.ping(h) for h in down), return_exceptions=True))
+        await asyncio.shield(self._recheck)
+        return any(h.reachable for h in hosts.hosts)
 
     # ------------------------------------------------------------------ building streams
 
