@@ -458,7 +458,7 @@ class InferenceStream:
         probe timeout on top.
         """
         host_manager = self._manager.host_manager
-        if host is not self._fixed_host:
+        if host is not self._fixed_host or self.session is not None:  # a session opens its own socket
             await host_manager.describe(host)
             return
         pool = self._manager.pool
