@@ -69,10 +69,12 @@ class FabstirError(Exception):
         message: the human-readable text, a lower-case fragment.
         host: the host URL the error came from, if any.
         hint: a short suggestion of what to do next, if any.
+        partial_text: the text a stream had delivered before it failed (``""`` when none).
     """
 
     code: str = "HOST_ERROR"
     retryable: bool = False
+    partial_text: str = ""
 
     def __init__(
         self,

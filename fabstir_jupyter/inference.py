@@ -54,6 +54,7 @@ from .errors import (
     NoHostsAvailable,
     PaymentRequired,
     RateLimitExceeded,
+    SessionNotFound,
 )
 from .hosts import HostInfo, HostManager, resolve_model
 from .limits import RateLimiter, ResponseCache
@@ -71,6 +72,7 @@ logger = logging.getLogger("fabstir_jupyter.inference")
 _END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
 _CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
 _COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
+_RECHECK_INTERVAL = 1.0  # seconds between two pings of the hosts marked unreachable (see _recheck_unreachable)
 
 
 def _is_progress(event: protocol.HostEvent) -> bool:
@@ -96,7 +98,10 @@ def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
 
 @dataclass(frozen=True)
 class InferenceResult:
-    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns)."""
+    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns).
+
+    A request that failed after delivering text has that partial ``text`` and its ``error`` set.
+    """
 
     text: str
     finish_reason: str | None
@@ -105,6 +110,7 @@ class InferenceResult:
     model: str | None
     ttft: float | None
     request_id: str
+    error: FabstirError | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -146,6 +152,7 @@ class InferenceStream:
         self.ttft: float | None = None
         self.attempts = 0
         self.error: FabstirError | None = None
+        self._pinned_misses = 0  # attempts on a pinned host that could not reach it or got no answer
         self.records: list[UsageRecord] = []
         self._pieces: list[str] = []  # recent pieces, compacted into _chunks to keep memory near len(text)
         self._chunks: list[str] = []
@@ -273,8 +280,30 @@ class InferenceStream:
                 self.finish_reason = "cancelled"
         self._finished = True
 
+    async def _stop(self, reason: FabstirError) -> None:
+        """End a running stream on purpose (its session ended): the host gets ``stream_cancel``,
+        nothing fails over or retries, and the consumer's iteration raises ``reason`` after the
+        text already delivered. Returns once the stream's cleanup is done; may be awaited from any
+        loop. A stream not started yet is left alone (its first attempt checks its session)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if loop is asyncio.get_running_loop():
+            await self._stop_here(reason)
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop_here(reason), loop))
+
+    async def _stop_here(self, reason: FabstirError) -> None:
+        producer = self._producer
+        if producer is None or producer.done():
+            return
+        self.error = reason  # set before the producer ends, so the consumer sees it with the end marker
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+
     def result(self) -> InferenceResult:
-        """The finished request as an :class:`InferenceResult`."""
+        """The request as an :class:`InferenceResult`: the whole answer once finished, or the partial
+        text and the ``error`` of a request that failed."""
         return InferenceResult(
             text=self.text,
             finish_reason=self.finish_reason,
@@ -283,6 +312,7 @@ class InferenceStream:
             model=self.model,
             ttft=self.ttft,
             request_id=self.request_id,
+            error=self.error,
         )
 
     # ------------------------------------------------------------------ producer side
@@ -294,6 +324,8 @@ class InferenceStream:
         self._queue = asyncio.Queue(self._manager.config.stream_buffer_size)
         self._started_at = time.perf_counter()
         self._producer = self._loop.create_task(self._produce(), name=f"fabstir-stream-{self.request_id}")
+        if self.session is not None:
+            self.session._turn = self  # so that ending the session stops this turn
 
     async def _deliver(self, piece: str) -> None:
         if self.ttft is None:
@@ -323,6 +355,13 @@ class InferenceStream:
                                       retryable=False)
             self.finish_reason = "error"
         finally:
+            if self.error is not None and self.text:
+                self.error.partial_text = self.text  # the answer so far is not lost with the error
+            if self.session is not None:
+                if self.finish_reason == "cancelled":
+                    self.session.cancelled_turns += 1
+                if self.session._turn is self:
+                    self.session._turn = None
             if self._queue is not None:
                 with contextlib.suppress(asyncio.QueueFull):  # then _next sees the producer is done
                     self._queue.put_nowait(_END)
@@ -334,6 +373,8 @@ class InferenceStream:
         config = manager.config
         tried: list[HostInfo] = []
         deadline = None if config.deadline is None else time.perf_counter() + config.deadline
+        if self.session is not None and self.session.ended:  # created before the session ended
+            raise SessionNotFound(f"no active session {self.session.id!r}: it has ended")
         while True:
             self.attempts += 1
             host: HostInfo | None = None
@@ -341,14 +382,19 @@ class InferenceStream:
             self._reader = None
             try:
                 host = await self._choose_host(tried)
+                await self._describe(host)
                 await self._attempt(host, attempt_started, deadline)
                 return
             except FabstirError as exc:
                 reader = self._reader
-                # A host counts as unreachable only when no connection could be opened; a stream
-                # that broke mid-way says less about the next connection.
+                # A host counts as unreachable only when no connection could be opened. A stream that
+                # broke mid-way says nothing sure about the next connection (the host may be
+                # restarting, or gone), so it leaves the host's health as it was.
+                opened = reader is not None
+                failed_to_connect = isinstance(exc, ConnectionFailed) and not opened
+                broke = isinstance(exc, ConnectionFailed) and opened
                 self._record(host, attempt_started, error=exc,
-                             reachable=not (isinstance(exc, ConnectionFailed) and reader is None),
+                             reachable=None if broke else not failed_to_connect,
                              received_tokens=reader.received_tokens if reader else 0,
                              completion_tokens=reader.host_tokens if reader else None)
                 if host is not None:
@@ -357,6 +403,7 @@ class InferenceStream:
                     exc.retryable
                     and self.attempts <= config.max_retries
                     and (deadline is None or time.perf_counter() < deadline)
+                    and not self._pinned_host_gives_up(exc, reader, time.time() - attempt_started)
                 )
                 if not retry:
                     raise
@@ -365,18 +412,64 @@ class InferenceStream:
                             "continuing elsewhere" if self._delivered else "retrying", delay)
                 await asyncio.sleep(delay)
 
+    def _pinned_host_gives_up(self, exc: FabstirError, reader: protocol.ResponseReader | None,
+                              elapsed: float) -> bool:
+        """Whether a failed attempt on a pinned host (``host=``) ends the request.
+
+        A pinned host that could not be reached, or did not answer, gets one more try, and only
+        when it failed fast (refused, reset: it may be restarting). One that made us wait out a
+        timeout gets none: no other host can take over, and waiting again on the same silent host
+        only doubles the wait. A stream that broke after text keeps the usual retries.
+        """
+        if self._fixed_host is None:
+            return False
+        unanswered = (isinstance(exc, ConnectionFailed) and reader is None) or (
+            isinstance(exc, InferenceTimeout) and (reader is None or reader.received_tokens == 0))
+        if not unanswered:
+            return False
+        self._pinned_misses += 1
+        gives_up = self._pinned_misses > 1 or elapsed >= self._manager.config.connection_timeout / 2
+        if gives_up and exc.hint is None:
+            exc.hint = "the host is pinned (host=, --host), so no other host was tried"
+        return gives_up
+
     async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
         manager = self._manager
         if self.session is not None and self.session.host is not None and not tried:
-            host = self.session.host
-        elif self._fixed_host is not None:
-            host = self._fixed_host
-        else:
-            requirements = HostRequirements(model=self.options.model or manager.config.default_model)
-            host = await manager.host_manager.select_best_host(requirements, mode=self.options.mode or "auto",
-                                                               exclude=tried)
-        await manager.host_manager.describe(host)
-        return host
+            return self.session.host
+        if self._fixed_host is not None:
+            return self._fixed_host
+        requirements = HostRequirements(model=self.options.model or manager.config.default_model)
+        mode = self.options.mode or "auto"
+        try:
+            return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
+        except NoHostsAvailable:
+            # Hosts marked unreachable stay so until something talks to them again: give them a
+            # second look (a crashed host may be back) before giving up.
+            if not await manager._recheck_unreachable():
+                raise
+            return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
+
+    async def _describe(self, host: HostInfo) -> None:
+        """Read the host's features and models (once per host) before the request is built.
+
+        A pinned host's socket opens meanwhile (and waits in the pool for the attempt): a host that
+        accepts TCP and never answers then costs ``connection_timeout`` once, not the description's
+        probe timeout on top.
+        """
+        host_manager = self._manager.host_manager
+        if host is not self._fixed_host or self.session is not None:  # a session opens its own socket
+            await host_manager.describe(host)
+            return
+        pool = self._manager.pool
+        describing = asyncio.ensure_future(host_manager.describe(host))
+        try:
+            conn = await pool.checkout(host.ws_url)
+        except BaseException:
+            describing.cancel()  # only this wait: the description itself is shared and goes on
+            raise
+        pool.checkin(conn)
+        await describing
 
     async def _attempt(self, host: HostInfo, attempt_started: float, deadline: float | None) -> None:
         manager = self._manager
@@ -563,7 +656,7 @@ class InferenceStream:
         attempt_started: float,
         *,
         error: FabstirError | None = None,
-        reachable: bool = True,
+        reachable: bool | None = True,
         cached: bool = False,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
@@ -640,6 +733,8 @@ class InferenceManager:
         self._lock = threading.Lock()
         self._sessions: SessionManager | None = None
         self._closed = False
+        self._recheck: asyncio.Future[Any] | None = None
+        self._recheck_at = float("-inf")
 
     def __repr__(self) -> str:
         return f"<InferenceManager hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
@@ -679,6 +774,25 @@ class InferenceManager:
                 "use `await manager.ainfer(...)` here"
             )
         return wait_future(asyncio.run_coroutine_threadsafe(coro, loop), timeout)
+
+    async def _recheck_unreachable(self) -> bool:
+        """Ping the hosts marked unreachable; return whether any host is reachable now.
+
+        At most one round per ``_RECHECK_INTERVAL`` seconds, shared by the streams that ask
+        meanwhile, so many failing requests do not flood dead hosts with probes.
+        """
+        hosts = self.host_manager
+        if self._recheck is None or (self._recheck.done()
+                                     and time.monotonic() - self._recheck_at >= _RECHECK_INTERVAL):
+            down = [h for h in hosts.hosts if not h.reachable]
+            if not down:
+                return False
+            logger.info("no reachable host; checking the %d marked unreachable again", len(down))
+            self._recheck_at = time.monotonic()
+            self._recheck = asyncio.ensure_future(
+                asyncio.gather(*(hosts.prober.ping(h) for h in down), return_exceptions=True))
+        await asyncio.shield(self._recheck)
+        return any(h.reachable for h in hosts.hosts)
 
     # ------------------------------------------------------------------ building streams
 

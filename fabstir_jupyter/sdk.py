@@ -294,6 +294,8 @@ class FabstirSDK:
                 elif self.settings.chain is not None and self.settings.chain.reachable:
                     sources.append(self.settings.chain.source())
                 self._host_manager = HostManager(list(self.settings.hosts), sources=sources, config=self.config)
+                if self._network is not None:
+                    self._network.supervise(self._host_manager)
             return self._host_manager
 
     def get_inference_manager(self) -> InferenceManager:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 from . import protocol
 from .protocol import Usage
 from .config import InferenceOptions, validate_prompt, wire_transcript
-from .errors import FabstirError, ProtocolError, SessionNotFound
+from .errors import Cancelled, FabstirError, ProtocolError, SessionNotFound
 from .hosts import HostInfo
 from .transport import WebSocketClient
 
@@ -42,7 +42,8 @@ class Session:
     system_prompt: str | None = None
     transcript: list[dict[str, str]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
-    turns: int = 0
+    turns: int = 0  # completed turns
+    cancelled_turns: int = 0  # turns stopped before their end (interrupt, aclose, the session ending)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ended: bool = False
@@ -52,6 +53,7 @@ class Session:
     _history_chars: int = field(default=0, repr=False)
     _conn: WebSocketClient | None = field(default=None, repr=False)
     _synced: bool = field(default=False, repr=False)  # the host's memory matches the transcript
+    _turn: InferenceStream | None = field(default=None, repr=False)  # the turn streaming now, if any
 
     def __repr__(self) -> str:
         host = self.host.api_url if self.host else None
@@ -227,9 +229,21 @@ class SessionManager:
                 yield piece
 
     async def end_session(self, session_id: str) -> Session:
-        """End a session and close its socket; returns it (with its transcript) for reference."""
+        """End a session and close its socket; returns it (with its transcript) for reference.
+
+        A turn still streaming is cancelled first (``stream_cancel`` to its host): it does not fail
+        over or retry, its consumer gets :class:`~fabstir_jupyter.errors.Cancelled` after the text
+        already delivered, and it counts in ``cancelled_turns``, not ``turns``. Nothing is recorded
+        for the session after this returns.
+
+        Raises:
+            SessionNotFound: unknown or already ended.
+        """
         session = self.get(session_id)
         session.ended = True
+        turn = session._turn
+        if turn is not None:
+            await turn._stop(Cancelled(f"session {session.id} was ended while this turn was streaming"))
         if session._conn is not None:
             self._inference.pool.discard(session._conn)
             session._conn = None

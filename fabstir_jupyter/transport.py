@@ -177,10 +177,19 @@ class WebSocketClient:
         seconds it took.
 
         Raises:
-            ConnectionFailed: unreachable host, refused upgrade, TLS failure or timeout.
+            ConnectionFailed: unreachable host, refused upgrade, TLS failure or timeout (the message
+                says how far the opening got: no TCP connection, no handshake, no greeting).
             AuthFailed: the host answered 401 or 403.
         """
         started = time.perf_counter()
+        tcp_open: list[ClientConnection] = []
+
+        def track(*args: Any, **kwargs: Any) -> ClientConnection:
+            # asyncio builds the protocol once the TCP connection is accepted: a timeout after this
+            # point means the host took the connection and then went silent.
+            tcp_open.append(ClientConnection(*args, **kwargs))
+            return tcp_open[-1]
+
         try:
             async with _compat.timeout(self.config.connection_timeout):
                 self._ws = await connect(
@@ -194,12 +203,20 @@ class WebSocketClient:
                     ssl=ssl_context_for(self.url, self.config.verify_tls),
                     additional_headers=self._headers or None,
                     user_agent_header="fabstir-jupyter",
+                    create_connection=track,
                 )
                 first = protocol.parse_host_frame(await self._ws.recv())
         except BaseException as exc:
+            upgraded = self._ws is not None
             await self._abort()
             if isinstance(exc, asyncio.CancelledError):
                 raise
+            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+                limit = f"{self.config.connection_timeout:g} s"
+                why = ("the host accepted the websocket but sent no 'connected' greeting" if upgraded
+                       else "the host accepted the tcp connection but did not answer the websocket handshake"
+                       if tcp_open else "no tcp connection")
+                raise ConnectionFailed(f"connect: {why} within {limit}", host=redact_url(self.url)) from exc
             raise _translate(exc, self.url, "connect") from exc
         if isinstance(first, protocol.ErrorEvent):
             await self.close()

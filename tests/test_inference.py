@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
+import time
 
 import pytest
 
@@ -313,6 +315,56 @@ async def test_no_hosts_and_unreachable_hosts_are_coded(make_manager):
     manager = make_manager(["ws://127.0.0.1:9/v1/ws"], max_retries=1)
     with pytest.raises((ConnectionFailed, NoHostsAvailable)):
         await collect(manager.stream(PROMPT))
+
+
+# --------------------------------------------------------------------------- pinned hosts that do not answer
+
+
+async def test_a_silent_pinned_host_fails_within_connection_timeout(make_manager):
+    """A pinned host that accepts TCP and never answers: one attempt, over within connection_timeout
+    (the description read overlaps it), and the error says how far the connection got."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:  # never accepts: the kernel does
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}/v1/ws"
+        manager = make_manager([], connection_timeout=1.0, max_retries=3)
+        started = time.monotonic()
+        with pytest.raises(ConnectionFailed) as info:
+            async for _ in manager.direct_inference(PROMPT, url, max_tokens=3):
+                pass
+        elapsed = time.monotonic() - started
+    assert len(manager.usage.records) == 1  # no retry on the same silent host
+    assert "accepted the tcp connection but did not answer the websocket handshake within 1 s" in info.value.message
+    assert "pinned" in info.value.hint
+    assert elapsed < 4.0  # a safety net: one connection_timeout of 1 s (it was 5 s of probe + 4 attempts)
+
+
+async def test_a_refused_pinned_host_gets_one_quick_retry(make_manager):
+    """A pinned host that refuses connections (maybe restarting) is tried twice, not 1 + max_retries times."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}/v1/ws"
+        manager = make_manager([], max_retries=3)
+        with pytest.raises(ConnectionFailed) as info:
+            async with manager.stream(PROMPT, host=url, max_tokens=3) as stream:
+                await stream.read()
+    assert stream.attempts == 2 and [r.error_code for r in manager.usage.records] == ["CONNECTION_FAILED"] * 2
+    assert "pinned" in info.value.hint
+
+
+async def test_a_websocket_without_greeting_is_named_in_the_error(make_manager):
+    """A server that completes the websocket upgrade but never sends 'connected' is named as such."""
+    from websockets.asyncio.server import serve
+
+    async def mute(connection):
+        await connection.wait_closed()
+
+    async with serve(mute, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        manager = make_manager([], connection_timeout=0.5)
+        with pytest.raises(ConnectionFailed) as info:
+            async with manager.stream(PROMPT, host=f"ws://127.0.0.1:{port}/v1/ws", max_tokens=3) as stream:
+                await stream.read()
+    assert "accepted the websocket but sent no 'connected' greeting within 0.5 s" in info.value.message
+    assert stream.attempts == 1
 
 
 async def test_concurrent_streams_use_separate_sockets_without_interleaving(start_host, make_manager):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from fabstir_jupyter.errors import SessionNotFound
+from fabstir_jupyter.errors import Cancelled, SessionNotFound
 from fabstir_jupyter.host.scripted import scripted_text
 
 
@@ -92,6 +94,49 @@ async def test_unknown_and_ended_sessions_are_session_not_found(start_host, make
     with pytest.raises(SessionNotFound):
         manager.sessions.stream(session.id, "hello")
     assert manager.sessions.sessions == []
+
+
+async def test_ending_a_session_cancels_its_streaming_turn_on_the_host(start_host, make_manager, caplog):
+    """end_session while a turn streams: the host gets stream_cancel, the turn ends cancelled without
+    failing over to the other host, and nothing more is recorded for the session."""
+    slow = await start_host(backend={"token_rate": 50})
+    spare = await start_host()
+    manager = make_manager([slow.ws_url, spare.ws_url])
+    session = await manager.sessions.create_session(host=slow.ws_url)
+    caplog.set_level(logging.INFO, logger="fabstir_jupyter.host")
+    pieces: list[str] = []
+    async with manager.sessions.stream(session.id, "a long story", max_tokens=1000) as stream:
+        with pytest.raises(Cancelled) as info:
+            async for piece in stream:
+                pieces.append(piece)
+                if len(pieces) == 5:
+                    ended = await manager.sessions.end_session(session.id)
+                    rows_at_end = len(manager.usage.records)
+    assert ended is session and session.ended
+    assert stream.finish_reason == "cancelled" and stream.attempts == 1
+    text = "".join(pieces)
+    assert stream.text == text == info.value.partial_text == scripted_text("a long story", stream.usage.received_tokens)
+    host_lines = [r.getMessage() for r in caplog.records if f"request {stream.request_id}:" in r.getMessage()]
+    assert len(host_lines) == 1 and "cancelled after" in host_lines[0]  # stream_cancel, on the slow host only
+    rows = [r for r in manager.usage.records if r.session_id == session.id]
+    assert len(rows) == rows_at_end == 1
+    assert rows[0].finish_reason == "cancelled" and rows[0].host == slow.http_url
+    assert (session.turns, session.cancelled_turns, session.transcript) == (0, 1, [])
+    assert slow.active_streams == 0 and spare.active_streams == 0
+    assert manager.pool.stats()["in_use"] == 0
+
+
+async def test_a_turn_started_after_its_session_ended_does_not_run(start_host, make_manager):
+    """A turn created before end_session and started after it raises SESSION_NOT_FOUND, sending nothing."""
+    host = await start_host()
+    manager = make_manager([host.ws_url])
+    session = await manager.sessions.create_session(host=host.ws_url)
+    stream = manager.sessions.stream(session.id, "too late", max_tokens=3)
+    await manager.sessions.end_session(session.id)
+    with pytest.raises(SessionNotFound):
+        async with stream:
+            await stream.read()
+    assert manager.usage.records == [] and manager.pool.stats() == {"idle": 0, "in_use": 0}
 
 
 async def test_session_on_a_legacy_host_flattens_the_history(start_host, make_manager):

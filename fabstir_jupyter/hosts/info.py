@@ -73,12 +73,16 @@ class HostInfo:
             (1 - _LATENCY_SMOOTHING) * self.latency_ms + _LATENCY_SMOOTHING * sample
         )
 
-    def record_request(self, ok: bool, *, reachable: bool = True) -> None:
-        """Count one real request; a failed connection marks the host unreachable until it answers again."""
+    def record_request(self, ok: bool, *, reachable: bool | None = True) -> None:
+        """Count one real request; a failed connection marks the host unreachable until it answers again.
+
+        ``reachable=None`` (a connection that broke mid-way) leaves the health as it was.
+        """
         self.requests += 1
         if not ok:
             self.failures += 1
-        self.health = "ok" if reachable else "unreachable"
+        if reachable is not None:
+            self.health = "ok" if reachable else "unreachable"
 
     def adopt_served_models(self, ids: list[str], names: dict[str, str]) -> None:
         """Take the model ids the host itself lists (``/v1/models``), keeping registry names working.

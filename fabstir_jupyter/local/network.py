@@ -16,6 +16,11 @@ ends: :meth:`LocalNetwork.stop` (or the ``with`` block, or garbage collection, o
 stops them cleanly, and an exception, Ctrl-C or a SIGKILL of the parent closes their stdin pipes,
 which they watch (see :mod:`fabstir_jupyter.local.process`).
 
+A host that dies on its own (crash, OOM killer, ``kill -9``) is reaped at once and started again on
+the same port (``restarts`` times at most over the network's life; it stays registered on the chain,
+as its URL does not change). :meth:`LocalNetwork.supervise` keeps a host manager's view true
+meanwhile: the host is marked unreachable while it is down, ``ok`` once it is back.
+
 Everything here blocks (py-evm spends tens of milliseconds per call): from async code use
 :meth:`LocalNetwork.astart` and :meth:`LocalNetwork.aclose`, which run it in a worker thread.
 """
@@ -36,12 +41,14 @@ from .process import HostProcess
 if TYPE_CHECKING:
     from web3 import Web3
 
+    from ..hosts import HostManager
     from ..hosts.registry import ChainRegistrySource
 
 __all__ = ["BACKENDS", "LocalModel", "LocalNetwork", "LocalNetworkHost", "SCRIPTED_MODEL", "SMOLLM2_MODEL"]
 
 BACKENDS = ("scripted", "llama-cpp")
 MAX_HOSTS = 32
+DEFAULT_RESTARTS = 3  # per host, over the network's life
 DEFAULT_START_TIMEOUT = {"scripted": 30.0, "llama-cpp": 180.0}
 
 
@@ -172,6 +179,8 @@ class LocalNetwork:
         threads: llama-cpp threads per host (default: the CPUs divided among the hosts).
         start_timeout: seconds each host may take to listen (model loading included).
         minimum_stake: the registry's minimum stake, whole tokens.
+        restarts: how many times each host that dies on its own is started again (same port);
+            0 leaves a crashed host down.
 
     Raises:
         InvalidOptions: bad arguments.
@@ -191,6 +200,7 @@ class LocalNetwork:
         threads: int | None = None,
         start_timeout: float | None = None,
         minimum_stake: int = 100,
+        restarts: int = DEFAULT_RESTARTS,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(BACKENDS)}", field="backend")
@@ -203,6 +213,8 @@ class LocalNetwork:
         bad = [i for i in faults if not isinstance(i, int) or not 0 <= i < count]
         if bad:
             raise InvalidOptions(f"faults name hosts that do not exist: {bad}", field="faults")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise InvalidOptions(f"restarts must be an integer >= 0, not {restarts!r}", field="restarts")
         self.backend = backend
         self.model = self._as_model(model, backend)
         self._owner = os.getpid()
@@ -213,7 +225,7 @@ class LocalNetwork:
         per_host_threads = threads or max(1, (os.cpu_count() or 1) // count)
         self._processes = [
             HostProcess(backend, self._host_args(list(host_args) + list(faults.get(i, ())), per_host_threads),
-                        start_timeout=timeout)
+                        start_timeout=timeout, max_restarts=restarts)
             for i in range(count)
         ]
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._owner)
@@ -333,8 +345,23 @@ class LocalNetwork:
 
     # ------------------------------------------------------------------ faults and lifecycle
 
+    def supervise(self, host_manager: HostManager) -> None:
+        """Keep ``host_manager``'s view of these hosts true as they die and come back: a host whose
+        process exits is marked unreachable at once (not only when a request next fails on it), and
+        ``ok`` once restarted (it listens again on the same URL)."""
+
+        def follow(process: HostProcess, event: str) -> None:
+            info = host_manager.find(process.url) if process.url else None
+            if info is not None:
+                # a plain attribute: readers on the manager's loop see either value, never a torn one
+                info.health = "ok" if event == "up" else "unreachable"
+
+        for process in self._processes:
+            process.add_listener(follow)
+
     def kill_host(self, index: int) -> None:
-        """SIGKILL host ``index`` (it stays registered, as a crashed production host does)."""
+        """SIGKILL host ``index``: it stays registered, as a crashed production host does, and is not
+        restarted (a failover test wants it down); a supervising host manager marks it unreachable."""
         if not isinstance(index, int) or not 0 <= index < len(self._hosts):
             raise InvalidOptions(f"no local host {index!r}; there are {len(self._hosts)}", field="index")
         self._hosts[index].process.kill()

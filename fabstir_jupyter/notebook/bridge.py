@@ -333,7 +333,8 @@ class NotebookBridge:
         return session
 
     def end_session(self, name: str) -> Session:
-        """End the named session ``name`` (its socket closes); return it.
+        """End the named session ``name``: a turn still streaming is cancelled on its host, then its
+        socket closes; return it (``turns`` completed, ``cancelled_turns``).
 
         Raises:
             SessionNotFound: no live session has that name.
@@ -353,25 +354,30 @@ class NotebookBridge:
     # ------------------------------------------------------------------ streams
 
     def run_stream(self, make_stream: StreamFactory, sink: OutputSink, *, poll: float = 0.1,
-                   interval: float = 0.0, cancel_grace: float = 5.0) -> InferenceResult:
+                   interval: float = 0.0, cancel_grace: float = 5.0,
+                   store: Callable[[InferenceResult], None] | None = None) -> InferenceResult:
         """Stream into ``sink`` from this (main) thread; return the finished result.
 
         ``make_stream`` is called on the loop thread and returns an
         :class:`~fabstir_jupyter.inference.InferenceStream` (or an awaitable of one). Text reaches
         ``sink.append`` on this thread, batched: at most one call per ``interval`` seconds (0: as
-        it arrives), and none lost. Then ``sink.finish(result)``.
+        it arrives), and none lost. Then ``sink.finish(result)``. ``store`` gets the result however
+        the stream ended, except by Ctrl-C: finished, or failed (its ``error`` and partial ``text`` set).
 
         Raises:
-            FabstirError: the request failed (after ``sink.failed(error)``).
+            FabstirError: the request failed (after ``sink.failed(error)``, or ``sink.cancelled()``
+                for :class:`~fabstir_jupyter.errors.Cancelled`: its session was ended).
             KeyboardInterrupt: Ctrl-C (or one raised by the sink): the stream was cancelled on the
                 host (``stream_cancel``), its cleanup awaited up to ``cancel_grace`` seconds, and
                 ``sink.cancelled()`` called.
         """
         pieces: queue.Queue[Any] = queue.Queue()
+        made: list[InferenceStream] = []
 
         async def consume() -> InferenceResult:
             try:
                 stream = await _make(make_stream)
+                made.append(stream)
                 async with stream:
                     async for piece in stream:
                         pieces.put(piece)
@@ -393,7 +399,9 @@ class NotebookBridge:
                 sink.cancelled()
             raise
         except FabstirError as exc:
-            sink.failed(exc)
+            if made and store is not None:
+                store(made[0].result())  # the stream has ended: its partial text and error are final
+            _end_failed(sink, exc)
             raise
         except concurrent.futures.CancelledError:
             # Cancelled from elsewhere (the bridge closing): report it as a coded error.
@@ -407,6 +415,8 @@ class NotebookBridge:
             with self._lock:
                 self._streams.discard(task)
         sink.finish(result)
+        if store is not None:
+            store(result)
         return result
 
     @staticmethod
@@ -453,12 +463,15 @@ class NotebookBridge:
 
     def run_background(self, make_stream: StreamFactory, sink: OutputSink, *, interval: float = 0.05,
                        on_result: Callable[[InferenceResult], None] | None = None,
-                       on_error: Callable[[FabstirError], None] | None = None) -> BackgroundRun:
+                       on_error: Callable[[FabstirError], None] | None = None,
+                       store: Callable[[InferenceResult], None] | None = None) -> BackgroundRun:
         """Start a stream that keeps running on the loop thread; return its handle at once.
 
         The sink is updated from the loop thread: ``append`` per piece, plus ``append("")`` every
         ``interval`` seconds (so a batching sink sends what it holds during a pause), then
-        ``finish``/``failed``/``cancelled``; ``on_result`` or ``on_error`` runs after that. A sink
+        ``finish``/``failed``/``cancelled``; ``on_result`` or ``on_error`` runs after that. ``store``
+        gets the result however the stream ended, except by cancelling the run: finished, or failed
+        (its ``error`` and partial ``text`` set; also :attr:`BackgroundRun.result_value`). A sink
         with ``set_cancel(callback)`` gets the handle's :meth:`BackgroundRun.cancel` (a stop button).
         """
         run = BackgroundRun(None, sink)
@@ -482,7 +495,11 @@ class NotebookBridge:
                 raise
             except FabstirError as exc:
                 run.error = exc
-                _quietly(sink.failed, exc)
+                if run.stream is not None:
+                    run.result_value = run.stream.result()
+                    if store is not None:
+                        _quietly(store, run.result_value)
+                _quietly(_end_failed, sink, exc)
                 if on_error is not None:
                     _quietly(on_error, exc)
                 raise
@@ -491,6 +508,8 @@ class NotebookBridge:
                     ticker.cancel()
             run.result_value = result
             sink.finish(result)
+            if store is not None:
+                store(result)
             if on_result is not None:
                 on_result(result)
             return result
@@ -553,6 +572,14 @@ async def _make(make_stream: StreamFactory) -> InferenceStream:
     if inspect.isawaitable(stream):
         stream = await stream
     return stream  # type: ignore[return-value]
+
+
+def _end_failed(sink: OutputSink, error: FabstirError) -> None:
+    """Mark the output failed, or cancelled when the stream was stopped on purpose (its session ended)."""
+    if isinstance(error, Cancelled):
+        sink.cancelled()
+    else:
+        sink.failed(error)
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

@@ -78,6 +78,10 @@ def format_error(error: FabstirError) -> str:
     return line.replace("\n", " ")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _print_error(error: FabstirError) -> None:
     print(format_error(error), file=sys.stderr)
 
@@ -231,17 +235,18 @@ class FabstirMagics(Magics):
         if options.background:
             self.last_background = bridge.run_background(
                 make_stream, sink, interval=self.update_interval,
-                on_result=self._storer(options.out), on_error=_print_error,
+                store=self._storer(options.out), on_error=_print_error,
             )
             return None
         # The sinks batch on their own (the widget per update_interval, stdout per its buffer), so
         # text is handed over as it arrives; idle polls let the widget send a held batch.
         poll = min(0.1, max(self.update_interval, 0.01))
-        result = bridge.run_stream(make_stream, sink, poll=poll, interval=0.0)
-        self._storer(options.out)(result)
+        bridge.run_stream(make_stream, sink, poll=poll, interval=0.0, store=self._storer(options.out))
         return None
 
     def _storer(self, name: str | None) -> Callable[[InferenceResult], None]:
+        """Store a cell's result in ``name`` (``--out``): the answer, or the partial answer and the
+        error of a request that failed after it had started."""
         shell: Any = self.shell
 
         def store(result: InferenceResult) -> None:
@@ -370,9 +375,12 @@ class FabstirMagics(Magics):
         return pd.DataFrame(rows, columns=columns)
 
     def handle_end(self, command: EndCommand) -> None:
-        """End a named session."""
+        """End a named session; a turn still streaming in it is cancelled on its host."""
         session = self.bridge.end_session(command.name)
-        print(f"[fabstir] ended session {command.name!r} after {session.turns} turns")
+        line = f"[fabstir] ended session {command.name!r} after {_count(session.turns, 'turn')}"
+        if session.cancelled_turns:
+            line += f" ({_count(session.cancelled_turns, 'turn')} cancelled)"
+        print(line)
 
     def handle_models(self, command: ModelsCommand) -> pd.DataFrame:
         """The models served by the discovered hosts, one row per model."""

@@ -179,7 +179,7 @@ CELL_OPTION_HELP: dict[str, str] = {
             "network cannot select by it yet)",
     "format": "final rendering: markdown (default), text, code or json",
     "out": "store the finished result (an InferenceResult: .text, .usage, .finish_reason, .host, .model, "
-           ".ttft) in the variable VAR",
+           ".ttft, .error) in the variable VAR; a request that fails keeps its partial .text and its .error",
     "background": "return at once and keep streaming into the output (stop button, or %%fabstir cancel)",
     "no_interpolate": "send the cell text as is, without replacing {name} references",
     "network": "network for this cell: local, static or base-sepolia (default: FabstirMagics.network)",

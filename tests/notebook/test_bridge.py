@@ -253,6 +253,42 @@ def test_closing_the_bridge_ends_a_blocking_stream_with_a_coded_error(bridge, st
     assert sink.outcome == ["cancelled"]
 
 
+def test_ending_a_session_from_another_thread_cancels_its_blocking_turn(bridge, start_host):
+    """end_session from another thread while run_stream blocks on that session's turn: the turn is
+    cancelled on the host, run_stream raises CANCELLED, the sink shows it cancelled, and ``store``
+    gets the partial answer with the error."""
+    slow, spare = start_host(token_rate=50), start_host()
+    settings = settings_for(slow, spare)
+    enders: list[threading.Thread] = []
+
+    class EndingSink(RecordingSink):
+        def append(self, text):
+            super().append(text)
+            if len(self.text.split()) >= 3 and not enders:
+                enders.append(threading.Thread(target=bridge.end_session, args=("s",)))
+                enders[0].start()
+
+    async def make():
+        manager = await bridge.manager(settings)
+        session = await bridge.named_session("s", settings, host=slow.ws_url)
+        return manager.sessions.stream(session.id, PROMPT, max_tokens=1000)
+
+    sink, stored = EndingSink(), []
+    with pytest.raises(Cancelled) as info:
+        bridge.run_stream(make, sink, store=stored.append)
+    enders[0].join(5)
+    assert sink.outcome == ["cancelled"]
+    (partial,) = stored
+    assert partial.error is info.value and partial.finish_reason == "cancelled"
+    assert partial.text == sink.text == info.value.partial_text
+    assert partial.text == scripted_text(PROMPT, partial.usage.received_tokens)
+    assert wait_until(lambda: slow.active_streams == 0) and spare.active_streams == 0
+    ledger = bridge.sdk(settings)._inference.usage
+    ledger.flush()
+    assert list(ledger.to_frame()["finish_reason"]) == ["cancelled"]  # one attempt, no failover after the end
+    assert "s" not in bridge.sessions
+
+
 def test_configure_closes_the_sdks_of_other_settings(bridge, start_host):
     """Switching the default network closes the old SDK and forgets its named sessions."""
     a, b = start_host(), start_host()

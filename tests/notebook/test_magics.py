@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,8 +14,10 @@ import pandas as pd
 import pytest
 from traitlets.config import Config
 
+from fabstir_jupyter.errors import Cancelled
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.inference import InferenceResult, InferenceStream
+from fabstir_jupyter.local import HostProcess
 from fabstir_jupyter.notebook import magics as magics_module
 from fabstir_jupyter.notebook.magics import FabstirMagics
 from fabstir_jupyter.notebook.output import TextOutput
@@ -166,6 +170,30 @@ def test_sessions_continue_across_cells(ip, capsys):
     ip.run_line_magic("fabstir", "end chat")
     assert "ended session 'chat' after 2 turns" in capsys.readouterr().out
     assert ip.run_line_magic("fabstir", "sessions").empty
+
+
+def test_ending_a_session_cancels_its_background_turn(make_shell, start_host, capsys):
+    """%fabstir end NAME while that session's --background cell streams: the turn is cancelled on its
+    host (no failover to the spare host), --out keeps the partial answer, and no usage row follows."""
+    slow, spare = start_host(token_rate=50), start_host()
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{slow.ws_url!r}, {spare.ws_url!r}]")
+    cell(ip, f"--session s --host {slow.http_url} --background --max-tokens 1000 --out partial", "a long story")
+    run = ip.magics_manager.registry["FabstirMagics"].last_background
+    assert wait_until(lambda: len(run.text.split()) >= 3)
+    session_id = magics_module.get_bridge().sessions["s"].session.id
+    ip.run_line_magic("fabstir", "end s")
+    captured = capsys.readouterr()
+    assert "[fabstir] ended session 's' after 0 turns (1 turn cancelled)" in captured.out
+    assert run.wait(5) and isinstance(run.error, Cancelled)
+    partial = ip.user_ns["partial"]
+    assert partial.finish_reason == "cancelled" and partial.error is run.error
+    assert partial.text == run.text == scripted_text("a long story", partial.usage.received_tokens)
+    assert wait_until(lambda: slow.active_streams == 0)
+    rows = ip.run_line_magic("fabstir", "usage")
+    rows = rows[rows["session_id"] == session_id]
+    assert list(rows["finish_reason"]) == ["cancelled"] and list(rows["host"]) == [slow.http_url]
+    assert "s" not in magics_module.get_bridge().sessions
 
 
 def test_mode_reaches_host_selection(ip, capsys, monkeypatch):
@@ -372,6 +400,90 @@ def test_interrupt_in_a_session_keeps_the_conversation_usable(make_shell, start_
                         lambda format, background, **kw: TextOutput(format, rich=False))
     cell(ip, "--session s --max-tokens 3 --out r", "short question")
     assert ip.user_ns["r"].text == scripted_text("short question", 3)
+
+
+# --------------------------------------------------------------------------- a host killed mid-stream
+
+
+class KillingOutput(TextOutput):
+    """A text output that SIGKILLs the process ``pid()`` names after ``after`` appends."""
+
+    def __init__(self, *args, pid, after: int = 5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pid, self.after, self.appends = pid, after, 0
+
+    def append(self, text: str) -> None:
+        super().append(text)
+        if text:
+            self.appends += 1
+            if self.appends == self.after:
+                os.kill(self.pid(), signal.SIGKILL)
+
+
+def reaped(pid: int) -> bool:
+    """Whether ``pid`` has exited and been reaped (a zombie keeps its /proc entry)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_killing_the_only_host_keeps_the_partial_answer_and_a_later_cell_works(make_shell, monkeypatch, capsys):
+    """The only (static) host SIGKILLed mid-stream: one error line, --out holds the partial answer and
+    the error; once a host listens on that URL again, the next cell is answered."""
+    host = HostProcess("scripted", ["--token-rate", "100"], start_timeout=30)
+    host.start()
+    try:
+        ip = make_shell()
+        ip.run_line_magic("config", f"FabstirMagics.hosts = [{host.url!r}]")
+        killed = host.pid
+        monkeypatch.setattr(magics_module, "make_output",
+                            lambda format, background, **kw: KillingOutput(format, rich=False, pid=lambda: killed))
+        cell(ip, "--max-tokens 500 --out partial")
+        assert one_line_error(capsys).startswith("FabstirError [")
+        partial = ip.user_ns["partial"]
+        assert partial.error is not None and partial.finish_reason == "error"
+        assert partial.text == partial.error.partial_text
+        assert len(partial.text.split()) >= 5 and partial.text == scripted_text(PROMPT, len(partial.text.split()))
+        assert wait_until(lambda: reaped(killed), 10.0)
+        port = host.url.split(":")[2].split("/")[0]
+        host.stop()
+        host = HostProcess("scripted", ["--port", port], start_timeout=30)  # back on the same URL
+        host.start()
+        monkeypatch.undo()
+        cell(ip, "--max-tokens 4 --out again")
+        assert ip.user_ns["again"].text == scripted_text(PROMPT, 4)
+    finally:
+        host.stop()
+
+
+def test_a_local_host_killed_mid_stream_is_restarted_and_the_next_cell_works(make_shell, monkeypatch, isolated_env):
+    """network local: SIGKILL its only host mid-stream; the process is reaped and restarted on the same
+    URL, the cell keeps whatever it streamed (complete if the answer continued on the restarted
+    host, else partial with the error), and the next cell is answered by the restarted host."""
+    config_dir = isolated_env / "config" / "fabstir-jupyter"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.json").write_text(json.dumps({"local_host_args": ["--token-rate", "100"]}))
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "config local_backend scripted")
+    ip.run_line_magic("fabstir", "network local")
+    bridge = magics_module.get_bridge()
+    cell(ip, "--max-tokens 2 --out warm")
+    (process,) = bridge.sdk()._processes
+    killed, url = process.pid, process.url
+    monkeypatch.setattr(magics_module, "make_output",
+                        lambda format, background, **kw: KillingOutput(format, rich=False, pid=lambda: killed))
+    cell(ip, "--max-tokens 300 --out first")
+    first = ip.user_ns["first"]
+    assert len(first.text.split()) >= 5 and first.text == scripted_text(PROMPT, len(first.text.split()))
+    if first.error is None:
+        assert first.text == scripted_text(PROMPT, 300)  # continued on the restarted host, nothing lost
+    else:
+        assert first.error.partial_text == first.text
+    assert wait_until(lambda: process.restarts == 1 and process.running, 30.0)
+    assert reaped(killed) and process.url == url and process.pid != killed
+    monkeypatch.undo()
+    cell(ip, "--max-tokens 4 --out again")
+    assert ip.user_ns["again"].text == scripted_text(PROMPT, 4)
+    frame = ip.run_line_magic("fabstir", "hosts --frame")
+    assert list(frame["status"]) == ["ok"]
 
 
 # --------------------------------------------------------------------------- line commands
