@@ -11,6 +11,7 @@ import pytest
 
 from fabstir_jupyter import errors
 from fabstir_jupyter.errors import (
+    CLIENT_ONLY_CODES,
     ERROR_CODES,
     AuthFailed,
     ConnectionFailed,
@@ -25,6 +26,8 @@ from fabstir_jupyter.errors import (
     InvalidInput,
     InvalidOptions,
     InvalidPrompt,
+    LedgerClosed,
+    LedgerUnavailable,
     ModelNotAvailable,
     ProtocolError,
     RateLimitExceeded,
@@ -36,6 +39,7 @@ _SPEC_CANDIDATES = (
     _HERE.parents[2] / "shared/spec/PROTOCOL.md",  # /work/main/tests → /work/shared
     _HERE.parents[1] / ".." / "shared/spec/PROTOCOL.md",  # ../shared relative to the repo root
     _HERE.parents[1] / "shared/spec/PROTOCOL.md",  # shared/ inside the checkout (device copies)
+    _HERE.parents[3] / "shared/spec/PROTOCOL.md",  # a worktree /work/wt/NAME/tests → /work/shared
 )
 SPEC_PATH = next((path for path in _SPEC_CANDIDATES if path.is_file()), None)
 
@@ -98,6 +102,31 @@ def test_every_spec_code_maps_to_a_class_with_that_code(code: str) -> None:
     error = error_from_code(code, "something failed")
     assert type(error) is cls
     assert error.code == code
+
+
+@needs_spec
+def test_codes_beyond_spec_section_7_are_exactly_the_known_extras() -> None:
+    """ERROR_CODES holds §7's codes plus PAYMENT_REQUIRED (spec §10) and the client-only ledger codes."""
+    assert CLIENT_ONLY_CODES == {"LEDGER_UNAVAILABLE", "LEDGER_CLOSED"}
+    assert set(ERROR_CODES) - set(SPEC_CODES) == {"PAYMENT_REQUIRED"} | CLIENT_ONLY_CODES
+    assert not CLIENT_ONLY_CODES & set(SPEC_CODES)
+
+
+@pytest.mark.parametrize("code, cls", [("LEDGER_UNAVAILABLE", LedgerUnavailable), ("LEDGER_CLOSED", LedgerClosed)])
+def test_ledger_errors_live_in_the_tree_and_are_not_retryable(code: str, cls: type[FabstirError]) -> None:
+    """The ledger errors are FabstirErrors with their own codes, also the builtin a caller may expect."""
+    assert ERROR_CODES[code] is cls and cls.code == code and cls.retryable is False
+    assert issubclass(LedgerUnavailable, OSError) and issubclass(LedgerClosed, RuntimeError)
+    from fabstir_jupyter import usage
+
+    assert usage.LedgerUnavailable is LedgerUnavailable and usage.LedgerClosed is LedgerClosed
+
+
+@pytest.mark.parametrize("code", sorted(CLIENT_ONLY_CODES))
+def test_a_host_cannot_raise_client_only_codes(code: str) -> None:
+    """A host frame carrying a ledger code becomes a HostError keeping the code, not a local ledger error."""
+    error = error_from_code(code, "odd")
+    assert type(error) is HostError and error.code == code
 
 
 @pytest.mark.parametrize("code, cls", sorted(ERROR_CODES.items()))
