@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_options",
     "validate_mode",
     "validate_prompt",
+    "validate_usage_db",
     "build_messages",
     "flatten_messages",
     "wire_transcript",
@@ -101,7 +103,8 @@ class InferenceConfig:
         pool_idle_timeout: idle sockets are closed after this long.
         network: ``"local"``, ``"static"`` or ``"base-sepolia"``; on ``base-sepolia`` inference is
             refused until paid sessions exist (spec/PROTOCOL.md §10).
-        usage_db: the usage ledger's SQLite file; ``None`` = the user's data dir, ``":memory:"`` allowed.
+        usage_db: the usage ledger's SQLite file; ``None`` = the user's data dir, ``":memory:"`` allowed;
+            an empty path is refused.
         trace: log every frame sent and received at DEBUG on ``fabstir_jupyter.wire``.
         auth_token: a bearer token sent to every host (``Authorization: Bearer ...``); never shown.
         auth_tokens: bearer tokens per host, keyed by any host URL form (``http://h:1``,
@@ -151,6 +154,7 @@ class InferenceConfig:
             _positive(name, getattr(self, name), integer=True)
         if self.default_max_tokens > self.max_tokens_cap:
             raise InvalidOptions("default_max_tokens is above max_tokens_cap", field="default_max_tokens")
+        validate_usage_db(self.usage_db, "InferenceConfig(usage_db=...)")
         _check_token("auth_token", self.auth_token)
         if self.auth_tokens is not None:
             if not isinstance(self.auth_tokens, Mapping):
@@ -267,6 +271,27 @@ def validate_mode(mode: Any) -> str:
         f"mode must be one of {', '.join(SELECTION_MODES)}, not {mode!r} (a specific host is host_address)",
         field="mode",
     )
+
+
+def validate_usage_db(value: Any, source: str) -> Any:
+    """Check a usage ledger location; return it unchanged (``None`` means the default ledger).
+
+    Args:
+        value: a file path (``str`` or path-like), ``":memory:"`` or ``None``.
+        source: where the value came from, for the message (``"%config"``, ``"$FABSTIR_USAGE_DB"``...).
+
+    Raises:
+        InvalidOptions: an empty or blank path, or not a path at all; ``field`` is ``"usage_db"``.
+    """
+    if value is None:
+        return None
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidOptions(
+            f"usage_db from {source} must be a file path or ':memory:', not {value!r}", field="usage_db",
+            hint="leave it unset for the default ledger in the user's data directory",
+        )
+    return value
 
 
 def validate_prompt(prompt: Any, *, max_chars: int, field_name: str = "prompt") -> str:

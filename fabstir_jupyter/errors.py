@@ -21,9 +21,14 @@ Every error carries a ``code`` from the one namespace shared with the reference 
     ├── AuthFailed                    AUTH_FAILED           no
     ├── PaymentRequired               PAYMENT_REQUIRED      no
     ├── EncryptionError               ENCRYPTION_* etc.     no
-    └── InvalidInput (also ValueError)
-        ├── InvalidPrompt             INVALID_PROMPT        no
-        └── InvalidOptions            INVALID_OPTIONS       no
+    ├── InvalidInput (also ValueError)
+    │   ├── InvalidPrompt             INVALID_PROMPT        no
+    │   └── InvalidOptions            INVALID_OPTIONS       no
+    ├── LedgerUnavailable             LEDGER_UNAVAILABLE    no   (also OSError)
+    └── LedgerClosed                  LEDGER_CLOSED         no   (also RuntimeError)
+
+The two ledger codes are the client's own (the usage ledger is local): they never cross the wire,
+so spec §7 does not list them.
 
 Messages are lower-case fragments without a final period ("host ws://h:1/v1/ws: no first
 token within 5 s"), so they nest. Errors never hold secrets: only the fields given here.
@@ -55,7 +60,10 @@ __all__ = [
     "InvalidInput",
     "InvalidPrompt",
     "InvalidOptions",
+    "LedgerUnavailable",
+    "LedgerClosed",
     "ERROR_CODES",
+    "CLIENT_ONLY_CODES",
     "error_from_code",
 ]
 
@@ -244,6 +252,18 @@ class InvalidOptions(InvalidInput):
     code = "INVALID_OPTIONS"
 
 
+class LedgerUnavailable(FabstirError, OSError):
+    """Raised when the usage ledger's database cannot be opened or written, or a read of it fails."""
+
+    code = "LEDGER_UNAVAILABLE"
+
+
+class LedgerClosed(FabstirError, RuntimeError):
+    """Raised when a closed usage ledger is asked to record or read."""
+
+    code = "LEDGER_CLOSED"
+
+
 _ENCRYPTION_CODES = (
     "ENCRYPTION_NOT_SUPPORTED",
     "MISSING_PAYLOAD",
@@ -260,17 +280,21 @@ ERROR_CODES: dict[str, type[FabstirError]] = {
     for cls in (
         NoHostsAvailable, ConnectionFailed, InferenceTimeout, ModelNotAvailable, RateLimitExceeded,
         HostBusy, HostError, ContextOverflow, ProtocolError, SessionNotFound, Cancelled, AuthFailed,
-        PaymentRequired, InvalidPrompt, InvalidOptions,
+        PaymentRequired, InvalidPrompt, InvalidOptions, LedgerUnavailable, LedgerClosed,
     )
 }
 ERROR_CODES.update({code: EncryptionError for code in _ENCRYPTION_CODES})
+
+#: Codes of local failures (the usage ledger): never sent by a host, so not in spec §7.
+CLIENT_ONLY_CODES = frozenset({LedgerUnavailable.code, LedgerClosed.code})
 
 
 def error_from_code(code: object, message: str, **kwargs: Any) -> FabstirError:
     """Build the error class that matches ``code``; unknown codes become a ``HostError`` keeping them.
 
-    Used for codes that arrive from a host, so an unexpected value never raises here.
+    Used for codes that arrive from a host, so an unexpected value never raises here. The client's
+    own codes (:data:`CLIENT_ONLY_CODES`) are not a host's to send: they become a ``HostError`` too.
     """
     code_text = code if isinstance(code, str) and code else "HOST_ERROR"
-    cls = ERROR_CODES.get(code_text, HostError)
+    cls = HostError if code_text in CLIENT_ONLY_CODES else ERROR_CODES.get(code_text, HostError)
     return cls(message, code=code_text, **kwargs)

@@ -666,7 +666,7 @@ class InferenceStream:
         finish_reason: str | None = None,
     ) -> UsageRecord:
         if error is not None and host is not None:
-            host.record_request(False, reachable=reachable)
+            host.record_request(False, reachable=reachable, error=error)
         cost, unit = None, None
         if host is not None and self.model is not None and completion_tokens:
             cost, unit = host.cost(self.model, completion_tokens)

@@ -17,8 +17,10 @@ Every parse either returns an event or raises a :class:`~fabstir_jupyter.errors.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Union
 from urllib.parse import urlsplit, urlunsplit
@@ -96,6 +98,20 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # --------------------------------------------------------------------------- URLs
 
 
+# A DNS name (letters, digits, '-', '_' in dot-separated labels, IDN letters too) or an IPv4 literal.
+_HOST_NAME = re.compile(r"[\w-]+(\.[\w-]+)*\.?")
+
+
+def _valid_host_name(name: str) -> bool:
+    if ":" in name:  # an IPv6 literal (urlsplit has removed the brackets)
+        try:
+            ipaddress.IPv6Address(name.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return _HOST_NAME.fullmatch(name) is not None
+
+
 def ws_url(url: str) -> str:
     """Return the WebSocket endpoint for a host URL.
 
@@ -103,12 +119,15 @@ def ws_url(url: str) -> str:
     path is kept as given; a bare ``h:1`` is taken as ``ws://h:1/v1/ws``.
 
     Raises:
-        InvalidOptions: the URL has another scheme or no host.
+        InvalidOptions: the URL has another scheme, no host, an invalid host name or port.
     """
     text = url.strip() if isinstance(url, str) else ""
     if "://" not in text:
         text = "ws://" + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # a malformed IPv6 literal: "http://[::zz]:1", "http://[::1"
+        raise InvalidOptions(f"host url {url!r} is not a valid url", field="host_url") from None
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.hostname:
         raise InvalidOptions(f"host url {url!r} is not a ws://, wss://, http:// or https:// url", field="host_url")
@@ -116,6 +135,8 @@ def ws_url(url: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
     except ValueError:
         raise InvalidOptions(f"host url {url!r} has an invalid port", field="host_url") from None
+    if not _valid_host_name(parts.hostname):
+        raise InvalidOptions(f"host url {url!r} has an invalid host name {parts.hostname!r}", field="host_url")
     path = parts.path.rstrip("/")
     if parts.scheme.lower() in ("http", "https") or not path:
         path = path + WS_PATH if not path.endswith(WS_PATH) else path

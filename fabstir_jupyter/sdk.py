@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
+from . import protocol
 from .config import InferenceConfig
 from .errors import AuthFailed, ConnectionFailed, InvalidOptions
 from .hosts import HostManager, hosts_from_env
@@ -87,6 +88,20 @@ def _read_config(path: Path) -> dict[str, Any]:
     return stored
 
 
+def _stored_hosts(stored: Mapping[str, Any], path: Path) -> list[str]:
+    """The config file's ``hosts``: a list of host URLs, each checked."""
+    value = stored.get("hosts", [])
+    if not isinstance(value, list) or not all(isinstance(url, str) for url in value):
+        raise InvalidOptions(f"hosts in config file {path} must be a list of url strings, not {value!r}",
+                             field="hosts")
+    for url in value:
+        try:
+            protocol.ws_url(url)
+        except InvalidOptions as exc:
+            raise InvalidOptions(f"hosts in config file {path}: {exc.message}", field="hosts") from None
+    return value
+
+
 def load_settings(
     network: NetworkSpec | None = None,
     hosts: Sequence[str] | None = None,
@@ -101,7 +116,9 @@ def load_settings(
 
     Raises:
         InvalidOptions: an unknown network or local backend, a chain network without an RPC URL
-            (and no static hosts), or an unreadable config file; ``field`` names the setting.
+            (and no static hosts), a host URL in ``$FABSTIR_HOSTS`` or the config file that is not
+            usable, or an unreadable config file; ``field`` names the setting, the message where
+            the bad value came from.
     """
     env = os.environ if environ is None else environ
     path = config_file if config_file is not None else _config_file()
@@ -114,7 +131,7 @@ def load_settings(
             return env[env_name]
         return stored.get(key, default)
 
-    host_list = list(hosts) if hosts is not None else hosts_from_env(dict(env)) or list(stored.get("hosts", []))
+    host_list = list(hosts) if hosts is not None else hosts_from_env(env) or _stored_hosts(stored, path)
     chosen = pick(network, "FABSTIR_NETWORK", "network", None) or ("static" if host_list else "local")
     url = pick(rpc_url, "FABSTIR_RPC_URL", "rpc_url", None)
     chain: NetworkPreset | None = None

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
+import os
+import socket
 import ssl
 import time
 from collections import defaultdict
@@ -37,7 +40,16 @@ from websockets.exceptions import (
 from . import protocol
 from . import _compat
 from .config import InferenceConfig
-from .errors import AuthFailed, ConnectionFailed, FabstirError, InferenceTimeout, InvalidOptions, ProtocolError
+from .errors import (
+    AuthFailed,
+    ConnectionFailed,
+    FabstirError,
+    HostBusy,
+    InferenceTimeout,
+    InvalidOptions,
+    ProtocolError,
+    RateLimitExceeded,
+)
 
 __all__ = ["WebSocketClient", "ConnectionPool", "ssl_context_for", "redact_url"]
 
@@ -62,11 +74,16 @@ if not any(isinstance(f, _RedactAuthorization) for f in _handshake_logger.filter
 
 
 def redact_url(url: str) -> str:
-    """Drop credentials and query strings (which may hold tokens) from a URL before logging it."""
+    """Drop credentials and query strings (which may hold tokens) from a URL before logging it.
+
+    IPv6 hosts keep their brackets (``ws://[::1]:8196/v1/ws``).
+    """
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
     netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
     if parts.port:
         netloc = f"{netloc}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
@@ -92,29 +109,86 @@ def ssl_context_for(url: str, verify: bool | str | ssl.SSLContext) -> ssl.SSLCon
     return ssl.create_default_context()
 
 
+_TLS_HINT = "if this host serves TLS, use its wss:// or https:// url"
+_PLAIN_HINT = "if this host serves plain http, use its ws:// or http:// url"
+_NOT_A_HOST_HINT = "check the url: a fabstir host upgrades to a websocket at /v1/ws"
+
+# Reasons for connection errors that carry no text of their own.
+_SILENT_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionResetError, "connection reset by the host"),
+    (ConnectionAbortedError, "connection aborted"),
+    (BrokenPipeError, "the host closed the connection"),
+    (EOFError, "the host closed the connection"),
+)
+# TLS failures that mean "the other side does not speak TLS".
+_NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "RECORD_LAYER_FAILURE", "UNEXPECTED_EOF_WHILE_READING"}
+)
+
+
+def _reason(exc: BaseException) -> str:
+    """Return a short, never empty, lower-case reason for an OS, TLS or stream error."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason:
+            return str(exc.reason).lower().replace("_", " ")
+        return str(exc) or "tls error"
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number > 0:
+        return os.strerror(number).lower()  # "connection refused", not "Connect call failed ('::1', 9, 0, 0)"
+    text = str(exc).strip()
+    if text:
+        return text
+    for kind, reason in _SILENT_ERRORS:
+        if isinstance(exc, kind):
+            return reason
+    return type(exc).__name__
+
+
+def _refusal_text(response: Any) -> str:
+    """The ``error.message`` a host put in the body of a refused upgrade, or ``""``."""
+    try:
+        body = json.loads(bytes(response.body or b"")[:4096])
+        message = body["error"]["message"]
+    except (ValueError, TypeError, KeyError):
+        return ""
+    return message[:200] if isinstance(message, str) else ""
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except (TypeError, ValueError):
+        return None
+
+
 def _translate(exc: BaseException, url: str, during: str) -> FabstirError:
-    """Map a foreign exception raised while talking to ``url`` to our error tree."""
+    """Map a foreign exception raised while talking to ``url`` to our error tree.
+
+    Every message names the cause; a hint is added where the cause suggests a fix (a wrong scheme,
+    a server that is not a fabstir host, a token, a certificate).
+    """
     host = redact_url(url)
     if isinstance(exc, FabstirError):
         return exc
     if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
-        if status in (401, 403):
-            return AuthFailed(
-                f"host refused the connection with HTTP {status}", host=host,
-                hint="set InferenceConfig(auth_token=...) or auth_tokens={host_url: token} to this host's token",
-            )
-        return ConnectionFailed(f"{during}: host answered HTTP {status} instead of a websocket upgrade", host=host)
+        return _translate_status(exc.response, host, during)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ConnectionFailed(
             f"{during}: the host's tls certificate is not trusted ({exc.verify_message})", host=host,
             hint="pass verify_tls=<CA bundle path> for a private CA, or verify_tls=False to opt out",
         )
-    if isinstance(exc, InvalidMessage) and url.startswith("ws://"):
-        return ConnectionFailed(
-            f"{during}: {exc}", host=host,
-            hint="if this host serves TLS, use its wss:// or https:// url",
-        )
+    if url.startswith("wss://") and during == "connect" and isinstance(
+        exc, (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, EOFError)
+    ):
+        # Raised while opening the TLS session, before any HTTP: a plain-http host resets or
+        # answers with bytes that are not a TLS record.
+        plain = not isinstance(exc, ssl.SSLError) or exc.reason in _NOT_TLS_REASONS
+        return ConnectionFailed(f"{during}: tls handshake failed ({_reason(exc)})", host=host,
+                                hint=_PLAIN_HINT if plain else None)
+    if isinstance(exc, InvalidMessage):
+        return _translate_bad_response(exc, url, host, during)
     if isinstance(exc, PayloadTooBig) or (
         # websockets >= 14 reports an oversize frame as the close it sent: 1009 "message too big".
         isinstance(exc, ConnectionClosed) and exc.sent is not None and exc.sent.code == 1009
@@ -126,9 +200,51 @@ def _translate(exc: BaseException, url: str, during: str) -> FabstirError:
         return InvalidOptions(f"invalid host url: {exc}", field="host_url")
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return ConnectionFailed(f"{during}: timed out", host=host)
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectionFailed(f"{during}: {_reason(exc)}", host=host,
+                                hint="nothing listens on this port: check the url's port and that the host runs")
+    if isinstance(exc, socket.gaierror):
+        return ConnectionFailed(f"{during}: {_reason(exc)}", host=host, hint="check the host name in the url")
     if isinstance(exc, (OSError, InvalidHandshake, WebSocketException, EOFError)):
-        return ConnectionFailed(f"{during}: {exc or type(exc).__name__}", host=host)
-    return ConnectionFailed(f"{during}: unexpected {type(exc).__name__}: {exc}", host=host)
+        return ConnectionFailed(f"{during}: {_reason(exc)}", host=host)
+    return ConnectionFailed(f"{during}: unexpected {type(exc).__name__}: {_reason(exc)}", host=host)
+
+
+def _translate_status(response: Any, host: str, during: str) -> FabstirError:
+    """An HTTP answer other than 101 to the upgrade: auth, busy, rate limit, or not a websocket endpoint."""
+    status = response.status_code
+    said = _refusal_text(response)
+    detail = f": {said}" if said else ""
+    if status in (401, 403):
+        return AuthFailed(
+            f"host refused the connection with HTTP {status}", host=host,
+            hint="set InferenceConfig(auth_token=...) or auth_tokens={host_url: token} to this host's token",
+        )
+    if status == 503:
+        return HostBusy(f"{during}: host refused the websocket upgrade with HTTP 503{detail}", host=host,
+                        retry_after=_retry_after(response))
+    if status == 429:
+        return RateLimitExceeded(f"{during}: host refused the websocket upgrade with HTTP 429{detail}", host=host,
+                                 retry_after=_retry_after(response))
+    return ConnectionFailed(f"{during}: host answered HTTP {status} instead of a websocket upgrade{detail}",
+                            host=host, hint=_NOT_A_HOST_HINT if status in (400, 404, 405, 426) else None)
+
+
+def _translate_bad_response(exc: InvalidMessage, url: str, host: str, during: str) -> ConnectionFailed:
+    """An answer to the upgrade that websockets could not read as HTTP/1.1."""
+    cause = exc.__cause__ or exc.__context__
+    text = "" if cause is None else str(cause)
+    if "HTTP/" in text:
+        # A status line came back, only not one websockets takes (http.server answers HTTP/1.0):
+        # this server speaks http, but it is not a websocket endpoint.
+        status_line = text[text.rfind("HTTP/"):][:120]
+        return ConnectionFailed(f"{during}: host answered {status_line} instead of a websocket upgrade",
+                                host=host, hint=_NOT_A_HOST_HINT)
+    detail = f" ({_reason(cause)})" if cause is not None else ""
+    # No http at all (the connection closed, or bytes that are not http): a TLS port does that to
+    # a plain client.
+    return ConnectionFailed(f"{during}: {exc}{detail}", host=host,
+                            hint=_TLS_HINT if url.startswith("ws://") else None)
 
 
 class WebSocketClient:
@@ -211,7 +327,7 @@ class WebSocketClient:
             await self._abort()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # ours, not the kernel's ETIMEDOUT
                 limit = f"{self.config.connection_timeout:g} s"
                 why = ("the host accepted the websocket but sent no 'connected' greeting" if upgraded
                        else "the host accepted the tcp connection but did not answer the websocket handshake"

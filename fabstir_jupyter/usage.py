@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar, Un
 
 import platformdirs
 
-from .errors import FabstirError
+from .errors import InvalidOptions, LedgerClosed, LedgerUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -64,18 +64,6 @@ MEMORY = ":memory:"
 _MAX_BATCH = 10_000  # items drained from the queue into one transaction at most
 
 _T = TypeVar("_T")
-
-
-class LedgerClosed(FabstirError, RuntimeError):
-    """Raised when a closed :class:`UsageLedger` is asked to record or read."""
-
-    code = "LEDGER_CLOSED"
-
-
-class LedgerUnavailable(FabstirError, OSError):
-    """Raised when the ledger's database cannot be opened, or a read of it fails."""
-
-    code = "LEDGER_UNAVAILABLE"
 
 
 # --------------------------------------------------------------------------- the record
@@ -322,8 +310,9 @@ class UsageLedger:
             batch is then dropped and logged).
 
     Raises:
-        LedgerUnavailable: the database cannot be opened or created, or its schema is newer than
-            this package's.
+        LedgerUnavailable: the database cannot be opened, created or written (a read-only file is
+            found here, by a write that is rolled back), or its schema is newer than this package's.
+        InvalidOptions: ``path`` is empty.
     """
 
     def __init__(
@@ -336,6 +325,9 @@ class UsageLedger:
         if path is None:
             path = default_ledger_path()
         text = os.fspath(path)
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidOptions(f"usage ledger path must name a file or ':memory:', not {text!r}", field="path",
+                                 hint="pass None for the default ledger in the user's data directory")
         self._memory = text == MEMORY
         self._path = MEMORY if self._memory else str(Path(text).expanduser().absolute())
         self._timeout = timeout
@@ -595,10 +587,29 @@ class UsageLedger:
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
+            self._check_writable(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _check_writable(self, conn: sqlite3.Connection) -> None:
+        """Write once in a transaction that is rolled back, so a read-only file fails here, not on
+        every record later. Another process's lock is transient: it only delays the check."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            finally:
+                conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                logger.warning("usage ledger %s: locked by another process; not checked for writing", self._path)
+                return
+            raise LedgerUnavailable(
+                f"usage ledger {self._path}: cannot write: {exc}",
+                hint="make the file and its directory writable, or pass another path (':memory:' keeps no file)",
+            ) from exc
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:

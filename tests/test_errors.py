@@ -11,6 +11,7 @@ import pytest
 
 from fabstir_jupyter import errors
 from fabstir_jupyter.errors import (
+    CLIENT_ONLY_CODES,
     ERROR_CODES,
     AuthFailed,
     ConnectionFailed,
@@ -25,6 +26,8 @@ from fabstir_jupyter.errors import (
     InvalidInput,
     InvalidOptions,
     InvalidPrompt,
+    LedgerClosed,
+    LedgerUnavailable,
     ModelNotAvailable,
     ProtocolError,
     RateLimitExceeded,
@@ -93,6 +96,29 @@ def test_every_documented_code_maps_to_a_class_with_that_code(code: str) -> None
 def test_every_error_class_code_is_documented(code: str) -> None:
     """No code reaches users undocumented: every code in ERROR_CODES has a row in docs/protocol.md §9."""
     assert code in DOC_CODES, f"{code} is raised by the package but missing from docs/protocol.md §9"
+
+
+def test_documented_codes_are_exactly_the_package_codes() -> None:
+    """docs/protocol.md §9 lists exactly ERROR_CODES: the wire codes plus the client-only ledger codes."""
+    assert CLIENT_ONLY_CODES == {"LEDGER_UNAVAILABLE", "LEDGER_CLOSED"}
+    assert set(DOC_CODES) == set(ERROR_CODES)
+
+
+@pytest.mark.parametrize("code, cls", [("LEDGER_UNAVAILABLE", LedgerUnavailable), ("LEDGER_CLOSED", LedgerClosed)])
+def test_ledger_errors_live_in_the_tree_and_are_not_retryable(code: str, cls: type[FabstirError]) -> None:
+    """The ledger errors are FabstirErrors with their own codes, also the builtin a caller may expect."""
+    assert ERROR_CODES[code] is cls and cls.code == code and cls.retryable is False
+    assert issubclass(LedgerUnavailable, OSError) and issubclass(LedgerClosed, RuntimeError)
+    from fabstir_jupyter import usage
+
+    assert usage.LedgerUnavailable is LedgerUnavailable and usage.LedgerClosed is LedgerClosed
+
+
+@pytest.mark.parametrize("code", sorted(CLIENT_ONLY_CODES))
+def test_a_host_cannot_raise_client_only_codes(code: str) -> None:
+    """A host frame carrying a ledger code becomes a HostError keeping the code, not a local ledger error."""
+    error = error_from_code(code, "odd")
+    assert type(error) is HostError and error.code == code
 
 
 @pytest.mark.parametrize("code, cls", sorted(ERROR_CODES.items()))

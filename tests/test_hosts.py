@@ -124,6 +124,23 @@ def test_hosts_from_env_splits_on_commas_and_spaces():
     assert hosts_from_env({}) == []
 
 
+@pytest.mark.parametrize("value, entry", [
+    ("not a url!!", "not"),           # used to become http://not, http://a, http://url!!
+    ("http://a:1 url!!:2", "url!!"),  # a host name no resolver takes
+    ("http://a:1,ftp://b:2", "ftp://b:2"),
+    ("localhost", "localhost"),       # neither a scheme nor a port: not taken for port 80
+    ("h:99999", "h:99999"),
+])
+def test_hosts_from_env_refuses_unusable_entries_naming_the_variable(value, entry):
+    """Each FABSTIR_HOSTS entry must be a usable host url; the error names $FABSTIR_HOSTS, the entry
+    and the whole value, with a hint of the format."""
+    with pytest.raises(InvalidOptions) as info:
+        hosts_from_env({"FABSTIR_HOSTS": value})
+    message = info.value.message
+    assert message.startswith("$FABSTIR_HOSTS: ") and repr(entry) in message and repr(value) in message
+    assert info.value.field == "hosts" and "separated by commas or spaces" in info.value.hint
+
+
 def test_static_source_refuses_non_hosts():
     """A host list entry must be a URL or a HostInfo."""
     with pytest.raises(InvalidOptions):

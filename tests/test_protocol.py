@@ -85,7 +85,8 @@ def test_protocol_module_imports_no_io() -> None:
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "json", "math", "dataclasses", "typing", "urllib.parse", ".errors"}
+    assert imported <= {"__future__", "json", "math", "re", "ipaddress", "dataclasses", "typing", "urllib.parse",
+                        ".errors"}
 
 
 # --------------------------------------------------------------------------- URLs
@@ -112,6 +113,8 @@ def test_protocol_module_imports_no_io() -> None:
         ("localhost:8080", "ws://localhost:8080/v1/ws"),
         ("127.0.0.1:9000", "ws://127.0.0.1:9000/v1/ws"),
         ("  http://h:1  ", "ws://h:1/v1/ws"),
+        ("http://my_host-2.example.:1", "ws://my_host-2.example.:1/v1/ws"),
+        ("http://[fe80::1%25eth0]:1", "ws://[fe80::1%25eth0]:1/v1/ws"),
     ],
 )
 def test_client_derives_ws_url(url: str, expected: str) -> None:
@@ -137,7 +140,8 @@ def test_client_derives_http_url(url: str, expected: str) -> None:
 @pytest.mark.parametrize(
     "url",
     ["ftp://h:1", "file:///tmp/x", "unix://sock", "gopher://h", "", "   ", "http://", "ws://:1", "h:abc",
-     "http://h:99999", None, 123],
+     "http://h:99999", None, 123, "url!!", "http://url!!:1", "http://not a url", "ws://h$:1", "http://[::zz]:1",
+     "http://[::1"],
 )
 def test_client_rejects_bad_host_urls(url: Any) -> None:
     """A URL with another scheme, no host or a bad port is InvalidOptions, for both helpers."""

@@ -57,6 +57,42 @@ def test_broken_config_file_is_a_clear_error(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_bad_fabstir_hosts_is_refused_when_settings_load(tmp_path):
+    """FABSTIR_HOSTS="not a url!!" is refused by load_settings and FabstirSDK, naming the variable
+    (it used to become three hosts, failing only at the first request)."""
+    env = {"FABSTIR_HOSTS": "not a url!!"}
+    with pytest.raises(InvalidOptions) as info:
+        load_settings(environ=env, config_file=tmp_path / "none.json")
+    assert "$FABSTIR_HOSTS" in info.value.message and "'not a url!!'" in info.value.message
+
+
+@pytest.mark.parametrize("hosts, says", [
+    ("http://a:1 http://b:2", "must be a list of url strings"),
+    (["http://a:1", "http://bad host:2"], "invalid host name"),
+    ([1], "must be a list of url strings"),
+])
+def test_bad_hosts_in_the_config_file_name_the_file(tmp_path, hosts, says):
+    """The config file's hosts must be a list of usable urls; the error names the file."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"hosts": hosts}))
+    with pytest.raises(InvalidOptions) as info:
+        load_settings(environ={}, config_file=path)
+    assert str(path) in info.value.message and says in info.value.message and info.value.field == "hosts"
+
+
+def test_empty_usage_db_argument_is_refused(tmp_path):
+    """InferenceConfig(usage_db="") is refused when built, saying where it came from (it used to
+    resolve to the current directory)."""
+    from fabstir_jupyter.config import InferenceConfig
+
+    for value in ("", "  "):
+        with pytest.raises(InvalidOptions) as info:
+            InferenceConfig(usage_db=value)
+        assert info.value.field == "usage_db" and "InferenceConfig(usage_db=...)" in info.value.message
+    with pytest.raises(InvalidOptions):
+        FabstirSDK(hosts=["http://127.0.0.1:9"], config=InferenceConfig(usage_db=":memory:").replace(usage_db=""))
+
+
 def test_local_network_starts_hosts_and_stops_them_on_close():
     """FabstirSDK(local) registers scripted hosts on a local chain, infers through them, and stops them."""
     pytest.importorskip("eth_tester", reason="the local network needs eth-tester and py-evm (the 'chain' extra)")

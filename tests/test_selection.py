@@ -220,10 +220,45 @@ def test_errors_list_what_is_available():
     """No reachable host and an unserved model give coded errors naming what exists."""
     with pytest.raises(NoHostsAvailable) as exc:
         select_host([host("a", health="unreachable")], mode="cheapest")
-    assert "http://a:1" in str(exc.value)
+    assert "ws://a:1/v1/ws" in str(exc.value)  # the websocket url tried (it keeps a path)
     with pytest.raises(ModelNotAvailable) as exc:
         select_host([host("a", models=("alpha", "beta"))], HostRequirements(model="gamma"), mode="fastest")
     assert "alpha, beta" in str(exc.value)
+
+
+def test_busy_hosts_are_kept_for_when_nothing_else_fits():
+    """A busy host (HOST_BUSY at its last probe) is passed over while a free one fits, and chosen when it
+    is the only one: a refusal for load is not a reason to call the host unreachable."""
+    from fabstir_jupyter.errors import HostBusy
+
+    busy = host("busy", price=100, latency=5.0, stake=10000)  # the best on every factor
+    busy.record_error(HostBusy("connect: host refused the websocket upgrade with HTTP 503"))
+    free = host("free", price=90000, latency=4000.0)
+    assert busy.health == "busy" and busy.reachable
+    rng = random.Random(3)
+    assert {select_host([busy, free], rng=rng).api_url for _ in range(DRAWS)} == {free.api_url}
+    assert select_host([busy], rng=rng) is busy
+
+
+def test_no_usable_host_lists_reasons_bounded_with_a_shared_hint():
+    """Each unusable host is listed with its code and reason, the first five then a count; a hint
+    all of them share is kept, differing hints are not guessed between."""
+    from fabstir_jupyter.errors import ConnectionFailed
+
+    hosts = [host(f"h{i}", health="unreachable") for i in range(7)]
+    for h in hosts:
+        h.record_error(ConnectionFailed("connect: connection refused", hint="check the port"))
+    with pytest.raises(NoHostsAvailable) as info:
+        select_host(hosts)
+    message = info.value.message
+    assert message.startswith("none of 7 hosts is usable: ws://h0:1/v1/ws (CONNECTION_FAILED: connect: "
+                              "connection refused); ws://h1:1/v1/ws")
+    assert message.endswith("ws://h4:1/v1/ws (CONNECTION_FAILED: connect: connection refused); and 2 more")
+    assert info.value.hint == "check the port"
+    hosts[0].record_error(ConnectionFailed("connect: tls handshake failed (x)", hint="use ws://"))
+    with pytest.raises(NoHostsAvailable) as info:
+        select_host(hosts)
+    assert info.value.hint is None
 
 
 @pytest.mark.parametrize("mode", ["specific", "Fastest!", "", 3, True])

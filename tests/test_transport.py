@@ -74,6 +74,24 @@ def test_redact_url_drops_credentials_and_query():
     assert redact_url("wss://user:pw@h.example:8443/v1/ws?token=abc") == "wss://h.example:8443/v1/ws"
 
 
+def test_redact_url_keeps_ipv6_brackets():
+    """An IPv6 host prints as ws://[::1]:8196/v1/ws, not ws://::1:8196/v1/ws."""
+    assert redact_url("ws://[::1]:8196/v1/ws") == "ws://[::1]:8196/v1/ws"
+    assert redact_url("wss://u:p@[2001:db8::1]/v1/ws?t=1") == "wss://[2001:db8::1]/v1/ws"
+
+
+async def test_busy_upgrade_is_host_busy_with_the_hosts_words(start_host):
+    """An upgrade refused with 503 (the host's max_connections) is HOST_BUSY, retryable, quoting the host."""
+    from fabstir_jupyter.errors import HostBusy
+
+    host = await start_host(max_connections=1)
+    async with WebSocketClient(host.http_url, CONFIG):
+        with pytest.raises(HostBusy) as info:
+            await WebSocketClient(host.http_url, CONFIG).connect()
+    assert info.value.retryable
+    assert info.value.message == "connect: host refused the websocket upgrade with HTTP 503: too many connections"
+
+
 async def test_pool_reuses_idle_sockets(start_host):
     """A checked-in socket is handed out again."""
     host = await start_host()

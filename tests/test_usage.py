@@ -288,6 +288,104 @@ def test_ledger_refuses_newer_schema(tmp_path):
         UsageLedger(path)
 
 
+# A child process that opens a ledger the way a user without write permission would. Root writes
+# through file modes, so as root the child first drops the capabilities that allow it
+# (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER) from its bounding set before exec.
+_OPEN_LEDGER = """
+import json, sys, time
+from fabstir_jupyter.config import InferenceConfig
+from fabstir_jupyter.inference import InferenceManager
+from fabstir_jupyter.usage import UsageLedger, UsageRecord
+path = sys.argv[1]
+out = {}
+for name, build in (("ledger", lambda: UsageLedger(path)),
+                    ("manager", lambda: InferenceManager(["ws://127.0.0.1:9"], InferenceConfig(usage_db=path)))):
+    try:
+        built = build()
+    except Exception as exc:
+        out[name] = {"error": type(exc).__name__, "code": getattr(exc, "code", None), "message": str(exc),
+                     "hint": getattr(exc, "hint", None)}
+        continue
+    ledger = built if name == "ledger" else built.usage
+    ledger.record(UsageRecord(time=time.time(), request_id="r"))
+    ledger.flush()
+    out[name] = {"constructed": True, "dropped": ledger.dropped}
+    ledger.close()
+print(json.dumps(out))
+"""
+
+
+def _drop_write_override() -> None:
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            os._exit(77)
+
+
+def _open_without_write_permission(path: Path) -> dict:
+    import json
+    import os
+
+    as_root = os.geteuid() == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _OPEN_LEDGER, str(path)], capture_output=True, text=True,
+                          timeout=60, env=env, preexec_fn=_drop_write_override if as_root else None)
+    if proc.returncode == 77:
+        pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE: file modes do not bind root")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_read_only_ledger_is_refused_at_construction(tmp_path, what):
+    """An existing ledger that cannot be written (a read-only file, or a read-only directory for its WAL
+    files) raises LEDGER_UNAVAILABLE at construction, from UsageLedger and from InferenceManager,
+    naming the path; it was constructed, and every record then dropped with only a log line."""
+    folder = tmp_path / "ledgers"
+    folder.mkdir()
+    path = folder / "usage.sqlite3"
+    UsageLedger(path).close()
+    try:
+        (path if what == "file" else folder).chmod(0o444 if what == "file" else 0o555)
+        result = _open_without_write_permission(path)
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+    for name in ("ledger", "manager"):
+        error = result[name]
+        assert error.get("code") == "LEDGER_UNAVAILABLE", (name, error)
+        assert error["error"] == "LedgerUnavailable" and str(path) in error["message"]
+    if what == "file":
+        assert "cannot write" in result["ledger"]["message"] and "writable" in result["ledger"]["hint"]
+
+
+def test_memory_and_writable_ledgers_pass_the_write_check(tmp_path):
+    """':memory:' and a fresh or reopened file pass the construction-time write check, leaving no
+    trace: the schema version is unchanged and no row was added."""
+    path = tmp_path / "u.sqlite3"
+    for target in (":memory:", path, path):
+        with UsageLedger(target) as led:
+            assert led.records() == []
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("path", ["", "   "])
+def test_empty_ledger_path_is_invalid_options(tmp_path, monkeypatch, path):
+    """An empty path is refused (it used to resolve to the current directory)."""
+    from fabstir_jupyter.errors import InvalidOptions
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidOptions) as info:
+        UsageLedger(path)
+    assert info.value.field == "path" and "':memory:'" in info.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- SQLite details
 
 

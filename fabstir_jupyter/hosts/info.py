@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import protocol
-from ..errors import ModelNotAvailable
+from ..errors import FabstirError, HostBusy, ModelNotAvailable
 
 __all__ = ["HostInfo", "resolve_model"]
 
@@ -25,6 +26,11 @@ class HostInfo:
     ``health``, ``features`` and the request counters are measured by probes and by every real
     request. Prices are per model: ``{model_id: {"native": int, "stable": int}}`` in raw units with
     the registry's precision factor of 1000.
+
+    ``health`` is ``"unknown"`` (not probed), ``"ok"``, ``"busy"`` (alive, but refused the last
+    connection with ``HOST_BUSY``: still selectable, after the others) or ``"unreachable"``.
+    ``last_error`` keeps why the last probe or request to the host failed (``None`` after a success),
+    so "no host is usable" can say, per host, why.
     """
 
     api_url: str
@@ -36,12 +42,13 @@ class HostInfo:
     prices: dict[str, dict[str, int]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None
-    health: str = "unknown"  # unknown | ok | unreachable
+    health: str = "unknown"  # unknown | ok | busy | unreachable
     features: frozenset[str] = frozenset()
     version: str | None = None
     context_window: int | None = None
     requests: int = 0
     failures: int = 0
+    last_error: FabstirError | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.ws_url = protocol.ws_url(self.api_url)
@@ -73,16 +80,30 @@ class HostInfo:
             (1 - _LATENCY_SMOOTHING) * self.latency_ms + _LATENCY_SMOOTHING * sample
         )
 
-    def record_request(self, ok: bool, *, reachable: bool | None = True) -> None:
+    def record_request(self, ok: bool, *, reachable: bool | None = True, error: FabstirError | None = None) -> None:
         """Count one real request; a failed connection marks the host unreachable until it answers again.
 
-        ``reachable=None`` (a connection that broke mid-way) leaves the health as it was.
+        ``reachable=None`` (a connection that broke mid-way) leaves the health as it was. ``error``
+        (why a failed request failed) becomes :attr:`last_error`; a ``HostBusy`` error marks the host
+        ``"busy"``.
         """
         self.requests += 1
         if not ok:
             self.failures += 1
         if reachable is not None:
             self.health = "ok" if reachable else "unreachable"
+        if ok or error is not None:
+            self.record_error(error if not ok else None)
+
+    def record_error(self, error: FabstirError | None) -> None:
+        """Keep ``error`` as :attr:`last_error` (``None`` clears it); ``HostBusy`` marks the host busy.
+
+        A copy is kept, without the traceback and foreign cause, so a host record holds no frames
+        or sockets alive.
+        """
+        self.last_error = None if error is None else copy.copy(error)
+        if isinstance(error, HostBusy):
+            self.health = "busy"
 
     def adopt_served_models(self, ids: list[str], names: dict[str, str]) -> None:
         """Take the model ids the host itself lists (``/v1/models``), keeping registry names working.

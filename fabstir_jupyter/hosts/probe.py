@@ -17,7 +17,7 @@ import httpx
 
 from .. import _compat
 from ..config import InferenceConfig
-from ..errors import AuthFailed, FabstirError
+from ..errors import AuthFailed, ConnectionFailed, FabstirError, HostBusy
 from ..transport import WebSocketClient, redact_url
 from .info import HostInfo
 
@@ -112,7 +112,10 @@ class HostProber:
     async def ping(self, host: HostInfo) -> float | None:
         """Time a WebSocket open up to the ``connected`` greeting; update the host; return seconds.
 
-        Returns ``None`` (and marks the host unreachable) when it does not answer within the timeout.
+        On failure returns ``None`` and keeps the error in ``host.last_error``. The host is marked
+        ``"unreachable"``, except when it is alive but refused: ``HOST_BUSY`` marks it ``"busy"``
+        (still selectable), and a refused token or an untrusted certificate leave it selectable so
+        the request itself raises the error that says what to fix.
         """
         async with self._limit:
             client = WebSocketClient(host.ws_url, self.config.replace(connection_timeout=self.timeout),
@@ -120,20 +123,24 @@ class HostProber:
             try:
                 async with _compat.timeout(self.timeout):
                     await client.connect()
-            except (FabstirError, asyncio.TimeoutError) as exc:
-                if isinstance(exc, AuthFailed) or isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-                    # alive, but refuses our token or we refuse its certificate: leave it selectable so
-                    # the request itself raises the error that says what to fix
-                    logger.info("host %s is up but not usable: %s", redact_url(host.ws_url), exc)
-                    return None
-                logger.info("host %s unreachable: %s", redact_url(host.ws_url), exc)
-                host.health = "unreachable"
+            except (FabstirError, asyncio.TimeoutError) as caught:
+                error = caught if isinstance(caught, FabstirError) else ConnectionFailed(
+                    f"connect: no websocket greeting within {self.timeout:g} s", host=redact_url(host.ws_url))
+                host.record_error(error)
+                if isinstance(error, HostBusy):
+                    logger.info("host %s is busy: %s", redact_url(host.ws_url), error)
+                elif isinstance(error, AuthFailed) or isinstance(error.__cause__, ssl.SSLCertVerificationError):
+                    logger.info("host %s is up but not usable: %s", redact_url(host.ws_url), error)
+                else:
+                    logger.info("host %s unreachable: %s", redact_url(host.ws_url), error)
+                    host.health = "unreachable"
                 return None
             finally:
                 await client.close()
         assert client.connected_latency is not None
         host.record_latency(client.connected_latency)
         host.health = "ok"
+        host.record_error(None)
         return client.connected_latency
 
     async def probe(self, host: HostInfo) -> HostInfo:

@@ -3,8 +3,9 @@
 Selection runs in three steps (spec/PROTOCOL.md §9):
 
 1. **Filter** (:func:`eligible_hosts`): unreachable hosts, hosts that do not serve the model, and
-   hosts below ``min_stake`` or above ``max_latency`` are dropped. When nothing is left, the error
-   lists what is available.
+   hosts below ``min_stake`` or above ``max_latency`` are dropped; busy hosts are kept only when
+   nothing else is left. When nothing is left, the error lists what is available, or each host
+   with the reason it is not usable (its ``last_error``).
 2. **Score** (:func:`score_host`): ``w_stake·stake + w_price·price + w_uptime·uptime +
    w_latency·latency`` with the production SDK's weights per mode (:data:`MODE_WEIGHTS`), each factor
    in [0, 1] (:func:`score_factors`):
@@ -43,6 +44,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from ..config import SELECTION_MODES, HostRequirements, validate_mode
 from ..errors import ModelNotAvailable, NoHostsAvailable
+from ..transport import redact_url
 from .info import HostInfo, resolve_model
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "ModeWeights",
     "ScoreFactors",
     "eligible_hosts",
+    "no_usable_host",
     "rank_hosts",
     "score_factors",
     "score_host",
@@ -108,6 +111,30 @@ CLEAR_MARGIN = 0.05
 PICK_TEMPERATURE = 0.02
 
 
+#: Unusable hosts named, each with its reason, in a NO_HOSTS_AVAILABLE message.
+LISTED_UNUSABLE_HOSTS = 5
+
+
+def _why_unusable(host: HostInfo) -> str:
+    error = host.last_error
+    reason = "marked unreachable" if error is None else f"{error.code}: {error.message}"
+    return f"{redact_url(host.ws_url)} ({reason})"
+
+
+def no_usable_host(hosts: Sequence[HostInfo]) -> NoHostsAvailable:
+    """Build the error for hosts none of which is usable, naming each (the first few) and why.
+
+    The hint is the hosts' own when they all give the same one (a wrong scheme, say).
+    """
+    shown = "; ".join(_why_unusable(h) for h in hosts[:LISTED_UNUSABLE_HOSTS])
+    more = len(hosts) - LISTED_UNUSABLE_HOSTS
+    if more > 0:
+        shown += f"; and {more} more"
+    message = f"no usable host: {shown}" if len(hosts) == 1 else f"none of {len(hosts)} hosts is usable: {shown}"
+    hints = {h.last_error.hint for h in hosts if h.last_error is not None}
+    return NoHostsAvailable(message, hint=hints.pop() if len(hints) == 1 else None)
+
+
 def _serves(host: HostInfo, model: str | None) -> bool:
     if model is None or not host.models:
         return True
@@ -121,8 +148,11 @@ def _serves(host: HostInfo, model: str | None) -> bool:
 def eligible_hosts(hosts: Iterable[HostInfo], requirements: HostRequirements) -> list[HostInfo]:
     """Return the hosts that satisfy every hard requirement.
 
+    Busy hosts are returned only when no other host fits.
+
     Raises:
-        NoHostsAvailable: no host is known or reachable (the message lists the unreachable ones).
+        NoHostsAvailable: no host is known or reachable (the message names the first
+            :data:`LISTED_UNUSABLE_HOSTS` hosts, each with why it is not usable).
         ModelNotAvailable: hosts are reachable but none serves the model (the message lists models).
     """
     known = list(hosts)
@@ -130,9 +160,7 @@ def eligible_hosts(hosts: Iterable[HostInfo], requirements: HostRequirements) ->
         raise NoHostsAvailable("no hosts are known", hint="pass hosts=[...] or set FABSTIR_HOSTS")
     reachable = [h for h in known if h.reachable]
     if not reachable:
-        raise NoHostsAvailable(
-            f"none of {len(known)} hosts is reachable: {', '.join(h.api_url for h in known[:5])}"
-        )
+        raise no_usable_host(known)
     serving = [h for h in reachable if _serves(h, requirements.model)]
     if not serving:
         models = sorted({m for h in reachable for m in h.models})
@@ -147,7 +175,8 @@ def eligible_hosts(hosts: Iterable[HostInfo], requirements: HostRequirements) ->
             f"{len(serving)} hosts serve the model but none meets min_stake={requirements.min_stake} "
             f"and max_latency={requirements.max_latency} ms"
         )
-    return fitting
+    ready = [h for h in fitting if h.health != "busy"]
+    return ready or fitting
 
 
 def stable_price(host: HostInfo, model: str | None = None) -> int | None:

@@ -119,8 +119,8 @@ class FabstirMagics(Magics):
     update_interval = Float(0.05, help="Seconds between updates of a live output.").tag(config=True)
     default_format = Enum(FORMATS, "markdown", help="Final rendering when a cell gives no --format.").tag(config=True)
     usage_db = Unicode(None, allow_none=True,
-                       help="Usage ledger file (None: $FABSTIR_USAGE_DB, else the user's data dir; ':memory:' "
-                            "keeps it in memory).").tag(config=True)
+                       help="Usage ledger file (None: $FABSTIR_USAGE_DB, the config file's usage_db, else the "
+                            "user's data dir; ':memory:' keeps it in memory).").tag(config=True)
 
     def __init__(self, shell: Any = None, bridge: NotebookBridge | None = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -134,6 +134,35 @@ class FabstirMagics(Magics):
         if not 0 <= value <= 10:
             raise TraitError(f"update_interval must be between 0 and 10 seconds, not {value!r}")
         return value
+
+    # Validated when set (by %config, ipython_config.py or %fabstir config), so a bad value is
+    # refused where it was typed instead of failing a later cell.
+
+    @validate("max_tokens")
+    def _check_max_tokens(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        if value is not None and value < 1:
+            raise TraitError(f"FabstirMagics.max_tokens must be an integer >= 1 (or None), not {value!r}")
+        return value
+
+    @validate("hosts")
+    def _check_hosts(self, proposal: Any) -> list[str]:
+        from ..protocol import ws_url
+
+        for url in proposal["value"]:
+            try:
+                ws_url(url)
+            except InvalidOptions as exc:
+                raise TraitError(f"FabstirMagics.hosts: {exc.message}") from None
+        return proposal["value"]
+
+    @validate("usage_db")
+    def _check_usage_db(self, proposal: Any) -> str | None:
+        value = proposal["value"]
+        if value is not None and not value.strip():
+            raise TraitError(f"FabstirMagics.usage_db must be a file path or ':memory:' (None for the default), "
+                             f"not {value!r}")
+        return value  # type: ignore[no-any-return]
 
     @property
     def bridge(self) -> NotebookBridge:
@@ -168,16 +197,40 @@ class FabstirMagics(Magics):
         if value is None:
             return None
         try:
-            return int(value)
+            number = int(value)
         except (TypeError, ValueError):
-            raise InvalidOptions(f"max_tokens from {source} must be an integer, not {value!r}",
-                                 field="max_tokens") from None
+            number = 0
+        if isinstance(value, bool) or number < 1:
+            raise InvalidOptions(f"max_tokens from {source} must be an integer >= 1, not {value!r}",
+                                 field="max_tokens")
+        return number
+
+    def _usage_db(self) -> str | None:
+        """The ledger path: ``%config``, ``$FABSTIR_USAGE_DB``, the config file; ``None`` for the default.
+
+        Raises:
+            InvalidOptions: an empty path, naming where it came from.
+        """
+        from ..config import validate_usage_db
+
+        value, source = self._resolved("usage_db")
+        if source == "default" and _config_file_settings().get("usage_db") is not None:
+            # "" in the file is a mistake to report, not a way to say "unset" (null is that)
+            value, source = _config_file_settings()["usage_db"], "config file"
+        if source == "config file":
+            from ..sdk import _config_file
+
+            source = f"config file {_config_file()}"
+        return validate_usage_db(value, source)  # type: ignore[no-any-return]
 
     def network_settings(self, network: str | None = None) -> NetworkSettings:
-        """The SDK settings from the traitlets (``network`` overrides the network for one cell)."""
-        usage_db = self.usage_db or os.environ.get(_ENV["usage_db"]) or None
+        """The SDK settings from the traitlets (``network`` overrides the network for one cell).
+
+        Raises:
+            InvalidOptions: an unusable ``usage_db`` (the message says where it came from).
+        """
         return NetworkSettings(network=network or self.network, hosts=tuple(self.hosts),
-                               local_backend=self.local_backend, usage_db=usage_db)
+                               local_backend=self.local_backend, usage_db=self._usage_db())
 
     # ------------------------------------------------------------------ the magic
 

@@ -613,6 +613,79 @@ def test_settings_precedence_option_then_config_then_env_then_file(ip, monkeypat
     assert ip.user_ns["r"].usage.received_tokens == 5
 
 
+def test_bad_settings_are_refused_when_set(ip, capsys, caplog):
+    """%config and %fabstir config validate when set: max_tokens < 1, an empty usage_db and host
+    entries that are not urls are refused where typed, and the previous values stay (they used to be
+    accepted and fail a later cell)."""
+    magics = ip.magics_manager.registry["FabstirMagics"]
+    hosts = list(magics.hosts)
+    ip.run_line_magic("config", "FabstirMagics.max_tokens = -5")
+    ip.run_line_magic("config", "FabstirMagics.usage_db = ''")
+    ip.run_line_magic("config", "FabstirMagics.hosts = ['not a url!!']")
+    assert (magics.max_tokens, magics.usage_db, magics.hosts) == (None, ":memory:", hosts)
+    logged = caplog.text
+    assert "FabstirMagics.max_tokens must be an integer >= 1 (or None), not -5" in logged
+    assert "FabstirMagics.usage_db must be a file path or ':memory:'" in logged
+    assert "FabstirMagics.hosts: host url 'not a url!!' has an invalid host name" in logged
+    capsys.readouterr()
+    for line, says in (("max_tokens -7", "max_tokens must be an integer >= 1 (or None), not -7"),
+                       ("max_tokens 0", "not 0"),
+                       ("usage_db ''", "usage_db must be a file path"),
+                       ("hosts not a url!!", "host url 'url!!' has an invalid host name")):
+        ip.run_line_magic("fabstir", f"config {line}")
+        error = one_line_error(capsys)
+        assert error.startswith(f"UsageError: %fabstir config {line.split()[0]}: ") and says in error, error
+    assert (magics.max_tokens, magics.usage_db, magics.hosts) == (None, ":memory:", hosts)
+    cell(ip, "--max-tokens 2 --out r")
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 2)
+
+
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_bad_max_tokens_from_env_or_file_names_its_source(ip, monkeypatch, isolated_env, capsys, where):
+    """FABSTIR_MAX_TOKENS=-3 or max_tokens 0 in the config file: the cell prints one coded line saying
+    where the value came from, and nothing is sent."""
+    if where == "env":
+        monkeypatch.setenv("FABSTIR_MAX_TOKENS", "-3")
+        source, shown = "$FABSTIR_MAX_TOKENS", "'-3'"
+    else:
+        config_dir = isolated_env / "config" / "fabstir-jupyter"
+        config_dir.mkdir(parents=True)
+        (config_dir / "config.json").write_text(json.dumps({"max_tokens": 0}))
+        source, shown = "config file", "0"
+    cell(ip, "--out r")
+    assert one_line_error(capsys) == (
+        f"FabstirError [INVALID_OPTIONS]: max_tokens from {source} must be an integer >= 1, not {shown}")
+    assert "r" not in ip.user_ns
+
+
+def test_empty_usage_db_in_the_config_file_is_named(make_shell, host, isolated_env, capsys):
+    """usage_db "" in config.json is refused naming the file (it used to fall back silently); a
+    cell prints one coded line."""
+    config_dir = isolated_env / "config" / "fabstir-jupyter"
+    config_dir.mkdir(parents=True)
+    (config_dir / "config.json").write_text(json.dumps({"usage_db": ""}))
+    config = Config()
+    config.FabstirMagics.usage_db = None
+    ip = make_shell(config)
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{host.ws_url!r}]")
+    cell(ip, "--max-tokens 2 --out r")
+    error = one_line_error(capsys)
+    assert error.startswith("FabstirError [INVALID_OPTIONS]: usage_db from config file ")
+    assert str(config_dir / "config.json") in error and "not ''" in error
+    assert "r" not in ip.user_ns
+
+
+def test_bad_fabstir_hosts_is_one_line_naming_the_variable(make_shell, monkeypatch, capsys):
+    """FABSTIR_HOSTS="not a url!!" is one coded line naming $FABSTIR_HOSTS and the value (it used to
+    become the three hosts http://not, http://a and http://url!!)."""
+    monkeypatch.setenv("FABSTIR_HOSTS", "not a url!!")
+    ip = make_shell()
+    cell(ip, "--max-tokens 2")
+    error = one_line_error(capsys)
+    assert error.startswith("FabstirError [INVALID_OPTIONS]: $FABSTIR_HOSTS: ") and "'not a url!!'" in error
+    assert "(hint: FABSTIR_HOSTS holds host urls" in error
+
+
 def test_ipython_config_reaches_the_magics(make_shell, host):
     """Values from the shell's config (ipython_config.py) apply when the extension loads."""
     config = Config()
