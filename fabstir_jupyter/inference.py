@@ -429,8 +429,9 @@ class InferenceStream:
             return False
         self._pinned_misses += 1
         gives_up = self._pinned_misses > 1 or elapsed >= self._manager.config.connection_timeout / 2
-        if gives_up and exc.hint is None:
-            exc.hint = "the host is pinned (host=, --host), so no other host was tried"
+        if gives_up:
+            pinned = "the host is pinned (host=, --host), so no other host was tried"
+            exc.hint = pinned if exc.hint is None else f"{exc.hint}; {pinned}"
         return gives_up
 
     async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:

@@ -149,7 +149,11 @@ class HostProber:
         return host
 
     async def aclose(self) -> None:
-        """Close the HTTP client; idempotent."""
+        """Stop the description reads still running, close the HTTP client; idempotent."""
+        running = [task for task in self._described.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
         building, self._http_building = self._http_building, None
         if self._http is None and building is not None:
             with contextlib.suppress(Exception):
