@@ -49,16 +49,33 @@ MODELS = [
 REGIONS = ["us-east-1", "us-west-2", "eu-west-1", "ap-southeast-1"]
 
 
+AGGREGATE3_SELECTOR = "0x82ad56cb"  # aggregate3((address,bool,bytes)[])
+
+
+def contract_calls(method: Any, params: Any) -> int:
+    """The contract calls one JSON-RPC request makes: each call inside an ``aggregate3``, else 1."""
+    if method != "eth_call" or not params or not isinstance(params[0], dict):
+        return 0
+    data = params[0].get("data") or params[0].get("input") or "0x"
+    if not data.startswith(AGGREGATE3_SELECTOR):
+        return 1
+    from eth_abi import decode
+
+    return len(decode(["(address,bool,bytes)[]"], bytes.fromhex(data[len(AGGREGATE3_SELECTOR):]))[0])
+
+
 class DelayedProvider:
     """A provider that waits ``delay`` seconds before each request or batch (one round trip each).
 
-    It also records each round trip's requests and the seconds the chain took to answer them.
+    It also records each round trip's requests and the seconds the chain took to answer them, and
+    counts the contract calls made (:func:`contract_calls`).
     """
 
     def __init__(self, inner: Any, delay: float) -> None:
         self.inner = inner
         self.delay = delay
         self.trips: list[tuple[int, float]] = []
+        self.calls = 0
 
     def _timed(self, count: int, fn: Any, *args: Any) -> Any:
         time.sleep(self.delay)
@@ -69,9 +86,11 @@ class DelayedProvider:
             self.trips.append((count, time.perf_counter() - start))
 
     def make_request(self, method: Any, params: Any) -> Any:
+        self.calls += contract_calls(method, params)
         return self._timed(1, self.inner.make_request, method, params)
 
     def make_batch_request(self, requests: Any) -> Any:
+        self.calls += sum(contract_calls(method, params) for method, params in requests)
         return self._timed(len(requests), self.inner.make_batch_request, requests)
 
 
@@ -96,7 +115,7 @@ def register(chain: LocalChain, count: int) -> float:
 async def measure(
     source: ChainRegistrySource, provider: DelayedProvider, label: str, how: str
 ) -> tuple[float, int, int, int]:
-    calls, requests = source.rpc_calls, source.rpc_requests
+    calls, requests, inner = source.rpc_calls, source.rpc_requests, provider.calls
     provider.trips.clear()
     start = time.perf_counter()
     if how == "batched":
@@ -104,10 +123,10 @@ async def measure(
     else:
         hosts = await source.sequential_discover(full=how == "full")
     elapsed = time.perf_counter() - start
-    trips, reqs = source.rpc_calls - calls, source.rpc_requests - requests
+    trips, reqs, contract = source.rpc_calls - calls, source.rpc_requests - requests, provider.calls - inner
     evm = sum(seconds for _count, seconds in provider.trips)
-    print(f"  {label:<38} {elapsed:7.2f} s  {trips:5d} round trips  {reqs:4d} eth_calls  {len(hosts)} hosts"
-          f"  (chain busy {evm:.2f} s)", flush=True)
+    print(f"  {label:<38} {elapsed:7.2f} s  {trips:5d} round trips  {reqs:4d} eth_calls"
+          f"  {contract:5d} contract calls  {len(hosts)} hosts  (chain busy {evm:.2f} s)", flush=True)
     if how == "batched":
         steps = "; ".join(
             f"{count} eth_call{'s' if count > 1 else ''} in {seconds:.2f} s" for count, seconds in provider.trips
