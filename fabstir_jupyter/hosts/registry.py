@@ -16,6 +16,11 @@ step 3 only names the models and every model gets the node's minimum prices (wha
 SDK reads). :meth:`sequential_discover` is the naive 1 + N reading (what the production
 TypeScript SDK does), kept for comparison.
 
+The calls and their output types are production's (spec/PROTOCOL.md §8, spec/production-abi.txt):
+``getModel`` returns one struct, which ABI-encodes with an offset word before its members, and an
+answer that is not that struct's canonical encoding (six flat values, say) is rejected, never
+misread.
+
 Discovery is lenient: metadata that is not a JSON object, a reverting call or an unusable node is
 logged and skipped or flagged, never fatal. Flags go into ``HostInfo.metadata``:
 ``_invalid_metadata`` and ``_public_key_mismatch`` (the published ``publicKey`` does not derive
@@ -67,7 +72,7 @@ NODE_REGISTRY_SIGNATURES: dict[str, tuple[str, ...]] = {
 MODEL_REGISTRY_SIGNATURES: dict[str, tuple[str, ...]] = {
     "getModelId(string,string)": ("bytes32",),
     "getAllModels()": ("bytes32[]",),
-    "getModel(bytes32)": ("string", "string", "bytes32", "uint256", "bool", "uint256"),
+    "getModel(bytes32)": ("(string,string,bytes32,uint256,bool,uint256)",),  # one struct
 }
 AGGREGATE3 = "aggregate3((address,bool,bytes)[])"
 
@@ -79,7 +84,7 @@ ZERO_ADDRESS = NATIVE_TOKEN
 # eth-abi decodes "string" strictly as UTF-8; "bytes" has the same encoding, so decode that and
 # replace bad bytes ourselves: a host's odd metadata must not break discovery.
 _FULL_INFO_TYPES = ["address", "uint256", "bool", "bytes", "bytes", "bytes32[]", "uint256", "uint256"]
-_MODEL_TYPES = ["bytes", "bytes", "bytes32", "uint256", "bool", "uint256"]
+_MODEL_TYPES = ["(bytes,bytes,bytes32,uint256,bool,uint256)"]
 
 
 def _selector(signature: str) -> bytes:
@@ -169,9 +174,17 @@ def _decode_full_info(data: bytes) -> NodeRecord:
 
 
 def _decode_model(data: bytes) -> ModelRecord:
-    from eth_abi import decode
+    """Decode a ``getModel`` answer: one struct, as production encodes it.
 
-    repo, file_name, _sha, _tier, active, _ts = decode(_MODEL_TYPES, data)
+    Raises:
+        ValueError: ``data`` is not the canonical encoding of that struct (six flat values, say).
+    """
+    from eth_abi import decode, encode
+
+    (model,) = decode(_MODEL_TYPES, data)
+    if encode(_MODEL_TYPES, [model]) != data:  # a decoding that would not give these bytes back
+        raise ValueError("getModel answer is not one (string,string,bytes32,uint256,bool,uint256) struct")
+    repo, file_name, _sha, _tier, active, _ts = model
     return ModelRecord(repo.decode("utf-8", errors="replace"), file_name.decode("utf-8", errors="replace"), active)
 
 
@@ -620,6 +633,11 @@ class ChainRegistrySource:
             record = self._decoded(answer, _decode_model)
             if record is not None:
                 models[mid] = record
+            elif answer is not None:
+                self._warn(
+                    f"model registry {self.addresses['model_registry']}: getModel answers do not decode as "
+                    "production's struct; those models are named by their ids"
+                )
         hosts = [build_host(record, prices=prices, models=models, warn=self._warn) for record in records]
         return [h for h in hosts if h is not None]
 
