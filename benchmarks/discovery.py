@@ -1,12 +1,14 @@
 """Discovery of many registered hosts: batched (Multicall3) vs 1 + N sequential calls.
 
 A local chain (py-evm in process, :class:`fabstir_jupyter.local.chain.LocalChain`) gets ``--hosts``
-hosts registered (default 500), each with its own account, stake, region, one or two models and
-per-model prices. Then, with :class:`fabstir_jupyter.hosts.registry.ChainRegistrySource`:
+hosts registered (default 500) the production way (FAB approve, registerNode, stake,
+setModelTokenPricing per model and token), each with its own account, stake, region, one or two
+models and per-model prices. Then, with :class:`fabstir_jupyter.hosts.registry.ChainRegistrySource`:
 
-* batched: ``discover()``: getAllActiveNodes, then every getNodeFullInfo, then every
-  getModelPricing (native and stable) and ModelRegistry getModel, through chunked ``aggregate3``
-  calls whose chunks share one JSON-RPC batch: three round trips whatever the host count;
+* batched: ``discover()``: getAllActiveNodes, then every getNodeFullInfo, then getHostModelPrices
+  per host in the native and the stable token and ModelRegistry getModel per model, through
+  chunked ``aggregate3`` calls whose chunks share one JSON-RPC batch: three round trips whatever
+  the host count;
 * batched without prices: ``discover()`` with ``read_prices=False``: the same reads as the
   sequential run (full info, minimum prices) plus the model names, in three round trips;
 * sequential: ``sequential_discover()``: getAllActiveNodes then one getNodeFullInfo per host, one
@@ -14,17 +16,19 @@ per-model prices. Then, with :class:`fabstir_jupyter.hosts.registry.ChainRegistr
   (no per-model prices, no model names), so that comparison favours it.
 
 Both run as they are, then again over a provider that sleeps ``--delay-ms`` (default 50 ms) per
-request, a batch counting as one request (a public RPC endpoint's round trip).
+request, a batch counting as one request (a public RPC endpoint's round trip). Each line counts
+round trips, JSON-RPC requests ("eth_calls") and contract calls (each call inside an
+``aggregate3`` counts: the work the node does).
 
 Targets: at most 3 round trips for batched discovery whatever the host count; batched at least
 10x faster than sequential.
 
 With ``--full`` it also times the batched run's exact reads made one call per round trip
-(1 + N + 2 per (host, model) + 1 per model): the same information, unbatched.
+(1 + N + 2 per host + 1 per model): the same information, unbatched.
 
 Run:  python benchmarks/discovery.py [--hosts 500] [--delay-ms 50] [--chunk-size 256] [--full]
-      (about 1.5 minutes with the defaults on 2 cores, registering ~50 ms a host; --full adds
-      about 2 minutes)
+      (about 2.5 minutes with the defaults on 2 cores, registering ~0.2 s a host; --full adds
+      about 1 minute)
 """
 
 from __future__ import annotations
@@ -139,7 +143,8 @@ async def run(args: argparse.Namespace) -> int:
     chain = LocalChain(seed=7)
     print(f"registering {args.hosts} hosts on the local chain ...", flush=True)
     took = register(chain, args.hosts)
-    print(f"  {took:.1f} s ({took / max(args.hosts, 1) * 1000:.0f} ms a host: fund + registerNode)")
+    print(f"  {took:.1f} s ({took / max(args.hosts, 1) * 1000:.0f} ms a host: fund, FAB mint + approve, "
+          "registerNode, stake, setModelTokenPricing)")
 
     ok = True
     for delay in ([0.0] + ([args.delay_ms / 1000] if args.delay_ms > 0 else [])):

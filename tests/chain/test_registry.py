@@ -140,15 +140,18 @@ async def _round_trips(chain: LocalChain, **options) -> tuple[int, int, int]:
 
 
 async def test_round_trips_stay_three_from_3_to_40_hosts(chain):
-    """Discovery costs 3 round trips with 3 hosts and with 40, also when chunks split the calls."""
+    """Discovery costs 3 round trips with 3 hosts and with 40, also when chunks split the calls.
+
+    Step 3 makes one getHostModelPrices per host and token (not one getModelPricing per model).
+    """
     for i in range(3):
         chain.register_host(f"http://127.0.0.1:{9000 + i}", models=[TINY_VICUNA, SMOLLM], prices=(1, 2))
     assert await _round_trips(chain) == (3, 3, 3)
     for i in range(3, 40):
         chain.register_host(f"http://127.0.0.1:{9000 + i}", models=[TINY_VICUNA, SMOLLM], prices=(1, 2))
     assert await _round_trips(chain) == (3, 3, 40)
-    # 40 getNodeFullInfo in 6 chunks of 7; 160 prices + 2 models in 24 chunks: still one round trip each
-    assert await _round_trips(chain, chunk_size=7) == (3, 1 + 6 + 24, 40)
+    # 40 getNodeFullInfo in 6 chunks of 7; 80 host price lists + 2 models in 12 chunks: still one round trip each
+    assert await _round_trips(chain, chunk_size=7) == (3, 1 + 6 + 12, 40)
 
 
 async def test_round_trips_stay_three_without_a_multicall(three_hosts):
@@ -158,7 +161,8 @@ async def test_round_trips_stay_three_without_a_multicall(three_hosts):
     source = ChainRegistrySource(chain.provider, addresses)
     with_multicall = await ChainRegistrySource(chain.provider, chain.addresses).discover()
     assert [_view(h) for h in await source.discover()] == [_view(h) for h in with_multicall]
-    assert source.rpc_calls == 3 and source.rpc_requests == 1 + 3 + 8 + 2
+    # getAllActiveNodes, 3 getNodeFullInfo, 3 hosts x 2 tokens getHostModelPrices, 2 getModel
+    assert source.rpc_calls == 3 and source.rpc_requests == 1 + 3 + 6 + 2
 
 
 async def test_a_provider_without_batches_gets_one_request_per_chunk(three_hosts):
@@ -166,7 +170,7 @@ async def test_a_provider_without_batches_gets_one_request_per_chunk(three_hosts
     chain, _hosts = three_hosts
     source = ChainRegistrySource(CountingProvider(chain.provider, batches=False), chain.addresses, chunk_size=4)
     assert len(await source.discover()) == 3
-    assert source.rpc_calls == source.rpc_requests == 1 + 1 + 3  # 3 infos; 8 prices + 2 models in 3 chunks
+    assert source.rpc_calls == source.rpc_requests == 1 + 1 + 2  # 3 infos; 6 price lists + 2 models in 2 chunks
 
 
 async def test_rpc_runs_off_the_event_loop(three_hosts):
@@ -195,7 +199,7 @@ async def test_full_sequential_discover_equals_discover(three_hosts):
     batched = [_view(h) for h in await source.discover()]
     before = source.rpc_calls
     assert [_view(h) for h in await source.sequential_discover(full=True)] == batched
-    assert source.rpc_calls - before == 1 + 3 + 2 * 4 + 2
+    assert source.rpc_calls - before == 1 + 3 + 2 * 3 + 2
 
 
 async def test_without_price_reads_models_get_the_minimum_prices(three_hosts):
@@ -382,3 +386,19 @@ async def test_flat_get_model_answers_name_models_by_id_never_garbage(three_host
     assert provider.rewritten == 2
     assert second.models == (model_id(*TINY_VICUNA), model_id(*SMOLLM)) and second.model_names == {}
     assert caplog.text.count("getModel answers do not decode as production's struct") == 1
+
+
+async def test_a_failing_price_list_falls_back_to_the_minimum_prices(three_hosts, caplog):
+    """Where getHostModelPrices reverts (an older registry), a node's minimum prices stand in, with a warning."""
+    chain, _hosts = three_hosts
+
+    def revert(response):
+        return {"jsonrpc": "2.0", "id": response.get("id"), "error": {"code": 3, "message": "execution reverted"}}
+
+    provider = RewritingProvider(chain.provider, "getHostModelPrices(address,address)", revert)
+    addresses = {k: v for k, v in chain.addresses.items() if k != "multicall"}
+    with caplog.at_level(logging.WARNING, logger="fabstir_jupyter.hosts.registry"):
+        hosts = await ChainRegistrySource(provider, addresses).discover()
+    assert provider.rewritten == 6
+    assert hosts[1].prices == {TV_FILE: {"native": 500, "stable": 300}, SM_FILE: {"native": 500, "stable": 300}}
+    assert "getHostModelPrices failed for 6 of 6 (node, token) reads" in caplog.text
