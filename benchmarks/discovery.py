@@ -1,12 +1,14 @@
 """Discovery of many registered hosts: batched (Multicall3) vs 1 + N sequential calls.
 
 A local chain (py-evm in process, :class:`fabstir_jupyter.local.chain.LocalChain`) gets ``--hosts``
-hosts registered (default 500), each with its own account, stake, region, one or two models and
-per-model prices. Then, with :class:`fabstir_jupyter.hosts.registry.ChainRegistrySource`:
+hosts registered (default 500) the production way (FAB approve, registerNode, stake,
+setModelTokenPricing per model and token), each with its own account, stake, region, one or two
+models and per-model prices. Then, with :class:`fabstir_jupyter.hosts.registry.ChainRegistrySource`:
 
-* batched: ``discover()``: getAllActiveNodes, then every getNodeFullInfo, then every
-  getModelPricing (native and stable) and ModelRegistry getModel, through chunked ``aggregate3``
-  calls whose chunks share one JSON-RPC batch: three round trips whatever the host count;
+* batched: ``discover()``: getAllActiveNodes, then every getNodeFullInfo, then getHostModelPrices
+  per host in the native and the stable token and ModelRegistry getModel per model, through
+  chunked ``aggregate3`` calls whose chunks share one JSON-RPC batch: three round trips whatever
+  the host count;
 * batched without prices: ``discover()`` with ``read_prices=False``: the same reads as the
   sequential run (full info, minimum prices) plus the model names, in three round trips;
 * sequential: ``sequential_discover()``: getAllActiveNodes then one getNodeFullInfo per host, one
@@ -14,17 +16,19 @@ per-model prices. Then, with :class:`fabstir_jupyter.hosts.registry.ChainRegistr
   (no per-model prices, no model names), so that comparison favours it.
 
 Both run as they are, then again over a provider that sleeps ``--delay-ms`` (default 50 ms) per
-request, a batch counting as one request (a public RPC endpoint's round trip).
+request, a batch counting as one request (a public RPC endpoint's round trip). Each line counts
+round trips, JSON-RPC requests ("eth_calls") and contract calls (each call inside an
+``aggregate3`` counts: the work the node does).
 
 Targets: at most 3 round trips for batched discovery whatever the host count; batched at least
 10x faster than sequential.
 
 With ``--full`` it also times the batched run's exact reads made one call per round trip
-(1 + N + 2 per (host, model) + 1 per model): the same information, unbatched.
+(1 + N + 2 per host + 1 per model): the same information, unbatched.
 
 Run:  python benchmarks/discovery.py [--hosts 500] [--delay-ms 50] [--chunk-size 256] [--full]
-      (about 1.5 minutes with the defaults on 2 cores, registering ~50 ms a host; --full adds
-      about 2 minutes)
+      (about 2.5 minutes with the defaults on 2 cores, registering ~0.2 s a host; --full adds
+      about 1 minute)
 """
 
 from __future__ import annotations
@@ -49,16 +53,33 @@ MODELS = [
 REGIONS = ["us-east-1", "us-west-2", "eu-west-1", "ap-southeast-1"]
 
 
+AGGREGATE3_SELECTOR = "0x82ad56cb"  # aggregate3((address,bool,bytes)[])
+
+
+def contract_calls(method: Any, params: Any) -> int:
+    """The contract calls one JSON-RPC request makes: each call inside an ``aggregate3``, else 1."""
+    if method != "eth_call" or not params or not isinstance(params[0], dict):
+        return 0
+    data = params[0].get("data") or params[0].get("input") or "0x"
+    if not data.startswith(AGGREGATE3_SELECTOR):
+        return 1
+    from eth_abi import decode
+
+    return len(decode(["(address,bool,bytes)[]"], bytes.fromhex(data[len(AGGREGATE3_SELECTOR):]))[0])
+
+
 class DelayedProvider:
     """A provider that waits ``delay`` seconds before each request or batch (one round trip each).
 
-    It also records each round trip's requests and the seconds the chain took to answer them.
+    It also records each round trip's requests and the seconds the chain took to answer them, and
+    counts the contract calls made (:func:`contract_calls`).
     """
 
     def __init__(self, inner: Any, delay: float) -> None:
         self.inner = inner
         self.delay = delay
         self.trips: list[tuple[int, float]] = []
+        self.calls = 0
 
     def _timed(self, count: int, fn: Any, *args: Any) -> Any:
         time.sleep(self.delay)
@@ -69,9 +90,11 @@ class DelayedProvider:
             self.trips.append((count, time.perf_counter() - start))
 
     def make_request(self, method: Any, params: Any) -> Any:
+        self.calls += contract_calls(method, params)
         return self._timed(1, self.inner.make_request, method, params)
 
     def make_batch_request(self, requests: Any) -> Any:
+        self.calls += sum(contract_calls(method, params) for method, params in requests)
         return self._timed(len(requests), self.inner.make_batch_request, requests)
 
 
@@ -96,7 +119,7 @@ def register(chain: LocalChain, count: int) -> float:
 async def measure(
     source: ChainRegistrySource, provider: DelayedProvider, label: str, how: str
 ) -> tuple[float, int, int, int]:
-    calls, requests = source.rpc_calls, source.rpc_requests
+    calls, requests, inner = source.rpc_calls, source.rpc_requests, provider.calls
     provider.trips.clear()
     start = time.perf_counter()
     if how == "batched":
@@ -104,10 +127,10 @@ async def measure(
     else:
         hosts = await source.sequential_discover(full=how == "full")
     elapsed = time.perf_counter() - start
-    trips, reqs = source.rpc_calls - calls, source.rpc_requests - requests
+    trips, reqs, contract = source.rpc_calls - calls, source.rpc_requests - requests, provider.calls - inner
     evm = sum(seconds for _count, seconds in provider.trips)
-    print(f"  {label:<38} {elapsed:7.2f} s  {trips:5d} round trips  {reqs:4d} eth_calls  {len(hosts)} hosts"
-          f"  (chain busy {evm:.2f} s)", flush=True)
+    print(f"  {label:<38} {elapsed:7.2f} s  {trips:5d} round trips  {reqs:4d} eth_calls"
+          f"  {contract:5d} contract calls  {len(hosts)} hosts  (chain busy {evm:.2f} s)", flush=True)
     if how == "batched":
         steps = "; ".join(
             f"{count} eth_call{'s' if count > 1 else ''} in {seconds:.2f} s" for count, seconds in provider.trips
@@ -120,7 +143,8 @@ async def run(args: argparse.Namespace) -> int:
     chain = LocalChain(seed=7)
     print(f"registering {args.hosts} hosts on the local chain ...", flush=True)
     took = register(chain, args.hosts)
-    print(f"  {took:.1f} s ({took / max(args.hosts, 1) * 1000:.0f} ms a host: fund + registerNode)")
+    print(f"  {took:.1f} s ({took / max(args.hosts, 1) * 1000:.0f} ms a host: fund, FAB mint + approve, "
+          "registerNode, stake, setModelTokenPricing)")
 
     ok = True
     for delay in ([0.0] + ([args.delay_ms / 1000] if args.delay_ms > 0 else [])):

@@ -5,8 +5,8 @@ the number of hosts, :meth:`~ChainRegistrySource.discover` costs three round tri
 
 1. ``getAllActiveNodes()``;
 2. ``getNodeFullInfo(node)`` for every node;
-3. ``getModelPricing(node, model, token)`` for every (node, model) in the native and the stable
-   token, and ModelRegistry ``getModel(id)`` for every distinct model id.
+3. ``getHostModelPrices(node, token)`` for every node in the native and the stable token (all of a
+   node's model prices in one call), and ModelRegistry ``getModel(id)`` for every distinct model id.
 
 Steps 2 and 3 go through Multicall3 ``aggregate3`` (allowing failures) in chunks of ``chunk_size``
 calls; the chunks of a step travel in one JSON-RPC batch when the provider takes batches (HTTP
@@ -16,10 +16,17 @@ step 3 only names the models and every model gets the node's minimum prices (wha
 SDK reads). :meth:`sequential_discover` is the naive 1 + N reading (what the production
 TypeScript SDK does), kept for comparison.
 
+The calls and their output types are production's (spec/PROTOCOL.md §8, spec/production-abi.txt):
+``getModel`` returns one struct, which ABI-encodes with an offset word before its members, and an
+answer that is not that struct's canonical encoding (six flat values, say) is rejected, never
+misread.
+
 Discovery is lenient: metadata that is not a JSON object, a reverting call or an unusable node is
-logged and skipped or flagged, never fatal. Flags go into ``HostInfo.metadata``:
-``_invalid_metadata`` and ``_public_key_mismatch`` (the published ``publicKey`` does not derive
-the node's address, or is malformed).
+logged and skipped or flagged, never fatal. A price of 0 means "not priced"; a node whose
+``getHostModelPrices`` fails (a registry older than that function) gets its minimum prices from
+``getNodeFullInfo`` for that token. Flags go into ``HostInfo.metadata``: ``_invalid_metadata`` and
+``_public_key_mismatch`` (the published ``publicKey`` does not derive the node's address, or is
+malformed).
 
 The sync provider runs in an executor thread, never on the event loop. eth-abi and web3 are
 imported when first used.
@@ -63,11 +70,12 @@ NODE_REGISTRY_SIGNATURES: dict[str, tuple[str, ...]] = {
     "isActiveNode(address)": ("bool",),
     "getNodeApiUrl(address)": ("string",),
     "getModelPricing(address,bytes32,address)": ("uint256",),
+    "getHostModelPrices(address,address)": ("bytes32[]", "uint256[]"),
 }
 MODEL_REGISTRY_SIGNATURES: dict[str, tuple[str, ...]] = {
     "getModelId(string,string)": ("bytes32",),
     "getAllModels()": ("bytes32[]",),
-    "getModel(bytes32)": ("string", "string", "bytes32", "uint256", "bool", "uint256"),
+    "getModel(bytes32)": ("(string,string,bytes32,uint256,bool,uint256)",),  # one struct
 }
 AGGREGATE3 = "aggregate3((address,bool,bytes)[])"
 
@@ -79,7 +87,8 @@ ZERO_ADDRESS = NATIVE_TOKEN
 # eth-abi decodes "string" strictly as UTF-8; "bytes" has the same encoding, so decode that and
 # replace bad bytes ourselves: a host's odd metadata must not break discovery.
 _FULL_INFO_TYPES = ["address", "uint256", "bool", "bytes", "bytes", "bytes32[]", "uint256", "uint256"]
-_MODEL_TYPES = ["bytes", "bytes", "bytes32", "uint256", "bool", "uint256"]
+_MODEL_TYPES = ["(bytes,bytes,bytes32,uint256,bool,uint256)"]
+_HOST_PRICES_TYPES = ["bytes32[]", "uint256[]"]
 
 
 def _selector(signature: str) -> bytes:
@@ -169,16 +178,32 @@ def _decode_full_info(data: bytes) -> NodeRecord:
 
 
 def _decode_model(data: bytes) -> ModelRecord:
-    from eth_abi import decode
+    """Decode a ``getModel`` answer: one struct, as production encodes it.
 
-    repo, file_name, _sha, _tier, active, _ts = decode(_MODEL_TYPES, data)
+    Raises:
+        ValueError: ``data`` is not the canonical encoding of that struct (six flat values, say).
+    """
+    from eth_abi import decode, encode
+
+    (model,) = decode(_MODEL_TYPES, data)
+    if encode(_MODEL_TYPES, [model]) != data:  # a decoding that would not give these bytes back
+        raise ValueError("getModel answer is not one (string,string,bytes32,uint256,bool,uint256) struct")
+    repo, file_name, _sha, _tier, active, _ts = model
     return ModelRecord(repo.decode("utf-8", errors="replace"), file_name.decode("utf-8", errors="replace"), active)
 
 
-def _decode_uint(data: bytes) -> int:
+def _decode_host_prices(data: bytes) -> dict[str, int]:
+    """Decode a ``getHostModelPrices`` answer into ``{model id: price}``.
+
+    Raises:
+        ValueError: the two lists differ in length.
+    """
     from eth_abi import decode
 
-    return decode(["uint256"], data)[0]
+    model_ids, prices = decode(_HOST_PRICES_TYPES, data)
+    if len(model_ids) != len(prices):
+        raise ValueError(f"getHostModelPrices gave {len(model_ids)} models and {len(prices)} prices")
+    return {"0x" + m.hex(): p for m, p in zip(model_ids, prices)}
 
 
 def _decode_addresses(data: bytes) -> list[str]:
@@ -431,8 +456,8 @@ class ChainRegistrySource:
             ``multicall`` (Multicall3; without it the calls are batched as JSON-RPC) and
             ``stable_token`` (USDC: without it stable prices are not read).
         chunk_size: calls per ``aggregate3``.
-        read_prices: read every model's price with ``getModelPricing``; ``False`` takes the
-            nodes' minimum prices from ``getNodeFullInfo`` for every model instead (what the
+        read_prices: read every node's model prices with ``getHostModelPrices``; ``False`` takes
+            the nodes' minimum prices from ``getNodeFullInfo`` for every model instead (what the
             TypeScript SDK knows), so step 3 only names the models.
         executor: where the blocking RPC runs (default: the loop's default executor).
         timeout: seconds per HTTP request, when given a URL.
@@ -575,19 +600,16 @@ class ChainRegistrySource:
         except Exception:
             return None
 
-    def _price_calls(self, nodes: Iterable[NodeRecord]) -> list[tuple[tuple[str, str], str, bytes]]:
+    def _price_calls(self, nodes: Iterable[NodeRecord]) -> list[tuple[NodeRecord, str, bytes]]:
+        """One ``getHostModelPrices(node, token)`` per node and token: ``(node, token, call data)``."""
         tokens = [NATIVE_TOKEN] + ([self.addresses["stable_token"]] if self.addresses["stable_token"] else [])
-        calls = []
-        for node in nodes:
-            for mid in node.model_ids:
-                for token in tokens:
-                    data = _encode(
-                        "getModelPricing(address,bytes32,address)",
-                        ("address", "bytes32", "address"),
-                        (node.address, bytes.fromhex(mid[2:]), token),
-                    )
-                    calls.append(((node.address, mid), token, data))
-        return calls
+        signature = "getHostModelPrices(address,address)"
+        return [
+            (node, token, _encode(signature, ("address", "address"), (node.address, token)))
+            for node in nodes
+            if node.model_ids
+            for token in tokens
+        ]
 
     def _model_calls(self, nodes: Iterable[NodeRecord]) -> list[str]:
         if self.addresses["model_registry"] is None:
@@ -604,22 +626,39 @@ class ChainRegistrySource:
     def _assemble(
         self,
         records: Sequence[NodeRecord],
-        price_calls: Sequence[tuple[tuple[str, str], str, bytes]] | None,
+        price_calls: Sequence[tuple[NodeRecord, str, bytes]] | None,
         price_answers: Sequence[bytes | None],
         model_ids: Sequence[str],
         model_answers: Sequence[bytes | None],
     ) -> list[HostInfo]:
         prices: dict[tuple[str, str], tuple[int, int]] | None = None if price_calls is None else {}
-        for (key, token, _data), answer in zip(price_calls or (), price_answers):
+        failed = 0
+        for (node, token, _data), answer in zip(price_calls or (), price_answers):
             assert prices is not None
-            value = self._decoded(answer, _decode_uint) or 0  # 0 or a revert: not priced
-            native, stable = prices.get(key, (0, 0))
-            prices[key] = (value, stable) if token == NATIVE_TOKEN else (native, value)
+            by_model = self._decoded(answer, _decode_host_prices)
+            if by_model is None:  # the call failed: the node's minimum price stands in
+                failed += 1
+                minimum = node.min_price_native if token == NATIVE_TOKEN else node.min_price_stable
+                by_model = dict.fromkeys(node.model_ids, minimum)
+            for mid in node.model_ids:
+                value = by_model.get(mid, 0)  # 0: not priced
+                native, stable = prices.get((node.address, mid), (0, 0))
+                prices[(node.address, mid)] = (value, stable) if token == NATIVE_TOKEN else (native, value)
+        if failed:
+            self._warn(
+                f"registry {self.addresses['node_registry']}: getHostModelPrices failed for {failed} of "
+                f"{len(price_answers)} (node, token) reads; those nodes' minimum prices stand in"
+            )
         models = {}
         for mid, answer in zip(model_ids, model_answers):
             record = self._decoded(answer, _decode_model)
             if record is not None:
                 models[mid] = record
+            elif answer is not None:
+                self._warn(
+                    f"model registry {self.addresses['model_registry']}: getModel answers do not decode as "
+                    "production's struct; those models are named by their ids"
+                )
         hosts = [build_host(record, prices=prices, models=models, warn=self._warn) for record in records]
         return [h for h in hosts if h is not None]
 
@@ -647,7 +686,7 @@ class ChainRegistrySource:
         records = self._records(nodes, info_answers)
         price_calls = self._price_calls(records) if self.read_prices else []
         model_ids = self._model_calls(records)
-        calls = [(registry, data) for _key, _token, data in price_calls] + self._get_model_calls(model_ids)
+        calls = [(registry, data) for _node, _token, data in price_calls] + self._get_model_calls(model_ids)
         answers = self._aggregate(calls)
         return self._assemble(
             records,
@@ -673,7 +712,7 @@ class ChainRegistrySource:
             hosts = [build_host(record, prices=None, models={}, warn=self._warn) for record in records]
             return [h for h in hosts if h is not None]
         price_calls = self._price_calls(records)
-        price_answers = [one(registry, data) for _key, _token, data in price_calls]
+        price_answers = [one(registry, data) for _node, _token, data in price_calls]
         model_ids = self._model_calls(records)
         model_answers = [one(to, data) for to, data in self._get_model_calls(model_ids)]
         return self._assemble(records, price_calls, price_answers, model_ids, model_answers)

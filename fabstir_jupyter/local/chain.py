@@ -1,9 +1,15 @@
 """An in-process EVM chain with the registry contracts deployed: the local network's chain.
 
-:class:`LocalChain` runs py-evm through eth-tester and web3's sync API, deploys ``ModelRegistry``,
-``NodeRegistry`` and ``Multicall3`` from their committed artifacts (no compiler needed), and
-registers hosts, each with its own funded secp256k1 account whose compressed public key goes into
-the metadata's ``publicKey``. Everything here blocks: an async caller runs it in a thread.
+:class:`LocalChain` runs py-evm through eth-tester and web3's sync API, deploys a mock FAB token
+(``MockERC20``), ``ModelRegistry``, ``NodeRegistry`` and ``Multicall3`` from their committed
+artifacts (no compiler needed), and registers hosts, each with its own funded secp256k1 account
+whose compressed public key goes into the metadata's ``publicKey``. Everything here blocks: an
+async caller runs it in a thread.
+
+A host registers with the production functions only, in production's order (spec/PROTOCOL.md §8):
+FAB ``approve``, ``registerNode`` (which pulls ``MIN_STAKE``), ``stake`` for the rest, then
+``setModelTokenPricing`` per model and token. Only funding the account (gas, and FAB from the
+token's ``mint``) is local.
 
 The chain lives in the process that made it and vanishes with it. Reads go through
 :attr:`LocalChain.provider`, which serves raw JSON-RPC requests and batches the way a node does,
@@ -32,13 +38,15 @@ from web3.providers.eth_tester import EthereumTesterProvider
 from ..errors import InvalidOptions
 from .contracts import load_artifact
 
-__all__ = ["LocalChain", "LocalChainError", "LocalHost", "LocalProvider", "model_id"]
+__all__ = ["LocalChain", "LocalChainError", "LocalHost", "LocalProvider", "NATIVE_TOKEN", "model_id"]
 
 TOKEN_DECIMALS = 18
+#: The token address that stands for the chain's native token in prices.
+NATIVE_TOKEN = "0x" + "00" * 20
 # A deterministic stand-in for the stable token (USDC on Base): prices are kept per token address.
 DEFAULT_STABLE_TOKEN = to_checksum_address(keccak(b"fabstir local stable token")[12:])
-_FUNDER_BALANCE = 10**12 * 10**18  # wei in each genesis account: enough to stake thousands of hosts
-_GAS_ALLOWANCE = 10**18  # wei given to each host account on top of its stake, for its transactions
+_FUNDER_BALANCE = 10**12 * 10**18  # wei in each genesis account: gas for thousands of hosts
+_GAS_ALLOWANCE = 10**18  # wei given to each host account for its transactions
 _TX_GAS = 3_000_000  # explicit gas: web3 then skips estimate_gas (a second execution)
 
 ModelRef = Union[str, Tuple[str, str]]
@@ -73,6 +81,7 @@ def _model_key(model: ModelRef) -> str:
 
 
 def _wei(tokens: int | float | Decimal | str) -> int:
+    # whole tokens → base units (18 decimals, FAB's)
     try:
         amount = Decimal(str(tokens)) * 10**TOKEN_DECIMALS
     except ArithmeticError:
@@ -138,17 +147,18 @@ class LocalHost:
 
 
 class LocalChain:
-    """An in-process EVM chain with NodeRegistry, ModelRegistry and Multicall3 deployed.
+    """An in-process EVM chain with a mock FAB token, NodeRegistry, ModelRegistry and Multicall3.
 
     Args:
-        minimum_stake: whole tokens a node must stake to register.
+        minimum_stake: whole FAB a node must stake to register (the registry's ``MIN_STAKE``).
         stable_token: the address that stands for the stable token in prices (default: a fixed
-            made-up address; no token contract is deployed).
+            made-up address; no token contract is deployed there).
         seed: derive host keys from this seed (reproducible addresses) instead of at random.
 
     Attributes:
         w3: a sync :class:`web3.Web3` on :attr:`provider`.
         addresses: ``node_registry``, ``model_registry``, ``multicall`` and ``stable_token``.
+        fab_token: the mock FAB token contract (web3), which hosts stake.
         hosts: the hosts registered so far, in order.
     """
 
@@ -166,10 +176,13 @@ class LocalChain:
         self._counter = itertools.count()
         self._known_models: set[str] = set()
         self.hosts: list[LocalHost] = []
+        self.minimum_stake_wei = _wei(minimum_stake)
+        fab_token = self._deploy("MockERC20", "Fabstir Token (local)", "FAB", TOKEN_DECIMALS)
         model_registry = self._deploy("ModelRegistry")
         stable_token = to_checksum_address(stable_token)
-        node_registry = self._deploy("NodeRegistry", model_registry.address, stable_token, _wei(minimum_stake))
+        node_registry = self._deploy("NodeRegistry", fab_token.address, model_registry.address, self.minimum_stake_wei)
         multicall = self._deploy("Multicall3")
+        self.fab_token = fab_token
         self.model_registry = model_registry
         self.node_registry = node_registry
         self.multicall = multicall
@@ -229,16 +242,32 @@ class LocalChain:
 
     # ------------------------------------------------------------------ models
 
-    def add_model(self, repo: str, file_name: str, *, sha256: bytes | str | None = None, approval_tier: int = 1) -> str:
-        """Add a model to the ModelRegistry (once) and return its id as ``0x`` hex."""
+    def add_model(self, repo: str, file_name: str, *, sha256: bytes | str | None = None) -> str:
+        """Add a trusted model to the ModelRegistry (unless there) and return its id as ``0x`` hex."""
         mid = model_id(repo, file_name)
         if mid in self._known_models:
             return mid
-        digest = bytes.fromhex(sha256.removeprefix("0x")) if isinstance(sha256, str) else (sha256 or bytes(32))
-        fn = self.model_registry.functions.addModel(repo, file_name, digest.rjust(32, b"\0"), approval_tier)
-        self._transact(fn, self.deployer, f"addModel {repo}/{file_name}")
+        registered = self.model_registry.functions.getModel(bytes.fromhex(mid[2:])).call()
+        if registered[5] == 0:  # no timestamp: not added yet
+            digest = bytes.fromhex(sha256.removeprefix("0x")) if isinstance(sha256, str) else (sha256 or bytes(32))
+            fn = self.model_registry.functions.addTrustedModel(repo, file_name, digest.rjust(32, b"\0"))
+            self._transact(fn, self.deployer, f"addTrustedModel {repo}/{file_name}")
         self._known_models.add(mid)
         return mid
+
+    # ------------------------------------------------------------------ FAB
+
+    def fab_balance(self, address: str) -> int:
+        """The FAB an address holds, in base units (18 decimals)."""
+        return int(self.fab_token.functions.balanceOf(to_checksum_address(address)).call())
+
+    def _fund_fab(self, address: str, amount: int) -> None:
+        # mint to the host, which lets the registry pull it (approve): production's staking path
+        if amount <= 0:
+            return
+        self._transact(self.fab_token.functions.mint(address, amount), self.deployer, f"mint FAB to {address}")
+        approve = self.fab_token.functions.approve(self.addresses["node_registry"], amount)
+        self._transact(approve, address, f"approve FAB {address}")
 
     # ------------------------------------------------------------------ hosts
 
@@ -254,15 +283,20 @@ class LocalChain:
         name: str | None = None,
         private_key: str | None = None,
     ) -> LocalHost:
-        """Register a host with its own funded account, staking ``stake`` whole tokens.
+        """Register a host with its own funded account, staking ``stake`` whole FAB.
+
+        The host approves the registry for its stake, calls ``registerNode`` (which pulls
+        ``MIN_STAKE``), ``stake`` for the rest, and ``setModelTokenPricing`` for every non-zero
+        price: the production sequence.
 
         Args:
             api_url: the host's ``http(s)://`` URL, as the registry stores it.
-            models: the models it serves, ``(repo, file)`` or ``"repo/file"``; each is added to
-                the ModelRegistry if new.
-            stake: whole tokens (18 decimals) sent with the registration.
-            prices: ``(native, stable)`` for every model (the node's minimum prices), or
-                ``{model: (native, stable)}`` per model, the minimum then being the smallest
+            models: the models it serves (at least one), ``(repo, file)`` or ``"repo/file"``;
+                each is added to the ModelRegistry if new.
+            stake: whole FAB (18 decimals), at least the registry's minimum.
+            prices: ``(native, stable)`` for every model, or ``{model: (native, stable)}`` per
+                model. Each non-zero price is set with ``setModelTokenPricing``; a zero one is
+                left unset (not priced). The node's recorded minimum prices are the smallest
                 non-zero price of each token. Raw units, precision factor 1000.
             metadata: a mapping merged over the generated metadata (``name``, ``location``,
                 ``publicKey``), or a string stored verbatim (e.g. invalid JSON, for tests).
@@ -271,15 +305,25 @@ class LocalChain:
             private_key: the host's key (0x-hex); default a fresh one.
 
         Raises:
-            InvalidOptions: a malformed model or price.
+            InvalidOptions: a malformed model or price, no model, or a stake below the minimum.
             LocalChainError: the registration reverted (e.g. already registered).
         """
+        stake_wei = _wei(stake)
+        if stake_wei < self.minimum_stake_wei:
+            raise InvalidOptions(
+                f"stake {stake} is below the registry's minimum of {self.minimum_stake_wei / 10**TOKEN_DECIMALS:g}",
+                field="stake",
+            )
+        pairs = [_split_model(m) for m in models]
+        if not pairs:
+            raise InvalidOptions("a host must serve at least one model", field="models")
+        ids = [model_id(repo, file_name) for repo, file_name in pairs]
+        per_model = self._prices(prices, ids)  # checked before any transaction or key
+        min_native = min((native for native, _stable in per_model if native), default=0)
+        min_stable = min((stable for _native, stable in per_model if stable), default=0)
         key = private_key or self._new_key()
         account = Account.from_key(key)
         public_key = keys.PrivateKey(bytes(account.key)).public_key.to_compressed_bytes().hex()
-        pairs = [_split_model(m) for m in models]
-        ids = [self.add_model(repo, file_name) for repo, file_name in pairs]
-        min_native, min_stable, per_native, per_stable = self._prices(prices, pairs, ids)
         if isinstance(metadata, str):
             text = metadata
         else:
@@ -288,19 +332,28 @@ class LocalChain:
                 fields["location"] = region
             fields.update(metadata or {})
             text = json.dumps(fields, separators=(",", ":"))
-        stake_wei = _wei(stake)
         if account.address not in self.tester.get_accounts():
             self.tester.add_account(account.key.to_0x_hex())
         self._send(
             lambda: self.w3.eth.send_transaction(
-                {"from": self.deployer, "to": account.address, "value": stake_wei + _GAS_ALLOWANCE, "gas": 21_000}
+                {"from": self.deployer, "to": account.address, "value": _GAS_ALLOWANCE, "gas": 21_000}
             ),
             f"fund {account.address}",
         )
-        fn = self.node_registry.functions.registerNode(
-            text, api_url, [bytes.fromhex(i[2:]) for i in ids], min_native, min_stable, per_native, per_stable
-        )
-        self._transact(fn, account.address, f"registerNode {account.address}", value=stake_wei)
+        for repo, file_name in pairs:
+            self.add_model(repo, file_name)
+        self._fund_fab(account.address, stake_wei)
+        registry = self.node_registry.functions
+        fn = registry.registerNode(text, api_url, [bytes.fromhex(i[2:]) for i in ids], min_native, min_stable)
+        self._transact(fn, account.address, f"registerNode {account.address}")
+        if stake_wei > self.minimum_stake_wei:
+            extra = stake_wei - self.minimum_stake_wei
+            self._transact(registry.stake(extra), account.address, f"stake {account.address}")
+        stable_token = self.addresses["stable_token"]
+        for mid, (native, stable) in zip(ids, per_model):
+            for token, price in ((NATIVE_TOKEN, native), (stable_token, stable)):
+                if price:
+                    self.set_model_token_pricing(account.address, mid, token, price)
         host = LocalHost(
             address=account.address,
             api_url=api_url,
@@ -314,9 +367,8 @@ class LocalChain:
         return host
 
     @staticmethod
-    def _prices(
-        prices: PricePair | Mapping[ModelRef, PricePair], pairs: Sequence[tuple[str, str]], ids: Sequence[str]
-    ) -> tuple[int, int, list[int], list[int]]:
+    def _prices(prices: PricePair | Mapping[ModelRef, PricePair], ids: Sequence[str]) -> list[tuple[int, int]]:
+        # (native, stable) for each model id, in order
         def pair(value: Any) -> tuple[int, int]:
             if (
                 isinstance(value, (tuple, list))
@@ -329,18 +381,14 @@ class LocalChain:
             )
 
         if not isinstance(prices, Mapping):
-            native, stable = pair(prices)
-            return native, stable, [], []
+            return [pair(prices)] * len(ids)
         by_id: dict[str, tuple[int, int]] = {}
         for model, value in prices.items():
             by_id[_model_key(model)] = pair(value)
         unknown = set(by_id) - set(ids)
         if unknown:
             raise InvalidOptions(f"prices name models the host does not serve: {sorted(unknown)}", field="prices")
-        per = [by_id.get(i, (0, 0)) for i in ids]
-        min_native = min((p[0] for p in per if p[0]), default=0)
-        min_stable = min((p[1] for p in per if p[1]), default=0)
-        return min_native, min_stable, [p[0] for p in per], [p[1] for p in per]
+        return [by_id.get(i, (0, 0)) for i in ids]
 
     @staticmethod
     def _host(host: LocalHost | str) -> str:
@@ -357,7 +405,7 @@ class LocalChain:
         self._transact(self.node_registry.functions.reactivateNode(), address, f"reactivateNode {address}")
 
     def unregister_host(self, host: LocalHost | str) -> None:
-        """Remove a host and refund its stake."""
+        """Remove a host; the registry returns its FAB stake."""
         address = self._host(host)
         self._transact(self.node_registry.functions.unregisterNode(), address, f"unregisterNode {address}")
         self.hosts = [h for h in self.hosts if h.address != address]
@@ -368,9 +416,16 @@ class LocalChain:
         text = metadata if isinstance(metadata, str) else json.dumps(dict(metadata), separators=(",", ":"))
         self._transact(self.node_registry.functions.updateMetadata(text), address, f"updateMetadata {address}")
 
-    def set_model_pricing(self, host: LocalHost | str, model: ModelRef, native: int, stable: int) -> None:
-        """Set a host's price for one model it serves (0 falls back to its minimum)."""
+    def add_stake(self, host: LocalHost | str, tokens: int | float | Decimal | str) -> None:
+        """Add whole FAB to a host's stake: minted to the host, approved, then ``stake``."""
+        address = self._host(host)
+        amount = _wei(tokens)
+        self._fund_fab(address, amount)
+        self._transact(self.node_registry.functions.stake(amount), address, f"stake {address}")
+
+    def set_model_token_pricing(self, host: LocalHost | str, model: ModelRef, token: str, price: int) -> None:
+        """Set a host's price for a model it serves in ``token`` (:data:`NATIVE_TOKEN`: native); 0 unsets it."""
         address = self._host(host)
         mid = _model_key(model)
-        fn = self.node_registry.functions.setModelPricing(bytes.fromhex(mid[2:]), native, stable)
-        self._transact(fn, address, f"setModelPricing {address}")
+        fn = self.node_registry.functions.setModelTokenPricing(bytes.fromhex(mid[2:]), to_checksum_address(token), price)
+        self._transact(fn, address, f"setModelTokenPricing {address}")

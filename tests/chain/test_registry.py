@@ -6,6 +6,8 @@ import logging
 import threading
 
 import pytest
+from eth_abi import decode, encode
+from eth_utils import keccak
 
 from fabstir_jupyter.errors import ConnectionFailed, ModelNotAvailable, ProtocolError
 from fabstir_jupyter.hosts import HostManager, resolve_model
@@ -13,6 +15,7 @@ from fabstir_jupyter.hosts.registry import (
     ChainRegistrySource,
     ModelRecord,
     NodeRecord,
+    _decode_model,
     build_host,
     parse_metadata,
     public_key_address,
@@ -22,6 +25,8 @@ from fabstir_jupyter.local.chain import LocalChain, model_id
 from .conftest import SMOLLM, TINY_VICUNA
 
 TV_FILE, SM_FILE = TINY_VICUNA[1], SMOLLM[1]
+MODEL_FIELDS = ["string", "string", "bytes32", "uint256", "bool", "uint256"]
+MODEL_STRUCT = "(" + ",".join(MODEL_FIELDS) + ")"
 
 
 class CountingProvider:
@@ -40,6 +45,29 @@ class CountingProvider:
     def _batch(self, requests):
         self.threads.add(threading.get_ident())
         return self.inner.make_batch_request(requests)
+
+
+class RewritingProvider:
+    """Forward JSON-RPC to a provider, passing the answers to eth_calls of one function through ``rewrite``."""
+
+    def __init__(self, inner, signature: str, rewrite) -> None:
+        self.inner = inner
+        self.selector = "0x" + keccak(text=signature)[:4].hex()
+        self.rewrite = rewrite
+        self.rewritten = 0
+
+    def _one(self, method, params, response):
+        if method == "eth_call" and params[0]["data"].startswith(self.selector):
+            self.rewritten += 1
+            return self.rewrite(response)
+        return response
+
+    def make_request(self, method, params):
+        return self._one(method, params, self.inner.make_request(method, params))
+
+    def make_batch_request(self, requests):
+        responses = self.inner.make_batch_request(requests)
+        return [self._one(method, params, r) for (method, params), r in zip(requests, responses)]
 
 
 def _view(host) -> tuple:
@@ -67,7 +95,8 @@ async def test_discover_returns_the_registered_hosts(three_hosts):
         model_id(*TINY_VICUNA): TV_FILE,
     }
     assert first.prices == {TV_FILE: {"native": 1_000, "stable": 2_000}}
-    assert second.prices == {TV_FILE: {"native": 500, "stable": 700}, SM_FILE: {"native": 500, "stable": 300}}
+    # SmolLM2 has no native price on chain: 0 (not priced), never the node's minimum
+    assert second.prices == {TV_FILE: {"native": 500, "stable": 700}, SM_FILE: {"native": 0, "stable": 300}}
     assert third.prices == {SM_FILE: {"native": 0, "stable": 0}}
     for host, registered in ((first, h1), (second, h2), (third, h3)):
         assert host.metadata["publicKey"] == registered.public_key
@@ -111,15 +140,18 @@ async def _round_trips(chain: LocalChain, **options) -> tuple[int, int, int]:
 
 
 async def test_round_trips_stay_three_from_3_to_40_hosts(chain):
-    """Discovery costs 3 round trips with 3 hosts and with 40, also when chunks split the calls."""
+    """Discovery costs 3 round trips with 3 hosts and with 40, also when chunks split the calls.
+
+    Step 3 makes one getHostModelPrices per host and token (not one getModelPricing per model).
+    """
     for i in range(3):
         chain.register_host(f"http://127.0.0.1:{9000 + i}", models=[TINY_VICUNA, SMOLLM], prices=(1, 2))
     assert await _round_trips(chain) == (3, 3, 3)
     for i in range(3, 40):
         chain.register_host(f"http://127.0.0.1:{9000 + i}", models=[TINY_VICUNA, SMOLLM], prices=(1, 2))
     assert await _round_trips(chain) == (3, 3, 40)
-    # 40 getNodeFullInfo in 6 chunks of 7; 160 prices + 2 models in 24 chunks: still one round trip each
-    assert await _round_trips(chain, chunk_size=7) == (3, 1 + 6 + 24, 40)
+    # 40 getNodeFullInfo in 6 chunks of 7; 80 host price lists + 2 models in 12 chunks: still one round trip each
+    assert await _round_trips(chain, chunk_size=7) == (3, 1 + 6 + 12, 40)
 
 
 async def test_round_trips_stay_three_without_a_multicall(three_hosts):
@@ -129,7 +161,8 @@ async def test_round_trips_stay_three_without_a_multicall(three_hosts):
     source = ChainRegistrySource(chain.provider, addresses)
     with_multicall = await ChainRegistrySource(chain.provider, chain.addresses).discover()
     assert [_view(h) for h in await source.discover()] == [_view(h) for h in with_multicall]
-    assert source.rpc_calls == 3 and source.rpc_requests == 1 + 3 + 8 + 2
+    # getAllActiveNodes, 3 getNodeFullInfo, 3 hosts x 2 tokens getHostModelPrices, 2 getModel
+    assert source.rpc_calls == 3 and source.rpc_requests == 1 + 3 + 6 + 2
 
 
 async def test_a_provider_without_batches_gets_one_request_per_chunk(three_hosts):
@@ -137,7 +170,7 @@ async def test_a_provider_without_batches_gets_one_request_per_chunk(three_hosts
     chain, _hosts = three_hosts
     source = ChainRegistrySource(CountingProvider(chain.provider, batches=False), chain.addresses, chunk_size=4)
     assert len(await source.discover()) == 3
-    assert source.rpc_calls == source.rpc_requests == 1 + 1 + 3  # 3 infos; 8 prices + 2 models in 3 chunks
+    assert source.rpc_calls == source.rpc_requests == 1 + 1 + 2  # 3 infos; 6 price lists + 2 models in 2 chunks
 
 
 async def test_rpc_runs_off_the_event_loop(three_hosts):
@@ -166,7 +199,7 @@ async def test_full_sequential_discover_equals_discover(three_hosts):
     batched = [_view(h) for h in await source.discover()]
     before = source.rpc_calls
     assert [_view(h) for h in await source.sequential_discover(full=True)] == batched
-    assert source.rpc_calls - before == 1 + 3 + 2 * 4 + 2
+    assert source.rpc_calls - before == 1 + 3 + 2 * 3 + 2
 
 
 async def test_without_price_reads_models_get_the_minimum_prices(three_hosts):
@@ -179,8 +212,8 @@ async def test_without_price_reads_models_get_the_minimum_prices(three_hosts):
     assert source.rpc_calls == 3 and source.rpc_requests == 3
 
 
-async def test_a_reverting_price_reads_as_unpriced(three_hosts):
-    """With a stable token the registry rejects, every stable price is 0 and native prices stay."""
+async def test_a_token_never_priced_reads_as_unpriced(three_hosts):
+    """With a stable token no host priced in, every stable price is 0 and native prices stay."""
     chain, (h1, _h2, _h3) = three_hosts
     hosts = await ChainRegistrySource(chain.provider, {**chain.addresses, "stable_token": h1.address}).discover()
     assert hosts[0].prices == {TV_FILE: {"native": 1_000, "stable": 0}}
@@ -318,3 +351,54 @@ def test_importing_the_registry_source_imports_no_web3():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
+
+
+def test_get_model_decodes_the_production_struct_encoding():
+    """A getModel answer encoded as production encodes it (one tuple) decodes; bad UTF-8 is replaced."""
+    model = ("CohereForAI/TinyVicuna-1B-32k-GGUF", "tiny-vicuna-1b.q4_k_m.gguf", b"\x11" * 32, 1, True, 1_700_000_000)
+    data = encode([MODEL_STRUCT], [model])
+    assert int.from_bytes(data[:32], "big") == 32  # the struct's offset word
+    assert _decode_model(data) == ModelRecord(*TINY_VICUNA, True)
+    odd = encode(["(bytes,bytes,bytes32,uint256,bool,uint256)"], [(b"org/\xff", b"m.gguf", bytes(32), 1, False, 1)])
+    assert _decode_model(odd) == ModelRecord("org/\ufffd", "m.gguf", False)
+
+
+def test_get_model_refuses_six_flat_values():
+    """The old flat encoding, and trailing bytes after the struct, are refused rather than misread."""
+    model = ("org/repo", "model.gguf", bytes(32), 1, True, 5)
+    for data in (encode(MODEL_FIELDS, list(model)), encode([MODEL_STRUCT], [model]) + bytes(32)):
+        with pytest.raises(Exception):
+            _decode_model(data)
+
+
+async def test_flat_get_model_answers_name_models_by_id_never_garbage(three_hosts, caplog):
+    """A registry answering getModel with six flat values gets its models named by id, with one warning."""
+    chain, _hosts = three_hosts
+
+    def flatten(response):
+        (model,) = decode([MODEL_STRUCT], bytes.fromhex(response["result"][2:]))
+        return {**response, "result": "0x" + encode(MODEL_FIELDS, list(model)).hex()}
+
+    provider = RewritingProvider(chain.provider, "getModel(bytes32)", flatten)
+    addresses = {k: v for k, v in chain.addresses.items() if k != "multicall"}
+    with caplog.at_level(logging.WARNING, logger="fabstir_jupyter.hosts.registry"):
+        second = (await ChainRegistrySource(provider, addresses).discover())[1]
+    assert provider.rewritten == 2
+    assert second.models == (model_id(*TINY_VICUNA), model_id(*SMOLLM)) and second.model_names == {}
+    assert caplog.text.count("getModel answers do not decode as production's struct") == 1
+
+
+async def test_a_failing_price_list_falls_back_to_the_minimum_prices(three_hosts, caplog):
+    """Where getHostModelPrices reverts (an older registry), a node's minimum prices stand in, with a warning."""
+    chain, _hosts = three_hosts
+
+    def revert(response):
+        return {"jsonrpc": "2.0", "id": response.get("id"), "error": {"code": 3, "message": "execution reverted"}}
+
+    provider = RewritingProvider(chain.provider, "getHostModelPrices(address,address)", revert)
+    addresses = {k: v for k, v in chain.addresses.items() if k != "multicall"}
+    with caplog.at_level(logging.WARNING, logger="fabstir_jupyter.hosts.registry"):
+        hosts = await ChainRegistrySource(provider, addresses).discover()
+    assert provider.rewritten == 6
+    assert hosts[1].prices == {TV_FILE: {"native": 500, "stable": 300}, SM_FILE: {"native": 500, "stable": 300}}
+    assert "getHostModelPrices failed for 6 of 6 (node, token) reads" in caplog.text

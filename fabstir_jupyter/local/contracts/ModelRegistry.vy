@@ -2,16 +2,20 @@
 # pragma evm-version cancun
 """
 @title ModelRegistry (local network)
-@notice The models hosts may serve. View functions have the signatures of the
-        production ModelRegistry (spec/PROTOCOL.md section 8); the owner adds models.
-@dev A model id is keccak256(repo + "/" + fileName).
+@notice The models hosts may serve. Every function and event shares its name,
+        signature, outputs and selector with the production ModelRegistry
+        (spec/production-abi.txt): `getModel` returns one struct, as there.
+@dev A model id is keccak256(repo + "/" + fileName). Only the owner adds models
+     (`addTrustedModel`, tier 1); production's community proposals and votes are
+     left out.
 """
 
 MAX_MODELS: constant(uint256) = 1024
 MAX_NAME: constant(uint256) = 256
+TRUSTED_TIER: constant(uint256) = 1
 
 struct Model:
-    repo: String[MAX_NAME]
+    huggingfaceRepo: String[MAX_NAME]
     fileName: String[MAX_NAME]
     sha256Hash: bytes32
     approvalTier: uint256
@@ -20,10 +24,14 @@ struct Model:
 
 event ModelAdded:
     modelId: indexed(bytes32)
-    repo: String[MAX_NAME]
+    huggingfaceRepo: String[MAX_NAME]
     fileName: String[MAX_NAME]
+    tier: uint256
 
 event ModelDeactivated:
+    modelId: indexed(bytes32)
+
+event ModelReactivated:
     modelId: indexed(bytes32)
 
 owner: public(address)
@@ -46,41 +54,43 @@ def getModelId(repo: String[MAX_NAME], fileName: String[MAX_NAME]) -> bytes32:
 
 
 @external
-def addModel(
-    repo: String[MAX_NAME],
-    fileName: String[MAX_NAME],
-    sha256Hash: bytes32,
-    approvalTier: uint256,
-) -> bytes32:
+def addTrustedModel(huggingfaceRepo: String[MAX_NAME], fileName: String[MAX_NAME], sha256Hash: bytes32):
     """
-    @notice Add (or re-activate) a model; only the owner may. Return its id.
+    @notice Add a model at tier 1 (trusted); only the owner may, once per id.
     """
     assert msg.sender == self.owner, "not owner"
-    assert len(repo) > 0 and len(fileName) > 0, "empty name"
-    model_id: bytes32 = keccak256(concat(repo, "/", fileName))
-    if self.models[model_id].timestamp == 0:
-        self.modelIds.append(model_id)
+    assert len(huggingfaceRepo) > 0 and len(fileName) > 0, "empty name"
+    model_id: bytes32 = keccak256(concat(huggingfaceRepo, "/", fileName))
+    assert self.models[model_id].timestamp == 0, "model already exists"
+    self.modelIds.append(model_id)
     self.models[model_id] = Model(
-        repo=repo,
+        huggingfaceRepo=huggingfaceRepo,
         fileName=fileName,
         sha256Hash=sha256Hash,
-        approvalTier=approvalTier,
+        approvalTier=TRUSTED_TIER,
         active=True,
         timestamp=block.timestamp,
     )
-    log ModelAdded(modelId=model_id, repo=repo, fileName=fileName)
-    return model_id
+    log ModelAdded(modelId=model_id, huggingfaceRepo=huggingfaceRepo, fileName=fileName, tier=TRUSTED_TIER)
 
 
 @external
 def deactivateModel(modelId: bytes32):
     """
-    @notice Mark a model inactive; only the owner may. It stays listed.
+    @notice Mark a model inactive (hosts can no longer register it); only the owner may.
     """
     assert msg.sender == self.owner, "not owner"
-    assert self.models[modelId].timestamp != 0, "unknown model"
+    assert self.models[modelId].timestamp != 0, "model does not exist"
     self.models[modelId].active = False
     log ModelDeactivated(modelId=modelId)
+
+
+@external
+def reactivateModel(modelId: bytes32):
+    assert msg.sender == self.owner, "not owner"
+    assert self.models[modelId].timestamp != 0, "model does not exist"
+    self.models[modelId].active = True
+    log ModelReactivated(modelId=modelId)
 
 
 @view
@@ -91,16 +101,27 @@ def getAllModels() -> DynArray[bytes32, MAX_MODELS]:
 
 @view
 @external
-def getModel(modelId: bytes32) -> (String[MAX_NAME], String[MAX_NAME], bytes32, uint256, bool, uint256):
+def getModel(modelId: bytes32) -> Model:
     """
-    @notice Return (repo, fileName, sha256Hash, approvalTier, active, timestamp);
-            all empty for an unknown id.
+    @notice Return the model as one struct (huggingfaceRepo, fileName, sha256Hash,
+            approvalTier, active, timestamp); all empty for an unknown id.
     """
-    m: Model = self.models[modelId]
-    return m.repo, m.fileName, m.sha256Hash, m.approvalTier, m.active, m.timestamp
+    return self.models[modelId]
 
 
 @view
 @external
-def isActiveModel(modelId: bytes32) -> bool:
+def isModelApproved(modelId: bytes32) -> bool:
     return self.models[modelId].active
+
+
+@view
+@external
+def isTrustedModel(modelId: bytes32) -> bool:
+    return self.models[modelId].approvalTier == TRUSTED_TIER and self.models[modelId].active
+
+
+@view
+@external
+def getModelHash(modelId: bytes32) -> bytes32:
+    return self.models[modelId].sha256Hash

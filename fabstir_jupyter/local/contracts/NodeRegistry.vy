@@ -2,17 +2,26 @@
 # pragma evm-version cancun
 """
 @title NodeRegistry (local network)
-@notice Hosts register here with a stake, a metadata JSON string, an API URL, the
-        models they serve and their prices. The view functions have exactly the
-        signatures of the production NodeRegistry (spec/PROTOCOL.md section 8).
-@dev The stake is the native value sent with `registerNode` (or `addStake`),
-     18 decimals like FAB, and is refunded by `unregisterNode`. Prices carry the
-     precision factor 1000. A per-model price of 0 falls back to the node's minimum
-     price for that token; token 0x0 is the native token, `stableToken` the other.
+@notice Hosts register here with a FAB stake, a metadata JSON string, an API URL
+        and the models they serve, then price each model per payment token. Every
+        function and event named as in the production NodeRegistry has its exact
+        signature, outputs and selector (spec/production-abi.txt), so the same
+        registration code runs here and on Base Sepolia:
+        FAB approve, registerNode, stake (to add more), setModelTokenPricing.
+@dev As in production: registerNode pulls MIN_STAKE of FAB (ERC-20) from the caller
+     and unregisterNode returns the whole stake; a model's price is set per token
+     (0x0 = native) and getModelPricing reverts where none is set (there is no
+     fallback to the node's minimum prices, which are only recorded). Prices carry
+     the precision factor 1000.
+     Local differences: MIN_STAKE is a constructor argument (production: 1000 FAB);
+     prices are not bounded; deactivateNode / reactivateNode (local only) take a
+     node off the active list and back, keeping its stake.
 """
 
+from ethereum.ercs import IERC20
+
 interface ModelRegistry:
-    def isActiveModel(modelId: bytes32) -> bool: view
+    def isModelApproved(modelId: bytes32) -> bool: view
 
 MAX_NODES: constant(uint256) = 2048
 MAX_NODE_MODELS: constant(uint256) = 32
@@ -20,6 +29,7 @@ MAX_METADATA: constant(uint256) = 2048
 MAX_URL: constant(uint256) = 256
 
 struct Node:
+    operator: address  # empty for an unregistered address
     stakedAmount: uint256
     active: bool
     metadata: String[MAX_METADATA]
@@ -31,41 +41,56 @@ struct Node:
 event NodeRegistered:
     operator: indexed(address)
     stakedAmount: uint256
-    apiUrl: String[MAX_URL]
+    metadata: String[MAX_METADATA]
+    models: DynArray[bytes32, MAX_NODE_MODELS]
 
-event NodeUpdated:
+event NodeUnregistered:
     operator: indexed(address)
+    returnedAmount: uint256
 
+event MetadataUpdated:
+    operator: indexed(address)
+    newMetadata: String[MAX_METADATA]
+
+event ApiUrlUpdated:
+    operator: indexed(address)
+    newApiUrl: String[MAX_URL]
+
+event ModelsUpdated:
+    operator: indexed(address)
+    newModels: DynArray[bytes32, MAX_NODE_MODELS]
+
+event ModelTokenPricingUpdated:
+    operator: indexed(address)
+    modelId: indexed(bytes32)
+    token: indexed(address)
+    price: uint256
+
+# local only: production has no deactivation
 event NodeActivated:
     operator: indexed(address)
     active: bool
 
-event NodeUnregistered:
-    operator: indexed(address)
-    refunded: uint256
+PRICE_PRECISION: public(constant(uint256)) = 1000
 
-event PricingUpdated:
-    operator: indexed(address)
-    modelId: indexed(bytes32)
-    priceNative: uint256
-    priceStable: uint256
-
+fabToken: public(immutable(address))
 modelRegistry: public(immutable(address))
-stableToken: public(immutable(address))
-minimumStake: public(immutable(uint256))
+MIN_STAKE: public(immutable(uint256))
+
+# operator, model, token (0x0 = native) -> price; 0 = not priced
+modelTokenPricing: public(HashMap[address, HashMap[bytes32, HashMap[address, uint256]]])
 
 nodes: HashMap[address, Node]
 activeNodes: DynArray[address, MAX_NODES]
 activeIndex: HashMap[address, uint256]  # position in activeNodes + 1; 0 = not listed
 supports: HashMap[address, HashMap[bytes32, bool]]
-modelPrices: HashMap[address, HashMap[bytes32, HashMap[address, uint256]]]  # operator, model, token
 
 
 @deploy
-def __init__(model_registry: address, stable_token: address, minimum_stake: uint256):
+def __init__(fab_token: address, model_registry: address, minimum_stake: uint256):
+    fabToken = fab_token
     modelRegistry = model_registry
-    stableToken = stable_token
-    minimumStake = minimum_stake
+    MIN_STAKE = minimum_stake
 
 
 # -- internal helpers --
@@ -93,59 +118,60 @@ def _unlist(operator: address):
 def _clear_models(operator: address):
     for model_id: bytes32 in self.nodes[operator].supportedModels:
         self.supports[operator][model_id] = False
-        self.modelPrices[operator][model_id][empty(address)] = 0
-        self.modelPrices[operator][model_id][stableToken] = 0
 
 
 @internal
 def _set_models(operator: address, modelIds: DynArray[bytes32, MAX_NODE_MODELS]):
+    assert len(modelIds) > 0, "no models"
     self._clear_models(operator)
     for model_id: bytes32 in modelIds:
         assert not self.supports[operator][model_id], "duplicate model"
-        assert staticcall ModelRegistry(modelRegistry).isActiveModel(model_id), "model not approved"
+        assert staticcall ModelRegistry(modelRegistry).isModelApproved(model_id), "model not approved"
         self.supports[operator][model_id] = True
     self.nodes[operator].supportedModels = modelIds
 
 
 @internal
-def _set_price(operator: address, modelId: bytes32, priceNative: uint256, priceStable: uint256):
-    assert self.supports[operator][modelId], "model not supported"
-    self.modelPrices[operator][modelId][empty(address)] = priceNative
-    self.modelPrices[operator][modelId][stableToken] = priceStable
-    log PricingUpdated(operator=operator, modelId=modelId, priceNative=priceNative, priceStable=priceStable)
+def _pull_fab(sender: address, amount: uint256):
+    assert extcall IERC20(fabToken).transferFrom(sender, self, amount, default_return_value=True), "stake transfer failed"
 
 
 @internal
 @view
 def _registered(operator: address) -> bool:
-    # a registered node always has an apiUrl
-    return len(self.nodes[operator].apiUrl) > 0
+    return self.nodes[operator].operator != empty(address)
+
+
+@internal
+def _set_price(modelId: bytes32, token: address, price: uint256):
+    assert self._registered(msg.sender), "not registered"
+    assert self.nodes[msg.sender].active, "node not active"
+    assert self.supports[msg.sender][modelId], "model not supported"
+    self.modelTokenPricing[msg.sender][modelId][token] = price
+    log ModelTokenPricingUpdated(operator=msg.sender, modelId=modelId, token=token, price=price)
 
 
 # -- registration (the caller is the node operator) --
 
 @external
-@payable
+@nonreentrant
 def registerNode(
     metadata: String[MAX_METADATA],
     apiUrl: String[MAX_URL],
     modelIds: DynArray[bytes32, MAX_NODE_MODELS],
     minPricePerTokenNative: uint256,
     minPricePerTokenStable: uint256,
-    modelPricesNative: DynArray[uint256, MAX_NODE_MODELS],
-    modelPricesStable: DynArray[uint256, MAX_NODE_MODELS],
 ):
     """
-    @notice Register the caller as an active node, staking the value sent.
-    @dev The per-model price lists are empty or as long as `modelIds`.
+    @notice Register the caller as an active node, pulling MIN_STAKE of FAB from it
+            (approve the registry first). Prices per model follow with setModelTokenPricing.
     """
     assert not self._registered(msg.sender), "already registered"
-    assert msg.value >= minimumStake, "stake below minimum"
+    assert len(metadata) > 0, "empty metadata"
     assert len(apiUrl) > 0, "empty apiUrl"
-    assert len(modelPricesNative) == 0 or len(modelPricesNative) == len(modelIds), "price list length"
-    assert len(modelPricesStable) == 0 or len(modelPricesStable) == len(modelIds), "price list length"
     self.nodes[msg.sender] = Node(
-        stakedAmount=msg.value,
+        operator=msg.sender,
+        stakedAmount=MIN_STAKE,
         active=True,
         metadata=metadata,
         apiUrl=apiUrl,
@@ -154,67 +180,68 @@ def registerNode(
         minPricePerTokenStable=minPricePerTokenStable,
     )
     self._set_models(msg.sender, modelIds)
-    for i: uint256 in range(len(modelIds), bound=MAX_NODE_MODELS):
-        native: uint256 = 0
-        stable: uint256 = 0
-        if len(modelPricesNative) > 0:
-            native = modelPricesNative[i]
-        if len(modelPricesStable) > 0:
-            stable = modelPricesStable[i]
-        if native != 0 or stable != 0:
-            self._set_price(msg.sender, modelIds[i], native, stable)
     self._list(msg.sender)
-    log NodeRegistered(operator=msg.sender, stakedAmount=msg.value, apiUrl=apiUrl)
+    self._pull_fab(msg.sender, MIN_STAKE)
+    log NodeRegistered(operator=msg.sender, stakedAmount=MIN_STAKE, metadata=metadata, models=modelIds)
 
 
 @external
-def updateMetadata(metadata: String[MAX_METADATA]):
-    assert self._registered(msg.sender), "not registered"
-    self.nodes[msg.sender].metadata = metadata
-    log NodeUpdated(operator=msg.sender)
-
-
-@external
-def updateApiUrl(apiUrl: String[MAX_URL]):
-    assert self._registered(msg.sender), "not registered"
-    assert len(apiUrl) > 0, "empty apiUrl"
-    self.nodes[msg.sender].apiUrl = apiUrl
-    log NodeUpdated(operator=msg.sender)
-
-
-@external
-def updateSupportedModels(modelIds: DynArray[bytes32, MAX_NODE_MODELS]):
-    assert self._registered(msg.sender), "not registered"
-    self._set_models(msg.sender, modelIds)
-    log NodeUpdated(operator=msg.sender)
-
-
-@external
-def updatePricing(minPricePerTokenNative: uint256, minPricePerTokenStable: uint256):
-    assert self._registered(msg.sender), "not registered"
-    self.nodes[msg.sender].minPricePerTokenNative = minPricePerTokenNative
-    self.nodes[msg.sender].minPricePerTokenStable = minPricePerTokenStable
-    log NodeUpdated(operator=msg.sender)
-
-
-@external
-def setModelPricing(modelId: bytes32, priceNative: uint256, priceStable: uint256):
+@nonreentrant
+def stake(amount: uint256):
     """
-    @notice Set the caller's price for one model it serves; 0 falls back to its minimum.
+    @notice Add `amount` FAB to the caller's stake (approve the registry first).
     """
     assert self._registered(msg.sender), "not registered"
-    self._set_price(msg.sender, modelId, priceNative, priceStable)
+    assert amount > 0, "zero amount"
+    self.nodes[msg.sender].stakedAmount += amount
+    self._pull_fab(msg.sender, amount)
 
 
 @external
-@payable
-def addStake():
+def updateMetadata(newMetadata: String[MAX_METADATA]):
     assert self._registered(msg.sender), "not registered"
-    self.nodes[msg.sender].stakedAmount += msg.value
+    assert len(newMetadata) > 0, "empty metadata"
+    self.nodes[msg.sender].metadata = newMetadata
+    log MetadataUpdated(operator=msg.sender, newMetadata=newMetadata)
+
+
+@external
+def updateApiUrl(newApiUrl: String[MAX_URL]):
+    assert self._registered(msg.sender), "not registered"
+    assert len(newApiUrl) > 0, "empty apiUrl"
+    self.nodes[msg.sender].apiUrl = newApiUrl
+    log ApiUrlUpdated(operator=msg.sender, newApiUrl=newApiUrl)
+
+
+@external
+def updateSupportedModels(newModelIds: DynArray[bytes32, MAX_NODE_MODELS]):
+    """
+    @notice Replace the caller's models. Prices set for a model stay recorded.
+    """
+    assert self._registered(msg.sender), "not registered"
+    self._set_models(msg.sender, newModelIds)
+    log ModelsUpdated(operator=msg.sender, newModels=newModelIds)
+
+
+@external
+def setModelTokenPricing(modelId: bytes32, token: address, price: uint256):
+    """
+    @notice Set the caller's price for a model it serves, in `token` (0x0 = native);
+            0 clears it.
+    """
+    self._set_price(modelId, token, price)
+
+
+@external
+def clearModelTokenPricing(modelId: bytes32, token: address):
+    self._set_price(modelId, token, 0)
 
 
 @external
 def deactivateNode():
+    """
+    @notice Local only: take the caller off the active list (stake kept).
+    """
     assert self.nodes[msg.sender].active, "not active"
     self.nodes[msg.sender].active = False
     self._unlist(msg.sender)
@@ -223,6 +250,9 @@ def deactivateNode():
 
 @external
 def reactivateNode():
+    """
+    @notice Local only: put a deactivated caller back on the active list.
+    """
     assert self._registered(msg.sender), "not registered"
     assert not self.nodes[msg.sender].active, "already active"
     self.nodes[msg.sender].active = True
@@ -234,18 +264,18 @@ def reactivateNode():
 @nonreentrant
 def unregisterNode():
     """
-    @notice Remove the caller's node and refund its stake.
+    @notice Remove the caller's node and return its whole FAB stake.
     """
     assert self._registered(msg.sender), "not registered"
-    refund: uint256 = self.nodes[msg.sender].stakedAmount
+    returned: uint256 = self.nodes[msg.sender].stakedAmount
     self._unlist(msg.sender)
     self._clear_models(msg.sender)
     self.nodes[msg.sender] = empty(Node)
-    send(msg.sender, refund)
-    log NodeUnregistered(operator=msg.sender, refunded=refund)
+    assert extcall IERC20(fabToken).transfer(msg.sender, returned, default_return_value=True), "stake transfer failed"
+    log NodeUnregistered(operator=msg.sender, returnedAmount=returned)
 
 
-# -- views with the production signatures --
+# -- views --
 
 @view
 @external
@@ -260,21 +290,28 @@ def getNodeFullInfo(operator: address) -> (
     DynArray[bytes32, MAX_NODE_MODELS], uint256, uint256
 ):
     """
-    @notice Return (operator, stakedAmount, active, metadata, apiUrl,
-            supportedModels, minPricePerTokenNative, minPricePerTokenStable).
+    @notice Return (operator, stakedAmount, active, metadata, apiUrl, supportedModels,
+            minPricePerTokenNative, minPricePerTokenStable); all empty if not registered.
     """
     n: Node = self.nodes[operator]
-    if len(n.apiUrl) == 0:
-        return empty(address), 0, False, "", "", [], 0, 0
     return (
-        operator, n.stakedAmount, n.active, n.metadata, n.apiUrl,
+        n.operator, n.stakedAmount, n.active, n.metadata, n.apiUrl,
         n.supportedModels, n.minPricePerTokenNative, n.minPricePerTokenStable,
     )
 
 
 @view
 @external
+def getNodeModels(operator: address) -> DynArray[bytes32, MAX_NODE_MODELS]:
+    return self.nodes[operator].supportedModels
+
+
+@view
+@external
 def getNodesForModel(modelId: bytes32) -> DynArray[address, MAX_NODES]:
+    """
+    @notice Return the active nodes serving the model.
+    """
     found: DynArray[address, MAX_NODES] = []
     for operator: address in self.activeNodes:
         if self.supports[operator][modelId]:
@@ -304,17 +341,25 @@ def getNodeApiUrl(operator: address) -> String[MAX_URL]:
 @external
 def getModelPricing(operator: address, modelId: bytes32, token: address) -> uint256:
     """
-    @notice Return the node's price for a model in a token (0x0 = native): its
-            per-model price, else its minimum; 0 if it does not serve the model.
-    @dev Reverts for a token other than native and stable.
+    @notice Return the node's price for a model in `token` (0x0 = native).
+    @dev Reverts with "no model pricing" where none is set, as production does.
     """
-    assert token == empty(address) or token == stableToken, "unsupported token"
-    # only a served model keeps a price (_clear_models zeroes the others): one read when set
-    price: uint256 = self.modelPrices[operator][modelId][token]
-    if price != 0:
-        return price
-    if not self.supports[operator][modelId]:
-        return 0
-    if token == empty(address):
-        return self.nodes[operator].minPricePerTokenNative
-    return self.nodes[operator].minPricePerTokenStable
+    price: uint256 = self.modelTokenPricing[operator][modelId][token]
+    assert price != 0, "no model pricing"
+    return price
+
+
+@view
+@external
+def getHostModelPrices(operator: address, token: address) -> (
+    DynArray[bytes32, MAX_NODE_MODELS], DynArray[uint256, MAX_NODE_MODELS]
+):
+    """
+    @notice Return the node's models and, in the same order, its price for each in
+            `token` (0x0 = native); 0 where none is set. Empty if not registered.
+    """
+    model_ids: DynArray[bytes32, MAX_NODE_MODELS] = self.nodes[operator].supportedModels
+    prices: DynArray[uint256, MAX_NODE_MODELS] = []
+    for model_id: bytes32 in model_ids:
+        prices.append(self.modelTokenPricing[operator][model_id][token])
+    return model_ids, prices

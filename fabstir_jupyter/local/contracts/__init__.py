@@ -1,9 +1,12 @@
 """Contracts of the local network: Vyper sources and their committed compiled artifacts.
 
-``NodeRegistry`` and ``ModelRegistry`` have the view functions of the production contracts
-(spec/PROTOCOL.md §8) plus the registration functions the local network needs; ``Multicall3``
-serves ``aggregate3``. Each ``<Name>.vy`` has a ``<Name>.json`` beside it (ABI and bytecode),
-written by ``python -m fabstir_jupyter.local.contracts.build``; loading one needs no compiler.
+``NodeRegistry`` and ``ModelRegistry`` define what the local network needs of the production
+contracts, each function and event with production's exact signature, outputs and selector
+(spec/production-abi.txt; tests/chain/test_production_abi.py holds every artifact to it), plus a
+few local-only helpers under names production does not use. ``MockERC20`` is the local FAB that
+hosts stake; ``Multicall3`` serves ``aggregate3``. Each ``<Name>.vy`` has a ``<Name>.json``
+beside it (ABI and bytecode), written by ``python -m fabstir_jupyter.local.contracts.build``;
+loading one needs no compiler.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 __all__ = ["CONTRACTS", "CONTRACTS_DIR", "load_artifact"]
 
 CONTRACTS_DIR = Path(__file__).resolve().parent
-CONTRACTS = ("ModelRegistry", "NodeRegistry", "Multicall3")
+CONTRACTS = ("MockERC20", "ModelRegistry", "NodeRegistry", "Multicall3")
 
 
 @lru_cache(maxsize=None)
