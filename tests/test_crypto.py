@@ -41,7 +41,7 @@ def test_private_key_loads_0x_and_64_hex_and_derives_the_ethereum_address():
 @pytest.mark.parametrize("text", [
     "", "0x", "0x1234", SECRET_HEX + "00", SECRET_HEX[:-1] + "g", "0x" + "00" * 32,
     hex(SECP256K1_N), "0x" + "ff" * 32, None, 12345, SECRET_HEX.replace("0x", "0x "),
-])
+], ids=lambda text: f"len{len(text)}" if isinstance(text, str) else type(text).__name__)  # ids never show a key
 def test_private_key_refuses_other_forms_without_echoing_them(text):
     """A malformed or out-of-range key is INVALID_OPTIONS, and the message never holds the text."""
     with pytest.raises(InvalidOptions) as info:

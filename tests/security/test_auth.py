@@ -27,7 +27,8 @@ def manager_for(url: str, **config) -> InferenceManager:
     return InferenceManager([url], InferenceConfig(**FAST, **config), usage=ListSink())
 
 
-@pytest.mark.parametrize("token", [None, WRONG_TOKEN, TOKEN + "x", TOKEN[:-1]])
+@pytest.mark.parametrize("token", [None, WRONG_TOKEN, TOKEN + "x", TOKEN[:-1]],
+                         ids=["missing", "wrong", "extended", "truncated"])  # ids never show a token
 async def test_client_without_the_right_token_gets_auth_failed_and_no_inference(make_host, token):
     """A missing or wrong token fails with AUTH_FAILED and the host starts no generation."""
     server = await make_host(auth_token=TOKEN)
@@ -69,7 +70,8 @@ async def test_host_without_a_token_ignores_client_tokens(make_host):
     assert "auth-bearer" not in server.features
 
 
-@pytest.mark.parametrize("header", [None, f"Bearer {WRONG_TOKEN}", f"Basic {TOKEN}", TOKEN, "Bearer "])
+@pytest.mark.parametrize("header", [None, f"Bearer {WRONG_TOKEN}", f"Basic {TOKEN}", TOKEN, "Bearer "],
+                         ids=["missing", "wrong-bearer", "basic", "bare-token", "empty-bearer"])  # no token in ids
 async def test_host_refuses_the_upgrade_with_401(make_host, header):
     """Without exactly 'Bearer <token>' the upgrade is answered 401 before any frame."""
     server = await make_host(auth_token=TOKEN)
