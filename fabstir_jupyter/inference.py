@@ -72,7 +72,6 @@ logger = logging.getLogger("fabstir_jupyter.inference")
 _END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
 _CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
 _COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
-_RECHECK_INTERVAL = 1.0  # seconds between two pings of the hosts marked unreachable (see _recheck_unreachable)
 
 
 def _is_progress(event: protocol.HostEvent) -> bool:
@@ -436,6 +435,7 @@ class InferenceStream:
 
     async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
         manager = self._manager
+        asked_at = time.monotonic()
         if self.session is not None and self.session.host is not None and not tried:
             return self.session.host
         if self._fixed_host is not None:
@@ -447,7 +447,7 @@ class InferenceStream:
         except NoHostsAvailable:
             # Hosts marked unreachable stay so until something talks to them again: give them a
             # second look (a crashed host may be back) before giving up.
-            if not await manager._recheck_unreachable():
+            if not await manager._recheck_unreachable(asked_at):
                 raise
             return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
 
@@ -776,15 +776,16 @@ class InferenceManager:
             )
         return wait_future(asyncio.run_coroutine_threadsafe(coro, loop), timeout)
 
-    async def _recheck_unreachable(self) -> bool:
+    async def _recheck_unreachable(self, asked_at: float) -> bool:
         """Ping the hosts marked unreachable; return whether any host is reachable now.
 
-        At most one round per ``_RECHECK_INTERVAL`` seconds, shared by the streams that ask
-        meanwhile, so many failing requests do not flood dead hosts with probes.
+        A round of pings that started after ``asked_at`` (a ``time.monotonic()`` reading taken when
+        the caller began looking for a host) is fresh enough and is shared, so concurrent failing
+        requests do not flood dead hosts with probes; any older round is not, so a request made
+        after a host came back always looks again.
         """
         hosts = self.host_manager
-        if self._recheck is None or (self._recheck.done()
-                                     and time.monotonic() - self._recheck_at >= _RECHECK_INTERVAL):
+        if self._recheck is None or (self._recheck.done() and self._recheck_at < asked_at):
             down = [h for h in hosts.hosts if not h.reachable]
             if not down:
                 return False

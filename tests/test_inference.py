@@ -529,3 +529,33 @@ async def test_wire_trace_logs_frames_without_prompt_text(start_host, make_manag
     wire = [r.getMessage() for r in caplog.records if r.name == "fabstir_jupyter.wire"]
     assert any('"type":"inference"' in line for line in wire)
     assert not any("private question" in line for line in wire)
+
+
+async def test_unreachable_hosts_are_rechecked_once_for_concurrent_requests_and_again_for_a_later_one(make_manager):
+    """Concurrent requests that find no reachable host share one round of pings; a request made after
+    that round looks again (a host may have come back), so no time window hides a revived host."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"ws://127.0.0.1:{probe.getsockname()[1]}/v1/ws"
+        manager = make_manager([url], max_retries=0)
+        prober = manager.host_manager.prober
+        pings: list[str] = []
+        real_ping = prober.ping
+
+        async def counting_ping(host):
+            pings.append(host.ws_url)
+            return await real_ping(host)
+
+        prober.ping = counting_ping
+        await manager.host_manager.discover_all_active_hosts()  # the discovery probe marks it unreachable
+        assert pings == [url]
+
+        async def one() -> None:
+            with pytest.raises(NoHostsAvailable):
+                async with manager.stream(PROMPT, max_tokens=3) as stream:
+                    await stream.read()
+
+        await asyncio.gather(*(one() for _ in range(5)))
+        assert len(pings) == 2  # one shared recheck round for the five
+        await one()
+        assert len(pings) == 3  # a later request looks again
