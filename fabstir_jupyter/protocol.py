@@ -60,6 +60,7 @@ __all__ = [
     "StopMatcher",
     "ResponseReader",
     # host side
+    "decode_frame",
     "GenerationRequest",
     "InferenceRequest",
     "SessionInit",
@@ -393,6 +394,18 @@ def _nesting_exceeds(text: str, limit: int) -> bool:
         elif char in "]}":
             depth -= 1
     return False
+
+
+def decode_frame(data: str | bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Decode one text frame into its JSON object, refusing nesting deeper than :data:`MAX_JSON_DEPTH`.
+
+    The only JSON decoder a reader of untrusted frames should use: the depth check runs before the
+    C decoder, which could otherwise overflow the C stack where the recursion limit was raised.
+
+    Raises:
+        ProtocolError: binary, too deeply nested, not JSON, not an object, or no string ``type``.
+    """
+    return _load_object(data)
 
 
 def _load_object(data: str | bytes | bytearray | memoryview) -> dict[str, Any]:
@@ -890,8 +903,10 @@ def _parse_generation(body: Any, *, complete: bool) -> GenerationRequest:
     )
 
 
-def parse_client_frame(data: str | bytes | bytearray | memoryview) -> ClientEvent:
+def parse_client_frame(data: str | bytes | bytearray | memoryview | Mapping[str, Any]) -> ClientEvent:
     """Parse one frame sent by a client (the reference host's reader).
+
+    ``data`` is the frame's text, or the object :func:`decode_frame` already made of it.
 
     Only structure and types are checked here; values (an empty prompt, sizes, caps) are the
     host's policy. A ``request`` object must hold ``model``, ``prompt`` and ``max_tokens``:
@@ -903,8 +918,10 @@ def parse_client_frame(data: str | bytes | bytearray | memoryview) -> ClientEven
         ProtocolError: binary, not JSON, not an object, no ``type``, or an unknown ``type``.
         InvalidPrompt, InvalidOptions: a field is missing or has the wrong type; ``field`` names it.
     """
-    obj = _load_object(data)
-    kind = obj["type"]
+    obj = _load_object(data) if not isinstance(data, Mapping) else data
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("frame has no string 'type'")
     request_id = obj.get("id")
     if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
         raise InvalidOptions("'id' must be a string", field="id")

@@ -7,6 +7,9 @@
 //   host         act as a host: open an init and a message, encrypt a reply
 //   client_init  act as the SDK: build an encrypted_session_init and an encrypted_message
 //   client_read  act as the SDK: decrypt a reply with the session key, checking the chunk order
+//   sdk_session  act as the SDK on a real socket (the `ws` package): for each prompt, a fresh
+//                encrypted_session_init (nine payload fields, no id) and an encrypted_message with
+//                the web search fields; read every frame up to stream_end and decrypt the answer
 import { secp256k1 } from '@noble/curves/secp256k1';
 import { sha256 } from '@noble/hashes/sha256';
 import { hkdf } from '@noble/hashes/hkdf';
@@ -160,10 +163,75 @@ const jobs = {
   },
 };
 
+// One socket, frames read in order: next() resolves with the next frame, or rejects after 10 s.
+async function openSocket(url) {
+  const { default: WebSocket } = await import('ws');
+  const ws = new WebSocket(url);
+  const queue = [];
+  const waiting = [];
+  ws.on('message', (data) => {
+    const frame = JSON.parse(data.toString('utf8'));
+    if (waiting.length) waiting.shift()(frame); else queue.push(frame);
+  });
+  await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject); });
+  const next = () => (queue.length ? Promise.resolve(queue.shift()) : new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('no frame within 10 s')), 10000);
+    waiting.push((frame) => { clearTimeout(timer); resolve(frame); });
+  }));
+  return { ws, next, send: (frame) => ws.send(JSON.stringify(frame)) };
+}
+
+jobs.sdk_session = async (job) => {
+  const socket = await openSocket(job.url);
+  const greeting = await socket.next();
+  const hostPub = unhex(job.hostPubHex);
+  const clientPriv = unhex(job.clientPrivHex);
+  const turns = [];
+  for (const [i, prompt] of job.prompts.entries()) {
+    // SessionManager.sendEncryptedInit: a new session key before every prompt, on the same socket.
+    const key = randomBytes(32);
+    const data = { sessionKey: bytesToHex(key), jobId: String(job.jobId), modelName: job.model, pricePerToken: 0 };
+    const initNonce = randomBytes(24);
+    const payload = sealInit(hostPub, clientPriv, secp256k1.utils.randomPrivateKey(), initNonce, data);
+    socket.send({ type: 'encrypted_session_init', payload, chain_id: job.chainId, session_id: job.sessionId,
+                  job_id: String(job.jobId) });
+    const ack = await socket.next();
+    // SessionManager.sendEncryptedMessage: the request encrypted as message_0 of the new key.
+    const body = { prompt, model: job.model, max_tokens: job.maxTokens, temperature: 0.7, stream: true };
+    const id = `${1767225600000 + i}-k3j9x`;
+    socket.send({
+      type: 'encrypted_message', session_id: job.sessionId, id,
+      payload: seal(key, utf8ToBytes(JSON.stringify(body)), utf8ToBytes('message_0'), randomBytes(24)),
+      web_search: false, max_searches: 0, search_queries: null,
+    });
+    const frames = [];
+    const pieces = [];
+    let finishReason = null;
+    for (;;) {
+      const frame = await socket.next();
+      frames.push(frame);
+      if (frame.type === 'encrypted_chunk') {
+        const { plaintext, aad } = open(key, frame.payload);
+        if (aad !== `chunk_${pieces.length}` || frame.payload.index !== pieces.length) throw new Error(`chunk out of order: ${aad}`);
+        pieces.push(plaintext);
+      } else if (frame.type === 'encrypted_response') {
+        const { plaintext, aad } = open(key, frame.payload);
+        if (aad !== 'encrypted_response_final') throw new Error(`bad response aad ${aad}`);
+        finishReason = plaintext;
+      } else if (frame.type === 'stream_end' || frame.type === 'error') {
+        break;
+      }
+    }
+    turns.push({ ack, id, frames, pieces, finishReason, ciphertextSigner: recoverAddress(unhex(payload.signatureHex), sha256(unhex(payload.ciphertextHex))) });
+  }
+  socket.ws.close();
+  return { greeting, turns };
+};
+
 let input = '';
 process.stdin.setEncoding('utf8');
 process.stdin.on('data', (chunk) => { input += chunk; });
-process.stdin.on('end', () => {
+process.stdin.on('end', async () => {
   const job = JSON.parse(input);
-  process.stdout.write(JSON.stringify(jobs[job.op](job)));
+  process.stdout.write(JSON.stringify(await jobs[job.op](job)));
 });

@@ -4,7 +4,10 @@ The production SDK encrypts with the @noble libraries. tests/noble_e2ee.mjs is a
 implementation of §6 on them; these tests run it with Node and check both directions:
 
 * byte for byte: the same keys and nonces give the same payloads on both sides;
-* our client against a @noble host, and a @noble client (shaped like the SDK's frames) against our host.
+* our client against a @noble host, and a @noble client (shaped like the SDK's frames) against our host;
+* a @noble client shaped exactly like the production SDK (nine payload fields, no ``id`` on the
+  init, a fresh init before every prompt on one socket, the web search fields) against a real
+  ``fabstir-host`` over a real WebSocket (the ``ws`` package), in normal and legacy mode.
 
 The packages are installed once with npm into a cache directory (~/.cache/fabstir-jupyter/). The
 tests skip only when ``node`` or ``npm`` is missing.
@@ -12,6 +15,7 @@ tests skip only when ``node`` or ``npm`` is missing.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -39,9 +43,10 @@ from fabstir_jupyter.encryption import (
     seal_session_init,
     transcript_digest,
 )
+from fabstir_jupyter.host import HostConfig, HostServer, ScriptedBackend, scripted_text
 from fabstir_jupyter.protocol import ResponseReader, encode, parse_host_frame
 
-NOBLE_PACKAGES = ("@noble/curves@1.9.7", "@noble/hashes@1.8.0", "@noble/ciphers@0.4.1")
+NOBLE_PACKAGES = ("@noble/curves@1.9.7", "@noble/hashes@1.8.0", "@noble/ciphers@0.4.1", "ws@8.18.3")
 SCRIPT = Path(__file__).with_name("noble_e2ee.mjs")
 
 HOST = PrivateKey.from_hex("0x" + "a1" * 32)
@@ -61,9 +66,31 @@ def _installed(root: Path) -> bool:
     return all((root / "node_modules" / name / "package.json").is_file() for name in names)
 
 
+class Noble:
+    """Runs one job through a copy of tests/noble_e2ee.mjs: ``noble(job)``, or ``await noble.run_async(job)``
+    while this process must keep serving (the job talks to a host on this event loop)."""
+
+    def __init__(self, node: str, script: Path) -> None:
+        self.node = node
+        self.script = script
+
+    def __call__(self, job: dict[str, Any]) -> dict[str, Any]:
+        done = subprocess.run([self.node, str(self.script)], input=json.dumps(job), capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 0, f"node failed on {job['op']}:\n{done.stderr[-3000:]}"
+        return json.loads(done.stdout)
+
+    async def run_async(self, job: dict[str, Any]) -> dict[str, Any]:
+        process = await asyncio.create_subprocess_exec(
+            self.node, str(self.script), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps(job).encode()), 60)
+        assert process.returncode == 0, f"node failed on {job['op']}:\n{stderr.decode()[-3000:]}"
+        return json.loads(stdout)
+
+
 @pytest.fixture(scope="module")
-def noble() -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
-    """Run a job through tests/noble_e2ee.mjs with the @noble packages installed (once) beside it."""
+def noble() -> Iterator[Noble]:
+    """Run jobs through tests/noble_e2ee.mjs with the npm packages installed (once) beside it."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         pytest.skip("node and npm are needed for the @noble known-answer tests (CI has both)")
@@ -86,14 +113,7 @@ def noble() -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
     # A per-run copy of the script next to node_modules, where Node resolves its imports.
     script = root / f"run-{uuid.uuid4().hex[:8]}.mjs"
     shutil.copyfile(SCRIPT, script)
-
-    def run(job: dict[str, Any]) -> dict[str, Any]:
-        done = subprocess.run([node, str(script)], input=json.dumps(job), capture_output=True, text=True,
-                              timeout=60, check=False)
-        assert done.returncode == 0, f"node failed on {job['op']}:\n{done.stderr[-3000:]}"
-        return json.loads(done.stdout)
-
-    yield run
+    yield Noble(node, script)
     script.unlink(missing_ok=True)
 
 
@@ -188,3 +208,47 @@ def test_the_noble_side_refuses_frames_under_another_key(noble):
     frame = host.reply_writer("x", request_id=None, now=0.0).chunk("secret")
     with pytest.raises(AssertionError, match="invalid tag"):
         noble({"op": "client_read", "sessionKeyHex": "01" * 32, "frames": [frame]})
+
+
+# --------------------------------------------------------------------------- the SDK's frames, on a real host
+
+SDK_PROMPTS = ["Which river runs through Ljubljana? Answer privately.", "And which castle overlooks it?"]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
+async def test_an_sdk_shaped_noble_client_talks_to_a_real_fabstir_host(noble, legacy):
+    """Two prompts on one `ws` socket, each after a fresh encrypted_session_init (nine payload fields, no
+    id) and with web_search/max_searches/search_queries on the message: each init is acknowledged,
+    each answer decrypts with @noble in order to the scripted text, with the finish reason, and ends
+    with a stream_end carrying the message's id and the session. Normal mode also keeps the
+    session's memory across the re-init (the second prompt's usage counts the first turn)."""
+    async with HostServer(HostConfig(operator_key=HOST, legacy=legacy), ScriptedBackend()) as server:
+        result = await noble.run_async({
+            "op": "sdk_session", "url": server.ws_url, "hostPubHex": str(HOST.public_key),
+            "clientPrivHex": "b2" * 32, "sessionId": "1234", "jobId": 1234, "chainId": 84532,
+            "model": "scripted-1", "maxTokens": 5, "prompts": SDK_PROMPTS,
+        })
+    assert result["greeting"]["type"] == "connected"
+    turns = result["turns"]
+    assert len(turns) == 2
+    for prompt, turn in zip(SDK_PROMPTS, turns):
+        ack = turn["ack"]
+        assert (ack["type"], ack["status"], ack["session_id"], ack["job_id"]) == ("session_init_ack", "success",
+                                                                                  "1234", 1234)
+        assert "id" not in ack
+        expected_signer = turn["ciphertextSigner"] if legacy else CLIENT.address.lower()
+        assert ack["client_address"].lower() == expected_signer
+        assert "".join(turn["pieces"]) == scripted_text(prompt, 5) and turn["pieces"][-1] == ""
+        assert turn["finishReason"] == "length"
+        frames = turn["frames"]
+        assert [f["type"] for f in frames] == ["encrypted_chunk"] * 6 + ["encrypted_response", "stream_end"]
+        assert frames[5]["final"] is True
+        assert all(f["id"] == turn["id"] and f["session_id"] == "1234" for f in frames)
+        joined = json.dumps(frames)
+        assert prompt not in joined and scripted_text(prompt, 5).strip() not in joined
+    if legacy:
+        assert turns[1]["frames"][-1] == {"type": "stream_end", "id": turns[1]["id"], "session_id": "1234"}
+    else:
+        first, second = (t["frames"][-1]["usage"]["prompt_tokens"] for t in turns)
+        assert first == len(SDK_PROMPTS[0].split())
+        assert second == first + 5 + len(SDK_PROMPTS[1].split())

@@ -12,6 +12,12 @@ host started by a notebook kernel never outlives the kernel (keep the stdin pipe
 A private host takes its bearer token from ``--auth-token-file PATH`` or the environment variable
 ``FABSTIR_HOST_TOKEN`` (the file wins), never from a flag value, which other users could read in
 ``ps``. ``--certfile``/``--keyfile`` serve ``wss://`` and ``https://``.
+
+Encrypted sessions (spec §6) need the operator's key, the one the host uses on chain: from
+``--key-file PATH`` (``0x`` and 64 hex characters) or the environment variable
+``FABSTIR_HOST_PRIVATE_KEY`` (the file wins), never from a flag value. Like ssh with a private key,
+the host refuses a key file that group or others may read: it holds the key to the operator's stake
+and earnings, and a warning scrolls past unread.
 """
 
 from __future__ import annotations
@@ -23,18 +29,23 @@ import logging
 import os
 import signal
 import ssl
+import stat
 import sys
 import threading
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import FabstirError, InvalidOptions
 from .backends import Backend, BackendUnavailable
 from .server import DEFAULT_VERSION, HostConfig, HostServer
 
-__all__ = ["build_parser", "make_backend", "make_config", "main"]
+if TYPE_CHECKING:
+    from ..crypto import PrivateKey
+
+__all__ = ["build_parser", "make_backend", "make_config", "read_operator_key", "main"]
 
 READY_PREFIX = "fabstir-host listening on "
 TOKEN_ENV = "FABSTIR_HOST_TOKEN"
+KEY_ENV = "FABSTIR_HOST_PRIVATE_KEY"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--certfile", metavar="PATH",
                           help="PEM certificate chain: serve wss:// and https:// (default: plain ws:// and http://)")
     security.add_argument("--keyfile", metavar="PATH", help="PEM private key of --certfile (default: in the certfile)")
+    security.add_argument("--key-file", metavar="PATH", dest="operator_key_file",
+                          help=f"the operator's secp256k1 key (0x and 64 hex characters; the host's on-chain "
+                               f"key) in PATH, readable by its owner only (or set {KEY_ENV}): serve encrypted "
+                               f"sessions besides plaintext ones "
+                               f"(default: no key, or {KEY_ENV} when set; without one, encrypted frames get "
+                               f"ENCRYPTION_NOT_SUPPORTED)")
 
     limits = parser.add_argument_group("limits")
     defaults = HostConfig()
@@ -93,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="PER_MINUTE", help="requests per minute per remote address; 0 turns the limit off")
     limits.add_argument("--session-idle-timeout", type=float, default=defaults.session_idle_timeout,
                         metavar="SECONDS", help="forget a plaintext session unused this long")
+    limits.add_argument("--session-key-lifetime", type=float, default=defaults.session_key_lifetime,
+                        metavar="SECONDS", help="wipe an encrypted session's key unused this long")
     limits.add_argument("--idle-connection-timeout", type=float, default=defaults.idle_connection_timeout,
                         metavar="SECONDS", help="close connections silent this long with no stream running")
     limits.add_argument("--max-sessions", type=int, default=defaults.max_sessions, metavar="N",
@@ -156,11 +175,47 @@ def read_auth_token(args: argparse.Namespace) -> str | None:
     return token
 
 
+def read_operator_key(args: argparse.Namespace) -> PrivateKey | None:
+    """Return the operator key from ``--key-file`` or ``FABSTIR_HOST_PRIVATE_KEY`` (``None``: no key).
+
+    Raises:
+        InvalidOptions: the file cannot be read, may be read by group or others, or does not hold
+            ``0x`` and 64 hex characters; the variable holds no such key. No message shows the
+            file's content or the variable's value.
+    """
+    path = getattr(args, "operator_key_file", None)
+    if path is None:
+        text = os.environ.get(KEY_ENV) or None
+        source = KEY_ENV
+        if text is None:
+            return None
+    else:
+        source = f"--key-file {path}"
+        try:
+            with open(path, encoding="utf-8") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                if os.name == "posix" and mode & 0o077:
+                    raise InvalidOptions(
+                        f"{source} may be read by group or others (mode {stat.S_IMODE(mode):04o}); "
+                        f"it holds the operator's key: run chmod 600 {path}", field="operator_key")
+                text = handle.read(4096)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidOptions(f"cannot read {source}: {type(exc).__name__}", field="operator_key") from None
+    try:
+        from ..crypto import PrivateKey
+
+        return PrivateKey.from_hex(text.strip())
+    except ImportError as exc:
+        raise InvalidOptions(f"encrypted sessions need the crypto extra: {exc}", field="operator_key") from None
+    except InvalidOptions as exc:
+        raise InvalidOptions(f"{source} does not hold a usable key: {exc.message}", field="operator_key") from None
+
+
 def make_config(args: argparse.Namespace) -> HostConfig:
     """Build the :class:`HostConfig` the parsed arguments describe.
 
     Raises:
-        InvalidOptions: a limit is out of range or the token file is unusable.
+        InvalidOptions: a limit is out of range, or the token or key file is unusable.
     """
     return HostConfig(
         host=args.host,
@@ -182,6 +237,8 @@ def make_config(args: argparse.Namespace) -> HostConfig:
         auth_token=read_auth_token(args),
         certfile=getattr(args, "certfile", None),
         keyfile=getattr(args, "keyfile", None),
+        operator_key=read_operator_key(args),
+        session_key_lifetime=getattr(args, "session_key_lifetime", HostConfig.session_key_lifetime),
     )
 
 

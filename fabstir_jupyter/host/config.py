@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidOptions
+
+if TYPE_CHECKING:  # the crypto extra is imported only by a host that has a key
+    from ..crypto import PrivateKey
 
 __all__ = ["DEFAULT_VERSION", "HostConfig"]
 
@@ -49,6 +53,14 @@ class HostConfig:
             ``/v1/version`` stay public. Never shown by ``repr`` nor logged.
         certfile: a PEM certificate chain; when set the host serves ``wss://`` and ``https://``.
         keyfile: the PEM private key of ``certfile`` (default: read from ``certfile``).
+        operator_key: the host operator's secp256k1 key (the key of its on-chain address). With it
+            the host serves encrypted sessions (spec §6) besides plaintext ones; without it an
+            encrypted frame is answered ``ENCRYPTION_NOT_SUPPORTED``. Never shown by ``repr`` nor
+            logged; only its address and public key are.
+        session_key_lifetime: seconds an encrypted session's key may go unused before it is
+            wiped (keys are also wiped when their connection closes).
+        max_session_keys: encrypted session keys kept per connection; the least recently used
+            goes first.
     """
 
     host: str = "127.0.0.1"
@@ -76,12 +88,15 @@ class HostConfig:
     auth_token: str | None = field(default=None, repr=False, compare=False)
     certfile: str | None = None
     keyfile: str | None = None
+    operator_key: "PrivateKey | None" = field(default=None, repr=False, compare=False)
+    session_key_lifetime: float = 1800.0
+    max_session_keys: int = 16
 
     def __post_init__(self) -> None:
         positive = (
             "max_frame_bytes", "max_prompt_chars", "max_tokens_cap", "default_max_tokens",
             "max_concurrent_streams", "max_sessions", "max_session_messages", "send_timeout", "max_connections",
-            "idle_connection_timeout",
+            "idle_connection_timeout", "session_key_lifetime", "max_session_keys",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -97,6 +112,12 @@ class HostConfig:
                 # the message must not echo the token
                 raise InvalidOptions("host config: auth_token must be non-empty printable ASCII without spaces",
                                      field="auth_token")
+        if self.operator_key is not None:
+            from ..crypto import PrivateKey
+
+            if not isinstance(self.operator_key, PrivateKey):  # the message must not echo the value
+                raise InvalidOptions("host config: operator_key must be a fabstir_jupyter.crypto.PrivateKey",
+                                     field="operator_key")
         if self.keyfile is not None and self.certfile is None:
             raise InvalidOptions("host config: keyfile needs a certfile", field="keyfile")
 

@@ -1,4 +1,4 @@
-"""Bounded state of the reference host: rate limits and plaintext session memory.
+"""Bounded state of the reference host: rate limits and session memory.
 
 No I/O and no asyncio here: every class takes a ``clock`` (seconds, monotonic) so tests can drive
 time by hand.
@@ -70,17 +70,23 @@ class AddressLimiter:
 
 @dataclass(slots=True)
 class Session:
-    """A plaintext session: its ids and the transcript the host remembers."""
+    """A session: its ids and the transcript the host remembers.
+
+    Attributes:
+        owners: for an encrypted session, the signer addresses its inits have in common (see
+            ``HostServer._bind_memory``); empty for a plaintext one.
+    """
 
     session_id: str
     job_id: str | None = None
     chain_id: int | None = None
     messages: list[tuple[str, str]] = field(default_factory=list)
     last_used: float = 0.0
+    owners: frozenset[str] = frozenset()
 
 
 class SessionStore:
-    """Plaintext sessions by id: bounded in count and length, evicted when idle.
+    """Sessions by id: bounded in count and length, evicted when idle.
 
     Args:
         max_sessions: the most sessions kept; opening one more evicts the least recently used.

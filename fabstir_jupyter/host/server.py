@@ -16,6 +16,14 @@ Replies to a request:
   the frame after the cancel is read only once that ``stream_end`` is out (as production does:
   a client may "stop, then send" without being told the connection is busy).
 
+With ``HostConfig.operator_key`` the host also serves encrypted sessions (spec §6): per connection a
+:class:`~fabstir_jupyter.encryption.HostEncryption` holds the session keys (bounded lifetime, wiped
+when the connection closes); ``encrypted_session_init`` is acknowledged with ``session_init_ack``;
+``encrypted_message`` runs through the same admission, limits and session memory as a plaintext
+prompt, and its answer is ``encrypted_chunk`` × N (the last one empty and ``final``),
+``encrypted_response`` and a plaintext ``stream_end``. ``error``, ``stream_end`` and
+``stream_cancel`` stay plaintext. Without a key an encrypted frame gets ``ENCRYPTION_NOT_SUPPORTED``.
+
 HTTP: ``GET /health``, ``GET /v1/version``, ``GET /v1/models``; every other path but ``/v1/ws``
 is a 404. With ``HostConfig.auth_token`` the upgrade to ``/v1/ws`` and ``/v1/models`` need
 ``Authorization: Bearer <token>`` (HTTP 401 otherwise, before any frame is read); ``/health`` and
@@ -33,8 +41,9 @@ import json
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -65,6 +74,7 @@ from ..protocol import (
     Usage,
     chunk_frame,
     connected_frame,
+    decode_frame,
     encode,
     end_frame,
     error_frame,
@@ -76,6 +86,10 @@ from .backends import AbortConnection, Backend, GenerationParams, GenerationStat
 from .config import DEFAULT_VERSION, HostConfig
 from .legacy import (
     PRODUCTION_DEFAULT_MAX_TOKENS,
+    legacy_encrypted_error_frames,
+    legacy_encrypted_final_frames,
+    legacy_encrypted_init_ack,
+    legacy_encrypted_rejection_frames,
     legacy_encrypted_reply,
     legacy_error_frame,
     legacy_final_frames,
@@ -87,7 +101,13 @@ from .. import _compat
 from ..limits import TokenBucket
 from .limits import AddressLimiter, Session, SessionStore, per_minute_bucket
 
+if TYPE_CHECKING:  # the crypto extra is imported only by a host that has a key
+    from ..encryption import EncryptedPrompt, EncryptedReplyWriter, EncryptedSessionInit, HostEncryption
+
 __all__ = ["DEFAULT_VERSION", "HostConfig", "HostServer"]
+
+#: A generation request: stateless, in a plaintext session, or decrypted from an ``encrypted_message``.
+_Request = Union[InferenceRequest, PromptRequest, "EncryptedPrompt"]
 
 logger = logging.getLogger("fabstir_jupyter.host")
 
@@ -95,6 +115,8 @@ DEFAULT_TEMPERATURE = 0.7
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
 AUTH_FEATURE = "auth-bearer"
+#: Listed by /v1/version when the host has an operator key and serves encrypted sessions.
+E2EE_FEATURE = "e2ee"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
@@ -139,6 +161,8 @@ class _Stream:
     stream: bool
     context_window: int
     session: Session | None = None
+    memory: SessionStore | None = None  # the store ``session`` lives in
+    writer: "EncryptedReplyWriter | None" = None  # encrypts the reply of an encrypted request
     turn_input: list[tuple[str, str]] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -161,6 +185,10 @@ class _Connection:
     bucket: TokenBucket | None  # None: no per-connection limit
     stream: _Stream | None = None
     session_id: str | None = None
+    encryption: "HostEncryption | None" = None  # None: the host has no operator key
+    # The encrypted session memories this connection's inits were granted, by session id: a message
+    # uses a memory only while it is still the one its init was given (see _bind_memory).
+    memories: OrderedDict[str | None, Session] = field(default_factory=OrderedDict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_activity: float = field(default_factory=time.monotonic)  # last frame in, or end of a stream
 
@@ -188,6 +216,13 @@ class HostServer:
         self.config = config or HostConfig()
         self.backend = backend
         self.sessions = SessionStore(
+            max_sessions=self.config.max_sessions,
+            max_messages=self.config.max_session_messages,
+            idle_timeout=self.config.session_idle_timeout,
+        )
+        # Encrypted sessions remember their turns apart from plaintext ones: a plaintext prompt
+        # naming an encrypted session's id must never see (and so echo) its transcript.
+        self.encrypted_sessions = SessionStore(
             max_sessions=self.config.max_sessions,
             max_messages=self.config.max_session_messages,
             idle_timeout=self.config.session_idle_timeout,
@@ -226,6 +261,11 @@ class HostServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("listening on %s (backend %s)", self.ws_url, type(self.backend).__name__)
+        key = self.config.operator_key
+        if key is not None:
+            logger.info("encrypted sessions on: operator address %s, public key %s", key.address, key.public_key)
+        else:
+            logger.info("encrypted sessions off: no operator key")
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         """Load ``certfile``/``keyfile`` into a server TLS context (``None`` without TLS).
@@ -292,6 +332,8 @@ class HostServer:
         features = [f for f in FEATURES if f not in self.backend.unsupported_features]
         if self.config.auth_token is not None:
             features.append(AUTH_FEATURE)
+        if self.config.operator_key is not None:
+            features.append(E2EE_FEATURE)
         return features
 
     # ------------------------------------------------------------------ HTTP
@@ -346,6 +388,7 @@ class HostServer:
             "max_concurrent_streams": self.config.max_concurrent_streams,
             "connections": len(self._connections),
             "sessions": len(self.sessions),
+            "encrypted_sessions": len(self.encrypted_sessions),
             "version": self.config.version,
         }
         if backend.load_error:
@@ -357,7 +400,8 @@ class HostServer:
     async def _handle(self, ws: ServerConnection) -> None:
         remote = ws.remote_address
         address = str(remote[0]) if isinstance(remote, tuple) and remote else "unknown"
-        conn = _Connection(ws, address, per_minute_bucket(self.config.rate_limit_per_connection))
+        conn = _Connection(ws, address, per_minute_bucket(self.config.rate_limit_per_connection),
+                           encryption=self._new_encryption())
         self._connections.add(conn)
         logger.debug("connection from %s", address)
         try:
@@ -373,7 +417,20 @@ class HostServer:
                 job.cancel.set()
                 job.task.cancel()
                 await asyncio.gather(job.task, return_exceptions=True)
+            if conn.encryption is not None:
+                conn.encryption.wipe()  # zero every session key of the connection
+            conn.memories.clear()
             logger.debug("connection from %s closed", address)
+
+    def _new_encryption(self) -> "HostEncryption | None":
+        """A connection's key store, or None when the host has no operator key."""
+        key = self.config.operator_key
+        if key is None:
+            return None
+        from ..encryption import HostEncryption
+
+        return HostEncryption(key, key_lifetime=self.config.session_key_lifetime,
+                              max_keys=self.config.max_session_keys)
 
     async def _next_frame(self, conn: _Connection) -> bool:
         """Handle the next frame; return False once the connection has been idle too long.
@@ -397,10 +454,17 @@ class HostServer:
         return True
 
     async def _on_frame(self, conn: _Connection, data: str | bytes) -> None:
+        # Decode once, with the protocol layer's depth guard: a frame that fails later is still
+        # known as an object (for its id and type), and none is ever decoded without the guard.
+        obj: dict[str, Any] | None = None
         try:
-            event = parse_client_frame(data)
+            obj = decode_frame(data)
+            if obj["type"] in _ENCRYPTED_TYPES:
+                await self._on_encrypted(conn, obj)
+                return
+            event = parse_client_frame(obj)
         except FabstirError as exc:
-            await self._reject_frame(conn, data, exc)
+            await self._reject_frame(conn, obj, exc)
             return
         if isinstance(event, Ping):
             if not self.config.legacy:
@@ -433,20 +497,110 @@ class HostServer:
             job_id = event.job_id  # a non-numeric id is kept as sent
         return session_init_ack_frame(event.session_id, job_id=job_id, chain_id=event.chain_id, request_id=event.id)
 
-    async def _reject_frame(self, conn: _Connection, data: str | bytes, exc: FabstirError) -> None:
-        obj = _peek(data)
-        kind = obj.get("type") if obj is not None else None
+    async def _reject_frame(self, conn: _Connection, obj: dict[str, Any] | None, exc: FabstirError) -> None:
+        """Answer a frame that could not be parsed (``obj``: its JSON object, if it decoded)."""
         if self.config.legacy:
-            reply = legacy_encrypted_reply(obj, conn.session_id) if obj is not None else None
-            if reply is None:
-                logger.debug("legacy: dropped a malformed frame (%s)", exc.code)
-                return
+            logger.debug("legacy: dropped a malformed frame (%s)", exc.code)
+            return
+        await self._send(conn, error_frame(exc.code, exc.message, request_id=_request_id(obj)))
+
+    # ------------------------------------------------------------------ encrypted frames
+
+    async def _on_encrypted(self, conn: _Connection, obj: dict[str, Any]) -> None:
+        """Serve an ``encrypted_session_init`` or ``encrypted_message`` (spec §6)."""
+        legacy = self.config.legacy
+        if conn.encryption is None:
+            if legacy:
+                reply = legacy_encrypted_reply(obj, conn.session_id)
+            else:
+                reply = error_frame("ENCRYPTION_NOT_SUPPORTED",
+                                    "this host has no encryption key; use session_init", request_id=_request_id(obj))
             await self._send(conn, reply)
             return
-        code, message = exc.code, exc.message
-        if kind in _ENCRYPTED_TYPES:
-            code, message = "ENCRYPTION_NOT_SUPPORTED", "encrypted sessions are not supported by this host; use session_init"
-        await self._send(conn, error_frame(code, message, request_id=_request_id(obj)))
+        if conn.stream is not None:  # as for plaintext frames: decrypt nothing, use no message index
+            if legacy:
+                logger.debug("legacy: dropped an %s on a busy connection", obj["type"])
+                return
+            await self._send(conn, error_frame(
+                HostBusy.code,
+                "a stream is already running on this connection; wait for stream_end, send stream_cancel or use another connection",
+                request_id=_request_id(obj),
+            ))
+            return
+        try:
+            event = conn.encryption.receive(obj, now=time.monotonic())
+        except FabstirError as exc:
+            logger.info("%s refused: %s", obj["type"], exc.code)
+            if legacy:
+                frames = legacy_encrypted_error_frames(obj, exc, conn.session_id)
+            else:
+                frame = error_frame(exc.code, exc.message, request_id=_request_id(obj))
+                session_id = obj.get("session_id")
+                if obj["type"] == "encrypted_session_init" and isinstance(session_id, str):
+                    frame["session_id"] = session_id  # production names the session in init errors
+                frames = [frame]
+            async with conn.send_lock:
+                for frame in frames:
+                    await self._send_locked(conn, encode(frame))
+            return
+        from ..encryption import EncryptedSessionInit
+
+        if isinstance(event, EncryptedSessionInit):
+            await self._on_encrypted_init(conn, event, obj)
+        else:
+            await self._start(conn, event)
+
+    async def _on_encrypted_init(self, conn: _Connection, event: "EncryptedSessionInit", obj: dict[str, Any]) -> None:
+        """Bind the session's memory to this connection and acknowledge the init."""
+        if event.session_id is not None:
+            conn.session_id = event.session_id  # as production: the connection's session from now on
+            self._bind_memory(conn, event)
+        logger.info("encrypted session %s initialised (job %s)", event.session_id, event.job_id)
+        if self.config.legacy:
+            ack = legacy_encrypted_init_ack(event, obj)
+        else:
+            job_id: int | str | None = production_job_id(event.job_id)
+            ack = session_init_ack_frame(
+                event.session_id if event.session_id is not None else "unknown",
+                job_id=event.job_id if job_id is None else job_id,
+                chain_id=event.chain_id,
+                request_id=event.id,
+                message="encrypted session initialised",
+            )
+            ack["client_address"] = event.signer_addresses[0]
+        await self._send(conn, ack)
+
+    def _bind_memory(self, conn: _Connection, event: "EncryptedSessionInit") -> None:
+        """Give the init's connection the session's memory: kept across re-inits by the same signer.
+
+        The production SDK re-inits before every prompt, so the transcript must outlive an init.
+        But an id alone must not open someone else's conversation: the memory is kept only when a
+        signer address recovered from this init's signature is one recovered from every earlier
+        init of that session; otherwise the session starts afresh (nothing is refused: a recovered
+        address proves nothing by itself, it only keeps conversations apart). A connection whose
+        memory was replaced this way runs its next messages without memory.
+        """
+        assert event.session_id is not None
+        signers = frozenset(event.signer_addresses)
+        session = self.encrypted_sessions.get(event.session_id)
+        if session is None or not session.owners & signers:
+            session = self.encrypted_sessions.open(event.session_id, job_id=event.job_id, chain_id=event.chain_id)
+            session.owners = signers
+        else:
+            session.owners &= signers
+            session.job_id = event.job_id
+        conn.memories.pop(event.session_id, None)
+        conn.memories[event.session_id] = session
+        while len(conn.memories) > self.config.max_session_keys:
+            conn.memories.popitem(last=False)
+
+    def _encrypted_memory(self, conn: _Connection, session_id: str | None) -> Session | None:
+        """The memory an encrypted message of ``session_id`` may use (None: answer it without memory)."""
+        sid = conn.session_id if session_id is None else session_id
+        bound = conn.memories.get(sid)
+        if bound is None or self.encrypted_sessions.get(bound.session_id) is not bound:
+            return None  # never bound, evicted, or re-opened by another signer
+        return bound
 
     async def _cancel_and_wait(self, conn: _Connection) -> None:
         """Cancel the connection's stream and wait until its last frame is out.
@@ -482,15 +636,19 @@ class HostServer:
 
     # ------------------------------------------------------------------ admission
 
-    async def _start(self, conn: _Connection, event: ClientEvent) -> None:
-        assert isinstance(event, (InferenceRequest, PromptRequest))
+    async def _start(self, conn: _Connection, event: "_Request") -> None:
+        encrypted = not isinstance(event, (InferenceRequest, PromptRequest))
         try:
             job = self._admit(conn, event)
+            if job is not None and encrypted:
+                assert conn.encryption is not None
+                job.writer = conn.encryption.reply_writer(event.session_id, request_id=event.id, now=time.monotonic())
         except FabstirError as exc:
             logger.info("request %s rejected: %s", event.id, exc.code)
             if self.config.legacy:
+                rejection = legacy_encrypted_rejection_frames if encrypted else legacy_rejection_frames
                 async with conn.send_lock:
-                    for frame in legacy_rejection_frames(exc, event.id):
+                    for frame in rejection(exc, event.id):
                         await self._send_locked(conn, encode(frame))
             else:
                 await self._send(conn, self._error_frame(exc.code, exc.message, event.id))
@@ -502,8 +660,12 @@ class HostServer:
         job.task = asyncio.create_task(self._run(conn, job))
         self._log_start(job, conn)
 
-    def _admit(self, conn: _Connection, event: InferenceRequest | PromptRequest) -> _Stream | None:
+    def _admit(self, conn: _Connection, event: "_Request") -> _Stream | None:
         """Check limits and build the stream of a request; None means "drop it" (legacy only).
+
+        A plaintext ``prompt`` and an encrypted message run on their session's memory (plaintext
+        and encrypted sessions are remembered apart); an encrypted message whose memory is gone
+        runs without it, as a stateless request does.
 
         Raises:
             FabstirError: the request is refused; the caller answers it.
@@ -547,7 +709,13 @@ class HostServer:
         if chars > cfg.max_prompt_chars:
             raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}", field="prompt")
         session, turn_input = None, self._turn_input(req.prompt, () if legacy else req.messages)
-        if isinstance(event, PromptRequest) and not legacy:  # production runs a prompt without a session too
+        memory = self.sessions
+        if not isinstance(event, (InferenceRequest, PromptRequest)):  # encrypted: memory on both paths, as production
+            memory = self.encrypted_sessions
+            session = self._encrypted_memory(conn, event.session_id)
+            if session is not None and (legacy or not req.messages):
+                turn_input = [*session.messages, ("user", req.prompt)]
+        elif isinstance(event, PromptRequest) and not legacy:  # production runs a prompt without a session too
             session_id = event.session_id or conn.session_id
             session = self.sessions.get(session_id) if session_id is not None else None
             if session is None:
@@ -573,6 +741,7 @@ class HostServer:
             stream=req.stream or legacy,
             context_window=model.context_window,
             session=session,
+            memory=memory if session is not None else None,
             turn_input=turn_input,
         )
 
@@ -646,8 +815,8 @@ class HostServer:
         if finish is None:
             self._release(conn, job)
             return
-        if job.session is not None and finish != "error":
-            self.sessions.record_turn(job.session, job.turn_input, "".join(job.text))
+        if job.session is not None and job.memory is not None and finish != "error":
+            job.memory.record_turn(job.session, job.turn_input, "".join(job.text))
         logger.info(
             "request %s: %s after %d tokens in %.3f s%s", job.request_id, finish, job.generated,
             time.monotonic() - job.started, f" ({error.code})" if error else "",
@@ -677,7 +846,7 @@ class HostServer:
 
     async def _generate(self, conn: _Connection, job: _Stream) -> str:
         """Stream the backend's tokens to the client; return the finish reason."""
-        params, rid = job.params, job.request_id
+        params = job.params
         stops = StopMatcher(params.stop)
         pending = 0  # tokens whose text is held back by the stop matcher
         reason: str | None = None
@@ -691,7 +860,7 @@ class HostServer:
                 if out:
                     job.text.append(out)
                     if job.stream:
-                        await self._send(conn, chunk_frame(out, tokens=pending, request_id=rid))
+                        await self._send(conn, self._chunk_frame(job, out, pending))
                     pending = 0
                 if stops.matched is not None:
                     return "stop"
@@ -704,14 +873,21 @@ class HostServer:
         if tail:
             job.text.append(tail)
             if job.stream:
-                await self._send(conn, chunk_frame(tail, tokens=pending, request_id=rid))
+                await self._send(conn, self._chunk_frame(job, tail, pending))
         if not job.stream and job.text:
-            await self._send(conn, chunk_frame("".join(job.text), tokens=job.generated, request_id=rid))
+            await self._send(conn, self._chunk_frame(job, "".join(job.text), job.generated))
         if stops.matched is not None:  # a stop found in the held-back tail
             return "stop"
         if reason is None:
             reason = job.stats.finish_reason or ("length" if job.generated >= params.max_tokens else "stop")
         return reason
+
+    @staticmethod
+    def _chunk_frame(job: _Stream, text: str, tokens: int) -> dict[str, Any]:
+        """A piece of the answer: ``encrypted_chunk`` for an encrypted request, else ``stream_chunk``."""
+        if job.writer is not None:
+            return job.writer.chunk(text, tokens=tokens)
+        return chunk_frame(text, tokens=tokens, request_id=job.request_id)
 
     def _usage(self, job: _Stream) -> Usage:
         completion = job.stats.completion_tokens or job.generated
@@ -726,14 +902,22 @@ class HostServer:
     def _final_frames(
         self, job: _Stream, finish: str, error: FabstirError | None, session_id: str | None
     ) -> list[dict[str, Any]]:
-        rid = job.request_id
+        rid, writer = job.request_id, job.writer
         if self.config.legacy:
+            if writer is not None:
+                return legacy_encrypted_final_frames(finish, job.generated, error, writer, session_id=session_id)
             return legacy_final_frames(finish, job.generated, error, rid, session_id=session_id)
         reason = {"cancelled": "cancelled", "error": "error"}.get(finish, "complete")
         frames = []
         if error is not None:
             frames.append(self._error_frame(error.code, error.message, rid))
-        frames.append(end_frame(reason=reason, finish_reason=finish, usage=self._usage(job), request_id=rid))
+        elif writer is not None and reason == "complete":
+            # The production reply: an empty last chunk marked final, then the finish reason, encrypted.
+            frames += [writer.chunk("", tokens=0, final=True), writer.response(finish)]
+        end = end_frame(reason=reason, finish_reason=finish, usage=self._usage(job), request_id=rid)
+        if writer is not None and writer.session_id is not None:
+            end["session_id"] = writer.session_id
+        frames.append(end)
         return frames
 
     def _error_frame(self, code: str, message: str, request_id: str | None) -> dict[str, Any]:
@@ -759,17 +943,6 @@ class HostServer:
             if conn.ws.transport is not None:
                 conn.ws.transport.abort()
             raise _ConnectionGone("send timed out") from None
-
-
-def _peek(data: str | bytes) -> dict[str, Any] | None:
-    """Return the JSON object of a frame that failed to parse, where it can be read."""
-    if not isinstance(data, str):
-        return None
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _request_id(obj: dict[str, Any] | None) -> str | None:
