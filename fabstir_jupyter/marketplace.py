@@ -86,7 +86,10 @@ DEFAULT_PROOF_TIMEOUT_WINDOW = 300
 # Contract refusals that may pass with time: the proof rate, the host's dispute window, the timeout.
 _RETRY_LATER = frozenset({"Too many", "Dispute wait", "Not timeout"})
 _OVER_DEPOSIT = "Over dep"
-_NO_FUNDS = re.compile(r"balance too low|allowance too low|insufficient|exceeds balance|exceeds allowance", re.I)
+_NO_FUNDS = re.compile(
+    r"balance too low|allowance too low|insufficient (funds|balance|allowance)|exceeds (balance|allowance)"
+    r"|not have enough (funds|balance)", re.I,
+)
 
 
 # ---------------------------------------------------------------------------- arithmetic (pure)
@@ -436,10 +439,15 @@ class MarketplaceClient:
         except ContractLogicError as exc:
             raise self._refusal(what, _reason(exc)) from None
         except Web3RPCError as exc:
-            message = str(getattr(exc, "message", None) or exc)
+            message = _rpc_message(exc)
             if _NO_FUNDS.search(message):
                 raise InsufficientFunds(f"{what}: {message}") from None
             raise TransactionFailed(f"{what}: the node refused it: {message}") from None
+        except Exception as exc:  # an in-process chain raises its own errors (eth-tester's ValidationError)
+            message = str(exc) or type(exc).__name__
+            if _NO_FUNDS.search(message):
+                raise InsufficientFunds(f"{what}: {message}") from None
+            raise TransactionFailed(f"{what}: {type(exc).__name__}: {message}") from exc
 
     @staticmethod
     def _refusal(what: str, reason: str, tx_hash: str | None = None) -> FabstirError:
@@ -695,6 +703,14 @@ class MarketplaceClient:
         receipt = self._transact(fn, f"withdraw earnings in {token}")
         withdrawn = contract.events.EarningsWithdrawn().process_receipt(receipt, errors=DISCARD)
         return sum(int(e["args"]["amount"]) for e in withdrawn)
+
+
+def _rpc_message(exc: Web3RPCError) -> str:
+    response = getattr(exc, "rpc_response", None)
+    error = response.get("error") if isinstance(response, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    return str(getattr(exc, "message", None) or exc)
 
 
 def _reason(exc: ContractLogicError) -> str:

@@ -309,11 +309,8 @@ class LocalChain:
         if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
             raise InvalidOptions(f"seconds must be a positive integer, not {seconds!r}", field="seconds")
         with self.provider.lock:
-            target = int(self.tester.get_block_by_number("pending")["timestamp"]) + seconds - 1
-            if target == self.tester.get_block_by_number("pending")["timestamp"]:
-                self.tester.mine_blocks(1)  # time_travel to the pending time itself would mine nothing
-            else:
-                self.tester.time_travel(target)  # mines a block at target; the next one is target + 1
+            target = int(self.tester.get_block_by_number("pending")["timestamp"]) + seconds
+            self.tester.time_travel(target)  # mines an empty block at target - 1; the next one is at target
             return int(self.tester.get_block_by_number("pending")["timestamp"])
 
     # ------------------------------------------------------------------ accounts and balances
