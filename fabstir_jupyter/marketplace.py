@@ -27,11 +27,11 @@ the precision factor :data:`PRICE_PRECISION`: cost = tokens × price / 1000.
 from __future__ import annotations
 
 import enum
+import logging
 import re
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 from .crypto import PrivateKey
@@ -56,6 +56,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
+
+T = TypeVar("T")
 
 __all__ = [
     "NATIVE_TOKEN",
@@ -328,6 +330,29 @@ def _redacted(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "rpc"
 
 
+class _RedactRpcUrls(logging.Filter):
+    """Replace the RPC URLs of clients in web3's DEBUG records by their scheme, host and port: web3's
+    HTTP provider logs the full URI, whose path or query often holds an API key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = message
+        for url in self.urls:
+            hidden = hidden.replace(url, _redacted(url))
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        return True
+
+
+_URL_FILTER = _RedactRpcUrls()
+for _name in ("web3.providers.HTTPProvider", "web3._utils.http_session_manager.HTTPSessionManager"):
+    logging.getLogger(_name).addFilter(_URL_FILTER)
+
+
 def _bytes32(value: bytes | str, what: str) -> bytes:
     if isinstance(value, str):
         digits = value[2:] if value[:2] in ("0x", "0X") else value
@@ -385,6 +410,7 @@ class MarketplaceClient:
             self._w3 = rpc
             self._where = "in-process chain"
         elif isinstance(rpc, str) and urlsplit(rpc).scheme in ("http", "https") and urlsplit(rpc).netloc:
+            _URL_FILTER.urls.add(rpc)
             provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
             self._w3 = Web3(provider)
             self._where = f"chain rpc {_redacted(rpc)}"
@@ -427,27 +453,31 @@ class MarketplaceClient:
     def w3(self) -> Web3:
         return self._w3
 
-    @contextmanager
-    def _rpc(self, what: str) -> Iterator[None]:
-        # transport failures → ConnectionFailed; a node's refusal → the matching coded error
+    def _rpc(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call``; transport failures become ConnectionFailed, refusals the matching coded error.
+
+        The error is raised outside the ``except`` clause, so it carries no ``__context__``: a
+        transport exception's text may hold the RPC URL's key.
+        """
         try:
-            yield
+            return call()
         except FabstirError:
             raise
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise ConnectionFailed(f"{self._where}: {what}: {type(exc).__name__}") from None
+            error: FabstirError = ConnectionFailed(f"{self._where}: {what}: {type(exc).__name__}")
+        except TimeExhausted:
+            error = TransactionFailed(f"{what}: not mined within {self.receipt_timeout:g} s (it may still be mined)")
         except ContractLogicError as exc:
-            raise self._refusal(what, _reason(exc)) from None
+            error = self._refusal(what, _reason(exc))
         except Web3RPCError as exc:
             message = _rpc_message(exc)
-            if _NO_FUNDS.search(message):
-                raise InsufficientFunds(f"{what}: {message}") from None
-            raise TransactionFailed(f"{what}: the node refused it: {message}") from None
+            error = (InsufficientFunds(f"{what}: {message}") if _NO_FUNDS.search(message)
+                     else TransactionFailed(f"{what}: the node refused it: {message}"))
         except Exception as exc:  # an in-process chain raises its own errors (eth-tester's ValidationError)
             message = str(exc) or type(exc).__name__
-            if _NO_FUNDS.search(message):
-                raise InsufficientFunds(f"{what}: {message}") from None
-            raise TransactionFailed(f"{what}: {type(exc).__name__}: {message}") from exc
+            error = (InsufficientFunds(f"{what}: {message}") if _NO_FUNDS.search(message)
+                     else TransactionFailed(f"{what}: {type(exc).__name__}: {message}"))
+        raise error
 
     @staticmethod
     def _refusal(what: str, reason: str, tx_hash: str | None = None) -> FabstirError:
@@ -461,8 +491,7 @@ class MarketplaceClient:
     @property
     def chain_id(self) -> int:
         if self._chain_id is None:
-            with self._rpc("eth_chainId"):
-                self._chain_id = int(self._w3.eth.chain_id)
+            self._chain_id = int(self._rpc("eth_chainId", lambda: self._w3.eth.chain_id))
         return self._chain_id
 
     def _signer(self, what: str) -> PrivateKey:
@@ -474,24 +503,25 @@ class MarketplaceClient:
         """Estimate, sign, send and wait for ``fn``; return the receipt of a successful transaction."""
         key = self._signer(what)
         sender = key.address
-        with self._send_lock, self._rpc(what):
+        chain_id = self.chain_id
+
+        def send() -> str:
             gas = fn.estimate_gas({"from": sender, "value": value})  # a refusal surfaces here, unsent
             tx = fn.build_transaction({
-                "from": sender, "value": value, "gas": gas * 6 // 5 + 10_000, "chainId": self.chain_id,
+                "from": sender, "value": value, "gas": gas * 6 // 5 + 10_000, "chainId": chain_id,
                 "nonce": self._w3.eth.get_transaction_count(sender, "pending"),
             })
-            raw = key.sign_transaction(tx)
-            tx_hash = self._w3.eth.send_raw_transaction(raw).to_0x_hex()
-        with self._rpc(what):
-            try:
-                receipt = self._w3.eth.wait_for_transaction_receipt(
-                    tx_hash, timeout=self.receipt_timeout, poll_latency=self.poll_interval
-                )
-            except TimeExhausted:
-                raise TransactionFailed(
-                    f"{what}: not mined within {self.receipt_timeout:g} s (it may still be: check {tx_hash})",
-                    tx_hash=tx_hash, retryable=False,
-                ) from None
+            return self._w3.eth.send_raw_transaction(key.sign_transaction(tx)).to_0x_hex()
+
+        with self._send_lock:  # one nonce at a time
+            tx_hash = self._rpc(what, send)
+        try:
+            receipt = self._rpc(what, lambda: self._w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=self.receipt_timeout, poll_latency=self.poll_interval))
+        except FabstirError as error:
+            if isinstance(error, TransactionFailed):
+                error.tx_hash = tx_hash
+            raise
         if receipt["status"] != 1:
             raise self._mined_refusal(fn, what, sender, value, receipt, tx_hash)
         return receipt
@@ -507,8 +537,7 @@ class MarketplaceClient:
         return TransactionFailed(f"{what}: reverted (transaction {tx_hash})", tx_hash=tx_hash)
 
     def _read(self, fn: Any, what: str) -> Any:
-        with self._rpc(what):
-            return fn.call()
+        return self._rpc(what, fn.call)
 
     def _earnings_contract(self) -> Any:
         if self._host_earnings_address is None:
@@ -556,8 +585,7 @@ class MarketplaceClient:
         """What ``address`` (default: this account) holds of ``token`` (native: wei)."""
         who = _address(address, "address") if address else self._signer("balance").address
         if int(token, 16) == 0:
-            with self._rpc("eth_getBalance"):
-                return int(self._w3.eth.get_balance(who))
+            return int(self._rpc("eth_getBalance", lambda: self._w3.eth.get_balance(who)))
         return int(self._read(self._token(token).functions.balanceOf(who), "balanceOf"))
 
     def earnings(self, host: str | None = None, token: str = NATIVE_TOKEN) -> int:
