@@ -225,6 +225,26 @@ class PrivateKey:
             raise ValueError("sign_digest takes a 32-byte digest")
         return self._key.sign_recoverable(digest, hasher=None)
 
+    def sign_transaction(self, transaction: Mapping[str, Any]) -> bytes:
+        """Sign an Ethereum transaction (the dict web3's ``build_transaction`` returns) with eth-account.
+
+        Returns:
+            The raw signed transaction, ready for ``eth_sendRawTransaction``.
+
+        Raises:
+            InvalidOptions: eth-account refuses the transaction's fields (the message never holds the key).
+        """
+        from eth_account import Account
+
+        fields = {k: v for k, v in transaction.items() if k != "from"}
+        try:
+            signed = Account.sign_transaction(fields, self._key.secret)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidOptions(
+                f"the transaction cannot be signed ({type(exc).__name__})", field="transaction"
+            ) from None
+        return bytes(signed.raw_transaction)
+
     def __reduce__(self) -> Any:
         raise TypeError("a PrivateKey cannot be pickled or copied")
 

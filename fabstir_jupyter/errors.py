@@ -20,6 +20,9 @@ Every error carries a ``code`` from the one namespace shared with the reference 
     ├── Cancelled                     CANCELLED             no
     ├── AuthFailed                    AUTH_FAILED           no
     ├── PaymentRequired               PAYMENT_REQUIRED      no
+    ├── InsufficientFunds             INSUFFICIENT_FUNDS    no
+    ├── BudgetExceeded                BUDGET_EXCEEDED       no
+    ├── TransactionFailed             TRANSACTION_FAILED    no   (yes for a refusal that time may lift)
     ├── EncryptionError               ENCRYPTION_* etc.     no
     ├── InvalidInput (also ValueError)
     │   ├── InvalidPrompt             INVALID_PROMPT        no
@@ -56,6 +59,9 @@ __all__ = [
     "Cancelled",
     "AuthFailed",
     "PaymentRequired",
+    "InsufficientFunds",
+    "BudgetExceeded",
+    "TransactionFailed",
     "EncryptionError",
     "InvalidInput",
     "InvalidPrompt",
@@ -224,6 +230,35 @@ class PaymentRequired(FabstirError):
     code = "PAYMENT_REQUIRED"
 
 
+class InsufficientFunds(FabstirError):
+    """Raised when an account cannot pay a deposit, its gas, or a token transfer (balance or allowance)."""
+
+    code = "INSUFFICIENT_FUNDS"
+
+
+class BudgetExceeded(FabstirError):
+    """Raised when spending would pass what was allowed: a budget, or the tokens a job's deposit pays for."""
+
+    code = "BUDGET_EXCEEDED"
+
+
+class TransactionFailed(FabstirError):
+    """Raised when a chain transaction is refused (reverted) or not mined in time.
+
+    Attributes:
+        reason: the contract's revert text (e.g. ``"Low price"``), or ``None``.
+        tx_hash: the transaction's hash when it was sent, or ``None``.
+    """
+
+    code = "TRANSACTION_FAILED"
+
+    def __init__(self, message: str, *, reason: str | None = None, tx_hash: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reason = reason
+        self.tx_hash = tx_hash
+
+
 class EncryptionError(FabstirError):
     """Raised for the encrypted-session codes of spec/PROTOCOL.md §6 (``code`` says which)."""
 
@@ -280,7 +315,8 @@ ERROR_CODES: dict[str, type[FabstirError]] = {
     for cls in (
         NoHostsAvailable, ConnectionFailed, InferenceTimeout, ModelNotAvailable, RateLimitExceeded,
         HostBusy, HostError, ContextOverflow, ProtocolError, SessionNotFound, Cancelled, AuthFailed,
-        PaymentRequired, InvalidPrompt, InvalidOptions, LedgerUnavailable, LedgerClosed,
+        PaymentRequired, InsufficientFunds, BudgetExceeded, TransactionFailed, InvalidPrompt, InvalidOptions,
+        LedgerUnavailable, LedgerClosed,
     )
 }
 ERROR_CODES.update({code: EncryptionError for code in _ENCRYPTION_CODES})

@@ -27,8 +27,11 @@ if TYPE_CHECKING:
 
 __all__ = ["NETWORKS", "NetworkPreset", "ADDRESS_KEYS", "resolve_network"]
 
-#: The registry addresses a network may name; ``node_registry`` is required.
-ADDRESS_KEYS = ("node_registry", "model_registry", "multicall", "stable_token")
+#: The contract addresses a network may name; ``node_registry`` is required (discovery). Paid sessions
+#: (spec/PROTOCOL.md §10) use ``job_marketplace`` and ``host_earnings``; hosts stake ``fab_token``.
+ADDRESS_KEYS = (
+    "node_registry", "model_registry", "multicall", "stable_token", "job_marketplace", "host_earnings", "fab_token",
+)
 #: Names a custom network may not take: they mean the SDK's own networks.
 RESERVED_NAMES = ("local", "static")
 CUSTOM_NAME = "custom"
@@ -49,8 +52,9 @@ class NetworkPreset:
 
     Args:
         chain_id: the chain id (``None``: not known).
-        addresses: ``node_registry`` (required), ``model_registry``, ``multicall`` (Multicall3)
-            and ``stable_token`` (the stable token prices are quoted in), as ``0x`` hex.
+        addresses: ``node_registry`` (required), ``model_registry``, ``multicall`` (Multicall3),
+            ``stable_token`` (the stable token prices are quoted in: USDC), ``job_marketplace``,
+            ``host_earnings`` and ``fab_token`` (the stake token), as ``0x`` hex.
         rpc_url: an ``http(s)://`` JSON-RPC endpoint (``None``: set one with :meth:`with_rpc_url`).
         name: what the SDK calls the network.
         provider: instead of ``rpc_url``, an in-process ``web3.Web3`` or web3 provider (a local
@@ -124,8 +128,9 @@ class NetworkPreset:
         return ChainRegistrySource(endpoint, dict(self.addresses), **options)
 
 
-#: Chain networks known by name. Addresses from spec/PROTOCOL.md §8; the RPC URL comes from
-#: ``rpc_url=``, ``FABSTIR_RPC_URL`` or the config file.
+#: Chain networks known by name. Addresses from spec/PROTOCOL.md §8 and §10 (the newest recorded
+#: JobMarketplace; older deployments exist); the RPC URL comes from ``rpc_url=``, ``FABSTIR_RPC_URL``
+#: or the config file.
 NETWORKS: dict[str, NetworkPreset] = {
     "base-sepolia": NetworkPreset(
         name="base-sepolia",
@@ -136,6 +141,9 @@ NETWORKS: dict[str, NetworkPreset] = {
             "model_registry": "0x1a9d91521c85bD252Ac848806Ff5096bBb9ACDb2",
             "multicall": "0xcA11bde05977b3631167028862bE2a173976CA11",
             "stable_token": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+            "job_marketplace": "0xD067719Ee4c514B5735d1aC0FfB46FECf2A9adA4",
+            "host_earnings": "0xE4F33e9e132E60fc3477509f99b9E1340b91Aee0",
+            "fab_token": "0xC78949004B4EB6dEf2D66e49Cd81231472612D62",
         },
     ),
 }

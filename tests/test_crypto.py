@@ -287,3 +287,19 @@ def test_host_key_recovers_from_its_registration_on_a_real_chain():
     with pytest.raises(EncryptionError) as info:
         public_key_from_transaction(altered)
     assert info.value.code == "INVALID_PAYLOAD"
+
+
+def test_sign_transaction_is_eth_accounts_signature_and_keeps_the_secret_in():
+    """PrivateKey.sign_transaction gives eth-account's raw signed transaction, recovering to the key's
+    address; a transaction eth-account refuses is INVALID_OPTIONS whose text holds no key."""
+    secret = bytes(range(1, 33))
+    key = PrivateKey.from_bytes(secret)
+    tx = {"to": "0x" + "22" * 20, "value": 5, "gas": 21_000, "maxFeePerGas": 2 * 10**9,
+          "maxPriorityFeePerGas": 10**9, "nonce": 3, "chainId": 84532, "from": key.address}
+    raw = key.sign_transaction(tx)
+    expected = Account.sign_transaction({k: v for k, v in tx.items() if k != "from"}, secret).raw_transaction
+    assert raw == bytes(expected)
+    assert Account.recover_transaction(raw) == key.address
+    with pytest.raises(InvalidOptions) as caught:
+        key.sign_transaction({"to": "0x" + "22" * 20, "value": "five"})
+    assert secret.hex() not in str(caught.value) and caught.value.__cause__ is None

@@ -1,10 +1,11 @@
-"""An in-process EVM chain with the registry contracts deployed: the local network's chain.
+"""An in-process EVM chain with the registry and payment contracts deployed: the local network's chain.
 
 :class:`LocalChain` runs py-evm through eth-tester and web3's sync API, deploys a mock FAB token
-(``MockERC20``), ``ModelRegistry``, ``NodeRegistry`` and ``Multicall3`` from their committed
-artifacts (no compiler needed), and registers hosts, each with its own funded secp256k1 account
-whose compressed public key goes into the metadata's ``publicKey``. Everything here blocks: an
-async caller runs it in a thread.
+and a mock USDC (``MockERC20``, 18 and 6 decimals), ``ModelRegistry``, ``NodeRegistry``,
+``Multicall3``, ``HostEarnings`` and ``JobMarketplace`` from their committed artifacts (no compiler
+needed), and registers hosts, each with its own funded secp256k1 account whose compressed public
+key goes into the metadata's ``publicKey``. Everything here blocks: an async caller runs it in a
+thread.
 
 A host registers with the production functions only, in production's order (spec/PROTOCOL.md §8):
 FAB ``approve``, ``registerNode`` (which pulls ``MIN_STAKE``), ``stake`` for the rest, then
@@ -38,16 +39,22 @@ from web3.providers.eth_tester import EthereumTesterProvider
 from ..errors import InvalidOptions
 from .contracts import load_artifact
 
-__all__ = ["LocalChain", "LocalChainError", "LocalHost", "LocalProvider", "NATIVE_TOKEN", "model_id"]
+__all__ = [
+    "LocalAccount", "LocalChain", "LocalChainError", "LocalHost", "LocalProvider", "NATIVE_TOKEN", "derive_key",
+    "model_id",
+]
 
 TOKEN_DECIMALS = 18
+USDC_DECIMALS = 6
 #: The token address that stands for the chain's native token in prices.
 NATIVE_TOKEN = "0x" + "00" * 20
-# A deterministic stand-in for the stable token (USDC on Base): prices are kept per token address.
-DEFAULT_STABLE_TOKEN = to_checksum_address(keccak(b"fabstir local stable token")[12:])
 _FUNDER_BALANCE = 10**12 * 10**18  # wei in each genesis account: gas for thousands of hosts
 _GAS_ALLOWANCE = 10**18  # wei given to each host account for its transactions
 _TX_GAS = 3_000_000  # explicit gas: web3 then skips estimate_gas (a second execution)
+#: The marketplace's settings, as production's (spec/PROTOCOL.md §10): 10% to the treasury, and a
+#: host may complete a job itself 30 s after its last proof.
+FEE_BASIS_POINTS = 1000
+DISPUTE_WINDOW = 30
 
 ModelRef = Union[str, Tuple[str, str]]
 PricePair = Tuple[int, int]
@@ -55,6 +62,16 @@ PricePair = Tuple[int, int]
 
 class LocalChainError(RuntimeError):
     """Raised when a local chain transaction reverts; the message holds the contract's reason."""
+
+
+def derive_key(seed: int | None, index: int) -> str:
+    """Return the private key (0x-hex) of host ``index``: derived from ``seed``, or fresh when ``None``.
+
+    The same seed and index always give the same key, hence the same host address.
+    """
+    if seed is None:
+        return Account.create().key.to_0x_hex()
+    return "0x" + keccak(f"fabstir local host {seed} {index}".encode()).hex()
 
 
 def model_id(repo: str, file_name: str) -> str:
@@ -127,6 +144,11 @@ class LocalProvider(EthereumTesterProvider):
         with self._lock:
             return [self.make_request(method, params) for method, params in requests]
 
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every request holds; hold it too to drive the tester directly (time travel)."""
+        return self._lock
+
 
 @dataclass(frozen=True)
 class LocalHost:
@@ -146,24 +168,39 @@ class LocalHost:
         return self.stake_wei / 10**TOKEN_DECIMALS
 
 
+@dataclass(frozen=True)
+class LocalAccount:
+    """A funded account of a :class:`LocalChain` that signs its own transactions (a user's wallet)."""
+
+    address: str
+    private_key: str = field(repr=False)  # 0x-hex; never printed
+
+
 class LocalChain:
-    """An in-process EVM chain with a mock FAB token, NodeRegistry, ModelRegistry and Multicall3.
+    """An in-process EVM chain with the registry and payment contracts deployed.
+
+    Deploys a mock FAB (18 decimals) that hosts stake, a mock USDC (6 decimals), ``ModelRegistry``,
+    ``NodeRegistry``, ``Multicall3``, ``HostEarnings`` and ``JobMarketplace`` (10% fee, 30 s
+    dispute window, USDC accepted; the deployer is owner and treasury), and authorizes the
+    marketplace to credit host earnings.
 
     Args:
         minimum_stake: whole FAB a node must stake to register (the registry's ``MIN_STAKE``).
-        stable_token: the address that stands for the stable token in prices (default: a fixed
-            made-up address; no token contract is deployed there).
+        stable_token: the address that stands for the stable token in prices (default: the mock
+            USDC, which the marketplace accepts; another address is only a price key).
         seed: derive host keys from this seed (reproducible addresses) instead of at random.
 
     Attributes:
         w3: a sync :class:`web3.Web3` on :attr:`provider`.
-        addresses: ``node_registry``, ``model_registry``, ``multicall`` and ``stable_token``.
-        fab_token: the mock FAB token contract (web3), which hosts stake.
+        addresses: ``node_registry``, ``model_registry``, ``multicall``, ``stable_token`` (the mock
+            USDC), ``fab_token``, ``job_marketplace`` and ``host_earnings``.
+        fab_token, usdc, node_registry, model_registry, multicall, host_earnings, job_marketplace:
+            the contracts (web3).
         hosts: the hosts registered so far, in order.
     """
 
     def __init__(
-        self, *, minimum_stake: int | float = 0, stable_token: str = DEFAULT_STABLE_TOKEN, seed: int | None = None
+        self, *, minimum_stake: int | float = 0, stable_token: str | None = None, seed: int | None = None
     ) -> None:
         state = PyEVMBackend.generate_genesis_state(overrides={"balance": _FUNDER_BALANCE}, num_accounts=2)
         self.tester = EthereumTester(PyEVMBackend(genesis_state=state))
@@ -178,19 +215,32 @@ class LocalChain:
         self.hosts: list[LocalHost] = []
         self.minimum_stake_wei = _wei(minimum_stake)
         fab_token = self._deploy("MockERC20", "Fabstir Token (local)", "FAB", TOKEN_DECIMALS)
+        usdc = self._deploy("MockERC20", "USD Coin (local)", "USDC", USDC_DECIMALS)
         model_registry = self._deploy("ModelRegistry")
-        stable_token = to_checksum_address(stable_token)
         node_registry = self._deploy("NodeRegistry", fab_token.address, model_registry.address, self.minimum_stake_wei)
         multicall = self._deploy("Multicall3")
+        host_earnings = self._deploy("HostEarnings")
+        job_marketplace = self._deploy(
+            "JobMarketplace", node_registry.address, host_earnings.address, FEE_BASIS_POINTS, DISPUTE_WINDOW,
+            usdc.address,
+        )
+        authorize = host_earnings.functions.setAuthorizedCaller(job_marketplace.address, True)
+        self._transact(authorize, self.deployer, "authorize the marketplace in HostEarnings")
         self.fab_token = fab_token
+        self.usdc = usdc
         self.model_registry = model_registry
         self.node_registry = node_registry
         self.multicall = multicall
+        self.host_earnings = host_earnings
+        self.job_marketplace = job_marketplace
         self.addresses: dict[str, str] = {
             "node_registry": node_registry.address,
             "model_registry": model_registry.address,
             "multicall": multicall.address,
-            "stable_token": stable_token,
+            "stable_token": to_checksum_address(stable_token) if stable_token else usdc.address,
+            "fab_token": fab_token.address,
+            "job_marketplace": job_marketplace.address,
+            "host_earnings": host_earnings.address,
         }
 
     def __repr__(self) -> str:
@@ -235,10 +285,68 @@ class LocalChain:
         return receipt
 
     def _new_key(self) -> str:
-        if self._seed is None:
-            return Account.create().key.to_0x_hex()
-        index = next(self._counter)
-        return "0x" + keccak(f"fabstir local host {self._seed} {index}".encode()).hex()
+        return derive_key(self._seed, next(self._counter))
+
+    # ------------------------------------------------------------------ time
+
+    @property
+    def timestamp(self) -> int:
+        """The latest block's timestamp (seconds)."""
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    @property
+    def next_timestamp(self) -> int:
+        """The timestamp the next transaction's block will have (eth-tester mines one per transaction)."""
+        with self.provider.lock:
+            return int(self.tester.get_block_by_number("pending")["timestamp"])
+
+    def advance_time(self, seconds: int) -> int:
+        """Move the clock: the next transaction's block lands ``seconds`` later than it would have.
+
+        Tests use this instead of sleeping (eth-tester's time travel mines an empty block).
+        Returns the new :attr:`next_timestamp`.
+        """
+        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
+            raise InvalidOptions(f"seconds must be a positive integer, not {seconds!r}", field="seconds")
+        with self.provider.lock:
+            target = int(self.tester.get_block_by_number("pending")["timestamp"]) + seconds
+            self.tester.time_travel(target)  # mines an empty block at target - 1; the next one is at target
+            return int(self.tester.get_block_by_number("pending")["timestamp"])
+
+    # ------------------------------------------------------------------ accounts and balances
+
+    def native_balance(self, address: str) -> int:
+        """The native balance of an address, in wei."""
+        return int(self.w3.eth.get_balance(to_checksum_address(address)))
+
+    def usdc_balance(self, address: str) -> int:
+        """The mock USDC an address holds, in base units (6 decimals)."""
+        return int(self.usdc.functions.balanceOf(to_checksum_address(address)).call())
+
+    def fund(self, address: str, *, native: int = 0, usdc: int = 0) -> None:
+        """Send ``native`` wei from the deployer and mint ``usdc`` base units of mock USDC to ``address``."""
+        address = to_checksum_address(address)
+        if native > 0:
+            self._send(
+                lambda: self.w3.eth.send_transaction(
+                    {"from": self.deployer, "to": address, "value": native, "gas": 21_000}
+                ),
+                f"fund {address}",
+            )
+        if usdc > 0:
+            self._transact(self.usdc.functions.mint(address, usdc), self.deployer, f"mint USDC to {address}")
+
+    def create_account(self, *, native: int = 0, usdc: int = 0, private_key: str | None = None) -> LocalAccount:
+        """Make a funded account that signs its own transactions (it is not unlocked in the tester).
+
+        Args:
+            native: wei to send it.
+            usdc: mock USDC base units (6 decimals) to mint to it.
+            private_key: its key (0x-hex); default a fresh one.
+        """
+        account = Account.from_key(private_key) if private_key else Account.create()
+        self.fund(account.address, native=native, usdc=usdc)
+        return LocalAccount(address=account.address, private_key=account.key.to_0x_hex())
 
     # ------------------------------------------------------------------ models
 

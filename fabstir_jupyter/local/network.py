@@ -21,6 +21,14 @@ the same port (``restarts`` times at most over the network's life; it stays regi
 as its URL does not change). :meth:`LocalNetwork.supervise` keeps a host manager's view true
 meanwhile: the host is marked unreachable while it is down, ``ok`` once it is back.
 
+Paid sessions: the chain also carries the JobMarketplace, HostEarnings and a mock USDC, and the
+network serves it over JSON-RPC on loopback (:attr:`LocalNetwork.rpc_url`) so that host processes
+can prove and settle. Each host's operator key (the key of its registry entry, funded for gas)
+is in a file only its owner can read (:attr:`LocalNetworkHost.key_file`), and a user account
+funded with native tokens and USDC is there for the client's wallet (:attr:`LocalNetwork.user_key`,
+:attr:`LocalNetwork.user_key_file`). The key files live in a private temporary directory removed
+when the network stops; no key is ever printed.
+
 Everything here blocks (py-evm spends tens of milliseconds per call): from async code use
 :meth:`LocalNetwork.astart` and :meth:`LocalNetwork.aclose`, which run it in a worker thread.
 """
@@ -28,19 +36,24 @@ Everything here blocks (py-evm spends tens of milliseconds per call): from async
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import shutil
+import tempfile
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .. import protocol
 from ..errors import InvalidOptions
-from .chain import LocalChain, LocalHost, model_id
+from .chain import LocalAccount, LocalChain, LocalHost, derive_key, model_id
 from .process import HostProcess
+from .rpc import LocalRpcServer
 
 if TYPE_CHECKING:
     from web3 import Web3
 
+    from ..crypto import PrivateKey
     from ..hosts import HostManager
     from ..hosts.registry import ChainRegistrySource
 
@@ -50,6 +63,13 @@ BACKENDS = ("scripted", "llama-cpp")
 MAX_HOSTS = 32
 DEFAULT_RESTARTS = 3  # per host, over the network's life
 DEFAULT_START_TIMEOUT = {"scripted": 30.0, "llama-cpp": 180.0}
+USER_NATIVE = 100 * 10**18  # wei the user account starts with
+USER_USDC = 10_000 * 10**6  # mock USDC base units (6 decimals) the user account starts with
+#: The contract names under which :attr:`LocalNetwork.addresses` also lists each address.
+CONTRACT_NAMES = {
+    "node_registry": "NodeRegistry", "model_registry": "ModelRegistry", "multicall": "Multicall3",
+    "stable_token": "USDC", "fab_token": "FAB", "job_marketplace": "JobMarketplace", "host_earnings": "HostEarnings",
+}
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,7 @@ class LocalNetworkHost:
     process: HostProcess
     region: str
     prices: tuple[int, int]  # (native, stable) per model, raw units, precision 1000
+    key_file: str | None = None  # the operator key (0x-hex), readable by its owner only (0600)
 
     @property
     def url(self) -> str:
@@ -150,7 +171,7 @@ class LocalNetworkHost:
         return self.process.running
 
 
-def _shutdown(processes: Sequence[HostProcess], owner: int) -> None:
+def _shutdown(processes: Sequence[HostProcess], owner: int, cleanups: list[Callable[[], None]]) -> None:
     # a forked child shares the Popen objects but not the children: leave them to their parent
     if os.getpid() != owner:
         return
@@ -158,6 +179,16 @@ def _shutdown(processes: Sequence[HostProcess], owner: int) -> None:
         process.request_stop()  # all at once: they exit in parallel
     for process in processes:
         process.stop()
+    while cleanups:  # the RPC server, the key directory
+        cleanups.pop()()
+
+
+def _write_key(path: str, private_key: str) -> str:
+    # created 0600 (the umask only removes bits) in a 0700 directory, and never overwritten
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(private_key + "\n")
+    return path
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -221,6 +252,9 @@ class LocalNetwork:
         self._stopped = False
         self._hosts: list[LocalNetworkHost] = []
         self.chain: LocalChain | None = None
+        self._rpc: LocalRpcServer | None = None
+        self._user: LocalAccount | None = None
+        self.user_key_file: str | None = None
         timeout = start_timeout if start_timeout is not None else DEFAULT_START_TIMEOUT[backend]
         per_host_threads = threads or max(1, (os.cpu_count() or 1) // count)
         self._processes = [
@@ -228,14 +262,27 @@ class LocalNetwork:
                         start_timeout=timeout, max_restarts=restarts)
             for i in range(count)
         ]
-        self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._owner)
+        self._cleanups: list[Callable[[], None]] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._owner, self._cleanups)
         try:
+            key_dir = tempfile.mkdtemp(prefix="fabstir-local-keys-")  # mode 0700
+            self._cleanups.append(functools.partial(shutil.rmtree, key_dir, ignore_errors=True))
+            self._key_dir = key_dir
+            # each host's operator key exists (in its file) before its process starts
+            host_keys = [derive_key(seed, i) for i in range(count)]
+            self._key_files = [_write_key(os.path.join(self._key_dir, f"host-{i}.key"), key)
+                               for i, key in enumerate(host_keys)]
             for process in self._processes:
                 process.launch()  # the hosts boot while the chain deploys
             self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
+            rpc = LocalRpcServer(self.chain.provider).start()
+            self._cleanups.append(rpc.stop)
+            self._rpc = rpc
+            self._user = self.chain.create_account(native=USER_NATIVE, usdc=USER_USDC)
+            self.user_key_file = _write_key(os.path.join(self._key_dir, "user.key"), self._user.private_key)
             for index, process in enumerate(self._processes):
                 process.wait_ready()
-                self._hosts.append(self._register(index, process))
+                self._hosts.append(self._register(index, process, host_keys[index]))
         except BaseException:  # KeyboardInterrupt included: nothing may outlive a failed start
             self.stop()
             raise
@@ -259,7 +306,7 @@ class LocalNetwork:
                 args += ["--threads", str(threads)]
         return args + extra
 
-    def _register(self, index: int, process: HostProcess) -> LocalNetworkHost:
+    def _register(self, index: int, process: HostProcess, private_key: str) -> LocalNetworkHost:
         assert self.chain is not None and process.url is not None
         offer = _offer(index)
         metadata: dict[str, Any] = {
@@ -277,8 +324,10 @@ class LocalNetwork:
             metadata=metadata,
             region=offer.region,
             name=f"local-{self.backend}-{index}",
+            private_key=private_key,
         )
-        return LocalNetworkHost(index, local, process, offer.region, (offer.native, offer.stable))
+        return LocalNetworkHost(index, local, process, offer.region, (offer.native, offer.stable),
+                                key_file=self._key_files[index])
 
     @classmethod
     async def astart(cls, *args: Any, **kwargs: Any) -> LocalNetwork:
@@ -315,8 +364,37 @@ class LocalNetwork:
 
     @property
     def addresses(self) -> dict[str, str]:
-        """``node_registry``, ``model_registry``, ``multicall`` and ``stable_token``."""
-        return dict(self._chain().addresses)
+        """The contracts' addresses: ``node_registry``, ``model_registry``, ``multicall``,
+        ``stable_token`` (the mock USDC), ``fab_token``, ``job_marketplace``, ``host_earnings`` (the
+        keys of :data:`~fabstir_jupyter.networks.ADDRESS_KEYS`), and the same addresses under the
+        contracts' names (:data:`CONTRACT_NAMES`: ``"JobMarketplace"``, ``"HostEarnings"``,
+        ``"USDC"``, ``"FAB"``, ``"NodeRegistry"``, ``"ModelRegistry"``, ``"Multicall3"``)."""
+        addresses = dict(self._chain().addresses)
+        addresses.update({CONTRACT_NAMES[key]: value for key, value in list(addresses.items()) if key in CONTRACT_NAMES})
+        return addresses
+
+    @property
+    def rpc_url(self) -> str:
+        """The chain's JSON-RPC endpoint on loopback (``http://127.0.0.1:PORT``), for other processes."""
+        if self._rpc is None:
+            raise RuntimeError("the local network has no chain (it failed to start)")
+        return self._rpc.url
+
+    @property
+    def user_address(self) -> str:
+        """The funded user account (native tokens and mock USDC) for the client's wallet."""
+        if self._user is None:
+            raise RuntimeError("the local network has no chain (it failed to start)")
+        return self._user.address
+
+    @property
+    def user_key(self) -> PrivateKey:
+        """The user account's key (a :class:`~fabstir_jupyter.crypto.PrivateKey`: shown as its address only)."""
+        from ..crypto import PrivateKey
+
+        if self._user is None:
+            raise RuntimeError("the local network has no chain (it failed to start)")
+        return PrivateKey.from_hex(self._user.private_key)
 
     @property
     def w3(self) -> Web3:
@@ -341,7 +419,7 @@ class LocalNetwork:
     def as_network(self, name: str = "local-chain") -> dict[str, Any]:
         """This chain as a custom network for ``FabstirSDK(network=...)``: provider, chain id, addresses."""
         return {"name": name, "provider": self._chain().provider, "chain_id": self.chain_id,
-                "addresses": self.addresses}
+                "addresses": dict(self._chain().addresses)}
 
     # ------------------------------------------------------------------ faults and lifecycle
 
@@ -367,7 +445,8 @@ class LocalNetwork:
         self._hosts[index].process.kill()
 
     def stop(self) -> None:
-        """Stop the hosts (stdin closed, then terminate, then kill) and drop the chain. Idempotent.
+        """Stop the hosts (stdin closed, then terminate, then kill), the RPC server, remove the key
+        files and drop the chain. Idempotent.
 
         In a forked child of the owning process it only marks the network stopped.
         """

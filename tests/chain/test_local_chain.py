@@ -30,13 +30,16 @@ def test_model_id_matches_the_spec_example(chain):
     assert chain.model_registry.functions.getModelId(*TINY_VICUNA).call() == bytes.fromhex(SPEC_EXAMPLE_ID[2:])
 
 
-def test_local_chain_deploys_the_four_contracts(chain):
-    """FAB, the registry, model registry and multicall have code; the registry names FAB and the models."""
-    assert set(chain.addresses) == {"node_registry", "model_registry", "multicall", "stable_token"}
-    for address in [chain.addresses[k] for k in ("node_registry", "model_registry", "multicall")] + [
-        chain.fab_token.address
-    ]:
+def test_local_chain_deploys_the_registry_and_payment_contracts(chain):
+    """FAB, USDC, the registries, multicall, HostEarnings and JobMarketplace have code; the registry names
+    FAB and the models; the stable token is the mock USDC."""
+    assert set(chain.addresses) == {"node_registry", "model_registry", "multicall", "stable_token", "fab_token",
+                                    "job_marketplace", "host_earnings"}
+    for address in chain.addresses.values():
         assert len(chain.w3.eth.get_code(address)) > 100
+    assert chain.addresses["fab_token"] == chain.fab_token.address
+    assert chain.addresses["stable_token"] == chain.usdc.address
+    assert chain.usdc.functions.symbol().call() == "USDC" and chain.usdc.functions.decimals().call() == 6
     nodes = chain.node_registry.functions
     assert nodes.fabToken().call() == chain.fab_token.address
     assert nodes.modelRegistry().call() == chain.addresses["model_registry"]

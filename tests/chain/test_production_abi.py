@@ -20,6 +20,7 @@ from eth_utils import keccak
 
 from fabstir_jupyter.hosts.registry import MODEL_REGISTRY_SIGNATURES, NODE_REGISTRY_SIGNATURES
 from fabstir_jupyter.local.contracts import CONTRACTS_DIR
+from fabstir_jupyter.marketplace import HOST_EARNINGS_ABI, MARKETPLACE_ABI
 
 PRODUCTION_ABI = Path(__file__).resolve().parents[1] / "data" / "production-abi.txt"
 SECTIONS = ("NodeRegistry", "ModelRegistry", "JobMarketplace", "HostEarnings")
@@ -40,6 +41,9 @@ MUST_SHARE = {
         "getModelHash", "deactivateModel", "reactivateModel", "owner", "ModelAdded", "ModelDeactivated",
         "ModelReactivated",
     },
+    # what MarketplaceClient calls and decodes (its ABI is checked against production below)
+    "JobMarketplace": {entry["name"] for entry in MARKETPLACE_ABI},
+    "HostEarnings": {entry["name"] for entry in HOST_EARNINGS_ABI} | {"creditEarnings", "setAuthorizedCaller"},
 }
 
 
@@ -249,3 +253,18 @@ def test_the_clients_calls_are_production_calls():
         functions = {e.signature: e for e in sections[contract] if e.kind == "function"}
         for signature, outputs in table.items():
             assert functions[signature].outputs == outputs, signature
+
+
+@pytest.mark.parametrize("contract, abi", [("JobMarketplace", MARKETPLACE_ABI), ("HostEarnings", HOST_EARNINGS_ABI)])
+def test_the_payment_clients_abi_is_production(contract, abi):
+    """Every function and event MarketplaceClient encodes or decodes is production's exactly (selector,
+    outputs, mutability; indexed flags, names and topic), and none is missing from production."""
+    ours = _ours(abi)
+    theirs = production()[contract]
+    assert differences(ours, theirs) == []
+    assert {e.name for e in ours} <= {e.name for e in theirs}
+    if contract == "JobMarketplace":
+        session_jobs = next(e for e in ours if e.name == "sessionJobs")
+        assert len(session_jobs.outputs) == 18 and session_jobs.hash == "0xef39d372"  # flat, as production's
+        created = next(e for e in ours if e.name == "SessionJobCreated")
+        assert created.hash == "0x513b4fec3e6ae39000befae860b986c341242d8f5137c9ffafc229557420c42f"

@@ -248,7 +248,9 @@ async def test_host_manager_discovers_from_the_chain(three_hosts):
 async def test_a_wrong_registry_address_is_a_protocol_error(three_hosts):
     """An address without a registry gives a ProtocolError that says the answer does not decode."""
     chain, _hosts = three_hosts
-    source = ChainRegistrySource(chain.provider, {**chain.addresses, "node_registry": chain.addresses["stable_token"]})
+    no_code = "0x000000000000000000000000000000000000dEaD"  # (the stable token has code now: the mock USDC)
+    assert chain.w3.eth.get_code(no_code) == b""
+    source = ChainRegistrySource(chain.provider, {**chain.addresses, "node_registry": no_code})
     with pytest.raises(ProtocolError, match="do not decode"):
         await source.discover()
 

@@ -123,3 +123,23 @@ def test_notebooks_docs_and_artifacts_hold_no_suite_secret():
             if any(v.encode() in data for v in _variants(secret)):
                 hits.append(f"{path.relative_to(ROOT)}: {secret[:8]}...")
     assert not hits, hits
+
+
+def test_marketplace_client_hides_its_key_and_the_rpc_urls_secret(caplog):
+    """MarketplaceClient(account=KEY) against an RPC URL with a token in its path: repr, vars, the
+    ConnectionFailed error (its cause and context too) and DEBUG logs carry neither."""
+    pytest.importorskip("web3")
+    from fabstir_jupyter.crypto import PrivateKey
+    from fabstir_jupyter.marketplace import MarketplaceClient
+
+    caplog.set_level(logging.DEBUG)
+    url_secret = "rpc-path-secret-7f3a9c"
+    client = MarketplaceClient(f"http://127.0.0.1:9/v3/{url_secret}", "0x" + "11" * 20,
+                               account=PrivateKey.from_hex(KEY), timeout=2)
+    with pytest.raises(FabstirError) as info:
+        client.complete_job(1)
+    assert info.value.code == "CONNECTION_FAILED" and info.value.retryable
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    seen = [repr(client), str(client), repr(vars(client)), str(info.value), repr(info.value)]
+    _assert_clean("\n".join(seen) + caplog.text, [KEY, url_secret])
+    assert client.address in repr(client)

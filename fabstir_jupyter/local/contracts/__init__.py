@@ -19,7 +19,7 @@ from typing import Any
 __all__ = ["CONTRACTS", "CONTRACTS_DIR", "load_artifact"]
 
 CONTRACTS_DIR = Path(__file__).resolve().parent
-CONTRACTS = ("MockERC20", "ModelRegistry", "NodeRegistry", "Multicall3")
+CONTRACTS = ("MockERC20", "ModelRegistry", "NodeRegistry", "Multicall3", "HostEarnings", "JobMarketplace")
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,128 @@
+"""LocalNetwork for paid sessions: the chain over JSON-RPC on loopback, the payment contracts' addresses,
+each host's operator key in a private file, a funded user account, and a paid job over the wire."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import stat
+
+import pytest
+from web3 import Web3
+
+from fabstir_jupyter.crypto import PrivateKey
+from fabstir_jupyter.errors import TransactionFailed
+from fabstir_jupyter.local.network import USER_NATIVE, USER_USDC, LocalNetwork
+from fabstir_jupyter.marketplace import MarketplaceClient
+from fabstir_jupyter.networks import resolve_network
+
+
+@pytest.fixture(scope="module")
+def paid():
+    """Two scripted hosts on a fresh local chain (do not stop or kill hosts)."""
+    with LocalNetwork(2, "scripted", seed=5) as local:
+        yield local
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _secrets(network: LocalNetwork) -> list[str]:
+    keys = [open(h.key_file).read().strip() for h in network.hosts] + [open(network.user_key_file).read().strip()]
+    return keys + [k[2:] for k in keys]
+
+
+def test_rpc_url_serves_the_networks_chain_on_loopback(paid):
+    """web3's HTTPProvider on rpc_url reads the same chain the network registered its hosts on."""
+    assert paid.rpc_url.startswith("http://127.0.0.1:")
+    w3 = Web3(Web3.HTTPProvider(paid.rpc_url))
+    assert w3.eth.chain_id == paid.chain_id
+    registry = w3.eth.contract(address=paid.addresses["node_registry"], abi=paid.chain.node_registry.abi)
+    assert registry.functions.getAllActiveNodes().call() == [h.address for h in paid.hosts]
+
+
+def test_addresses_name_the_payment_contracts(paid):
+    """addresses has JobMarketplace, HostEarnings, USDC (6 decimals) and FAB under their contract names and
+    the preset keys; as_network() keeps only preset keys and resolves."""
+    addresses = paid.addresses
+    w3 = Web3(Web3.HTTPProvider(paid.rpc_url))
+    for name, key in (("JobMarketplace", "job_marketplace"), ("HostEarnings", "host_earnings"),
+                      ("USDC", "stable_token"), ("FAB", "fab_token"), ("NodeRegistry", "node_registry")):
+        assert addresses[name] == addresses[key] and len(w3.eth.get_code(addresses[name])) > 100
+    assert paid.chain.usdc.functions.decimals().call() == 6
+    marketplace = MarketplaceClient(paid.rpc_url, addresses["JobMarketplace"])
+    assert marketplace.fee_basis_points() == 1000 and marketplace.min_deposit(addresses["USDC"]) == 500_000
+    preset = resolve_network(paid.as_network())
+    assert preset.addresses["job_marketplace"] == addresses["JobMarketplace"]
+    assert "JobMarketplace" not in preset.addresses
+
+
+def test_each_host_has_its_registry_key_in_a_file_only_it_can_read(paid):
+    """key_file: mode 0600 in a 0700 directory owned by this user, holding the key of the host's registry
+    entry (funded for gas); keys differ per host; the user key file is alike and its account is funded."""
+    files = [h.key_file for h in paid.hosts] + [paid.user_key_file]
+    assert len(set(files)) == 3 and len({os.path.dirname(f) for f in files}) == 1
+    directory = os.stat(os.path.dirname(files[0]))
+    assert stat.S_IMODE(directory.st_mode) == 0o700 and directory.st_uid == os.getuid()
+    for path in files:
+        info = os.stat(path)
+        assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
+    for host in paid.hosts:
+        key = PrivateKey.from_hex(open(host.key_file).read())
+        assert key.address == host.address == host.local.address
+        assert paid.chain.native_balance(host.address) > 10**17  # gas for proofs and settlement
+    user = PrivateKey.from_hex(open(paid.user_key_file).read())
+    assert user.address == paid.user_address == paid.user_key.address
+    assert paid.chain.usdc_balance(paid.user_address) == USER_USDC
+    assert paid.chain.native_balance(paid.user_address) == USER_NATIVE
+
+
+def test_a_paid_job_runs_over_the_rpc_url_with_the_key_files(paid, caplog):
+    """The user opens a job at host 0's on-chain price, the host proves with the key from its file, the
+    user settles and the host withdraws: every transaction signed and sent raw over rpc_url. No key
+    reaches a repr, an error or a DEBUG log on the way."""
+    caplog.set_level(logging.DEBUG)
+    host = paid.hosts[0]
+    marketplace = paid.addresses["JobMarketplace"]
+    as_user = MarketplaceClient(paid.rpc_url, marketplace, account=paid.user_key)
+    as_host = MarketplaceClient(paid.rpc_url, marketplace, account=PrivateKey.from_hex(open(host.key_file).read()))
+    native_price = host.prices[0]
+    opened = as_user.create_job(host.address, paid.model.model_id, deposit=10**15, price_per_token=native_price)
+    as_host.submit_proof(opened.job_id, 1000, os.urandom(32), "proof-cid")
+    with pytest.raises(TransactionFailed) as refused:
+        as_host.complete_job(opened.job_id)  # the host must wait out the dispute window
+    settled = as_user.complete_job(opened.job_id)
+    cost = 1000 * native_price // 1000
+    assert (settled.tokens_used, settled.payment, settled.refund) == (1000, cost, 10**15 - cost)
+    assert as_host.earnings() == settled.host_earnings == cost - cost // 10
+    assert as_host.withdraw_earnings() == settled.host_earnings and as_host.earnings() == 0
+
+    seen = [repr(paid), str(paid), repr(paid.hosts), repr(paid.user_key), str(paid.user_key), repr(as_user),
+            repr(as_host), repr(vars(as_host)), str(refused.value), repr(refused.value), caplog.text,
+            repr(paid.chain.hosts)]
+    for secret in _secrets(paid):
+        assert all(secret not in text for text in seen)
+
+
+def test_stop_removes_the_key_files_and_closes_the_rpc_port():
+    """stop() (and garbage collection of a network never stopped) removes the key directory and stops
+    serving the chain."""
+    network = LocalNetwork(1, "scripted")
+    files = [network.hosts[0].key_file, network.user_key_file]
+    port = _port(network.rpc_url)
+    assert all(os.path.exists(f) for f in files)
+    network.stop()
+    assert not any(os.path.exists(f) for f in files) and not os.path.exists(os.path.dirname(files[0]))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    dropped = LocalNetwork(1, "scripted")
+    directory, port = os.path.dirname(dropped.user_key_file), _port(dropped.rpc_url)
+    del dropped
+    gc.collect()
+    assert not os.path.exists(directory)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
