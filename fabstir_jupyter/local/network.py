@@ -272,7 +272,8 @@ class LocalNetwork:
             host_keys = [derive_key(seed, i) for i in range(count)]
             self._key_files = [_write_key(os.path.join(self._key_dir, f"host-{i}.key"), key)
                                for i, key in enumerate(host_keys)]
-            for process in self._processes:
+            for process, key_file in zip(self._processes, self._key_files):
+                process.args += ["--key-file", key_file]  # it serves encrypted sessions with the key it registers
                 process.launch()  # the hosts boot while the chain deploys
             self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
             rpc = LocalRpcServer(self.chain.provider).start()

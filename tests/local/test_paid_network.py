@@ -126,3 +126,32 @@ def test_stop_removes_the_key_files_and_closes_the_rpc_port():
     assert not os.path.exists(directory)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+async def test_each_host_serves_encrypted_sessions_under_the_key_it_registered(paid):
+    """A local host runs with its operator key: a client that encrypts to the publicKey found in the
+    registry (checked against the registered address) gets an answer it can decrypt."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from fabstir_jupyter.encryption import EncryptedSession, host_public_key
+    from fabstir_jupyter.hosts.registry import ChainRegistrySource
+    from fabstir_jupyter.protocol import ResponseReader, parse_host_frame
+
+    hosts = await ChainRegistrySource(paid.chain.provider, paid.chain.addresses).discover()
+    assert len(hosts) == 2
+    for host in hosts:
+        public = host_public_key(host.metadata.get("publicKey"), host.address)  # raises on a mismatch
+        session = EncryptedSession(public, session_id="7", job_id="7", chain_id=paid.chain_id, model=host.models[0],
+                                   signer=PrivateKey.from_hex("0x" + "5d" * 32))
+        async with connect(host.ws_url) as ws:
+            assert json.loads(await ws.recv())["type"] == "connected"
+            await ws.send(json.dumps(session.init_frame()))
+            assert json.loads(await ws.recv())["type"] == "session_init_ack"
+            await ws.send(json.dumps(session.message_frame("hello there", model=host.models[0], max_tokens=5,
+                                                           temperature=0.0, request_id="r")))
+            reader, text = ResponseReader(request_id="r", max_tokens=5, features=[]), ""
+            while not reader.done:
+                text += "".join(reader.receive(session.decrypt(parse_host_frame(await ws.recv()))))
+        assert len(text.split()) == 5 and reader.finish_reason == "length"
