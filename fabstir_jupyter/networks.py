@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import InvalidOptions
+from .urls import redact_url
 
 if TYPE_CHECKING:
     from .hosts.registry import ChainRegistrySource
@@ -37,10 +38,9 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _DICT_KEYS = ("name", "rpc_url", "chain_id", "addresses", "provider")
 
 
-def _redacted(url: str) -> str:
+def _shown(rpc_url: str) -> str:
     # RPC URLs often carry an API key in the path or query: show only scheme, host and port
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "rpc"
+    return redact_url(rpc_url, keep_path=False) or "rpc"
 
 
 @dataclass(frozen=True, repr=False)
@@ -73,7 +73,7 @@ class NetworkPreset:
         if self.rpc_url is not None:
             if not isinstance(self.rpc_url, str) or urlsplit(self.rpc_url).scheme not in ("http", "https") \
                     or not urlsplit(self.rpc_url).netloc:
-                shown = _redacted(self.rpc_url) if isinstance(self.rpc_url, str) else type(self.rpc_url).__name__
+                shown = _shown(self.rpc_url) if isinstance(self.rpc_url, str) else type(self.rpc_url).__name__
                 raise InvalidOptions(f"rpc_url must be an http(s):// URL, not {shown}", field="rpc_url")
         if not isinstance(self.addresses, Mapping):
             raise InvalidOptions("addresses must be a mapping of registry names to 0x addresses", field="addresses")
@@ -91,7 +91,7 @@ class NetworkPreset:
         object.__setattr__(self, "addresses", MappingProxyType(clean))
 
     def __repr__(self) -> str:
-        where = _redacted(self.rpc_url) if self.rpc_url else ("in-process provider" if self.provider else "no rpc")
+        where = _shown(self.rpc_url) if self.rpc_url else ("in-process provider" if self.provider else "no rpc")
         return (f"NetworkPreset(name={self.name!r}, chain_id={self.chain_id}, {where}, "
                 f"node_registry={self.addresses['node_registry']})")
 

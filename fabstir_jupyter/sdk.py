@@ -328,6 +328,14 @@ class FabstirSDK:
                 self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage)
             return self._inference
 
+    @property
+    def inference_manager(self) -> InferenceManager | None:
+        """The inference manager once :meth:`get_inference_manager` created it, else ``None``.
+
+        Reading it starts nothing (no network, no hosts): use it to look at what already runs.
+        """
+        return self._inference
+
     def get_session_manager(self) -> SessionManager:
         """The session manager (shares the inference manager's hosts, pool and usage)."""
         return self.get_inference_manager().sessions

@@ -284,15 +284,12 @@ class NotebookBridge:
         """
         key = self.settings if settings is None else settings
         sdk = self.sdk(key)
-        manager = sdk._inference
+        manager = sdk.inference_manager
         if manager is None:
             lock = self._manager_locks.setdefault(key, asyncio.Lock())
             async with lock:
-                if sdk._inference is None:
-                    await asyncio.to_thread(sdk.get_inference_manager)
-                manager = sdk._inference
-        assert manager is not None
-        manager._owner_loop()  # bind it to this loop (the loop thread), not a private one
+                manager = sdk.inference_manager or await asyncio.to_thread(sdk.get_inference_manager)
+        manager.bind_loop()  # this loop (the loop thread) owns it, not a private one
         return manager
 
     def _close_sdk(self, key: NetworkSettings, sdk: FabstirSDK) -> None:
@@ -302,7 +299,7 @@ class NotebookBridge:
             for name in [n for n, s in self.sessions.items() if s.settings == key]:
                 del self.sessions[name]
         try:
-            if self.running and sdk._inference is not None:
+            if self.running and sdk.inference_manager is not None:
                 self.run(asyncio.wait_for(sdk.aclose(), _CLOSE_TIMEOUT))
             else:
                 sdk.close()

@@ -355,7 +355,7 @@ class FabstirMagics(Magics):
         bridge = self.bridge
         bridge.configure(self.network_settings())
         sdk = bridge.sdk()
-        manager = sdk._inference
+        manager = sdk.inference_manager
         ledger: Any
         if manager is not None and hasattr(manager.usage, "to_frame"):
             ledger = manager.usage
