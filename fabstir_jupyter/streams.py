@@ -597,7 +597,9 @@ class InferenceStream:
         # A continuation (text already delivered by a failed host) sends that text as an assistant
         # prefill and asks only for the tokens still owed.
         prefill = self.text if self._delivered else None
-        max_tokens = (self.options.max_tokens or config.default_max_tokens) - self._received_total
+        budget = self.options.max_tokens
+        assert budget is not None  # resolve_options filled in the default
+        max_tokens = budget - self._received_total
         if max_tokens <= 0:
             self.finish_reason = "length"
             return

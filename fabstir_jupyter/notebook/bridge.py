@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ..inference import InferenceManager, InferenceResult, InferenceStream
     from ..sdk import FabstirSDK
     from ..sessions import Session
+    from ..settings import SDKSettings
     from .output import OutputSink
 
 __all__ = ["NotebookBridge", "NetworkSettings", "LoopTask", "BackgroundRun", "get_bridge", "close_bridge"]
@@ -53,12 +54,19 @@ _CLOSE_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    """What identifies one SDK: ``None`` and ``()`` mean "not set here" (environment, then config file)."""
+    """What identifies one SDK; ``None`` and ``()`` leave the setting to the SDK's own resolution
+    (environment, then config file). The magic passes resolved values (:meth:`of`)."""
 
     network: str | None = None
     hosts: tuple[str, ...] = ()
     local_backend: str | None = None
     usage_db: str | None = None
+
+    @classmethod
+    def of(cls, settings: SDKSettings) -> NetworkSettings:
+        """The identity of the SDK for resolved settings."""
+        return cls(network=settings.network, hosts=settings.hosts, local_backend=settings.local_backend,
+                   usage_db=settings.usage_db)
 
 
 @dataclass
@@ -284,11 +292,11 @@ class NotebookBridge:
         """
         key = self.settings if settings is None else settings
         sdk = self.sdk(key)
-        manager = sdk.inference_manager
-        if manager is None:
-            lock = self._manager_locks.setdefault(key, asyncio.Lock())
-            async with lock:
-                manager = sdk.inference_manager or await asyncio.to_thread(sdk.get_inference_manager)
+        if sdk.inference_manager is None:
+            async with self._manager_locks.setdefault(key, asyncio.Lock()):
+                if sdk.inference_manager is None:
+                    await asyncio.to_thread(sdk.get_inference_manager)
+        manager = sdk.get_inference_manager()  # made by now: this returns it
         manager.bind_loop()  # this loop (the loop thread) owns it, not a private one
         return manager
 

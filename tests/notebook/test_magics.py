@@ -652,7 +652,7 @@ def test_bad_max_tokens_from_env_or_file_names_its_source(ip, monkeypatch, isola
         config_dir = isolated_env / "config" / "fabstir-jupyter"
         config_dir.mkdir(parents=True)
         (config_dir / "config.json").write_text(json.dumps({"max_tokens": 0}))
-        source, shown = "config file", "0"
+        source, shown = f"config file {config_dir / 'config.json'}", "0"
     cell(ip, "--out r")
     assert one_line_error(capsys) == (
         f"FabstirError [INVALID_OPTIONS]: max_tokens from {source} must be an integer >= 1, not {shown}")
