@@ -85,14 +85,13 @@ from .legacy import (
 )
 from .. import _compat
 from ..limits import TokenBucket
-from .limits import AddressLimiter, Session, SessionStore, per_minute_bucket
+from .limits import AddressLimiter, HostSession, SessionStore, per_minute_bucket
 
 __all__ = ["DEFAULT_VERSION", "HostConfig", "HostServer"]
 
 logger = logging.getLogger("fabstir_jupyter.host")
 
 DEFAULT_TEMPERATURE = 0.7
-_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
 AUTH_FEATURE = "auth-bearer"
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
@@ -138,7 +137,7 @@ class _Stream:
     params: GenerationParams
     stream: bool
     context_window: int
-    session: Session | None = None
+    session: HostSession | None = None
     turn_input: list[tuple[str, str]] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -749,11 +748,8 @@ class HostServer:
 
     async def _send_locked(self, conn: _Connection, text: str) -> None:
         try:
-            if _timeout is not None:
-                async with _timeout(self.config.send_timeout):
-                    await conn.ws.send(text)
-            else:  # Python 3.10
-                await asyncio.wait_for(conn.ws.send(text), self.config.send_timeout)
+            async with _compat.timeout(self.config.send_timeout):
+                await conn.ws.send(text)
         except asyncio.TimeoutError:
             logger.warning("client %s stopped reading for %g s; dropping it", conn.address, self.config.send_timeout)
             if conn.ws.transport is not None:
