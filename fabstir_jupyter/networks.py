@@ -8,7 +8,8 @@ hard-wires one. :func:`resolve_network` turns ``"base-sepolia"`` or a dict such 
     {"rpc_url": "https://sepolia.base.org", "chain_id": 84532,
      "addresses": {"node_registry": "0x…", "model_registry": "0x…", "multicall": "0x…", "stable_token": "0x…"}}
 
-into a preset. Nothing here imports web3.
+into a preset; :meth:`~fabstir_jupyter.hosts.registry.ChainRegistrySource.for_network` reads its
+registry. Nothing here imports web3.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import InvalidOptions
 from .urls import redact_url
-
-if TYPE_CHECKING:
-    from .hosts.registry import ChainRegistrySource
 
 __all__ = ["NETWORKS", "NetworkPreset", "ADDRESS_KEYS", "resolve_network"]
 
@@ -105,23 +103,6 @@ class NetworkPreset:
         if rpc_url is None or self.provider is not None:
             return self
         return dataclasses.replace(self, rpc_url=rpc_url)
-
-    def source(self, **options: Any) -> ChainRegistrySource:
-        """Return a discovery source reading this network's registry (imports web3 when reading).
-
-        Args:
-            options: passed to :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource`
-                (``chunk_size``, ``read_prices``, ``executor``, ``timeout``).
-
-        Raises:
-            InvalidOptions: the preset has neither an RPC URL nor a provider.
-        """
-        from .hosts.registry import ChainRegistrySource
-
-        endpoint = self.provider if self.provider is not None else self.rpc_url
-        if endpoint is None:
-            raise InvalidOptions(f"network {self.name!r} has no RPC URL: set FABSTIR_RPC_URL", field="rpc_url")
-        return ChainRegistrySource(endpoint, dict(self.addresses), **options)
 
 
 #: Chain networks known by name. Addresses from spec/PROTOCOL.md §8; the RPC URL comes from

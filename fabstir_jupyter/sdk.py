@@ -174,7 +174,9 @@ class FabstirSDK:
                 if self.settings.network == "local":
                     sources.append(self._start_local_network().source())
                 elif self.settings.chain is not None and self.settings.chain.reachable:
-                    sources.append(self.settings.chain.source())
+                    from .hosts.registry import ChainRegistrySource  # deferred: web3 and eth-abi are heavy
+
+                    sources.append(ChainRegistrySource.for_network(self.settings.chain))
                 self._host_manager = HostManager(list(self.settings.hosts), sources=sources, config=self.config)
                 if self._network is not None:
                     self._network.supervise(self._host_manager)

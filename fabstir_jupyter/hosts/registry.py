@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from ..errors import ChainError, ConnectionFailed, EncryptionError, InvalidOptions
+from ..networks import NetworkPreset
 from ..urls import redact_url
 from .info import HostInfo
 
@@ -490,6 +491,22 @@ class ChainRegistrySource:
         self._executor = executor
         self._rpc = _Rpc(provider, label, hidden)
         self._warned: set[str] = set()
+
+    @classmethod
+    def for_network(cls, network: NetworkPreset, **options: Any) -> ChainRegistrySource:
+        """Return a source reading ``network``'s registry (through its provider, else its RPC URL).
+
+        Args:
+            network: a chain network preset.
+            options: as for the constructor (``chunk_size``, ``read_prices``, ``executor``, ``timeout``).
+
+        Raises:
+            InvalidOptions: the preset has neither an RPC URL nor a provider.
+        """
+        endpoint = network.provider if network.provider is not None else network.rpc_url
+        if endpoint is None:
+            raise InvalidOptions(f"network {network.name!r} has no RPC URL: set FABSTIR_RPC_URL", field="rpc_url")
+        return cls(endpoint, dict(network.addresses), **options)
 
     def __repr__(self) -> str:
         registry = self.addresses["node_registry"]
