@@ -1,13 +1,14 @@
 """Batches: run many prompts over the known hosts and collect one row per prompt.
 
-:func:`run_batch` spreads prompts over hosts. For each prompt it picks a host itself, with the
-selection mode's scores (:func:`~fabstir_jupyter.hosts.selection.select_host`) among the hosts
-that still have room under their per-host limit, and runs the prompt on that host as an
-:class:`~fabstir_jupyter.inference.InferenceStream` (whose own retries stay on that host). When the
-stream fails with a retryable error, the prompt starts again from scratch on another host, up to
-``max_retries`` further hosts. A host whose last two prompts failed is used only when no other
-host has room, so a broken host stops soaking up prompts. The hosts' counters (latency, success
-rate, reachability) are updated by every request, so selection learns as the batch runs.
+:func:`run_batch` runs each prompt as one :class:`~fabstir_jupyter.streams.InferenceStream` whose
+host policy is the batch (:class:`BatchPolicy`): each attempt of a prompt gets, with the selection
+mode's scores (:func:`~fabstir_jupyter.hosts.selection.select_host`), a host that still has room
+under its per-host limit, preferring hosts the prompt has not tried. The retry loop is the stream's
+own, so ``max_retries`` means what it means for any stream: at most ``max_retries + 1`` attempts
+per prompt, from scratch before the first token, continuing the partial answer after it. A host
+whose last two attempts in the batch failed is used only when no other host has room, so a broken
+host stops soaking up prompts. The hosts' counters (latency, success rate, reachability) are
+updated by every request, so selection learns as the batch runs.
 
 Every prompt gets a row, whatever happens: a bad prompt, a dead host or an exhausted retry budget
 puts the error in the row and the batch goes on. Only misuse (bad options, a bad concurrency
@@ -24,19 +25,18 @@ import collections
 import dataclasses
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from .config import HostRequirements, InferenceOptions, resolve_options, validate_mode, validate_prompt
-from .errors import FabstirError, InvalidOptions, NoHostsAvailable
+from .config import HostRequirements, InferenceOptions, resolve_options, validate_mode
+from .errors import FabstirError, InvalidOptions
 from .hosts.info import HostInfo
 from .hosts.selection import eligible_hosts, select_host
+from .streams import InferenceCore, InferenceStream
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .inference import InferenceManager, InferenceStream
-
-__all__ = ["BATCH_COLUMNS", "DEFAULT_PER_HOST_CONCURRENCY", "ProgressCallback", "run_batch"]
+__all__ = ["BATCH_COLUMNS", "DEFAULT_PER_HOST_CONCURRENCY", "BatchPolicy", "ProgressCallback", "run_batch"]
 
 logger = logging.getLogger("fabstir_jupyter.batch")
 
@@ -67,23 +67,27 @@ def _positive_int(name: str, value: Any) -> int | None:
     return value
 
 
-class _Batch:
-    """The state of one batch: per-host streams in flight and recent failures."""
+class BatchPolicy:
+    """The host policy of one batch: per-host streams in flight, and recent failures per host.
+
+    It implements :class:`~fabstir_jupyter.streams.HostPolicy`: :meth:`choose` waits for room on a
+    host and takes it, :meth:`release` gives it back.
+    """
 
     def __init__(
         self,
-        manager: InferenceManager,
+        core: InferenceCore,
         options: InferenceOptions,
         requirements: HostRequirements,
         per_host: int | None,
     ) -> None:
-        self.manager = manager
+        self.core = core
         self.options = options
         self.requirements = requirements
         self.mode = validate_mode(options.mode)
         self.per_host = per_host
         self.in_flight: collections.Counter[str] = collections.Counter()
-        self.streak: collections.Counter[str] = collections.Counter()  # consecutive failed prompts
+        self.streak: collections.Counter[str] = collections.Counter()  # consecutive failed attempts
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------ capacity
@@ -94,38 +98,38 @@ class _Batch:
             return self.per_host
         advertised = host.metadata.get("maxConcurrent")
         if isinstance(advertised, int) and not isinstance(advertised, bool) and advertised > 0:
-            return min(advertised, self.manager.config.pool_max_per_host)
-        return min(DEFAULT_PER_HOST_CONCURRENCY, self.manager.config.pool_max_per_host)
+            return min(advertised, self.core.config.pool_max_per_host)
+        return min(DEFAULT_PER_HOST_CONCURRENCY, self.core.config.pool_max_per_host)
 
     def capacity(self) -> int:
         """Streams the batch can run at once on the hosts that fit now (at least 1)."""
         if self.options.host_address is not None:
-            known = self.manager.host_manager.find(self.options.host_address)
+            known = self.core.host_manager.find(self.options.host_address)
             return self.limit(known) if known is not None else (self.per_host or DEFAULT_PER_HOST_CONCURRENCY)
         try:
-            hosts = eligible_hosts(self.manager.host_manager.hosts, self.requirements)
+            hosts = eligible_hosts(self.core.host_manager.hosts, self.requirements)
         except FabstirError:
             return 1
         return max(1, sum(self.limit(h) for h in hosts))
 
-    async def acquire(self, tried: set[str]) -> HostInfo | None:
-        """Wait for room on a host not in ``tried`` and take it; ``None`` when every fitting host was tried.
+    async def choose(self, stream: InferenceStream, tried: Sequence[HostInfo]) -> HostInfo:
+        """Wait for room on a fitting host and take it: one the prompt has not tried while there is
+        one, and one not benched while another has room.
 
         Raises:
             NoHostsAvailable, ModelNotAvailable: no host fits at all (all unreachable, say).
         """
+        tried_keys = {h.key for h in tried}
         while True:
-            fitting = eligible_hosts(self.manager.host_manager.hosts, self.requirements)
-            fresh = [h for h in fitting if h.key not in tried]
-            if not fresh:
-                return None
+            changed = self._changed
+            fitting = eligible_hosts(self.core.host_manager.hosts, self.requirements)
+            fresh = [h for h in fitting if h.key not in tried_keys] or fitting
             preferred = [h for h in fresh if self.streak[h.key] < _BENCH_AFTER] or fresh
             room = [h for h in preferred if self.in_flight[h.key] < self.limit(h)]
             if room:
-                host = select_host(room, self.requirements, mode=self.mode, rng=self.manager.host_manager.rng)
+                host = select_host(room, self.requirements, mode=self.mode, rng=self.core.host_manager.rng)
                 self.in_flight[host.key] += 1
                 return host
-            changed = self._changed
             await changed.wait()
 
     def release(self, host: HostInfo, *, failed: bool) -> None:
@@ -140,85 +144,36 @@ class _Batch:
     async def run_prompt(self, prompt: Any) -> dict[str, Any]:
         """Run one prompt to a row; never raises except when cancelled."""
         try:
-            validate_prompt(prompt, max_chars=self.manager.config.max_prompt_chars)
-            if self.options.host_address is not None:
-                stream = await self._run_stream(prompt, None)
-                return _row(prompt, stream, stream.error)
-            return await self._run_failing_over(prompt)
-        except FabstirError as exc:
+            # host_address pins every prompt to one host: the stream's own policy then applies.
+            policy = None if self.options.host_address is not None else self
+            stream = self.core.stream(prompt, self.options, kind="batch", policy=policy)
+            try:
+                async with stream:
+                    async for _ in stream:
+                        pass
+            except FabstirError:
+                pass  # kept in stream.error
+            return _row(prompt, stream, stream.error)
+        except FabstirError as exc:  # the prompt was refused before any I/O
             return _row(prompt, None, exc)
         except Exception as exc:  # a bug: keep the batch going and say so in the row
             logger.exception("unexpected error in a batch prompt")
             return _row(prompt, None, FabstirError(f"internal error: {type(exc).__name__}: {exc}",
                                                    code="HOST_ERROR", retryable=False))
 
-    async def _run_failing_over(self, prompt: str) -> dict[str, Any]:
-        tried: set[str] = set()
-        stream: InferenceStream | None = None
-        error: FabstirError | None = None
-        for _ in range(self.manager.config.max_retries + 1):
-            try:
-                host = await self.acquire(tried)
-            except FabstirError as exc:
-                error = error or exc
-                break
-            if host is None:
-                break
-            failed = False  # a stream that cannot even be created is not the host's fault
-            try:
-                stream = await self._run_stream(prompt, host)
-                error = stream.error
-                failed = error is not None and error.retryable
-            finally:
-                self.release(host, failed=failed)
-            if error is None or not error.retryable:
-                break
-            tried.add(host.key)
-            logger.info("batch prompt failed on %s (%s); trying another host", host.api_url, error)
-        if error is None and stream is None:
-            error = NoHostsAvailable("no host could take the prompt")
-        return _row(prompt, stream, error)
-
-    async def _run_stream(self, prompt: str, host: HostInfo | None) -> InferenceStream:
-        """Run a stream to its end; its error (if any) is left in ``stream.error``.
-
-        Raises:
-            FabstirError: the stream could not be created (invalid input, refused network).
-        """
-        stream = self.manager.stream(prompt, self.options, host=host)
-        stream.kind = "batch"
-        try:
-            async with stream:
-                async for _ in stream:
-                    pass
-        except FabstirError:
-            pass  # kept in stream.error
-        return stream
-
 
 def _row(prompt: Any, stream: InferenceStream | None, error: FabstirError | None) -> dict[str, Any]:
-    usage = stream.usage if stream is not None else None
-    records = stream.records if stream is not None else []
-    if usage is not None:
-        tokens, ttft, duration = usage.received_tokens, usage.ttft, usage.duration
-        cost, unit = usage.cost, usage.cost_unit
-    else:
-        costs = [r.cost for r in records if r.cost is not None]
-        units = {r.cost_unit for r in records if r.cost is not None}
-        tokens = sum(r.received_tokens for r in records)
-        ttft = stream.ttft if stream is not None else None
-        duration = sum(r.duration for r in records) if records else None
-        cost, unit = (sum(costs), units.pop()) if costs and len(units) == 1 else (None, None)
+    usage = stream.totals() if stream is not None else None
     return {
         "prompt": prompt,
         "text": stream.text if stream is not None else "",
         "host": stream.host.api_url if stream is not None and stream.host is not None else None,
         "model": stream.model if stream is not None else None,
-        "tokens": tokens,
-        "ttft": ttft,
-        "duration": duration,
-        "cost": cost,
-        "cost_unit": unit,
+        "tokens": usage.received_tokens if usage is not None else 0,
+        "ttft": usage.ttft if usage is not None else None,
+        "duration": usage.duration if usage is not None else None,
+        "cost": usage.cost if usage is not None else None,
+        "cost_unit": usage.cost_unit if usage is not None else None,
         "finish_reason": "error" if error is not None else (stream.finish_reason if stream is not None else None),
         "error": error.code if error is not None else None,
         "error_message": str(error) if error is not None else None,
@@ -237,7 +192,7 @@ async def _report(progress: ProgressCallback | None, done: int, total: int, erro
 
 
 async def run_batch(
-    manager: InferenceManager,
+    manager: InferenceCore,
     prompts: Iterable[str],
     options: InferenceOptions | Mapping[str, Any] | None = None,
     *,
@@ -254,8 +209,8 @@ async def run_batch(
     to one host (no failover then).
 
     Args:
-        manager: the :class:`~fabstir_jupyter.inference.InferenceManager` whose hosts, pool and
-            usage sink are used.
+        manager: the :class:`~fabstir_jupyter.inference.InferenceManager` (any
+            :class:`~fabstir_jupyter.streams.InferenceCore`) whose hosts, connections and usage sink are used.
         prompts: the prompts (a list, tuple, pandas Series...).
         max_concurrency: prompts in flight at once; default: the sum of the per-host limits of the
             hosts that fit after discovery.
@@ -270,8 +225,9 @@ async def run_batch(
     Returns:
         A pandas DataFrame with the columns of :data:`BATCH_COLUMNS`: ``prompt``, ``text`` (partial
         when the prompt failed mid-answer), ``host`` (the URL that answered, or last tried),
-        ``model``, ``tokens`` (received), ``ttft`` and ``duration`` (seconds, over the answering
-        stream's attempts, not counting time queued in the batch or on hosts given up),
+        ``model``, ``tokens`` (received), ``ttft`` and ``duration`` (seconds: the prompt's stream's
+        totals, over the attempts that delivered text, or over every attempt of a prompt that failed;
+        time queued in the batch is not counted),
         ``cost``, ``cost_unit``, ``finish_reason``, ``error`` (the error code or None) and
         ``error_message``.
 
@@ -299,7 +255,7 @@ async def run_batch(
 
     rows: list[dict[str, Any] | None] = [None] * len(items)
     if items:
-        batch = _Batch(manager, resolved, requirements, per_host)
+        batch = BatchPolicy(manager, resolved, requirements, per_host)
         if resolved.host_address is None:
             try:
                 await manager.host_manager.discover_all_active_hosts()

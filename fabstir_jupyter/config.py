@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import InvalidOptions, InvalidPrompt
+from .urls import http_url
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -33,9 +34,7 @@ __all__ = [
     "validate_mode",
     "validate_prompt",
     "validate_usage_db",
-    "build_messages",
-    "flatten_messages",
-    "wire_transcript",
+    "validate_request",
 ]
 
 DEFAULT_MAX_TOKENS = 256
@@ -159,8 +158,6 @@ class InferenceConfig:
         if self.auth_tokens is not None:
             if not isinstance(self.auth_tokens, Mapping):
                 raise InvalidOptions("auth_tokens must map host urls to tokens", field="auth_tokens")
-            from .protocol import http_url
-
             keyed: dict[str, str] = {}
             for url, token in self.auth_tokens.items():
                 _check_token("auth_tokens", token)
@@ -172,8 +169,6 @@ class InferenceConfig:
         token = self.auth_token
         keyed: dict[str, str] | None = getattr(self, "_tokens_by_host", None)
         if keyed:
-            from .protocol import http_url
-
             token = keyed.get(http_url(url), token)
         return {"Authorization": f"Bearer {token}"} if token is not None else None
 
@@ -216,17 +211,6 @@ class InferenceOptions:
     def replace(self, **changes: Any) -> InferenceOptions:
         """Return a copy with some fields changed."""
         return dataclasses.replace(self, **changes)
-
-    def sampling_fields(self) -> dict[str, Any]:
-        """The sampling fields of a request frame, as :func:`protocol.inference_frame` and
-        :func:`protocol.prompt_frame` take them (defaults filled)."""
-        return {
-            "temperature": self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE,
-            "stream": self.stream,
-            "top_p": self.top_p,
-            "stop": self.stop_sequences or None,
-            "seed": self.seed,
-        }
 
     @property
     def is_deterministic(self) -> bool:
@@ -450,41 +434,23 @@ def resolve_options(
     )
 
 
-def build_messages(prompt: str, options: InferenceOptions) -> list[dict[str, str]]:
-    """Return the full chat transcript of a request: system prompt, prior messages, the prompt."""
-    messages: list[dict[str, str]] = []
-    if options.system_prompt:
-        messages.append({"role": "system", "content": options.system_prompt})
-    messages.extend(dict(m) for m in options.messages or ())
-    messages.append({"role": "user", "content": prompt})
-    return messages
+def validate_request(prompt: Any, options: InferenceOptions, config: InferenceConfig) -> str:
+    """Check a request's text before any I/O; return the prompt to send.
 
+    The prompt is checked like any text (:func:`validate_prompt`), then the whole transcript
+    (prompt, ``messages`` and ``system_prompt``, each already checked by :func:`resolve_options`)
+    against ``config.max_prompt_chars``; the content filter runs last and its answer is checked too.
 
-def flatten_messages(messages: Sequence[Mapping[str, str]]) -> str:
-    """Flatten a chat transcript into one prompt, for hosts without the ``chat-messages`` feature.
-
-    A final assistant message is left open (no newline after it) so the host continues that text.
+    Raises:
+        InvalidPrompt: see :func:`validate_prompt`, or the transcript is too long; ``field`` is
+            ``"prompt"``.
     """
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    if messages and messages[-1]["role"] == "assistant":
-        return "\n".join(lines)
-    return "\n".join(lines + ["Assistant:"])
-
-
-def wire_transcript(
-    messages: list[dict[str, str]], features: frozenset[str], prefill: str | None = None
-) -> tuple[str, list[dict[str, str]] | None]:
-    """Shape a transcript for a host: ``(prompt, messages)`` to put on the wire.
-
-    With ``prefill`` (the partial answer a failed host left), an assistant message is appended so
-    the host continues that text. Hosts with the ``chat-messages`` (and, for a prefill,
-    ``assistant-prefill``) features get the messages; others get them flattened into the prompt,
-    which then ends inside the open assistant turn.
-    """
-    if prefill:
-        messages = messages + [{"role": "assistant", "content": prefill}]
-    supported = "chat-messages" in features and (not prefill or "assistant-prefill" in features)
-    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-    if supported:
-        return last_user, messages
-    return flatten_messages(messages), None
+    limit = config.max_prompt_chars
+    validate_prompt(prompt, max_chars=limit)
+    total = len(prompt) + sum(len(m["content"]) for m in options.messages or ()) + len(options.system_prompt or "")
+    if total > limit:
+        raise InvalidPrompt(f"prompt, messages and system prompt have {total} characters, more than the limit "
+                            f"of {limit}", field="prompt")
+    if config.content_filter is not None:
+        prompt = validate_prompt(config.content_filter(prompt), max_chars=limit)
+    return prompt  # type: ignore[no-any-return]

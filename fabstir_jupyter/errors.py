@@ -24,14 +24,16 @@ Every error carries a ``code`` from the one namespace shared with the reference 
     ├── BudgetExceeded                BUDGET_EXCEEDED       no
     ├── TransactionFailed             TRANSACTION_FAILED    no   (yes for a refusal that time may lift)
     ├── EncryptionError               ENCRYPTION_* etc.     no
+    ├── ChainError                    CHAIN_ERROR           yes  (client only)
     ├── InvalidInput (also ValueError)
     │   ├── InvalidPrompt             INVALID_PROMPT        no
     │   └── InvalidOptions            INVALID_OPTIONS       no
     ├── LedgerUnavailable             LEDGER_UNAVAILABLE    no   (also OSError)
     └── LedgerClosed                  LEDGER_CLOSED         no   (also RuntimeError)
 
-The two ledger codes are the client's own (the usage ledger is local): they never cross the wire,
-so spec §7 does not list them.
+The ledger codes and ``CHAIN_ERROR`` are the client's own (the usage ledger is local; chain reads
+go from the client to an RPC endpoint, not to a host): they never cross the wire, so spec §7 does
+not list them.
 
 Messages are lower-case fragments without a final period ("host ws://h:1/v1/ws: no first
 token within 5 s"), so they nest. Errors never hold secrets: only the fields given here.
@@ -63,6 +65,7 @@ __all__ = [
     "BudgetExceeded",
     "TransactionFailed",
     "EncryptionError",
+    "ChainError",
     "InvalidInput",
     "InvalidPrompt",
     "InvalidOptions",
@@ -265,6 +268,14 @@ class EncryptionError(FabstirError):
     code = "ENCRYPTION_NOT_SUPPORTED"
 
 
+class ChainError(FabstirError):
+    """Raised when a chain read fails: the RPC endpoint answers with an error, or the registry's
+    answers cannot be decoded (a wrong address or chain). ``PROTOCOL_ERROR`` is for host frames."""
+
+    code = "CHAIN_ERROR"
+    retryable = True
+
+
 class InvalidInput(FabstirError, ValueError):
     """Raised before any I/O when the caller's input is invalid; ``field`` names the culprit."""
 
@@ -315,14 +326,14 @@ ERROR_CODES: dict[str, type[FabstirError]] = {
     for cls in (
         NoHostsAvailable, ConnectionFailed, InferenceTimeout, ModelNotAvailable, RateLimitExceeded,
         HostBusy, HostError, ContextOverflow, ProtocolError, SessionNotFound, Cancelled, AuthFailed,
-        PaymentRequired, InsufficientFunds, BudgetExceeded, TransactionFailed, InvalidPrompt, InvalidOptions,
-        LedgerUnavailable, LedgerClosed,
+        PaymentRequired, InsufficientFunds, BudgetExceeded, TransactionFailed, ChainError, InvalidPrompt,
+        InvalidOptions, LedgerUnavailable, LedgerClosed,
     )
 }
 ERROR_CODES.update({code: EncryptionError for code in _ENCRYPTION_CODES})
 
-#: Codes of local failures (the usage ledger): never sent by a host, so not in spec §7.
-CLIENT_ONLY_CODES = frozenset({LedgerUnavailable.code, LedgerClosed.code})
+#: Codes of the client's own failures (the usage ledger, chain reads): never sent by a host, so not in spec §7.
+CLIENT_ONLY_CODES = frozenset({LedgerUnavailable.code, LedgerClosed.code, ChainError.code})
 
 
 def error_from_code(code: object, message: str, **kwargs: Any) -> FabstirError:

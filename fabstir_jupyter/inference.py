@@ -1,711 +1,42 @@
-"""Inference: the stream object, the attempt orchestrator, and :class:`InferenceManager`.
+""":class:`InferenceManager`: the brief's API over streams, sessions and batches.
 
-:class:`InferenceStream` owns one request. Use it as an async context manager and async iterator::
+The manager is an :class:`~fabstir_jupyter.streams.InferenceCore` (hosts, connections, usage, the
+owning event loop, :meth:`~fabstir_jupyter.streams.InferenceCore.stream`) with the rest of the
+brief's methods on top: the async generators :meth:`~InferenceManager.stream_inference`,
+:meth:`~InferenceManager.direct_inference` and :meth:`~InferenceManager.session_inference`, the
+blocking :meth:`~InferenceManager.infer`, batches, sessions and host selection. Each is a thin
+wrapper: the stream object and its one attempt loop live in :mod:`fabstir_jupyter.streams`.
 
-    async with manager.stream("Explain entropy", max_tokens=64) as stream:
-        async for token in stream:
-            print(token, end="")
-    print(stream.finish_reason, stream.usage)
-
-Its producer task runs the attempt orchestrator: select a host → check out a connection → send →
-read frames (timeouts measured here, at the socket reader) → deliver text through a bounded queue
-→ record usage. Retryable failures before the first token move on to another attempt (another host
-where one exists) with exponential backoff and jitter, at most ``max_retries`` times. However the
-stream ends (normally, with an error, ``break`` or cancellation), ``stream_cancel`` is sent if the
-host may still be generating and the connection goes back to the pool, or is closed if it is not
-clean.
-
-The brief's async generators (:meth:`InferenceManager.stream_inference`, ``direct_inference``,
-``session_inference``) and the blocking :meth:`InferenceManager.infer` are thin wrappers over it.
+It sits on top of the client core: it imports sessions and batches, which import nothing of it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
-import logging
 import random
-import threading
-import time
-import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
-from . import _compat, protocol
-from .config import (
-    HostRequirements,
-    InferenceConfig,
-    InferenceOptions,
-    build_messages,
-    resolve_options,
-    validate_prompt,
-    wire_transcript,
-)
-from .errors import (
-    Cancelled,
-    ConnectionFailed,
-    DeadlineExceeded,
-    FabstirError,
-    FirstTokenTimeout,
-    IdleTimeout,
-    InferenceTimeout,
-    InvalidOptions,
-    NoHostsAvailable,
-    PaymentRequired,
-    RateLimitExceeded,
-    SessionNotFound,
-)
-from .hosts import HostInfo, HostManager, resolve_model
-from .limits import RateLimiter, ResponseCache
-from .runner import LoopThread, wait_future
-from .transport import ConnectionPool, WebSocketClient
-from .usage import UsageLedger, UsageRecord, UsageSink
-
-if TYPE_CHECKING:
-    from .sessions import Session, SessionManager
+from .batch import run_batch
+from .config import HostRequirements, InferenceConfig, InferenceOptions
+from .connections import Connector
+from .hosts import HostInfo, HostManager
+from .sessions import SessionManager
+from .streams import InferenceCore, InferenceResult, InferenceStream, backoff_delay
+from .transport import WebSocketClient
+from .usage import UsageSink
 
 __all__ = ["InferenceManager", "InferenceStream", "InferenceResult", "backoff_delay"]
 
-logger = logging.getLogger("fabstir_jupyter.inference")
 
-_END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
-_CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
-_COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
-
-
-def _is_progress(event: protocol.HostEvent) -> bool:
-    """Whether a frame advances the answer (text, its end, an error); pings, unknown frames and
-    empty chunks do not, so they never restart first_token_timeout or idle_timeout."""
-    if isinstance(event, protocol.Chunk):
-        return bool(event.content)
-    return isinstance(event, (protocol.StreamEnd, protocol.ErrorEvent))
-
-
-def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
-                  retry_after: float | None = None) -> float:
-    """Seconds to wait before retry number ``attempt`` (1-based): full-jitter exponential backoff.
-
-    A host's ``retry_after`` hint is a floor.
-    """
-    ceiling = min(config.backoff_max, config.backoff_initial * (2 ** (attempt - 1)))
-    delay = rng.uniform(0, ceiling)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, config.backoff_max))
-    return delay
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns).
-
-    A request that failed after delivering text has that partial ``text`` and its ``error`` set.
-    """
-
-    text: str
-    finish_reason: str | None
-    usage: UsageRecord | None
-    host: str | None
-    model: str | None
-    ttft: float | None
-    request_id: str
-    error: FabstirError | None = None
-
-    def __str__(self) -> str:
-        return self.text
-
-
-class InferenceStream:
-    """One inference request: an async context manager and async iterator of text pieces.
-
-    When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model`` and ``ttft``
-    are filled. ``ttft`` is what the caller waited: seconds from the stream's start (host selection
-    and connection included) to the first text; ``usage.ttft`` is the host's part: from sending the
-    request to its first frame. Leaving the ``async with`` block early cancels the request on the host. Create it
-    with :meth:`InferenceManager.stream`; it can be iterated from the manager's own event loop or
-    from another thread's loop (pieces are then handed across).
-    """
-
-    def __init__(
-        self,
-        manager: InferenceManager,
-        prompt: str,
-        options: InferenceOptions,
-        *,
-        kind: str = "stream",
-        host: HostInfo | None = None,
-        session: Session | None = None,
-    ) -> None:
-        self._manager = manager
-        self.prompt = prompt
-        self.options = options
-        self.kind = kind
-        self._fixed_host = host
-        self.session = session
-        self.request_id = uuid.uuid4().hex[:16]
-        # Results, filled as the stream runs and complete when it ends.
-        self.finish_reason: str | None = None
-        self.usage: UsageRecord | None = None
-        self.host: HostInfo | None = None
-        self.model: str | None = None
-        self.ttft: float | None = None
-        self.attempts = 0
-        self.error: FabstirError | None = None
-        self._pinned_misses = 0  # attempts on a pinned host that could not reach it or got no answer
-        self.records: list[UsageRecord] = []
-        self._pieces: list[str] = []  # recent pieces, compacted into _chunks to keep memory near len(text)
-        self._chunks: list[str] = []
-        self._queue: asyncio.Queue[Any] | None = None
-        self._producer: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._finished = False
-        self._delivered = 0
-        self._received_total = 0  # tokens delivered over all attempts (the client's max_tokens budget)
-        self._reader: protocol.ResponseReader | None = None
-        self._started_at = 0.0
-        self._reader_wait_started = 0.0
-
-    def __repr__(self) -> str:
-        state = "done" if self._finished else ("running" if self._producer else "new")
-        host = self.host.api_url if self.host else None
-        return f"<InferenceStream {self.request_id} {state} host={host} chars={len(self.text)}>"
-
-    @property
-    def text(self) -> str:
-        """The text delivered so far (the whole answer once the stream has ended)."""
-        if self._pieces or len(self._chunks) > 1:
-            self._chunks = ["".join(self._chunks + self._pieces)]  # one join: two copies at most, not three
-            self._pieces.clear()
-        return self._chunks[0] if self._chunks else ""
-
-    def _append_text(self, piece: str) -> None:
-        pieces = self._pieces
-        pieces.append(piece)
-        if len(pieces) >= _COMPACT_EVERY:
-            self._chunks.append("".join(pieces))
-            pieces.clear()
-            if len(self._chunks) >= _COMPACT_EVERY:
-                self._chunks = ["".join(self._chunks)]
-
-    # ------------------------------------------------------------------ consumer side
-
-    async def __aenter__(self) -> InferenceStream:
-        await self._call_on_owner(self._start)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> InferenceStream:
-        return self
-
-    async def __anext__(self) -> str:
-        if self._loop is None or self._loop is asyncio.get_running_loop():
-            return await self._next()
-        return await self._call_on_owner(self._next)
-
-    async def _call_on_owner(self, fn: Any) -> Any:
-        loop = self._manager._owner_loop()
-        if loop is asyncio.get_running_loop():
-            return await fn()
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), loop))
-
-    async def _next(self) -> str:
-        if self._producer is None:
-            await self._start()
-        if self._finished:
-            raise StopAsyncIteration
-        queue = self._queue
-        assert queue is not None and self._producer is not None
-        # The producer puts _END when it ends, unless the queue was full then: a drained queue
-        # behind a finished producer ends the iteration too.
-        item = _END if queue.empty() and self._producer.done() else await queue.get()
-        if item is _END:
-            self._finished = True
-            if self.error is not None:
-                raise self.error
-            raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
-
-    async def read(self) -> str:
-        """Consume the rest of the stream and return the whole text.
-
-        Raises:
-            FabstirError: the request failed.
-        """
-        async for _ in self:
-            pass
-        return self.text
-
-    async def chunks(self, interval: float = 0.05) -> AsyncIterator[str]:
-        """Yield the text coalesced: whatever arrived during each ``interval`` seconds, joined.
-
-        Useful for UIs that redraw at a fixed rate instead of once per token.
-        """
-        if interval <= 0:
-            raise InvalidOptions("interval must be positive", field="interval")
-        while True:
-            try:
-                first = await self.__anext__()
-            except StopAsyncIteration:
-                return
-            parts = [first]
-            await asyncio.sleep(interval)
-            parts.extend(self._drain_ready())
-            yield "".join(parts)
-
-    def _drain_ready(self) -> list[str]:
-        parts: list[str] = []
-        assert self._queue is not None
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is _END:
-                # Put it back so the next __anext__ ends the iteration (or raises the error).
-                self._queue.put_nowait(_END)
-                break
-            parts.append(item)
-        return parts
-
-    async def aclose(self) -> None:
-        """Stop the request (``stream_cancel`` if the host is still generating) and release its socket."""
-        await self._call_on_owner(self._aclose)
-
-    async def _aclose(self) -> None:
-        producer = self._producer
-        if producer is not None and not producer.done():
-            producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
-            if self.finish_reason is None:
-                self.finish_reason = "cancelled"
-        self._finished = True
-
-    async def _stop(self, reason: FabstirError) -> None:
-        """End a running stream on purpose (its session ended): the host gets ``stream_cancel``,
-        nothing fails over or retries, and the consumer's iteration raises ``reason`` after the
-        text already delivered. Returns once the stream's cleanup is done; may be awaited from any
-        loop. A stream not started yet is left alone (its first attempt checks its session)."""
-        loop = self._loop
-        if loop is None:
-            return
-        if loop is asyncio.get_running_loop():
-            await self._stop_here(reason)
-        else:
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop_here(reason), loop))
-
-    async def _stop_here(self, reason: FabstirError) -> None:
-        producer = self._producer
-        if producer is None or producer.done():
-            return
-        self.error = reason  # set before the producer ends, so the consumer sees it with the end marker
-        producer.cancel()
-        await asyncio.gather(producer, return_exceptions=True)
-
-    def result(self) -> InferenceResult:
-        """The request as an :class:`InferenceResult`: the whole answer once finished, or the partial
-        text and the ``error`` of a request that failed."""
-        return InferenceResult(
-            text=self.text,
-            finish_reason=self.finish_reason,
-            usage=self.usage,
-            host=self.host.api_url if self.host else None,
-            model=self.model,
-            ttft=self.ttft,
-            request_id=self.request_id,
-            error=self.error,
-        )
-
-    # ------------------------------------------------------------------ producer side
-
-    async def _start(self) -> None:
-        if self._producer is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue(self._manager.config.stream_buffer_size)
-        self._started_at = time.perf_counter()
-        self._producer = self._loop.create_task(self._produce(), name=f"fabstir-stream-{self.request_id}")
-        if self.session is not None:
-            self.session._turn = self  # so that ending the session stops this turn
-
-    async def _deliver(self, piece: str) -> None:
-        if self.ttft is None:
-            self.ttft = time.perf_counter() - self._started_at
-        self._delivered += 1
-        self._append_text(piece)
-        if self.options.stream:
-            assert self._queue is not None
-            await self._queue.put(piece)
-
-    async def _produce(self) -> None:
-        try:
-            await self._orchestrate()
-            if not self.options.stream and self.text:
-                assert self._queue is not None
-                await self._queue.put(self.text)
-        except FabstirError as exc:
-            self.error = exc
-            if self.finish_reason is None:
-                self.finish_reason = "cancelled" if isinstance(exc, Cancelled) else "error"
-        except asyncio.CancelledError:
-            self.finish_reason = self.finish_reason or "cancelled"
-            raise
-        except Exception as exc:  # a bug: surface it as a coded error rather than a hang
-            logger.exception("unexpected error in stream %s", self.request_id)
-            self.error = FabstirError(f"internal error: {type(exc).__name__}: {exc}", code="HOST_ERROR",
-                                      retryable=False)
-            self.finish_reason = "error"
-        finally:
-            if self.error is not None and self.text:
-                self.error.partial_text = self.text  # the answer so far is not lost with the error
-            if self.session is not None:
-                if self.finish_reason == "cancelled":
-                    self.session.cancelled_turns += 1
-                if self.session._turn is self:
-                    self.session._turn = None
-            if self._queue is not None:
-                with contextlib.suppress(asyncio.QueueFull):  # then _next sees the producer is done
-                    self._queue.put_nowait(_END)
-
-    async def _orchestrate(self) -> None:
-        """Select → connect → stream → record; on a retryable failure, try again (another host where
-        one exists) — from scratch before the first token, as a continuation after it."""
-        manager = self._manager
-        config = manager.config
-        tried: list[HostInfo] = []
-        deadline = None if config.deadline is None else time.perf_counter() + config.deadline
-        if self.session is not None and self.session.ended:  # created before the session ended
-            raise SessionNotFound(f"no active session {self.session.id!r}: it has ended")
-        while True:
-            self.attempts += 1
-            host: HostInfo | None = None
-            attempt_started = time.time()
-            self._reader = None
-            try:
-                host = await self._choose_host(tried)
-                await self._describe(host)
-                await self._attempt(host, attempt_started, deadline)
-                return
-            except FabstirError as exc:
-                reader = self._reader
-                # A host counts as unreachable only when no connection could be opened. A stream that
-                # broke mid-way says nothing sure about the next connection (the host may be
-                # restarting, or gone), so it leaves the host's health as it was.
-                opened = reader is not None
-                failed_to_connect = isinstance(exc, ConnectionFailed) and not opened
-                broke = isinstance(exc, ConnectionFailed) and opened
-                self._record(host, attempt_started, error=exc,
-                             reachable=None if broke else not failed_to_connect,
-                             received_tokens=reader.received_tokens if reader else 0,
-                             completion_tokens=reader.host_tokens if reader else None)
-                if host is not None:
-                    tried.append(host)
-                retry = (
-                    exc.retryable
-                    and self.attempts <= config.max_retries
-                    and (deadline is None or time.perf_counter() < deadline)
-                    and not self._pinned_host_gives_up(exc, reader, time.time() - attempt_started)
-                )
-                if not retry:
-                    raise
-                delay = backoff_delay(self.attempts, config, manager.rng, exc.retry_after)
-                logger.info("attempt %d of %s failed (%s); %s in %.2f s", self.attempts, self.request_id, exc,
-                            "continuing elsewhere" if self._delivered else "retrying", delay)
-                await asyncio.sleep(delay)
-
-    def _pinned_host_gives_up(self, exc: FabstirError, reader: protocol.ResponseReader | None,
-                              elapsed: float) -> bool:
-        """Whether a failed attempt on a pinned host (``host=``) ends the request.
-
-        A pinned host that could not be reached, or did not answer, gets one more try, and only
-        when it failed fast (refused, reset: it may be restarting). One that made us wait out a
-        timeout gets none: no other host can take over, and waiting again on the same silent host
-        only doubles the wait. A stream that broke after text keeps the usual retries.
-        """
-        if self._fixed_host is None:
-            return False
-        unanswered = (isinstance(exc, ConnectionFailed) and reader is None) or (
-            isinstance(exc, InferenceTimeout) and (reader is None or reader.received_tokens == 0))
-        if not unanswered:
-            return False
-        self._pinned_misses += 1
-        gives_up = self._pinned_misses > 1 or elapsed >= self._manager.config.connection_timeout / 2
-        if gives_up:
-            pinned = "the host is pinned (host=, --host), so no other host was tried"
-            exc.hint = pinned if exc.hint is None else f"{exc.hint}; {pinned}"
-        return gives_up
-
-    async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
-        manager = self._manager
-        asked_at = time.monotonic()
-        if self.session is not None and self.session.host is not None and not tried:
-            return self.session.host
-        if self._fixed_host is not None:
-            return self._fixed_host
-        requirements = HostRequirements(model=self.options.model or manager.config.default_model)
-        mode = self.options.mode or "auto"
-        try:
-            return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
-        except NoHostsAvailable:
-            # Hosts marked unreachable stay so until something talks to them again: give them a
-            # second look (a crashed host may be back) before giving up.
-            if not await manager._recheck_unreachable(asked_at):
-                raise
-            return await manager.host_manager.select_best_host(requirements, mode=mode, exclude=tried)
-
-    async def _describe(self, host: HostInfo) -> None:
-        """Read the host's features and models (once per host) before the request is built.
-
-        A pinned host's socket opens meanwhile (and waits in the pool for the attempt): a host that
-        accepts TCP and never answers then costs ``connection_timeout`` once, not the description's
-        probe timeout on top.
-        """
-        host_manager = self._manager.host_manager
-        if host is not self._fixed_host or self.session is not None:  # a session opens its own socket
-            await host_manager.describe(host)
-            return
-        pool = self._manager.pool
-        describing = asyncio.ensure_future(host_manager.describe(host))
-        try:
-            conn = await pool.checkout(host.ws_url)
-        except BaseException:
-            describing.cancel()  # only this wait: the description itself is shared and goes on
-            raise
-        pool.checkin(conn)
-        await describing
-
-    async def _attempt(self, host: HostInfo, attempt_started: float, deadline: float | None) -> None:
-        manager = self._manager
-        config = manager.config
-        self.host = host
-        model = resolve_model(self.options.model, host, config.default_model)
-        self.model = model
-        cache_key = manager._cache_key(host, model, self.prompt, self.options) if self.session is None else None
-        if cache_key is not None and not self._delivered:
-            hit = manager.cache.get(cache_key)  # type: ignore[union-attr]
-            if hit is not None:
-                text, finish_reason, tokens = hit
-                await self._deliver(text)
-                self.finish_reason = finish_reason
-                self.usage = self._record(host, attempt_started, cached=True, received_tokens=tokens,
-                                          finish_reason=finish_reason, ttft=0.0)
-                return
-        wait = manager.rate_limiter.reserve(host.key)
-        if wait > 0:
-            if wait > config.connection_timeout:
-                raise RateLimitExceeded(f"client-side rate limit: next slot in {wait:.1f} s", host=host.api_url,
-                                        retry_after=wait)
-            await asyncio.sleep(wait)
-
-        # A continuation (text already delivered by a failed host) sends that text as an assistant
-        # prefill and asks only for the tokens still owed.
-        prefill = self.text if self._delivered else None
-        max_tokens = (self.options.max_tokens or config.default_max_tokens) - self._received_total
-        if max_tokens <= 0:
-            self.finish_reason = "length"
-            return
-        if self.session is not None:
-            conn, frame = await self.session._open_turn(manager, host, model, self.prompt, self.options,
-                                                        self.request_id, max_tokens=max_tokens, prefill=prefill)
-        else:
-            conn = await manager.pool.checkout(host.ws_url)
-            frame = self._inference_frame(host, model, max_tokens=max_tokens, prefill=prefill)
-        reader = self._reader = protocol.ResponseReader(
-            request_id=self.request_id,
-            features=host.features,
-            stop_sequences=self.options.stop_sequences,
-            max_tokens=max_tokens,
-            prompt_nonempty=True,
-        )
-        clean = False
-        sent_at = time.perf_counter()
-        first_at: float | None = None
-        # Timeouts are deadlines that only progress moves (text, stream_end, error): a host that
-        # floods pings, unknown frames or empty chunks cannot keep a request waiting forever.
-        progressed = False
-        wait_until = sent_at + config.first_token_timeout
-        stale = conn.finished_ids  # late frames of requests already finished on this socket are dropped
-        try:
-            await conn.send(frame)
-            while not reader.done:
-                timeout = wait_until - time.perf_counter()
-                if deadline is not None:
-                    timeout = min(timeout, deadline - time.perf_counter())
-                if timeout <= 0:
-                    raise self._timeout_error(host, not progressed, deadline)
-                try:
-                    event = await conn.recv_event(timeout)
-                except InferenceTimeout:
-                    raise self._timeout_error(host, not progressed, deadline) from None
-                if stale and getattr(event, "id", None) in stale:
-                    continue  # a late frame of a request already finished on this socket
-                if first_at is None and isinstance(event, (protocol.Chunk, protocol.StreamEnd)):
-                    first_at = time.perf_counter()
-                    host.record_latency(first_at - sent_at) if self._delivered == 0 else None
-                for piece in reader.receive(event):
-                    await self._deliver(piece)
-                if _is_progress(event):
-                    progressed = True
-                    # Measured at the reader, after delivery: a slow consumer is not a stalled host.
-                    wait_until = time.perf_counter() + config.idle_timeout
-            if reader.cancel_needed:
-                clean = await self._cancel_on_host(conn, reader)
-            else:
-                await asyncio.sleep(0)  # let frames already on the wire reach the socket's buffer
-                # Frames after stream_end belong to no request: a socket holding some is not clean.
-                clean = not conn.has_unread_frames()
-            conn.finished_ids.append(self.request_id)
-        except asyncio.CancelledError:
-            if not reader.done:
-                clean = await asyncio.shield(self._cancel_on_host(conn, reader))
-            self.finish_reason = self.finish_reason or "cancelled"
-            self._finish_attempt(host, reader, attempt_started, sent_at, first_at, cancelled=True)
-            raise
-        finally:
-            self._received_total += reader.received_tokens
-            self._release(conn, clean)
-        self.finish_reason = reader.finish_reason
-        self._finish_attempt(host, reader, attempt_started, sent_at, first_at)
-        if cache_key is not None and self.finish_reason in ("stop", "length"):
-            manager.cache.put(cache_key, (self.text, self.finish_reason, reader.received_tokens))  # type: ignore[union-attr]
-        if self.session is not None:
-            self.session._complete_turn(self.prompt, self.text, synced=clean, usage=reader.usage)
-
-    def _inference_frame(self, host: HostInfo, model: str, *, max_tokens: int, prefill: str | None) -> dict[str, Any]:
-        options = self.options
-        prompt = self.prompt
-        messages = None
-        if options.messages or options.system_prompt or prefill:
-            prompt, messages = wire_transcript(build_messages(prompt, options), host.features, prefill)
-        return protocol.inference_frame(
-            prompt=prompt,
-            model=model,
-            max_tokens=max_tokens,
-            **options.sampling_fields(),
-            messages=messages,
-            request_id=self.request_id,
-        )
-
-    def _timeout_error(self, host: HostInfo, first: bool, deadline: float | None) -> InferenceTimeout:
-        config = self._manager.config
-        if deadline is not None and time.perf_counter() >= deadline:
-            return DeadlineExceeded(f"request deadline of {config.deadline:g} s passed", host=host.api_url)
-        if first:
-            return FirstTokenTimeout(f"no answer within first_token_timeout={config.first_token_timeout:g} s",
-                                     host=host.api_url)
-        return IdleTimeout(f"stream stalled for idle_timeout={config.idle_timeout:g} s", host=host.api_url)
-
-    async def _cancel_on_host(self, conn: WebSocketClient, reader: protocol.ResponseReader) -> bool:
-        """Send ``stream_cancel`` and drain until ``stream_end``; return whether the socket is clean."""
-        session_id = self.session.id if self.session is not None else None
-        try:
-            await conn.send(protocol.cancel_frame(session_id, reason="client"))
-            async with _compat.timeout(min(_CANCEL_DRAIN_TIMEOUT, self._manager.config.idle_timeout)):
-                while not reader.end_seen:
-                    event = await conn.recv_event(None)
-                    if isinstance(event, protocol.ErrorEvent):
-                        continue  # an error racing the cancel; stream_end follows
-                    reader.done = True
-                    reader.receive(event)
-        except (FabstirError, asyncio.TimeoutError):
-            return False
-        return True
-
-    def _release(self, conn: WebSocketClient, clean: bool) -> None:
-        if self.session is not None:
-            self.session._release_turn(self._manager, conn, clean)
-        else:
-            self._manager.pool.checkin(conn, reusable=clean)
-
-    def _finish_attempt(self, host: HostInfo, reader: protocol.ResponseReader, attempt_started: float,
-                        sent_at: float, first_at: float | None, cancelled: bool = False) -> None:
-        usage = reader.usage
-        host.record_request(True)
-        record = self._record(
-            host,
-            attempt_started,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else reader.host_tokens,
-            received_tokens=reader.received_tokens,
-            total_tokens=usage.total_tokens if usage else None,
-            ttft=None if first_at is None else first_at - sent_at,
-            finish_reason="cancelled" if cancelled else reader.finish_reason,
-        )
-        self.usage = self._stream_usage(record)
-
-    def _stream_usage(self, final: UsageRecord) -> UsageRecord:
-        """The whole stream's usage: the final attempt's record, with the tokens and cost of earlier
-        attempts that delivered text (failover) added. The ledger keeps one record per attempt."""
-        earlier = [r for r in self.records[:-1] if r.received_tokens]
-        if not earlier:
-            return final
-        parts = earlier + [final]
-        completion = sum(r.completion_tokens or 0 for r in parts)
-        costs = [r.cost for r in parts if r.cost is not None]
-        return dataclasses.replace(
-            final,
-            time=parts[0].time,
-            received_tokens=sum(r.received_tokens for r in parts),
-            completion_tokens=completion,
-            total_tokens=None if final.prompt_tokens is None else final.prompt_tokens + completion,
-            ttft=self.ttft,
-            duration=sum(r.duration for r in parts),
-            cost=sum(costs) if costs and len({r.cost_unit for r in parts if r.cost is not None}) == 1 else final.cost,
-        )
-
-    def _record(
-        self,
-        host: HostInfo | None,
-        attempt_started: float,
-        *,
-        error: FabstirError | None = None,
-        reachable: bool | None = True,
-        cached: bool = False,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        received_tokens: int = 0,
-        total_tokens: int | None = None,
-        ttft: float | None = None,
-        finish_reason: str | None = None,
-    ) -> UsageRecord:
-        if error is not None and host is not None:
-            host.record_request(False, reachable=reachable, error=error)
-        cost, unit = None, None
-        if host is not None and self.model is not None and completion_tokens:
-            cost, unit = host.cost(self.model, completion_tokens)
-        record = UsageRecord(
-            time=attempt_started,
-            request_id=self.request_id,
-            host=host.api_url if host else None,
-            host_address=host.address if host else None,
-            model=self.model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            received_tokens=received_tokens,
-            total_tokens=total_tokens,
-            ttft=ttft,
-            duration=time.time() - attempt_started,
-            finish_reason="error" if error is not None else finish_reason,
-            cost=cost,
-            cost_unit=unit,
-            error_code=error.code if error is not None else None,
-            cached=cached,
-            session_id=self.session.id if self.session is not None else None,
-            attempt=self.attempts,
-            kind=self.kind,
-        )
-        self.records.append(record)
-        self._manager.usage.record(record)
-        return record
-
-
-class InferenceManager:
-    """Run inference on discovered hosts: streaming, direct, in sessions, or blocking.
+class InferenceManager(InferenceCore):
+    """Run inference on discovered hosts: streaming, direct, in sessions, in batches, or blocking.
 
     Args:
         host_manager: where hosts come from (a :class:`HostManager`, or a list of host URLs).
         config: client-wide settings; defaults to :class:`InferenceConfig()`.
-        usage: where usage records go; defaults to an SQLite :class:`UsageLedger` at
-            ``config.usage_db``.
+        usage: where usage records go; defaults to an SQLite :class:`~fabstir_jupyter.usage.UsageLedger`
+            at ``config.usage_db``.
         rng: randomness for backoff jitter and tie-breaking (seed it for reproducible runs).
+        connector: hands out connections (see :class:`~fabstir_jupyter.streams.InferenceCore`).
 
     The manager belongs to one event loop: the first that uses it, or a private loop thread when it
     is first used through the blocking :meth:`infer`. Streams can be consumed from other loops.
@@ -718,148 +49,17 @@ class InferenceManager:
         *,
         usage: UsageSink | None = None,
         rng: random.Random | None = None,
+        connector: Connector | None = None,
     ) -> None:
-        self.config = config or InferenceConfig()
-        if host_manager is None or isinstance(host_manager, list):
-            host_manager = HostManager(host_manager or [], config=self.config)
-        self.host_manager = host_manager
-        self.pool = ConnectionPool(self.config, headers_for=self.config.auth_headers)
-        self._owns_usage = usage is None
-        self.usage: UsageSink = usage if usage is not None else UsageLedger(self.config.usage_db)
-        self.rng = rng or random.Random()
-        self.rate_limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
-        self.cache: ResponseCache | None = ResponseCache(self.config.cache_size) if self.config.cache_responses else None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: LoopThread | None = None
-        self._lock = threading.Lock()
+        super().__init__(host_manager, config, usage=usage, rng=rng, connector=connector)
         self._sessions: SessionManager | None = None
-        self._closed = False
-        self._recheck: asyncio.Future[Any] | None = None
-        self._recheck_at = float("-inf")
-
-    def __repr__(self) -> str:
-        return f"<InferenceManager hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
-
-    # ------------------------------------------------------------------ loop ownership
-
-    def _owner_loop(self, *, blocking: bool = False) -> asyncio.AbstractEventLoop:
-        """Return the loop that owns this manager, binding it on first use.
-
-        An async first use binds the running loop; a blocking first use (``infer()``, possibly from a
-        notebook cell whose loop is busy running that very cell) binds a private loop thread.
-        """
-        with self._lock:
-            if self._loop is None or self._loop.is_closed():
-                running = None
-                if not blocking:
-                    try:
-                        running = asyncio.get_running_loop()
-                    except RuntimeError:
-                        pass
-                if running is None:
-                    self._loop_thread = LoopThread()
-                    running = self._loop_thread.loop
-                self._loop = running
-            return self._loop
-
-    def _run_blocking(self, coro: Any, timeout: float | None = None) -> Any:
-        loop = self._owner_loop(blocking=True)
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            coro.close()
-            raise RuntimeError(
-                "this InferenceManager belongs to the running event loop, so a blocking call would deadlock: "
-                "use `await manager.ainfer(...)` here"
-            )
-        return wait_future(asyncio.run_coroutine_threadsafe(coro, loop), timeout)
-
-    async def _recheck_unreachable(self, asked_at: float) -> bool:
-        """Ping the hosts marked unreachable; return whether any host is reachable now.
-
-        A round of pings that started after ``asked_at`` (a ``time.monotonic()`` reading taken when
-        the caller began looking for a host) is fresh enough and is shared, so concurrent failing
-        requests do not flood dead hosts with probes; any older round is not, so a request made
-        after a host came back always looks again.
-        """
-        hosts = self.host_manager
-        if self._recheck is None or (self._recheck.done() and self._recheck_at < asked_at):
-            down = [h for h in hosts.hosts if not h.reachable]
-            if not down:
-                return False
-            logger.info("no reachable host; checking the %d marked unreachable again", len(down))
-            self._recheck_at = time.monotonic()
-            self._recheck = asyncio.ensure_future(
-                asyncio.gather(*(hosts.prober.ping(h) for h in down), return_exceptions=True))
-        await asyncio.shield(self._recheck)
-        return any(h.reachable for h in hosts.hosts)
-
-    # ------------------------------------------------------------------ building streams
-
-    def _check_network(self) -> None:
-        # Hosts found on a real registry expect paid sessions (spec/PROTOCOL.md §10): unpaid requests
-        # would be freeloading on someone's GPU, so only our own local network and hosts the user
-        # listed explicitly get inference.
-        if self.config.network not in ("local", "static"):
-            raise PaymentRequired(
-                f"inference on {self.config.network} needs paid sessions, which this version cannot open; "
-                "discovery and probing work",
-                hint="use network='local' or a static host list",
-            )
-
-    def stream(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None, *,
-               host: str | HostInfo | None = None, **kwargs: Any) -> InferenceStream:
-        """Create a stream for ``prompt`` (validated now, before any I/O); start it with ``async with``.
-
-        ``host`` (or ``host_address``) pins a host; otherwise the best host is selected.
-
-        Raises:
-            InvalidPrompt, InvalidOptions: bad input (``field`` says which).
-            PaymentRequired: on ``base-sepolia``.
-        """
-        return self._make_stream(prompt, options, kwargs, host=host, kind="stream" if host is None else "direct")
-
-    def _make_stream(self, prompt: Any, options: Any, overrides: Mapping[str, Any], *, host: Any = None,
-                     kind: str, session: Session | None = None) -> InferenceStream:
-        if self._closed:
-            raise ConnectionFailed("inference manager is closed")
-        resolved = resolve_options(options, overrides, self.config)
-        validate_prompt(prompt, max_chars=self.config.max_prompt_chars)
-        total = len(prompt) + sum(len(m["content"]) for m in resolved.messages or ()) + len(resolved.system_prompt or "")
-        if total > self.config.max_prompt_chars:
-            validate_prompt("x" * total, max_chars=self.config.max_prompt_chars)
-        if self.config.content_filter is not None:
-            prompt = validate_prompt(self.config.content_filter(prompt), max_chars=self.config.max_prompt_chars)
-        self._check_network()
-        target = host if host is not None else resolved.host_address
-        host_info = self._host_for(target) if target is not None else None
-        return InferenceStream(self, prompt, resolved, kind=kind, host=host_info, session=session)
-
-    def _host_for(self, target: str | HostInfo) -> HostInfo:
-        if isinstance(target, HostInfo):
-            return self.host_manager.add_host(target)
-        known = self.host_manager.find(target)
-        if known is not None:
-            return known
-        if target.startswith("0x") and "://" not in target:
-            raise NoHostsAvailable(f"no known host has address {target}", hint="run discovery first")
-        return self.host_manager.add_host(target)
-
-    def _cache_key(self, host: HostInfo, model: str, prompt: str, options: InferenceOptions) -> tuple[Any, ...] | None:
-        if self.cache is None or not options.is_deterministic:
-            return None
-        messages = tuple(tuple(sorted(m.items())) for m in options.messages or ())
-        return (host.key, model, prompt, options.max_tokens, options.temperature, options.top_p, options.stream,
-                options.stop_sequences, options.seed, messages, options.system_prompt)
 
     # ------------------------------------------------------------------ the brief's API
 
     async def stream_inference(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
                                **kwargs: Any) -> AsyncIterator[str]:
         """Yield the answer's text pieces from the best available host (automatic selection)."""
-        async with self._make_stream(prompt, options, kwargs, kind="stream") as stream:
+        async with self.stream(prompt, options, kind="stream", **kwargs) as stream:
             async for piece in stream:
                 yield piece
 
@@ -867,7 +67,7 @@ class InferenceManager:
                                options: InferenceOptions | Mapping[str, Any] | None = None,
                                **kwargs: Any) -> AsyncIterator[str]:
         """Yield the answer's text pieces from the host at ``host_url`` (retries stay on that host)."""
-        async with self._make_stream(prompt, options, kwargs, host=host_url, kind="direct") as stream:
+        async with self.stream(prompt, options, host=host_url, kind="direct", **kwargs) as stream:
             async for piece in stream:
                 yield piece
 
@@ -894,8 +94,6 @@ class InferenceManager:
         failover, ``progress(done, total, errors)`` after each prompt; a bad prompt or a dead host
         gives a row with an error, never an exception.
         """
-        from .batch import run_batch
-
         return await self._call_on_owner(run_batch(
             self, prompts, options, max_concurrency=max_concurrency, per_host_concurrency=per_host_concurrency,
             progress=progress, requirements=requirements, **kwargs))
@@ -903,15 +101,7 @@ class InferenceManager:
     def batch_blocking(self, prompts: Sequence[str], options: InferenceOptions | Mapping[str, Any] | None = None,
                        **kwargs: Any) -> Any:
         """Blocking :meth:`batch`, for scripts and notebook cells."""
-        from .batch import run_batch
-
         return self._run_blocking(run_batch(self, prompts, options, **kwargs))
-
-    async def _call_on_owner(self, coro: Any) -> Any:
-        loop = self._owner_loop()
-        if loop is asyncio.get_running_loop():
-            return await coro
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
     async def connect_to_host(self, host_url: str) -> WebSocketClient:
         """Open a new WebSocket to a host (the caller owns it and must close it)."""
@@ -919,77 +109,36 @@ class InferenceManager:
 
     async def ainfer(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
                      **kwargs: Any) -> InferenceResult:
-        """Run a request to the end and return its :class:`InferenceResult`."""
-        host = kwargs.pop("host", None)
-        async with self._make_stream(prompt, options, kwargs, host=host, kind="infer") as stream:
-            await stream.read()
-        return stream.result()
+        """Run a request to the end and return its :class:`InferenceResult`.
+
+        Raises:
+            FabstirError: the request failed (its partial text is in ``error.partial_text``).
+        """
+        return await _run_to_end(self.stream(prompt, options, kind="infer", **kwargs))
 
     def infer(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None, *,
               timeout: float | None = None, **kwargs: Any) -> InferenceResult:
         """Blocking :meth:`ainfer`, usable from scripts and from a running loop (e.g. a notebook cell).
 
-        Ctrl-C cancels the request on the host and re-raises ``KeyboardInterrupt``.
+        Bad input raises here, in the caller's thread, before anything is scheduled. Ctrl-C cancels
+        the request on the host and re-raises ``KeyboardInterrupt``.
         """
-        # Validate here, in the caller's thread, so bad input raises before anything is scheduled.
-        self._make_stream(prompt, options, {k: v for k, v in kwargs.items() if k != "host"}, kind="infer")
-        return self._run_blocking(self.ainfer(prompt, options, **kwargs), timeout)  # type: ignore[no-any-return]
+        stream = self.stream(prompt, options, kind="infer", **kwargs)
+        return self._run_blocking(_run_to_end(stream), timeout)
 
     @property
     def sessions(self) -> SessionManager:
-        """The session manager sharing this manager's hosts, pool and usage."""
+        """The session manager sharing this manager's hosts, connections and usage."""
         if self._sessions is None:
-            from .sessions import SessionManager
-
             self._sessions = SessionManager(self)
         return self._sessions
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def aclose(self) -> None:
-        """Close sessions, sockets and the probe client, flush an owned ledger, stop a private loop
-        thread. Idempotent; may be awaited from any loop."""
-        if self._closed:
-            return
-        self._closed = True
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and loop is not asyncio.get_running_loop():
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop))
-        else:
-            await self._release_resources()
-        if self._owns_usage and isinstance(self.usage, UsageLedger):
-            await asyncio.get_running_loop().run_in_executor(None, self.usage.close)
-        await asyncio.get_running_loop().run_in_executor(None, self._stop_loop_thread)
 
     async def _release_resources(self) -> None:
         if self._sessions is not None:
             await self._sessions.aclose()
-        await self.pool.close()
-        await self.host_manager.aclose()
+        await super()._release_resources()
 
-    def _stop_loop_thread(self) -> None:
-        if self._loop_thread is not None:
-            self._loop_thread.stop()
-            self._loop_thread = None
-
-    def close(self) -> None:
-        """Blocking :meth:`aclose`, for scripts; from a coroutine use ``await manager.aclose()``."""
-        if self._closed:
-            return
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is loop:
-                raise RuntimeError("use `await manager.aclose()` from the manager's own loop")
-            self._closed = True
-            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), 30)
-        self._closed = True
-        if self._owns_usage and isinstance(self.usage, UsageLedger):
-            self.usage.close()
-        self._stop_loop_thread()
+    # ------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> InferenceManager:
         return self
@@ -1002,3 +151,9 @@ class InferenceManager:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+async def _run_to_end(stream: InferenceStream) -> InferenceResult:
+    async with stream:
+        await stream.read()
+    return stream.result()

@@ -8,7 +8,8 @@ hard-wires one. :func:`resolve_network` turns ``"base-sepolia"`` or a dict such 
     {"rpc_url": "https://sepolia.base.org", "chain_id": 84532,
      "addresses": {"node_registry": "0x…", "model_registry": "0x…", "multicall": "0x…", "stable_token": "0x…"}}
 
-into a preset. Nothing here imports web3.
+into a preset; :meth:`~fabstir_jupyter.hosts.registry.ChainRegistrySource.for_network` reads its
+registry. Nothing here imports web3.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .errors import InvalidOptions
-
-if TYPE_CHECKING:
-    from .hosts.registry import ChainRegistrySource
+from .urls import redact_url
 
 __all__ = ["NETWORKS", "NetworkPreset", "ADDRESS_KEYS", "resolve_network"]
 
@@ -40,10 +39,9 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _DICT_KEYS = ("name", "rpc_url", "chain_id", "addresses", "provider")
 
 
-def _redacted(url: str) -> str:
+def _shown(rpc_url: str) -> str:
     # RPC URLs often carry an API key in the path or query: show only scheme, host and port
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "rpc"
+    return redact_url(rpc_url, keep_path=False) or "rpc"
 
 
 @dataclass(frozen=True, repr=False)
@@ -77,7 +75,7 @@ class NetworkPreset:
         if self.rpc_url is not None:
             if not isinstance(self.rpc_url, str) or urlsplit(self.rpc_url).scheme not in ("http", "https") \
                     or not urlsplit(self.rpc_url).netloc:
-                shown = _redacted(self.rpc_url) if isinstance(self.rpc_url, str) else type(self.rpc_url).__name__
+                shown = _shown(self.rpc_url) if isinstance(self.rpc_url, str) else type(self.rpc_url).__name__
                 raise InvalidOptions(f"rpc_url must be an http(s):// URL, not {shown}", field="rpc_url")
         if not isinstance(self.addresses, Mapping):
             raise InvalidOptions("addresses must be a mapping of registry names to 0x addresses", field="addresses")
@@ -95,7 +93,7 @@ class NetworkPreset:
         object.__setattr__(self, "addresses", MappingProxyType(clean))
 
     def __repr__(self) -> str:
-        where = _redacted(self.rpc_url) if self.rpc_url else ("in-process provider" if self.provider else "no rpc")
+        where = _shown(self.rpc_url) if self.rpc_url else ("in-process provider" if self.provider else "no rpc")
         return (f"NetworkPreset(name={self.name!r}, chain_id={self.chain_id}, {where}, "
                 f"node_registry={self.addresses['node_registry']})")
 
@@ -109,23 +107,6 @@ class NetworkPreset:
         if rpc_url is None or self.provider is not None:
             return self
         return dataclasses.replace(self, rpc_url=rpc_url)
-
-    def source(self, **options: Any) -> ChainRegistrySource:
-        """Return a discovery source reading this network's registry (imports web3 when reading).
-
-        Args:
-            options: passed to :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource`
-                (``chunk_size``, ``read_prices``, ``executor``, ``timeout``).
-
-        Raises:
-            InvalidOptions: the preset has neither an RPC URL nor a provider.
-        """
-        from .hosts.registry import ChainRegistrySource
-
-        endpoint = self.provider if self.provider is not None else self.rpc_url
-        if endpoint is None:
-            raise InvalidOptions(f"network {self.name!r} has no RPC URL: set FABSTIR_RPC_URL", field="rpc_url")
-        return ChainRegistrySource(endpoint, dict(self.addresses), **options)
 
 
 #: Chain networks known by name. Addresses from spec/PROTOCOL.md §8 and §10 (the newest recorded

@@ -3,10 +3,14 @@
 Nothing here touches sockets, asyncio or the clock. Both sides live here, like the client and
 server halves of a sans-I/O library:
 
-* the client builds requests with :func:`inference_frame`, :func:`session_init_frame`,
-  :func:`prompt_frame`, :func:`cancel_frame`; parses what a host sends with
-  :func:`parse_host_frame`; and turns the events of one request into tokens and a result with
-  :class:`ResponseReader`, which absorbs the production-host quirks of spec/PROTOCOL.md §4;
+* one request object, :class:`GenerationRequest`, serves both sides; :func:`request_frame` turns
+  it into an ``inference`` or a session ``prompt`` frame, and :func:`shape_transcript` shapes its
+  chat transcript for what a host supports;
+* the client also builds :func:`session_init_frame`, :func:`cancel_frame` and :func:`ping_frame`;
+  parses what a host sends with :func:`parse_host_frame`; checks the handshakes with
+  :func:`read_greeting` and :func:`read_session_ack`; and turns the events of one request into
+  tokens and a result with :class:`ResponseReader`, which absorbs the production-host quirks of
+  spec/PROTOCOL.md §4;
 * the reference host parses requests with :func:`parse_client_frame` and answers with
   :func:`chunk_frame`, :func:`end_frame`, :func:`error_frame` and friends.
 
@@ -17,13 +21,11 @@ Every parse either returns an event or raises a :class:`~fabstir_jupyter.errors.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Union
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 from .errors import (
     ContextOverflow,
@@ -34,6 +36,7 @@ from .errors import (
     ProtocolError,
     error_from_code,
 )
+from .urls import WS_PATH, http_url, ws_url
 
 __all__ = [
     "WS_PATH",
@@ -41,6 +44,14 @@ __all__ = [
     "ws_url",
     "http_url",
     "encode",
+    # requests, both sides
+    "Message",
+    "GenerationRequest",
+    "request_body",
+    "request_frame",
+    "transcript",
+    "flatten_messages",
+    "shape_transcript",
     # client side
     "inference_frame",
     "session_init_frame",
@@ -57,11 +68,12 @@ __all__ = [
     "UnknownFrame",
     "HostEvent",
     "parse_host_frame",
+    "read_greeting",
+    "read_session_ack",
     "StopMatcher",
     "ResponseReader",
     # host side
     "decode_frame",
-    "GenerationRequest",
     "InferenceRequest",
     "SessionInit",
     "PromptRequest",
@@ -76,8 +88,6 @@ __all__ = [
     "error_frame",
     "pong_frame",
 ]
-
-WS_PATH = "/v1/ws"
 
 #: What the reference host guarantees (``GET /v1/version`` → ``features``; spec §3a).
 FEATURES: tuple[str, ...] = (
@@ -96,126 +106,109 @@ CHAT_ROLES = ("system", "user", "assistant")
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
-# --------------------------------------------------------------------------- URLs
-
-
-# A DNS name (letters, digits, '-', '_' in dot-separated labels, IDN letters too) or an IPv4 literal.
-_HOST_NAME = re.compile(r"[\w-]+(\.[\w-]+)*\.?")
-
-
-def _valid_host_name(name: str) -> bool:
-    if ":" in name:  # an IPv6 literal (urlsplit has removed the brackets)
-        try:
-            ipaddress.IPv6Address(name.split("%", 1)[0])
-        except ValueError:
-            return False
-        return True
-    return _HOST_NAME.fullmatch(name) is not None
-
-
-def ws_url(url: str) -> str:
-    """Return the WebSocket endpoint for a host URL.
-
-    ``http://h:1`` → ``ws://h:1/v1/ws``; ``https://…`` → ``wss://…/v1/ws``; a ``ws(s)://`` URL with a
-    path is kept as given; a bare ``h:1`` is taken as ``ws://h:1/v1/ws``.
-
-    Raises:
-        InvalidOptions: the URL has another scheme, no host, an invalid host name or port.
-    """
-    text = url.strip() if isinstance(url, str) else ""
-    if "://" not in text:
-        text = "ws://" + text
-    try:
-        parts = urlsplit(text)
-    except ValueError:  # a malformed IPv6 literal: "http://[::zz]:1", "http://[::1"
-        raise InvalidOptions(f"host url {url!r} is not a valid url", field="host_url") from None
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
-    if scheme is None or not parts.hostname:
-        raise InvalidOptions(f"host url {url!r} is not a ws://, wss://, http:// or https:// url", field="host_url")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
-    except ValueError:
-        raise InvalidOptions(f"host url {url!r} has an invalid port", field="host_url") from None
-    if not _valid_host_name(parts.hostname):
-        raise InvalidOptions(f"host url {url!r} has an invalid host name {parts.hostname!r}", field="host_url")
-    path = parts.path.rstrip("/")
-    if parts.scheme.lower() in ("http", "https") or not path:
-        path = path + WS_PATH if not path.endswith(WS_PATH) else path
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
-def http_url(url: str) -> str:
-    """Return the HTTP base URL (no path) of a host, from any URL form :func:`ws_url` takes."""
-    parts = urlsplit(ws_url(url))
-    scheme = "https" if parts.scheme == "wss" else "http"
-    return urlunsplit((scheme, parts.netloc, "", "", ""))
-
-
 def encode(frame: Mapping[str, Any]) -> str:
     """Serialise a frame to the JSON text sent on the wire."""
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
-# --------------------------------------------------------------------------- client → host
+# --------------------------------------------------------------------------- requests (both sides)
+
+#: One chat turn on the wire: ``(role, content)``.
+Message = tuple[str, str]
 
 
-def _request_body(
-    *,
-    prompt: str,
-    model: str,
-    max_tokens: int,
-    temperature: float,
-    stream: bool,
-    top_p: float | None,
-    stop: Iterable[str] | None,
-    seed: int | None,
-    messages: list[dict[str, str]] | None,
-) -> dict[str, Any]:
-    # model, prompt and max_tokens are always present: production hosts drop requests without them.
-    body: dict[str, Any] = {
-        "prompt": prompt,
-        "model": model,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "stream": stream,
-    }
-    if top_p is not None:
-        body["top_p"] = top_p
-    if isinstance(stop, str):
-        stop = [stop]  # one stop sequence, not its characters
-    if stop:
-        body["stop"] = list(stop)
-    if seed is not None:
-        body["seed"] = seed
-    if messages:
-        body["messages"] = [dict(m) for m in messages]
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """The generation parameters of one request, as both sides see them.
+
+    The client builds one and turns it into a frame with :func:`request_frame`; the reference
+    host gets one back from :func:`parse_client_frame` (validated for type only). It is hashable,
+    so it also keys the client's response cache.
+
+    ``model`` and ``max_tokens`` are ``None`` only for a ``prompt`` frame that had no ``request``
+    and no such top-level field; ``prompt`` is ``""`` when it was empty or absent there.
+    ``messages`` is the chat transcript as :data:`Message` pairs, oldest first.
+    """
+
+    prompt: str
+    model: str | None
+    max_tokens: int | None
+    temperature: float | None
+    stream: bool = True
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    messages: tuple[Message, ...] = ()
+
+    @classmethod
+    def build(cls, **fields: Any) -> GenerationRequest:
+        """Build a request from loose field values: ``stop`` may be one string (one sequence, not its
+        characters) or any iterable, ``messages`` a list of ``{role, content}`` mappings."""
+        stop = fields.pop("stop", None)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        messages = tuple((m["role"], m["content"]) for m in fields.pop("messages", None) or ())
+        return cls(stop=stops, messages=messages, **fields)
+
+
+def request_body(request: GenerationRequest) -> dict[str, Any]:
+    """Return the ``request`` object of an ``inference`` or ``prompt`` frame (or of an encrypted message).
+
+    ``prompt``, ``model`` and ``max_tokens`` are always present, even when empty: production hosts
+    drop a request without them silently. Optional fields appear only when set.
+    """
+    body: dict[str, Any] = {"prompt": request.prompt, "model": request.model, "max_tokens": request.max_tokens}
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    body["stream"] = request.stream
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.messages:
+        body["messages"] = [{"role": role, "content": content} for role, content in request.messages]
     return body
 
 
-def inference_frame(
-    *,
-    prompt: str,
-    model: str,
-    max_tokens: int,
-    temperature: float,
-    stream: bool = True,
-    top_p: float | None = None,
-    stop: Iterable[str] | None = None,
-    seed: int | None = None,
-    messages: list[dict[str, str]] | None = None,
-    request_id: str | None = None,
+def _request_body(**fields: Any) -> dict[str, Any]:
+    # The keyword form of request_body, kept for encryption.py until it takes a GenerationRequest.
+    return request_body(GenerationRequest.build(**fields))
+
+
+def _frame(kind: str, request: GenerationRequest, session_id: str | None, request_id: str | None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": kind}
+    if kind == "prompt":
+        frame["prompt"] = request.prompt
+    frame["request"] = request_body(request)
+    if session_id is not None:
+        frame["session_id"] = str(session_id)
+    return _with_id(frame, request_id)
+
+
+def request_frame(
+    request: GenerationRequest, *, session_id: str | None = None, request_id: str | None = None
 ) -> dict[str, Any]:
-    """Build a stateless ``inference`` request (spec §2)."""
-    frame: dict[str, Any] = {
-        "type": "inference",
-        "request": _request_body(
-            prompt=prompt, model=model, max_tokens=max_tokens, temperature=temperature, stream=stream,
-            top_p=top_p, stop=stop, seed=seed, messages=messages,
-        ),
-    }
-    if request_id is not None:
-        frame["id"] = request_id
-    return frame
+    """Build the frame that carries ``request``: this is the one place requests become frames.
+
+    Without ``session_id`` it is a stateless ``inference`` (spec §2); with one, a session ``prompt``
+    that repeats the prompt beside a complete ``request`` (production hosts need all of it).
+    """
+    return _frame("inference" if session_id is None else "prompt", request, session_id, request_id)
+
+
+def inference_frame(*, request_id: str | None = None, **fields: Any) -> dict[str, Any]:
+    """Build a stateless ``inference`` from :class:`GenerationRequest` fields given as keywords
+    (see :meth:`GenerationRequest.build`); :func:`request_frame` takes the request object."""
+    return _frame("inference", GenerationRequest.build(**fields), None, request_id)
+
+
+def prompt_frame(
+    prompt: str, *, session_id: str | None, request_id: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    """Build a session ``prompt`` from the prompt and :class:`GenerationRequest` fields as keywords;
+    ``session_id=None`` leaves the field out."""
+    return _frame("prompt", GenerationRequest.build(prompt=prompt, **fields), session_id, request_id)
 
 
 def session_init_frame(
@@ -227,39 +220,7 @@ def session_init_frame(
         frame["job_id"] = job_id
     if chain_id is not None:
         frame["chain_id"] = chain_id
-    if request_id is not None:
-        frame["id"] = request_id
-    return frame
-
-
-def prompt_frame(
-    prompt: str,
-    *,
-    session_id: str | None,
-    model: str,
-    max_tokens: int,
-    temperature: float,
-    stream: bool = True,
-    top_p: float | None = None,
-    stop: Iterable[str] | None = None,
-    seed: int | None = None,
-    messages: list[dict[str, str]] | None = None,
-    request_id: str | None = None,
-) -> dict[str, Any]:
-    """Build a session ``prompt`` carrying a full ``request`` (production hosts need all of it)."""
-    frame: dict[str, Any] = {
-        "type": "prompt",
-        "prompt": prompt,
-        "request": _request_body(
-            prompt=prompt, model=model, max_tokens=max_tokens, temperature=temperature, stream=stream,
-            top_p=top_p, stop=stop, seed=seed, messages=messages,
-        ),
-    }
-    if session_id is not None:
-        frame["session_id"] = str(session_id)
-    if request_id is not None:
-        frame["id"] = request_id
-    return frame
+    return _with_id(frame, request_id)
 
 
 def cancel_frame(session_id: str | None = None, reason: str | None = None) -> dict[str, Any]:
@@ -275,6 +236,47 @@ def cancel_frame(session_id: str | None = None, reason: str | None = None) -> di
 def ping_frame() -> dict[str, Any]:
     """Build a JSON ping (answered by the reference host only; production hosts ignore it)."""
     return {"type": "ping"}
+
+
+# --------------------------------------------------------------------------- chat transcripts
+
+
+def transcript(prompt: str, history: Iterable[Message] = (), system_prompt: str | None = None) -> tuple[Message, ...]:
+    """Return the chat transcript of a request: the system prompt, the earlier turns, then ``prompt``
+    as the user's turn."""
+    system: tuple[Message, ...] = (("system", system_prompt),) if system_prompt else ()
+    return (*system, *history, ("user", prompt))
+
+
+def flatten_messages(messages: Sequence[Message]) -> str:
+    """Flatten a chat transcript into one prompt, for hosts without the ``chat-messages`` feature.
+
+    A final assistant message is left open (no newline after it) so the host continues that text.
+    """
+    lines = [f"{role.capitalize()}: {content}" for role, content in messages]
+    if messages and messages[-1][0] == "assistant":
+        return "\n".join(lines)
+    return "\n".join(lines + ["Assistant:"])
+
+
+def shape_transcript(
+    messages: Sequence[Message], features: Iterable[str], prefill: str | None = None
+) -> tuple[str, tuple[Message, ...]]:
+    """Shape a transcript for a host: the ``(prompt, messages)`` of the request to send.
+
+    With ``prefill`` (the partial answer a failed host left), an assistant message is appended so
+    the host continues that text. Hosts with the ``chat-messages`` (and, for a prefill,
+    ``assistant-prefill``) features get the messages; others get them flattened into the prompt,
+    which then ends inside the open assistant turn.
+    """
+    features = frozenset(features)
+    if prefill:
+        messages = (*messages, ("assistant", prefill))
+    supported = "chat-messages" in features and (not prefill or "assistant-prefill" in features)
+    if supported:
+        last_user = next((content for role, content in reversed(messages) if role == "user"), "")
+        return last_user, tuple(messages)
+    return flatten_messages(messages), ()
 
 
 # --------------------------------------------------------------------------- host → client events
@@ -345,10 +347,11 @@ class ErrorEvent:
     code: str
     message: str
     id: str | None = None
+    retry_after: float | None = None
 
     @property
     def error(self) -> FabstirError:
-        return error_from_code(self.code, self.message)
+        return error_from_code(self.code, self.message, retry_after=self.retry_after)
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +469,19 @@ def _parse_usage(value: Any) -> Usage | None:
     )
 
 
+#: Codes of newer production nodes that mean one of ours.
+_CODE_ALIASES = {"TOKEN_LIMIT_EXCEEDED": "CONTEXT_OVERFLOW"}
+# An uncoded production refusal: {"error": "Rate limit exceeded, retry after 60 seconds"}.
+_RATE_LIMIT_TEXT = re.compile(r"rate limit exceeded", re.IGNORECASE)
+_RETRY_AFTER_TEXT = re.compile(r"retry after (\d+(?:\.\d+)?) ?s(?:ec(?:ond)?s?)?\b", re.IGNORECASE)
+
+
+def _whole(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
 def _parse_error(obj: Mapping[str, Any]) -> ErrorEvent:
     # Three shapes (spec §3): {code, message}, {error: "text"}, {error: {code, message}}.
     request_id = _opt_str(obj, "id")
@@ -477,9 +493,24 @@ def _parse_error(obj: Mapping[str, Any]) -> ErrorEvent:
         message = nested.get("message", message)
     elif isinstance(nested, str) and message is None:
         message = nested
-    code_text = code if isinstance(code, str) and code else "HOST_ERROR"
     message_text = message if isinstance(message, str) else ("" if message is None else str(message))
-    return ErrorEvent(code=code_text, message=message_text or "host reported an error", id=request_id)
+    retry_after = None
+    if isinstance(code, str) and code:
+        code_text = _CODE_ALIASES.get(code, code)
+    elif _RATE_LIMIT_TEXT.search(message_text):
+        code_text = "RATE_LIMIT_EXCEEDED"
+    else:
+        code_text = "HOST_ERROR"
+    if code_text == "RATE_LIMIT_EXCEEDED":
+        wait = _RETRY_AFTER_TEXT.search(message_text)
+        retry_after = float(wait.group(1)) if wait else None
+    if code == "TOKEN_LIMIT_EXCEEDED":
+        prompt_tokens, window = _whole(obj.get("prompt_tokens")), _whole(obj.get("context_window_size"))
+        if prompt_tokens is not None and window is not None:
+            message_text = f"{message_text or 'prompt exceeds the context window'} " \
+                           f"({prompt_tokens} prompt tokens, context window {window})"
+    return ErrorEvent(code=code_text, message=message_text or "host reported an error", id=request_id,
+                      retry_after=retry_after)
 
 
 def parse_host_frame(data: str | bytes | bytearray | memoryview) -> HostEvent:
@@ -523,6 +554,42 @@ def parse_host_frame(data: str | bytes | bytearray | memoryview) -> HostEvent:
     if kind == "pong":
         return Pong()
     return UnknownFrame(type=kind, data=obj)
+
+
+# --------------------------------------------------------------------------- handshakes
+
+
+def read_greeting(event: HostEvent) -> Connected:
+    """Check the first event of a connection: the host's ``connected`` greeting.
+
+    Raises:
+        FabstirError: the host opened with an ``error`` frame (its own code, e.g. ``HOST_BUSY``).
+        ProtocolError: the first frame is anything else.
+    """
+    if isinstance(event, Connected):
+        return event
+    if isinstance(event, ErrorEvent):
+        raise event.error
+    raise ProtocolError(f"expected a 'connected' greeting, got {type(event).__name__}")
+
+
+def read_session_ack(event: HostEvent) -> SessionInitAck | None:
+    """Apply one event read while waiting for the answer to a ``session_init``.
+
+    Returns the ``session_init_ack``, or ``None`` for a frame to skip (a late greeting, a pong,
+    an unknown frame): read the next one.
+
+    Raises:
+        FabstirError: the host refused the session with an ``error`` frame.
+        ProtocolError: any other frame.
+    """
+    if isinstance(event, SessionInitAck):
+        return event
+    if isinstance(event, ErrorEvent):
+        raise event.error
+    if isinstance(event, (Connected, Pong, UnknownFrame)):
+        return None
+    raise ProtocolError(f"expected session_init_ack, got {type(event).__name__}")
 
 
 # --------------------------------------------------------------------------- reading one response
@@ -729,25 +796,6 @@ class ResponseReader:
 
 
 # --------------------------------------------------------------------------- host side: parse requests
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationRequest:
-    """The generation parameters of an ``inference`` or ``prompt`` request, validated for type.
-
-    ``model`` and ``max_tokens`` are ``None`` only for a ``prompt`` frame that had no ``request``
-    and no such top-level field; ``prompt`` is ``""`` when it was empty or absent there.
-    """
-
-    prompt: str
-    model: str | None
-    max_tokens: int | None
-    temperature: float | None
-    stream: bool = True
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

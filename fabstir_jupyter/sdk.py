@@ -13,31 +13,27 @@ There, discovery and probing work but inference is refused until paid sessions e
 ``network="static"``.
 
 Settings come from arguments, then the environment (``FABSTIR_NETWORK``, ``FABSTIR_HOSTS``,
-``FABSTIR_RPC_URL``, ``FABSTIR_PRIVATE_KEY``, ``FABSTIR_LOCAL_BACKEND``, ``FABSTIR_LOCAL_HOSTS``),
-then ``config.json`` in the user's config dir. Importing this module loads neither web3 nor the
-chain: they load when a network needs them.
+``FABSTIR_RPC_URL``, ``FABSTIR_LOCAL_BACKEND``, ``FABSTIR_LOCAL_HOSTS``), then ``config.json`` in
+the user's config dir, resolved once by :func:`fabstir_jupyter.settings.load_settings`;
+``FABSTIR_PRIVATE_KEY`` is read here, for :meth:`FabstirSDK.authenticate`, and never stored.
+Importing this module loads neither web3 nor the chain: they load when a network needs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence
 
-from . import protocol
 from .config import InferenceConfig
 from .errors import AuthFailed, ConnectionFailed, InvalidOptions
-from .hosts import HostManager, hosts_from_env
+from .hosts import HostManager
 from .inference import InferenceManager
 from .local import HostProcess
-from .networks import NETWORKS as CHAIN_NETWORKS
-from .networks import NetworkPreset, resolve_network
 from .sessions import SessionManager
+from .settings import NETWORKS, NetworkSpec, SDKSettings, load_settings
 
 if TYPE_CHECKING:
     from .local.network import LocalNetwork
@@ -45,137 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["FabstirSDK", "FabstirSDKCore", "SDKSettings", "NETWORKS", "load_settings"]
 
 logger = logging.getLogger("fabstir_jupyter.sdk")
-
-#: The networks known by name (a chain network may also be given as a dict).
-NETWORKS = ("local", "static", *CHAIN_NETWORKS)
-LOCAL_BACKENDS = ("llama-cpp", "scripted")
-
-NetworkSpec = Union[str, Mapping[str, Any], NetworkPreset]
-
-
-@dataclass(frozen=True)
-class SDKSettings:
-    """Resolved SDK settings (never holds the private key: see :meth:`FabstirSDK.authenticate`).
-
-    ``network`` is a name: ``"local"``, ``"static"``, a preset's, or a custom network's (``chain``
-    then says where its registry is).
-    """
-
-    network: str = "local"
-    hosts: tuple[str, ...] = ()
-    rpc_url: str | None = field(default=None, repr=False)  # may carry an API key
-    local_backend: str = "llama-cpp"
-    local_hosts: int = 1
-    local_host_args: tuple[str, ...] = field(default=())
-    chain: NetworkPreset | None = None
-
-
-def _config_file() -> Path:
-    from platformdirs import user_config_dir
-
-    return Path(user_config_dir("fabstir-jupyter")) / "config.json"
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidOptions(f"config file {path} is not valid JSON: {exc}", field="config_file") from None
-    if not isinstance(stored, dict):
-        raise InvalidOptions(f"config file {path} must hold a JSON object", field="config_file")
-    return stored
-
-
-def _stored_hosts(stored: Mapping[str, Any], path: Path) -> list[str]:
-    """The config file's ``hosts``: a list of host URLs, each checked."""
-    value = stored.get("hosts", [])
-    if not isinstance(value, list) or not all(isinstance(url, str) for url in value):
-        raise InvalidOptions(f"hosts in config file {path} must be a list of url strings, not {value!r}",
-                             field="hosts")
-    for url in value:
-        try:
-            protocol.ws_url(url)
-        except InvalidOptions as exc:
-            raise InvalidOptions(f"hosts in config file {path}: {exc.message}", field="hosts") from None
-    return value
-
-
-def load_settings(
-    network: NetworkSpec | None = None,
-    hosts: Sequence[str] | None = None,
-    *,
-    rpc_url: str | None = None,
-    local_backend: str | None = None,
-    local_hosts: int | None = None,
-    environ: Mapping[str, str] | None = None,
-    config_file: Path | None = None,
-) -> SDKSettings:
-    """Resolve settings: arguments, then environment, then the user's config file.
-
-    Raises:
-        InvalidOptions: an unknown network or local backend, a chain network without an RPC URL
-            (and no static hosts), a host URL in ``$FABSTIR_HOSTS`` or the config file that is not
-            usable, or an unreadable config file; ``field`` names the setting, the message where
-            the bad value came from.
-    """
-    env = os.environ if environ is None else environ
-    path = config_file if config_file is not None else _config_file()
-    stored = _read_config(path)
-
-    def pick(arg: Any, env_name: str, key: str, default: Any) -> Any:
-        if arg is not None:
-            return arg
-        if env.get(env_name):
-            return env[env_name]
-        return stored.get(key, default)
-
-    host_list = list(hosts) if hosts is not None else hosts_from_env(env) or _stored_hosts(stored, path)
-    chosen = pick(network, "FABSTIR_NETWORK", "network", None) or ("static" if host_list else "local")
-    url = pick(rpc_url, "FABSTIR_RPC_URL", "rpc_url", None)
-    chain: NetworkPreset | None = None
-    if isinstance(chosen, (Mapping, NetworkPreset)):
-        chain = resolve_network(chosen, rpc_url=url)
-    elif not isinstance(chosen, str) or chosen not in NETWORKS:
-        raise InvalidOptions(
-            f"unknown network {chosen!r}; choose one of {', '.join(NETWORKS)}, or pass a dict with "
-            "rpc_url, chain_id and addresses",
-            field="network",
-        )
-    elif chosen in CHAIN_NETWORKS:
-        chain = resolve_network(chosen, rpc_url=url)
-    if chain is not None and not chain.reachable and not host_list:
-        raise InvalidOptions(
-            f"network {chain.name!r} needs an RPC URL to read its registry: pass rpc_url=..., set "
-            f"FABSTIR_RPC_URL, or put \"rpc_url\" in {path}",
-            field="rpc_url",
-        )
-    backend = pick(local_backend, "FABSTIR_LOCAL_BACKEND", "local_backend", "llama-cpp")
-    if backend not in LOCAL_BACKENDS:
-        raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(LOCAL_BACKENDS)}",
-                             field="local_backend")
-    count = pick(local_hosts, "FABSTIR_LOCAL_HOSTS", "local_hosts", 1)
-    try:
-        count = int(count)
-    except (TypeError, ValueError):
-        raise InvalidOptions(f"local_hosts must be an integer, not {count!r}", field="local_hosts") from None
-    if not 1 <= count <= 16:
-        raise InvalidOptions("local_hosts must be between 1 and 16", field="local_hosts")
-    if chosen == "static" and not host_list:
-        raise InvalidOptions("network 'static' needs hosts=[...] or FABSTIR_HOSTS", field="hosts")
-    host_args = stored.get("local_host_args", ())
-    if not isinstance(host_args, (list, tuple)) or not all(isinstance(a, str) for a in host_args):
-        raise InvalidOptions(f"local_host_args in {path} must be a list of strings", field="local_host_args")
-    return SDKSettings(
-        network=chain.name if chain is not None else chosen,
-        hosts=tuple(host_list),
-        rpc_url=url,
-        local_backend=backend,
-        local_hosts=count,
-        local_host_args=tuple(host_args),
-        chain=chain,
-    )
 
 
 class FabstirSDK:
@@ -309,7 +174,9 @@ class FabstirSDK:
                 if self.settings.network == "local":
                     sources.append(self._start_local_network().source())
                 elif self.settings.chain is not None and self.settings.chain.reachable:
-                    sources.append(self.settings.chain.source())
+                    from .hosts.registry import ChainRegistrySource  # deferred: web3 and eth-abi are heavy
+
+                    sources.append(ChainRegistrySource.for_network(self.settings.chain))
                 self._host_manager = HostManager(list(self.settings.hosts), sources=sources, config=self.config)
                 if self._network is not None:
                     self._network.supervise(self._host_manager)
@@ -327,6 +194,14 @@ class FabstirSDK:
             if self._inference is None:
                 self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage)
             return self._inference
+
+    @property
+    def inference_manager(self) -> InferenceManager | None:
+        """The inference manager once :meth:`get_inference_manager` created it, else ``None``.
+
+        Reading it starts nothing (no network, no hosts): use it to look at what already runs.
+        """
+        return self._inference
 
     def get_session_manager(self) -> SessionManager:
         """The session manager (shares the inference manager's hosts, pool and usage)."""

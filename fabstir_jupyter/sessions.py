@@ -1,15 +1,19 @@
-"""Conversations: plaintext sessions on one host, with the transcript kept by the client.
+"""Conversations: a session is a transcript plus the policy of what each turn sends; no I/O here.
+
+A session's turns are streams (:class:`~fabstir_jupyter.streams.InferenceStream`): the stream does
+all the socket work, on the socket the session pins (``session_init`` once, then one ``prompt`` per
+turn; see :class:`~fabstir_jupyter.connections.PoolConnector`), and asks the session what to send.
+
+The client keeps the transcript itself, because hosts may forget (production hosts keep plaintext
+history not at all, any host loses it on restart). Whenever the host may lack the history (a new
+socket, a host without ``plaintext-sessions``, a turn that did not end cleanly, a continuation
+after a failover, a trimmed window) the transcript is resent with the prompt: as ``messages`` where
+the host supports them, else flattened into the prompt.
 
 Context window: when the next turn (history + prompt + ``max_tokens``) would not fit the model's
 context window (``usage.context_window_size`` as the host reports it), the oldest turns are left
 out of what is sent; the client's ``transcript`` keeps them all. Token counts are estimated from
 the characters-per-token ratio of the previous turn.
-
-A session pins one socket (``session_init`` once, then one ``prompt`` per turn) and keeps the
-transcript itself, because hosts may forget (production hosts keep plaintext history not at all,
-any host loses it on restart). Whenever the host may lack the history (a new socket, a host
-without ``plaintext-sessions``, a cancelled turn) the transcript is resent with the prompt:
-as ``messages`` where the host supports them, else flattened into the prompt.
 """
 
 from __future__ import annotations
@@ -17,24 +21,25 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 from . import protocol
-from .protocol import Usage
-from .config import InferenceOptions, validate_prompt, wire_transcript
-from .errors import Cancelled, FabstirError, ProtocolError, SessionNotFound
+from .config import InferenceOptions, validate_prompt
+from .errors import Cancelled, FabstirError, SessionNotFound
 from .hosts import HostInfo
+from .streams import InferenceCore, InferenceStream
 from .transport import WebSocketClient
-
-if TYPE_CHECKING:
-    from .inference import InferenceManager, InferenceStream
 
 __all__ = ["Session", "SessionManager"]
 
 
 @dataclass(eq=False)
 class Session:
-    """One conversation. ``transcript`` holds ``{role, content}`` turns, oldest first."""
+    """One conversation: its transcript (``{role, content}`` turns, oldest first) and counters.
+
+    It implements :class:`~fabstir_jupyter.streams.Conversation`: :meth:`plan_turn` says what a
+    turn sends, :meth:`complete_turn` records the answer.
+    """
 
     id: str
     model: str | None = None
@@ -51,9 +56,7 @@ class Session:
     window_start: int = 0  # transcript messages before this index are no longer sent (trimmed)
     _chars_per_token: float = field(default=4.0, repr=False)
     _history_chars: int = field(default=0, repr=False)
-    _conn: WebSocketClient | None = field(default=None, repr=False)
     _synced: bool = field(default=False, repr=False)  # the host's memory matches the transcript
-    _turn: InferenceStream | None = field(default=None, repr=False)  # the turn streaming now, if any
 
     def __repr__(self) -> str:
         host = self.host.api_url if self.host else None
@@ -66,77 +69,47 @@ class Session:
         kept = self.transcript[self.window_start:]
         return messages + [dict(m) for m in kept] + [{"role": "user", "content": prompt}]
 
+    def _window(self, prompt: str) -> tuple[protocol.Message, ...]:
+        kept = tuple((m["role"], m["content"]) for m in self.transcript[self.window_start:])
+        return protocol.transcript(prompt, kept, self.system_prompt)
+
     def _trim_to_window(self, prompt: str, prefill: str | None, max_tokens: int) -> bool:
         """Drop the oldest turns from what is sent until the turn should fit; return whether any went."""
         if not self.context_window:
             return False
         trimmed = False
         while self.window_start < len(self.transcript):
-            chars = sum(len(m["content"]) for m in self.messages_for(prompt)) + len(prefill or "")
+            chars = sum(len(content) for _, content in self._window(prompt)) + len(prefill or "")
             if chars / self._chars_per_token + max_tokens <= self.context_window:
                 break
             self.window_start += 2  # one user + assistant turn
             trimmed = True
         return trimmed
-    async def _open_turn(self, manager: InferenceManager, host: HostInfo, model: str, prompt: str,
-                         options: InferenceOptions, request_id: str, *, max_tokens: int,
-                         prefill: str | None = None) -> tuple[WebSocketClient, dict[str, Any]]:
-        """Return the pinned socket (opening it and sending ``session_init`` if needed) and the frame.
 
-        ``prefill`` is the partial answer of a failed attempt: the history is resent with it so the
-        (possibly new) host continues the answer.
+    def plan_turn(self, prompt: str, host: HostInfo, model: str, *, fresh_socket: bool, prefill: str | None,
+                  max_tokens: int) -> tuple[str, tuple[protocol.Message, ...]]:
+        """Decide what one attempt of a turn sends to ``host``: the ``(prompt, messages)`` of its request.
+
+        The transcript is resent when the host may not hold it: a ``fresh_socket`` (opened for this
+        attempt), a host without ``plaintext-sessions``, a turn whose predecessor did not end cleanly,
+        a ``prefill`` (the partial answer of a failed attempt, which the host continues), or a
+        window trimmed for the context (the host's memory holds the untrimmed history).
         """
-        if self._conn is not None and (not self._conn.is_open or host is not self.host):
-            manager.pool.discard(self._conn)
-            self._conn, self._synced = None, False
-        if self._conn is None:
-            conn = await manager.pool.checkout(host.ws_url)
-            try:
-                await conn.send(protocol.session_init_frame(self.id, request_id=request_id))
-                while True:
-                    event = await conn.recv_event(manager.config.first_token_timeout)
-                    if isinstance(event, protocol.SessionInitAck):
-                        break
-                    if isinstance(event, protocol.ErrorEvent):
-                        error = event.error
-                        error.host = host.api_url
-                        raise error
-                    if not isinstance(event, (protocol.Connected, protocol.Pong, protocol.UnknownFrame)):
-                        raise ProtocolError(f"expected session_init_ack, got {type(event).__name__}",
-                                            host=host.api_url)
-            except BaseException:
-                manager.pool.discard(conn)
-                raise
-            self._conn, self._synced = conn, False
+        if fresh_socket:
+            self._synced = False
         self.host, self.model = host, model
         if self.context_window is None:
             self.context_window = host.context_window
         trimmed = self._trim_to_window(prompt, prefill, max_tokens)
-        # The host keeps the untrimmed history in its memory: a trimmed turn resends the window.
         replay = not self._synced or "plaintext-sessions" not in host.features or bool(prefill) or trimmed
-        self._history_chars = sum(len(m["content"]) for m in self.messages_for(prompt)) + len(prefill or "")
-        wire_prompt, messages = prompt, None
+        window = self._window(prompt)
+        self._history_chars = sum(len(content) for _, content in window) + len(prefill or "")
         if replay and (self.transcript or self.system_prompt or prefill):
-            wire_prompt, messages = wire_transcript(self.messages_for(prompt), host.features, prefill)
-        frame = protocol.prompt_frame(
-            wire_prompt,
-            session_id=self.id,
-            model=model,
-            max_tokens=max_tokens,
-            **options.sampling_fields(),
-            messages=messages,
-            request_id=request_id,
-        )
-        return self._conn, frame
+            return protocol.shape_transcript(window, host.features, prefill)
+        return prompt, ()
 
-    def _release_turn(self, manager: InferenceManager, conn: WebSocketClient, clean: bool) -> None:
-        """Keep the pinned socket after a clean turn; close it after a broken one."""
-        if not clean:
-            manager.pool.discard(conn)
-            if self._conn is conn:
-                self._conn, self._synced = None, False
-
-    def _complete_turn(self, prompt: str, answer: str, *, synced: bool, usage: Usage | None = None) -> None:
+    def complete_turn(self, prompt: str, answer: str, *, synced: bool, usage: protocol.Usage | None = None) -> None:
+        """Record a finished turn; ``synced``: it ended cleanly, so the host's memory matches."""
         self.transcript.append({"role": "user", "content": prompt})
         self.transcript.append({"role": "assistant", "content": answer})
         self.turns += 1
@@ -149,12 +122,16 @@ class Session:
             if usage.prompt_tokens and self._history_chars:
                 self._chars_per_token = max(0.5, self._history_chars / usage.prompt_tokens)
 
+    def cancel_turn(self) -> None:
+        """Count a turn stopped before its end (it stays out of the transcript)."""
+        self.cancelled_turns += 1
+
 
 class SessionManager:
-    """Create, continue and end sessions; shares the inference manager's hosts, pool and usage."""
+    """Create, continue and end sessions; shares the inference core's hosts, connections and usage."""
 
-    def __init__(self, inference: InferenceManager) -> None:
-        self._inference = inference
+    def __init__(self, core: InferenceCore) -> None:
+        self._core = core
         self._sessions: dict[str, Session] = {}
 
     def __repr__(self) -> str:
@@ -162,13 +139,17 @@ class SessionManager:
 
     async def create_session(self, model: str | None = None, host: str | HostInfo | None = None,
                              system_prompt: str | None = None, session_id: str | None = None) -> Session:
-        """Start a conversation; the host is chosen (or connected) on the first turn."""
+        """Start a conversation; the host is chosen (or connected) on the first turn.
+
+        Raises:
+            InvalidPrompt: a bad ``system_prompt``.
+            NoHostsAvailable: ``host`` is a registry address no discovered host has.
+        """
         if system_prompt is not None:
-            validate_prompt(system_prompt, max_chars=self._inference.config.max_prompt_chars,
-                            field_name="system_prompt")
+            validate_prompt(system_prompt, max_chars=self._core.config.max_prompt_chars, field_name="system_prompt")
         session = Session(id=session_id or uuid.uuid4().hex, model=model, system_prompt=system_prompt)
         if host is not None:
-            session.host = self._inference._host_for(host)
+            session.host = self._core.host_for(host)
         self._sessions[session.id] = session
         return session
 
@@ -187,6 +168,11 @@ class SessionManager:
     def sessions(self) -> list[Session]:
         """Live sessions, oldest first."""
         return [s for s in self._sessions.values() if not s.ended]
+
+    def pinned_socket(self, session_id: str) -> WebSocketClient | None:
+        """The socket a session pins now, if its connector pins sockets (for diagnostics and tests)."""
+        pinned = getattr(self._core.connector, "pinned_socket", None)
+        return pinned(str(session_id)) if callable(pinned) else None
 
     def to_frame(self, include_ended: bool = False) -> Any:
         """The sessions as a pandas DataFrame: id, model, host, turns, tokens, context use, state."""
@@ -213,12 +199,17 @@ class SessionManager:
 
     def stream(self, session_id: str, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None,
                **kwargs: Any) -> InferenceStream:
-        """Create the stream of one turn (see :class:`~fabstir_jupyter.inference.InferenceStream`)."""
+        """Create the stream of one turn (see :class:`~fabstir_jupyter.streams.InferenceStream`).
+
+        Raises:
+            SessionNotFound: unknown or ended.
+            InvalidPrompt, InvalidOptions: bad input.
+        """
         session = self.get(session_id)
         if session.model is not None:
             kwargs.setdefault("model", session.model)
-        # No fixed host: the stream starts on the session's host and fails over to another.
-        return self._inference._make_stream(prompt, options, kwargs, kind="session", session=session)
+        # No pinned host: the turn starts on the session's host and fails over to another.
+        return self._core.stream(prompt, options, session=session, kind="session", **kwargs)
 
     async def session_inference(self, session_id: str, prompt: str,
                                 options: InferenceOptions | Mapping[str, Any] | None = None,
@@ -241,12 +232,9 @@ class SessionManager:
         """
         session = self.get(session_id)
         session.ended = True
-        turn = session._turn
-        if turn is not None:
-            await turn._stop(Cancelled(f"session {session.id} was ended while this turn was streaming"))
-        if session._conn is not None:
-            self._inference.pool.discard(session._conn)
-            session._conn = None
+        ended = Cancelled(f"session {session.id} was ended while this turn was streaming")
+        await self._core.stop_turns(session.id, ended)
+        self._core.connector.end_session(session.id)
         return session
 
     async def aclose(self) -> None:

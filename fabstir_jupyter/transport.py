@@ -7,7 +7,9 @@ greeting), send frames, receive parsed events, close. It carries one stream at a
 opens a new one (at most ``pool_max_per_host`` per host; more callers wait), ``checkin`` takes it
 back (or closes it when it is no longer clean), idle sockets close after ``pool_idle_timeout``. A
 session pins a socket simply by not checking it in until it ends. Unlike the brief's
-``InferencePool`` (one shared socket per URL), two streams never share a socket.
+``InferencePool`` (one shared socket per URL), two streams never share a socket. A socket may be
+*bound* (``checkout(url, bound_to=...)``): it then only ever serves checkouts with the same binding,
+which is how a paid job, tied to one socket for its whole life, keeps its socket.
 
 Errors from ``websockets`` and ``ssl`` are translated here, once, into
 :class:`~fabstir_jupyter.errors.FabstirError` subclasses.
@@ -37,8 +39,7 @@ from websockets.exceptions import (
     WebSocketException,
 )
 
-from . import protocol
-from . import _compat
+from . import _compat, protocol
 from .config import InferenceConfig
 from .errors import (
     AuthFailed,
@@ -50,6 +51,7 @@ from .errors import (
     ProtocolError,
     RateLimitExceeded,
 )
+from .urls import redact_url
 
 __all__ = ["WebSocketClient", "ConnectionPool", "ssl_context_for", "redact_url"]
 
@@ -71,22 +73,6 @@ class _RedactAuthorization(logging.Filter):
 _handshake_logger = logging.getLogger("websockets.client")
 if not any(isinstance(f, _RedactAuthorization) for f in _handshake_logger.filters):
     _handshake_logger.addFilter(_RedactAuthorization())
-
-
-def redact_url(url: str) -> str:
-    """Drop credentials and query strings (which may hold tokens) from a URL before logging it.
-
-    IPv6 hosts keep their brackets (``ws://[::1]:8196/v1/ws``).
-    """
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def ssl_context_for(url: str, verify: bool | str | ssl.SSLContext) -> ssl.SSLContext | None:
@@ -270,6 +256,7 @@ class WebSocketClient:
         self.connected_latency: float | None = None
         self.last_used = time.monotonic()
         self.in_use = False
+        self.bound_to: str | None = None  # what this socket is reserved for (a paid job), if anything
         # Ids of requests finished on this socket: a host that sends frames for one of them after its
         # stream_end has them dropped instead of mixed into (or failing) the next answer.
         self.finished_ids: collections.deque[str] = collections.deque(maxlen=_FINISHED_IDS_KEPT)
@@ -334,15 +321,12 @@ class WebSocketClient:
                        if tcp_open else "no tcp connection")
                 raise ConnectionFailed(f"connect: {why} within {limit}", host=redact_url(self.url)) from exc
             raise _translate(exc, self.url, "connect") from exc
-        if isinstance(first, protocol.ErrorEvent):
+        try:
+            protocol.read_greeting(first)
+        except FabstirError as error:
             await self.close()
-            error = first.error
             error.host = redact_url(self.url)
-            raise error
-        if not isinstance(first, protocol.Connected):
-            await self.close()
-            raise ProtocolError(f"expected a 'connected' greeting, got {type(first).__name__}",
-                                host=redact_url(self.url))
+            raise
         self.connected_latency = time.perf_counter() - started
         self.last_used = time.monotonic()
         logger.debug("connected to %s in %.1f ms", redact_url(self.url), self.connected_latency * 1000)
@@ -456,7 +440,7 @@ class ConnectionPool:
         self.config = config or InferenceConfig()
         self._headers_for = headers_for if headers_for is not None else self.config.auth_headers
         self._clock = clock
-        self._idle: dict[str, list[WebSocketClient]] = defaultdict(list)
+        self._idle: dict[tuple[str, str | None], list[WebSocketClient]] = defaultdict(list)
         self._in_use: dict[str, set[WebSocketClient]] = defaultdict(set)
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._closed = False
@@ -473,11 +457,13 @@ class ConnectionPool:
             "in_use": sum(len(v) for v in self._in_use.values()),
         }
 
-    async def checkout(self, url: str) -> WebSocketClient:
+    async def checkout(self, url: str, *, bound_to: str | None = None) -> WebSocketClient:
         """Return an open socket to ``url`` for the caller's exclusive use.
 
         Reuses an idle socket when one is open, else opens one. When the host already has
         ``pool_max_per_host`` sockets checked out, waits (within ``connection_timeout``) for one.
+        ``bound_to`` (a paid job's id, say) asks for a socket reserved for that binding: an idle one
+        is reused only by checkouts with the same binding, and a new one is reserved for it.
 
         Raises:
             ConnectionFailed: the pool is closed, no slot freed in time, or opening failed.
@@ -494,10 +480,11 @@ class ConnectionPool:
                 f"all {self.config.pool_max_per_host} sockets to this host stayed busy for "
                 f"{self.config.connection_timeout:g} s", host=redact_url(key)) from None
         try:
-            client = self._take_idle(key)
+            client = self._take_idle((key, bound_to))
             if client is None:
-                headers = self._headers_for(key) if self._headers_for else None
+                headers = self._headers_for(key)
                 client = WebSocketClient(key, self.config, headers=headers)
+                client.bound_to = bound_to
                 await client.connect()
         except BaseException:
             slots.release()
@@ -506,7 +493,7 @@ class ConnectionPool:
         self._in_use[key].add(client)
         return client
 
-    def _take_idle(self, key: str) -> WebSocketClient | None:
+    def _take_idle(self, key: tuple[str, str | None]) -> WebSocketClient | None:
         self._reap_idle()
         idle = self._idle.get(key)
         while idle:
@@ -526,7 +513,7 @@ class ConnectionPool:
         client.last_used = self._clock()
         self._slots[key].release()
         if reusable and client.is_open and not self._closed:
-            self._idle[key].append(client)
+            self._idle[(key, client.bound_to)].append(client)
         else:
             self._close_later(client)
         self._reap_idle()
@@ -537,7 +524,7 @@ class ConnectionPool:
 
     def _reap_idle(self) -> None:
         now = self._clock()
-        for key, idle in self._idle.items():
+        for idle in self._idle.values():
             keep = []
             for client in idle:
                 if client.is_open and now - client.last_used < self.config.pool_idle_timeout:

@@ -53,6 +53,7 @@ __all__ = [
     "LedgerUnavailable",
     "SCHEMA_VERSION",
     "default_ledger_path",
+    "group_cost_unit",
 ]
 
 logger = logging.getLogger("fabstir_jupyter.usage")
@@ -525,7 +526,7 @@ class UsageLedger:
                 raise ValueError(f"cannot group usage by {key!r}: not a column")
         frame = self.to_frame(since=since)
         groups = frame.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)
-        units = groups["cost_unit"].agg(_one_unit).astype("string")
+        units = groups["cost_unit"].agg(group_cost_unit).astype("string")
         cost = groups["cost"].sum(min_count=1).astype("float64")
         cost = cost.mask(units == "mixed")
         out = pd.DataFrame(
@@ -686,8 +687,10 @@ def _frame_dtype(name: str) -> str:
     return "string"
 
 
-def _one_unit(values: Any) -> str | None:
+def group_cost_unit(values: Any) -> str | None:
+    """The cost unit of a group of usage records (a pandas Series): the one unit, ``"mixed"``, or
+    ``None`` when none is known."""
     units = set(values.dropna())
     if not units:
         return None
-    return units.pop() if len(units) == 1 else "mixed"
+    return str(units.pop()) if len(units) == 1 else "mixed"

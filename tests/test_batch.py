@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from fabstir_jupyter.batch import BATCH_COLUMNS, run_batch
-from fabstir_jupyter.errors import InvalidOptions
+from fabstir_jupyter.errors import FabstirError, InvalidOptions
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.hosts import HostInfo
 
@@ -276,3 +276,44 @@ async def test_manager_batch_delegates_to_the_batch_runner(start_host, make_mana
     frame = await manager.batch(["one", "two", "three"], max_tokens=3)
     assert list(frame["text"]) == [scripted_text(p, 3) for p in ("one", "two", "three")]
     assert frame["error"].isna().all() or (frame["error"].map(lambda e: e is None)).all()
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+async def test_hosts_that_always_fail_get_at_most_max_retries_plus_one_attempts(start_host, make_manager, hosts):
+    """With N hosts answering HOST_ERROR to everything, each batch prompt and each stream makes at
+    most max_retries + 1 attempts: one retry loop, not the batch's loop around the stream's (which
+    made (max_retries + 1)**2 attempts per prompt with 4 hosts)."""
+    servers = [await start_host(backend={"error_code": "HOST_ERROR"}) for _ in range(hosts)]
+    manager = make_manager([s.ws_url for s in servers], max_retries=2)
+    frame = await run_batch(manager, prompts(3), max_tokens=N)
+    assert list(frame["error"]) == ["HOST_ERROR"] * 3
+    per_prompt = collections.Counter(r.request_id for r in manager.usage.records)
+    assert sorted(per_prompt.values()) == [3, 3, 3]
+    assert {r.attempt for r in manager.usage.records} == {1, 2, 3}
+    # the attempts of one prompt go to different hosts while untried ones exist
+    for request_id in per_prompt:
+        tried = [r.host for r in manager.usage.records if r.request_id == request_id]
+        assert len(set(tried)) == min(3, hosts)
+
+    manager.usage.records.clear()
+    with pytest.raises(FabstirError) as info:
+        async with manager.stream("one stream", max_tokens=N) as stream:
+            await stream.read()
+    assert info.value.code == "HOST_ERROR"
+    assert len(manager.usage.records) == stream.attempts == 3
+
+
+async def test_batch_rows_are_the_streams_usage_totals(start_host, make_manager):
+    """A prompt that failed over mid-answer gets a row with its stream's totals: every token it
+    received, on both hosts, and the time of both attempts."""
+    flaky = await start_host(backend={"close_after": 3})
+    steady = await start_host()
+    manager = make_manager([flaky.ws_url, steady.ws_url])
+    for info in await manager.host_manager.discover_all_active_hosts():
+        info.latency_ms = 1.0 if info.ws_url == flaky.ws_url else 500.0
+    frame = await run_batch(manager, ["only prompt"], max_tokens=N, mode="fastest")
+    (row,) = frame.to_dict(orient="records")
+    records = manager.usage.records
+    assert [r.received_tokens for r in records] == [3, N - 3]
+    assert row["tokens"] == N and row["host"] == steady.http_url
+    assert row["duration"] == pytest.approx(sum(r.duration for r in records))

@@ -7,8 +7,6 @@ from fabstir_jupyter.config import (
     HostRequirements,
     InferenceConfig,
     InferenceOptions,
-    build_messages,
-    flatten_messages,
     resolve_options,
     validate_prompt,
 )
@@ -161,18 +159,6 @@ def test_bad_config_is_refused(changes, field):
     with pytest.raises(InvalidOptions) as info:
         InferenceConfig(**changes)
     assert info.value.field == field
-
-
-def test_build_and_flatten_messages():
-    """The transcript puts the system prompt first and the prompt last; flattening ends open."""
-    options = InferenceOptions(system_prompt="be brief", messages=({"role": "user", "content": "hi"},
-                                                                     {"role": "assistant", "content": "hello"}))
-    messages = build_messages("and now?", options)
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    flat = flatten_messages(messages)
-    assert flat.startswith("System: be brief\n") and flat.endswith("User: and now?\nAssistant:")
-    prefill = flatten_messages(messages + [{"role": "assistant", "content": "Well"}])
-    assert prefill.endswith("Assistant: Well")
 
 
 def test_host_requirements_defaults_are_open():

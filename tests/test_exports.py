@@ -60,7 +60,10 @@ def test_type_checking_block_matches_the_lazy_table():
 
 
 @pytest.mark.parametrize("module, forbidden", [
+    ("fabstir_jupyter.urls", {"asyncio", "websockets", "httpx", "socket"}),
     ("fabstir_jupyter.protocol", {"asyncio", "websockets", "httpx", "socket"}),
+    ("fabstir_jupyter.settings", {"asyncio", "websockets", "httpx", "socket", "web3"}),
+    ("fabstir_jupyter.cache", {"asyncio", "websockets", "httpx", "socket"}),
     ("fabstir_jupyter.errors", {"asyncio", "websockets"}),
     ("fabstir_jupyter.config", {"websockets", "httpx"}),
     ("fabstir_jupyter.crypto", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
@@ -84,14 +87,118 @@ def test_encryption_loads_no_io_at_run_time():
     assert not {"asyncio", "socket", "websockets", "httpx", "web3", "IPython"} & loaded
 
 
-def test_host_package_uses_only_the_shared_core_layers():
-    """fabstir-host imports nothing from the client layers (transport, inference, hosts...);
-    the pure token bucket in limits.py and the encrypted protocol (encryption.py, crypto.py) are shared."""
-    allowed = {"errors", "config", "protocol", "encryption", "crypto", "limits", "host", "_compat"}
-    for path in (PACKAGE / "host").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:
-                assert node.module.split(".")[0] in allowed, (path.name, node.module)
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-                    node.module.startswith("fabstir_jupyter."):
-                assert node.module.split(".")[1] in allowed, (path.name, node.module)
+# --------------------------------------------------------------------------- the layers
+
+#: The package's layers, lowest first (DESIGN.md): a module imports only from its own layer or
+#: lower ones, never upwards. A name is a top-level module or a subpackage (all of its modules).
+#: The client core reads: hosts → connections (a host's connection and the channel over it) →
+#: streams (the stream and its one attempt loop) → sessions, batch (policies over that loop) →
+#: inference (InferenceManager, the brief's API over all three).
+LAYERS: list[set[str]] = [
+    {"errors", "_compat", "_lazy", "runner"},
+    {"urls"},
+    {"config", "limits", "cache"},
+    {"networks"},
+    {"settings"},
+    {"protocol", "crypto"},
+    {"encryption"},
+    {"transport"},
+    {"usage"},
+    {"hosts"},
+    {"connections"},
+    {"streams"},
+    {"sessions"},
+    {"batch"},
+    {"inference"},
+    {"local"},
+    {"sdk"},
+    {"notebook", "__main__"},
+]
+#: The reference host sits beside the client: it uses only these shared core modules (and its own).
+HOST_ALLOWED = {"errors", "_compat", "urls", "config", "limits", "protocol", "crypto", "encryption", "host"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports, wherever the import statement is (functions and
+    TYPE_CHECKING blocks included): a type-only or deferred import is a dependency too."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fabstir_jupyter")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("fabstir_jupyter"):
+                module = node.module
+            else:
+                continue
+            # "from . import protocol" imports the submodule protocol, not the package
+            submodules = {f"{module}.{a.name}" for a in node.names}
+            found |= {m for m in submodules if m in MODULES} or {module}
+    return found - {name}
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {name: _imports(path) for name, path in MODULES.items() if name != "fabstir_jupyter"}
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1]
+    for index, layer in enumerate(LAYERS):
+        if top in layer:
+            return index
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it where it belongs")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if not m.startswith("fabstir_jupyter.host.")
+                                          and m != "fabstir_jupyter.host"))
+def test_no_module_imports_from_a_higher_layer(module):
+    """Every client module imports only from its own layer or lower ones (LAYERS, lowest first)."""
+    upward = {target for target in GRAPH[module] if target != "fabstir_jupyter" and _layer(target) > _layer(module)}
+    assert not upward, f"{module} (layer {_layer(module)}) imports {sorted(upward)} from above"
+
+
+def test_the_host_imports_only_the_shared_core():
+    """fabstir-host imports nothing from the client layers (transport, streams, hosts, sdk...)."""
+    for module, targets in GRAPH.items():
+        if module == "fabstir_jupyter.host" or module.startswith("fabstir_jupyter.host."):
+            outside = {t for t in targets if t.split(".")[1] not in HOST_ALLOWED}
+            assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_the_import_graph_has_no_cycles():
+    """No chain of imports leads from a module back to itself (deferred imports included)."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(GRAPH.get(module, ())):
+            if state.get(target) == "open":
+                cycle = stack[stack.index(target):] + [target]
+                raise AssertionError("import cycle: " + " → ".join(cycle))
+            if target in GRAPH and target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+
+
+def test_every_layer_is_used_and_names_real_modules():
+    """LAYERS names exactly the package's top-level modules and subpackages, each once."""
+    named = [name for layer in LAYERS for name in layer]
+    assert len(named) == len(set(named))
+    tops = {m.split(".")[1] for m in MODULES if m != "fabstir_jupyter"} - {"host"}
+    assert set(named) == tops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -13,6 +14,7 @@ import pytest
 from fabstir_jupyter import InferenceOptions
 from fabstir_jupyter.errors import (
     ConnectionFailed,
+    FabstirError,
     FirstTokenTimeout,
     HostError,
     IdleTimeout,
@@ -559,3 +561,30 @@ async def test_unreachable_hosts_are_rechecked_once_for_concurrent_requests_and_
         assert len(pings) == 2  # one shared recheck round for the five
         await one()
         assert len(pings) == 3  # a later request looks again
+
+
+async def test_a_break_on_the_only_host_is_named_in_the_final_error(make_manager):
+    """The only host drops the stream after 3 tokens and is then gone: the final error says the
+    stream broke there after 3 tokens and that no host could continue it (it used to be a bare
+    NO_HOSTS_AVAILABLE that did not say the answer had broken off); the partial text stays."""
+    from websockets.asyncio.server import serve
+
+    async def three_tokens_then_gone(ws):
+        await ws.send(json.dumps({"type": "connected"}))
+        frame = json.loads(await ws.recv())  # a discovery ping closes here; the stream sends its request
+        for word in ("one ", "two ", "three "):
+            await ws.send(json.dumps({"type": "stream_chunk", "content": word, "tokens": 1, "id": frame.get("id")}))
+        server.close(close_connections=False)  # nobody gets a connection after this one
+        ws.transport.abort()
+
+    async with serve(three_tokens_then_gone, "127.0.0.1", 0) as server:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        manager = make_manager([url], max_retries=2)
+        with pytest.raises(FabstirError) as info:
+            async with manager.stream(PROMPT, max_tokens=10) as stream:
+                await stream.read()
+    assert stream.text == "one two three " and info.value.partial_text == stream.text
+    message = info.value.message
+    assert message.startswith(f"the stream broke on {url} after 3 tokens (CONNECTION_FAILED: ")
+    assert "and no host could continue it: " in message
+    assert [r.received_tokens for r in manager.usage.records] == [3, 0, 0]

@@ -1,6 +1,7 @@
 """Client-side rate limiting and the response cache, on a fake clock."""
 
-from fabstir_jupyter.limits import RateLimiter, ResponseCache, TokenBucket
+from fabstir_jupyter.cache import ResponseCache
+from fabstir_jupyter.limits import RateLimiter, TokenBucket
 
 
 class FakeClock:

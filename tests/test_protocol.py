@@ -47,6 +47,7 @@ from fabstir_jupyter.protocol import (
     encode,
     end_frame,
     error_frame,
+    flatten_messages,
     http_url,
     inference_frame,
     parse_client_frame,
@@ -54,8 +55,13 @@ from fabstir_jupyter.protocol import (
     ping_frame,
     pong_frame,
     prompt_frame,
+    read_greeting,
+    read_session_ack,
+    request_frame,
     session_init_ack_frame,
     session_init_frame,
+    shape_transcript,
+    transcript,
     ws_url,
 )
 
@@ -77,7 +83,7 @@ def feed_all(reader: ResponseReader, events: list[Any]) -> str:
 
 
 def test_protocol_module_imports_no_io() -> None:
-    """protocol.py stays sans-I/O: it imports only pure standard modules and .errors."""
+    """protocol.py stays sans-I/O: it imports only pure standard modules, .errors and .urls."""
     tree = ast.parse(Path(protocol.__file__).read_text(encoding="utf-8"))
     imported = set()
     for node in ast.walk(tree):
@@ -86,7 +92,7 @@ def test_protocol_module_imports_no_io() -> None:
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
     assert imported <= {"__future__", "json", "math", "re", "ipaddress", "dataclasses", "typing", "urllib.parse",
-                        ".errors"}
+                        ".errors", ".urls"}
 
 
 # --------------------------------------------------------------------------- URLs
@@ -236,6 +242,40 @@ def test_encode_is_compact_utf8_json() -> None:
     assert text == '{"type":"prompt","prompt":"héllo 世界"}'
 
 
+def test_client_transcript_puts_system_first_and_flattening_ends_open() -> None:
+    """The transcript puts the system prompt first and the prompt last; flattening ends open."""
+    messages = transcript("and now?", [("user", "hi"), ("assistant", "hello")], "be brief")
+    assert [role for role, _ in messages] == ["system", "user", "assistant", "user"]
+    flat = flatten_messages(messages)
+    assert flat.startswith("System: be brief\n") and flat.endswith("User: and now?\nAssistant:")
+    prefill = flatten_messages(messages + (("assistant", "Well"),))
+    assert prefill.endswith("Assistant: Well")
+
+
+def test_client_shapes_the_transcript_for_what_the_host_supports() -> None:
+    """chat-messages hosts get the messages and the last user turn as the prompt; others get it
+    flattened; a prefill needs assistant-prefill too, else it is flattened into an open turn."""
+    messages = transcript("next?", [("user", "hi"), ("assistant", "hello")])
+    assert shape_transcript(messages, {"chat-messages"}) == ("next?", messages)
+    assert shape_transcript(messages, ()) == (flatten_messages(messages), ())
+    prompt, sent = shape_transcript(messages, {"chat-messages"}, prefill="Part")
+    assert sent == () and prompt.endswith("User: next?\nAssistant: Part")
+    prompt, sent = shape_transcript(messages, {"chat-messages", "assistant-prefill"}, prefill="Part")
+    assert prompt == "next?" and sent[-1] == ("assistant", "Part")
+
+
+def test_client_request_object_becomes_either_frame_in_one_place() -> None:
+    """request_frame makes an inference without a session id and a prompt with one, from the same
+    request object; both parse back to that object on the host."""
+    request = GenerationRequest(prompt="hi", model="m", max_tokens=4, temperature=0.5, stop=("END",),
+                                messages=(("user", "hi"),))
+    inference = parse_client_frame(encode(request_frame(request, request_id="r1")))
+    prompt = parse_client_frame(encode(request_frame(request, session_id="s", request_id="r2")))
+    assert inference == InferenceRequest(request=request, id="r1")
+    assert prompt == PromptRequest(request=request, session_id="s", id="r2")
+    assert request_frame(request, session_id="s")["prompt"] == "hi"
+
+
 def test_client_frames_parse_back_on_the_host() -> None:
     """What the client builds, the host parser reads back field for field."""
     frame = inference_frame(prompt="hi", model="m", max_tokens=8, temperature=0.5, top_p=0.9, stop=["END"], seed=3,
@@ -359,6 +399,48 @@ def test_client_error_event_builds_mapped_exception(frame: dict[str, Any], cls: 
     event = parse_host_frame(json.dumps(frame))
     assert isinstance(event, ErrorEvent)
     assert type(event.error) is cls and event.error.message == "m"
+
+
+def test_client_maps_the_production_token_limit_error_to_context_overflow() -> None:
+    """A newer production node's TOKEN_LIMIT_EXCEEDED (with prompt_tokens and context_window_size)
+    is CONTEXT_OVERFLOW, and the message keeps both numbers."""
+    frame = {"type": "error", "code": "TOKEN_LIMIT_EXCEEDED", "message": "Prompt exceeds context window",
+             "prompt_tokens": 33500, "context_window_size": 32768}
+    event = parse_host_frame(json.dumps(frame))
+    assert isinstance(event, ErrorEvent) and event.code == "CONTEXT_OVERFLOW"
+    error = event.error
+    assert type(error) is ContextOverflow and not error.retryable
+    assert error.message == "Prompt exceeds context window (33500 prompt tokens, context window 32768)"
+
+
+@pytest.mark.parametrize("text, retry_after", [
+    ("Rate limit exceeded, retry after 60 seconds", 60.0),
+    ("rate limit exceeded, retry after 2.5s", 2.5),
+    ("Rate limit exceeded", None),
+])
+def test_client_reads_the_uncoded_production_rate_limit(text: str, retry_after: float | None) -> None:
+    """The production node's uncoded {"error": "Rate limit exceeded, retry after 60 seconds"} is
+    RATE_LIMIT_EXCEEDED with its retry_after, so backoff waits as asked."""
+    event = parse_host_frame(json.dumps({"type": "error", "error": text}))
+    assert isinstance(event, ErrorEvent) and event.code == "RATE_LIMIT_EXCEEDED"
+    error = event.error
+    assert type(error) is RateLimitExceeded and error.retry_after == retry_after and error.message == text
+
+
+def test_client_reads_the_greeting_and_the_session_ack() -> None:
+    """read_greeting takes only 'connected' (an error frame raises its own code); read_session_ack
+    skips late greetings, pongs and unknown frames, returns the ack, and raises on anything else."""
+    assert read_greeting(Connected("hi")) == Connected("hi")
+    with pytest.raises(HostBusy):
+        read_greeting(ErrorEvent("HOST_BUSY", "full"))
+    with pytest.raises(ProtocolError, match="expected a 'connected' greeting, got Chunk"):
+        read_greeting(Chunk("x"))
+    assert [read_session_ack(e) for e in (Connected(), Pong(), UnknownFrame("x"))] == [None, None, None]
+    assert read_session_ack(SessionInitAck(session_id="s")) == SessionInitAck(session_id="s")
+    with pytest.raises(HostError):
+        read_session_ack(ErrorEvent("HOST_ERROR", "no sessions here"))
+    with pytest.raises(ProtocolError, match="expected session_init_ack, got StreamEnd"):
+        read_session_ack(StreamEnd())
 
 
 def test_client_parses_pong() -> None:

@@ -61,7 +61,7 @@ async def test_transcript_is_resent_after_the_socket_breaks(start_host, make_man
     manager = make_manager([host.ws_url])
     session = await manager.sessions.create_session()
     await turn(manager, session.id, "one two three", max_tokens=4)
-    await session._conn.close()  # the host sees a dropped connection
+    await manager.sessions.pinned_socket(session.id).close()  # the host sees a dropped connection
     again, text = await turn(manager, session.id, "four five", max_tokens=4)
     assert text == scripted_text("four five", 4)
     assert again.usage.prompt_tokens == 3 + 4 + 2  # history arrived as messages
@@ -76,10 +76,10 @@ async def test_cancelled_turn_keeps_the_pinned_socket(start_host, make_manager):
         async for _ in stream:
             if len(stream.text.split()) >= 2:
                 break
-    pinned = session._conn
+    pinned = manager.sessions.pinned_socket(session.id)
     assert pinned is not None and pinned.is_open
     _, text = await turn(manager, session.id, "short", max_tokens=2)
-    assert session._conn is pinned
+    assert manager.sessions.pinned_socket(session.id) is pinned
     assert text == scripted_text("short", 2)
 
 

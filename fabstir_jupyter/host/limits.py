@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 from ..limits import TokenBucket
 
-__all__ = ["per_minute_bucket", "AddressLimiter", "Session", "SessionStore"]
+__all__ = ["per_minute_bucket", "AddressLimiter", "HostSession", "SessionStore"]
 
 Clock = Callable[[], float]
 
@@ -69,8 +69,8 @@ class AddressLimiter:
 
 
 @dataclass(slots=True)
-class Session:
-    """A session: its ids and the transcript the host remembers.
+class HostSession:
+    """A session as the host remembers it: its ids and the transcript.
 
     Attributes:
         owners: for an encrypted session, the signer addresses its inits have in common (see
@@ -104,7 +104,7 @@ class SessionStore:
         self.max_messages = max_messages
         self.idle_timeout = idle_timeout
         self._clock = clock
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, HostSession] = OrderedDict()
 
     def _evict_idle(self) -> None:
         deadline = self._clock() - self.idle_timeout
@@ -114,17 +114,17 @@ class SessionStore:
                 break
             self._sessions.popitem(last=False)
 
-    def open(self, session_id: str, *, job_id: str | None = None, chain_id: int | None = None) -> Session:
+    def open(self, session_id: str, *, job_id: str | None = None, chain_id: int | None = None) -> HostSession:
         """Open ``session_id`` with an empty transcript (an existing one is reset)."""
         self._evict_idle()
         self._sessions.pop(session_id, None)
         while len(self._sessions) >= max(1, self.max_sessions):
             self._sessions.popitem(last=False)
-        session = Session(session_id, job_id=job_id, chain_id=chain_id, last_used=self._clock())
+        session = HostSession(session_id, job_id=job_id, chain_id=chain_id, last_used=self._clock())
         self._sessions[session_id] = session
         return session
 
-    def get(self, session_id: str) -> Session | None:
+    def get(self, session_id: str) -> HostSession | None:
         """Return the open session ``session_id`` (marking it used), or None."""
         self._evict_idle()
         session = self._sessions.get(session_id)
@@ -133,7 +133,7 @@ class SessionStore:
             self._sessions.move_to_end(session_id)
         return session
 
-    def record_turn(self, session: Session, turn_input: Iterable[tuple[str, str]], answer: str) -> None:
+    def record_turn(self, session: HostSession, turn_input: Iterable[tuple[str, str]], answer: str) -> None:
         """Remember a finished turn: its input messages followed by the answer.
 
         A last ``assistant`` input message (a prefill) is extended by the answer rather than

@@ -99,7 +99,7 @@ from .legacy import (
 )
 from .. import _compat
 from ..limits import TokenBucket
-from .limits import AddressLimiter, Session, SessionStore, per_minute_bucket
+from .limits import AddressLimiter, HostSession, SessionStore, per_minute_bucket
 
 if TYPE_CHECKING:  # the crypto extra is imported only by a host that has a key
     from ..encryption import EncryptedPrompt, EncryptedReplyWriter, EncryptedSessionInit, HostEncryption
@@ -112,7 +112,6 @@ _Request = Union[InferenceRequest, PromptRequest, "EncryptedPrompt"]
 logger = logging.getLogger("fabstir_jupyter.host")
 
 DEFAULT_TEMPERATURE = 0.7
-_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 _ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
 AUTH_FEATURE = "auth-bearer"
 #: Listed by /v1/version when the host has an operator key and serves encrypted sessions.
@@ -160,7 +159,7 @@ class _Stream:
     params: GenerationParams
     stream: bool
     context_window: int
-    session: Session | None = None
+    session: HostSession | None = None
     memory: SessionStore | None = None  # the store ``session`` lives in
     writer: "EncryptedReplyWriter | None" = None  # encrypts the reply of an encrypted request
     turn_input: list[tuple[str, str]] = field(default_factory=list)
@@ -188,7 +187,7 @@ class _Connection:
     encryption: "HostEncryption | None" = None  # None: the host has no operator key
     # The encrypted session memories this connection's inits were granted, by session id: a message
     # uses a memory only while it is still the one its init was given (see _bind_memory).
-    memories: OrderedDict[str | None, Session] = field(default_factory=OrderedDict)
+    memories: OrderedDict[str | None, HostSession] = field(default_factory=OrderedDict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_activity: float = field(default_factory=time.monotonic)  # last frame in, or end of a stream
 
@@ -594,7 +593,7 @@ class HostServer:
         while len(conn.memories) > self.config.max_session_keys:
             conn.memories.popitem(last=False)
 
-    def _encrypted_memory(self, conn: _Connection, session_id: str | None) -> Session | None:
+    def _encrypted_memory(self, conn: _Connection, session_id: str | None) -> HostSession | None:
         """The memory an encrypted message of ``session_id`` may use (None: answer it without memory)."""
         sid = conn.session_id if session_id is None else session_id
         bound = conn.memories.get(sid)
@@ -933,11 +932,8 @@ class HostServer:
 
     async def _send_locked(self, conn: _Connection, text: str) -> None:
         try:
-            if _timeout is not None:
-                async with _timeout(self.config.send_timeout):
-                    await conn.ws.send(text)
-            else:  # Python 3.10
-                await asyncio.wait_for(conn.ws.send(text), self.config.send_timeout)
+            async with _compat.timeout(self.config.send_timeout):
+                await conn.ws.send(text)
         except asyncio.TimeoutError:
             logger.warning("client %s stopped reading for %g s; dropping it", conn.address, self.config.send_timeout)
             if conn.ws.transport is not None:

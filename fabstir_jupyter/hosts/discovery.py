@@ -1,22 +1,20 @@
 """Host discovery: sources of hosts, and the :class:`HostManager` that merges, probes and caches them.
 
 A discovery source is anything with ``async discover() -> list[HostInfo]``. :class:`StaticSource`
-serves a fixed list (``hosts=[...]`` or ``FABSTIR_HOSTS``); the chain registry source plugs in the
-same way.
+serves a fixed list (``hosts=[...]`` or ``FABSTIR_HOSTS``, read by
+:func:`~fabstir_jupyter.settings.hosts_from_env`); the chain registry source plugs in the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
-from typing import Iterable, Mapping, Protocol, Sequence, Union
-from urllib.parse import urlsplit
+from typing import Iterable, Protocol, Sequence, Union
 
-from .. import protocol
 from ..config import HostRequirements, InferenceConfig, validate_mode
 from ..errors import InvalidOptions
+from ..settings import hosts_from_env
 from .info import HostInfo
 from .probe import HostProber
 from .selection import select_host
@@ -50,34 +48,6 @@ class StaticSource:
 
     async def discover(self) -> list[HostInfo]:
         return list(self._hosts)
-
-
-def hosts_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Read ``FABSTIR_HOSTS`` (comma- or whitespace-separated URLs).
-
-    Each entry must be a host URL with a scheme (``http://h:1``, ``wss://h``...) or a bare
-    ``host:port``: a word with neither is taken for a piece of a mistyped value, not for a host on
-    port 80.
-
-    Raises:
-        InvalidOptions: an entry is not a usable host URL; the message names ``$FABSTIR_HOSTS``,
-            the entry and the whole value (``field="hosts"``).
-    """
-    raw = (environ if environ is not None else os.environ).get("FABSTIR_HOSTS", "")
-    entries = [part for part in raw.replace(",", " ").split() if part]
-    for entry in entries:
-        try:
-            protocol.ws_url(entry)
-            if "://" not in entry and urlsplit("ws://" + entry).port is None:
-                raise InvalidOptions(f"host url {entry!r} has neither a scheme nor a port", field="host_url")
-        except InvalidOptions as exc:
-            raise InvalidOptions(
-                f"$FABSTIR_HOSTS: {exc.message}; the whole value is {raw.strip()[:200]!r}",
-                field="hosts",
-                hint="FABSTIR_HOSTS holds host urls separated by commas or spaces, "
-                     "e.g. http://127.0.0.1:8080,wss://host.example",
-            ) from None
-    return entries
 
 
 class HostManager:

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from ..errors import ConnectionFailed, InvalidOptions, ProtocolError
+from ..errors import ChainError, ConnectionFailed, EncryptionError, InvalidOptions
+from ..networks import NetworkPreset
+from ..urls import redact_url
 from .info import HostInfo
 
 __all__ = [
@@ -109,30 +111,23 @@ def _checksum(address: Any) -> str:
     return to_checksum_address(address)
 
 
-_SECP256K1_P = 2**256 - 2**32 - 977
-
-
 def public_key_address(public_key: Any) -> str | None:
     """Return the checksummed Ethereum address of a compressed secp256k1 key, or ``None`` if malformed.
 
-    The key is 66 hex characters (33 bytes, ``02``/``03`` prefix), with or without ``0x``.
+    The key is 66 hex characters (33 bytes, ``02``/``03`` prefix), with or without ``0x``, and must
+    be a point on the curve (:class:`~fabstir_jupyter.crypto.PublicKey` checks that).
     """
     if not isinstance(public_key, str):
         return None
     text = public_key.strip().removeprefix("0x").removeprefix("0X")
     if len(text) != 66 or text[:2] not in ("02", "03"):
         return None
-    try:
-        raw = bytes.fromhex(text)
-        from eth_keys import keys
+    from ..crypto import PublicKey  # deferred: the crypto libraries come with the chain extra
 
-        key = keys.PublicKey.from_compressed_bytes(raw)
-    except Exception:  # not hex, or no point with this x
+    try:
+        return PublicKey.from_hex(text).address
+    except EncryptionError:  # not hex, or not a point on secp256k1
         return None
-    x, y = int.from_bytes(raw[1:], "big"), int.from_bytes(key.to_bytes()[32:], "big")
-    if x >= _SECP256K1_P or (y * y - x * x * x - 7) % _SECP256K1_P:
-        return None  # eth-keys does not check that the point is on the curve
-    return key.to_checksum_address()
 
 
 # ---------------------------------------------------------------------------- what the chain says
@@ -372,13 +367,13 @@ class _Rpc:
             raise self._failure(exc) from exc
 
     @staticmethod
-    def _result(response: Any) -> bytes | Exception:
+    def _result(response: Any) -> bytes | ChainError:
         if not isinstance(response, dict):
-            return ProtocolError(f"not a JSON-RPC response: {response!r:.80}")
+            return ChainError(f"not a JSON-RPC response: {response!r:.80}")
         if response.get("error") is not None:
             error = response["error"]
             message = error.get("message", error) if isinstance(error, dict) else error
-            return ProtocolError(f"{message}")
+            return ChainError(f"{message}")
         result = response.get("result")
         if isinstance(result, (bytes, bytearray)):
             return bytes(result)
@@ -387,13 +382,13 @@ class _Rpc:
                 return bytes.fromhex(result.removeprefix("0x"))
             except ValueError:
                 pass
-        return ProtocolError(f"eth_call result is not hex: {result!r:.80}")
+        return ChainError(f"eth_call result is not hex: {result!r:.80}")
 
-    def call(self, to: str, data: bytes) -> bytes | Exception:
+    def call(self, to: str, data: bytes) -> bytes | ChainError:
         """One ``eth_call`` in one round trip: the return data, or the error as a value."""
         return self._result(self._send("eth_call", self._params(to, data)))
 
-    def call_many(self, calls: Sequence[tuple[str, bytes]]) -> list[bytes | Exception]:
+    def call_many(self, calls: Sequence[tuple[str, bytes]]) -> list[bytes | ChainError]:
         """Several ``eth_call`` in one round trip where the provider takes batches, else one each."""
         if len(calls) > 1 and self._batch:
             requests = [("eth_call", self._params(to, data)) for to, data in calls]
@@ -414,12 +409,6 @@ class _Rpc:
 
 
 # ---------------------------------------------------------------------------- the source
-
-
-def _redacted(url: str) -> str:
-    # RPC URLs often carry an API key in the path or query: name only scheme, host and port
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "rpc"
 
 
 def _addresses(addresses: Mapping[str, Any]) -> dict[str, str | None]:
@@ -484,7 +473,7 @@ class ChainRegistrySource:
             from web3 import HTTPProvider  # deferred: web3 is heavy
 
             provider = HTTPProvider(web3_or_rpc_url, request_kwargs={"timeout": timeout})
-            label = _redacted(web3_or_rpc_url)
+            label = redact_url(web3_or_rpc_url, keep_path=False) or "rpc"  # the path may hold an API key
             parts = urlsplit(web3_or_rpc_url)
             hidden = [web3_or_rpc_url, parts.netloc.rpartition("@")[0], parts.path.rstrip("/"), parts.query]
         elif callable(getattr(web3_or_rpc_url, "make_request", None)):
@@ -502,6 +491,22 @@ class ChainRegistrySource:
         self._executor = executor
         self._rpc = _Rpc(provider, label, hidden)
         self._warned: set[str] = set()
+
+    @classmethod
+    def for_network(cls, network: NetworkPreset, **options: Any) -> ChainRegistrySource:
+        """Return a source reading ``network``'s registry (through its provider, else its RPC URL).
+
+        Args:
+            network: a chain network preset.
+            options: as for the constructor (``chunk_size``, ``read_prices``, ``executor``, ``timeout``).
+
+        Raises:
+            InvalidOptions: the preset has neither an RPC URL nor a provider.
+        """
+        endpoint = network.provider if network.provider is not None else network.rpc_url
+        if endpoint is None:
+            raise InvalidOptions(f"network {network.name!r} has no RPC URL: set FABSTIR_RPC_URL", field="rpc_url")
+        return cls(endpoint, dict(network.addresses), **options)
 
     def __repr__(self) -> str:
         registry = self.addresses["node_registry"]
@@ -523,7 +528,8 @@ class ChainRegistrySource:
 
         Raises:
             ConnectionFailed: the RPC endpoint cannot be reached.
-            ProtocolError: the registry's node list cannot be read (wrong address or chain?).
+            ChainError: the RPC endpoint answers with errors, or the registry's node list cannot be
+                read (wrong address or chain?).
         """
         return await self._off_loop(self.discover_sync)
 
@@ -543,15 +549,14 @@ class ChainRegistrySource:
         registry = self.addresses["node_registry"]
         assert registry is not None
         answer = self._rpc.call(registry, _encode("getAllActiveNodes()"))
-        if isinstance(answer, Exception):
-            raise ProtocolError(f"registry {registry}: getAllActiveNodes failed: {answer.message}", retryable=True)
+        if isinstance(answer, ChainError):
+            raise ChainError(f"registry {registry}: getAllActiveNodes failed: {answer.message}")
         try:
             return list(dict.fromkeys(_decode_addresses(answer)))
         except Exception as exc:
-            raise ProtocolError(
+            raise ChainError(
                 f"registry {registry}: getAllActiveNodes answered {len(answer)} bytes that do not decode "
-                "(wrong address or chain?)",
-                retryable=True,
+                "(wrong address or chain?)"
             ) from exc
 
     def _aggregate(self, calls: Sequence[tuple[str, bytes]]) -> list[bytes | None]:
@@ -560,7 +565,7 @@ class ChainRegistrySource:
             return []
         multicall = self.addresses["multicall"]
         if multicall is None:
-            return [None if isinstance(r, Exception) else r for r in self._rpc.call_many(calls)]
+            return [None if isinstance(r, ChainError) else r for r in self._rpc.call_many(calls)]
         from eth_abi import decode, encode
 
         chunks = [calls[i : i + self.chunk_size] for i in range(0, len(calls), self.chunk_size)]
@@ -572,13 +577,13 @@ class ChainRegistrySource:
         results: list[bytes | None] = []
         for chunk, answer in zip(chunks, self._rpc.call_many(requests)):
             decoded = None
-            if not isinstance(answer, Exception):
+            if not isinstance(answer, ChainError):
                 try:
                     decoded = decode(["(bool,bytes)[]"], answer)[0]
                 except Exception:
                     decoded = None
             if decoded is None or len(decoded) != len(chunk):
-                why = answer.message if isinstance(answer, ProtocolError) else f"{len(answer)} bytes that do not decode"
+                why = answer.message if isinstance(answer, ChainError) else f"{len(answer)} bytes that do not decode"
                 self._warn(f"multicall {multicall}: an aggregate3 of {len(chunk)} calls failed: {why}")
                 results += [None] * len(chunk)
             else:
@@ -682,7 +687,7 @@ class ChainRegistrySource:
         info_calls = [(registry, _encode("getNodeFullInfo(address)", ("address",), (a,))) for a in nodes]
         info_answers = self._aggregate(info_calls)
         if all(a is None for a in info_answers):
-            raise ProtocolError(f"registry {registry}: every getNodeFullInfo call failed", retryable=True)
+            raise ChainError(f"registry {registry}: every getNodeFullInfo call failed")
         records = self._records(nodes, info_answers)
         price_calls = self._price_calls(records) if self.read_prices else []
         model_ids = self._model_calls(records)
@@ -703,7 +708,7 @@ class ChainRegistrySource:
 
         def one(to: str, data: bytes) -> bytes | None:
             answer = self._rpc.call(to, data)
-            return None if isinstance(answer, Exception) else answer
+            return None if isinstance(answer, ChainError) else answer
 
         nodes = self._node_list()
         infos = [one(registry, _encode("getNodeFullInfo(address)", ("address",), (a,))) for a in nodes]

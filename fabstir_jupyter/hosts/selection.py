@@ -44,7 +44,7 @@ from typing import Iterable, NamedTuple, Sequence
 
 from ..config import SELECTION_MODES, HostRequirements, validate_mode
 from ..errors import ModelNotAvailable, NoHostsAvailable
-from ..transport import redact_url
+from ..urls import redact_url
 from .info import HostInfo, resolve_model
 
 __all__ = [

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ..inference import InferenceManager, InferenceResult, InferenceStream
     from ..sdk import FabstirSDK
     from ..sessions import Session
+    from ..settings import SDKSettings
     from .output import OutputSink
 
 __all__ = ["NotebookBridge", "NetworkSettings", "LoopTask", "BackgroundRun", "get_bridge", "close_bridge"]
@@ -53,12 +54,19 @@ _CLOSE_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    """What identifies one SDK: ``None`` and ``()`` mean "not set here" (environment, then config file)."""
+    """What identifies one SDK; ``None`` and ``()`` leave the setting to the SDK's own resolution
+    (environment, then config file). The magic passes resolved values (:meth:`of`)."""
 
     network: str | None = None
     hosts: tuple[str, ...] = ()
     local_backend: str | None = None
     usage_db: str | None = None
+
+    @classmethod
+    def of(cls, settings: SDKSettings) -> NetworkSettings:
+        """The identity of the SDK for resolved settings."""
+        return cls(network=settings.network, hosts=settings.hosts, local_backend=settings.local_backend,
+                   usage_db=settings.usage_db)
 
 
 @dataclass
@@ -284,15 +292,12 @@ class NotebookBridge:
         """
         key = self.settings if settings is None else settings
         sdk = self.sdk(key)
-        manager = sdk._inference
-        if manager is None:
-            lock = self._manager_locks.setdefault(key, asyncio.Lock())
-            async with lock:
-                if sdk._inference is None:
+        if sdk.inference_manager is None:
+            async with self._manager_locks.setdefault(key, asyncio.Lock()):
+                if sdk.inference_manager is None:
                     await asyncio.to_thread(sdk.get_inference_manager)
-                manager = sdk._inference
-        assert manager is not None
-        manager._owner_loop()  # bind it to this loop (the loop thread), not a private one
+        manager = sdk.get_inference_manager()  # made by now: this returns it
+        manager.bind_loop()  # this loop (the loop thread) owns it, not a private one
         return manager
 
     def _close_sdk(self, key: NetworkSettings, sdk: FabstirSDK) -> None:
@@ -302,7 +307,7 @@ class NotebookBridge:
             for name in [n for n, s in self.sessions.items() if s.settings == key]:
                 del self.sessions[name]
         try:
-            if self.running and sdk._inference is not None:
+            if self.running and sdk.inference_manager is not None:
                 self.run(asyncio.wait_for(sdk.aclose(), _CLOSE_TIMEOUT))
             else:
                 sdk.close()

@@ -3,8 +3,9 @@
 One magic, one dispatch: the line is parsed by :mod:`.parsers` into a command object tagged by
 ``type``, and ``handle_<type>`` does the work. Settings are traitlets of :class:`FabstirMagics`, so
 ``%config FabstirMagics.max_tokens = 64``, ``ipython_config.py`` and ``%fabstir config`` take the
-same path. Precedence: the cell's options, then ``%config``, then the environment, then the config
-file.
+same path. The magic layers ``%config`` on the one settings resolver
+(:func:`fabstir_jupyter.settings.load_settings`: environment, then the config file) and the cell's
+options on top of that.
 
 Expected failures print one line to stderr (``FabstirError [CODE]: message (hint: ...)``) with no
 traceback; a kernel interrupt cancels the stream on the host and re-raises ``KeyboardInterrupt``.
@@ -13,8 +14,6 @@ traceback; a kernel interrupt cancels the stream on the host and re-raises ``Key
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -22,12 +21,12 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from traitlets import Enum, Float, Integer, List, TraitError, Unicode, validate
 
 from ..errors import FabstirError, InvalidOptions
+from ..settings import LOCAL_BACKENDS, NETWORKS, SDKSettings, SettingsSources, load_settings
 from .bridge import NetworkSettings, NotebookBridge, close_bridge, get_bridge
 from .output import make_output, widgets_available
 from .parsers import (
     CONFIG_KEYS,
     FORMATS,
-    NETWORKS,
     CancelCommand,
     CellOptions,
     ConfigCommand,
@@ -55,18 +54,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FabstirMagics", "load_ipython_extension", "unload_ipython_extension", "format_error"]
 
-LOCAL_BACKENDS = ("llama-cpp", "scripted")
-
-#: Environment variables read for settings the SDK itself does not resolve.
-_ENV = {
-    "default_model": "FABSTIR_DEFAULT_MODEL",
-    "max_tokens": "FABSTIR_MAX_TOKENS",
-    "network": "FABSTIR_NETWORK",
-    "hosts": "FABSTIR_HOSTS",
-    "local_backend": "FABSTIR_LOCAL_BACKEND",
-    "usage_db": "FABSTIR_USAGE_DB",
-}
-
 def format_error(error: FabstirError) -> str:
     """The one line shown for an expected failure: ``FabstirError [CODE]: message (hint: ...)``."""
     message = error.message if getattr(error, "message", None) else str(error)
@@ -84,18 +71,6 @@ def _count(n: int, noun: str) -> str:
 
 def _print_error(error: FabstirError) -> None:
     print(format_error(error), file=sys.stderr)
-
-
-def _config_file_settings() -> dict[str, Any]:
-    """The user's ``config.json`` (the SDK's file), or ``{}``; errors there surface in the SDK."""
-    from ..sdk import _config_file
-
-    path = _config_file()
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @magics_class
@@ -126,7 +101,6 @@ class FabstirMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self._bridge = bridge
         self.last_background: Any = None
-        self.last_mode: str | None = None
 
     @validate("update_interval")
     def _check_interval(self, proposal: Any) -> float:
@@ -173,64 +147,40 @@ class FabstirMagics(Magics):
 
     # ------------------------------------------------------------------ settings
 
-    def _resolved(self, key: str) -> tuple[Any, str]:
-        """Return ``(value, source)`` of a setting: ``%config``, environment, config file or default."""
-        value = getattr(self, key)
-        if key in ("update_interval", "default_format"):
-            return value, "%config"
-        if value not in (None, []):
-            return value, "%config"
-        env = os.environ.get(_ENV[key], "")
-        if env.strip():
-            return env, f"${_ENV[key]}"
-        stored = _config_file_settings().get(key)
-        if stored not in (None, "", []):
-            return stored, "config file"
-        return None, "default"
+    def _config_layer(self, network: str | None = None) -> dict[str, Any]:
+        """The settings set with ``%config`` (``None``: not set there), ``network`` overriding."""
+        return {
+            "network": network or self.network,
+            "hosts": tuple(self.hosts) or None,
+            "local_backend": self.local_backend,
+            "default_model": self.default_model,
+            "max_tokens": self.max_tokens,
+            "usage_db": self.usage_db,
+        }
 
-    def _default_model(self) -> str | None:
-        value, _ = self._resolved("default_model")
-        return None if value is None else str(value)
-
-    def _max_tokens(self) -> int | None:
-        value, source = self._resolved("max_tokens")
-        if value is None:
-            return None
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = 0
-        if isinstance(value, bool) or number < 1:
-            raise InvalidOptions(f"max_tokens from {source} must be an integer >= 1, not {value!r}",
-                                 field="max_tokens")
-        return number
-
-    def _usage_db(self) -> str | None:
-        """The ledger path: ``%config``, ``$FABSTIR_USAGE_DB``, the config file; ``None`` for the default.
+    def settings(self, network: str | None = None) -> SDKSettings:
+        """Resolve the settings: ``%config`` (``network`` overriding it for one cell), then the
+        environment, then the config file.
 
         Raises:
-            InvalidOptions: an empty path, naming where it came from.
+            InvalidOptions: a bad value, naming where it came from.
         """
-        from ..config import validate_usage_db
+        return load_settings(**self._config_layer(network), source="%config")
 
-        value, source = self._resolved("usage_db")
-        if source == "default" and _config_file_settings().get("usage_db") is not None:
-            # "" in the file is a mistake to report, not a way to say "unset" (null is that)
-            value, source = _config_file_settings()["usage_db"], "config file"
-        if source == "config file":
-            from ..sdk import _config_file
-
-            source = f"config file {_config_file()}"
-        return validate_usage_db(value, source)  # type: ignore[no-any-return]
+    def _resolved(self, key: str) -> tuple[Any, str]:
+        """Return ``(value, source)`` of a setting as ``%fabstir config`` shows it."""
+        if key in ("update_interval", "default_format"):
+            return getattr(self, key), "%config"
+        value, source = SettingsSources(self._config_layer(), explicit_source="%config").lookup(key)
+        return (list(value) if key == "hosts" else value), source
 
     def network_settings(self, network: str | None = None) -> NetworkSettings:
-        """The SDK settings from the traitlets (``network`` overrides the network for one cell).
+        """What identifies the SDK for the resolved settings (``network`` overrides it for one cell).
 
         Raises:
-            InvalidOptions: an unusable ``usage_db`` (the message says where it came from).
+            InvalidOptions: a bad value, naming where it came from.
         """
-        return NetworkSettings(network=network or self.network, hosts=tuple(self.hosts),
-                               local_backend=self.local_backend, usage_db=self._usage_db())
+        return NetworkSettings.of(self.settings(network))
 
     # ------------------------------------------------------------------ the magic
 
@@ -258,32 +208,33 @@ class FabstirMagics(Magics):
         shell: Any = self.shell
         prompt = interpolate(cell, shell.user_ns) if options.interpolate else cell
         prompt = prompt.strip("\n")
+        # An empty prompt is refused before any output shows (the stream checks it again, with the
+        # manager's own limit, when it is made on the loop thread).
         validate_prompt(prompt, max_chars=InferenceConfig.max_prompt_chars)
         bridge = self.bridge
-        bridge.configure(self.network_settings())
-        settings = bridge.settings
-        if options.network is not None:
+        if options.network is None:
+            resolved = self.settings()
+            bridge.configure(NetworkSettings.of(resolved))
+        else:
             try:
-                same = options.network == bridge.sdk().settings.network
-            except FabstirError:  # the default network is unusable; this cell names another
-                same = False
-            if not same:
-                settings = self.network_settings(options.network)  # an SDK of its own, for this cell
-        bridge.sdk(settings)  # invalid settings fail here, before any output is shown
-        model = options.model or self._default_model()
+                bridge.configure(self.network_settings())
+            except FabstirError:  # the configured network is unusable; this cell names another
+                pass
+            resolved = self.settings(options.network)  # the configured SDK when it is the same network
+        settings = NetworkSettings.of(resolved)
+        bridge.sdk(settings)  # an SDK that cannot start fails here, before any output is shown
         request = options.inference_options()
+        model = options.model or resolved.default_model
         if model is not None:
             request["model"] = model
-        max_tokens = options.max_tokens or self._max_tokens()
+        max_tokens = options.max_tokens or resolved.max_tokens
         if max_tokens is not None:
             request["max_tokens"] = max_tokens
-        note = None
-        self.last_mode = options.mode
         if options.mode is not None:
             request["mode"] = options.mode
         fmt = options.format or self.default_format
         make_stream = self._stream_factory(prompt, options, settings, request)
-        sink = make_output(fmt, options.background, update_interval=self.update_interval, note=note)
+        sink = make_output(fmt, options.background, update_interval=self.update_interval)
         sink.start(host=options.host, model=model)
         if options.background:
             self.last_background = bridge.run_background(
@@ -355,7 +306,7 @@ class FabstirMagics(Magics):
         bridge = self.bridge
         bridge.configure(self.network_settings())
         sdk = bridge.sdk()
-        manager = sdk._inference
+        manager = sdk.inference_manager
         ledger: Any
         if manager is not None and hasattr(manager.usage, "to_frame"):
             ledger = manager.usage

@@ -23,6 +23,7 @@ import sys
 from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
 from ..errors import FabstirError
+from .tables import host_text
 
 __all__ = [
     "OutputSink",
@@ -118,16 +119,10 @@ def render(text: str, format: str = "markdown") -> Rendering:
     return Rendering(text, format)
 
 
-def _host_text(host: Any) -> str | None:
-    if host is None:
-        return None
-    return str(getattr(host, "api_url", host))
-
-
 def status_line(result: Any, note: str | None = None) -> str:
     """Return the one-line status of a finished request: host, model, ttft, tokens/s, tokens, cost."""
     parts = []
-    host = _host_text(getattr(result, "host", None))
+    host = host_text(getattr(result, "host", None))
     if host:
         parts.append(f"host {host}")
     model = getattr(result, "model", None)

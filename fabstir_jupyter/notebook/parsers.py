@@ -19,6 +19,9 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, NoReturn, Union
 
+from ..config import SELECTION_MODES
+from ..settings import NETWORKS
+
 __all__ = [
     "FORMATS",
     "MODES",
@@ -49,11 +52,8 @@ __all__ = [
 
 #: ``--format`` values: how the finished answer is rendered.
 FORMATS = ("markdown", "text", "code", "json")
-#: ``--mode`` values: host selection modes (spec/PROTOCOL.md §9).
-MODES = ("auto", "cheapest", "fastest", "reliable")
-#: Networks the SDK knows (kept equal to ``fabstir_jupyter.sdk.NETWORKS`` by a test; not imported
-#: from there so that parsing stays free of the network stack).
-NETWORKS = ("local", "static", "base-sepolia")
+#: ``--mode`` values: the host selection modes (spec/PROTOCOL.md §9).
+MODES = SELECTION_MODES
 #: Settings ``%fabstir config`` shows and sets: the ``FabstirMagics`` traitlets.
 CONFIG_KEYS = (
     "default_model",
@@ -174,13 +174,12 @@ CELL_OPTION_HELP: dict[str, str] = {
     "stop": "stop sequence; generation ends before it (repeat the option for several)",
     "seed": "sampling seed, for reproducible answers",
     "host": "pin a host: its URL or registry address",
-    "session": "continue the conversation NAME (created on first use); end it with %%fabstir end NAME",
-    "mode": "host selection mode: auto, cheapest, fastest or reliable (noted in the status line where the "
-            "network cannot select by it yet)",
+    "session": "continue the conversation NAME (created on first use); end it with %fabstir end NAME",
+    "mode": "host selection mode: auto, cheapest, fastest or reliable (default auto)",
     "format": "final rendering: markdown (default), text, code or json",
     "out": "store the finished result (an InferenceResult: .text, .usage, .finish_reason, .host, .model, "
            ".ttft, .error) in the variable VAR; a request that fails keeps its partial .text and its .error",
-    "background": "return at once and keep streaming into the output (stop button, or %%fabstir cancel)",
+    "background": "return at once and keep streaming into the output (stop button, or %fabstir cancel)",
     "no_interpolate": "send the cell text as is, without replacing {name} references",
     "network": "network for this cell: local, static or base-sepolia (default: FabstirMagics.network)",
 }
@@ -191,7 +190,7 @@ def cell_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="%%fabstir", add_help=False, allow_abbrev=False,
                      description="Stream the answer to the cell's text (the prompt) from the Fabstir network.")
     add = parser.add_argument
-    h = CELL_OPTION_HELP
+    h = {name: text.replace("%", "%%") for name, text in CELL_OPTION_HELP.items()}  # argparse %-formats help
     add("--model", "-m", metavar="MODEL", type=_name, help=h["model"])
     add("--max-tokens", metavar="N", type=_positive_int, help=h["max_tokens"])
     add("--temperature", metavar="T", type=_float_in(0.0, 2.0), help=h["temperature"])

@@ -21,6 +21,7 @@ __all__ = [
     "HOST_COLUMNS",
     "USAGE_COLUMNS",
     "host_rows",
+    "host_text",
     "usage_rows",
     "sort_rows",
     "hosts_dataframe",
@@ -61,6 +62,13 @@ def _clean(value: Any) -> Any:
     except (ImportError, TypeError, ValueError):
         pass
     return str(value)
+
+
+def host_text(host: Any) -> str | None:
+    """How a host is shown: its ``api_url`` (a :class:`HostInfo`), else its text; ``None`` for none."""
+    if host is None:
+        return None
+    return str(getattr(host, "api_url", host))
 
 
 def _host_price(host: Any) -> tuple[float | None, str | None]:
@@ -123,6 +131,8 @@ def usage_rows(usage: Any) -> list[dict[str, Any]]:
         return []
     import pandas as pd
 
+    from ..usage import group_cost_unit
+
     frame = usage
     if not isinstance(frame, pd.DataFrame):
         if hasattr(frame, "to_frame") and callable(frame.to_frame):
@@ -159,19 +169,12 @@ def usage_rows(usage: Any) -> list[dict[str, Any]]:
             "errors": groups["error_code"].count(),
             "tokens": groups["received_tokens"].sum(),
             "cost": groups["cost"].sum(min_count=1),
-            "cost_unit": groups["cost_unit"].agg(_one_unit),
+            "cost_unit": groups["cost_unit"].agg(group_cost_unit),
             "mean_ttft_ms": groups["ttft"].mean() * 1000,
             "tokens_per_second": groups["tokens_per_second"].mean(),
         }).reset_index()
     return [{column: _clean(row.get(column)) for column in USAGE_COLUMNS}
             for row in summary.to_dict(orient="records")]
-
-
-def _one_unit(values: Any) -> str | None:
-    units = set(values.dropna())
-    if not units:
-        return None
-    return str(units.pop()) if len(units) == 1 else "mixed"
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

@@ -39,7 +39,7 @@ import anywidget
 import traitlets
 
 from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
-from .tables import host_rows, hosts_dataframe, sort_rows, usage_dataframe, usage_rows
+from .tables import host_rows, host_text, hosts_dataframe, sort_rows, usage_dataframe, usage_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,12 +56,6 @@ FORMATS = ("markdown", "text", "code", "json")
 
 
 # --------------------------------------------------------------------------- the live answer
-
-
-def _host_text(host: Any) -> str | None:
-    if host is None:
-        return None
-    return str(getattr(host, "api_url", host))
 
 
 def _number(value: Any) -> float | int | None:
@@ -156,7 +150,7 @@ class StreamOutput(anywidget.AnyWidget):
         self._first_text_at = None
         with self.hold_sync():
             self.text = ""
-            self.status = self._status("running", host=_host_text(host), model=model)
+            self.status = self._status("running", host=host_text(host), model=model)
         if self._show and self._display_handle is None:
             self._display_handle = _display(self)
 
@@ -196,7 +190,7 @@ class StreamOutput(anywidget.AnyWidget):
             ttft = self.status.get("ttft")
         status = self._status(
             "done",
-            host=_host_text(getattr(result, "host", None)) or self.status.get("host"),
+            host=host_text(getattr(result, "host", None)) or self.status.get("host"),
             model=getattr(result, "model", None) or self.status.get("model"),
             ttft=_number(ttft),
             tokens_per_second=_number(getattr(usage, "tokens_per_second", None)),

@@ -9,7 +9,7 @@ import pytest
 from eth_abi import decode, encode
 from eth_utils import keccak
 
-from fabstir_jupyter.errors import ConnectionFailed, ModelNotAvailable, ProtocolError
+from fabstir_jupyter.errors import ChainError, ConnectionFailed, ModelNotAvailable
 from fabstir_jupyter.hosts import HostManager, resolve_model
 from fabstir_jupyter.hosts.registry import (
     ChainRegistrySource,
@@ -245,14 +245,16 @@ async def test_host_manager_discovers_from_the_chain(three_hosts):
         assert source.rpc_calls == 3
 
 
-async def test_a_wrong_registry_address_is_a_protocol_error(three_hosts):
-    """An address without a registry gives a ProtocolError that says the answer does not decode."""
+async def test_a_wrong_registry_address_is_a_chain_error(three_hosts):
+    """An address without a registry gives a ChainError (a chain read failed, not a host frame) that
+    says the answer does not decode."""
     chain, _hosts = three_hosts
     no_code = "0x000000000000000000000000000000000000dEaD"  # (the stable token has code now: the mock USDC)
     assert chain.w3.eth.get_code(no_code) == b""
     source = ChainRegistrySource(chain.provider, {**chain.addresses, "node_registry": no_code})
-    with pytest.raises(ProtocolError, match="do not decode"):
+    with pytest.raises(ChainError, match="do not decode") as info:
         await source.discover()
+    assert info.value.code == "CHAIN_ERROR" and info.value.retryable
 
 
 async def test_an_unreachable_rpc_url_is_a_connection_failure():

@@ -131,7 +131,7 @@ def test_interrupt_from_the_sink_cancels_cleanly_and_keeps_the_socket(bridge, st
     with pytest.raises(KeyboardInterrupt):
         bridge.run_stream(factory(bridge, settings, max_tokens=2000), sink, interval=0.02)
     assert sink.outcome == ["cancelled"]
-    manager = bridge.sdk(settings)._inference
+    manager = bridge.sdk(settings).inference_manager
     assert manager.pool.stats() == {"idle": 1, "in_use": 0}  # cleanup finished before the re-raise
     assert wait_until(lambda: slow.active_streams == 0)
     again = bridge.run_stream(factory(bridge, settings, max_tokens=3), RecordingSink())
@@ -283,7 +283,7 @@ def test_ending_a_session_from_another_thread_cancels_its_blocking_turn(bridge, 
     assert partial.text == sink.text == info.value.partial_text
     assert partial.text == scripted_text(PROMPT, partial.usage.received_tokens)
     assert wait_until(lambda: slow.active_streams == 0) and spare.active_streams == 0
-    ledger = bridge.sdk(settings)._inference.usage
+    ledger = bridge.sdk(settings).inference_manager.usage
     ledger.flush()
     assert list(ledger.to_frame()["finish_reason"]) == ["cancelled"]  # one attempt, no failover after the end
     assert "s" not in bridge.sessions

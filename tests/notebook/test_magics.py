@@ -375,7 +375,7 @@ def test_keyboard_interrupt_cancels_the_stream_and_propagates(make_shell, start_
     assert sink.state == "cancelled" and sink.threads == {"MainThread"}
     assert wait_until(lambda: slow.active_streams == 0, 3.0)
     assert time.monotonic() - started < 5.0  # far less than the 10 s stream
-    pool = magics_module.get_bridge().sdk()._inference.pool
+    pool = magics_module.get_bridge().sdk().inference_manager.pool
     assert pool.stats() == {"idle": 1, "in_use": 0}  # stream_cancel drained the stream: the socket is reusable
     assert "never" not in ip.user_ns
     monkeypatch.undo()
@@ -395,7 +395,8 @@ def test_interrupt_in_a_session_keeps_the_conversation_usable(make_shell, start_
         cell(ip, "--session s --max-tokens 2000", "long question")
     assert wait_until(lambda: slow.active_streams == 0, 3.0)
     session = magics_module.get_bridge().sessions["s"].session
-    assert session._conn is not None and session._conn.is_open  # cancel is not close: the pinned socket stays
+    pinned = magics_module.get_bridge().sdk().inference_manager.sessions.pinned_socket(session.id)
+    assert pinned is not None and pinned.is_open  # cancel is not close: the pinned socket stays
     monkeypatch.setattr(magics_module, "make_output",
                         lambda format, background, **kw: TextOutput(format, rich=False))
     cell(ip, "--session s --max-tokens 3 --out r", "short question")
@@ -651,7 +652,7 @@ def test_bad_max_tokens_from_env_or_file_names_its_source(ip, monkeypatch, isola
         config_dir = isolated_env / "config" / "fabstir-jupyter"
         config_dir.mkdir(parents=True)
         (config_dir / "config.json").write_text(json.dumps({"max_tokens": 0}))
-        source, shown = "config file", "0"
+        source, shown = f"config file {config_dir / 'config.json'}", "0"
     cell(ip, "--out r")
     assert one_line_error(capsys) == (
         f"FabstirError [INVALID_OPTIONS]: max_tokens from {source} must be an integer >= 1, not {shown}")
@@ -774,7 +775,7 @@ def test_manager_is_the_one_the_cells_use(ip, monkeypatch):
     assert managers == [manager]
     assert ip.run_line_magic("fabstir", "manager") is manager
     magics = ip.magics_manager.registry["FabstirMagics"]
-    assert magics.bridge.sdk()._inference is manager
+    assert magics.bridge.sdk().inference_manager is manager
     assert list(manager.usage.to_frame()["request_id"].notna()) == [True]
     result = manager.infer(PROMPT, max_tokens=3)  # blocking, from this (the cell's) thread
     assert result.text == ip.user_ns["r"].text == scripted_text(PROMPT, 3)

@@ -1,0 +1,1041 @@
+"""The stream object and the attempt orchestrator: one request, from host choice to usage record.
+
+:class:`InferenceStream` owns one request. Use it as an async context manager and async iterator::
+
+    async with manager.stream("Explain entropy", max_tokens=64) as stream:
+        async for token in stream:
+            print(token, end="")
+    print(stream.finish_reason, stream.usage)
+
+Its producer task runs the one attempt orchestrator: choose a host (a :class:`HostPolicy`) →
+get the connection for it (a :class:`~fabstir_jupyter.connections.Connector`) → send →
+read frames (timeouts measured here, at the socket reader) → deliver text through a bounded queue
+→ record usage. A retryable failure moves on to another attempt, at most ``max_retries`` times, with
+exponential backoff and jitter: from scratch before the first token, as a continuation of the
+partial answer after it (failover), on another host where the policy has one. However the stream
+ends (normally, with an error, ``break`` or cancellation), ``stream_cancel`` is sent if the host may
+still be generating and the connection is given back, or closed if it is not clean.
+
+:class:`InferenceCore` holds what streams share (settings, hosts, connections, usage sink, cache,
+rate limiter, the owning event loop) and creates them; :class:`~fabstir_jupyter.inference.InferenceManager`
+adds the brief's API on top. Sessions and batches are policies over the same loop: a session
+(:class:`Conversation`) decides what each turn resends, a batch (:class:`HostPolicy`) which host each
+attempt gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Coroutine, Mapping, Protocol, Sequence, TypeVar
+
+from . import _compat, protocol
+from .cache import ResponseCache
+from .config import (
+    DEFAULT_TEMPERATURE,
+    HostRequirements,
+    InferenceConfig,
+    InferenceOptions,
+    resolve_options,
+    validate_request,
+)
+from .connections import Channel, Connector, PoolConnector
+from .errors import (
+    Cancelled,
+    ConnectionFailed,
+    DeadlineExceeded,
+    FabstirError,
+    FirstTokenTimeout,
+    IdleTimeout,
+    InferenceTimeout,
+    InvalidOptions,
+    NoHostsAvailable,
+    PaymentRequired,
+    RateLimitExceeded,
+    SessionNotFound,
+)
+from .hosts import HostInfo, HostManager, resolve_model
+from .limits import RateLimiter
+from .runner import LoopThread, wait_future
+from .transport import ConnectionPool
+from .usage import UsageLedger, UsageRecord, UsageSink
+
+__all__ = [
+    "InferenceCore",
+    "InferenceStream",
+    "InferenceResult",
+    "HostPolicy",
+    "BestHostPolicy",
+    "Conversation",
+    "backoff_delay",
+]
+
+logger = logging.getLogger("fabstir_jupyter.inference")
+
+T = TypeVar("T")
+
+_END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
+_CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
+_COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
+
+
+def _is_progress(event: protocol.HostEvent) -> bool:
+    """Whether a frame advances the answer (text, its end, an error); pings, unknown frames and
+    empty chunks do not, so they never restart first_token_timeout or idle_timeout."""
+    if isinstance(event, protocol.Chunk):
+        return bool(event.content)
+    return isinstance(event, (protocol.StreamEnd, protocol.ErrorEvent))
+
+
+def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
+                  retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): full-jitter exponential backoff.
+
+    A host's ``retry_after`` hint is a floor.
+    """
+    ceiling = min(config.backoff_max, config.backoff_initial * (2 ** (attempt - 1)))
+    delay = rng.uniform(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, config.backoff_max))
+    return delay
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """The outcome of a finished request (what :meth:`InferenceManager.infer` returns).
+
+    A request that failed after delivering text has that partial ``text`` and its ``error`` set.
+    """
+
+    text: str
+    finish_reason: str | None
+    usage: UsageRecord | None
+    host: str | None
+    model: str | None
+    ttft: float | None
+    request_id: str
+    error: FabstirError | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Conversation(Protocol):
+    """What a stream needs from the session it is a turn of (a :class:`~fabstir_jupyter.sessions.Session`).
+
+    The session decides what each turn sends; the stream does all the I/O.
+    """
+
+    id: str
+    ended: bool
+    host: HostInfo | None
+
+    def plan_turn(self, prompt: str, host: HostInfo, model: str, *, fresh_socket: bool, prefill: str | None,
+                  max_tokens: int) -> tuple[str, tuple[protocol.Message, ...]]:
+        """Return the ``(prompt, messages)`` to send for this turn's attempt on ``host``."""
+        ...
+
+    def complete_turn(self, prompt: str, answer: str, *, synced: bool, usage: protocol.Usage | None) -> None:
+        """Record a finished turn; ``synced``: the host's memory now matches the transcript."""
+        ...
+
+    def cancel_turn(self) -> None:
+        """Count a turn stopped before its end."""
+        ...
+
+
+class HostPolicy(Protocol):
+    """Which host each attempt of a stream goes to; the orchestrator asks once per attempt."""
+
+    async def choose(self, stream: InferenceStream, tried: Sequence[HostInfo]) -> HostInfo:
+        """Return the host for the next attempt of ``stream``; ``tried`` lists earlier attempts' hosts.
+
+        Raises:
+            NoHostsAvailable, ModelNotAvailable: no host fits (the orchestrator then pings the
+                hosts marked unreachable and asks once more).
+        """
+        ...
+
+    def release(self, host: HostInfo, *, failed: bool) -> None:
+        """The attempt on ``host`` is over; ``failed``: it ended with a retryable error."""
+        ...
+
+
+class BestHostPolicy:
+    """The default policy: a session's host first, else the stream's pinned host, else the best
+    host by selection mode that earlier attempts did not use (a tried host only when no other fits)."""
+
+    def __init__(self, host_manager: HostManager, config: InferenceConfig) -> None:
+        self.host_manager = host_manager
+        self.config = config
+
+    async def choose(self, stream: InferenceStream, tried: Sequence[HostInfo]) -> HostInfo:
+        if stream.session is not None and stream.session.host is not None and not tried:
+            return stream.session.host
+        if stream.fixed_host is not None:
+            return stream.fixed_host
+        requirements = HostRequirements(model=stream.options.model or self.config.default_model)
+        return await self.host_manager.select_best_host(requirements, mode=stream.options.mode or "auto",
+                                                        exclude=tried)
+
+    def release(self, host: HostInfo, *, failed: bool) -> None:
+        pass
+
+
+class InferenceStream:
+    """One inference request: an async context manager and async iterator of text pieces.
+
+    When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model`` and ``ttft``
+    are filled. ``ttft`` is what the caller waited: seconds from the stream's start (host selection
+    and connection included) to the first text; ``usage.ttft`` is the host's part: from sending the
+    request to its first frame. Leaving the ``async with`` block early cancels the request on the host.
+    Create it with :meth:`InferenceCore.stream`; it can be iterated from the core's own event loop or
+    from another thread's loop (pieces are then handed across).
+
+    Args:
+        core: what the stream runs on (hosts, connections, usage).
+        prompt: the prompt, already checked.
+        options: the request's options, already resolved.
+        kind: recorded with the usage (``stream``, ``direct``, ``session``, ``batch``, ``infer``).
+        host: a pinned host: every attempt goes there.
+        session: the session this stream is a turn of.
+        policy: which host each attempt gets (default: the core's :class:`BestHostPolicy`).
+    """
+
+    def __init__(
+        self,
+        core: InferenceCore,
+        prompt: str,
+        options: InferenceOptions,
+        *,
+        kind: str = "stream",
+        host: HostInfo | None = None,
+        session: Conversation | None = None,
+        policy: HostPolicy | None = None,
+    ) -> None:
+        self._core = core
+        self.prompt = prompt
+        self.options = options
+        self.kind = kind
+        self.fixed_host = host
+        self.session = session
+        self.policy: HostPolicy = policy if policy is not None else core.policy
+        self.request_id = uuid.uuid4().hex[:16]
+        # Results, filled as the stream runs and complete when it ends.
+        self.finish_reason: str | None = None
+        self.usage: UsageRecord | None = None
+        self.host: HostInfo | None = None
+        self.model: str | None = None
+        self.ttft: float | None = None
+        self.attempts = 0
+        self.error: FabstirError | None = None
+        self._pinned_misses = 0  # attempts on a pinned host that could not reach it or got no answer
+        self._broke: tuple[HostInfo, int, FabstirError] | None = None  # the first break after text
+        self.records: list[UsageRecord] = []
+        self._pieces: list[str] = []  # recent pieces, compacted into _chunks to keep memory near len(text)
+        self._chunks: list[str] = []
+        self._queue: asyncio.Queue[Any] | None = None
+        self._producer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = False
+        self._delivered = 0
+        self._received_total = 0  # tokens delivered over all attempts (the client's max_tokens budget)
+        self._reader: protocol.ResponseReader | None = None
+        self._started_at = 0.0
+
+    def __repr__(self) -> str:
+        state = "done" if self._finished else ("running" if self._producer else "new")
+        host = self.host.api_url if self.host else None
+        return f"<InferenceStream {self.request_id} {state} host={host} chars={len(self.text)}>"
+
+    @property
+    def text(self) -> str:
+        """The text delivered so far (the whole answer once the stream has ended)."""
+        if self._pieces or len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks + self._pieces)]  # one join: two copies at most, not three
+            self._pieces.clear()
+        return self._chunks[0] if self._chunks else ""
+
+    def _append_text(self, piece: str) -> None:
+        pieces = self._pieces
+        pieces.append(piece)
+        if len(pieces) >= _COMPACT_EVERY:
+            self._chunks.append("".join(pieces))
+            pieces.clear()
+            if len(self._chunks) >= _COMPACT_EVERY:
+                self._chunks = ["".join(self._chunks)]
+
+    # ------------------------------------------------------------------ consumer side
+
+    async def __aenter__(self) -> InferenceStream:
+        await self._call_on_owner(self._start)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> InferenceStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            return await self._next()
+        return await self._call_on_owner(self._next)
+
+    async def _call_on_owner(self, fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        return await self._core._call_on_owner(fn())
+
+    async def _next(self) -> str:
+        if self._producer is None:
+            await self._start()
+        if self._finished:
+            raise StopAsyncIteration
+        queue = self._queue
+        assert queue is not None and self._producer is not None
+        # The producer puts _END when it ends, unless the queue was full then: a drained queue
+        # behind a finished producer ends the iteration too.
+        item: str | object = _END if queue.empty() and self._producer.done() else await queue.get()
+        if not isinstance(item, str):  # _END
+            self._finished = True
+            if self.error is not None:
+                raise self.error
+            raise StopAsyncIteration
+        return item
+
+    async def read(self) -> str:
+        """Consume the rest of the stream and return the whole text.
+
+        Raises:
+            FabstirError: the request failed.
+        """
+        async for _ in self:
+            pass
+        return self.text
+
+    async def chunks(self, interval: float = 0.05) -> AsyncIterator[str]:
+        """Yield the text coalesced: whatever arrived during each ``interval`` seconds, joined.
+
+        Useful for UIs that redraw at a fixed rate instead of once per token.
+        """
+        if interval <= 0:
+            raise InvalidOptions("interval must be positive", field="interval")
+        while True:
+            try:
+                first = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            parts = [first]
+            await asyncio.sleep(interval)
+            parts.extend(self._drain_ready())
+            yield "".join(parts)
+
+    def _drain_ready(self) -> list[str]:
+        parts: list[str] = []
+        assert self._queue is not None
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is _END:
+                # Put it back so the next __anext__ ends the iteration (or raises the error).
+                self._queue.put_nowait(_END)
+                break
+            parts.append(item)
+        return parts
+
+    async def aclose(self) -> None:
+        """Stop the request (``stream_cancel`` if the host is still generating) and release its socket."""
+        await self._call_on_owner(self._aclose)
+
+    async def _aclose(self) -> None:
+        producer = self._producer
+        if producer is not None and not producer.done():
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled"
+        self._finished = True
+
+    async def _stop(self, reason: FabstirError) -> None:
+        """End a running stream on purpose (its session ended): the host gets ``stream_cancel``,
+        nothing fails over or retries, and the consumer's iteration raises ``reason`` after the
+        text already delivered. Returns once the stream's cleanup is done; may be awaited from any
+        loop. A stream not started yet is left alone (its first attempt checks its session)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if loop is asyncio.get_running_loop():
+            await self._stop_here(reason)
+        else:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._stop_here(reason), loop))
+
+    async def _stop_here(self, reason: FabstirError) -> None:
+        producer = self._producer
+        if producer is None or producer.done():
+            return
+        self.error = reason  # set before the producer ends, so the consumer sees it with the end marker
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
+
+    def result(self) -> InferenceResult:
+        """The request as an :class:`InferenceResult`: the whole answer once finished, or the partial
+        text and the ``error`` of a request that failed."""
+        return InferenceResult(
+            text=self.text,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            host=self.host.api_url if self.host else None,
+            model=self.model,
+            ttft=self.ttft,
+            request_id=self.request_id,
+            error=self.error,
+        )
+
+    # ------------------------------------------------------------------ producer side
+
+    async def _start(self) -> None:
+        if self._producer is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self._core.config.stream_buffer_size)
+        self._started_at = time.perf_counter()
+        self._producer = self._loop.create_task(self._produce(), name=f"fabstir-stream-{self.request_id}")
+        self._core._running.add(self)  # so that ending its session (or closing the core) stops it
+
+    async def _deliver(self, piece: str) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self._started_at
+        self._delivered += 1
+        self._append_text(piece)
+        if self.options.stream:
+            assert self._queue is not None
+            await self._queue.put(piece)
+
+    async def _produce(self) -> None:
+        try:
+            await self._orchestrate()
+            if not self.options.stream and self.text:
+                assert self._queue is not None
+                await self._queue.put(self.text)
+        except FabstirError as exc:
+            self.error = exc
+            if self.finish_reason is None:
+                self.finish_reason = "cancelled" if isinstance(exc, Cancelled) else "error"
+        except asyncio.CancelledError:
+            self.finish_reason = self.finish_reason or "cancelled"
+            raise
+        except Exception as exc:  # a bug: surface it as a coded error rather than a hang
+            logger.exception("unexpected error in stream %s", self.request_id)
+            self.error = FabstirError(f"internal error: {type(exc).__name__}: {exc}", code="HOST_ERROR",
+                                      retryable=False)
+            self.finish_reason = "error"
+        finally:
+            if self.error is not None and self.text:
+                self.error.partial_text = self.text  # the answer so far is not lost with the error
+            if self.session is not None and self.finish_reason == "cancelled":
+                self.session.cancel_turn()
+            self._core._running.discard(self)
+            if self._queue is not None:
+                with contextlib.suppress(asyncio.QueueFull):  # then _next sees the producer is done
+                    self._queue.put_nowait(_END)
+
+    async def _orchestrate(self) -> None:
+        """The one attempt loop: choose a host → connect → stream → record; on a retryable failure,
+        try again (another host where the policy has one), from scratch before the first token, as
+        a continuation after it. At most ``1 + max_retries`` attempts."""
+        config = self._core.config
+        tried: list[HostInfo] = []
+        deadline = None if config.deadline is None else time.perf_counter() + config.deadline
+        if self.session is not None and self.session.ended:  # created before the session ended
+            raise SessionNotFound(f"no active session {self.session.id!r}: it has ended")
+        while True:
+            self.attempts += 1
+            host: HostInfo | None = None
+            attempt_started = time.time()
+            self._reader = None
+            try:
+                host = await self._choose_host(tried)
+                failed = False
+                try:
+                    await self._describe(host)
+                    await self._attempt(host, attempt_started, deadline)
+                except FabstirError as exc:
+                    failed = exc.retryable
+                    raise
+                finally:
+                    self.policy.release(host, failed=failed)
+                return
+            except FabstirError as exc:
+                reader = self._reader
+                # A host counts as unreachable only when no connection could be opened. A stream that
+                # broke mid-way says nothing sure about the next connection (the host may be
+                # restarting, or gone), so it leaves the host's health as it was.
+                opened = reader is not None
+                failed_to_connect = isinstance(exc, ConnectionFailed) and not opened
+                broke = isinstance(exc, ConnectionFailed) and opened
+                self._record(host, attempt_started, error=exc,
+                             reachable=None if broke else not failed_to_connect,
+                             received_tokens=reader.received_tokens if reader else 0,
+                             completion_tokens=reader.host_tokens if reader else None)
+                if host is not None:
+                    tried.append(host)
+                    if reader is not None and reader.received_tokens and self._broke is None:
+                        self._broke = (host, self._received_total, exc)
+                retry = (
+                    exc.retryable
+                    and self.attempts <= config.max_retries
+                    and (deadline is None or time.perf_counter() < deadline)
+                    and not self._pinned_host_gives_up(exc, reader, time.time() - attempt_started)
+                )
+                if not retry:
+                    raise self._final_error(exc) from None
+                delay = backoff_delay(self.attempts, config, self._core.rng, exc.retry_after)
+                logger.info("attempt %d of %s failed (%s); %s in %.2f s", self.attempts, self.request_id, exc,
+                            "continuing elsewhere" if self._delivered else "retrying", delay)
+                await asyncio.sleep(delay)
+
+    def _final_error(self, exc: FabstirError) -> FabstirError:
+        """The error the stream ends with: ``exc``, saying first that the answer broke off mid-way
+        when an earlier attempt delivered text and no later one could continue it."""
+        if self._broke is None or self._broke[2] is exc:
+            return exc
+        host, tokens, cause = self._broke
+        exc.message = (f"the stream broke on {host.api_url} after {tokens} tokens ({cause.code}: {cause.message}) "
+                       f"and no host could continue it: {exc.message}")
+        exc.args = (exc.message,)
+        return exc
+
+    def _pinned_host_gives_up(self, exc: FabstirError, reader: protocol.ResponseReader | None,
+                              elapsed: float) -> bool:
+        """Whether a failed attempt on a pinned host (``host=``) ends the request.
+
+        A pinned host that could not be reached, or did not answer, gets one more try, and only
+        when it failed fast (refused, reset: it may be restarting). One that made us wait out a
+        timeout gets none: no other host can take over, and waiting again on the same silent host
+        only doubles the wait. A stream that broke after text keeps the usual retries.
+        """
+        if self.fixed_host is None:
+            return False
+        unanswered = (isinstance(exc, ConnectionFailed) and reader is None) or (
+            isinstance(exc, InferenceTimeout) and (reader is None or reader.received_tokens == 0))
+        if not unanswered:
+            return False
+        self._pinned_misses += 1
+        gives_up = self._pinned_misses > 1 or elapsed >= self._core.config.connection_timeout / 2
+        if gives_up:
+            pinned = "the host is pinned (host=, --host), so no other host was tried"
+            exc.hint = pinned if exc.hint is None else f"{exc.hint}; {pinned}"
+        return gives_up
+
+    async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
+        asked_at = time.monotonic()
+        try:
+            return await self.policy.choose(self, tried)
+        except NoHostsAvailable:
+            # Hosts marked unreachable stay so until something talks to them again: give them a
+            # second look (a crashed host may be back) before giving up.
+            if not await self._core._recheck_unreachable(asked_at):
+                raise
+            return await self.policy.choose(self, tried)
+
+    async def _describe(self, host: HostInfo) -> None:
+        """Read the host's features and models (once per host) before the request is built.
+
+        A pinned host's socket opens meanwhile (and waits in the pool for the attempt): a host that
+        accepts TCP and never answers then costs ``connection_timeout`` once, not the description's
+        probe timeout on top.
+        """
+        host_manager = self._core.host_manager
+        if host is not self.fixed_host or self.session is not None:  # a session opens its own socket
+            await host_manager.describe(host)
+            return
+        describing = asyncio.ensure_future(host_manager.describe(host))
+        try:
+            await self._core.connector.warm_up(host)
+        except BaseException:
+            describing.cancel()  # only this wait: the description itself is shared and goes on
+            raise
+        await describing
+
+    def _request(self, prompt: str, messages: tuple[protocol.Message, ...], model: str,
+                 max_tokens: int) -> protocol.GenerationRequest:
+        options = self.options
+        return protocol.GenerationRequest(
+            prompt=prompt,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=options.temperature if options.temperature is not None else DEFAULT_TEMPERATURE,
+            stream=options.stream,
+            top_p=options.top_p,
+            stop=options.stop_sequences,
+            seed=options.seed,
+            messages=messages,
+        )
+
+    def _stateless_request(self, host: HostInfo, model: str, max_tokens: int,
+                           prefill: str | None) -> protocol.GenerationRequest:
+        options = self.options
+        prompt = self.prompt
+        messages: tuple[protocol.Message, ...] = ()
+        if options.messages or options.system_prompt or prefill:
+            history = tuple((m["role"], m["content"]) for m in options.messages or ())
+            prompt, messages = protocol.shape_transcript(
+                protocol.transcript(self.prompt, history, options.system_prompt), host.features, prefill)
+        return self._request(prompt, messages, model, max_tokens)
+
+    async def _attempt(self, host: HostInfo, attempt_started: float, deadline: float | None) -> None:
+        core = self._core
+        config = core.config
+        self.host = host
+        model = resolve_model(self.options.model, host, config.default_model)
+        self.model = model
+        # A continuation (text already delivered by a failed host) sends that text as an assistant
+        # prefill and asks only for the tokens still owed.
+        prefill = self.text if self._delivered else None
+        budget = self.options.max_tokens
+        assert budget is not None  # resolve_options filled in the default
+        max_tokens = budget - self._received_total
+        if max_tokens <= 0:
+            self.finish_reason = "length"
+            return
+        session = self.session
+        request: protocol.GenerationRequest | None = None
+        cache_key: tuple[str, protocol.GenerationRequest] | None = None
+        if session is None:
+            request = self._stateless_request(host, model, max_tokens, prefill)
+            if core.cache is not None and self.options.is_deterministic and not self._delivered:
+                cache_key = (host.key, request)
+                hit = core.cache.get(cache_key)
+                if hit is not None:
+                    text, finish_reason, tokens = hit
+                    await self._deliver(text)
+                    self.finish_reason = finish_reason
+                    self.usage = self._record(host, attempt_started, cached=True, received_tokens=tokens,
+                                              finish_reason=finish_reason, ttft=0.0)
+                    return
+        wait = core.rate_limiter.reserve(host.key)
+        if wait > 0:
+            if wait > config.connection_timeout:
+                raise RateLimitExceeded(f"client-side rate limit: next slot in {wait:.1f} s", host=host.api_url,
+                                        retry_after=wait)
+            await asyncio.sleep(wait)
+
+        connection = await core.connector.connect(host, session_id=None if session is None else session.id,
+                                                  request_id=self.request_id)
+        channel = connection.channel
+        if session is not None:
+            prompt, messages = session.plan_turn(self.prompt, host, model, fresh_socket=connection.fresh,
+                                                 prefill=prefill, max_tokens=max_tokens)
+            request = self._request(prompt, messages, model, max_tokens)
+        assert request is not None
+        reader = self._reader = protocol.ResponseReader(
+            request_id=self.request_id,
+            features=host.features,
+            stop_sequences=self.options.stop_sequences,
+            max_tokens=max_tokens,
+            prompt_nonempty=True,
+        )
+        clean = False
+        sent_at = time.perf_counter()
+        first_at: float | None = None
+        # Timeouts are deadlines that only progress moves (text, stream_end, error): a host that
+        # floods pings, unknown frames or empty chunks cannot keep a request waiting forever.
+        progressed = False
+        wait_until = sent_at + config.first_token_timeout
+        try:
+            await channel.send_request(request, session_id=None if session is None else session.id,
+                                       request_id=self.request_id)
+            while not reader.done:
+                timeout = wait_until - time.perf_counter()
+                if deadline is not None:
+                    timeout = min(timeout, deadline - time.perf_counter())
+                if timeout <= 0:
+                    raise self._timeout_error(host, not progressed, deadline)
+                try:
+                    event = await channel.receive(timeout)
+                except InferenceTimeout:
+                    raise self._timeout_error(host, not progressed, deadline) from None
+                if channel.is_late(event):
+                    continue  # a late frame of a request already finished on this socket
+                if first_at is None and isinstance(event, (protocol.Chunk, protocol.StreamEnd)):
+                    first_at = time.perf_counter()
+                    host.record_latency(first_at - sent_at) if self._delivered == 0 else None
+                for piece in reader.receive(event):
+                    await self._deliver(piece)
+                if _is_progress(event):
+                    progressed = True
+                    # Measured at the reader, after delivery: a slow consumer is not a stalled host.
+                    wait_until = time.perf_counter() + config.idle_timeout
+            if reader.cancel_needed:
+                clean = await self._cancel_on_host(channel, reader)
+            else:
+                await asyncio.sleep(0)  # let frames already on the wire reach the socket's buffer
+                # Frames after stream_end belong to no request: a socket holding some is not clean.
+                clean = not channel.has_unread_frames()
+            channel.finish(self.request_id)
+        except asyncio.CancelledError:
+            if not reader.done:
+                clean = await asyncio.shield(self._cancel_on_host(channel, reader))
+            self.finish_reason = self.finish_reason or "cancelled"
+            self._finish_attempt(host, reader, attempt_started, sent_at, first_at, cancelled=True)
+            raise
+        finally:
+            self._received_total += reader.received_tokens
+            connection.release(clean=clean)
+        self.finish_reason = reader.finish_reason
+        self._finish_attempt(host, reader, attempt_started, sent_at, first_at)
+        if cache_key is not None and core.cache is not None and self.finish_reason in ("stop", "length"):
+            core.cache.put(cache_key, (self.text, self.finish_reason, reader.received_tokens))
+        if session is not None:
+            session.complete_turn(self.prompt, self.text, synced=clean, usage=reader.usage)
+
+    def _timeout_error(self, host: HostInfo, first: bool, deadline: float | None) -> InferenceTimeout:
+        config = self._core.config
+        if deadline is not None and time.perf_counter() >= deadline:
+            return DeadlineExceeded(f"request deadline of {config.deadline:g} s passed", host=host.api_url)
+        if first:
+            return FirstTokenTimeout(f"no answer within first_token_timeout={config.first_token_timeout:g} s",
+                                     host=host.api_url)
+        return IdleTimeout(f"stream stalled for idle_timeout={config.idle_timeout:g} s", host=host.api_url)
+
+    async def _cancel_on_host(self, channel: Channel, reader: protocol.ResponseReader) -> bool:
+        """Send ``stream_cancel`` and drain until ``stream_end``; return whether the socket is clean."""
+        try:
+            await channel.send_cancel(self.session.id if self.session is not None else None)
+            async with _compat.timeout(min(_CANCEL_DRAIN_TIMEOUT, self._core.config.idle_timeout)):
+                while not reader.end_seen:
+                    event = await channel.receive(None)
+                    if isinstance(event, protocol.ErrorEvent):
+                        continue  # an error racing the cancel; stream_end follows
+                    reader.done = True
+                    reader.receive(event)
+        except (FabstirError, asyncio.TimeoutError):
+            return False
+        return True
+
+    def _finish_attempt(self, host: HostInfo, reader: protocol.ResponseReader, attempt_started: float,
+                        sent_at: float, first_at: float | None, cancelled: bool = False) -> None:
+        usage = reader.usage
+        host.record_request(True)
+        record = self._record(
+            host,
+            attempt_started,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else reader.host_tokens,
+            received_tokens=reader.received_tokens,
+            total_tokens=usage.total_tokens if usage else None,
+            ttft=None if first_at is None else first_at - sent_at,
+            finish_reason="cancelled" if cancelled else reader.finish_reason,
+        )
+        self.usage = self._combined(self.records[:-1], record)
+
+    def totals(self) -> UsageRecord | None:
+        """The whole stream's usage, also for a stream that failed: :attr:`usage` once an attempt
+        finished, else every attempt's records added up (``None`` before any attempt)."""
+        if self.usage is not None:
+            return self.usage
+        if not self.records:
+            return None
+        return self._combined(self.records[:-1], self.records[-1], every=True)
+
+    def _combined(self, earlier: list[UsageRecord], final: UsageRecord, *, every: bool = False) -> UsageRecord:
+        """``final`` with the tokens, time and cost of ``earlier`` attempts added: those that delivered
+        text (failover), or all of them with ``every``. The ledger keeps one record per attempt."""
+        earlier = earlier if every else [r for r in earlier if r.received_tokens]
+        if not earlier:
+            return final if not every else dataclasses.replace(final, ttft=self.ttft)
+        parts = earlier + [final]
+        completion = sum(r.completion_tokens or 0 for r in parts)
+        costs = [r.cost for r in parts if r.cost is not None]
+        units = {r.cost_unit for r in parts if r.cost is not None}
+        return dataclasses.replace(
+            final,
+            time=parts[0].time,
+            received_tokens=sum(r.received_tokens for r in parts),
+            completion_tokens=completion,
+            total_tokens=None if final.prompt_tokens is None else final.prompt_tokens + completion,
+            ttft=self.ttft,
+            duration=sum(r.duration for r in parts),
+            cost=sum(costs) if costs and len(units) == 1 else (None if every else final.cost),
+            cost_unit=units.pop() if len(units) == 1 else (None if every else final.cost_unit),
+        )
+
+    def _record(
+        self,
+        host: HostInfo | None,
+        attempt_started: float,
+        *,
+        error: FabstirError | None = None,
+        reachable: bool | None = True,
+        cached: bool = False,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        received_tokens: int = 0,
+        total_tokens: int | None = None,
+        ttft: float | None = None,
+        finish_reason: str | None = None,
+    ) -> UsageRecord:
+        if error is not None and host is not None:
+            host.record_request(False, reachable=reachable, error=error)
+        cost, unit = None, None
+        if host is not None and self.model is not None and completion_tokens:
+            cost, unit = host.cost(self.model, completion_tokens)
+        record = UsageRecord(
+            time=attempt_started,
+            request_id=self.request_id,
+            host=host.api_url if host else None,
+            host_address=host.address if host else None,
+            model=self.model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            received_tokens=received_tokens,
+            total_tokens=total_tokens,
+            ttft=ttft,
+            duration=time.time() - attempt_started,
+            finish_reason="error" if error is not None else finish_reason,
+            cost=cost,
+            cost_unit=unit,
+            error_code=error.code if error is not None else None,
+            cached=cached,
+            session_id=self.session.id if self.session is not None else None,
+            attempt=self.attempts,
+            kind=self.kind,
+        )
+        self.records.append(record)
+        self._core.usage.record(record)
+        return record
+
+
+
+class InferenceCore:
+    """What streams share, and the factory of streams: settings, hosts, connections, usage.
+
+    Args:
+        host_manager: where hosts come from (a :class:`HostManager`, or a list of host URLs).
+        config: client-wide settings; defaults to :class:`InferenceConfig()`.
+        usage: where usage records go; defaults to an SQLite :class:`UsageLedger` at
+            ``config.usage_db``.
+        rng: randomness for backoff jitter and tie-breaking (seed it for reproducible runs).
+        connector: hands out connections (default: a :class:`~fabstir_jupyter.connections.PoolConnector`
+            over :attr:`pool`); a payment provider's connector binds them to jobs.
+
+    The core belongs to one event loop: the first that uses it, or a private loop thread when it is
+    first used through a blocking call. Streams can be consumed from other loops.
+    """
+
+    def __init__(
+        self,
+        host_manager: HostManager | list[str] | None = None,
+        config: InferenceConfig | None = None,
+        *,
+        usage: UsageSink | None = None,
+        rng: random.Random | None = None,
+        connector: Connector | None = None,
+    ) -> None:
+        self.config = config or InferenceConfig()
+        if host_manager is None or isinstance(host_manager, list):
+            host_manager = HostManager(host_manager or [], config=self.config)
+        self.host_manager = host_manager
+        self.pool = ConnectionPool(self.config, headers_for=self.config.auth_headers)
+        self.connector: Connector = connector if connector is not None else PoolConnector(self.pool, self.config)
+        self.policy: HostPolicy = BestHostPolicy(self.host_manager, self.config)
+        self._owns_usage = usage is None
+        self.usage: UsageSink = usage if usage is not None else UsageLedger(self.config.usage_db)
+        self.rng = rng or random.Random()
+        self.rate_limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst)
+        self.cache = ResponseCache(self.config.cache_size) if self.config.cache_responses else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: LoopThread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._running: set[InferenceStream] = set()
+        self._recheck: asyncio.Future[Any] | None = None
+        self._recheck_at = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
+
+    # ------------------------------------------------------------------ loop ownership
+
+    def bind_loop(self) -> asyncio.AbstractEventLoop:
+        """Make the running event loop this core's owner, unless it has one; return the owner.
+
+        Call it from the loop that should own the sockets (the notebook's loop thread does) before
+        anything else uses the core, so that a later blocking call does not start a private loop.
+        """
+        return self._owner_loop()
+
+    def _owner_loop(self, *, blocking: bool = False) -> asyncio.AbstractEventLoop:
+        """Return the loop that owns this core, binding it on first use.
+
+        An async first use binds the running loop; a blocking first use (``infer()``, possibly from a
+        notebook cell whose loop is busy running that very cell) binds a private loop thread.
+        """
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                running = None
+                if not blocking:
+                    try:
+                        running = asyncio.get_running_loop()
+                    except RuntimeError:
+                        pass
+                if running is None:
+                    self._loop_thread = LoopThread()
+                    running = self._loop_thread.loop
+                self._loop = running
+            return self._loop
+
+    async def _call_on_owner(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Await ``coro`` on the owning loop, from any loop."""
+        loop = self._owner_loop()
+        if loop is asyncio.get_running_loop():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+
+    def _run_blocking(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the owning loop and wait for it from this thread (Ctrl-C cancels it)."""
+        loop = self._owner_loop(blocking=True)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coro.close()
+            raise RuntimeError(
+                f"this {type(self).__name__} belongs to the running event loop, so a blocking call would deadlock: "
+                "use `await manager.ainfer(...)` here"
+            )
+        return wait_future(asyncio.run_coroutine_threadsafe(coro, loop), timeout)
+
+    async def _recheck_unreachable(self, asked_at: float) -> bool:
+        """Ping the hosts marked unreachable; return whether any host is reachable now.
+
+        A round of pings that started after ``asked_at`` (a ``time.monotonic()`` reading taken when
+        the caller began looking for a host) is fresh enough and is shared, so concurrent failing
+        requests do not flood dead hosts with probes; any older round is not, so a request made
+        after a host came back always looks again.
+        """
+        hosts = self.host_manager
+        if self._recheck is None or (self._recheck.done() and self._recheck_at < asked_at):
+            down = [h for h in hosts.hosts if not h.reachable]
+            if not down:
+                return False
+            logger.info("no reachable host; checking the %d marked unreachable again", len(down))
+            self._recheck_at = time.monotonic()
+            self._recheck = asyncio.ensure_future(
+                asyncio.gather(*(hosts.prober.ping(h) for h in down), return_exceptions=True))
+        await asyncio.shield(self._recheck)
+        return any(h.reachable for h in hosts.hosts)
+
+    # ------------------------------------------------------------------ streams
+
+    def _check_network(self) -> None:
+        # Hosts found on a real registry expect paid sessions (spec/PROTOCOL.md §10): unpaid requests
+        # would be freeloading on someone's GPU, so only our own local network and hosts the user
+        # listed explicitly get inference.
+        if self.config.network not in ("local", "static"):
+            raise PaymentRequired(
+                f"inference on {self.config.network} needs paid sessions, which this version cannot open; "
+                "discovery and probing work",
+                hint="use network='local' or a static host list",
+            )
+
+    def stream(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None, *,
+               host: str | HostInfo | None = None, session: Conversation | None = None,
+               policy: HostPolicy | None = None, kind: str | None = None, **kwargs: Any) -> InferenceStream:
+        """Create a stream for ``prompt``, checked now, before any I/O; start it with ``async with``.
+
+        Args:
+            prompt: the prompt.
+            options: an :class:`InferenceOptions`, a dict, or the same names as keyword arguments.
+            host: pin a host (``host_address`` too): every attempt goes there.
+            session: make the stream a turn of this session.
+            policy: which host each attempt gets (default: :attr:`policy`, the best host).
+            kind: recorded with the usage; default ``"stream"``, or ``"direct"`` for a pinned host.
+
+        Raises:
+            InvalidPrompt, InvalidOptions: bad input (``field`` says which).
+            PaymentRequired: on a chain network (paid sessions are needed there).
+            NoHostsAvailable: ``host`` is a registry address no discovered host has.
+            ConnectionFailed: the core is closed.
+        """
+        if self._closed:
+            raise ConnectionFailed("inference manager is closed")
+        resolved = resolve_options(options, kwargs, self.config)
+        prompt = validate_request(prompt, resolved, self.config)
+        self._check_network()
+        target = host if host is not None else resolved.host_address
+        fixed = self.host_for(target) if target is not None else None
+        kind = kind or ("stream" if fixed is None else "direct")
+        return InferenceStream(self, prompt, resolved, kind=kind, host=fixed, session=session, policy=policy)
+
+    def host_for(self, target: str | HostInfo) -> HostInfo:
+        """Return the known host for a URL, registry address or :class:`HostInfo`, adding a new URL.
+
+        Raises:
+            NoHostsAvailable: a registry address that no discovered host has.
+        """
+        if isinstance(target, HostInfo):
+            return self.host_manager.add_host(target)
+        known = self.host_manager.find(target)
+        if known is not None:
+            return known
+        if target.startswith("0x") and "://" not in target:
+            raise NoHostsAvailable(f"no known host has address {target}", hint="run discovery first")
+        return self.host_manager.add_host(target)
+
+    async def stop_turns(self, session_id: str, reason: FabstirError) -> None:
+        """Stop the running streams of a session (it ended): ``stream_cancel`` goes to the host, nothing
+        fails over, and their consumers get ``reason`` after the text already delivered."""
+        turns = [s for s in self._running if s.session is not None and s.session.id == session_id]
+        await asyncio.gather(*(turn._stop(reason) for turn in turns))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Close sockets and the probe client, flush an owned ledger, stop a private loop thread.
+        Idempotent; may be awaited from any loop."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed() and loop is not asyncio.get_running_loop():
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop))
+        else:
+            await self._release_resources()
+        if self._owns_usage and isinstance(self.usage, UsageLedger):
+            await asyncio.get_running_loop().run_in_executor(None, self.usage.close)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_loop_thread)
+
+    async def _release_resources(self) -> None:
+        await self.pool.close()
+        await self.host_manager.aclose()
+
+    def _stop_loop_thread(self) -> None:
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+            self._loop_thread = None
+
+    def close(self) -> None:
+        """Blocking :meth:`aclose`, for scripts; from a coroutine use ``await aclose()``."""
+        if self._closed:
+            return
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                raise RuntimeError("use `await manager.aclose()` from the manager's own loop")
+            self._closed = True
+            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), 30)
+        self._closed = True
+        if self._owns_usage and isinstance(self.usage, UsageLedger):
+            self.usage.close()
+        self._stop_loop_thread()

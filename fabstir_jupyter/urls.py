@@ -1,0 +1,92 @@
+"""Host and RPC URLs: normalise them, and redact them before they are shown.
+
+Pure functions over strings, at the bottom of the package (beside :mod:`.errors`), so that option
+validation (:mod:`.config`), the wire protocol and the transport share one reading of a URL.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import InvalidOptions
+
+__all__ = ["WS_PATH", "ws_url", "http_url", "redact_url"]
+
+#: The path of a host's WebSocket endpoint.
+WS_PATH = "/v1/ws"
+
+# A DNS name (letters, digits, '-', '_' in dot-separated labels, IDN letters too) or an IPv4 literal.
+_HOST_NAME = re.compile(r"[\w-]+(\.[\w-]+)*\.?")
+
+
+def _valid_host_name(name: str) -> bool:
+    if ":" in name:  # an IPv6 literal (urlsplit has removed the brackets)
+        try:
+            ipaddress.IPv6Address(name.split("%", 1)[0])
+        except ValueError:
+            return False
+        return True
+    return _HOST_NAME.fullmatch(name) is not None
+
+
+def ws_url(url: str) -> str:
+    """Return the WebSocket endpoint for a host URL.
+
+    ``http://h:1`` → ``ws://h:1/v1/ws``; ``https://…`` → ``wss://…/v1/ws``; a ``ws(s)://`` URL with a
+    path is kept as given; a bare ``h:1`` is taken as ``ws://h:1/v1/ws``.
+
+    Raises:
+        InvalidOptions: the URL has another scheme, no host, an invalid host name or port.
+    """
+    text = url.strip() if isinstance(url, str) else ""
+    if "://" not in text:
+        text = "ws://" + text
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # a malformed IPv6 literal: "http://[::zz]:1", "http://[::1"
+        raise InvalidOptions(f"host url {url!r} is not a valid url", field="host_url") from None
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise InvalidOptions(f"host url {url!r} is not a ws://, wss://, http:// or https:// url", field="host_url")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise InvalidOptions(f"host url {url!r} has an invalid port", field="host_url") from None
+    if not _valid_host_name(parts.hostname):
+        raise InvalidOptions(f"host url {url!r} has an invalid host name {parts.hostname!r}", field="host_url")
+    path = parts.path.rstrip("/")
+    if parts.scheme.lower() in ("http", "https") or not path:
+        path = path + WS_PATH if not path.endswith(WS_PATH) else path
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+def http_url(url: str) -> str:
+    """Return the HTTP base URL (no path) of a host, from any URL form :func:`ws_url` takes."""
+    parts = urlsplit(ws_url(url))
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def redact_url(url: str, *, keep_path: bool = True) -> str:
+    """Return ``url`` without what may hold a secret, for logs, reprs and errors.
+
+    Credentials, the query and the fragment always go. ``keep_path=False`` drops the path too: RPC
+    providers put API keys there (``https://rpc.example/v3/KEY``); a host's ``/v1/ws`` is kept by
+    default. IPv6 hosts keep their brackets (``ws://[::1]:8196/v1/ws``). A text that is not a URL
+    gives ``""``.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return ""
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if port:
+        netloc = f"{netloc}:{port}"
+    if not netloc:
+        return ""
+    return urlunsplit((parts.scheme, netloc, parts.path if keep_path else "", "", ""))
