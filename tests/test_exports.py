@@ -102,6 +102,7 @@ LAYERS: list[set[str]] = [
     {"settings"},
     {"protocol", "crypto"},
     {"encryption"},
+    {"marketplace"},  # the chain client for paid sessions: blocking I/O, shared by the host and the client
     {"transport"},
     {"usage"},
     {"hosts"},
@@ -115,7 +116,8 @@ LAYERS: list[set[str]] = [
     {"notebook", "__main__"},
 ]
 #: The reference host sits beside the client: it uses only these shared core modules (and its own).
-HOST_ALLOWED = {"errors", "_compat", "urls", "config", "limits", "protocol", "crypto", "encryption", "host"}
+HOST_ALLOWED = {"errors", "_compat", "urls", "config", "limits", "protocol", "crypto", "encryption", "marketplace",
+                "host"}
 
 
 def _module_name(path: Path) -> str:
