@@ -1037,3 +1037,29 @@ def test_js_sorts_rows_like_python(tmp_path):
         console.log(JSON.stringify(orders));
     """)
     assert json.loads(out) == orders
+
+
+@needs_node
+def test_js_status_line_matches_python(tmp_path):
+    """stream_output.js's status line (what the view shows) equals widgets.status_text (what the
+    static fallback and text/plain readers see), failover routes and costs included."""
+    statuses = [
+        {"state": "done", "host": "http://b:2", "model": "smol", "ttft": 0.0321, "tokens_per_second": 85.04,
+         "tokens": 57, "cost": 0.000114, "cost_unit": "USDC", "finish_reason": "length", "note": "mode cheapest",
+         "route": [{"host": "http://a:1", "tokens": 37}, {"host": "http://b:2", "tokens": 20}]},
+        {"state": "cancelled", "host": "http://h1:8080", "model": "smol", "ttft": 0.032, "tokens": 12,
+         "cost": 0.000024, "cost_unit": "USDC", "route": None},
+        {"state": "done", "host": "http://h", "cost": 0.125, "cost_unit": "ETH", "finish_reason": "stop",
+         "route": [{"host": "http://h", "tokens": 3}]},
+        {"state": "done", "cost": 0, "tokens": 0, "route": [{"host": "http://a", "tokens": 0},
+                                                         {"host": "http://b", "tokens": 4}, {"host": "http://c", "tokens": 1}]},
+        {"state": "done", "cost": 1.23456789, "cost_unit": "USDC"},
+    ]
+    (tmp_path / "statuses.json").write_text(json.dumps(statuses))
+    out = run_node(tmp_path, """
+        import { readFileSync } from "node:fs";
+        import { statusParts } from "./stream_output.mjs";
+        const statuses = JSON.parse(readFileSync("statuses.json", "utf8"));
+        console.log(JSON.stringify(statuses.map((s) => statusParts(s).join(" · "))));
+    """)
+    assert json.loads(out) == [widgets.status_text(status) for status in statuses]
