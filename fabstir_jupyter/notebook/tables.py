@@ -205,14 +205,16 @@ def hosts_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     shown = [{**row, "models": ", ".join(map(str, row.get("models") or ()))} for row in rows]
-    return pd.DataFrame(shown, columns=list(HOST_COLUMNS))
+    frame = pd.DataFrame(shown, columns=list(HOST_COLUMNS))
+    return frame.astype(dict.fromkeys(_COUNTS, "Int64"))  # counts stay integers where one is unknown
 
 
 def usage_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Return usage summary rows (:func:`usage_rows`) as a DataFrame of :data:`USAGE_COLUMNS`."""
     import pandas as pd
 
-    return pd.DataFrame(list(rows), columns=list(USAGE_COLUMNS))
+    frame = pd.DataFrame(list(rows), columns=list(USAGE_COLUMNS))
+    return frame.astype(dict.fromkeys(_COUNTS, "Int64"))
 
 
 def tables_html(host_table: Iterable[dict[str, Any]], usage_table: Iterable[dict[str, Any]], *,
