@@ -90,7 +90,8 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
 
     ``requests``, ``tokens``, ``failed`` and ``retried`` come from the usage summary rows of that
     host (by URL) when there are any, else from the host's own counters (this process's attempts
-    and failed attempts; no tokens, and retries cannot be told apart there: ``retried`` is None).
+    and failed attempts; no tokens, and retries cannot be told apart there: ``retried`` is None
+    unless nothing failed).
     """
     by_host: dict[str, dict[str, int]] = {}
     for row in usage:
@@ -102,6 +103,7 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
         url = getattr(host, "api_url", None) or str(host)
         price, unit = _host_price(host)
         totals = by_host.get(url)
+        failures = int(getattr(host, "failures", 0) or 0)
         rows.append({
             "address": getattr(host, "address", None),
             "url": url,
@@ -114,8 +116,8 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
             "status": getattr(host, "health", None) or "unknown",
             "requests": totals["requests"] if totals else int(getattr(host, "requests", 0) or 0),
             "tokens": totals["tokens"] if totals else 0,
-            "failed": totals["failed"] if totals else int(getattr(host, "failures", 0) or 0),
-            "retried": totals["retried"] if totals else None,
+            "failed": totals["failed"] if totals else failures,
+            "retried": totals["retried"] if totals else (None if failures else 0),
         })
     return rows
 

@@ -109,7 +109,7 @@ def status_text(status: dict[str, Any]) -> str:
     if isinstance(status.get("tokens_per_second"), (int, float)):
         parts.append(f"{status['tokens_per_second']:.1f} tok/s")
     if isinstance(status.get("tokens"), (int, float)):
-        parts.append(f"{status['tokens']} tokens")
+        parts.append(f"{status['tokens']} token{'' if status['tokens'] == 1 else 's'}")
     if isinstance(status.get("cost"), (int, float)):
         parts.append(f"{_cost_text(status['cost'])} {status.get('cost_unit') or ''}".strip())
     if status.get("finish_reason") and status["finish_reason"] != "stop":

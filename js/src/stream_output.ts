@@ -112,7 +112,7 @@ export function statusParts(status: StreamStatus | null | undefined): string[] {
   if (s.model) parts.push(String(s.model));
   if (typeof s.ttft === "number") parts.push(`TTFT ${Math.round(s.ttft * 1000)} ms`);
   if (typeof s.tokens_per_second === "number") parts.push(`${s.tokens_per_second.toFixed(1)} tok/s`);
-  if (typeof s.tokens === "number") parts.push(`${s.tokens} tokens`);
+  if (typeof s.tokens === "number") parts.push(`${s.tokens} token${s.tokens === 1 ? "" : "s"}`);
   if (typeof s.cost === "number") parts.push(`${formatCost(s.cost)} ${s.cost_unit || ""}`.trim());
   if (s.finish_reason && s.finish_reason !== "stop") parts.push(`finish: ${s.finish_reason}`);
   if (s.note) parts.push(String(s.note));

@@ -1054,6 +1054,7 @@ def test_js_status_line_matches_python(tmp_path):
         {"state": "done", "cost": 0, "tokens": 0, "route": [{"host": "http://a", "tokens": 0},
                                                          {"host": "http://b", "tokens": 4}, {"host": "http://c", "tokens": 1}]},
         {"state": "done", "cost": 1.23456789, "cost_unit": "USDC"},
+        {"state": "cancelled", "host": "http://h", "tokens": 1, "cost": 0.0000035, "cost_unit": "USDC"},
     ]
     (tmp_path / "statuses.json").write_text(json.dumps(statuses))
     out = run_node(tmp_path, """
