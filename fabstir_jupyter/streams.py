@@ -122,6 +122,7 @@ class InferenceResult:
     ttft: float | None
     request_id: str
     error: FabstirError | None = None
+    records: tuple[UsageRecord, ...] = ()  # one per attempt, oldest first (retries, failover)
 
     def __str__(self) -> str:
         return self.text
@@ -394,6 +395,7 @@ class InferenceStream:
             ttft=self.ttft,
             request_id=self.request_id,
             error=self.error,
+            records=tuple(self.records),
         )
 
     # ------------------------------------------------------------------ producer side

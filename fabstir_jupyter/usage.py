@@ -16,8 +16,18 @@ the disk:
   :meth:`~UsageLedger.summary`) are jobs on the same queue, so they see every record recorded
   before them, flushed or not.
 
+Every record names the process that recorded it (``client_id``, :func:`current_client_id`): the
+default ledger is one file shared by every kernel and script of a user, so a notebook can read back
+its own records (``client_id=current_client_id()``) or the whole ledger.
+
+A request may take several attempts (a retry after ``HOST_BUSY``, a failover after a broken
+stream); the ledger keeps one record per attempt. A request *failed* only if its last attempt
+failed; the failed attempts before another attempt of the same request are *retried* attempts
+(:func:`summarize`).
+
 File databases use WAL mode with ``synchronous=NORMAL``; the schema version is kept in
-``PRAGMA user_version``. pandas is imported only by the DataFrame views.
+``PRAGMA user_version`` and older files are migrated when opened. pandas is imported only by the
+DataFrame views.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import queue
 import sqlite3
 import threading
 import time as _time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,12 +65,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "default_ledger_path",
     "group_cost_unit",
+    "current_client_id",
+    "summarize",
 ]
 
 logger = logging.getLogger("fabstir_jupyter.usage")
 
-#: Version of the ``requests`` table, stored in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: Version of the ``requests`` table, stored in ``PRAGMA user_version``. 1: the first table;
+#: 2: adds ``client_id`` (rows from version 1 files have none).
+SCHEMA_VERSION = 2
 
 MEMORY = ":memory:"
 _MAX_BATCH = 10_000  # items drained from the queue into one transaction at most
@@ -98,6 +112,9 @@ class UsageRecord:
         session_id: the session the request belongs to, if any.
         attempt: the orchestrator's 1-based attempt number.
         kind: ``"stream"``, ``"direct"``, ``"session"``, ``"batch"``...
+        client_id: the process that recorded it (:func:`current_client_id`); a
+            :class:`UsageLedger` fills it in when it is None. None in rows written before ledgers
+            kept it.
     """
 
     time: float
@@ -119,6 +136,7 @@ class UsageRecord:
     session_id: str | None = None
     attempt: int = 1
     kind: str = "stream"
+    client_id: str | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -151,6 +169,24 @@ class UsageRecord:
 
 
 _FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(UsageRecord))
+
+_client: tuple[int, str] | None = None
+
+
+def current_client_id() -> str:
+    """Return this process's id in usage records: random, new in every process (so one per kernel).
+
+    A forked child gets an id of its own on its first call.
+    """
+    global _client
+    pid = os.getpid()
+    if _client is None or _client[0] != pid:
+        _client = (pid, uuid.uuid4().hex[:16])
+    return _client[1]
+
+
+def _stamped(rec: UsageRecord) -> UsageRecord:
+    return rec if rec.client_id is not None else dataclasses.replace(rec, client_id=current_client_id())
 #: DataFrame columns: every field, with the derived rate after ``duration``.
 _FRAME_COLUMNS: tuple[str, ...] = tuple(UsageRecord(time=0.0, request_id="").to_dict())
 
@@ -246,6 +282,7 @@ _COLUMNS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "session_id": ("TEXT", _opt_str),
     "attempt": ("INTEGER NOT NULL", _req_int),
     "kind": ("TEXT NOT NULL", _req_str),
+    "client_id": ("TEXT", _opt_str),
 }
 assert tuple(_COLUMNS) == _FIELDS, "usage columns and UsageRecord fields disagree"
 
@@ -255,6 +292,11 @@ _CREATE_TABLE = (
     + ")"
 )
 _CREATE_INDEX = "CREATE INDEX IF NOT EXISTS requests_time ON requests (time)"
+_CREATE_CLIENT_INDEX = "CREATE INDEX IF NOT EXISTS requests_client ON requests (client_id, time)"
+#: Statements that bring a table of version N (the key) to version N + 1.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE requests ADD COLUMN client_id TEXT", _CREATE_CLIENT_INDEX),
+}
 _INSERT = f"INSERT INTO requests ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
 _SELECT = f"SELECT {', '.join(_FIELDS)} FROM requests"
 
@@ -404,7 +446,7 @@ class UsageLedger:
         """
         if not isinstance(rec, UsageRecord):
             raise TypeError(f"usage ledger: expected a UsageRecord, got {type(rec).__name__}")
-        row = _row(rec)
+        row = _row(_stamped(rec))
         with self._lock:
             if self._closed:
                 raise LedgerClosed(f"usage ledger {self._path}: closed")
@@ -447,12 +489,15 @@ class UsageLedger:
 
     # ------------------------------------------------------------------ reading
 
-    def records(self, since: float | datetime | None = None, limit: int | None = None) -> list[UsageRecord]:
+    def records(self, since: float | datetime | None = None, limit: int | None = None, *,
+                client_id: str | None = None) -> list[UsageRecord]:
         """Return the records, oldest first, including every one recorded before this call.
 
         Args:
             since: keep records whose ``time`` is at or after this (epoch seconds or datetime).
             limit: keep only the newest ``limit`` of them.
+            client_id: keep only the records of this process id (``current_client_id()``: this
+                kernel's); None keeps every process's.
 
         Raises:
             LedgerClosed: :meth:`close` was called.
@@ -467,9 +512,15 @@ class UsageLedger:
 
         def read(conn: sqlite3.Connection) -> list[UsageRecord]:
             sql, params = _SELECT, []
+            where = []
             if start is not None:
-                sql += " WHERE time >= ?"
+                where.append("time >= ?")
                 params.append(start)
+            if client_id is not None:
+                where.append("client_id = ?")
+                params.append(client_id)
+            if where:
+                sql += " WHERE " + " AND ".join(where)
             if limit is None:
                 rows = conn.execute(sql + " ORDER BY time, id", params).fetchall()
             else:
@@ -479,7 +530,8 @@ class UsageLedger:
 
         return self._call(read, self._timeout)
 
-    def to_frame(self, since: float | datetime | None = None, limit: int | None = None) -> pd.DataFrame:
+    def to_frame(self, since: float | datetime | None = None, limit: int | None = None, *,
+                 client_id: str | None = None) -> pd.DataFrame:
         """Return the records as a pandas DataFrame, one row per record, oldest first.
 
         Columns are the :class:`UsageRecord` fields in order, with the derived
@@ -493,56 +545,25 @@ class UsageLedger:
         """
         import pandas as pd
 
-        recs = self.records(since=since, limit=limit)
-        dicts = [rec.to_dict() for rec in recs]
-        return pd.DataFrame(
-            {name: pd.Series([d[name] for d in dicts], dtype=_frame_dtype(name)) for name in _FRAME_COLUMNS}
-        )
+        return _records_frame(self.records(since=since, limit=limit, client_id=client_id))
 
-    def summary(self, by: str | tuple[str, ...] = "host", since: float | datetime | None = None) -> pd.DataFrame:
+    def summary(self, by: str | tuple[str, ...] = "host", since: float | datetime | None = None, *,
+                client_id: str | None = None) -> pd.DataFrame:
         """Return usage per group, one row per distinct value of ``by`` (missing values included).
 
-        Columns: ``requests``, ``errors`` (records with an ``error_code``), ``prompt_tokens``,
-        ``completion_tokens``, ``received_tokens`` (sums of the known counts), ``cost`` (the sum of
-        known costs; NaN when none is known or the group mixes units), ``cost_unit`` (the group's
-        one unit, ``"mixed"``, or missing), ``mean_ttft`` and ``mean_tokens_per_second`` (means
-        over the records where they are known, each request weighted equally).
+        The columns are those of :func:`summarize`: ``requests``, ``attempts``, ``failed``,
+        ``retried``, token sums, ``cost``, ``cost_unit``, ``mean_ttft``, ``mean_tokens_per_second``.
 
         Args:
             by: a column name, or a tuple of them: ``"host"``, ``"model"``, ``("host", "model")``...
-            since: as in :meth:`records`.
+            since, client_id: as in :meth:`records`.
 
         Raises:
             ValueError: ``by`` names no column.
             LedgerClosed, LedgerUnavailable, TimeoutError: as in :meth:`records`.
         """
-        import pandas as pd
-
-        keys = [by] if isinstance(by, str) else list(by)
-        if not keys:
-            raise ValueError("summary needs at least one column to group by")
-        for key in keys:
-            if key not in _FRAME_COLUMNS:
-                raise ValueError(f"cannot group usage by {key!r}: not a column")
-        frame = self.to_frame(since=since)
-        groups = frame.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)
-        units = groups["cost_unit"].agg(group_cost_unit).astype("string")
-        cost = groups["cost"].sum(min_count=1).astype("float64")
-        cost = cost.mask(units == "mixed")
-        out = pd.DataFrame(
-            {
-                "requests": groups.size().astype("int64"),
-                "errors": groups["error_code"].count().astype("int64"),
-                "prompt_tokens": groups["prompt_tokens"].sum().astype("Int64"),
-                "completion_tokens": groups["completion_tokens"].sum().astype("Int64"),
-                "received_tokens": groups["received_tokens"].sum().astype("int64"),
-                "cost": cost,
-                "cost_unit": units,
-                "mean_ttft": groups["ttft"].mean().astype("float64"),
-                "mean_tokens_per_second": groups["tokens_per_second"].mean().astype("float64"),
-            }
-        )
-        return out
+        _group_keys(by)  # a bad column fails before the read
+        return summarize(self.to_frame(since=since, client_id=client_id), by)
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -579,20 +600,37 @@ class UsageLedger:
                     hint="upgrade fabstir-jupyter or use another path",
                 )
             if version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.execute(_CREATE_TABLE)
-                    conn.execute(_CREATE_INDEX)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+                self._create_or_migrate(conn)
             self._check_writable(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the table, or bring an older one to :data:`SCHEMA_VERSION`, in one transaction.
+
+        The version is read again under the write lock: another process may have done it meanwhile.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(_CREATE_TABLE)
+                conn.execute(_CREATE_INDEX)
+                conn.execute(_CREATE_CLIENT_INDEX)
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        conn.execute(statement)
+                if version < SCHEMA_VERSION:
+                    logger.info("usage ledger %s: migrated from schema %d to %d", self._path, version,
+                                SCHEMA_VERSION)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _check_writable(self, conn: sqlite3.Connection) -> None:
         """Write once in a transaction that is rolled back, so a read-only file fails here, not on
@@ -694,3 +732,98 @@ def group_cost_unit(values: Any) -> str | None:
     if not units:
         return None
     return str(units.pop()) if len(units) == 1 else "mixed"
+
+
+def _records_frame(recs: Iterable[UsageRecord]) -> pd.DataFrame:
+    import pandas as pd
+
+    dicts = [rec.to_dict() for rec in recs]
+    return pd.DataFrame(
+        {name: pd.Series([d[name] for d in dicts], dtype=_frame_dtype(name)) for name in _FRAME_COLUMNS}
+    )
+
+
+#: Values for columns a hand-made records frame may lack (anything else missing is unknown: NA).
+_DEFAULTS: dict[str, Any] = {"time": 0.0, "received_tokens": 0, "duration": 0.0, "cached": False, "attempt": 1,
+                             "kind": "stream"}
+
+
+def _complete(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every column of :meth:`UsageLedger.to_frame` (a row without a request id is a
+    request of its own), in that column's dtype."""
+    import pandas as pd
+
+    missing = [name for name in _FRAME_COLUMNS if name not in frame.columns]
+    if not missing:
+        return frame
+    frame = frame.copy()
+    for name in missing:
+        if name == "request_id":
+            frame[name] = [f"row-{i}" for i in range(len(frame))]
+        elif name in _DEFAULTS:
+            frame[name] = _DEFAULTS[name]
+        else:
+            frame[name] = None
+        frame[name] = frame[name].astype(_frame_dtype(name)) if len(frame) else pd.Series(dtype=_frame_dtype(name))
+    return frame
+
+
+def _group_keys(by: str | tuple[str, ...] | list[str]) -> list[str]:
+    keys = [by] if isinstance(by, str) else list(by)
+    if not keys:
+        raise ValueError("summary needs at least one column to group by")
+    for key in keys:
+        if key not in _FRAME_COLUMNS:
+            raise ValueError(f"cannot group usage by {key!r}: not a column")
+    return keys
+
+
+def summarize(frame: pd.DataFrame, by: str | tuple[str, ...] = "host") -> pd.DataFrame:
+    """Summarise a records frame (:meth:`UsageLedger.to_frame`) per group of ``by`` (missing values
+    included), one row per group, indexed by ``by``.
+
+    Columns:
+        requests: requests whose last attempt is in the group (each request counts once, where it ended);
+        attempts: records (attempts) in the group;
+        failed: requests whose last attempt failed (has an ``error_code``);
+        retried: failed attempts that another attempt of the same request followed (a ``HOST_BUSY``
+            retry, a failover): they did not fail the request;
+        prompt_tokens, completion_tokens, received_tokens: sums of the known counts;
+        cost: the sum of known costs; NaN when none is known or the group mixes units;
+        cost_unit: the group's one unit, ``"mixed"``, or missing;
+        mean_ttft, mean_tokens_per_second: means over the records where they are known.
+
+    The last attempt of a request is its highest ``attempt`` number (the latest ``time`` among equals),
+    within ``frame``: summarise whole requests, not a ``limit`` cut through one.
+
+    Raises:
+        ValueError: ``by`` names no column.
+    """
+    import pandas as pd
+
+    keys = _group_keys(by)
+    frame = _complete(frame.reset_index(drop=True))
+    order = frame.sort_values(["attempt", "time"], kind="stable")
+    last = pd.Series(False, index=frame.index)
+    last[order.drop_duplicates("request_id", keep="last").index] = True
+    failed = frame["error_code"].notna()
+    frame = frame.assign(_last=last, _failed=last & failed, _retried=~last & failed)
+    groups = frame.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)
+    units = groups["cost_unit"].agg(_one_unit).astype("string")
+    cost = groups["cost"].sum(min_count=1).astype("float64")
+    cost = cost.mask(units == "mixed")
+    return pd.DataFrame(
+        {
+            "requests": groups["_last"].sum().astype("int64"),
+            "attempts": groups.size().astype("int64"),
+            "failed": groups["_failed"].sum().astype("int64"),
+            "retried": groups["_retried"].sum().astype("int64"),
+            "prompt_tokens": groups["prompt_tokens"].sum().astype("Int64"),
+            "completion_tokens": groups["completion_tokens"].sum().astype("Int64"),
+            "received_tokens": groups["received_tokens"].sum().astype("int64"),
+            "cost": cost,
+            "cost_unit": units,
+            "mean_ttft": groups["ttft"].mean().astype("float64"),
+            "mean_tokens_per_second": groups["tokens_per_second"].mean().astype("float64"),
+        }
+    )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from fabstir_jupyter.usage import (
     UsageLedger,
     UsageRecord,
     UsageSink,
+    current_client_id,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +120,7 @@ def test_memory_ledger_round_trips_records(ledger):
     recs = [make("a"), make("b", host=None, error_code="NO_HOSTS_AVAILABLE", cached=True, ttft=None)]
     for rec in recs:
         ledger.record(rec)
-    assert ledger.records() == recs
+    assert ledger.records() == [replace(rec, client_id=current_client_id()) for rec in recs]
 
 
 def test_file_ledger_round_trips_records(tmp_path):
@@ -127,7 +129,7 @@ def test_file_ledger_round_trips_records(tmp_path):
     with UsageLedger(tmp_path / "usage.sqlite3") as led:
         for rec in recs:
             led.record(rec)
-        assert led.records() == recs
+        assert led.records() == [replace(rec, client_id=current_client_id()) for rec in recs]
 
 
 def test_ledger_accepts_numpy_integers(ledger):
@@ -490,7 +492,7 @@ def test_ledger_to_frame_empty_keeps_columns_and_dtypes(ledger):
 
 
 def test_ledger_summary_by_host(ledger):
-    """summary(by="host") counts requests, errors, tokens, cost and mean rates per host."""
+    """summary(by="host") counts requests, failures, tokens, cost and mean rates per host."""
     pd = pytest.importorskip("pandas")
     h1, h2 = "ws://h1:1/v1/ws", "ws://h2:1/v1/ws"
     ledger.record(make("a", host=h1, prompt_tokens=10, completion_tokens=20, received_tokens=21,
@@ -503,11 +505,11 @@ def test_ledger_summary_by_host(ledger):
                        ttft=None, cost=None, error_code="NO_HOSTS_AVAILABLE"))
     out = ledger.summary(by="host")
     assert list(out.columns) == [
-        "requests", "errors", "prompt_tokens", "completion_tokens", "received_tokens",
+        "requests", "attempts", "failed", "retried", "prompt_tokens", "completion_tokens", "received_tokens",
         "cost", "cost_unit", "mean_ttft", "mean_tokens_per_second",
     ]
     assert len(out) == 3  # the record without a host is a group of its own
-    assert out.loc[h1, "requests"] == 2 and out.loc[h1, "errors"] == 1
+    assert out.loc[h1, "requests"] == 2 and out.loc[h1, "failed"] == 1 and out.loc[h1, "retried"] == 0
     assert out.loc[h1, "prompt_tokens"] == 15 and out.loc[h1, "completion_tokens"] == 20
     assert out.loc[h1, "received_tokens"] == 21
     assert out.loc[h1, "cost"] == pytest.approx(0.25) and out.loc[h1, "cost_unit"] == "USDC"
@@ -515,7 +517,84 @@ def test_ledger_summary_by_host(ledger):
     assert out.loc[h1, "mean_tokens_per_second"] == pytest.approx(10.0)
     assert out.loc[h2, "mean_tokens_per_second"] == pytest.approx(5.0)
     missing = out[out.index.isna()].iloc[0]
-    assert missing["errors"] == 1 and pd.isna(missing["cost"])
+    assert missing["failed"] == 1 and pd.isna(missing["cost"])
+
+
+def test_summary_separates_failed_requests_from_retried_attempts(ledger):
+    """A HOST_BUSY retry that then succeeded is a retried attempt, not a failed request; a request
+    fails only when its last attempt failed; a failover counts the request where it ended."""
+    pytest.importorskip("pandas")
+    h1, h2 = "ws://h1:1/v1/ws", "ws://h2:1/v1/ws"
+    # r1: busy on h1, then answered by h1. r2: busy twice on h1, then failed on h2 for good.
+    # r3: broke on h1 after 37 tokens, continued on h2.
+    ledger.record(make("r1", host=h1, attempt=1, error_code="HOST_BUSY", received_tokens=0, time=1.0))
+    ledger.record(make("r1", host=h1, attempt=2, time=2.0))
+    ledger.record(make("r2", host=h1, attempt=1, error_code="HOST_BUSY", received_tokens=0, time=3.0))
+    ledger.record(make("r2", host=h1, attempt=2, error_code="HOST_BUSY", received_tokens=0, time=4.0))
+    ledger.record(make("r2", host=h2, attempt=3, error_code="INFERENCE_TIMEOUT", received_tokens=0, time=5.0))
+    ledger.record(make("r3", host=h1, attempt=1, error_code="CONNECTION_LOST", received_tokens=37, time=6.0))
+    ledger.record(make("r3", host=h2, attempt=2, received_tokens=20, time=7.0))
+    by_host = ledger.summary(by="host")
+    assert by_host.loc[h1, ["requests", "attempts", "failed", "retried"]].tolist() == [1, 5, 0, 4]
+    assert by_host.loc[h2, ["requests", "attempts", "failed", "retried"]].tolist() == [2, 2, 1, 0]
+    by_model = ledger.summary(by="model").iloc[0]
+    assert (by_model["requests"], by_model["attempts"], by_model["failed"], by_model["retried"]) == (3, 7, 1, 4)
+    assert by_model["received_tokens"] == 21 + 37 + 20
+
+
+def test_records_of_one_client_and_of_all(ledger):
+    """Each record carries its process's client id; reads can keep one process's records."""
+    ledger.record(make("mine"))
+    ledger.record(make("theirs", client_id="another-kernel"))
+    assert {r.request_id: r.client_id for r in ledger.records()} == {
+        "mine": current_client_id(), "theirs": "another-kernel"}
+    assert [r.request_id for r in ledger.records(client_id=current_client_id())] == ["mine"]
+    assert ledger.to_frame(client_id="another-kernel")["request_id"].tolist() == ["theirs"]
+    assert ledger.summary(by="host", client_id=current_client_id())["requests"].sum() == 1
+
+
+def test_client_id_is_new_in_every_process():
+    """Another process (another kernel) records under another id; this process keeps one id."""
+    code = "from fabstir_jupyter.usage import current_client_id as c; print(c(), c() == c())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    other, same = done.stdout.split()
+    assert same == "True" and len(other) == 16 and other != current_client_id()
+    assert current_client_id() == current_client_id()
+
+
+_V1_TABLE = (
+    "CREATE TABLE requests (id INTEGER PRIMARY KEY, time REAL NOT NULL, request_id TEXT NOT NULL, host TEXT, "
+    "host_address TEXT, model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, "
+    "received_tokens INTEGER NOT NULL, total_tokens INTEGER, ttft REAL, duration REAL NOT NULL, "
+    "finish_reason TEXT, cost REAL, cost_unit TEXT, error_code TEXT, cached INTEGER NOT NULL, "
+    "session_id TEXT, attempt INTEGER NOT NULL, kind TEXT NOT NULL)"
+)
+
+
+def test_ledger_migrates_a_version_1_file(tmp_path):
+    """A ledger file of schema 1 (no client_id) is migrated when opened: its rows stay, without a
+    client id (so they belong to no kernel of today), and new rows get one."""
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(_V1_TABLE)
+        conn.execute("CREATE INDEX requests_time ON requests (time)")
+        conn.execute("INSERT INTO requests (time, request_id, host, received_tokens, duration, cached, attempt, kind)"
+                     " VALUES (1.0, 'old', 'ws://h1:1/v1/ws', 5, 0.5, 0, 1, 'stream')")
+        conn.execute("PRAGMA user_version = 1")
+    with UsageLedger(path) as led:
+        led.record(make("new"))
+        records = led.records()
+        mine = led.records(client_id=current_client_id())
+    assert [(r.request_id, r.received_tokens, r.client_id) for r in records] == [
+        ("old", 5, None), ("new", 21, current_client_id())]
+    assert [r.request_id for r in mine] == ["new"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(requests)")}
+        assert {"requests_time", "requests_client"} <= indexes
+    with UsageLedger(path) as again:  # opening a migrated file changes nothing
+        assert len(again.records()) == 2
 
 
 def test_ledger_summary_by_model_and_host_model(ledger):

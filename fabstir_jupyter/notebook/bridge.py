@@ -374,7 +374,7 @@ class NotebookBridge:
                 for :class:`~fabstir_jupyter.errors.Cancelled`: its session was ended).
             KeyboardInterrupt: Ctrl-C (or one raised by the sink): the stream was cancelled on the
                 host (``stream_cancel``), its cleanup awaited up to ``cancel_grace`` seconds, and
-                ``sink.cancelled()`` called.
+                ``sink.cancelled(result)`` called with the stopped request (host, usage so far).
         """
         pieces: queue.Queue[Any] = queue.Queue()
         made: list[InferenceStream] = []
@@ -401,7 +401,7 @@ class NotebookBridge:
             try:
                 task.done.wait(cancel_grace)
             finally:
-                sink.cancelled()
+                sink.cancelled(made[0].result() if made else None)
             raise
         except FabstirError as exc:
             if made and store is not None:
@@ -496,7 +496,7 @@ class NotebookBridge:
                         sink.append(piece)
                 result = stream.result()
             except asyncio.CancelledError:
-                _quietly(sink.cancelled)
+                _quietly(sink.cancelled, run.stream.result() if run.stream is not None else None)
                 raise
             except FabstirError as exc:
                 run.error = exc

@@ -294,14 +294,17 @@ class FabstirMagics(Magics):
 
         return bridge.run(discover())
 
-    def hosts_frame(self, refresh: bool = False) -> pd.DataFrame:
+    def hosts_frame(self, refresh: bool = False, all_kernels: bool = False) -> pd.DataFrame:
         """The discovered hosts as a DataFrame: the dashboard's table (:data:`.tables.HOST_COLUMNS`)."""
         manager = self._discover(refresh)
-        return hosts_dataframe(host_rows(manager.host_manager.hosts, usage_rows(manager.usage)))
+        return hosts_dataframe(host_rows(manager.host_manager.hosts,
+                                         usage_rows(manager.usage, all_kernels=all_kernels)))
 
-    def usage_frame(self, by: tuple[str, ...] | str = ("host", "model"), limit: int | None = None) -> pd.DataFrame:
-        """The usage ledger: every record, or a summary grouped ``by`` columns (``()`` for records)."""
-        from ..usage import UsageLedger
+    def usage_frame(self, by: tuple[str, ...] | str = ("host", "model"), limit: int | None = None,
+                    all_kernels: bool = False) -> pd.DataFrame:
+        """The usage ledger: this kernel's records (every kernel's with ``all_kernels``), or a summary
+        grouped ``by`` columns (``()`` for records)."""
+        from ..usage import UsageLedger, current_client_id
 
         bridge = self.bridge
         bridge.configure(self.network_settings())
@@ -314,15 +317,16 @@ class FabstirMagics(Magics):
         else:  # nothing ran yet on this network: read the ledger without starting hosts
             ledger = UsageLedger(bridge.settings.usage_db)
             owned = True
+        scope = {} if all_kernels or not isinstance(ledger, UsageLedger) else {"client_id": current_client_id()}
         try:
             if hasattr(ledger, "flush"):
                 ledger.flush()
             if by:
                 try:
-                    return ledger.summary(by if isinstance(by, str) else tuple(by))
+                    return ledger.summary(by if isinstance(by, str) else tuple(by), **scope)
                 except ValueError as exc:
                     raise UsageError(f"%fabstir usage: {exc}") from None
-            return ledger.to_frame(limit=limit)
+            return ledger.to_frame(limit=limit, **scope)
         finally:
             if owned:
                 ledger.close()
@@ -344,17 +348,17 @@ class FabstirMagics(Magics):
             try:
                 from .widgets import HostDashboard
 
-                return HostDashboard(self._dashboard_source(command.refresh))
+                return HostDashboard(self._dashboard_source(command.refresh), all_kernels=command.all_kernels)
             except FabstirError:
                 raise
             except Exception as exc:  # the frame is always there as a fallback
                 print(f"[fabstir] host dashboard unavailable ({type(exc).__name__}: {exc}); showing a DataFrame",
                       file=sys.stderr)
-        return self.hosts_frame(command.refresh)
+        return self.hosts_frame(command.refresh, command.all_kernels)
 
     def handle_usage(self, command: UsageCommand) -> pd.DataFrame:
         """The usage ledger as a DataFrame (``--by`` summarises)."""
-        return self.usage_frame(command.by, command.limit)
+        return self.usage_frame(command.by, command.limit, command.all_kernels)
 
     def handle_sessions(self, command: SessionsCommand) -> pd.DataFrame:
         """The live named sessions as a DataFrame."""

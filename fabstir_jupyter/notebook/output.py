@@ -9,10 +9,16 @@ the stream.
 :func:`make_output` picks the live widget (``widgets.StreamOutput``) where a widget front end is
 available, else :class:`TextOutput`: text streamed to stdout, then the final rendering and a
 one-line status.
+
+Every final rendering also carries static HTML (:func:`answer_html`: Markdown rendered by
+markdown-it with raw HTML off, the same rules as the widget's front end), so a notebook exported
+by nbconvert, or shown by GitHub or any viewer without the widget JavaScript, still reads well, and
+model text can never become markup there.
 """
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import inspect
 import json
@@ -20,7 +26,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Callable, Protocol, TextIO, runtime_checkable
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Protocol, TextIO, runtime_checkable
 
 from ..errors import FabstirError
 from .tables import host_text
@@ -29,6 +36,9 @@ __all__ = [
     "OutputSink",
     "TextOutput",
     "Rendering",
+    "answer_html",
+    "attempt_route",
+    "route_text",
     "make_output",
     "render",
     "status_line",
@@ -49,6 +59,10 @@ class OutputSink(Protocol):
     :class:`~fabstir_jupyter.usage.UsageRecord` or None), ``finish_reason``, ``ttft``, ``host`` (a
     URL string, or a ``HostInfo`` on a stream) and ``model``.
 
+    ``records`` on ``result``, where present, are the request's attempts (one
+    :class:`~fabstir_jupyter.usage.UsageRecord` each): a request that failed over to another host
+    shows both hosts and where it switched (:func:`attempt_route`).
+
     Optional extras, used when present: ``set_cancel(callback)`` (a stop button calls ``callback()``
     to cancel a ``--background`` stream; the callback is thread-safe and returns at once).
     """
@@ -65,8 +79,12 @@ class OutputSink(Protocol):
     def failed(self, error: FabstirError) -> None:
         """Mark the output failed (the magic also prints the error's one line to stderr)."""
 
-    def cancelled(self) -> None:
-        """Mark the output cancelled (kernel interrupt, stop button or ``%fabstir cancel``)."""
+    def cancelled(self, result: Any = None) -> None:
+        """Mark the output cancelled (kernel interrupt, stop button or ``%fabstir cancel``).
+
+        ``result``, when known, is the stopped request as in :meth:`finish` (its host, partial
+        text and usage so far), so the output keeps the host, tokens and cost.
+        """
 
 
 # --------------------------------------------------------------------------- rendering
@@ -82,10 +100,57 @@ def _unfence(text: str) -> tuple[str, str]:
     return match.group("body"), match.group("lang")
 
 
+@lru_cache(maxsize=1)
+def _markdown() -> Any:
+    """markdown-it configured like the widget's front end (js/src/markdown.ts), or None if missing."""
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:  # the notebook extra brings it; without it answers render as plain text
+        return None
+    md = MarkdownIt("js-default", {"html": False, "linkify": False, "typographer": False})
+
+    def link_open(self: Any, tokens: Any, index: int, options: Any, env: Any) -> str:
+        tokens[index].attrSet("target", "_blank")
+        tokens[index].attrSet("rel", "noopener noreferrer")
+        return self.renderToken(tokens, index, options, env)
+
+    md.add_render_rule("link_open", link_open)
+    return md
+
+
+def _escape(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def answer_html(text: str, format: str = "markdown") -> str:
+    """Return static HTML for an answer's final rendering (the widget's, without its JavaScript).
+
+    The text is untrusted (it comes from a remote model): Markdown is rendered with raw HTML off (a
+    ``<script>`` in the text is shown as text) and unsafe link schemes dropped; the other formats
+    are escaped into ``<pre>`` or a ``<div>``.
+    """
+    if format == "markdown":
+        md = _markdown()
+        if md is not None:
+            return f'<div class="fabstir-md">{md.render(text)}</div>'
+        return f'<div class="fabstir-plain" style="white-space: pre-wrap">{_escape(text)}</div>'
+    if format in ("code", "json"):
+        body, _ = _unfence(text)
+        if format == "json":
+            try:
+                body = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+            except ValueError:
+                body = text
+        return f'<pre class="fabstir-code"><code>{_escape(body)}</code></pre>'
+    return f'<div class="fabstir-plain" style="white-space: pre-wrap">{_escape(text)}</div>'
+
+
 class Rendering:
     """The final rendering of an answer for IPython's display: a MIME bundle per ``format``.
 
     ``text/plain`` is always the answer's text, so terminals, nbconvert and nbval see stable output.
+    ``text/html`` (:func:`answer_html`) is what exporters such as nbconvert choose first: the text's
+    own markup never reaches it.
     """
 
     def __init__(self, text: str, format: str = "markdown") -> None:
@@ -97,6 +162,8 @@ class Rendering:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         bundle: dict[str, Any] = {"text/plain": self.text}
+        if self.format != "text":
+            bundle["text/html"] = answer_html(self.text, self.format)
         if self.format == "markdown":
             bundle["text/markdown"] = self.text
         elif self.format == "code":
@@ -119,12 +186,55 @@ def render(text: str, format: str = "markdown") -> Rendering:
     return Rendering(text, format)
 
 
-def status_line(result: Any, note: str | None = None) -> str:
-    """Return the one-line status of a finished request: host, model, ttft, tokens/s, tokens, cost."""
-    parts = []
+def attempt_route(records: Iterable[Any] | None) -> list[dict[str, Any]]:
+    """Return the hosts a request went through, in order: ``[{"host": url, "tokens": n}, ...]``.
+
+    ``records`` are the request's attempts (:class:`~fabstir_jupyter.usage.UsageRecord`, oldest
+    first). Consecutive attempts on one host make one entry; ``tokens`` are the tokens delivered
+    there. Attempts that reached no host are left out. One entry (or none) means no switch.
+    """
+    route: list[dict[str, Any]] = []
+    for record in records or ():
+        host = getattr(record, "host", None)
+        if not host:
+            continue
+        tokens = int(getattr(record, "received_tokens", 0) or 0)
+        if route and route[-1]["host"] == host:
+            route[-1]["tokens"] += tokens
+        else:
+            route.append({"host": str(host), "tokens": tokens})
+    return route
+
+
+def route_text(route: list[dict[str, Any]]) -> str:
+    """``A → B after 37 tokens`` for a route of :func:`attempt_route` (the tokens delivered before
+    each switch); a route of one host is that host."""
+    parts: list[str] = []
+    delivered = 0
+    for index, step in enumerate(route):
+        if index == 0:
+            parts.append(step["host"])
+        else:
+            parts.append(f"→ {step['host']}" + (f" after {delivered} tokens" if delivered else ""))
+        delivered += int(step.get("tokens") or 0)
+    return " ".join(parts)
+
+
+def _hosts_part(result: Any) -> str | None:
+    route = attempt_route(getattr(result, "records", None))
+    if len(route) > 1:
+        return f"host {route_text(route)}"
     host = host_text(getattr(result, "host", None))
-    if host:
-        parts.append(f"host {host}")
+    return f"host {host}" if host else None
+
+
+def status_line(result: Any, note: str | None = None) -> str:
+    """Return the one-line status of a finished request: host (``A → B after N tokens`` after a
+    failover), model, ttft, tokens/s, tokens, cost."""
+    parts = []
+    hosts = _hosts_part(result)
+    if hosts:
+        parts.append(hosts)
     model = getattr(result, "model", None)
     if model:
         parts.append(f"model {model}")
@@ -135,16 +245,22 @@ def status_line(result: Any, note: str | None = None) -> str:
     rate = getattr(usage, "tokens_per_second", None) if usage is not None else None
     if rate is not None:
         parts.append(f"{rate:.1f} tok/s")
-    if usage is not None:
-        parts.append(f"{usage.received_tokens} tokens")
-        if usage.cost is not None:
-            parts.append(f"cost {usage.cost:.6g} {usage.cost_unit or ''}".rstrip())
+    parts.extend(_usage_parts(usage))
     reason = getattr(result, "finish_reason", None)
     if reason:
         parts.append(f"finish {reason}")
     if note:
         parts.append(note)
     return f"{STATUS_PREFIX} " + " | ".join(parts)
+
+
+def _usage_parts(usage: Any) -> list[str]:
+    if usage is None:
+        return []
+    parts = [f"{usage.received_tokens} tokens"]
+    if usage.cost is not None:
+        parts.append(f"cost {usage.cost:.6g} {usage.cost_unit or ''}".rstrip())
+    return parts
 
 
 # --------------------------------------------------------------------------- the text fallback
@@ -253,12 +369,17 @@ class TextOutput:
         self.state = "failed"
         self._end_line()
 
-    def cancelled(self) -> None:
+    def cancelled(self, result: Any = None) -> None:
         if self.state in ("done", "failed", "cancelled"):
             return
         self.state = "cancelled"
+        self.result = result
         self._end_line()
-        self._write(f"{STATUS_PREFIX} cancelled after {len(self.text)} characters\n")
+        parts = [f"cancelled after {len(self.text)} characters"]
+        if result is not None:
+            hosts = _hosts_part(result)
+            parts.extend(([hosts] if hosts else []) + _usage_parts(getattr(result, "usage", None)))
+        self._write(f"{STATUS_PREFIX} " + " | ".join(parts) + "\n")
 
 
 # --------------------------------------------------------------------------- choosing an output

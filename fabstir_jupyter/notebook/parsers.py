@@ -250,6 +250,7 @@ class HostsCommand:
     type: Literal["hosts"] = "hosts"
     refresh: bool = False
     frame: bool = False
+    all_kernels: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,7 @@ class UsageCommand:
     type: Literal["usage"] = "usage"
     by: tuple[str, ...] = ()
     limit: int | None = None
+    all_kernels: bool = False
 
 
 @dataclass(frozen=True)
@@ -326,8 +328,9 @@ LineCommand = Union[HostsCommand, UsageCommand, SessionsCommand, EndCommand, Mod
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
-             "again; --frame returns the pandas DataFrame instead of the widget)",
-    "usage": "the usage ledger as a DataFrame (--by host|model|... summarises; --limit N keeps the newest N)",
+             "again; --frame returns the pandas DataFrame instead of the widget; --all counts every kernel's usage)",
+    "usage": "this kernel's usage records as a DataFrame (--by host|model|... summarises; --limit N keeps the "
+             "newest N; --all reads the whole ledger, which every kernel shares)",
     "sessions": "the named conversations started with --session, as a DataFrame",
     "end": "end the named session NAME (closes its socket)",
     "models": "the models the discovered hosts serve, as a DataFrame",
@@ -356,9 +359,12 @@ def line_parser() -> argparse.ArgumentParser:
     hosts = command("hosts")
     hosts.add_argument("--refresh", action="store_true", help="discover and probe every host again")
     hosts.add_argument("--frame", action="store_true", help="return a DataFrame, not the dashboard widget")
+    hosts.add_argument("--all", dest="all_kernels", action="store_true", help="count every kernel's usage")
     usage = command("usage")
     usage.add_argument("--by", metavar="COLUMN", action="append", default=[], help="summarise per COLUMN")
     usage.add_argument("--limit", metavar="N", type=_positive_int, help="only the newest N records")
+    usage.add_argument("--all", dest="all_kernels", action="store_true",
+                       help="the whole ledger (every kernel's records), not only this kernel's")
     command("sessions")
     command("end").add_argument("name", metavar="NAME", type=_name)
     command("models")
@@ -387,9 +393,9 @@ def parse_line_command(line: str) -> LineCommand:
     args = line_parser().parse_args(words)
     name = args.command
     if name == "hosts":
-        return HostsCommand(refresh=args.refresh, frame=args.frame)
+        return HostsCommand(refresh=args.refresh, frame=args.frame, all_kernels=args.all_kernels)
     if name == "usage":
-        return UsageCommand(by=tuple(args.by), limit=args.limit)
+        return UsageCommand(by=tuple(args.by), limit=args.limit, all_kernels=args.all_kernels)
     if name == "sessions":
         return SessionsCommand()
     if name == "end":

@@ -5,6 +5,11 @@ rows and ``*_frame`` properties) and the magics' DataFrame fallback, so both sho
 built by the same code. Rows are JSON-safe dicts (``models`` a list); the DataFrames join
 ``models`` into text. Imports neither anywidget nor ipywidgets; pandas is imported only inside
 the functions that need it.
+
+The default usage ledger is one file shared by every kernel of a user, so a ledger is read for
+this process's records (this kernel's hosts and requests) unless ``all_kernels`` asks for all.
+A request *failed* only if its last attempt failed; failed attempts followed by another attempt
+(a ``HOST_BUSY`` retry, a failover) are *retried*, not failures (:func:`~fabstir_jupyter.usage.summarize`).
 """
 
 from __future__ import annotations
@@ -26,17 +31,20 @@ __all__ = [
     "sort_rows",
     "hosts_dataframe",
     "usage_dataframe",
+    "tables_html",
 ]
 
 #: The host table's columns, in order (``price`` is per 1000 tokens of the host's cheapest model).
 HOST_COLUMNS = (
     "address", "url", "models", "region", "stake", "price", "price_unit", "latency_ms", "status",
-    "requests", "tokens", "errors",
+    "requests", "tokens", "failed", "retried",
 )
 #: The usage summary's columns, one row per host and model.
 USAGE_COLUMNS = (
-    "host", "model", "requests", "errors", "tokens", "cost", "cost_unit", "mean_ttft_ms", "tokens_per_second",
+    "host", "model", "requests", "failed", "retried", "tokens", "cost", "cost_unit", "mean_ttft_ms",
+    "tokens_per_second",
 )
+_COUNTS = ("requests", "tokens", "failed", "retried")
 
 
 def _clean(value: Any) -> Any:
@@ -88,12 +96,14 @@ def _host_price(host: Any) -> tuple[float | None, str | None]:
 def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Return one JSON-safe row per host (:data:`HOST_COLUMNS`).
 
-    ``requests``, ``tokens`` and ``errors`` come from the usage summary rows of that host (by URL)
-    when there are any, else from the host's own counters (this process's requests; no tokens).
+    ``requests``, ``tokens``, ``failed`` and ``retried`` come from the usage summary rows of that
+    host (by URL) when there are any, else from the host's own counters (this process's attempts
+    and failed attempts; no tokens, and retries cannot be told apart there: ``retried`` is None
+    unless nothing failed).
     """
     by_host: dict[str, dict[str, int]] = {}
     for row in usage:
-        totals = by_host.setdefault(str(row.get("host")), {"requests": 0, "tokens": 0, "errors": 0})
+        totals = by_host.setdefault(str(row.get("host")), dict.fromkeys(_COUNTS, 0))
         for key in totals:
             totals[key] += int(row.get(key) or 0)
     rows = []
@@ -101,6 +111,7 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
         url = getattr(host, "api_url", None) or str(host)
         price, unit = _host_price(host)
         totals = by_host.get(url)
+        failures = int(getattr(host, "failures", 0) or 0)
         rows.append({
             "address": getattr(host, "address", None),
             "url": url,
@@ -113,28 +124,34 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
             "status": getattr(host, "health", None) or "unknown",
             "requests": totals["requests"] if totals else int(getattr(host, "requests", 0) or 0),
             "tokens": totals["tokens"] if totals else 0,
-            "errors": totals["errors"] if totals else int(getattr(host, "failures", 0) or 0),
+            "failed": totals["failed"] if totals else failures,
+            "retried": totals["retried"] if totals else (None if failures else 0),
         })
     return rows
 
 
-def usage_rows(usage: Any) -> list[dict[str, Any]]:
+def usage_rows(usage: Any, *, all_kernels: bool = False) -> list[dict[str, Any]]:
     """Return the per host/model usage summary rows (:data:`USAGE_COLUMNS`) of ``usage``.
 
     ``usage`` is None, a records DataFrame (``UsageLedger.to_frame()``), a summary DataFrame
     (``UsageLedger.summary(by=("host", "model"))``), a ledger or sink (anything with
     ``to_frame()`` or a ``records`` list of :class:`~fabstir_jupyter.usage.UsageRecord`), or a
     list of usage records. A write-only sink (``record`` but nothing to read back) has no rows.
+
+    A :class:`~fabstir_jupyter.usage.UsageLedger` is read for this process's records only (this
+    kernel's), unless ``all_kernels``; frames and record lists are taken as they are.
     """
     if usage is None or (hasattr(usage, "record") and not hasattr(usage, "to_frame")
                          and not hasattr(usage, "records")):
         return []
     import pandas as pd
 
-    from ..usage import group_cost_unit
+    from ..usage import UsageLedger, current_client_id, summarize
 
     frame = usage
-    if not isinstance(frame, pd.DataFrame):
+    if isinstance(frame, UsageLedger):
+        frame = frame.to_frame(client_id=None if all_kernels else current_client_id())
+    elif not isinstance(frame, pd.DataFrame):
         if hasattr(frame, "to_frame") and callable(frame.to_frame):
             frame = frame.to_frame()
         else:
@@ -145,34 +162,20 @@ def usage_rows(usage: Any) -> list[dict[str, Any]]:
         return []
     if "requests" in frame.columns:  # already a summary
         frame = frame.reset_index()
-        summary = pd.DataFrame({
-            "host": frame.get("host"),
-            "model": frame.get("model"),
-            "requests": frame["requests"],
-            "errors": frame.get("errors", 0),
-            "tokens": frame.get("received_tokens", 0),
-            "cost": frame.get("cost"),
-            "cost_unit": frame.get("cost_unit"),
-            "mean_ttft_ms": frame["mean_ttft"] * 1000 if "mean_ttft" in frame else None,
-            "tokens_per_second": frame.get("mean_tokens_per_second"),
-        })
     else:
-        frame = frame.copy()
-        for column in ("host", "model", "error_code", "cost", "cost_unit", "ttft", "tokens_per_second"):
-            if column not in frame:
-                frame[column] = None
-        if "received_tokens" not in frame:
-            frame["received_tokens"] = 0
-        groups = frame.groupby(["host", "model"], dropna=False, sort=True)
-        summary = pd.DataFrame({
-            "requests": groups.size(),
-            "errors": groups["error_code"].count(),
-            "tokens": groups["received_tokens"].sum(),
-            "cost": groups["cost"].sum(min_count=1),
-            "cost_unit": groups["cost_unit"].agg(group_cost_unit),
-            "mean_ttft_ms": groups["ttft"].mean() * 1000,
-            "tokens_per_second": groups["tokens_per_second"].mean(),
-        }).reset_index()
+        frame = summarize(frame, ("host", "model")).reset_index()
+    summary = pd.DataFrame({
+        "host": frame.get("host"),
+        "model": frame.get("model"),
+        "requests": frame["requests"],
+        "failed": frame.get("failed", frame.get("errors", 0)),
+        "retried": frame.get("retried", 0),
+        "tokens": frame.get("received_tokens", 0),
+        "cost": frame.get("cost"),
+        "cost_unit": frame.get("cost_unit"),
+        "mean_ttft_ms": frame["mean_ttft"] * 1000 if "mean_ttft" in frame else None,
+        "tokens_per_second": frame.get("mean_tokens_per_second"),
+    })
     return [{column: _clean(row.get(column)) for column in USAGE_COLUMNS}
             for row in summary.to_dict(orient="records")]
 
@@ -205,11 +208,36 @@ def hosts_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     shown = [{**row, "models": ", ".join(map(str, row.get("models") or ()))} for row in rows]
-    return pd.DataFrame(shown, columns=list(HOST_COLUMNS))
+    frame = pd.DataFrame(shown, columns=list(HOST_COLUMNS))
+    return frame.astype(dict.fromkeys(_COUNTS, "Int64"))  # counts stay integers where one is unknown
 
 
 def usage_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Return usage summary rows (:func:`usage_rows`) as a DataFrame of :data:`USAGE_COLUMNS`."""
     import pandas as pd
 
-    return pd.DataFrame(list(rows), columns=list(USAGE_COLUMNS))
+    frame = pd.DataFrame(list(rows), columns=list(USAGE_COLUMNS))
+    return frame.astype(dict.fromkeys(_COUNTS, "Int64"))
+
+
+def tables_html(host_table: Iterable[dict[str, Any]], usage_table: Iterable[dict[str, Any]], *,
+                scope: str = "") -> str:
+    """Return the host table and the usage summary as static HTML (the dashboard without its
+    JavaScript: for nbconvert, GitHub and other viewers). Every cell is escaped."""
+    hosts = hosts_dataframe(host_table)
+    usage = usage_dataframe(usage_table)
+    parts = ['<div class="fabstir-dash-static">',
+             f"<p><strong>Hosts</strong> ({len(hosts)})</p>",
+             hosts.to_html(index=False, escape=True, na_rep="—", border=0)]
+    title = "Usage per host and model" + (f" ({_escape(scope)})" if scope else "")
+    parts.append(f"<p><strong>{title}</strong></p>")
+    parts.append(usage.to_html(index=False, escape=True, na_rep="—", border=0) if len(usage)
+                 else "<p>No requests yet.</p>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)

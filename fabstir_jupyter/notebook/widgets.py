@@ -19,6 +19,10 @@ end (saved widget state and re-renders are right). Deltas' quotes and snapshots 
 byte pool that grows with the text, so messages plus the final trait stay within 3.9× the text +
 338 bytes at any token rate: under 4× past 3.4 kB (see :class:`~.text_deltas.DeltaBatcher`).
 
+Each widget's display data also carries static fallbacks (``text/plain`` and escaped
+``text/html``), updated when the answer ends or the dashboard refreshes, so a saved notebook reads
+well where the widget JavaScript does not run: nbconvert without widget state, GitHub, viewers.
+
 The widgets only adapt: the pacing rules live in :mod:`.text_deltas`, the host and usage tables
 (rows, prices, sorting, DataFrames) in :mod:`.tables`, neither of which imports a widget library.
 The front end is TypeScript in the repository's ``js/`` folder, bundled by esbuild into
@@ -28,18 +32,21 @@ pandas is imported only by the ``*_frame`` properties.
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import time
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import anywidget
 import traitlets
 
+from .output import answer_html, attempt_route, route_text
 from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
-from .tables import host_rows, host_text, hosts_dataframe, sort_rows, usage_dataframe, usage_rows
+from .tables import host_rows, host_text, hosts_dataframe, sort_rows, tables_html, usage_dataframe, usage_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -71,6 +78,57 @@ def _number(value: Any) -> float | int | None:
     return int(value) if isinstance(value, int) else number
 
 
+def _cost_text(cost: float) -> str:
+    """A cost with a few significant digits and no exponent (js/src/format.ts formatCost)."""
+    if cost == 0:
+        return "0"
+    rounded = float(f"{cost:.4f}") if abs(cost) >= 0.01 else float(f"{cost:.3g}")
+    text = format(Decimal(repr(rounded)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def status_text(status: dict[str, Any]) -> str:
+    """The widget's status line as text (js/src/stream_output.ts statusParts): host (``A → B after
+    N tokens`` after a failover), model, TTFT, tokens/s, tokens, cost, finish reason, note."""
+    parts: list[str] = []
+    route = status.get("route") or []
+    if len(route) > 1:
+        parts.append(route_text(route))
+    elif status.get("host"):
+        parts.append(str(status["host"]))
+    if status.get("model"):
+        parts.append(str(status["model"]))
+    if isinstance(status.get("ttft"), (int, float)):
+        parts.append(f"TTFT {round(status['ttft'] * 1000)} ms")
+    if isinstance(status.get("tokens_per_second"), (int, float)):
+        parts.append(f"{status['tokens_per_second']:.1f} tok/s")
+    if isinstance(status.get("tokens"), (int, float)):
+        parts.append(f"{status['tokens']} token{'' if status['tokens'] == 1 else 's'}")
+    if isinstance(status.get("cost"), (int, float)):
+        parts.append(f"{_cost_text(status['cost'])} {status.get('cost_unit') or ''}".strip())
+    if status.get("finish_reason") and status["finish_reason"] != "stop":
+        parts.append(f"finish: {status['finish_reason']}")
+    if status.get("note"):
+        parts.append(str(status["note"]))
+    return " · ".join(parts)
+
+
+def _usage_fields(result: Any) -> dict[str, Any]:
+    """The status fields a result's usage gives: tokens, tokens/s, cost, and the hosts it used."""
+    usage = getattr(result, "usage", None)
+    tokens = None
+    if usage is not None:
+        tokens = getattr(usage, "received_tokens", None) or getattr(usage, "completion_tokens", None)
+    route = attempt_route(getattr(result, "records", None))
+    return {
+        "tokens_per_second": _number(getattr(usage, "tokens_per_second", None)),
+        "tokens": _number(tokens),
+        "cost": _number(getattr(usage, "cost", None)),
+        "cost_unit": getattr(usage, "cost_unit", None),
+        "route": route if len(route) > 1 else None,
+    }
+
+
 class StreamOutput(anywidget.AnyWidget):
     """The live output of one ``%%fabstir`` answer (an ``OutputSink`` for the magics).
 
@@ -81,8 +139,12 @@ class StreamOutput(anywidget.AnyWidget):
     Traits (synced): ``text`` (the final text, set once at the end), ``status`` (``state``:
     running, done, cancelled or error; ``host``, ``model``, ``ttft`` in seconds,
     ``tokens_per_second``, ``tokens``, ``cost``, ``cost_unit``, ``finish_reason``, ``note``,
-    ``error``: ``{code, message, hint}``), ``format`` (markdown, text, code, json) and
+    ``error``: ``{code, message, hint}``, ``route``: ``[{host, tokens}, ...]`` when the request
+    went through more than one host, else None), ``format`` (markdown, text, code, json) and
     ``background`` (show a stop button while running).
+
+    Its display data carries, besides the widget view, the final text as ``text/plain`` and as
+    escaped ``text/html`` with the status line (see :func:`~.output.answer_html`).
 
     Args:
         format: how the final text is rendered.
@@ -176,15 +238,12 @@ class StreamOutput(anywidget.AnyWidget):
         self.append("")
 
     def finish(self, result: Any) -> None:
-        """Show the final rendering of ``result.text`` and the status line."""
+        """Show the final rendering of ``result.text`` and the status line (both hosts and where it
+        switched, when ``result.records`` show a failover)."""
         if not self._ending():
             return
         text = getattr(result, "text", None)
         text = self.batcher.text if text is None else str(text)
-        usage = getattr(result, "usage", None)
-        tokens = None
-        if usage is not None:
-            tokens = getattr(usage, "received_tokens", None) or getattr(usage, "completion_tokens", None)
         ttft = getattr(result, "ttft", None)
         if ttft is None:
             ttft = self.status.get("ttft")
@@ -193,11 +252,8 @@ class StreamOutput(anywidget.AnyWidget):
             host=host_text(getattr(result, "host", None)) or self.status.get("host"),
             model=getattr(result, "model", None) or self.status.get("model"),
             ttft=_number(ttft),
-            tokens_per_second=_number(getattr(usage, "tokens_per_second", None)),
-            tokens=_number(tokens),
-            cost=_number(getattr(usage, "cost", None)),
-            cost_unit=getattr(usage, "cost_unit", None),
             finish_reason=getattr(result, "finish_reason", None),
+            **_usage_fields(result),
         )
         self._end("done", text, status)
 
@@ -216,12 +272,16 @@ class StreamOutput(anywidget.AnyWidget):
                               ttft=self.status.get("ttft"), error=detail)
         self._end("error", self.batcher.text, status)
 
-    def cancelled(self) -> None:
-        """Mark the output cancelled; the text so far stays."""
+    def cancelled(self, result: Any = None) -> None:
+        """Mark the output cancelled; the text so far stays. ``result`` (the stopped request, when
+        known) keeps its host, tokens and cost in the status line."""
         if not self._ending():
             return
-        status = self._status("cancelled", host=self.status.get("host"), model=self.status.get("model"),
-                              ttft=self.status.get("ttft"))
+        fields: dict[str, Any] = _usage_fields(result) if result is not None else {}
+        fields.pop("tokens_per_second", None)  # a rate over a cut-off stream says little
+        status = self._status("cancelled", host=_host_text(getattr(result, "host", None)) or self.status.get("host"),
+                              model=getattr(result, "model", None) or self.status.get("model"),
+                              ttft=self.status.get("ttft"), **fields)
         self._end("cancelled", self.batcher.text, status)
 
     def set_cancel(self, callback: Callable[[], Any]) -> None:
@@ -263,6 +323,36 @@ class StreamOutput(anywidget.AnyWidget):
             return f"{text}\n{note}" if text else note
         return text
 
+    def static_html(self) -> str:
+        """The ``text/html`` fallback: the final rendering (escaped), then the status line."""
+        state = self._state
+        text = self.text if state in ("done", "cancelled", "error") else self.batcher.text
+        parts = ['<div class="fabstir-stream-static">']
+        if text:
+            parts.append(answer_html(text, "text" if state in ("new", "running") else self.format))
+        if state == "error":
+            error = self.status.get("error") or {}
+            line = f"[{error.get('code') or 'ERROR'}] {error.get('message') or ''}"
+            if error.get("hint"):
+                line += f" (hint: {error['hint']})"
+            parts.append(f"<p><strong>{html.escape(line)}</strong></p>")
+        elif state == "cancelled":
+            parts.append("<p><em>Cancelled: the text above is what arrived before the stop.</em></p>")
+        elif state in ("new", "running"):
+            parts.append("<p><em>streaming…</em></p>")
+        line = status_text(self.status)
+        if line:
+            parts.append(f'<p style="font-size: smaller; opacity: 0.75">{html.escape(line)}</p>')
+        parts.append("</div>")
+        return "\n".join(parts)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return None
+        data, metadata = bundle
+        return {**data, "text/plain": self.plain_text(), "text/html": self.static_html()}, metadata
+
     def __repr__(self) -> str:
         return self.plain_text()
 
@@ -293,6 +383,7 @@ class StreamOutput(anywidget.AnyWidget):
             "finish_reason": None,
             "note": self.note,
             "error": None,
+            "route": None,
         }
         status.update(fields)
         return status
@@ -349,10 +440,14 @@ class HostDashboard(anywidget.AnyWidget):
         ledger: usage for a manager or list source (a ``UsageLedger``, a frame...).
         auto_refresh: seconds between refreshes requested by the view; 0 is off. They run in
             the kernel when it is idle.
+        all_kernels: count the whole usage ledger. By default a ``UsageLedger`` (one file shared by
+            every kernel) is read for this kernel's records only; the view has a checkbox for it.
 
     The refresh button (and auto-refresh) sends ``{"type": "refresh"}``: the kernel calls the
     source again and resets ``rows``/``usage_rows``. A source that raises leaves the rows as they
-    were and sets ``error``.
+    were and sets ``error``. Displayed, the dashboard carries its tables as escaped ``text/html``
+    too (for nbconvert, GitHub and other viewers without the widget JavaScript); a refresh
+    updates every display of it.
     """
 
     _esm = STATIC / "host_dashboard.js"
@@ -363,14 +458,21 @@ class HostDashboard(anywidget.AnyWidget):
     auto_refresh = traitlets.Float(0.0, min=0.0).tag(sync=True)
     sort_by = traitlets.Unicode("latency_ms").tag(sync=True)
     sort_ascending = traitlets.Bool(True).tag(sync=True)
+    all_kernels = traitlets.Bool(False).tag(sync=True)
     updated = traitlets.Float(0.0).tag(sync=True)  # epoch seconds of the last refresh
     error = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, source: Any, ledger: Any = None, *, auto_refresh: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(auto_refresh=auto_refresh, **kwargs)
+    def __init__(self, source: Any, ledger: Any = None, *, auto_refresh: float = 0.0, all_kernels: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(auto_refresh=auto_refresh, all_kernels=all_kernels, **kwargs)
         self._source = source
         self._ledger = ledger
+        self._hosts: list[Any] = []
+        self._usage: Any = None
+        self._display_id = f"fabstir-dashboard-{uuid.uuid4().hex}"
+        self._displayed = False
         self.on_msg(self._handle_message)
+        self.observe(self._scope_changed, names="all_kernels")
         self.refresh()
 
     def _load(self) -> tuple[list[Any], Any]:
@@ -383,7 +485,8 @@ class HostDashboard(anywidget.AnyWidget):
         return list(hosts or ()), usage
 
     def refresh(self) -> None:
-        """Read the source again and replace ``rows`` and ``usage_rows`` (one sync message).
+        """Read the source again and replace ``rows`` and ``usage_rows`` (one sync message), and
+        the static fallback of every display of the dashboard.
 
         Raises:
             Exception: whatever the source raised (``error`` is also set); a refresh from the
@@ -391,16 +494,34 @@ class HostDashboard(anywidget.AnyWidget):
         """
         try:
             hosts, usage = self._load()
-            summary = usage_rows(usage)
-            rows = host_rows(hosts, summary)
+            rows, summary = self._tables(hosts, usage)
         except Exception as exc:
             self.error = f"refresh failed: {exc}"
             raise
+        self._hosts, self._usage = hosts, usage
+        self._show_tables(rows, summary)
+
+    def _tables(self, hosts: list[Any], usage: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        summary = usage_rows(usage, all_kernels=self.all_kernels)
+        return host_rows(hosts, summary), summary
+
+    def _show_tables(self, rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
         with self.hold_sync():
             self.rows = rows
             self.usage_rows = summary
             self.error = ""
             self.updated = time.time()
+        self._update_displays()
+
+    def _scope_changed(self, _change: Any) -> None:
+        """The view's "all kernels" checkbox: recount the usage already loaded (no new discovery)."""
+        try:
+            rows, summary = self._tables(self._hosts, self._usage)
+        except Exception as exc:
+            self.error = f"usage unavailable: {exc}"
+            logger.exception("fabstir: dashboard usage failed")
+            return
+        self._show_tables(rows, summary)
 
     def sorted_rows(self) -> list[dict[str, Any]]:
         """The rows in the table's order (``sort_by``, ``sort_ascending``; missing values last)."""
@@ -422,6 +543,42 @@ class HostDashboard(anywidget.AnyWidget):
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(repr(self))
+
+    def static_html(self) -> str:
+        """The ``text/html`` fallback: the host table (in the table's order) and the usage summary."""
+        scope = "all kernels" if self.all_kernels else "this kernel"
+        return tables_html(self.sorted_rows(), self.usage_rows, scope=scope)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return None
+        data, metadata = bundle
+        return {**data, "text/html": self.static_html()}, metadata
+
+    def _ipython_display_(self) -> None:
+        """Display with this dashboard's display id, so a refresh can update the static fallback
+        (an ``Out[]`` result cannot be updated; this display can)."""
+        from IPython.display import display
+
+        bundle = self._repr_mimebundle_()
+        if bundle is None:
+            return
+        data, metadata = bundle
+        display(data, metadata=metadata, raw=True, display_id=self._display_id)
+        self._displayed = True
+
+    def _update_displays(self) -> None:
+        if not self._displayed:
+            return
+        try:
+            from IPython.display import update_display
+
+            bundle = self._repr_mimebundle_()
+            if bundle is not None:
+                update_display(bundle[0], metadata=bundle[1], raw=True, display_id=self._display_id)
+        except Exception as exc:  # the fallback is cosmetic; the widget's own state is right
+            logger.debug("fabstir: could not update the dashboard's display: %s", exc)
 
     def _handle_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
         if isinstance(content, dict) and content.get("type") == "refresh":

@@ -2,8 +2,10 @@
 // host table, a usage summary and the latency/price chart (host_chart.ts).
 //
 // Custom messages, view -> kernel: {type: "refresh"} (the kernel reads its source again; it
-// answers only when idle, so a request made while a cell runs waits for it). All host-provided
-// text goes in through textContent (the chart's through Plot's text marks): no innerHTML here.
+// answers only when idle, so a request made while a cell runs waits for it). The "all kernels"
+// checkbox sets the `all_kernels` trait: the kernel recounts the usage over the whole shared ledger
+// instead of this kernel's records. All host-provided text goes in through textContent (the
+// chart's through Plot's text marks): no innerHTML here.
 
 import type { AnyModel, Initialize, Render } from "@anywidget/types";
 
@@ -30,6 +32,7 @@ export interface HostDashboardModel {
   auto_refresh: number; // seconds between refresh requests; 0 is off
   sort_by: HostKey; // the table's order, written here when a header is clicked
   sort_ascending: boolean;
+  all_kernels: boolean; // usage of every kernel sharing the ledger, not only this one's
   updated: number; // epoch seconds of the last refresh
   error: string; // why the last refresh failed, or ""
 }
@@ -38,7 +41,7 @@ type Model = AnyModel<HostDashboardModel>;
 
 /** How long a refresh request may stay unanswered before the view asks again (the kernel is busy). */
 const REFRESH_PATIENCE_MS = 60_000;
-const DRAWN = ["rows", "usage_rows", "sort_by", "sort_ascending", "updated", "error"] as const;
+const DRAWN = ["rows", "usage_rows", "sort_by", "sort_ascending", "all_kernels", "updated", "error"] as const;
 
 // Auto-refresh lives with the model (not the views), so two views do not double the requests.
 const initialize: Initialize<HostDashboardModel> = ({ model }) => {
@@ -110,9 +113,26 @@ function hostTable(model: Model, rows: HostRow[]): HTMLTableElement {
   return table;
 }
 
-function usageTable(rows: UsageRow[]): HTMLElement {
+function scopeToggle(model: Model): HTMLElement {
+  const label = el("label", "fabstir-scope");
+  const box = el("input", "fabstir-all-kernels");
+  box.type = "checkbox";
+  box.checked = !!model.get("all_kernels");
+  label.title = "The usage ledger is shared by every kernel: count all of them, not only this one";
+  box.addEventListener("change", () => {
+    model.set("all_kernels", box.checked);
+    model.save_changes();
+  });
+  label.append(box, document.createTextNode(" all kernels"));
+  return label;
+}
+
+function usageTable(model: Model, rows: UsageRow[]): HTMLElement {
   const box = el("div", "fabstir-usage");
-  box.append(el("div", "fabstir-subtitle", "Usage by host and model"));
+  const subtitle = el("div", "fabstir-subtitle",
+    `Usage by host and model (${model.get("all_kernels") ? "all kernels" : "this kernel"}) `);
+  subtitle.append(scopeToggle(model));
+  box.append(subtitle);
   if (!rows.length) {
     box.append(el("div", "fabstir-empty", "No usage recorded yet."));
     return box;
@@ -156,7 +176,7 @@ const render: Render<HostDashboardModel> = ({ model, el: host }) => {
     error.textContent = model.get("error") || "";
     content.replaceChildren(
       rows.length ? hostTable(model, rows) : el("div", "fabstir-empty", "No hosts discovered yet."),
-      usageTable(model.get("usage_rows") || []),
+      usageTable(model, model.get("usage_rows") || []),
       hostChart(rows),
     );
   }

@@ -14,9 +14,10 @@ export interface HostRow {
   price_unit: string | null;
   latency_ms: number | null;
   status: string;
-  requests: number;
+  requests: number; // requests that ended at this host
   tokens: number;
-  errors: number;
+  failed: number; // requests whose last attempt failed here
+  retried: number | null; // failed attempts here that another attempt followed (HOST_BUSY, failover)
 }
 
 /** One host and model of the usage summary (tables.USAGE_COLUMNS). */
@@ -24,7 +25,8 @@ export interface UsageRow {
   host: string | null;
   model: string | null;
   requests: number;
-  errors: number;
+  failed: number;
+  retried: number;
   tokens: number;
   cost: number | null;
   cost_unit: string | null;
@@ -47,7 +49,8 @@ export const COLUMNS: ReadonlyArray<readonly [HostKey, string, boolean]> = [
   ["status", "Status", false],
   ["requests", "Requests", true],
   ["tokens", "Tokens", true],
-  ["errors", "Errors", true],
+  ["failed", "Failed", true],
+  ["retried", "Retried", true],
 ];
 
 /** The usage table's columns: [key, label]. */
@@ -55,7 +58,8 @@ export const USAGE_COLUMNS: ReadonlyArray<readonly [UsageKey, string]> = [
   ["host", "Host"],
   ["model", "Model"],
   ["requests", "Requests"],
-  ["errors", "Errors"],
+  ["failed", "Failed"],
+  ["retried", "Retried"],
   ["tokens", "Tokens"],
   ["cost", "Cost"],
   ["mean_ttft_ms", "Mean TTFT"],

@@ -22,6 +22,12 @@ export interface StreamError {
   hint?: string | null;
 }
 
+/** One host of a request that went through several (failover), with the tokens it delivered. */
+export interface RouteStep {
+  host: string;
+  tokens: number;
+}
+
 /** The `status` trait: the stream's state and figures (an empty object before start()). */
 export interface StreamStatus {
   state?: "running" | "done" | "cancelled" | "error";
@@ -35,6 +41,7 @@ export interface StreamStatus {
   finish_reason?: string | null;
   note?: string | null;
   error?: StreamError | null;
+  route?: RouteStep[] | null; // set when the request switched hosts
 }
 
 /** The synced traits of StreamOutput in fabstir_jupyter/notebook/widgets.py. */
@@ -81,15 +88,31 @@ function listen(model: Model, state: LiveState): () => void {
   };
 }
 
-/** The parts of the status line: host, model, TTFT, tokens/s, tokens, cost, finish reason, note. */
+/** "A → B after 37 tokens": the hosts of a route, with the tokens delivered before each switch. */
+export function routeText(route: readonly RouteStep[]): string {
+  let delivered = 0;
+  return route
+    .map((step, index) => {
+      const text = index === 0 ? step.host : `→ ${step.host}${delivered ? ` after ${delivered} tokens` : ""}`;
+      delivered += Number(step.tokens) || 0;
+      return text;
+    })
+    .join(" ");
+}
+
+/**
+ * The parts of the status line: host (both hosts and where it switched, after a failover), model,
+ * TTFT, tokens/s, tokens, cost, finish reason, note. The same text as widgets.status_text in Python.
+ */
 export function statusParts(status: StreamStatus | null | undefined): string[] {
   const s = status || {};
   const parts: string[] = [];
-  if (s.host) parts.push(String(s.host));
+  if (s.route && s.route.length > 1) parts.push(routeText(s.route));
+  else if (s.host) parts.push(String(s.host));
   if (s.model) parts.push(String(s.model));
   if (typeof s.ttft === "number") parts.push(`TTFT ${Math.round(s.ttft * 1000)} ms`);
   if (typeof s.tokens_per_second === "number") parts.push(`${s.tokens_per_second.toFixed(1)} tok/s`);
-  if (typeof s.tokens === "number") parts.push(`${s.tokens} tokens`);
+  if (typeof s.tokens === "number") parts.push(`${s.tokens} token${s.tokens === 1 ? "" : "s"}`);
   if (typeof s.cost === "number") parts.push(`${formatCost(s.cost)} ${s.cost_unit || ""}`.trim());
   if (s.finish_reason && s.finish_reason !== "stop") parts.push(`finish: ${s.finish_reason}`);
   if (s.note) parts.push(String(s.note));

@@ -10,7 +10,7 @@ const { default: widget, chartData, priceTick, shortName } = await loadWidget("h
 function row(fields) {
   return {
     address: null, url: "http://h:1", models: ["smol"], region: null, stake: null, price: null, price_unit: null,
-    latency_ms: null, status: "ok", requests: 0, tokens: 0, errors: 0, ...fields,
+    latency_ms: null, status: "ok", requests: 0, tokens: 0, failed: 0, retried: 0, ...fields,
   };
 }
 
@@ -25,7 +25,7 @@ const ROWS = [
 
 function dashboardModel(state = {}) {
   return new FakeModel({ rows: ROWS, usage_rows: [], auto_refresh: 0, sort_by: "latency_ms", sort_ascending: true,
-    updated: 0, error: "", ...state });
+    all_kernels: false, updated: 0, error: "", ...state });
 }
 
 function rendered(model = dashboardModel()) {
@@ -129,11 +129,34 @@ describe("the tables", () => {
   });
 
   it("lists usage per host and model", () => {
-    const usage = [{ host: "http://fast:1", model: "smol", requests: 2, errors: 0, tokens: 40, cost: 0.00008,
+    const usage = [{ host: "http://fast:1", model: "smol", requests: 2, failed: 0, retried: 3, tokens: 40, cost: 0.00008,
       cost_unit: "USDC", mean_ttft_ms: 200, tokens_per_second: 19 }];
     const { el, cleanup } = rendered(dashboardModel({ usage_rows: usage }));
+    const heads = texts(el.querySelectorAll(".fabstir-usage thead th"));
+    assert.deepEqual(heads.slice(2, 5), ["Requests", "Failed", "Retried"]);
     const cells = texts(el.querySelectorAll(".fabstir-usage tbody td"));
-    assert.deepEqual(cells, ["http://fast:1", "smol", "2", "0", "40", "0.00008 USDC", "200 ms", "19"]);
+    assert.deepEqual(cells, ["http://fast:1", "smol", "2", "0", "3", "40", "0.00008 USDC", "200 ms", "19"]);
+    cleanup();
+  });
+
+  it("has failed and retried columns, not errors", () => {
+    const { el, cleanup } = rendered(dashboardModel({ rows: [row({ url: "http://a:1", requests: 5, failed: 1, retried: 4 })] }));
+    const heads = texts(el.querySelectorAll(".fabstir-dash-content > table thead th"));
+    assert.deepEqual(heads.slice(-4), ["Requests", "Tokens", "Failed", "Retried"]);
+    assert.deepEqual(texts(el.querySelectorAll(".fabstir-dash-content > table tbody td")).slice(-4), ["5", "0", "1", "4"]);
+    cleanup();
+  });
+
+  it("counts this kernel's usage until the all-kernels box is ticked", () => {
+    const { el, cleanup, model } = rendered();
+    assert.match(el.querySelector(".fabstir-usage .fabstir-subtitle").textContent, /\(this kernel\)/);
+    const box = el.querySelector(".fabstir-usage input.fabstir-all-kernels");
+    assert.equal(box.checked, false);
+    box.checked = true;
+    box.dispatchEvent(new window.Event("change"));
+    assert.deepEqual([model.get("all_kernels"), model.saves], [true, 1]);
+    assert.match(el.querySelector(".fabstir-usage .fabstir-subtitle").textContent, /\(all kernels\)/);
+    assert.equal(el.querySelector(".fabstir-usage input.fabstir-all-kernels").checked, true);
     cleanup();
   });
 });

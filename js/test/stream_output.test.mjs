@@ -114,6 +114,28 @@ describe("the view", () => {
     cleanup();
   });
 
+  it("names both hosts of a failover and where it switched", () => {
+    const model = streamModel();
+    const { el, cleanup } = mount(model);
+    model.set("text", "the answer");
+    model.set("status", { state: "done", host: "http://b:2", model: "smol", tokens: 57,
+      route: [{ host: "http://a:1", tokens: 37 }, { host: "http://b:2", tokens: 20 }] });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "http://a:1 → http://b:2 after 37 tokens · smol · 57 tokens");
+    cleanup();
+  });
+
+  it("keeps host, tokens and cost in a cancelled stream's status line", () => {
+    const model = streamModel();
+    const { el, cleanup } = mount(model);
+    model.set("text", "half");
+    model.set("status", { state: "cancelled", host: "http://h1:8080", model: "smol", ttft: 0.032, tokens: 12,
+      cost: 0.000024, cost_unit: "USDC" });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "http://h1:8080 · smol · TTFT 32 ms · 12 tokens · 0.000024 USDC");
+    cleanup();
+  });
+
   it("shows an error's code, message and hint, and a cancel note", () => {
     const model = streamModel();
     const { el, cleanup } = mount(model);

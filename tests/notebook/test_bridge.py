@@ -54,8 +54,8 @@ class RecordingSink:
     def failed(self, error):
         self._record("failed", error)
 
-    def cancelled(self):
-        self._record("cancelled")
+    def cancelled(self, result=None):
+        self._record("cancelled", result)
 
     def set_cancel(self, callback):
         self.cancel_callback = callback
@@ -131,6 +131,9 @@ def test_interrupt_from_the_sink_cancels_cleanly_and_keeps_the_socket(bridge, st
     with pytest.raises(KeyboardInterrupt):
         bridge.run_stream(factory(bridge, settings, max_tokens=2000), sink, interval=0.02)
     assert sink.outcome == ["cancelled"]
+    stopped = sink.calls[-1][1]  # the stopped request: its host and what it used, for the status line
+    assert stopped.host and stopped.finish_reason == "cancelled" and stopped.usage.received_tokens > 0
+    assert stopped.records and stopped.records[-1].host == stopped.host
     manager = bridge.sdk(settings).inference_manager
     assert manager.pool.stats() == {"idle": 1, "in_use": 0}  # cleanup finished before the re-raise
     assert wait_until(lambda: slow.active_streams == 0)
@@ -227,10 +230,12 @@ def test_background_stream_stops_on_cancel(bridge, start_host):
     slow = start_host(token_rate=100)
     sink = RecordingSink()
     run = bridge.run_background(factory(bridge, settings_for(slow), max_tokens=1000), sink)
-    assert wait_until(lambda: sink.appended_count > 0)
+    assert wait_until(lambda: sink.text)
     sink.cancel_callback()
     assert run.wait(3) and run.cancelled()
     assert sink.outcome == ["cancelled"]
+    stopped = sink.calls[-1][1]
+    assert stopped.host and stopped.finish_reason == "cancelled" and stopped.usage.received_tokens > 0
     assert wait_until(lambda: slow.active_streams == 0)
 
 

@@ -500,8 +500,8 @@ def test_hosts_returns_a_frame_of_hosts(make_shell, start_host):
     assert isinstance(frame, pd.DataFrame) and tuple(frame.columns) == HOST_COLUMNS
     assert sorted(frame["url"]) == sorted(h.http_url for h in hosts)
     row = frame.set_index("url").loc[hosts[0].http_url]
-    assert (row["models"], row["status"], row["requests"], row["tokens"], row["errors"]) == \
-        ("scripted-1", "ok", 1, 5, 0)
+    assert (row["models"], row["status"], row["requests"], row["tokens"], row["failed"], row["retried"]) == \
+        ("scripted-1", "ok", 1, 5, 0, 0)
     assert row["latency_ms"] > 0
     assert len(ip.run_line_magic("fabstir", "hosts --refresh --frame")) == 2
 
@@ -515,6 +515,31 @@ def test_usage_returns_the_ledger(ip):
     assert list(ip.run_line_magic("fabstir", "usage --limit 1")["received_tokens"]) == [4]
     summary = ip.run_line_magic("fabstir", "usage --by model")
     assert summary.loc["scripted-1", "requests"] == 2 and summary.loc["scripted-1", "received_tokens"] == 7
+
+
+def test_usage_and_hosts_show_this_kernels_records_unless_all(make_shell, host, tmp_path):
+    """The default ledger is shared by every kernel: %fabstir usage and the hosts table count this
+    kernel's records; --all counts the records another kernel wrote to the same file."""
+    from fabstir_jupyter.usage import UsageLedger, UsageRecord
+
+    path = tmp_path / "shared.sqlite3"
+    with UsageLedger(path) as other:  # another kernel's request, on a host this kernel never used
+        other.record(UsageRecord(time=1.0, request_id="theirs", host="http://other-kernel:9", model="scripted-1",
+                                 received_tokens=9, client_id="another-kernel"))
+        other.record(UsageRecord(time=1.0, request_id="theirs-too", host=host.http_url, model="scripted-1",
+                                 received_tokens=50, client_id="another-kernel"))
+    ip = make_shell()
+    ip.run_line_magic("config", f"FabstirMagics.usage_db = {str(path)!r}")
+    ip.run_line_magic("config", f"FabstirMagics.hosts = [{host.ws_url!r}]")
+    cell(ip, "--max-tokens 3")
+    assert list(ip.run_line_magic("fabstir", "usage")["received_tokens"]) == [3]
+    assert sorted(ip.run_line_magic("fabstir", "usage --all")["received_tokens"]) == [3, 9, 50]
+    assert list(ip.run_line_magic("fabstir", "usage --by host").index) == [host.http_url]
+    assert set(ip.run_line_magic("fabstir", "usage --by host --all").index) == {host.http_url,
+                                                                                "http://other-kernel:9"}
+    mine = ip.run_line_magic("fabstir", "hosts --frame").set_index("url").loc[host.http_url]
+    everyone = ip.run_line_magic("fabstir", "hosts --frame --all").set_index("url").loc[host.http_url]
+    assert (mine["requests"], mine["tokens"]) == (1, 3) and (everyone["requests"], everyone["tokens"]) == (2, 53)
 
 
 def test_usage_before_any_request_is_empty_and_starts_nothing(make_shell, capsys):

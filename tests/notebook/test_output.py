@@ -157,3 +157,48 @@ def test_make_output_passes_only_the_arguments_the_widget_accepts(monkeypatch):
     monkeypatch.setitem(sys.modules, "fabstir_jupyter.notebook.widgets", module)
     assert isinstance(make_output("json", True, update_interval=0.1, note="x"), StreamOutput)
     assert made == {"format": "json", "background": True}
+
+
+def test_status_line_after_a_failover_names_both_hosts_and_where_it_switched():
+    """records with attempts on two hosts: host A → B after the tokens A delivered."""
+    records = (
+        UsageRecord(time=0.0, request_id="r1", host="http://a:1", received_tokens=37, error_code="CONNECTION_LOST"),
+        UsageRecord(time=1.0, request_id="r1", host="http://b:2", received_tokens=20, attempt=2),
+    )
+    finished = InferenceResult(**{**result().__dict__, "host": "http://b:2", "records": records})
+    line = status_line(finished)
+    assert line.startswith("[fabstir] host http://a:1 → http://b:2 after 37 tokens | model m1")
+    assert output.route_text(output.attempt_route(records * 1 + (
+        UsageRecord(time=2.0, request_id="r1", host="http://c:3", received_tokens=1, attempt=3),))) == \
+        "http://a:1 → http://b:2 after 37 tokens → http://c:3 after 57 tokens"
+    busy = (UsageRecord(time=0.0, request_id="r1", host=None, error_code="NO_HOSTS_AVAILABLE"),
+            UsageRecord(time=0.0, request_id="r1", host="http://a:1", error_code="HOST_BUSY"),
+            UsageRecord(time=1.0, request_id="r1", host="http://a:1", received_tokens=2, attempt=2))
+    assert output.attempt_route(busy) == [{"host": "http://a:1", "tokens": 2}]
+    assert status_line(InferenceResult(**{**result().__dict__, "records": busy})).startswith(
+        "[fabstir] host http://h:1 | model m1")
+
+
+def test_cancelled_with_the_stopped_request_keeps_host_tokens_and_cost():
+    """cancelled(result) prints the host, tokens and cost next to the characters received."""
+    out = io.StringIO()
+    sink = TextOutput(stream=out, rich=False)
+    sink.start(host=None, model=None)
+    sink.append("partial")
+    sink.cancelled(result("partial", cost=0.00004, cost_unit="USDC"))
+    assert out.getvalue() == ("partial\n[fabstir] cancelled after 7 characters | host http://h:1 | 2 tokens"
+                              " | cost 4e-05 USDC\n")
+
+
+def test_renderings_carry_escaped_html_for_exporters():
+    """nbconvert renders text/markdown with raw HTML passed through, and prefers text/html: the
+    rendering's text/html is Markdown with the model's markup escaped."""
+    from nbconvert.filters.markdown import markdown2html
+
+    text = "**ok** <script>alert(1)</script>"
+    bundle = render(text, "markdown")._repr_mimebundle_()
+    assert "<script>" in markdown2html(bundle["text/markdown"])  # why text/html must exist
+    assert "<strong>ok</strong>" in bundle["text/html"] and "<script>" not in bundle["text/html"]
+    assert "&lt;script&gt;" in bundle["text/html"]
+    code = render("```\n</code><script>x</script>\n```", "code")._repr_mimebundle_()["text/html"]
+    assert "<script>" not in code and code.startswith('<pre class="fabstir-code"><code>&lt;/code&gt;')

@@ -154,6 +154,8 @@ def test_bad_cell_options_are_one_line_usage_errors(line, fragment):
     ("hosts --refresh --frame", HostsCommand(refresh=True, frame=True)),
     ("usage", UsageCommand()),
     ("usage --by host --by model --limit 5", UsageCommand(by=("host", "model"), limit=5)),
+    ("usage --all", UsageCommand(all_kernels=True)),
+    ("hosts --all", HostsCommand(all_kernels=True)),
     ("sessions", SessionsCommand()),
     ("end chat", EndCommand(name="chat")),
     ("end 'my chat'", EndCommand(name="my chat")),

@@ -541,6 +541,87 @@ def test_cancelled_keeps_the_partial_text_and_ignores_later_ends():
     assert repr(widget) == "half an answer\n[cancelled]"
 
 
+def test_finish_after_a_failover_names_both_hosts_and_where_it_switched():
+    """A stream that broke on host A after 37 tokens and continued on host B shows A → B after 37
+    tokens in its status (the issue: only B was named)."""
+    widget, _ = stream_output(FakeClock())
+    widget.start(host=None, model="smol")
+    widget.append("x")
+    records = (
+        UsageRecord(time=0.0, request_id="r1", host="http://a:1", model="smol", received_tokens=37,
+                    error_code="CONNECTION_LOST", attempt=1),
+        UsageRecord(time=1.0, request_id="r1", host="http://b:2", model="smol", received_tokens=20, attempt=2),
+    )
+    done = result("x", host="http://b:2", tokens=57)
+    widget.finish(InferenceResult(**{**done.__dict__, "records": records}))
+    assert widget.status["route"] == [{"host": "http://a:1", "tokens": 37}, {"host": "http://b:2", "tokens": 20}]
+    assert widget.status["host"] == "http://b:2"
+    line = widgets.status_text(widget.status)
+    assert line.startswith("http://a:1 → http://b:2 after 37 tokens · smol")
+    assert "57 tokens" in line and "http://a:1 → http://b:2 after 37 tokens" in widget.static_html()
+
+
+def test_a_retry_on_the_same_host_is_no_switch():
+    """HOST_BUSY then success on one host: one host in the status, no route."""
+    widget, _ = stream_output(FakeClock())
+    widget.start(host=None, model="smol")
+    records = (UsageRecord(time=0.0, request_id="r1", host="http://h1:8080", error_code="HOST_BUSY", attempt=1),
+               UsageRecord(time=1.0, request_id="r1", host="http://h1:8080", received_tokens=5, attempt=2))
+    widget.finish(InferenceResult(**{**result("hi").__dict__, "records": records}))
+    assert widget.status["route"] is None and widgets.status_text(widget.status).startswith("http://h1:8080 · smol")
+
+
+def test_cancelled_with_the_stopped_request_keeps_host_tokens_and_cost():
+    """cancelled(result) keeps the host, tokens and cost in the status (the issue: only the TTFT)."""
+    clock = FakeClock()
+    widget, _ = stream_output(clock)
+    widget.start(host=None, model=None)
+    clock.now += 0.032
+    widget.append("half")
+    stopped = result("half", tokens=12, cost=0.000024)
+    widget.cancelled(InferenceResult(**{**stopped.__dict__, "finish_reason": "cancelled"}))
+    status = widget.status
+    assert status["state"] == "cancelled" and status["host"] == "http://h1:8080" and status["model"] == "smol"
+    assert (status["tokens"], status["cost"], status["cost_unit"]) == (12, 0.000024, "USDC")
+    assert widgets.status_text(status) == "http://h1:8080 · smol · TTFT 32 ms · 12 tokens · 0.000024 USDC"
+
+
+@pytest.mark.parametrize("fmt, text, present, absent", [
+    ("markdown", "**bold** <script>alert(1)</script>", ["<strong>bold</strong>", "&lt;script&gt;"], ["<script>"]),
+    ("markdown", "[x](javascript:alert(1))", ["[x](javascript:alert(1))"], ["href="]),
+    ("text", "a <b>c</b>", ["a &lt;b&gt;c&lt;/b&gt;"], ["<b>"]),
+    ("code", "```html\n<script>x</script>\n```", ["<pre", "&lt;script&gt;x&lt;/script&gt;"], ["<script>", "```"]),
+    ("json", '{"a": "<i>"}', ["&quot;a&quot;: &quot;&lt;i&gt;&quot;"], ["<i>"]),
+])
+def test_final_display_data_carries_escaped_static_fallbacks(fmt, text, present, absent):
+    """After the stream, the display data has the full text as text/plain and a static text/html
+    rendering in which the model's own markup is text, never HTML."""
+    widget, _ = stream_output(FakeClock(), format=fmt)
+    widget.start(host=None, model="smol")
+    widget.append(text)
+    widget.finish(result(text))
+    data, _ = widget._repr_mimebundle_()
+    assert data["text/plain"] == text
+    page = data["text/html"]
+    for fragment in present:
+        assert fragment in page
+    for fragment in absent:
+        assert fragment not in page
+    assert "5 tokens" in page  # the status line too
+
+
+def test_display_data_while_streaming_and_after_an_error():
+    """Before the end the fallback says it is streaming; after an error it shows the code and hint."""
+    widget, _ = stream_output(FakeClock())
+    widget.start(host=None, model="smol")
+    assert "streaming" in widget._repr_mimebundle_()[0]["text/html"]
+    widget.append("partial <b>")
+    widget.failed(ModelNotAvailable("model 'x' is not served", hint="try --model smol"))
+    page = widget._repr_mimebundle_()[0]["text/html"]
+    assert "partial &lt;b&gt;" in page and "[MODEL_NOT_AVAILABLE] model &#x27;x&#x27; is not served" in page
+    assert "try --model smol" in page and "streaming" not in page
+
+
 def test_repr_is_the_text():
     """The text/plain repr is the final text, without a memory address."""
     widget, _ = stream_output(FakeClock())
@@ -643,22 +724,22 @@ def test_dashboard_rows_from_host_infos():
     assert fast["models"] == ["smol"] and fast["region"] == "eu" and fast["stake"] == 1000.0
     assert fast["price"] == pytest.approx(0.002) and fast["price_unit"] == "USDC"  # 2000/1000/1e6 × 1000
     assert slow["price"] == pytest.approx(0.009) and slow["price_unit"] == "USDC"  # USDC preferred
-    assert (fast["requests"], fast["tokens"], fast["errors"]) == (2, 40, 0)  # from usage
-    assert (slow["requests"], slow["errors"]) == (1, 1)
-    assert (new["requests"], new["tokens"], new["errors"]) == (3, 0, 1)  # the host's own counters
+    assert (fast["requests"], fast["tokens"], fast["failed"], fast["retried"]) == (2, 40, 0, 0)  # from usage
+    assert (slow["requests"], slow["failed"]) == (1, 1)
+    assert (new["requests"], new["tokens"], new["failed"], new["retried"]) == (3, 0, 1, None)  # its counters
     assert new["price"] is None and new["latency_ms"] is None and new["status"] == "unknown"
     json.dumps(dashboard.rows, allow_nan=False)
 
 
 def test_dashboard_usage_summary_per_host_and_model():
-    """usage_rows has one row per host and model with requests, errors, tokens, cost, TTFT, tokens/s."""
+    """usage_rows has one row per host and model with requests, failures, tokens, cost, TTFT, tokens/s."""
     sink = ListSink()
     sink.records.extend(sample_records())
     dashboard = HostDashboard(lambda: (sample_hosts(), sink))
     usage = {(row["host"], row["model"]): row for row in dashboard.usage_rows}
     assert set(usage) == {("http://fast:1", "smol"), ("http://slow:2", "big")}
     fast = usage[("http://fast:1", "smol")]
-    assert (fast["requests"], fast["errors"], fast["tokens"]) == (2, 0, 40)
+    assert (fast["requests"], fast["failed"], fast["retried"], fast["tokens"]) == (2, 0, 0, 40)
     assert fast["cost"] == pytest.approx(0.00008) and fast["cost_unit"] == "USDC"
     assert fast["mean_ttft_ms"] == pytest.approx(200.0) and fast["tokens_per_second"] == pytest.approx((9 + 29) / 2)
     assert usage[("http://slow:2", "big")]["cost"] is None
@@ -747,6 +828,92 @@ def test_dashboard_from_a_host_manager_and_a_ledger(tmp_path):
         assert summary.usage_rows == dashboard.usage_rows
     finally:
         ledger.close()
+
+
+def test_dashboard_counts_retried_attempts_apart_from_failed_requests():
+    """A HOST_BUSY attempt that was retried and then answered is not a failure: the host shows one
+    request, no failure and one retried attempt (the issue: it showed in the Errors column)."""
+    sink = ListSink()
+    sink.records.extend([
+        UsageRecord(time=1.0, request_id="r", host="http://fast:1", model="smol", error_code="HOST_BUSY",
+                    finish_reason="error", attempt=1),
+        UsageRecord(time=2.0, request_id="r", host="http://fast:1", model="smol", received_tokens=8, attempt=2),
+        UsageRecord(time=3.0, request_id="lost", host="http://slow:2", model="big", error_code="HOST_ERROR",
+                    finish_reason="error"),
+    ])
+    dashboard = HostDashboard(lambda: (sample_hosts(), sink))
+    rows = {row["url"]: row for row in dashboard.rows}
+    assert (rows["http://fast:1"]["requests"], rows["http://fast:1"]["failed"], rows["http://fast:1"]["retried"]) \
+        == (1, 0, 1)
+    assert (rows["http://slow:2"]["failed"], rows["http://slow:2"]["retried"]) == (1, 0)
+    usage = {row["host"]: row for row in dashboard.usage_rows}
+    assert (usage["http://fast:1"]["failed"], usage["http://fast:1"]["retried"], usage["http://fast:1"]["tokens"]) \
+        == (0, 1, 8)
+
+
+def test_dashboard_shows_this_kernels_usage_unless_all_kernels(tmp_path):
+    """A ledger shared with another kernel: by default the dashboard counts this kernel's records
+    (so another notebook's host does not appear); all_kernels (the view's checkbox) counts them all."""
+    ledger = UsageLedger(tmp_path / "shared.sqlite3")
+    try:
+        for record in sample_records():
+            ledger.record(record)
+        ledger.record(UsageRecord(time=4.0, request_id="elsewhere", host="http://other-kernel:9", model="smol",
+                                  received_tokens=7, client_id="another-kernel"))
+        dashboard = HostDashboard(lambda: (sample_hosts(), ledger))
+        assert {row["host"] for row in dashboard.usage_rows} == {"http://fast:1", "http://slow:2"}
+        assert "other-kernel" not in dashboard.static_html()
+        dashboard.all_kernels = True  # what the checkbox sets: recounted without calling the source again
+        assert {row["host"] for row in dashboard.usage_rows} == {"http://fast:1", "http://slow:2",
+                                                                  "http://other-kernel:9"}
+        assert "http://other-kernel:9" in dashboard.static_html() and "all kernels" in dashboard.static_html()
+        everything = HostDashboard(lambda: (sample_hosts(), ledger), all_kernels=True)
+        assert everything.usage_rows == dashboard.usage_rows
+    finally:
+        ledger.close()
+
+
+def test_dashboard_display_data_carries_escaped_html_tables():
+    """The dashboard's display data has an HTML table per host and the usage summary; host-provided
+    text is escaped."""
+    hosts = sample_hosts()
+    hosts.append(HostInfo.from_url("http://evil:4", region="<script>alert(1)</script>", health="ok"))
+    sink = ListSink()
+    sink.records.extend(sample_records())
+    dashboard = HostDashboard(lambda: (hosts, sink))
+    data, _ = dashboard._repr_mimebundle_()
+    page = data["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" in data and data["text/plain"] == "HostDashboard: 4 hosts"
+    assert page.count("<tr") == 1 + 4 + 1 + 2  # header and 4 hosts; header and 2 usage rows
+    for url in ("http://fast:1", "http://slow:2", "http://new:3", "http://evil:4"):
+        assert url in page
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_dashboard_refresh_updates_its_displays(make_shell, monkeypatch):
+    """Displayed (an Out[] result or display()), the dashboard shows under its own display id; a
+    refresh sends update_display with the new tables, so saved outputs show the latest ones."""
+    shell = make_shell(load=False)
+    published = []
+    monkeypatch.setattr(shell.display_pub, "publish",
+                        lambda data, metadata=None, transient=None, update=False, **kw:
+                        published.append((data, transient, update)))
+    hosts = sample_hosts()
+    calls = []
+
+    def source():
+        calls.append(1)
+        return hosts[: len(calls)], None
+
+    dashboard = HostDashboard(source)
+    shell.user_ns["dashboard"] = dashboard
+    shell.run_cell("dashboard")
+    assert len(published) == 1
+    data, transient, update = published[0]
+    assert not update and transient["display_id"] and data["text/html"].count("http://") == 1
+    dashboard.refresh()
+    data, transient2, update = published[-1]
+    assert update and transient2 == transient and "http://new:3" in data["text/html"]
 
 
 def test_dashboard_repr_counts_hosts():
@@ -870,3 +1037,30 @@ def test_js_sorts_rows_like_python(tmp_path):
         console.log(JSON.stringify(orders));
     """)
     assert json.loads(out) == orders
+
+
+@needs_node
+def test_js_status_line_matches_python(tmp_path):
+    """stream_output.js's status line (what the view shows) equals widgets.status_text (what the
+    static fallback and text/plain readers see), failover routes and costs included."""
+    statuses = [
+        {"state": "done", "host": "http://b:2", "model": "smol", "ttft": 0.0321, "tokens_per_second": 85.04,
+         "tokens": 57, "cost": 0.000114, "cost_unit": "USDC", "finish_reason": "length", "note": "mode cheapest",
+         "route": [{"host": "http://a:1", "tokens": 37}, {"host": "http://b:2", "tokens": 20}]},
+        {"state": "cancelled", "host": "http://h1:8080", "model": "smol", "ttft": 0.032, "tokens": 12,
+         "cost": 0.000024, "cost_unit": "USDC", "route": None},
+        {"state": "done", "host": "http://h", "cost": 0.125, "cost_unit": "ETH", "finish_reason": "stop",
+         "route": [{"host": "http://h", "tokens": 3}]},
+        {"state": "done", "cost": 0, "tokens": 0, "route": [{"host": "http://a", "tokens": 0},
+                                                         {"host": "http://b", "tokens": 4}, {"host": "http://c", "tokens": 1}]},
+        {"state": "done", "cost": 1.23456789, "cost_unit": "USDC"},
+        {"state": "cancelled", "host": "http://h", "tokens": 1, "cost": 0.0000035, "cost_unit": "USDC"},
+    ]
+    (tmp_path / "statuses.json").write_text(json.dumps(statuses))
+    out = run_node(tmp_path, """
+        import { readFileSync } from "node:fs";
+        import { statusParts } from "./stream_output.mjs";
+        const statuses = JSON.parse(readFileSync("statuses.json", "utf8"));
+        console.log(JSON.stringify(statuses.map((s) => statusParts(s).join(" · "))));
+    """)
+    assert json.loads(out) == [widgets.status_text(status) for status in statuses]
