@@ -809,7 +809,7 @@ def summarize(frame: pd.DataFrame, by: str | tuple[str, ...] = "host") -> pd.Dat
     failed = frame["error_code"].notna()
     frame = frame.assign(_last=last, _failed=last & failed, _retried=~last & failed)
     groups = frame.groupby(keys if len(keys) > 1 else keys[0], dropna=False, sort=True)
-    units = groups["cost_unit"].agg(_one_unit).astype("string")
+    units = groups["cost_unit"].agg(group_cost_unit).astype("string")
     cost = groups["cost"].sum(min_count=1).astype("float64")
     cost = cost.mask(units == "mixed")
     return pd.DataFrame(

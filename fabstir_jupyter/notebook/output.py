@@ -18,19 +18,25 @@ model text can never become markup there.
 
 from __future__ import annotations
 
-import html
 import importlib.util
 import inspect
-import json
 import logging
 import os
-import re
 import sys
-from functools import lru_cache
-from typing import Any, Callable, Iterable, Protocol, TextIO, runtime_checkable
+from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
 from ..errors import FabstirError
-from .tables import host_text
+from .rendering import (
+    STATUS_PREFIX,
+    Rendering,
+    answer_html,
+    attempt_route,
+    hosts_part,
+    render,
+    route_text,
+    status_line,
+    usage_parts,
+)
 
 __all__ = [
     "OutputSink",
@@ -46,8 +52,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fabstir_jupyter.notebook")
-
-STATUS_PREFIX = "[fabstir]"
 
 
 @runtime_checkable
@@ -88,183 +92,6 @@ class OutputSink(Protocol):
 
 
 # --------------------------------------------------------------------------- rendering
-
-_FENCE = re.compile(r"\A\s*```[ \t]*(?P<lang>[\w+#.-]*)[ \t]*\n(?P<body>.*?)\n?```\s*\Z", re.DOTALL)
-
-
-def _unfence(text: str) -> tuple[str, str]:
-    """Return ``(body, language)`` of text wrapped in one code fence, else ``(text, "")``."""
-    match = _FENCE.match(text)
-    if match is None:
-        return text, ""
-    return match.group("body"), match.group("lang")
-
-
-@lru_cache(maxsize=1)
-def _markdown() -> Any:
-    """markdown-it configured like the widget's front end (js/src/markdown.ts), or None if missing."""
-    try:
-        from markdown_it import MarkdownIt
-    except ImportError:  # the notebook extra brings it; without it answers render as plain text
-        return None
-    md = MarkdownIt("js-default", {"html": False, "linkify": False, "typographer": False})
-
-    def link_open(self: Any, tokens: Any, index: int, options: Any, env: Any) -> str:
-        tokens[index].attrSet("target", "_blank")
-        tokens[index].attrSet("rel", "noopener noreferrer")
-        return self.renderToken(tokens, index, options, env)
-
-    md.add_render_rule("link_open", link_open)
-    return md
-
-
-def _escape(text: str) -> str:
-    return html.escape(text, quote=True)
-
-
-def answer_html(text: str, format: str = "markdown") -> str:
-    """Return static HTML for an answer's final rendering (the widget's, without its JavaScript).
-
-    The text is untrusted (it comes from a remote model): Markdown is rendered with raw HTML off (a
-    ``<script>`` in the text is shown as text) and unsafe link schemes dropped; the other formats
-    are escaped into ``<pre>`` or a ``<div>``.
-    """
-    if format == "markdown":
-        md = _markdown()
-        if md is not None:
-            return f'<div class="fabstir-md">{md.render(text)}</div>'
-        return f'<div class="fabstir-plain" style="white-space: pre-wrap">{_escape(text)}</div>'
-    if format in ("code", "json"):
-        body, _ = _unfence(text)
-        if format == "json":
-            try:
-                body = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-            except ValueError:
-                body = text
-        return f'<pre class="fabstir-code"><code>{_escape(body)}</code></pre>'
-    return f'<div class="fabstir-plain" style="white-space: pre-wrap">{_escape(text)}</div>'
-
-
-class Rendering:
-    """The final rendering of an answer for IPython's display: a MIME bundle per ``format``.
-
-    ``text/plain`` is always the answer's text, so terminals, nbconvert and nbval see stable output.
-    ``text/html`` (:func:`answer_html`) is what exporters such as nbconvert choose first: the text's
-    own markup never reaches it.
-    """
-
-    def __init__(self, text: str, format: str = "markdown") -> None:
-        self.text = text
-        self.format = format
-
-    def __repr__(self) -> str:
-        return self.text
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
-        bundle: dict[str, Any] = {"text/plain": self.text}
-        if self.format != "text":
-            bundle["text/html"] = answer_html(self.text, self.format)
-        if self.format == "markdown":
-            bundle["text/markdown"] = self.text
-        elif self.format == "code":
-            body, language = _unfence(self.text)
-            bundle["text/markdown"] = f"```{language}\n{body}\n```"
-        elif self.format == "json":
-            body, _ = _unfence(self.text)
-            try:
-                data = json.loads(body)
-            except ValueError:
-                bundle["text/markdown"] = f"```\n{self.text}\n```"
-            else:
-                bundle["text/plain"] = json.dumps(data, indent=2, ensure_ascii=False)
-                bundle["application/json"] = data if isinstance(data, (dict, list)) else {"value": data}
-        return bundle
-
-
-def render(text: str, format: str = "markdown") -> Rendering:
-    """Return the displayable final rendering of ``text`` (``markdown``, ``text``, ``code``, ``json``)."""
-    return Rendering(text, format)
-
-
-def attempt_route(records: Iterable[Any] | None) -> list[dict[str, Any]]:
-    """Return the hosts a request went through, in order: ``[{"host": url, "tokens": n}, ...]``.
-
-    ``records`` are the request's attempts (:class:`~fabstir_jupyter.usage.UsageRecord`, oldest
-    first). Consecutive attempts on one host make one entry; ``tokens`` are the tokens delivered
-    there. Attempts that reached no host are left out. One entry (or none) means no switch.
-    """
-    route: list[dict[str, Any]] = []
-    for record in records or ():
-        host = getattr(record, "host", None)
-        if not host:
-            continue
-        tokens = int(getattr(record, "received_tokens", 0) or 0)
-        if route and route[-1]["host"] == host:
-            route[-1]["tokens"] += tokens
-        else:
-            route.append({"host": str(host), "tokens": tokens})
-    return route
-
-
-def route_text(route: list[dict[str, Any]]) -> str:
-    """``A → B after 37 tokens`` for a route of :func:`attempt_route` (the tokens delivered before
-    each switch); a route of one host is that host."""
-    parts: list[str] = []
-    delivered = 0
-    for index, step in enumerate(route):
-        if index == 0:
-            parts.append(step["host"])
-        else:
-            parts.append(f"→ {step['host']}" + (f" after {delivered} tokens" if delivered else ""))
-        delivered += int(step.get("tokens") or 0)
-    return " ".join(parts)
-
-
-def _hosts_part(result: Any) -> str | None:
-    route = attempt_route(getattr(result, "records", None))
-    if len(route) > 1:
-        return f"host {route_text(route)}"
-    host = host_text(getattr(result, "host", None))
-    return f"host {host}" if host else None
-
-
-def status_line(result: Any, note: str | None = None) -> str:
-    """Return the one-line status of a finished request: host (``A → B after N tokens`` after a
-    failover), model, ttft, tokens/s, tokens, cost."""
-    parts = []
-    hosts = _hosts_part(result)
-    if hosts:
-        parts.append(hosts)
-    model = getattr(result, "model", None)
-    if model:
-        parts.append(f"model {model}")
-    ttft = getattr(result, "ttft", None)
-    if ttft is not None:
-        parts.append(f"ttft {ttft * 1000:.0f} ms")
-    usage = getattr(result, "usage", None)
-    rate = getattr(usage, "tokens_per_second", None) if usage is not None else None
-    if rate is not None:
-        parts.append(f"{rate:.1f} tok/s")
-    parts.extend(_usage_parts(usage))
-    reason = getattr(result, "finish_reason", None)
-    if reason:
-        parts.append(f"finish {reason}")
-    if note:
-        parts.append(note)
-    return f"{STATUS_PREFIX} " + " | ".join(parts)
-
-
-def _usage_parts(usage: Any) -> list[str]:
-    if usage is None:
-        return []
-    parts = [f"{usage.received_tokens} tokens"]
-    if usage.cost is not None:
-        parts.append(f"cost {usage.cost:.6g} {usage.cost_unit or ''}".rstrip())
-    return parts
-
-
-# --------------------------------------------------------------------------- the text fallback
-
 
 def _shell() -> Any:
     try:
@@ -377,8 +204,8 @@ class TextOutput:
         self._end_line()
         parts = [f"cancelled after {len(self.text)} characters"]
         if result is not None:
-            hosts = _hosts_part(result)
-            parts.extend(([hosts] if hosts else []) + _usage_parts(getattr(result, "usage", None)))
+            hosts = hosts_part(result)
+            parts.extend(([hosts] if hosts else []) + usage_parts(getattr(result, "usage", None)))
         self._write(f"{STATUS_PREFIX} " + " | ".join(parts) + "\n")
 
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import anywidget
 import traitlets
 
-from .output import answer_html, attempt_route, route_text
+from .rendering import answer_html, attempt_route, route_text
 from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
 from .tables import host_rows, host_text, hosts_dataframe, sort_rows, tables_html, usage_dataframe, usage_rows
 
@@ -279,7 +279,7 @@ class StreamOutput(anywidget.AnyWidget):
             return
         fields: dict[str, Any] = _usage_fields(result) if result is not None else {}
         fields.pop("tokens_per_second", None)  # a rate over a cut-off stream says little
-        status = self._status("cancelled", host=_host_text(getattr(result, "host", None)) or self.status.get("host"),
+        status = self._status("cancelled", host=host_text(getattr(result, "host", None)) or self.status.get("host"),
                               model=getattr(result, "model", None) or self.status.get("model"),
                               ttft=self.status.get("ttft"), **fields)
         self._end("cancelled", self.batcher.text, status)
