@@ -70,6 +70,7 @@ __all__ = [
     "MarketplaceClient",
     "MARKETPLACE_ABI",
     "HOST_EARNINGS_ABI",
+    "NODE_REGISTRY_ABI",
     "ERC20_ABI",
     "max_tokens",
     "job_cost",
@@ -168,6 +169,7 @@ MARKETPLACE_ABI: list[dict[str, Any]] = [
     _function("tokenMinDeposits(address)", "view", "uint256"),
     _function("feeBasisPoints()", "view", "uint256"),
     _function("disputeWindow()", "view", "uint256"),
+    _function("nodeRegistry()", "view", "address"),
     _function("nextJobId()", "view", "uint256"),
     _function("hostEarnings()", "view", "address"),
     _function("treasuryAddress()", "view", "address"),
@@ -193,6 +195,11 @@ HOST_EARNINGS_ABI: list[dict[str, Any]] = [
     _function("withdrawAll(address)", "nonpayable"),
     _event("EarningsCredited(address indexed host,address indexed token,uint256 amount,uint256 newBalance)"),
     _event("EarningsWithdrawn(address indexed host,address indexed token,uint256 amount,uint256 remainingBalance)"),
+]
+
+#: What a host reads of the NodeRegistry the marketplace names (production's signature).
+NODE_REGISTRY_ABI: list[dict[str, Any]] = [
+    _function("isActiveNode(address)", "view", "bool"),
 ]
 
 #: The ERC-20 functions a deposit in a token needs.
@@ -580,6 +587,21 @@ class MarketplaceClient:
 
     def fee_basis_points(self) -> int:
         return int(self._read(self._marketplace.functions.feeBasisPoints(), "feeBasisPoints"))
+
+    def dispute_window(self) -> int:
+        """Seconds a host waits after its last proof before it may complete a job itself."""
+        return int(self._read(self._marketplace.functions.disputeWindow(), "disputeWindow"))
+
+    def chain_time(self) -> int:
+        """The latest block's timestamp (seconds): the clock the contract's windows run on."""
+        return int(self._rpc("eth_getBlockByNumber", lambda: self._w3.eth.get_block("latest")["timestamp"]))
+
+    def is_active_node(self, address: str | None = None) -> bool:
+        """Whether ``address`` (default: this account) is an active node on the marketplace's NodeRegistry."""
+        who = _address(address, "address") if address else self._signer("is_active_node").address
+        registry = self._read(self._marketplace.functions.nodeRegistry(), "nodeRegistry")
+        contract = self._w3.eth.contract(address=registry, abi=NODE_REGISTRY_ABI)
+        return bool(self._read(contract.functions.isActiveNode(who), "isActiveNode"))
 
     def balance(self, token: str = NATIVE_TOKEN, address: str | None = None) -> int:
         """What ``address`` (default: this account) holds of ``token`` (native: wei)."""

@@ -7,6 +7,9 @@ Uses only :mod:`fabstir_jupyter.errors` and :mod:`fabstir_jupyter.protocol` from
 
     async with HostServer(HostConfig(port=0), ScriptedBackend()) as server:
         print(server.ws_url)
+
+A paid host (``HostConfig(operator_key=..., payment=PaymentConfig(rpc_url, marketplace,
+model_registry_id))``) also uses :mod:`fabstir_jupyter.marketplace` (web3), imported only when it starts.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .backends import (
     GenerationStats,
     ModelInfo,
 )
+from .config import PaymentConfig
 from .scripted import ScriptedBackend, scripted_text, scripted_token
 from .server import HostConfig, HostServer
 
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HostConfig",
     "HostServer",
+    "PaymentConfig",
     "Backend",
     "BackendUnavailable",
     "AbortConnection",

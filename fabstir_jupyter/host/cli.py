@@ -18,6 +18,12 @@ Encrypted sessions (spec §6) need the operator's key, the one the host uses on 
 ``FABSTIR_HOST_PRIVATE_KEY`` (the file wins), never from a flag value. Like ssh with a private key,
 the host refuses a key file that group or others may read: it holds the key to the operator's stake
 and earnings, and a warning scrolls past unread.
+
+Paid sessions (spec §10): with ``--rpc-url`` (or ``FABSTIR_HOST_RPC_URL``, which keeps an API key
+in the URL out of ``ps``), ``--marketplace`` and ``--model-registry-id``, and the operator key, the
+host serves only jobs opened for it on that JobMarketplace, proves the tokens it streams and settles
+each job when its connection closes (see :mod:`fabstir_jupyter.host.payments`). It starts only if the
+chain answers; it warns if the operator is not an active node there (jobs cannot name it yet).
 """
 
 from __future__ import annotations
@@ -36,16 +42,19 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import FabstirError, InvalidOptions
 from .backends import Backend, BackendUnavailable
+from .config import PaymentConfig
 from .server import DEFAULT_VERSION, HostConfig, HostServer
 
 if TYPE_CHECKING:
     from ..crypto import PrivateKey
 
-__all__ = ["build_parser", "make_backend", "make_config", "read_operator_key", "main"]
+__all__ = ["build_parser", "make_backend", "make_config", "make_payment_config", "model_registry_id",
+           "read_operator_key", "main"]
 
 READY_PREFIX = "fabstir-host listening on "
 TOKEN_ENV = "FABSTIR_HOST_TOKEN"
 KEY_ENV = "FABSTIR_HOST_PRIVATE_KEY"
+RPC_ENV = "FABSTIR_HOST_RPC_URL"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -90,9 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--key-file", metavar="PATH", dest="operator_key_file",
                           help=f"the operator's secp256k1 key (0x and 64 hex characters; the host's on-chain "
                                f"key) in PATH, readable by its owner only (or set {KEY_ENV}): serve encrypted "
-                               f"sessions besides plaintext ones "
+                               f"sessions besides plaintext ones, and sign a paid host's proofs and settlements "
                                f"(default: no key, or {KEY_ENV} when set; without one, encrypted frames get "
                                f"ENCRYPTION_NOT_SUPPORTED)")
+
+    paid = parser.add_argument_group("paid sessions (spec §10)")
+    payment_defaults = PaymentConfig("http://rpc", "0x" + "00" * 20, "0x" + "00" * 32)
+    paid.add_argument("--rpc-url", metavar="URL",
+                      help=f"the chain's JSON-RPC endpoint; with --marketplace the host serves paid jobs only, "
+                           f"proves the tokens it streams and settles each job when its connection closes "
+                           f"(default: {RPC_ENV} when set and --marketplace is given, else unpaid)")
+    paid.add_argument("--marketplace", metavar="ADDRESS",
+                      help="the JobMarketplace contract the jobs are opened on (default: none, unpaid)")
+    paid.add_argument("--model-registry-id", metavar="ID",
+                      help="the ModelRegistry id of the model this host serves: 0x and 64 hex digits, or "
+                           "REPO/FILE to derive it as keccak256('REPO/FILE') "
+                           "(default: none; required with --rpc-url)")
+    paid.add_argument("--chain-retry-window", type=float, default=payment_defaults.retry_window,
+                      metavar="SECONDS", help="how long a failed proof or settlement is retried before the host "
+                                              "gives up on it (and logs it with the job id)")
+    paid.add_argument("--settle-timeout", type=float, default=payment_defaults.settle_timeout, metavar="SECONDS",
+                      help="how long a job's settlement may take after its connection closed, the contract's "
+                           "dispute window included; past it the job is left open (its proofs stay paid)")
+    paid.add_argument("--shutdown-settle-timeout", type=float, default=payment_defaults.shutdown_timeout,
+                      metavar="SECONDS", help="how long a stopping host waits for the settlements of its open jobs")
 
     limits = parser.add_argument_group("limits")
     defaults = HostConfig()
@@ -211,12 +241,70 @@ def read_operator_key(args: argparse.Namespace) -> PrivateKey | None:
         raise InvalidOptions(f"{source} does not hold a usable key: {exc.message}", field="operator_key") from None
 
 
+def model_registry_id(value: str) -> str:
+    """Return a ``--model-registry-id`` as ``0x`` and 64 hex digits (``REPO/FILE`` is hashed as the registry does).
+
+    Raises:
+        InvalidOptions: neither form.
+    """
+    text = value.strip()
+    if text[:2] in ("0x", "0X") and len(text) == 66:
+        try:
+            bytes.fromhex(text[2:])
+            return "0x" + text[2:].lower()
+        except ValueError:
+            pass
+    elif "/" in text and not text.startswith("/") and not text.endswith("/"):
+        try:
+            from eth_utils import keccak
+        except ImportError as exc:
+            raise InvalidOptions(f"paid sessions need the chain extra: {exc}", field="model_registry_id") from None
+        return "0x" + keccak(text.encode("utf-8")).hex()
+    raise InvalidOptions(f"--model-registry-id must be 0x and 64 hex digits, or REPO/FILE, not {value!r}",
+                         field="model_registry_id")
+
+
+def make_payment_config(args: argparse.Namespace, operator_key: PrivateKey | None) -> PaymentConfig | None:
+    """Build the :class:`PaymentConfig` of ``--rpc-url``/``--marketplace`` (``None``: an unpaid host).
+
+    Raises:
+        InvalidOptions: one of the pair without the other, no operator key, no model registry id.
+    """
+    rpc_url = getattr(args, "rpc_url", None)
+    marketplace = getattr(args, "marketplace", None)
+    registry_id = getattr(args, "model_registry_id", None)
+    if rpc_url is None and marketplace is not None:
+        rpc_url = os.environ.get(RPC_ENV) or None  # the variable alone does not make a host paid
+    if rpc_url is None and marketplace is None:
+        if registry_id is not None:
+            raise InvalidOptions("--model-registry-id needs --rpc-url and --marketplace", field="model_registry_id")
+        return None
+    if rpc_url is None or marketplace is None:
+        raise InvalidOptions(f"a paid host needs both --rpc-url (or {RPC_ENV}) and --marketplace", field="payment")
+    if operator_key is None:
+        raise InvalidOptions(f"a paid host needs the operator key that signs its proofs: --key-file PATH or "
+                             f"{KEY_ENV}", field="operator_key")
+    if registry_id is None:
+        raise InvalidOptions("a paid host needs --model-registry-id: the registry id of the model it serves "
+                             "(0x and 64 hex digits, or REPO/FILE)", field="model_registry_id")
+    return PaymentConfig(
+        rpc_url=rpc_url,
+        marketplace=marketplace,
+        model_registry_id=model_registry_id(registry_id),
+        retry_window=getattr(args, "chain_retry_window", PaymentConfig.retry_window),
+        settle_timeout=getattr(args, "settle_timeout", PaymentConfig.settle_timeout),
+        shutdown_timeout=getattr(args, "shutdown_settle_timeout", PaymentConfig.shutdown_timeout),
+    )
+
+
 def make_config(args: argparse.Namespace) -> HostConfig:
     """Build the :class:`HostConfig` the parsed arguments describe.
 
     Raises:
-        InvalidOptions: a limit is out of range, or the token or key file is unusable.
+        InvalidOptions: a limit is out of range, the token or key file is unusable, or the paid
+            session options are incomplete.
     """
+    operator_key = read_operator_key(args)
     return HostConfig(
         host=args.host,
         port=args.port,
@@ -237,8 +325,9 @@ def make_config(args: argparse.Namespace) -> HostConfig:
         auth_token=read_auth_token(args),
         certfile=getattr(args, "certfile", None),
         keyfile=getattr(args, "keyfile", None),
-        operator_key=read_operator_key(args),
+        operator_key=operator_key,
         session_key_lifetime=getattr(args, "session_key_lifetime", HostConfig.session_key_lifetime),
+        payment=make_payment_config(args, operator_key),
     )
 
 

@@ -1,4 +1,4 @@
-"""Settings of the reference host (:class:`HostConfig`)."""
+"""Settings of the reference host (:class:`HostConfig`, and :class:`PaymentConfig` for a paid host)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,77 @@ from ..errors import InvalidOptions
 if TYPE_CHECKING:  # the crypto extra is imported only by a host that has a key
     from ..crypto import PrivateKey
 
-__all__ = ["DEFAULT_VERSION", "HostConfig"]
+__all__ = ["DEFAULT_VERSION", "HostConfig", "PaymentConfig"]
 
 DEFAULT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class PaymentConfig:
+    """Where a paid host proves and settles its jobs (spec/PROTOCOL.md §10), and how patiently.
+
+    Attributes:
+        rpc_url: the chain's JSON-RPC endpoint (``http(s)://``); it may carry an API key, so it is
+            never logged nor shown by ``repr``.
+        marketplace: the JobMarketplace address.
+        model_registry_id: the ModelRegistry id (``0x`` + 64 hex digits) of the model the host
+            serves (its backend's default model): a job must be opened for it.
+        rpc_timeout: seconds per JSON-RPC request.
+        receipt_timeout: seconds a transaction may take to be mined before it is sent again.
+        retry_base: the first delay (seconds) before a failed transaction is tried again; it doubles
+            up to ``retry_max_delay``.
+        retry_max_delay: the longest delay between two tries.
+        retry_window: seconds a proof or a settlement keeps being retried before the host gives up
+            on it (and logs it with the job id).
+        settle_poll: seconds between two looks at the chain's clock while a settlement waits out
+            the contract's dispute window.
+        settle_timeout: seconds a settlement may take after its connection closed, dispute window
+            included; past it the job is left open (its depositor may complete it, anyone may time
+            it out, and the proven tokens are paid either way).
+        shutdown_timeout: seconds :meth:`HostServer.close` waits for the settlements of the jobs
+            still open; what remains is left open as after ``settle_timeout``.
+        chain_threads: worker threads that run the chain calls, off the event loop.
+    """
+
+    rpc_url: str = field(repr=False)
+    marketplace: str
+    model_registry_id: str
+    rpc_timeout: float = 10.0
+    receipt_timeout: float = 60.0
+    retry_base: float = 0.5
+    retry_max_delay: float = 15.0
+    retry_window: float = 300.0
+    settle_poll: float = 1.0
+    settle_timeout: float = 900.0
+    shutdown_timeout: float = 60.0
+    chain_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
+            raise InvalidOptions("payment config: rpc_url must be an http(s):// URL", field="rpc_url")
+        if not _is_hex(self.marketplace, 20):
+            raise InvalidOptions(f"payment config: marketplace must be a 0x address, not {self.marketplace!r}",
+                                 field="marketplace")
+        if not _is_hex(self.model_registry_id, 32):
+            raise InvalidOptions(f"payment config: model_registry_id must be 0x and 64 hex digits, "
+                                 f"not {self.model_registry_id!r}", field="model_registry_id")
+        for name in ("rpc_timeout", "receipt_timeout", "retry_max_delay", "retry_window", "settle_poll",
+                     "settle_timeout", "chain_threads"):
+            if getattr(self, name) <= 0:
+                raise InvalidOptions(f"payment config: {name} must be positive", field=name)
+        for name in ("retry_base", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise InvalidOptions(f"payment config: {name} must not be negative", field=name)
+
+
+def _is_hex(value: object, size: int) -> bool:
+    if not isinstance(value, str) or len(value) != 2 + 2 * size or value[:2] not in ("0x", "0X"):
+        return False
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -61,6 +129,11 @@ class HostConfig:
             wiped (keys are also wiped when their connection closes).
         max_session_keys: encrypted session keys kept per connection; the least recently used
             goes first.
+        payment: where and how the host is paid (:class:`PaymentConfig`); ``None`` serves every
+            request unpaid. A paid host serves only requests that carry a job opened on the
+            marketplace for it (``PAYMENT_REQUIRED`` otherwise), proves the tokens it streams and
+            settles each job when its connection closes. Needs ``operator_key`` (the host's on-chain
+            key signs the proofs).
     """
 
     host: str = "127.0.0.1"
@@ -91,6 +164,7 @@ class HostConfig:
     operator_key: "PrivateKey | None" = field(default=None, repr=False, compare=False)
     session_key_lifetime: float = 1800.0
     max_session_keys: int = 16
+    payment: PaymentConfig | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -117,6 +191,12 @@ class HostConfig:
 
             if not isinstance(self.operator_key, PrivateKey):  # the message must not echo the value
                 raise InvalidOptions("host config: operator_key must be a fabstir_jupyter.crypto.PrivateKey",
+                                     field="operator_key")
+        if self.payment is not None:
+            if not isinstance(self.payment, PaymentConfig):
+                raise InvalidOptions("host config: payment must be a PaymentConfig", field="payment")
+            if self.operator_key is None:
+                raise InvalidOptions("host config: a paid host needs operator_key, the key that signs its proofs",
                                      field="operator_key")
         if self.keyfile is not None and self.certfile is None:
             raise InvalidOptions("host config: keyfile needs a certfile", field="keyfile")

@@ -24,6 +24,15 @@ prompt, and its answer is ``encrypted_chunk`` × N (the last one empty and ``fin
 ``encrypted_response`` and a plaintext ``stream_end``. ``error``, ``stream_end`` and
 ``stream_cancel`` stay plaintext. Without a key an encrypted frame gets ``ENCRYPTION_NOT_SUPPORTED``.
 
+With ``HostConfig.payment`` the host is paid (spec §10; :mod:`fabstir_jupyter.host.payments`): a
+``session_init`` carrying ``job_id`` (or an encrypted init whose payload carries ``jobId``) is
+answered with a coded error instead of an ack unless the job is usable by this host; a generation
+request is served only in a session bound to such a job on this connection (``PAYMENT_REQUIRED``
+otherwise, stateless ``inference`` included); the tokens streamed are metered per job and proven
+in the background (the stream never waits for the chain); a stream ends with ``BUDGET_EXCEEDED``
+before the token its job's deposit could not pay for; and each job is settled when the connection
+that carried it closes.
+
 HTTP: ``GET /health``, ``GET /v1/version``, ``GET /v1/models``; every other path but ``/v1/ws``
 is a 404. With ``HostConfig.auth_token`` the upgrade to ``/v1/ws`` and ``/v1/models`` need
 ``Authorization: Bearer <token>`` (HTTP 401 otherwise, before any frame is read); ``/health`` and
@@ -58,13 +67,13 @@ from ..errors import (
     InvalidOptions,
     InvalidPrompt,
     ModelNotAvailable,
+    PaymentRequired,
     RateLimitExceeded,
     SessionNotFound,
 )
 from ..protocol import (
     FEATURES,
     WS_PATH,
-    ClientEvent,
     InferenceRequest,
     Ping,
     PromptRequest,
@@ -100,6 +109,8 @@ from .legacy import (
 from .. import _compat
 from ..limits import TokenBucket
 from .limits import AddressLimiter, HostSession, SessionStore, per_minute_bucket
+from .metering import JobMeter
+from .payments import PAID_FEATURE, PaymentManager
 
 if TYPE_CHECKING:  # the crypto extra is imported only by a host that has a key
     from ..encryption import EncryptedPrompt, EncryptedReplyWriter, EncryptedSessionInit, HostEncryption
@@ -162,6 +173,7 @@ class _Stream:
     session: HostSession | None = None
     memory: SessionStore | None = None  # the store ``session`` lives in
     writer: "EncryptedReplyWriter | None" = None  # encrypts the reply of an encrypted request
+    meter: JobMeter | None = None  # the paid job the request's tokens count against
     turn_input: list[tuple[str, str]] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -188,6 +200,8 @@ class _Connection:
     # The encrypted session memories this connection's inits were granted, by session id: a message
     # uses a memory only while it is still the one its init was given (see _bind_memory).
     memories: OrderedDict[str | None, HostSession] = field(default_factory=OrderedDict)
+    # A paid host's jobs bound by this connection's inits, by session id.
+    jobs: dict[str | None, JobMeter] = field(default_factory=dict)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_activity: float = field(default_factory=time.monotonic)  # last frame in, or end of a stream
 
@@ -227,6 +241,8 @@ class HostServer:
             idle_timeout=self.config.session_idle_timeout,
         )
         self._address_limiter = AddressLimiter(self.config.rate_limit_per_address)
+        payment, key = self.config.payment, self.config.operator_key
+        self.payments = PaymentManager(payment, key) if payment is not None and key is not None else None
         self._server: Server | None = None
         self._connections: set[_Connection] = set()
         self._active = 0
@@ -245,6 +261,8 @@ class HostServer:
         if self._server is not None:
             raise RuntimeError("host server already started")
         ssl_context = self._ssl_context()
+        if self.payments is not None:
+            await self.payments.start()  # fails fast on an unreachable chain, before anything listens
         await self.backend.start()
         self._server = await serve(
             self._handle,
@@ -280,11 +298,17 @@ class HostServer:
         return context
 
     async def close(self) -> None:
-        """Stop listening, cancel every stream, close every connection (1001), close the backend."""
+        """Stop listening, cancel every stream, close every connection (1001), close the backend.
+
+        A paid host first settles the jobs of those connections, waiting at most
+        ``PaymentConfig.shutdown_timeout``.
+        """
         if self._server is not None and not self._closed.is_set():
             self._server.close(close_connections=True)
             await self._server.wait_closed()
         self._closed.set()
+        if self.payments is not None:
+            await self.payments.aclose()  # settles the jobs of the connections just closed (bounded)
         await self.backend.close()
 
     async def serve_forever(self) -> None:
@@ -333,6 +357,8 @@ class HostServer:
             features.append(AUTH_FEATURE)
         if self.config.operator_key is not None:
             features.append(E2EE_FEATURE)
+        if self.payments is not None:
+            features.append(PAID_FEATURE)
         return features
 
     # ------------------------------------------------------------------ HTTP
@@ -392,6 +418,8 @@ class HostServer:
         }
         if backend.load_error:
             body["error"] = backend.load_error
+        if self.payments is not None:
+            body["payments"] = self.payments.health()
         return body
 
     # ------------------------------------------------------------------ WebSocket
@@ -412,10 +440,15 @@ class HostServer:
         finally:
             self._connections.discard(conn)
             job = conn.stream
-            if job is not None and job.task is not None:
-                job.cancel.set()
-                job.task.cancel()
-                await asyncio.gather(job.task, return_exceptions=True)
+            try:
+                if job is not None and job.task is not None:
+                    job.cancel.set()
+                    job.task.cancel()
+                    await asyncio.gather(job.task, return_exceptions=True)
+            finally:
+                if self.payments is not None:
+                    self.payments.release(conn)  # settle its jobs, now that their counts are final
+            conn.jobs.clear()
             if conn.encryption is not None:
                 conn.encryption.wipe()  # zero every session key of the connection
             conn.memories.clear()
@@ -480,11 +513,38 @@ class HostServer:
                 request_id=getattr(event, "id", None),
             ))
         elif isinstance(event, SessionInit):
+            if not await self._bind_job(conn, event.session_id, event.job_id, event.chain_id, event.id):
+                return
             self.sessions.open(event.session_id, job_id=event.job_id, chain_id=event.chain_id)
             conn.session_id = event.session_id
             await self._send(conn, self._session_init_ack(event))
         else:
             await self._start(conn, event)
+
+    async def _bind_job(self, conn: _Connection, session_id: str | None, job_id: str | None,
+                        chain_id: int | None, request_id: str | None) -> bool:
+        """On a paid host, check the job an init names and bind it to the session on this connection.
+
+        An init without a job leaves the session unpaid (its requests get ``PAYMENT_REQUIRED``).
+        Returns False when the init was refused: the client got a coded error (naming the session)
+        instead of an ack.
+        """
+        if self.payments is None:
+            return True
+        conn.jobs.pop(session_id, None)
+        if not job_id:
+            return True
+        try:
+            meter = await self.payments.open_job(job_id, chain_id, conn)
+        except FabstirError as exc:
+            logger.info("job %s refused for a session: %s", job_id, exc.code)
+            frame = self._error_frame(exc.code, exc.message, request_id)
+            if session_id is not None:
+                frame["session_id"] = session_id
+            await self._send(conn, frame)
+            return False
+        conn.jobs[session_id] = meter
+        return True
 
     def _session_init_ack(self, event: SessionInit) -> dict[str, Any]:
         # Production echoes job_id as a number (null when it is not one).
@@ -550,7 +610,9 @@ class HostServer:
             await self._start(conn, event)
 
     async def _on_encrypted_init(self, conn: _Connection, event: "EncryptedSessionInit", obj: dict[str, Any]) -> None:
-        """Bind the session's memory to this connection and acknowledge the init."""
+        """Bind the session's job (on a paid host) and memory to this connection and acknowledge the init."""
+        if not await self._bind_job(conn, event.session_id, event.job_id, event.chain_id, event.id):
+            return
         if event.session_id is not None:
             conn.session_id = event.session_id  # as production: the connection's session from now on
             self._bind_memory(conn, event)
@@ -690,6 +752,9 @@ class HostServer:
         model = self.backend.resolve_model(req.model)
         if model is None and legacy:
             model = self.backend.resolve_model(None)
+        if model is None and self.payments is not None and req.model is not None \
+                and req.model.lower() == self.payments.model_registry_id:
+            model = self.backend.resolve_model(None)  # a paid host's model, named by its registry id
         if model is None:
             available = ", ".join(m.id for m in self.backend.models) or "none"
             raise ModelNotAvailable(f"model {req.model!r} is not served by this host; available: {available}")
@@ -723,6 +788,7 @@ class HostServer:
                 raise SessionNotFound(f"session {session_id!r} is not open on this host; send session_init first")
             if not req.messages:
                 turn_input = [*session.messages, ("user", req.prompt)]
+        meter = self._paid_meter(conn, event, model.id) if self.payments is not None else None
         if self._active >= cfg.max_concurrent_streams:
             raise HostBusy(f"host is at its limit of {cfg.max_concurrent_streams} concurrent streams")
         params = GenerationParams(
@@ -742,7 +808,35 @@ class HostServer:
             session=session,
             memory=memory if session is not None else None,
             turn_input=turn_input,
+            meter=meter,
         )
+
+    def _paid_meter(self, conn: _Connection, event: "_Request", model_id: str) -> JobMeter:
+        """The job a request on a paid host is billed to: its session's, bound on this connection.
+
+        Raises:
+            PaymentRequired: no job (stateless ``inference``, or a session opened without one), a
+                job no longer usable, or a model other than the job's.
+            BudgetExceeded: the job's deposit pays for no more tokens.
+        """
+        assert self.payments is not None
+        where = (f"open a job for this host on marketplace {self.payments.config.marketplace} "
+                 f"(chain {self.payments.chain_id}) and send its id in session_init (job_id) or in the "
+                 f"encrypted init (jobId)")
+        if isinstance(event, InferenceRequest):
+            raise PaymentRequired(f"this host serves paid sessions only: {where}")
+        session_id = event.session_id if event.session_id is not None else conn.session_id
+        meter = conn.jobs.get(session_id)
+        if meter is None:
+            raise PaymentRequired(f"session {session_id!r} has no job on this connection: {where}")
+        refusal = meter.refusal()
+        if refusal is not None:
+            raise type(refusal)(refusal.message)
+        default = self.backend.resolve_model(None)
+        if default is None or model_id != default.id:
+            raise PaymentRequired(f"job {meter.job_id} pays for model {self.payments.model_registry_id} "
+                                  f"({default.id if default else 'none'}), not {model_id}")
+        return meter
 
     def _check_rate(self, conn: _Connection) -> None:
         """Take one request from the connection's and the address's budgets.
@@ -805,6 +899,8 @@ class HostServer:
             job.generating = False
             if job.timer is not None:
                 job.timer.cancel()
+            if job.meter is not None and self.payments is not None:
+                self.payments.answer_ended(job.meter)  # production proves after each answer
         if abort:
             self._release(conn, job)
             logger.info("request %s: dropping the connection (fault injection)", job.request_id)
@@ -845,14 +941,21 @@ class HostServer:
 
     async def _generate(self, conn: _Connection, job: _Stream) -> str:
         """Stream the backend's tokens to the client; return the finish reason."""
-        params = job.params
+        params, meter = job.params, job.meter
         stops = StopMatcher(params.stop)
         pending = 0  # tokens whose text is held back by the stop matcher
         reason: str | None = None
+        unpaid: FabstirError | None = None  # why the job pays for no more tokens
         async with contextlib.aclosing(self.backend.generate(params, job.cancel, job.stats)) as tokens:
             async for piece in tokens:
                 if job.cancel.is_set():
                     return "cancelled"
+                if meter is not None:
+                    unpaid = meter.refusal()
+                    if unpaid is not None:  # this token is never sent: nothing would pay for it
+                        break
+                    assert self.payments is not None
+                    self.payments.submit(meter, meter.add_token(piece))  # queued; never awaited
                 job.generated += 1
                 pending += 1
                 out = stops.feed(piece)
@@ -875,6 +978,8 @@ class HostServer:
                 await self._send(conn, self._chunk_frame(job, tail, pending))
         if not job.stream and job.text:
             await self._send(conn, self._chunk_frame(job, "".join(job.text), job.generated))
+        if unpaid is not None:
+            raise type(unpaid)(unpaid.message)
         if stops.matched is not None:  # a stop found in the held-back tail
             return "stop"
         if reason is None:

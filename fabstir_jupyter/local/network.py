@@ -29,6 +29,13 @@ funded with native tokens and USDC is there for the client's wallet (:attr:`Loca
 :attr:`LocalNetwork.user_key_file`). The key files live in a private temporary directory removed
 when the network stops; no key is ever printed.
 
+With ``paid=True`` the hosts are paid hosts (``fabstir-host --rpc-url --marketplace
+--model-registry-id``): they serve only jobs opened for them on the network's JobMarketplace, prove
+what they stream and settle each job when its connection closes. The chain then deploys before the
+hosts start (they need its RPC URL and the marketplace's address). The local chain's clock moves one
+second per block (and with :meth:`LocalChain.advance_time`), so a host's own settlement waits until
+the dispute window has passed in blocks; a depositor may complete its job at any time.
+
 Everything here blocks (py-evm spends tens of milliseconds per call): from async code use
 :meth:`LocalNetwork.astart` and :meth:`LocalNetwork.aclose`, which run it in a worker thread.
 """
@@ -212,6 +219,7 @@ class LocalNetwork:
         minimum_stake: the registry's minimum stake, whole tokens.
         restarts: how many times each host that dies on its own is started again (same port);
             0 leaves a crashed host down.
+        paid: start paid hosts (see above); off by default: unpaid hosts serve anyone.
 
     Raises:
         InvalidOptions: bad arguments.
@@ -232,6 +240,7 @@ class LocalNetwork:
         start_timeout: float | None = None,
         minimum_stake: int = 100,
         restarts: int = DEFAULT_RESTARTS,
+        paid: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(BACKENDS)}", field="backend")
@@ -247,6 +256,7 @@ class LocalNetwork:
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
             raise InvalidOptions(f"restarts must be an integer >= 0, not {restarts!r}", field="restarts")
         self.backend = backend
+        self.paid = bool(paid)
         self.model = self._as_model(model, backend)
         self._owner = os.getpid()
         self._stopped = False
@@ -274,11 +284,19 @@ class LocalNetwork:
                                for i, key in enumerate(host_keys)]
             for process, key_file in zip(self._processes, self._key_files):
                 process.args += ["--key-file", key_file]  # it serves encrypted sessions with the key it registers
-                process.launch()  # the hosts boot while the chain deploys
+                if not self.paid:
+                    process.launch()  # the hosts boot while the chain deploys
             self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
             rpc = LocalRpcServer(self.chain.provider).start()
             self._cleanups.append(rpc.stop)
             self._rpc = rpc
+            if self.paid:  # a paid host needs the chain's URL and the marketplace's address to start
+                for process in self._processes:
+                    process.args += ["--rpc-url", rpc.url, "--marketplace", self.chain.addresses["job_marketplace"],
+                                     "--model-registry-id", self.model.model_id,
+                                     # stop() gives a host about 5 s: prove what is pending, leave the rest
+                                     "--shutdown-settle-timeout", "2"]
+                    process.launch()
             self._user = self.chain.create_account(native=USER_NATIVE, usdc=USER_USDC)
             self.user_key_file = _write_key(os.path.join(self._key_dir, "user.key"), self._user.private_key)
             for index, process in enumerate(self._processes):
@@ -340,7 +358,8 @@ class LocalNetwork:
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else f"{sum(h.alive for h in self._hosts)}/{len(self._hosts)} hosts up"
-        return f"<LocalNetwork {self.backend} {state} model={self.model.host_id}>"
+        paid = " paid" if self.paid else ""
+        return f"<LocalNetwork {self.backend}{paid} {state} model={self.model.host_id}>"
 
     # ------------------------------------------------------------------ what it offers
 

@@ -370,6 +370,20 @@ def test_completion_rules_depositor_any_time_host_after_the_dispute_window(marke
     _refused("Not active", lambda: m.as_user.trigger_timeout(job))
 
 
+def test_a_host_reads_the_dispute_window_the_chain_clock_and_its_registration(market):
+    """What a paid host reads before it settles: the marketplace's dispute window, the latest block's
+    timestamp (which advance_time moves) and whether an address is an active node of the marketplace's
+    NodeRegistry (the deactivated host is not)."""
+    m = market
+    assert m.as_host.dispute_window() == 30
+    before = m.as_host.chain_time()
+    assert before == m.chain.timestamp
+    m.chain.advance_time(100)
+    assert m.as_host.chain_time() >= before + 99
+    assert m.as_host.is_active_node() is True and m.as_host.is_active_node(m.other.address) is True
+    assert m.as_user.is_active_node(m.idle.address) is False and m.as_user.is_active_node() is False
+
+
 def test_a_job_closed_before_any_proof_refunds_everything(market):
     """The depositor ends a job with no proof: nothing to the host or the treasury (minTokensFee is 0)."""
     m = market

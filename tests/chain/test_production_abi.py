@@ -20,7 +20,7 @@ from eth_utils import keccak
 
 from fabstir_jupyter.hosts.registry import MODEL_REGISTRY_SIGNATURES, NODE_REGISTRY_SIGNATURES
 from fabstir_jupyter.local.contracts import CONTRACTS_DIR
-from fabstir_jupyter.marketplace import HOST_EARNINGS_ABI, MARKETPLACE_ABI
+from fabstir_jupyter.marketplace import HOST_EARNINGS_ABI, MARKETPLACE_ABI, NODE_REGISTRY_ABI
 
 PRODUCTION_ABI = Path(__file__).resolve().parents[1] / "data" / "production-abi.txt"
 SECTIONS = ("NodeRegistry", "ModelRegistry", "JobMarketplace", "HostEarnings")
@@ -255,7 +255,8 @@ def test_the_clients_calls_are_production_calls():
             assert functions[signature].outputs == outputs, signature
 
 
-@pytest.mark.parametrize("contract, abi", [("JobMarketplace", MARKETPLACE_ABI), ("HostEarnings", HOST_EARNINGS_ABI)])
+@pytest.mark.parametrize("contract, abi", [("JobMarketplace", MARKETPLACE_ABI), ("HostEarnings", HOST_EARNINGS_ABI),
+                                           ("NodeRegistry", NODE_REGISTRY_ABI)])
 def test_the_payment_clients_abi_is_production(contract, abi):
     """Every function and event MarketplaceClient encodes or decodes is production's exactly (selector,
     outputs, mutability; indexed flags, names and topic), and none is missing from production."""

@@ -178,3 +178,96 @@ async def test_cli_dies_with_its_parent_even_if_stdin_stays_open():
         if parent.returncode is None:
             parent.kill()
             await parent.wait()
+
+
+MARKETPLACE = "0x" + "ab" * 20
+REGISTRY_ID = "0x" + "cd" * 32
+
+
+def _paid_args(*extra: str, key_file: str | None = None) -> argparse.Namespace:
+    args = ["--backend", "scripted", *extra]
+    if key_file is not None:
+        args += ["--key-file", key_file]
+    return build_parser().parse_args(args)
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "operator.key"
+    path.write_text("0x" + "4c" * 32 + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_cli_chain_flags_make_a_paid_config(key_file, monkeypatch):
+    """--rpc-url, --marketplace and --model-registry-id (hex, or REPO/FILE hashed as the ModelRegistry
+    does) reach PaymentConfig; FABSTIR_HOST_RPC_URL stands in for --rpc-url; the URL is not in the repr."""
+    from fabstir_jupyter.local.chain import model_id
+
+    config = make_config(_paid_args("--rpc-url", "http://127.0.0.1:8545/key/SECRET", "--marketplace", MARKETPLACE,
+                                    "--model-registry-id", REGISTRY_ID.upper().replace("0X", "0x"),
+                                    "--chain-retry-window", "12", "--shutdown-settle-timeout", "3",
+                                    key_file=key_file))
+    payment = config.payment
+    assert payment is not None and payment.model_registry_id == REGISTRY_ID and payment.marketplace == MARKETPLACE
+    assert payment.retry_window == 12 and payment.shutdown_timeout == 3
+    assert "SECRET" not in repr(config) and "SECRET" not in repr(payment)
+    monkeypatch.setenv("FABSTIR_HOST_RPC_URL", "https://rpc.example/v2/KEY")
+    derived = make_config(_paid_args("--marketplace", MARKETPLACE, "--model-registry-id",
+                                     "CohereForAI/TinyVicuna-1B-32k-GGUF/tiny-vicuna-1b.q4_k_m.gguf",
+                                     key_file=key_file)).payment
+    assert derived.rpc_url == "https://rpc.example/v2/KEY"
+    assert derived.model_registry_id == model_id("CohereForAI/TinyVicuna-1B-32k-GGUF", "tiny-vicuna-1b.q4_k_m.gguf")
+    assert derived.model_registry_id == "0x0b75a2061e70e736924a30c0a327db7ab719402129f76f631adbd7b7a5a5bced"
+    assert make_config(_paid_args(key_file=key_file)).payment is None  # no chain flags: unpaid
+
+
+@pytest.mark.parametrize("extra, with_key, says", [
+    (["--rpc-url", "http://127.0.0.1:1", "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID], False,
+     "needs the operator key"),
+    (["--rpc-url", "http://127.0.0.1:1", "--model-registry-id", REGISTRY_ID], True, "both --rpc-url"),
+    (["--marketplace", MARKETPLACE], True, "both --rpc-url"),
+    (["--rpc-url", "http://127.0.0.1:1", "--marketplace", MARKETPLACE], True, "needs --model-registry-id"),
+    (["--model-registry-id", REGISTRY_ID], True, "needs --rpc-url and --marketplace"),
+    (["--rpc-url", "http://127.0.0.1:1", "--marketplace", MARKETPLACE, "--model-registry-id", "scripted-1"], True,
+     "0x and 64 hex digits, or REPO/FILE"),
+    (["--rpc-url", "ftp://127.0.0.1:1", "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID], True,
+     "http(s):// URL"),
+    (["--rpc-url", "http://127.0.0.1:1", "--marketplace", "0x12", "--model-registry-id", REGISTRY_ID], True,
+     "0x address"),
+])
+def test_cli_refuses_incomplete_chain_flags(extra, with_key, says, key_file, monkeypatch):
+    """Chain flags without the operator key, half of the pair, no model registry id or malformed values
+    are refused with a message that says what to set."""
+    from fabstir_jupyter.errors import InvalidOptions
+
+    monkeypatch.delenv("FABSTIR_HOST_PRIVATE_KEY", raising=False)
+    monkeypatch.delenv("FABSTIR_HOST_RPC_URL", raising=False)
+    with pytest.raises(InvalidOptions) as refused:
+        make_config(_paid_args(*extra, key_file=key_file if with_key else None))
+    assert says in str(refused.value)
+
+
+async def test_cli_paid_host_without_a_key_or_a_chain_exits_with_one_line(key_file):
+    """A paid host with no operator key exits 2; with an RPC endpoint nobody answers it exits 1 before it
+    listens; each prints one error line and no ready line."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    chain = ["--rpc-url", dead, "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID]
+    for extra, status, says in (([], 2, b"operator key"), (["--key-file", key_file], 1, b"CONNECTION_FAILED")):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fabstir_jupyter.host", "--backend", "scripted", "--port", "0", *chain, *extra,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", **_python_env()},
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == status and out == b"", err
+        assert says in err and err.count(b"fabstir-host: error:") == 1
+
+
+def _python_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "HOME", "VIRTUAL_ENV", "LANG")}

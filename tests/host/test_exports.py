@@ -16,10 +16,12 @@ def test_host_exports_resolve():
 
 
 def test_importing_host_loads_neither_llama_cpp_nor_httpx():
-    """The host package imports llama_cpp and httpx only when their backends are used."""
-    code = "import sys, fabstir_jupyter.host; print('llama_cpp' in sys.modules, 'httpx' in sys.modules, 'llm' in sys.modules)"
+    """The host package imports llama_cpp and httpx only when their backends are used, and web3 only
+    when a paid host starts."""
+    code = ("import sys, fabstir_jupyter.host, fabstir_jupyter.host.cli; "
+            "print(*(m in sys.modules for m in ('llama_cpp', 'httpx', 'llm', 'web3', 'fabstir_jupyter.marketplace')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False", "False"]
+    assert out.split() == ["False"] * 5
 
 
 def test_default_model_path_does_not_import_llm():

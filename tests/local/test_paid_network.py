@@ -155,3 +155,111 @@ async def test_each_host_serves_encrypted_sessions_under_the_key_it_registered(p
             while not reader.done:
                 text += "".join(reader.receive(session.decrypt(parse_host_frame(await ws.recv()))))
         assert len(text.split()) == 5 and reader.finish_reason == "length"
+
+
+# ---------------------------------------------------------------------------- paid hosts (paid=True)
+
+
+async def _session(url: str, job_id: int | None, chain_id: int, answers: list[int]):
+    """Open a plaintext session on ``job_id`` (or one without a job), ask for answers of the given
+    lengths, and close the socket; return the frames answering each request."""
+    import json
+
+    from websockets.asyncio.client import connect
+
+    from fabstir_jupyter.protocol import prompt_frame, session_init_frame
+
+    replies = []
+    async with connect(url) as ws:
+        assert json.loads(await ws.recv())["type"] == "connected"
+        await ws.send(json.dumps(session_init_frame(str(job_id or "free"), job_id=job_id, chain_id=chain_id)))
+        assert json.loads(await ws.recv())["type"] == "session_init_ack"
+        for i, n in enumerate(answers):
+            await ws.send(json.dumps(prompt_frame("tell me about the sea", session_id=None, model="scripted-1",
+                                                  max_tokens=n, temperature=0.0, request_id=f"r{i}")))
+            frames = []
+            while not frames or frames[-1]["type"] not in ("stream_end", "error"):
+                frames.append(json.loads(await ws.recv()))
+            if frames[-1]["type"] == "error" and len(frames) == 1:
+                replies.append(frames)
+                continue
+            while frames[-1]["type"] != "stream_end":
+                frames.append(json.loads(await ws.recv()))
+            replies.append(frames)
+    return replies
+
+
+def _wait(predicate, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+async def test_paid_local_hosts_bill_jobs_and_settle_them_when_the_socket_closes():
+    """LocalNetwork(paid=True) starts fabstir-host processes with --rpc-url, --marketplace and
+    --model-registry-id: they list paid-sessions, refuse a request without a job (PAYMENT_REQUIRED),
+    prove a job's answers (600 tokens proven as the interval, then 600) and settle it on close."""
+    import asyncio
+
+    import httpx
+
+    from fabstir_jupyter.marketplace import JobStatus
+
+    with LocalNetwork(1, "scripted", seed=13, paid=True) as network:
+        host = network.hosts[0]
+        assert "paid" in repr(network)
+        async with httpx.AsyncClient() as http:
+            version = (await http.get(host.api_url + "/v1/version")).json()
+            health = (await http.get(host.api_url + "/health")).json()
+        assert "paid-sessions" in version["features"]
+        assert health["payments"]["marketplace"] == network.addresses["JobMarketplace"]
+        unpaid = await _session(host.url, None, network.chain_id, [5])
+        assert unpaid[0][0]["code"] == "PAYMENT_REQUIRED"
+
+        marketplace = network.addresses["JobMarketplace"]
+        as_user = MarketplaceClient(network.rpc_url, marketplace, account=network.user_key)
+        reader = MarketplaceClient(network.w3, marketplace)
+        opened = await asyncio.to_thread(as_user.create_job, host.address, network.model.model_id, deposit=10**15,
+                                         price_per_token=host.prices[0])
+        answers = await _session(host.url, opened.job_id, network.chain_id, [600, 600])
+        assert [sum(f.get("tokens", 0) for f in a if f["type"] == "stream_chunk") for a in answers] == [600, 600]
+        await asyncio.to_thread(_wait, lambda: reader.get_job(opened.job_id).tokens_used == 1600)
+        network.chain.advance_time(31)
+        await asyncio.to_thread(_wait, lambda: reader.get_job(opened.job_id).status is JobStatus.COMPLETED)
+        job = reader.get_job(opened.job_id)
+        cost = 1600 * host.prices[0] // 1000
+        assert job.refunded_to_user == 10**15 - cost and job.withdrawn_by_host == cost - cost // 10
+        assert reader.earnings(host.address) == cost - cost // 10
+
+
+async def test_a_killed_paid_host_leaves_its_job_to_time_out_by_anyone():
+    """A paid host SIGKILLed mid-session settles nothing: its job stays Active with what it proved, and
+    once the proofTimeoutWindow has passed anyone may time it out, which pays the proven tokens."""
+    import asyncio
+
+    from fabstir_jupyter.marketplace import JobStatus
+
+    with LocalNetwork(1, "scripted", seed=17, paid=True) as network:
+        host = network.hosts[0]
+        marketplace = network.addresses["JobMarketplace"]
+        as_user = MarketplaceClient(network.rpc_url, marketplace, account=network.user_key)
+        reader = MarketplaceClient(network.w3, marketplace)
+        opened = await asyncio.to_thread(as_user.create_job, host.address, network.model.model_id, deposit=10**15,
+                                         price_per_token=host.prices[0], proof_timeout_window=60)
+        await _session(host.url, opened.job_id, network.chain_id, [1200])
+        await asyncio.to_thread(_wait, lambda: reader.get_job(opened.job_id).tokens_used == 1200)
+        network.kill_host(0)
+        assert reader.get_job(opened.job_id).status is JobStatus.ACTIVE
+        anyone = network.chain.create_account(native=10**18)
+        stranger = MarketplaceClient(network.rpc_url, marketplace, account=PrivateKey.from_hex(anyone.private_key))
+        with pytest.raises(TransactionFailed) as early:
+            stranger.trigger_timeout(opened.job_id)
+        assert early.value.reason == "Not timeout"
+        network.chain.advance_time(61)
+        settled = stranger.trigger_timeout(opened.job_id)
+        assert settled.timed_out and settled.tokens_used == 1200
+        assert settled.payment == 1200 * host.prices[0] // 1000 and settled.refund == 10**15 - settled.payment
+        assert reader.get_job(opened.job_id).status is JobStatus.TIMED_OUT
