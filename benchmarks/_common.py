@@ -48,6 +48,7 @@ __all__ = [
     "model_host",
     "ours_generation",
     "summarize",
+    "paired",
     "best_line",
     "MODEL_THREADS",
     "chat_prompt_tokens",
@@ -427,6 +428,20 @@ def summarize(gens: list[Generation]) -> dict[str, float]:
         "decode_per_s": median(g.decode_per_s for g in gens),
         "best_ttft_ms": min(g.ttft for g in gens) * 1000,
         "best_tokens_per_s": max(g.tokens_per_s for g in gens),
+    }
+
+
+def paired(base: list[Generation], ours: list[Generation]) -> dict[str, float]:
+    """Medians of the per-round comparisons: ours minus baseline time to first token (ms), and ours
+    over baseline tokens/s.
+
+    The two sides of a round run back to back, so what disturbs a round (other processes on a
+    shared machine) mostly disturbs both: the per-round differences vary far less than each
+    side's own figures, and their median is the steadier estimate of what ours adds.
+    """
+    return {
+        "added_ttft_ms": median((o.ttft - b.ttft) * 1000 for b, o in zip(base, ours)),
+        "rate_ratio": median(o.tokens_per_s / b.tokens_per_s for b, o in zip(base, ours)),
     }
 
 

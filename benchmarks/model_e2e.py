@@ -34,7 +34,10 @@ request → end of stream) and the decode rate (first → last piece); then the 
 side, which other processes on a shared machine disturb least, and the load average before and
 after the run. ``benchmarks/ttft_breakdown.py`` shows where our time to first token goes.
 
-Targets: ours >= 0.95 x in-process tokens/s; ours adds at most 15 ms to time to first token.
+Targets: ours >= 0.95 x in-process tokens/s; ours adds at most 15 ms to time to first token. Both
+are judged on the median of the rounds' own comparisons (ours over in-process tokens/s, ours minus
+in-process time to first token): the two sides of a round run back to back, so load that
+disturbs a round mostly disturbs both. The difference of the two sides' medians is printed too.
 
 Run:  python benchmarks/model_e2e.py [--rounds 11] [--max-tokens 64] [--default-batch-threads]
       (about 1 minute with the defaults on 2 cores, model loading included)
@@ -204,17 +207,18 @@ async def run(args: argparse.Namespace) -> bool:
         if default_side is not None:
             default_side.close()
 
-    b, o = summarize(base), summarize(ours)
-    ratio = o["tokens_per_s"] / b["tokens_per_s"]
-    added = o["ttft_ms"] - b["ttft_ms"]
+    b, o, pair = summarize(base), summarize(ours), _common.paired(base, ours)
+    ratio, added = pair["rate_ratio"], pair["added_ttft_ms"]
     rate_met, ttft_met = ratio >= TARGET_RATE_RATIO, added <= TARGET_ADDED_TTFT_MS
     same_all = mismatched == 0 and prompt_mismatch == 0
     print(f"tokens per answer (median): in-process {b['tokens']:.0f}, ours {o['tokens']:.0f}; rounds with different "
           f"text: {mismatched} of {len(ours)}; with a different prompt token count: {prompt_mismatch}")
     print(f"tokens/s: baseline in-process {b['tokens_per_s']:.1f} | ours host+client {o['tokens_per_s']:.1f} | "
-          f"ratio {ratio:.3f} (target >= {TARGET_RATE_RATIO:.2f}: {verdict(rate_met)})")
+          f"ratio of the medians {o['tokens_per_s'] / b['tokens_per_s']:.3f}; median of the rounds' ratios "
+          f"{ratio:.3f} (target >= {TARGET_RATE_RATIO:.2f}: {verdict(rate_met)})")
     print(f"time to first token: baseline in-process {b['ttft_ms']:.1f} ms | ours {o['ttft_ms']:.1f} ms | "
-          f"added {added:+.1f} ms (target <= {TARGET_ADDED_TTFT_MS:.0f} ms: {verdict(ttft_met)})")
+          f"difference of the medians {o['ttft_ms'] - b['ttft_ms']:+.1f} ms; median of the rounds' differences "
+          f"{added:+.1f} ms (target <= {TARGET_ADDED_TTFT_MS:.0f} ms: {verdict(ttft_met)})")
     print(f"decode rate (first to last token): in-process {fmt_rate(b['decode_per_s'])} tok/s | "
           f"ours {fmt_rate(o['decode_per_s'])} tok/s | ratio {o['decode_per_s'] / b['decode_per_s']:.3f}")
     print(_common.best_line("in-process", b, o))

@@ -208,16 +208,37 @@ async def run(args: argparse.Namespace) -> None:
         values = [r[key] for r in rows if key in r]
         return f"{median(values):7.1f}" if values else "      -"
 
-    print("medians, ms from the request leaving the client (in-process: from the call):")
+    def step(side: str, start: str, end: str) -> str:
+        values = [r[f"{side}_{end}"] - r.get(f"{side}_{start}", 0.0) for r in rows
+                  if f"{side}_{end}" in r and (start == "sent" or f"{side}_{start}" in r)]
+        return f"{median(values):7.2f}" if values else "      -"
+
+    print("medians, ms from the request leaving the client:")
     print(f"  {'step':<40} {'raw':>7} {'ours':>7}")
     for key, label in HOST_STEPS:
         print(f"  {label:<40} {med('raw_' + key)} {med('ours_' + key)}")
     print(f"  {'client: first text received':<40} {med('raw_client')} {med('ours_client')}")
     print(f"  {'ours: from stream start to sending':<40} {'':>7} {med('ours_before_send')}")
+    print("medians of each step's duration, ms (per round, so the model's own variation cancels):")
+    durations = (
+        ("sent", "backend", "client to the backend (socket, parse, admission)"),
+        ("backend", "worker", "queue to the worker thread"),
+        ("worker", "tokenized", "chat template and tokenizer"),
+        ("tokenized", "sampled", "prompt evaluation and first sample (the model)"),
+        ("sampled", "on_loop", "hand-off: worker thread to event loop"),
+        ("on_loop", "client", "loop to the client's first text (send, socket, read)"),
+    )
+    for start, end, label in durations:
+        print(f"  {label:<55} {step('raw', start, end)} {step('ours', start, end)}")
     ins, raw_t = median(r["in_process"] for r in rows), median(r["raw_client"] for r in rows)
     ours_t = median(r["ours_client"] + r["ours_before_send"] for r in rows)
-    print(f"time to first token: in-process {ins:.1f} ms | raw client to fabstir-host {raw_t:.1f} ms "
-          f"({raw_t - ins:+.1f} ms: host and socket) | ours {ours_t:.1f} ms ({ours_t - raw_t:+.1f} ms: our client)")
+    overhead_raw = median(r["raw_client"] - (r["raw_sampled"] - r["raw_tokenized"]) for r in rows)
+    overhead_ours = median(r["ours_client"] + r["ours_before_send"] - (r["ours_sampled"] - r["ours_tokenized"])
+                           for r in rows)
+    print(f"time to first token: in-process {ins:.1f} ms | raw client to fabstir-host {raw_t:.1f} ms | ours "
+          f"{ours_t:.1f} ms (medians; the model's share varies from round to round)")
+    print(f"everything but the model's prompt evaluation, per round: raw {overhead_raw:.1f} ms | ours "
+          f"{overhead_ours:.1f} ms ({overhead_ours - overhead_raw:+.1f} ms: our client)")
     _common.print_load_after()
 
 
