@@ -2,8 +2,9 @@
 
 * the machine line every script prints (:func:`print_header`);
 * small statistics and the "target met"/"target missed" verdict;
-* a scripted ``fabstir-host`` child process (:func:`scripted_host`) and the raw ``websockets``
-  reader used as the baseline for our client (:func:`raw_stream`);
+* a scripted ``fabstir-host`` child process (:func:`scripted_host`), the relay benchmark's host
+  that is faster than any client (:func:`fast_host`, ``_fast_host.py``), and the raw
+  ``websockets`` reader used as the baseline for our client (:func:`raw_stream`);
 * the process's resident memory (:func:`rss_bytes`, :func:`peak_rss_bytes`) and the embedded
   model's GGUF file (:func:`gguf_path`).
 
@@ -37,6 +38,7 @@ __all__ = [
     "process_cpu_seconds",
     "gguf_path",
     "scripted_host",
+    "FastHost",
     "fast_host",
     "raw_inference_frame",
     "RawResult",
