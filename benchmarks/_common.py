@@ -2,8 +2,9 @@
 
 * the machine line every script prints (:func:`print_header`);
 * small statistics and the "target met"/"target missed" verdict;
-* a scripted ``fabstir-host`` child process (:func:`scripted_host`) and the raw ``websockets``
-  reader used as the baseline for our client (:func:`raw_stream`);
+* a scripted ``fabstir-host`` child process (:func:`scripted_host`), the relay benchmark's host
+  that is faster than any client (:func:`fast_host`, ``_fast_host.py``), and the raw
+  ``websockets`` reader used as the baseline for our client (:func:`raw_stream`);
 * the process's resident memory (:func:`rss_bytes`, :func:`peak_rss_bytes`) and the embedded
   model's GGUF file (:func:`gguf_path`).
 
@@ -37,6 +38,8 @@ __all__ = [
     "process_cpu_seconds",
     "gguf_path",
     "scripted_host",
+    "FastHost",
+    "fast_host",
     "raw_inference_frame",
     "RawResult",
     "raw_stream",
@@ -47,7 +50,11 @@ __all__ = [
     "model_host",
     "ours_generation",
     "summarize",
+    "paired",
     "best_line",
+    "MODEL_THREADS",
+    "chat_prompt_tokens",
+    "print_load_after",
 ]
 
 
@@ -182,6 +189,57 @@ def scripted_host(max_tokens_cap: int, token_rate: float = 0) -> Any:
                        start_timeout=60)
 
 
+class FastHost:
+    """``benchmarks/_fast_host.py`` in a child process: a host that sends faster than any client.
+
+    Use as a context manager; ``.url`` and ``.pid`` are set once entered. The child exits when its
+    stdin closes (this process exiting closes it too).
+    """
+
+    def __init__(self, start_timeout: float = 30.0) -> None:
+        self.start_timeout = start_timeout
+        self.url = ""
+        self.pid = 0
+        self._proc: Any = None
+
+    def __enter__(self) -> FastHost:
+        import subprocess
+        import threading
+
+        script = Path(__file__).with_name("_fast_host.py")
+        self._proc = proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True)
+        self.pid = proc.pid
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(self.start_timeout)
+        if not lines or "listening on " not in lines[0]:
+            self.__exit__()
+            raise RuntimeError(f"benchmarks/_fast_host.py did not start within {self.start_timeout:g} s")
+        self.url = lines[0].rsplit(" ", 1)[1].strip()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        import subprocess
+
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.stdin.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def fast_host() -> FastHost:
+    """A host faster than any client, in its own process (see ``benchmarks/_fast_host.py``)."""
+    return FastHost()
+
+
 def raw_inference_frame(prompt: str, *, model: str, max_tokens: int, temperature: float,
                         request_id: str, seed: int | None = None) -> dict[str, Any]:
     """The ``inference`` frame our client sends, written out by hand for the raw baseline."""
@@ -264,6 +322,7 @@ class Generation:
     total: float  # to the end of the stream
     first_to_last: float  # from the first to the last piece of text
     text: str
+    prompt_tokens: int | None = None  # as the side counted them, where it says
 
     @property
     def tokens_per_s(self) -> float:
@@ -294,16 +353,28 @@ class PieceClock:
         self.last = now
         self.pieces.append(text)
 
-    def result(self, tokens: int) -> Generation:
+    def result(self, tokens: int, prompt_tokens: int | None = None) -> Generation:
         end = time.perf_counter()
         if self.first is None:
             raise RuntimeError("the stream produced no text")
         return Generation(tokens=tokens, ttft=self.first - self.started, total=end - self.started,
-                          first_to_last=self.last - self.first, text="".join(self.pieces))
+                          first_to_last=self.last - self.first, text="".join(self.pieces),
+                          prompt_tokens=prompt_tokens)
 
 
-def model_host(threads: int = 1, n_ctx: int = 2048) -> Any:
-    """A ``fabstir-host --backend llama-cpp`` child process serving the embedded SmolLM2 model."""
+#: llama.cpp threads on every side of the model benchmarks: generation and prompt processing
+#: (``n_threads`` and ``n_threads_batch``). ``fabstir-host --threads N`` sets both to N, while
+#: llama-cpp-python (``Llama`` and ``llama_cpp.server``) defaults ``n_threads_batch`` to the CPU
+#: count: left at that, the baselines process the prompt on 2 threads and our host on 1, which
+#: alone made the in-process time to first token ~40 ms shorter on an idle 2-core machine.
+MODEL_THREADS = 1
+
+
+def model_host(threads: int = MODEL_THREADS, n_ctx: int = 2048) -> Any:
+    """A ``fabstir-host --backend llama-cpp`` child process serving the embedded SmolLM2 model.
+
+    ``--threads`` sets both llama.cpp thread counts (generation and prompt processing).
+    """
     from fabstir_jupyter.local.process import HostProcess
 
     return HostProcess("llama-cpp", ["--threads", str(threads), "--n-ctx", str(n_ctx)], start_timeout=300)
@@ -318,7 +389,32 @@ async def ours_generation(manager: Any, url: str, prompt: str, max_tokens: int) 
     usage = stream.usage
     if usage is None or not usage.completion_tokens:
         raise RuntimeError(f"no usage from the host (finish {stream.finish_reason})")
-    return clock.result(usage.completion_tokens)
+    return clock.result(usage.completion_tokens, usage.prompt_tokens)
+
+
+def chat_prompt_tokens(llm: Any, prompt: str) -> int:
+    """Tokens of the chat prompt ``Llama.create_chat_completion`` evaluates for one user message.
+
+    Rendered with the GGUF's own template, as llama-cpp-python does for a model without a named
+    chat format (and as ``fabstir-host`` does).
+    """
+    from llama_cpp import llama_chat_format
+
+    eos_id, bos_id = llm.token_eos(), llm.token_bos()
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"],
+        llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+        llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+        add_generation_prompt=True,
+    )
+    rendered = formatter(messages=[{"role": "user", "content": prompt}])
+    return len(llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True))
+
+
+def print_load_after() -> None:
+    """Print the load average at the end of a run (the header has the one before)."""
+    if hasattr(os, "getloadavg"):
+        print("load average after the run: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 def summarize(gens: list[Generation]) -> dict[str, float]:
@@ -334,6 +430,20 @@ def summarize(gens: list[Generation]) -> dict[str, float]:
         "decode_per_s": median(g.decode_per_s for g in gens),
         "best_ttft_ms": min(g.ttft for g in gens) * 1000,
         "best_tokens_per_s": max(g.tokens_per_s for g in gens),
+    }
+
+
+def paired(base: list[Generation], ours: list[Generation]) -> dict[str, float]:
+    """Medians of the per-round comparisons: ours minus baseline time to first token (ms), and ours
+    over baseline tokens/s.
+
+    The two sides of a round run back to back, so what disturbs a round (other processes on a
+    shared machine) mostly disturbs both: the per-round differences vary far less than each
+    side's own figures, and their median is the steadier estimate of what ours adds.
+    """
+    return {
+        "added_ttft_ms": median((o.ttft - b.ttft) * 1000 for b, o in zip(base, ours)),
+        "rate_ratio": median(o.tokens_per_s / b.tokens_per_s for b, o in zip(base, ours)),
     }
 
 

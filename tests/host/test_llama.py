@@ -79,3 +79,41 @@ async def test_llama_prompt_text_cannot_inject_control_tokens():
         assert backend._prompt_tokens(messages, None) == whole
     finally:
         await backend.close()
+
+
+async def collect(backend, prompt: str, max_tokens: int = 12) -> tuple[str, int]:
+    """Generate greedily from ``backend``; return the text and the prompt tokens it counted."""
+    import asyncio
+
+    from fabstir_jupyter.host.backends import GenerationParams, GenerationStats
+
+    stats = GenerationStats()
+    params = GenerationParams(messages=(("user", prompt),), model=backend.models[0].id, max_tokens=max_tokens,
+                              temperature=0.0, seed=7)
+    pieces = [piece async for piece in backend.generate(params, asyncio.Event(), stats)]
+    return "".join(pieces), stats.prompt_tokens
+
+
+async def test_llama_warm_up_caches_the_template_opening_without_changing_answers():
+    """Once loaded, the backend evaluates the chat template's opening, which every one-user-message
+    prompt starts with; answers are the same as without the warm-up."""
+    import asyncio
+
+    from fabstir_jupyter.host.llama import LlamaCppBackend
+
+    prompt = "Name three colours of the rainbow."
+    warm, cold = LlamaCppBackend(threads=1), LlamaCppBackend(threads=1, warm_up=False)
+    try:
+        await warm.start()
+        await cold.start()
+        await warm.wait_loaded()
+        await cold.wait_loaded()
+        await asyncio.wait_for(asyncio.shield(warm._warming), 60)
+        prefix = warm._template_prefix()
+        assert len(prefix) >= 10  # SmolLM2's default system turn and the user turn's header
+        assert warm._llm.n_tokens == len(prefix) and cold._llm.n_tokens == 0
+        assert warm._prompt_tokens([{"role": "user", "content": prompt}], None)[: len(prefix)] == prefix
+        assert await collect(warm, prompt) == await collect(cold, prompt)
+    finally:
+        await warm.close()
+        await cold.close()
