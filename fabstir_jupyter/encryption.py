@@ -103,7 +103,6 @@ RESPONSE_AAD = b"encrypted_response_final"
 ENCRYPTED_CLIENT_TYPES = ("encrypted_session_init", "encrypted_message")
 
 _MESSAGE_AAD = re.compile(rb"message_(0|[1-9][0-9]{0,17})")
-_CHUNK_AAD = re.compile(rb"chunk_(0|[1-9][0-9]{0,17})")
 _INIT_FIELDS = ("ephPubHex", "ciphertextHex", "nonceHex", "signatureHex", "aadHex")
 _SEALED_FIELDS = ("ciphertextHex", "nonceHex", "aadHex")
 
@@ -543,10 +542,8 @@ class EncryptedSession:
                 raise ProtocolError("encrypted_response has the wrong AAD")
             self._reply_open = False
             return Chunk(content="", tokens=0, finish_reason=text, id=request_id)
-        match = _CHUNK_AAD.fullmatch(aad)
         index = payload.get("index", self._next_chunk)
-        if (match is None or int(match.group(1)) != self._next_chunk
-                or isinstance(index, bool) or index != self._next_chunk):
+        if aad != chunk_aad(self._next_chunk) or isinstance(index, bool) or index != self._next_chunk:
             raise ProtocolError(f"encrypted_chunk out of order: chunk {self._next_chunk} expected")
         self._next_chunk += 1
         return Chunk(content=text, tokens=_count(frame, "tokens", 1 if text else 0), id=request_id)
