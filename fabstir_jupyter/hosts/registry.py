@@ -28,6 +28,9 @@ logged and skipped or flagged, never fatal. A price of 0 means "not priced"; a n
 ``_public_key_mismatch`` (the published ``publicKey`` does not derive the node's address, or is
 malformed).
 
+:meth:`~ChainRegistrySource.recover_public_key` recovers the encryption key of a host that publishes
+none from a registry transaction it signed (:func:`~fabstir_jupyter.hosts.keys.registration_key`).
+
 The sync provider runs in an executor thread, never on the event loop. eth-abi and web3 are
 imported when first used.
 """
