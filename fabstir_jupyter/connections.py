@@ -290,7 +290,9 @@ class PoolConnector:
     Stateless requests check a socket out and back in. A session pins one socket: the first turn
     opens it (a plaintext turn sends ``session_init`` on it); later turns on the same host reuse it
     while it stays open and every turn on it ended cleanly; a turn on another host, or after a
-    broken one, opens a new one (:attr:`Connection.fresh`).
+    broken one, opens a new one (:attr:`Connection.fresh`). A turn whose host memory differs from
+    the last turn's (plaintext after encrypted or back, or another signer) counts as fresh too, so
+    the session resends its transcript.
 
     Each connection gets an :class:`EncryptedChannel` or a plaintext :class:`Channel`, as
     :func:`encryption_key_for` decides from the request's mode and what ``keys`` knows of the host.
@@ -319,6 +321,10 @@ class PoolConnector:
         self.chain_id = chain_id
         self._pinned: dict[str, WebSocketClient] = {}
         self._plaintext_opened: set[str] = set()  # sessions whose pinned socket carried session_init
+        # Which of the host's memories a session's last turn on its pinned socket fed: the plaintext
+        # one, or the encrypted one of a signer (a host keeps the two apart, and an encrypted
+        # conversation's memory only for the signer that started it).
+        self._memory: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<PoolConnector pinned={len(self._pinned)} pool={self.pool!r}>"
@@ -380,15 +386,18 @@ class PoolConnector:
                 self._drop(session_id, socket)
                 raise
             self._plaintext_opened.add(session_id)
+        memory = "plaintext" if not channel.encrypted or self.signer is None else f"encrypted:{self.signer.address}"
+        fresh = pinned is None or self._memory.get(session_id) != memory
         self._pinned[session_id] = socket
-        return Connection(socket, channel, fresh=pinned is None,
-                          _give_back=functools.partial(self._keep, session_id, socket))
+        self._memory[session_id] = memory
+        return Connection(socket, channel, fresh=fresh, _give_back=functools.partial(self._keep, session_id, socket))
 
     def _drop(self, session_id: str, socket: WebSocketClient) -> None:
         self.pool.discard(socket)
         if self._pinned.get(session_id) is socket:
             del self._pinned[session_id]
             self._plaintext_opened.discard(session_id)
+            self._memory.pop(session_id, None)
 
     def _check_in(self, socket: WebSocketClient, clean: bool) -> None:
         self.pool.checkin(socket, reusable=clean)
@@ -406,6 +415,7 @@ class PoolConnector:
         """Close the socket the session pins, if any."""
         socket = self._pinned.pop(session_id, None)
         self._plaintext_opened.discard(session_id)
+        self._memory.pop(session_id, None)
         if socket is not None:
             self.pool.discard(socket)
 

@@ -471,6 +471,26 @@ async def test_an_encrypted_session_keeps_its_conversation_across_turns_and_a_ca
         assert secret not in everything
 
 
+async def test_a_session_switching_between_plaintext_and_encryption_resends_its_transcript(
+        start_host, keyed_manager):
+    """A host keeps plaintext and encrypted memories apart (and the encrypted one per signer): a turn
+    that changes encryption, or the signer, on the session's pinned socket resends the transcript,
+    so the host always sees the whole conversation."""
+    host = await start_host(operator_key=KEY_A)
+    manager = keyed_manager([keyed(host.http_url, KEY_A)])
+    session = await manager.sessions.create_session()
+    first = await read(manager.sessions.stream(session.id, PROMPT, max_tokens=4, encryption=False))
+    second = await read(manager.sessions.stream(session.id, SECOND, max_tokens=4))
+    assert (first.encrypted, second.encrypted) == (False, True)
+    assert second.usage.prompt_tokens == len(PROMPT.split()) + 4 + len(SECOND.split())
+    manager.use_signer(USER)
+    third = await read(manager.sessions.stream(session.id, "And the widest", max_tokens=4))
+    assert third.usage.prompt_tokens == second.usage.prompt_tokens + 4 + 3
+    fourth = await read(manager.sessions.stream(session.id, "Thanks", max_tokens=2, encryption=False))
+    assert fourth.encrypted is False and fourth.usage.prompt_tokens == third.usage.prompt_tokens + 4 + 1
+    assert manager.sessions.pinned_socket(session.id) is not None and manager.pool.stats()["in_use"] == 1
+
+
 async def test_a_session_that_fails_over_replays_its_transcript_encrypted_on_the_new_host(
         start_host, tap, keyed_manager):
     """When the session's host dies, the next turn goes to the other keyed host over a fresh socket,
