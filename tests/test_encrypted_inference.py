@@ -60,11 +60,14 @@ class WireTap:
     Args:
         upstream: the host.
         alter: ``alter(frame) -> frame`` applied to host→client JSON frames (a tampering host).
+        alter_up: the same for client→host frames (tampering on the way to the host).
     """
 
-    def __init__(self, upstream: HostServer, alter: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    def __init__(self, upstream: HostServer, alter: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 alter_up: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.upstream = upstream
         self.alter = alter
+        self.alter_up = alter_up
         self.frames: list[tuple[str, str]] = []  # ("client" | "host", message text)
         self.connections = 0
         self._carried: set[int] = set()  # connections that carried a client frame
@@ -113,6 +116,8 @@ class WireTap:
 
             async def up() -> None:
                 async for message in client:
+                    if self.alter_up is not None and isinstance(message, str):
+                        message = json.dumps(self.alter_up(json.loads(message)))
                     self.frames.append(("client", message))
                     self._carried.add(number)
                     await host.send(message)
@@ -402,6 +407,29 @@ async def test_a_host_that_refuses_the_init_fails_over_even_though_the_message_w
         await read(alone.stream(PROMPT, max_tokens=4))
     assert info.value.code == "DECRYPTION_FAILED" and "refused the encrypted session init" in str(info.value)
     assert len(alone.usage.records) == 2
+
+
+def _flip_messages(frame: dict[str, Any]) -> dict[str, Any]:
+    if frame.get("type") == "encrypted_message":
+        cipher = frame["payload"]["ciphertextHex"]
+        frame["payload"]["ciphertextHex"] = ("0" if cipher[0] != "0" else "1") + cipher[1:]
+    return frame
+
+
+async def test_a_message_the_host_cannot_open_fails_that_attempt_after_the_ack(start_host, tap, keyed_manager):
+    """The message is altered on its way to the host: the init is acknowledged, then the host answers
+    DECRYPTION_FAILED for the message; that attempt fails (retryably) and the other host serves."""
+    altered = await start_host(operator_key=KEY_A)
+    good = await start_host(operator_key=KEY_B)
+    wire = await tap(altered, alter_up=_flip_messages)
+    manager = keyed_manager([keyed(wire.http_url, KEY_A), keyed(good.http_url, KEY_B)])
+    await prefer(manager, wire.http_url)
+    stream = await read(manager.stream(PROMPT, max_tokens=3))
+    assert stream.text == scripted_text(PROMPT, 3) and stream.host.api_url == good.http_url
+    replies = [f["type"] for f in wire.received() if f["type"] != "connected"]
+    assert replies[:2] == ["session_init_ack", "error"]
+    first = manager.usage.records[0]
+    assert (first.error_code, first.host, first.encrypted) == ("DECRYPTION_FAILED", wire.http_url, True)
 
 
 async def test_a_keyless_host_that_publishes_a_key_answers_not_supported_and_the_request_moves_on(
