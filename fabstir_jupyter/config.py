@@ -29,9 +29,11 @@ __all__ = [
     "InferenceOptions",
     "HostRequirements",
     "SELECTION_MODES",
+    "ENCRYPTION_MODES",
     "ContentFilter",
     "resolve_options",
     "validate_mode",
+    "validate_encryption",
     "validate_prompt",
     "validate_usage_db",
     "validate_request",
@@ -44,6 +46,11 @@ MAX_STOP_LENGTH = 200
 
 #: Host selection modes (spec/PROTOCOL.md §9); a specific host is asked for with ``host_address``.
 SELECTION_MODES = ("auto", "cheapest", "fastest", "reliable")
+
+#: End-to-end encryption settings (spec/PROTOCOL.md §6): ``"auto"`` encrypts to every host whose key is
+#: known and checked, ``"required"`` refuses the others, ``False`` sends plaintext. ``"off"`` is read as
+#: ``False``.
+ENCRYPTION_MODES = ("auto", "required", False)
 
 #: ``filter(text) -> text``: runs on the prompt before sending and on the final answer; raise
 #: :class:`~fabstir_jupyter.errors.InvalidPrompt` to refuse.
@@ -108,6 +115,13 @@ class InferenceConfig:
         auth_token: a bearer token sent to every host (``Authorization: Bearer ...``); never shown.
         auth_tokens: bearer tokens per host, keyed by any host URL form (``http://h:1``,
             ``wss://h:1/v1/ws``, ``h:1``); wins over ``auth_token``. Never shown.
+        encryption: end-to-end encryption (spec/PROTOCOL.md §6), one of :data:`ENCRYPTION_MODES`:
+            ``"auto"`` (default) encrypts to a host whose key is known and checked against its
+            registered address (published in its registry metadata, or recovered from its
+            registration transaction) and speaks plaintext to a host without one; ``"required"``
+            refuses such a host (``ENCRYPTION_NOT_SUPPORTED``) before sending it anything;
+            ``False`` (or ``"off"``) never encrypts. A host whose published key is not its own is
+            refused unless encryption is off. A request may override it (``InferenceOptions``).
     """
 
     default_model: str | None = None
@@ -137,8 +151,10 @@ class InferenceConfig:
     trace: bool = False
     auth_token: str | None = field(default=None, repr=False, compare=False)
     auth_tokens: Mapping[str, str] | None = field(default=None, repr=False, compare=False)
+    encryption: str | bool = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "encryption", validate_encryption(self.encryption))
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise InvalidOptions(f"max_retries must be an integer >= 0, not {self.max_retries!r}", field="max_retries")
         for name in ("connection_timeout", "first_token_timeout", "idle_timeout", "backoff_max",
@@ -194,6 +210,8 @@ class InferenceOptions:
         system_prompt: a system message placed first.
         mode: host selection mode, one of :data:`SELECTION_MODES` (default ``"auto"``); ignored
             when ``host_address`` names a host.
+        encryption: this request's end-to-end encryption, one of :data:`ENCRYPTION_MODES`
+            (default: ``InferenceConfig.encryption``).
     """
 
     model: str | None = None
@@ -207,6 +225,7 @@ class InferenceOptions:
     messages: tuple[Mapping[str, str], ...] | None = None
     system_prompt: str | None = None
     mode: str | None = None
+    encryption: str | bool | None = None
 
     def replace(self, **changes: Any) -> InferenceOptions:
         """Return a copy with some fields changed."""
@@ -254,6 +273,29 @@ def validate_mode(mode: Any) -> str:
     raise InvalidOptions(
         f"mode must be one of {', '.join(SELECTION_MODES)}, not {mode!r} (a specific host is host_address)",
         field="mode",
+    )
+
+
+def validate_encryption(value: Any) -> str | bool:
+    """Return the encryption setting named by ``value``: ``"auto"``, ``"required"`` or ``False``.
+
+    Strings are read case-insensitively, and ``"off"`` means ``False``.
+
+    Raises:
+        InvalidOptions: anything else (``True`` too: say ``"auto"`` or ``"required"``); ``field``
+            is ``"encryption"``.
+    """
+    if value is False:
+        return False
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "off":
+            return False
+        if text in ("auto", "required"):
+            return text
+    raise InvalidOptions(
+        f"encryption must be 'auto', 'required' or False ('off'), not {value!r}", field="encryption",
+        hint="'auto' encrypts where the host's key is known, 'required' refuses hosts without one",
     )
 
 
@@ -419,6 +461,9 @@ def resolve_options(
     if mode is not None:
         mode = validate_mode(mode)
 
+    encryption = normalised.get("encryption")
+    encryption = config.encryption if encryption is None else validate_encryption(encryption)
+
     return InferenceOptions(
         model=model,
         max_tokens=max_tokens,
@@ -431,6 +476,7 @@ def resolve_options(
         messages=messages,
         system_prompt=system_prompt,
         mode=mode,
+        encryption=encryption,
     )
 
 

@@ -61,6 +61,7 @@ from .protocol import (
     _opt_ident,
     _parse_generation,
     _request_body,
+    request_body,
 )
 
 __all__ = [
@@ -102,7 +103,6 @@ RESPONSE_AAD = b"encrypted_response_final"
 ENCRYPTED_CLIENT_TYPES = ("encrypted_session_init", "encrypted_message")
 
 _MESSAGE_AAD = re.compile(rb"message_(0|[1-9][0-9]{0,17})")
-_CHUNK_AAD = re.compile(rb"chunk_(0|[1-9][0-9]{0,17})")
 _INIT_FIELDS = ("ephPubHex", "ciphertextHex", "nonceHex", "signatureHex", "aadHex")
 _SEALED_FIELDS = ("ciphertextHex", "nonceHex", "aadHex")
 
@@ -380,7 +380,8 @@ class EncryptedSession:
     Args:
         host_key: the host's public key, checked with :func:`host_public_key` or recovered with
             :func:`~fabstir_jupyter.crypto.public_key_from_transaction`.
-        session_id, job_id, chain_id: the outer fields; ``job_id`` also travels encrypted.
+        session_id, job_id, chain_id: the outer fields; ``job_id`` also travels encrypted (an empty
+            one means no paid job); ``chain_id=None`` leaves the field out (hosts assume theirs).
         model: the model name sent in the init payload.
         signer: the client's static key that signs each init (the user's key, so that a host can
             match the job's depositor); a fresh key per session by default.
@@ -394,7 +395,7 @@ class EncryptedSession:
         *,
         session_id: str,
         job_id: str | int,
-        chain_id: int,
+        chain_id: int | None,
         model: str,
         signer: PrivateKey | None = None,
         price_per_token: int = 0,
@@ -441,13 +442,12 @@ class EncryptedSession:
                                price_per_token=self.price_per_token)
         payload = seal_session_init(self.host_key, self._signer, data, ephemeral=self._ephemeral(),
                                     nonce=self._rng(NONCE_SIZE))
-        return {
-            "type": "encrypted_session_init",
-            "session_id": self.session_id,
-            "chain_id": self.chain_id,
-            "job_id": self.job_id,
-            "payload": payload,
-        }
+        frame: dict[str, Any] = {"type": "encrypted_session_init", "session_id": self.session_id}
+        if self.chain_id is not None:
+            frame["chain_id"] = self.chain_id
+        frame["job_id"] = self.job_id
+        frame["payload"] = payload
+        return frame
 
     def message_frame(
         self,
@@ -471,10 +471,22 @@ class EncryptedSession:
         Raises:
             RuntimeError: :meth:`init_frame` was not called first.
         """
-        if self._key is None:
-            raise RuntimeError("call init_frame() before message_frame()")
         body = _request_body(prompt=prompt, model=model, max_tokens=max_tokens, temperature=temperature,
                              stream=stream, top_p=top_p, stop=stop, seed=seed, messages=messages)
+        return self._sealed_message(body, request_id)
+
+    def request_frame(self, request: GenerationRequest, *, request_id: str) -> dict[str, Any]:
+        """Build the ``encrypted_message`` that carries ``request`` (:meth:`message_frame` for a
+        :class:`~fabstir_jupyter.protocol.GenerationRequest`: the same body as a plaintext ``request``).
+
+        Raises:
+            RuntimeError: :meth:`init_frame` was not called first.
+        """
+        return self._sealed_message(request_body(request), request_id)
+
+    def _sealed_message(self, body: Mapping[str, Any], request_id: str) -> dict[str, Any]:
+        if self._key is None:
+            raise RuntimeError("call init_frame() before message_frame()")
         payload = seal(self._key, _json_bytes(body), message_aad(self.message_index), nonce=self._rng(NONCE_SIZE))
         self.message_index += 1
         self._next_chunk = 0
@@ -530,10 +542,8 @@ class EncryptedSession:
                 raise ProtocolError("encrypted_response has the wrong AAD")
             self._reply_open = False
             return Chunk(content="", tokens=0, finish_reason=text, id=request_id)
-        match = _CHUNK_AAD.fullmatch(aad)
         index = payload.get("index", self._next_chunk)
-        if (match is None or int(match.group(1)) != self._next_chunk
-                or isinstance(index, bool) or index != self._next_chunk):
+        if aad != chunk_aad(self._next_chunk) or isinstance(index, bool) or index != self._next_chunk:
             raise ProtocolError(f"encrypted_chunk out of order: chunk {self._next_chunk} expected")
         self._next_chunk += 1
         return Chunk(content=text, tokens=_count(frame, "tokens", 1 if text else 0), id=request_id)

@@ -24,6 +24,7 @@ Every error carries a ``code`` from the one namespace shared with the reference 
     ├── BudgetExceeded                BUDGET_EXCEEDED       no
     ├── TransactionFailed             TRANSACTION_FAILED    no   (yes for a refusal that time may lift)
     ├── EncryptionError               ENCRYPTION_* etc.     no
+    │   └── EncryptionUnavailable     ENCRYPTION_NOT_SUPPORTED  no   (client only: other hosts are tried)
     ├── ChainError                    CHAIN_ERROR           yes  (client only)
     ├── InvalidInput (also ValueError)
     │   ├── InvalidPrompt             INVALID_PROMPT        no
@@ -65,6 +66,7 @@ __all__ = [
     "BudgetExceeded",
     "TransactionFailed",
     "EncryptionError",
+    "EncryptionUnavailable",
     "ChainError",
     "InvalidInput",
     "InvalidPrompt",
@@ -264,6 +266,15 @@ class TransactionFailed(FabstirError):
 
 class EncryptionError(FabstirError):
     """Raised for the encrypted-session codes of spec/PROTOCOL.md §6 (``code`` says which)."""
+
+    code = "ENCRYPTION_NOT_SUPPORTED"
+
+
+class EncryptionUnavailable(EncryptionError):
+    """Raised before anything is sent to a host that the client will not use: ``encryption="required"``
+    and the host has no usable key, or the host publishes a key that is not its own (refused in
+    ``"auto"`` too). Not retryable on that host; a request tries its other hosts first and ends
+    with this error only when none is left."""
 
     code = "ENCRYPTION_NOT_SUPPORTED"
 

@@ -13,7 +13,7 @@ It sits on top of the client core: it imports sessions and batches, which import
 from __future__ import annotations
 
 import random
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
 
 from .batch import run_batch
 from .config import HostRequirements, InferenceConfig, InferenceOptions
@@ -23,6 +23,9 @@ from .sessions import SessionManager
 from .streams import InferenceCore, InferenceResult, InferenceStream, backoff_delay
 from .transport import WebSocketClient
 from .usage import UsageSink
+
+if TYPE_CHECKING:
+    from .crypto import PrivateKey
 
 __all__ = ["InferenceManager", "InferenceStream", "InferenceResult", "backoff_delay"]
 
@@ -37,6 +40,7 @@ class InferenceManager(InferenceCore):
             at ``config.usage_db``.
         rng: randomness for backoff jitter and tie-breaking (seed it for reproducible runs).
         connector: hands out connections (see :class:`~fabstir_jupyter.streams.InferenceCore`).
+        signer: the key that signs encrypted session inits (see :class:`~fabstir_jupyter.streams.InferenceCore`).
 
     The manager belongs to one event loop: the first that uses it, or a private loop thread when it
     is first used through the blocking :meth:`infer`. Streams can be consumed from other loops.
@@ -50,8 +54,9 @@ class InferenceManager(InferenceCore):
         usage: UsageSink | None = None,
         rng: random.Random | None = None,
         connector: Connector | None = None,
+        signer: PrivateKey | None = None,
     ) -> None:
-        super().__init__(host_manager, config, usage=usage, rng=rng, connector=connector)
+        super().__init__(host_manager, config, usage=usage, rng=rng, connector=connector, signer=signer)
         self._sessions: SessionManager | None = None
 
     # ------------------------------------------------------------------ the brief's API

@@ -109,7 +109,19 @@ class FabstirSDK:
             self._account = Account.from_key(private_key)
         except Exception:
             raise AuthFailed("the private key is not valid (expected 32 bytes of hex)") from None
+        if self._inference is not None:
+            self._inference.use_signer(self._signer())
         return self._account.address  # type: ignore[no-any-return]
+
+    def _signer(self) -> Any:
+        """The authenticated key as the signer of encrypted session inits (``None``: the manager makes its own)."""
+        if self._account is None:
+            return None
+        try:
+            from .crypto import PrivateKey
+        except ImportError:  # pragma: no cover - the crypto extra comes with eth-account's
+            return None
+        return PrivateKey.from_bytes(bytes(self._account.key))
 
     @property
     def address(self) -> str | None:
@@ -192,7 +204,8 @@ class FabstirSDK:
             if self._closed:
                 raise ConnectionFailed("sdk is closed")
             if self._inference is None:
-                self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage)
+                self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage,
+                                                   signer=self._signer())
             return self._inference
 
     @property

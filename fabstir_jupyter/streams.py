@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Coroutine, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Coroutine, Mapping, Protocol, Sequence, TypeVar
 
 from . import _compat, protocol
 from .cache import ResponseCache
@@ -51,6 +51,7 @@ from .errors import (
     Cancelled,
     ConnectionFailed,
     DeadlineExceeded,
+    EncryptionUnavailable,
     FabstirError,
     FirstTokenTimeout,
     IdleTimeout,
@@ -66,6 +67,9 @@ from .limits import RateLimiter
 from .runner import LoopThread, wait_future
 from .transport import ConnectionPool
 from .usage import UsageLedger, UsageRecord, UsageSink
+
+if TYPE_CHECKING:
+    from .crypto import PrivateKey
 
 __all__ = [
     "InferenceCore",
@@ -107,11 +111,22 @@ def backoff_delay(attempt: int, config: InferenceConfig, rng: random.Random,
     return delay
 
 
+def _refusals_error(refused: Sequence[tuple[HostInfo, EncryptionUnavailable]]) -> EncryptionUnavailable:
+    """The error of a request whose every remaining host was refused for encryption."""
+    if len(refused) == 1:
+        return refused[0][1]
+    reasons = "; ".join(f"{host.api_url}: {error.message}" for host, error in refused)
+    return EncryptionUnavailable(f"no host could be used ({reasons})", hint=refused[-1][1].hint)
+
+
 @dataclass(frozen=True)
 class InferenceResult:
     """The outcome of a finished request (what :meth:`InferenceManager.infer` returns).
 
     A request that failed after delivering text has that partial ``text`` and its ``error`` set.
+    ``encrypted`` is ``True`` when every attempt that sent the request sent it end-to-end
+    encrypted, ``False`` when one sent it in clear, ``None`` when nothing was sent (a cache hit,
+    or a request refused before any host got it).
     """
 
     text: str
@@ -123,6 +138,7 @@ class InferenceResult:
     request_id: str
     error: FabstirError | None = None
     records: tuple[UsageRecord, ...] = ()  # one per attempt, oldest first (retries, failover)
+    encrypted: bool | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -193,10 +209,13 @@ class BestHostPolicy:
 class InferenceStream:
     """One inference request: an async context manager and async iterator of text pieces.
 
-    When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model`` and ``ttft``
-    are filled. ``ttft`` is what the caller waited: seconds from the stream's start (host selection
-    and connection included) to the first text; ``usage.ttft`` is the host's part: from sending the
-    request to its first frame. Leaving the ``async with`` block early cancels the request on the host.
+    When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model``, ``ttft``
+    and ``encrypted`` are filled. ``ttft`` is what the caller waited: seconds from the stream's
+    start (host selection and connection included) to the first text; ``usage.ttft`` is the host's
+    part: from sending the request to its first frame. ``encrypted`` is set as soon as the request
+    is sent: ``True`` while every attempt sent it end-to-end encrypted (spec §6), ``False`` once
+    one sent it in clear (a host without a key, or ``encryption=False``), ``None`` before anything
+    was sent (or for a cached answer). Leaving the ``async with`` block early cancels the request on the host.
     Create it with :meth:`InferenceCore.stream`; it can be iterated from the core's own event loop or
     from another thread's loop (pieces are then handed across).
 
@@ -237,6 +256,8 @@ class InferenceStream:
         self.ttft: float | None = None
         self.attempts = 0
         self.error: FabstirError | None = None
+        self.encrypted: bool | None = None
+        self._attempt_encrypted: bool | None = None  # the current attempt's channel, once connected
         self._pinned_misses = 0  # attempts on a pinned host that could not reach it or got no answer
         self._broke: tuple[HostInfo, int, FabstirError] | None = None  # the first break after text
         self.records: list[UsageRecord] = []
@@ -396,6 +417,7 @@ class InferenceStream:
             request_id=self.request_id,
             error=self.error,
             records=tuple(self.records),
+            encrypted=self.encrypted,
         )
 
     # ------------------------------------------------------------------ producer side
@@ -452,6 +474,7 @@ class InferenceStream:
         a continuation after it. At most ``1 + max_retries`` attempts."""
         config = self._core.config
         tried: list[HostInfo] = []
+        refused: list[tuple[HostInfo, EncryptionUnavailable]] = []
         deadline = None if config.deadline is None else time.perf_counter() + config.deadline
         if self.session is not None and self.session.ended:  # created before the session ended
             raise SessionNotFound(f"no active session {self.session.id!r}: it has ended")
@@ -460,8 +483,9 @@ class InferenceStream:
             host: HostInfo | None = None
             attempt_started = time.time()
             self._reader = None
+            self._attempt_encrypted = None
             try:
-                host = await self._choose_host(tried)
+                host = await self._choose_host(tried, refused)
                 failed = False
                 try:
                     await self._describe(host)
@@ -473,6 +497,14 @@ class InferenceStream:
                     self.policy.release(host, failed=failed)
                 return
             except FabstirError as exc:
+                if isinstance(exc, EncryptionUnavailable) and host is not None:
+                    # Refused before anything was sent (no key under encryption="required", or a key
+                    # that is not the host's own): not an attempt, nor the host's failure; the other
+                    # hosts are tried, and this one never again for this request.
+                    logger.info("%s: %s", host.api_url, exc.message)
+                    self.attempts -= 1
+                    refused.append((host, exc))
+                    continue
                 reader = self._reader
                 # A host counts as unreachable only when no connection could be opened. A stream that
                 # broke mid-way says nothing sure about the next connection (the host may be
@@ -483,7 +515,8 @@ class InferenceStream:
                 self._record(host, attempt_started, error=exc,
                              reachable=None if broke else not failed_to_connect,
                              received_tokens=reader.received_tokens if reader else 0,
-                             completion_tokens=reader.host_tokens if reader else None)
+                             completion_tokens=reader.host_tokens if reader else None,
+                             encrypted=self._attempt_encrypted)
                 if host is not None:
                     tried.append(host)
                     if reader is not None and reader.received_tokens and self._broke is None:
@@ -534,16 +567,28 @@ class InferenceStream:
             exc.hint = pinned if exc.hint is None else f"{exc.hint}; {pinned}"
         return gives_up
 
-    async def _choose_host(self, tried: list[HostInfo]) -> HostInfo:
+    async def _choose_host(self, tried: list[HostInfo],
+                           refused: Sequence[tuple[HostInfo, EncryptionUnavailable]] = ()) -> HostInfo:
+        """Ask the policy for the next host; a host refused for encryption is never taken again.
+
+        Raises:
+            EncryptionUnavailable: only refused hosts are left (the refusals, host by host).
+            NoHostsAvailable, ModelNotAvailable: as the policy.
+        """
         asked_at = time.monotonic()
+        avoid = tried + [h for h, _ in refused]
         try:
-            return await self.policy.choose(self, tried)
+            host = await self.policy.choose(self, avoid)
         except NoHostsAvailable:
             # Hosts marked unreachable stay so until something talks to them again: give them a
             # second look (a crashed host may be back) before giving up.
             if not await self._core._recheck_unreachable(asked_at):
                 raise
-            return await self.policy.choose(self, tried)
+            host = await self.policy.choose(self, avoid)
+        if any(host is h for h, _ in refused):
+            self.policy.release(host, failed=False)
+            raise _refusals_error(refused)
+        return host
 
     async def _describe(self, host: HostInfo) -> None:
         """Read the host's features and models (once per host) before the request is built.
@@ -628,8 +673,10 @@ class InferenceStream:
             await asyncio.sleep(wait)
 
         connection = await core.connector.connect(host, session_id=None if session is None else session.id,
-                                                  request_id=self.request_id)
+                                                  request_id=self.request_id, encryption=self.options.encryption)
         channel = connection.channel
+        self._attempt_encrypted = channel.encrypted
+        self.encrypted = channel.encrypted and self.encrypted is not False
         if session is not None:
             prompt, messages = session.plan_turn(self.prompt, host, model, fresh_socket=connection.fresh,
                                                  prefill=prefill, max_tokens=max_tokens)
@@ -733,6 +780,7 @@ class InferenceStream:
             total_tokens=usage.total_tokens if usage else None,
             ttft=None if first_at is None else first_at - sent_at,
             finish_reason="cancelled" if cancelled else reader.finish_reason,
+            encrypted=self._attempt_encrypted,
         )
         self.usage = self._combined(self.records[:-1], record)
 
@@ -750,7 +798,7 @@ class InferenceStream:
         text (failover), or all of them with ``every``. The ledger keeps one record per attempt."""
         earlier = earlier if every else [r for r in earlier if r.received_tokens]
         if not earlier:
-            return final if not every else dataclasses.replace(final, ttft=self.ttft)
+            return final if not every else dataclasses.replace(final, ttft=self.ttft, encrypted=self.encrypted)
         parts = earlier + [final]
         completion = sum(r.completion_tokens or 0 for r in parts)
         costs = [r.cost for r in parts if r.cost is not None]
@@ -765,6 +813,7 @@ class InferenceStream:
             duration=sum(r.duration for r in parts),
             cost=sum(costs) if costs and len(units) == 1 else (None if every else final.cost),
             cost_unit=units.pop() if len(units) == 1 else (None if every else final.cost_unit),
+            encrypted=self.encrypted,
         )
 
     def _record(
@@ -781,6 +830,7 @@ class InferenceStream:
         total_tokens: int | None = None,
         ttft: float | None = None,
         finish_reason: str | None = None,
+        encrypted: bool | None = None,
     ) -> UsageRecord:
         if error is not None and host is not None:
             host.record_request(False, reachable=reachable, error=error)
@@ -807,6 +857,7 @@ class InferenceStream:
             session_id=self.session.id if self.session is not None else None,
             attempt=self.attempts,
             kind=self.kind,
+            encrypted=encrypted,
         )
         self.records.append(record)
         self._core.usage.record(record)
@@ -825,6 +876,8 @@ class InferenceCore:
         rng: randomness for backoff jitter and tie-breaking (seed it for reproducible runs).
         connector: hands out connections (default: a :class:`~fabstir_jupyter.connections.PoolConnector`
             over :attr:`pool`); a payment provider's connector binds them to jobs.
+        signer: the client's key that signs encrypted session inits (the SDK passes the
+            authenticated user's key); ``None``: a fresh key, kept for the core's life.
 
     The core belongs to one event loop: the first that uses it, or a private loop thread when it is
     first used through a blocking call. Streams can be consumed from other loops.
@@ -838,13 +891,15 @@ class InferenceCore:
         usage: UsageSink | None = None,
         rng: random.Random | None = None,
         connector: Connector | None = None,
+        signer: PrivateKey | None = None,
     ) -> None:
         self.config = config or InferenceConfig()
         if host_manager is None or isinstance(host_manager, list):
             host_manager = HostManager(host_manager or [], config=self.config)
         self.host_manager = host_manager
         self.pool = ConnectionPool(self.config, headers_for=self.config.auth_headers)
-        self.connector: Connector = connector if connector is not None else PoolConnector(self.pool, self.config)
+        self.connector: Connector = connector if connector is not None else PoolConnector(
+            self.pool, self.config, keys=host_manager.keys, signer=signer)
         self.policy: HostPolicy = BestHostPolicy(self.host_manager, self.config)
         self._owns_usage = usage is None
         self.usage: UsageSink = usage if usage is not None else UsageLedger(self.config.usage_db)
@@ -861,6 +916,14 @@ class InferenceCore:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
+
+    def use_signer(self, signer: PrivateKey | None) -> None:
+        """Sign later encrypted session inits with ``signer`` (e.g. after ``FabstirSDK.authenticate``).
+
+        Only the default connector signs; ``None`` goes back to a fresh key of the core's own.
+        """
+        if isinstance(self.connector, PoolConnector):
+            self.connector.signer = signer
 
     # ------------------------------------------------------------------ loop ownership
 

@@ -72,8 +72,9 @@ __all__ = [
 logger = logging.getLogger("fabstir_jupyter.usage")
 
 #: Version of the ``requests`` table, stored in ``PRAGMA user_version``. 1: the first table;
-#: 2: adds ``client_id`` (rows from version 1 files have none).
-SCHEMA_VERSION = 2
+#: 2: adds ``client_id`` (rows from version 1 files have none); 3: adds ``encrypted`` (rows from
+#: older files have none).
+SCHEMA_VERSION = 3
 
 MEMORY = ":memory:"
 _MAX_BATCH = 10_000  # items drained from the queue into one transaction at most
@@ -115,6 +116,9 @@ class UsageRecord:
         client_id: the process that recorded it (:func:`current_client_id`); a
             :class:`UsageLedger` fills it in when it is None. None in rows written before ledgers
             kept it.
+        encrypted: whether the attempt sent its request end-to-end encrypted (spec §6); None when
+            it sent nothing (a cache hit, a failure before connecting) or in rows written before
+            ledgers kept it. A whole stream's record is True only if every attempt was.
     """
 
     time: float
@@ -137,6 +141,7 @@ class UsageRecord:
     attempt: int = 1
     kind: str = "stream"
     client_id: str | None = None
+    encrypted: bool | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -261,6 +266,10 @@ def _bool(name: str, value: Any) -> int:
     return 1 if value else 0
 
 
+def _opt_bool(name: str, value: Any) -> int | None:
+    return None if value is None else _bool(name, value)
+
+
 # name → (SQL declaration, converter to a bindable value); the order is the field order.
 _COLUMNS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "time": ("REAL NOT NULL", _req_float),
@@ -283,6 +292,7 @@ _COLUMNS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "attempt": ("INTEGER NOT NULL", _req_int),
     "kind": ("TEXT NOT NULL", _req_str),
     "client_id": ("TEXT", _opt_str),
+    "encrypted": ("INTEGER", _opt_bool),
 }
 assert tuple(_COLUMNS) == _FIELDS, "usage columns and UsageRecord fields disagree"
 
@@ -296,6 +306,7 @@ _CREATE_CLIENT_INDEX = "CREATE INDEX IF NOT EXISTS requests_client ON requests (
 #: Statements that bring a table of version N (the key) to version N + 1.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE requests ADD COLUMN client_id TEXT", _CREATE_CLIENT_INDEX),
+    2: ("ALTER TABLE requests ADD COLUMN encrypted INTEGER",),
 }
 _INSERT = f"INSERT INTO requests ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
 _SELECT = f"SELECT {', '.join(_FIELDS)} FROM requests"
@@ -308,6 +319,8 @@ def _row(rec: UsageRecord) -> tuple[Any, ...]:
 def _from_row(row: Iterable[Any]) -> UsageRecord:
     values = dict(zip(_FIELDS, row))
     values["cached"] = bool(values["cached"])
+    if values["encrypted"] is not None:
+        values["encrypted"] = bool(values["encrypted"])
     return UsageRecord(**values)
 
 
@@ -718,6 +731,8 @@ def _frame_dtype(name: str) -> str:
     decl = _COLUMNS[name][0] if name in _COLUMNS else "REAL"
     if name == "cached":
         return "bool"
+    if name == "encrypted":
+        return "boolean"  # pandas' nullable bool: unknown in older rows
     if decl.startswith("INTEGER"):
         return "int64" if decl.endswith("NOT NULL") else "Int64"
     if decl.startswith("REAL"):

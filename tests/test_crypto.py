@@ -6,6 +6,8 @@ import copy
 import pickle
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -96,6 +98,19 @@ def test_decode_hex_takes_what_production_peers_send_and_nothing_else():
         with pytest.raises(EncryptionError) as info:
             decode_hex(bad, what="nonceHex")
         assert info.value.code == "INVALID_HEX_ENCODING" and "nonceHex" in info.value.message
+
+
+@given(st.one_of(st.text(max_size=12), st.text(alphabet="0123456789abcdefABCDEFxX \t\n٣g", max_size=12)))
+def test_decode_hex_accepts_exactly_the_strict_hex_grammar(text):
+    """The fast decoder accepts exactly ``(0x|0X)?([0-9a-fA-F]{2})*`` and decodes it as bytes.fromhex does."""
+    import re
+
+    match = re.fullmatch(r"(?:0[xX])?((?:[0-9a-fA-F]{2})*)", text)
+    if match is None:
+        with pytest.raises(EncryptionError):
+            decode_hex(text, what="x")
+    else:
+        assert decode_hex(text, what="x") == bytes.fromhex(match.group(1))
 
 
 # --------------------------------------------------------------------------- ECDH, HKDF, AEAD

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from fabstir_jupyter.config import InferenceConfig
 from fabstir_jupyter.crypto import PrivateKey, hkdf_sha256
 from fabstir_jupyter.encryption import (
     HKDF_INFO,
@@ -44,7 +45,11 @@ from fabstir_jupyter.encryption import (
     transcript_digest,
 )
 from fabstir_jupyter.host import HostConfig, HostServer, ScriptedBackend, scripted_text
+from fabstir_jupyter.hosts import HostInfo
+from fabstir_jupyter.inference import InferenceManager
 from fabstir_jupyter.protocol import ResponseReader, encode, parse_host_frame
+from fabstir_jupyter.transport import WebSocketClient
+from fabstir_jupyter.usage import ListSink
 
 NOBLE_PACKAGES = ("@noble/curves@1.9.7", "@noble/hashes@1.8.0", "@noble/ciphers@0.4.1", "ws@8.18.3")
 SCRIPT = Path(__file__).with_name("noble_e2ee.mjs")
@@ -252,3 +257,35 @@ async def test_an_sdk_shaped_noble_client_talks_to_a_real_fabstir_host(noble, le
         first, second = (t["frames"][-1]["usage"]["prompt_tokens"] for t in turns)
         assert first == len(SDK_PROMPTS[0].split())
         assert second == first + 5 + len(SDK_PROMPTS[1].split())
+
+
+async def test_the_frames_our_inference_manager_sends_open_on_a_noble_host(noble, monkeypatch):
+    """The whole client path (InferenceManager → PoolConnector → EncryptedChannel), not just the
+    frame builders: the init and message it put on a real socket to a real keyed host open with
+    @noble, signed by the manager's signer over the SDK's transcript, carrying the request."""
+    sent: list[dict[str, Any]] = []
+    original = WebSocketClient.send
+
+    async def record(self: WebSocketClient, frame: Any) -> None:
+        sent.append(json.loads(encode(frame)))
+        await original(self, frame)
+
+    monkeypatch.setattr(WebSocketClient, "send", record)
+    server = HostServer(HostConfig(operator_key=HOST), ScriptedBackend())
+    await server.start()
+    host = HostInfo(api_url=server.http_url, address=HOST.address, metadata={"publicKey": str(HOST.public_key)})
+    manager = InferenceManager([host], InferenceConfig(usage_db=":memory:"), usage=ListSink(), signer=CLIENT)
+    try:
+        result = await manager.ainfer(PROMPT, max_tokens=5, temperature=0.2)
+    finally:
+        await manager.aclose()
+        await server.close()
+    assert result.encrypted is True and result.text == scripted_text(PROMPT, 5)
+    init, message = sent
+    node = noble({"op": "host", "hostPrivHex": "a1" * 32, "init": init, "message": message, "reply": REPLY,
+                  "finishReason": "stop"})
+    assert node["transcriptSigner"] == CLIENT.address.lower()
+    assert node["data"]["modelName"] == "scripted-1" and node["data"]["jobId"] == ""
+    assert node["request"] == {"prompt": PROMPT, "model": "scripted-1", "max_tokens": 5, "temperature": 0.2,
+                               "stream": True}
+    assert node["messageAad"] == "message_0"

@@ -205,6 +205,24 @@ def test_authenticate_never_shows_the_key():
         assert KEY[2:-4] not in str(info.value) and KEY[2:-4] not in repr(info.value)
 
 
+def test_the_authenticated_key_signs_encrypted_inits(fast_config):
+    """The user's key signs the inference manager's encrypted inits (so a host can match a paid job's
+    depositor), whether the SDK authenticated before or after the manager was made; the key stays hidden."""
+    from fabstir_jupyter.connections import PoolConnector
+
+    config = fast_config.replace(usage_db=":memory:")
+    with FabstirSDKCore(hosts=["http://127.0.0.1:9"], config=config) as sdk:
+        address = sdk.authenticate(KEY)
+        connector = sdk.get_inference_manager().connector
+        assert isinstance(connector, PoolConnector) and connector.signer.address == address
+        assert KEY[2:] not in repr(connector) and KEY[2:] not in repr(connector.signer)
+    with FabstirSDKCore(hosts=["http://127.0.0.1:9"], config=config) as later:
+        connector = later.get_inference_manager().connector
+        assert connector.signer is None  # a fresh key of the manager's own, made at the first encrypted request
+        address = later.authenticate(KEY)
+        assert connector.signer.address == address
+
+
 def test_local_network_without_the_local_extra_says_what_to_install(monkeypatch):
     """Without web3/eth-tester, network='local' fails with InvalidOptions naming the extra to install."""
     import sys

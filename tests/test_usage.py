@@ -590,11 +590,33 @@ def test_ledger_migrates_a_version_1_file(tmp_path):
         ("old", 5, None), ("new", 21, current_client_id())]
     assert [r.request_id for r in mine] == ["new"]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(requests)")}
         assert {"requests_time", "requests_client"} <= indexes
     with UsageLedger(path) as again:  # opening a migrated file changes nothing
         assert len(again.records()) == 2
+
+
+def test_ledger_migrates_a_version_2_file_and_keeps_whether_requests_were_encrypted(tmp_path):
+    """A schema 2 file (no encrypted column) gains it when opened: its rows read encrypted=None
+    (unknown), new rows keep True or False, and the DataFrame column is pandas' nullable bool."""
+    path = tmp_path / "v2.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(_V1_TABLE)
+        conn.execute("ALTER TABLE requests ADD COLUMN client_id TEXT")
+        conn.execute("INSERT INTO requests (time, request_id, received_tokens, duration, cached, attempt, kind, "
+                     "client_id) VALUES (1.0, 'old', 5, 0.5, 0, 1, 'stream', 'k')")
+        conn.execute("PRAGMA user_version = 2")
+    with UsageLedger(path) as led:
+        led.record(make("sealed", encrypted=True))
+        led.record(make("clear", encrypted=False))
+        records = led.records()
+        frame = led.to_frame()
+    assert [(r.request_id, r.encrypted) for r in records] == [("old", None), ("sealed", True), ("clear", False)]
+    assert str(frame["encrypted"].dtype) == "boolean"
+    assert frame["encrypted"].isna().tolist() == [True, False, False]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_ledger_summary_by_model_and_host_model(ledger):

@@ -16,6 +16,7 @@ from ..config import HostRequirements, InferenceConfig, validate_mode
 from ..errors import InvalidOptions
 from ..settings import hosts_from_env
 from .info import HostInfo
+from .keys import HostKeys
 from .probe import HostProber
 from .selection import select_host
 
@@ -60,6 +61,11 @@ class HostManager:
         probe_timeout: bound of one host probe, in seconds.
         cache_ttl: seconds a discovery result is reused before sources are read again.
         rng: randomness for tie-breaking in selection (seed it for reproducible picks).
+
+    Attributes:
+        keys: finds hosts' encryption keys (:class:`~fabstir_jupyter.hosts.keys.HostKeys`), recovering
+            the keys of hosts that publish none through the sources that can
+            (``recover_public_key``), each recovery bounded by ``config.connection_timeout``.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class HostManager:
         self._hosts: dict[str, HostInfo] = {}
         self._discovered_at: float | None = None
         self._lock: asyncio.Lock | None = None
+        self.keys = HostKeys(self._sources, timeout=self.config.connection_timeout)
 
     def __repr__(self) -> str:
         return f"<HostManager hosts={len(self._hosts)} sources={len(self._sources)}>"

@@ -4,18 +4,47 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..errors import FabstirError, HostBusy, ModelNotAvailable
 
-__all__ = ["HostInfo", "resolve_model"]
+if TYPE_CHECKING:
+    from ..crypto import PublicKey
+
+__all__ = ["HostInfo", "HostKey", "resolve_model"]
 
 # What to send as ``model`` to a host that lists no models when the caller named none.
 UNLISTED_DEFAULT_MODEL = "default"
 
 # Weight of the newest latency sample in the moving average.
 _LATENCY_SMOOTHING = 0.3
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """What the client knows of one host's encryption key.
+
+    Attributes:
+        public_key: the key to encrypt to (it derives the host's registered address), or ``None``.
+        source: ``"metadata"`` (published) or ``"registration"`` (recovered from a transaction the
+            host signed) when there is a key.
+        problem: why there is no usable key, ``None`` when there is one: a lower-case verb phrase
+            about the host ("publishes no publicKey").
+        suspicious: the host publishes a key that is not its own (or a malformed one): refuse it.
+        checked_at: ``time.monotonic()`` when this was found out.
+    """
+
+    public_key: PublicKey | None
+    source: str | None = None
+    problem: str | None = None
+    suspicious: bool = False
+    checked_at: float = 0.0
+
+    @property
+    def usable(self) -> bool:
+        """Whether there is a checked key to encrypt to."""
+        return self.public_key is not None
 
 
 @dataclass(eq=False)
@@ -30,7 +59,9 @@ class HostInfo:
     ``health`` is ``"unknown"`` (not probed), ``"ok"``, ``"busy"`` (alive, but refused the last
     connection with ``HOST_BUSY``: still selectable, after the others) or ``"unreachable"``.
     ``last_error`` keeps why the last probe or request to the host failed (``None`` after a success),
-    so "no host is usable" can say, per host, why.
+    so "no host is usable" can say, per host, why. ``encryption_key`` caches what
+    :class:`~fabstir_jupyter.hosts.keys.HostKeys` found out about the host's encryption key
+    (``None`` until it was first needed).
     """
 
     api_url: str
@@ -49,6 +80,7 @@ class HostInfo:
     requests: int = 0
     failures: int = 0
     last_error: FabstirError | None = field(default=None, repr=False)
+    encryption_key: HostKey | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.ws_url = protocol.ws_url(self.api_url)

@@ -28,6 +28,9 @@ logged and skipped or flagged, never fatal. A price of 0 means "not priced"; a n
 ``_public_key_mismatch`` (the published ``publicKey`` does not derive the node's address, or is
 malformed).
 
+:meth:`~ChainRegistrySource.recover_public_key` recovers the encryption key of a host that publishes
+none from a registry transaction it signed (:func:`~fabstir_jupyter.hosts.keys.registration_key`).
+
 The sync provider runs in an executor thread, never on the event loop. eth-abi and web3 are
 imported when first used.
 """
@@ -40,13 +43,16 @@ import logging
 import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ChainError, ConnectionFailed, EncryptionError, InvalidOptions
 from ..networks import NetworkPreset
 from ..urls import redact_url
 from .info import HostInfo
+
+if TYPE_CHECKING:
+    from ..crypto import PublicKey
 
 __all__ = [
     "ChainRegistrySource",
@@ -62,6 +68,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The production view functions (spec/PROTOCOL.md §8): signature → ABI output types.
 NODE_REGISTRY_SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -384,6 +392,22 @@ class _Rpc:
                 pass
         return ChainError(f"eth_call result is not hex: {result!r:.80}")
 
+    def request(self, method: str, params: Any) -> Any:
+        """One JSON-RPC request in one round trip: its ``result``.
+
+        Raises:
+            ConnectionFailed: the transport failed.
+            ChainError: the endpoint answered with an error, or not with a JSON-RPC response.
+        """
+        response = self._send(method, params)
+        if not isinstance(response, dict):
+            raise ChainError(f"{method}: not a JSON-RPC response: {response!r:.80}")
+        if response.get("error") is not None:
+            error = response["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise ChainError(f"{method}: {message}")
+        return response.get("result")
+
     def call(self, to: str, data: bytes) -> bytes | ChainError:
         """One ``eth_call`` in one round trip: the return data, or the error as a value."""
         return self._result(self._send("eth_call", self._params(to, data)))
@@ -520,8 +544,38 @@ class ChainRegistrySource:
     def rpc_requests(self) -> int:
         return self._rpc.requests
 
-    async def _off_loop(self, fn: Callable[[], list[HostInfo]]) -> list[HostInfo]:
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def rpc(self, method: str, params: Any) -> Any:
+        """Send one raw JSON-RPC request to this source's endpoint and return its ``result`` (blocking).
+
+        Raises:
+            ConnectionFailed: the endpoint cannot be reached.
+            ChainError: the endpoint answered with an error.
+        """
+        return self._rpc.request(method, params)
+
+    async def recover_public_key(self, address: str, *, deadline: float | None = None) -> PublicKey:
+        """Recover a registered host's public key from a transaction it signed (its registration).
+
+        For hosts whose metadata publishes no ``publicKey`` (the production node's CLI writes none):
+        see :func:`~fabstir_jupyter.hosts.keys.registration_key`, which this runs off the event
+        loop against this source's NodeRegistry.
+
+        Args:
+            address: the host's registered address.
+            deadline: a ``time.monotonic()`` reading after which a slow log search gives up.
+
+        Raises:
+            EncryptionError: ``ENCRYPTION_NOT_SUPPORTED``: no transaction signed by ``address`` was found.
+            ConnectionFailed, ChainError: the endpoint failed.
+        """
+        from .keys import registration_key
+
+        registry = self.addresses["node_registry"]
+        assert registry is not None
+        return await self._off_loop(lambda: registration_key(self.rpc, registry, address, deadline=deadline))
 
     async def discover(self) -> list[HostInfo]:
         """Return the active hosts in three round trips (see the module docstring).

@@ -35,6 +35,7 @@ from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.providers.eth_tester import EthereumTesterProvider
+from web3.providers.eth_tester.middleware import request_formatters, result_formatters
 
 from ..errors import InvalidOptions
 from .contracts import load_artifact
@@ -110,14 +111,20 @@ def _wei(tokens: int | float | Decimal | str) -> int:
     return int(amount)
 
 
+#: Raw requests whose parameters and answers are translated between a node's names and eth-tester's.
+_NODE_SHAPED = frozenset({"eth_getLogs", "eth_getTransactionByHash"})
+
+
 class LocalProvider(EthereumTesterProvider):
     """eth-tester answering raw JSON-RPC requests as a node does.
 
     web3's own calls pass through eth-tester's middleware; a raw ``make_request`` (what
     :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource` sends) skips it, so this provider
-    fills the ``from`` that eth-tester requires of ``eth_call``, answers a revert with a JSON-RPC
-    error instead of raising, and serves ``make_batch_request`` in order (one round trip). A lock
-    keeps requests from several threads apart: py-evm is not thread-safe.
+    fills the ``from`` that eth-tester requires of ``eth_call``, translates the node's field names
+    of ``eth_getLogs`` and ``eth_getTransactionByHash`` (camelCase, as a node speaks them) with
+    that middleware's formatters, answers a revert with a JSON-RPC error instead of raising, and
+    serves ``make_batch_request`` in order (one round trip). A lock keeps requests from several
+    threads apart: py-evm is not thread-safe.
     """
 
     def __init__(self, ethereum_tester: EthereumTester, default_from: str) -> None:
@@ -129,9 +136,15 @@ class LocalProvider(EthereumTesterProvider):
         needs_from = method in ("eth_call", "eth_estimateGas") and params and isinstance(params[0], dict)
         if needs_from and not params[0].get("from"):
             params = [{**params[0], "from": self.default_from}, *params[1:]]
+        node_shaped = method in _NODE_SHAPED
+        if node_shaped and method in request_formatters:
+            params = request_formatters[method](params)
         with self._lock:
             try:
-                return super().make_request(method, params)
+                response = super().make_request(method, params)
+                if node_shaped and isinstance(response, dict) and "result" in response and method in result_formatters:
+                    response = {**response, "result": result_formatters[method](response["result"])}
+                return response
             except TransactionFailed as exc:
                 self._current_request_id += 1
                 return {
@@ -390,6 +403,7 @@ class LocalChain:
         region: str | None = None,
         name: str | None = None,
         private_key: str | None = None,
+        publish_key: bool = True,
     ) -> LocalHost:
         """Register a host with its own funded account, staking ``stake`` whole FAB.
 
@@ -411,6 +425,9 @@ class LocalChain:
             region: stored as the metadata ``location``.
             name: the metadata ``name`` (default ``local-host-<n>``).
             private_key: the host's key (0x-hex); default a fresh one.
+            publish_key: put the host's ``publicKey`` in the generated metadata; ``False`` leaves
+                it out, as the production node's own CLI does (clients then recover the key from
+                this registration transaction).
 
         Raises:
             InvalidOptions: a malformed model or price, no model, or a stake below the minimum.
@@ -435,7 +452,9 @@ class LocalChain:
         if isinstance(metadata, str):
             text = metadata
         else:
-            fields: dict[str, Any] = {"name": name or f"local-host-{len(self.hosts)}", "publicKey": public_key}
+            fields: dict[str, Any] = {"name": name or f"local-host-{len(self.hosts)}"}
+            if publish_key:
+                fields["publicKey"] = public_key
             if region is not None:
                 fields["location"] = region
             fields.update(metadata or {})

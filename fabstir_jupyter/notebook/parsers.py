@@ -25,6 +25,7 @@ from ..settings import NETWORKS
 __all__ = [
     "FORMATS",
     "MODES",
+    "ENCRYPTION_CHOICES",
     "NETWORKS",
     "CONFIG_KEYS",
     "UsageError",
@@ -54,6 +55,8 @@ __all__ = [
 FORMATS = ("markdown", "text", "code", "json")
 #: ``--mode`` values: the host selection modes (spec/PROTOCOL.md §9).
 MODES = SELECTION_MODES
+#: ``--encryption`` values (``InferenceConfig.encryption``; ``off`` is ``False``).
+ENCRYPTION_CHOICES = ("auto", "required", "off")
 #: Settings ``%fabstir config`` shows and sets: the ``FabstirMagics`` traitlets.
 CONFIG_KEYS = (
     "default_model",
@@ -152,6 +155,7 @@ class CellOptions:
     background: bool = False
     interpolate: bool = True
     network: str | None = None
+    encryption: str | None = None
 
     def inference_options(self) -> dict[str, Any]:
         """The per-request options given in the cell, as ``InferenceOptions`` keyword arguments."""
@@ -162,6 +166,8 @@ class CellOptions:
                 options[name] = value
         if self.stop:
             options["stop_sequences"] = list(self.stop)
+        if self.encryption is not None:
+            options["encryption"] = self.encryption
         return options
 
 
@@ -182,6 +188,8 @@ CELL_OPTION_HELP: dict[str, str] = {
     "background": "return at once and keep streaming into the output (stop button, or %fabstir cancel)",
     "no_interpolate": "send the cell text as is, without replacing {name} references",
     "network": "network for this cell: local, static or base-sepolia (default: FabstirMagics.network)",
+    "encryption": "end-to-end encryption: auto (default: encrypt to every host whose key is known), required "
+                  "(refuse hosts without one) or off",
 }
 
 
@@ -205,6 +213,7 @@ def cell_parser() -> argparse.ArgumentParser:
     add("--background", action="store_true", help=h["background"])
     add("--no-interpolate", action="store_true", help=h["no_interpolate"])
     add("--network", choices=NETWORKS, help=h["network"])
+    add("--encryption", choices=ENCRYPTION_CHOICES, help=h["encryption"])
     return parser
 
 
@@ -237,6 +246,7 @@ def parse_cell_options(line: str) -> CellOptions:
         background=args.background,
         interpolate=not args.no_interpolate,
         network=args.network,
+        encryption=args.encryption,
     )
 
 

@@ -32,6 +32,9 @@ async def test_sdk_discovers_the_local_hosts_on_chain_and_infers():
         manager = sdk.get_inference_manager()
         result = await manager.ainfer(PROMPT, max_tokens=5)
         assert result.text == scripted_text(PROMPT, 5) and result.usage.cost_unit == "USDC"
+        # The embedded default encrypts end to end: every local host publishes the key it runs with.
+        assert result.encrypted is True and result.usage.encrypted is True
+        assert all(h.encryption_key.source == "metadata" for h in hosts if h.encryption_key is not None)
         pids = [h.pid for h in network.hosts]
     assert sdk.local_network is None and not wait_gone(pids, 5.0)
     with pytest.raises(ConnectionFailed):

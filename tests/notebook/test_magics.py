@@ -304,6 +304,18 @@ def test_unknown_model_is_one_line_with_the_code(ip, capsys):
     assert line.startswith("FabstirError [MODEL_NOT_AVAILABLE]:") and "scripted-1" in line
 
 
+def test_encryption_option_reaches_the_request_and_required_refuses_a_keyless_host(ip, capsys, monkeypatch):
+    """--encryption off|auto|required becomes the request's encryption; the scripted host here publishes
+    no key, so "required" is one ENCRYPTION_NOT_SUPPORTED line and "off" streams in clear."""
+    seen = stream_options(monkeypatch)
+    cell(ip, "--encryption off --max-tokens 3 --out clear")
+    assert seen[-1][1].encryption is False and ip.user_ns["clear"].encrypted is False
+    cell(ip, "--encryption required --max-tokens 3")
+    assert seen[-1][1].encryption == "required"
+    line = one_line_error(capsys)
+    assert line.startswith("FabstirError [ENCRYPTION_NOT_SUPPORTED]:") and "encryption='required'" in line
+
+
 def test_empty_prompt_is_one_line(ip, capsys):
     """An empty cell is INVALID_PROMPT, refused before any request."""
     cell(ip, "", "\n  \n")

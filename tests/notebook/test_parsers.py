@@ -121,6 +121,17 @@ def test_cell_options_default_to_not_given():
     assert options.inference_options() == {}
 
 
+def test_encryption_option_parses_to_the_request_option():
+    """--encryption takes auto, required or off, and becomes the request's encryption option."""
+    assert parse_cell_options("--encryption required").inference_options() == {"encryption": "required"}
+    assert parse_cell_options("--encryption off").encryption == "off"
+    assert parse_cell_options("").encryption is None
+    with pytest.raises(UsageError) as info:
+        parse_cell_options("--encryption maybe")
+    assert "invalid choice: 'maybe'" in str(info.value)
+    assert "--encryption" in cell_help()
+
+
 @pytest.mark.parametrize("line, fragment", [
     ("--max-tokens abc", "argument --max-tokens: expected a positive integer, not 'abc'"),
     ("--max-tokens 0", "--max-tokens"),
