@@ -10,6 +10,16 @@ whose last two attempts in the batch failed is used only when no other host has 
 host stops soaking up prompts. The hosts' counters (latency, success rate, reachability) are
 updated by every request, so selection learns as the batch runs.
 
+The batch schedules to each host's capacity rather than finding it by refusals: the streams a host
+runs at once are what the host itself says (``max_concurrent_streams`` in its ``/v1/version``),
+else what its registry metadata advertises (``maxConcurrent``), else
+:data:`DEFAULT_PER_HOST_CONCURRENCY`. A host that still answers ``HOST_BUSY`` (another client took
+the slot) gets fewer of the batch's streams for a while, AIMD-like (:class:`HostWindow`): its window
+drops to the streams the batch was running there besides the refused one (at least 1), and climbs
+back by one slot per window's worth of answers that end well there, up to its capacity; a climb that
+is refused again makes the next one take twice as many answers, so a host kept busy by others is
+probed less and less often.
+
 Every prompt gets a row, whatever happens: a bad prompt, a dead host or an exhausted retry budget
 puts the error in the row and the batch goes on. Only misuse (bad options, a bad concurrency
 limit, a string instead of a list of prompts) raises, before any I/O. Cancelling
@@ -28,7 +38,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from .config import HostRequirements, InferenceOptions, resolve_options, validate_mode
-from .errors import FabstirError, InvalidOptions
+from .errors import FabstirError, HostBusy, InvalidOptions
 from .hosts.info import HostInfo
 from .hosts.selection import eligible_hosts, select_host
 from .streams import InferenceCore, InferenceStream
@@ -36,7 +46,9 @@ from .streams import InferenceCore, InferenceStream
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["BATCH_COLUMNS", "DEFAULT_PER_HOST_CONCURRENCY", "BatchPolicy", "ProgressCallback", "run_batch"]
+__all__ = [
+    "BATCH_COLUMNS", "DEFAULT_PER_HOST_CONCURRENCY", "BatchPolicy", "HostWindow", "ProgressCallback", "run_batch",
+]
 
 logger = logging.getLogger("fabstir_jupyter.batch")
 
@@ -48,8 +60,8 @@ BATCH_COLUMNS = (
 
 _FLOAT_COLUMNS = frozenset({"ttft", "duration", "cost"})
 
-#: Streams per host at once when neither the caller nor the host's metadata (``maxConcurrent``)
-#: says otherwise; the reference host answers ``HOST_BUSY`` above 4 by default.
+#: Streams per host at once when neither the caller, nor the host (``/v1/version``), nor its registry
+#: metadata (``maxConcurrent``) says otherwise; the reference host answers ``HOST_BUSY`` above 4 by default.
 DEFAULT_PER_HOST_CONCURRENCY = 4
 
 #: ``progress(done, total, errors)``, called after each prompt; may also return an awaitable.
@@ -67,11 +79,47 @@ def _positive_int(name: str, value: Any) -> int | None:
     return value
 
 
+class HostWindow:
+    """How many streams a batch runs on a host that answered ``HOST_BUSY``, below its capacity.
+
+    A refusal lowers :attr:`allowed` to the streams the batch still ran there (at least 1). Each
+    ``allowed * pace`` answers that end well there give one slot back; a refusal right after a slot
+    came back doubles ``pace``, so a host kept busy by others is probed less and less often.
+
+    Args:
+        allowed: the streams allowed after the first refusal (at least 1).
+    """
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = max(1, allowed)
+        self.pace = 1  # answers per slot, per stream allowed
+        self.answers = 0  # answers that ended well since the window last changed
+        self.climbed = False  # the last change gave a slot back
+
+    def __repr__(self) -> str:
+        return f"<HostWindow allowed={self.allowed} pace={self.pace}>"
+
+    def refused(self, running: int) -> None:
+        """A stream was refused while ``running`` others of the batch ran on the host."""
+        if self.climbed:  # the slot just given back was not there
+            self.pace *= 2
+        self.allowed = max(1, min(self.allowed, running))
+        self.answers, self.climbed = 0, False
+
+    def answered(self) -> None:
+        """A stream ended well on the host."""
+        self.answers += 1
+        if self.answers >= self.allowed * self.pace:
+            self.allowed += 1
+            self.answers, self.climbed = 0, True
+
+
 class BatchPolicy:
-    """The host policy of one batch: per-host streams in flight, and recent failures per host.
+    """The host policy of one batch: per-host streams in flight and windows, and recent failures.
 
     It implements :class:`~fabstir_jupyter.streams.HostPolicy`: :meth:`choose` waits for room on a
-    host and takes it, :meth:`release` gives it back.
+    host and takes it, :meth:`release` gives it back. ``attempts`` and ``refused`` count the batch's
+    attempts and those the hosts answered ``HOST_BUSY``.
     """
 
     def __init__(
@@ -88,20 +136,42 @@ class BatchPolicy:
         self.per_host = per_host
         self.in_flight: collections.Counter[str] = collections.Counter()
         self.streak: collections.Counter[str] = collections.Counter()  # consecutive failed attempts
+        self.windows: dict[str, HostWindow] = {}  # by host key: hosts that answered HOST_BUSY
+        self.attempts = 0
+        self.refused = 0  # attempts answered HOST_BUSY
         self._changed = asyncio.Event()
 
     # ------------------------------------------------------------------ capacity
 
-    def limit(self, host: HostInfo) -> int:
-        """Streams this batch runs on ``host`` at once."""
+    async def prepare(self) -> None:
+        """Discover the hosts and read each fitting host's description (``/v1/version``, its stream
+        limit included) before the first prompt goes out; never raises (rows say why no host fits)."""
+        host_manager = self.core.host_manager
+        try:
+            await host_manager.discover_all_active_hosts()
+            fitting = eligible_hosts(host_manager.hosts, self.requirements)
+        except FabstirError as exc:
+            logger.warning("batch discovery failed: %s", exc)
+            return
+        await asyncio.gather(*(host_manager.describe(h) for h in fitting))  # cached: read once per host
+
+    def capacity(self, host: HostInfo) -> int:
+        """Streams this batch may run on ``host`` at once: ``per_host_concurrency`` when the caller
+        gave it, else the host's own limit, else its metadata's ``maxConcurrent``, else
+        :data:`DEFAULT_PER_HOST_CONCURRENCY` (the last three capped by ``config.pool_max_per_host``,
+        the sockets the pool opens to one host)."""
         if self.per_host is not None:
             return self.per_host
-        advertised = host.metadata.get("maxConcurrent")
-        if isinstance(advertised, int) and not isinstance(advertised, bool) and advertised > 0:
-            return min(advertised, self.core.config.pool_max_per_host)
-        return min(DEFAULT_PER_HOST_CONCURRENCY, self.core.config.pool_max_per_host)
+        return min(host.stream_capacity or DEFAULT_PER_HOST_CONCURRENCY, self.core.config.pool_max_per_host)
 
-    def capacity(self) -> int:
+    def limit(self, host: HostInfo) -> int:
+        """Streams this batch runs on ``host`` at once now: its :meth:`capacity`, or less while the
+        host's window is lowered by ``HOST_BUSY`` answers."""
+        capacity = self.capacity(host)
+        window = self.windows.get(host.key)
+        return capacity if window is None else min(capacity, window.allowed)
+
+    def total_capacity(self) -> int:
         """Streams the batch can run at once on the hosts that fit now (at least 1)."""
         if self.options.host_address is not None:
             known = self.core.host_manager.find(self.options.host_address)
@@ -132,10 +202,31 @@ class BatchPolicy:
                 return host
             await changed.wait()
 
-    def release(self, host: HostInfo, *, failed: bool) -> None:
-        """Give back a slot on ``host`` (synchronous, so it is safe in ``finally`` when cancelled)."""
-        self.in_flight[host.key] -= 1
-        self.streak[host.key] = self.streak[host.key] + 1 if failed else 0
+    def release(self, host: HostInfo, *, failed: bool, error: FabstirError | None = None) -> None:
+        """Give back a slot on ``host`` (synchronous, so it is safe in ``finally`` when cancelled).
+
+        ``HOST_BUSY`` lowers the host's window to the streams the batch still runs there (at least
+        1): the host had no room beside those. Answers that end well there raise it again, up to
+        the host's capacity (see :class:`HostWindow`).
+        """
+        key = host.key
+        others = self.in_flight[key] - 1  # the batch's other streams on the host
+        self.in_flight[key] = others
+        self.attempts += 1
+        window = self.windows.get(key)
+        if isinstance(error, HostBusy):
+            self.refused += 1
+            if window is None:
+                window = self.windows[key] = HostWindow(min(self.capacity(host), others))
+            else:
+                window.refused(others)
+            logger.debug("host %s busy beside %d of this batch's streams; window now %d", host.api_url, others,
+                         window.allowed)
+        elif error is None and window is not None:
+            window.answered()
+            if window.allowed >= self.capacity(host):
+                del self.windows[key]
+        self.streak[key] = self.streak[key] + 1 if failed else 0
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -214,9 +305,11 @@ async def run_batch(
         prompts: the prompts (a list, tuple, pandas Series...).
         max_concurrency: prompts in flight at once; default: the sum of the per-host limits of the
             hosts that fit after discovery.
-        per_host_concurrency: streams per host at once; default: the host's ``maxConcurrent``
-            metadata, else :data:`DEFAULT_PER_HOST_CONCURRENCY` (both capped by
-            ``config.pool_max_per_host``).
+        per_host_concurrency: streams per host at once; default: the host's own limit
+            (``max_concurrent_streams`` in its ``/v1/version``), else its registry metadata's
+            ``maxConcurrent``, else :data:`DEFAULT_PER_HOST_CONCURRENCY` (capped by
+            ``config.pool_max_per_host``). Either way a host that answers ``HOST_BUSY`` gets fewer
+            streams for a while (see the module docstring).
         progress: ``progress(done, total, errors)`` after each prompt; its exceptions are logged
             and swallowed.
         requirements: hard requirements (``min_stake``, ``max_latency``) and ``region``
@@ -257,11 +350,8 @@ async def run_batch(
     if items:
         batch = BatchPolicy(manager, resolved, requirements, per_host)
         if resolved.host_address is None:
-            try:
-                await manager.host_manager.discover_all_active_hosts()
-            except FabstirError as exc:  # rows will say why no host fits
-                logger.warning("batch discovery failed: %s", exc)
-        limit = asyncio.Semaphore(max_concurrency or batch.capacity())
+            await batch.prepare()
+        limit = asyncio.Semaphore(max_concurrency or batch.total_capacity())
         done = errors = 0
 
         async def one(index: int, prompt: Any) -> None:
@@ -281,6 +371,8 @@ async def run_batch(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        logger.debug("batch of %d prompts: %d attempts, %d answered HOST_BUSY", len(items), batch.attempts,
+                     batch.refused)
 
     return _frame(rows)  # type: ignore[arg-type]
 

@@ -180,8 +180,9 @@ class HostPolicy(Protocol):
         """
         ...
 
-    def release(self, host: HostInfo, *, failed: bool) -> None:
-        """The attempt on ``host`` is over; ``failed``: it ended with a retryable error."""
+    def release(self, host: HostInfo, *, failed: bool, error: FabstirError | None = None) -> None:
+        """The attempt on ``host`` is over; ``failed``: it ended with a retryable error; ``error``:
+        the error it ended with, if any."""
         ...
 
 
@@ -202,7 +203,7 @@ class BestHostPolicy:
         return await self.host_manager.select_best_host(requirements, mode=stream.options.mode or "auto",
                                                         exclude=tried)
 
-    def release(self, host: HostInfo, *, failed: bool) -> None:
+    def release(self, host: HostInfo, *, failed: bool, error: FabstirError | None = None) -> None:
         pass
 
 
@@ -487,14 +488,15 @@ class InferenceStream:
             try:
                 host = await self._choose_host(tried, refused)
                 failed = False
+                error: FabstirError | None = None
                 try:
                     await self._describe(host)
                     await self._attempt(host, attempt_started, deadline)
                 except FabstirError as exc:
-                    failed = exc.retryable
+                    failed, error = exc.retryable, exc
                     raise
                 finally:
-                    self.policy.release(host, failed=failed)
+                    self.policy.release(host, failed=failed, error=error)
                 return
             except FabstirError as exc:
                 if isinstance(exc, EncryptionUnavailable) and host is not None:

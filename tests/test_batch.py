@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from fabstir_jupyter.batch import BATCH_COLUMNS, run_batch
+from fabstir_jupyter.batch import BATCH_COLUMNS, HostWindow, run_batch
 from fabstir_jupyter.errors import FabstirError, InvalidOptions
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.hosts import HostInfo
@@ -317,3 +317,101 @@ async def test_batch_rows_are_the_streams_usage_totals(start_host, make_manager)
     assert [r.received_tokens for r in records] == [3, N - 3]
     assert row["tokens"] == N and row["host"] == steady.http_url
     assert row["duration"] == pytest.approx(sum(r.duration for r in records))
+
+
+# ---------------------------------------------------------------------------- capacity and HOST_BUSY
+
+
+def busy_count(manager):
+    return sum(r.error_code == "HOST_BUSY" for r in manager.usage.records)
+
+
+async def test_batch_runs_each_host_at_its_own_limit_without_refusals(start_host, make_manager):
+    """24 prompts over 3 hosts that run 2 streams each, registered as running 8: the host's own figure
+    (/v1/version) wins, so every prompt takes one attempt, none is refused, and each host is used
+    up to its limit (the metadata's 8 made 46 of 72 attempts HOST_BUSY on a local network)."""
+    servers = [await start_host(max_concurrent_streams=2, backend={"token_rate": 400}) for _ in range(3)]
+    manager = make_manager([])
+    for server in servers:
+        manager.host_manager.add_host(HostInfo.from_url(server.ws_url, metadata={"maxConcurrent": 8}))
+    async with watch_streams(servers) as peaks:
+        frame = await run_batch(manager, prompts(24), max_tokens=N)
+
+    assert list(frame["text"]) == [scripted_text(p, N) for p in prompts(24)]
+    assert busy_count(manager) == 0
+    assert len(manager.usage.records) == 24
+    assert all(peaks[s.http_url] == 2 for s in servers)
+    assert {h.max_concurrent_streams for h in manager.host_manager.hosts} == {2}
+
+
+async def test_registry_metadata_sets_the_limit_of_a_host_that_does_not_state_one(start_host, make_manager):
+    """A production-like host (legacy: /v1/version states no limit) runs 2 streams; its metadata says
+    so: 12 prompts, 12 attempts, no HOST_BUSY, 2 streams at a time."""
+    server = await start_host(legacy=True, max_concurrent_streams=2, backend={"token_rate": 400})
+    manager = make_manager([])
+    manager.host_manager.add_host(HostInfo.from_url(server.ws_url, metadata={"maxConcurrent": 2}))
+    async with watch_streams([server]) as peaks:
+        frame = await run_batch(manager, prompts(12), max_tokens=N)
+
+    assert frame["error"].isna().all()
+    assert busy_count(manager) == 0 and len(manager.usage.records) == 12
+    assert peaks[server.http_url] == 2
+    assert manager.host_manager.hosts[0].max_concurrent_streams is None
+
+
+async def test_a_host_busy_with_another_client_gets_fewer_streams_not_a_flood(start_host, make_manager):
+    """A host running 4 streams, 2 of them held by another client all along: the batch's window drops
+    to 2 at the first refusals and climbs back ever more slowly, so 24 prompts (all answered) meet
+    HOST_BUSY a few times, not once per freed slot."""
+    server = await start_host(max_concurrent_streams=4, backend={"token_rate": 400})
+    other = make_manager([server.ws_url])
+    held = [other.stream(f"long answer {i}", max_tokens=4000) for i in range(2)]
+    for stream in held:
+        await stream.__aenter__()
+    await wait_for(lambda: server.active_streams == 2)
+    manager = make_manager([server.ws_url], backoff_initial=0.01, backoff_max=0.05, max_retries=6)
+    try:
+        async with watch_streams([server]) as peaks:
+            frame = await run_batch(manager, prompts(24), max_tokens=N)
+    finally:
+        for stream in held:
+            await stream.aclose()
+
+    assert list(frame["text"]) == [scripted_text(p, N) for p in prompts(24)]
+    assert peaks[server.http_url] == 4
+    # 2 refusals when the batch first sends 4, then one per climb that fails, each climb twice as long
+    # as the one before (after 2, 4, 8 answers): 5 in all, 7 allowed for a refusal raced by an answer
+    assert 2 <= busy_count(manager) <= 7
+    assert len(manager.usage.records) == 24 + busy_count(manager)
+
+
+async def wait_for(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def test_host_window_drops_to_the_streams_running_and_climbs_ever_more_slowly():
+    """The window after HOST_BUSY: the batch's other streams on the host (at least 1); one slot back
+    per window's worth of good answers; a refusal right after a climb doubles the answers per slot."""
+    window = HostWindow(3)
+    assert window.allowed == 3
+    window.refused(running=2)  # further refusals of the same burst only lower it
+    assert (window.allowed, window.pace) == (2, 1)
+    window.refused(running=0)
+    assert (window.allowed, window.pace) == (1, 1)
+    window.answered()
+    assert window.allowed == 2  # after 1 * 1 answer
+    window.refused(running=1)  # the slot just given back was not there
+    assert (window.allowed, window.pace) == (1, 2)
+    for expected in (1, 2, 2, 2, 2, 3):  # 1 * 2 answers, then 2 * 2
+        window.answered()
+        assert window.allowed == expected
+    window.refused(running=2)
+    assert (window.allowed, window.pace) == (2, 4)
+    window.answered()
+    window.refused(running=1)  # not right after a climb: the pace stays
+    assert (window.allowed, window.pace) == (1, 4)
+    assert HostWindow(0).allowed == 1

@@ -190,3 +190,24 @@ def test_unmatched_registry_models_are_not_guessed_onto_another_model():
     info.adopt_served_models(["alpha", "beta"], {})
     with pytest.raises(ModelNotAvailable):
         resolve_model("llama-2-7b.gguf", info)
+
+
+def test_stream_capacity_prefers_the_hosts_own_figure_over_the_registry_metadata():
+    """The host's max_concurrent_streams wins over metadata maxConcurrent; only positive integers count."""
+    assert host().stream_capacity is None
+    assert host(metadata={"maxConcurrent": 8}).stream_capacity == 8
+    assert host(metadata={"maxConcurrent": 8}, max_concurrent_streams=2).stream_capacity == 2
+    for junk in (0, -3, "8", 2.5, True, None, [4]):
+        assert host(metadata={"maxConcurrent": junk}).stream_capacity is None, junk
+        assert host(metadata={"maxConcurrent": 5}, max_concurrent_streams=junk).stream_capacity == 5, junk
+
+
+async def test_probe_reads_the_stream_limit_a_host_states_in_v1_version(start_host):
+    """A reference host states its limit in /v1/version and the probe keeps it; a legacy host (as a
+    production node) states none."""
+    limited = await start_host(max_concurrent_streams=3)
+    legacy = await start_host(legacy=True, max_concurrent_streams=3)
+    async with HostManager([limited.ws_url, legacy.ws_url], probe_timeout=2.0) as manager:
+        found = {h.ws_url: h for h in await manager.discover_all_active_hosts()}
+    assert found[limited.ws_url].max_concurrent_streams == 3
+    assert found[legacy.ws_url].max_concurrent_streams is None

@@ -33,8 +33,9 @@ in the background (the stream never waits for the chain); a stream ends with ``B
 before the token its job's deposit could not pay for; and each job is settled when the connection
 that carried it closes.
 
-HTTP: ``GET /health``, ``GET /v1/version``, ``GET /v1/models``; every other path but ``/v1/ws``
-is a 404. With ``HostConfig.auth_token`` the upgrade to ``/v1/ws`` and ``/v1/models`` need
+HTTP: ``GET /health``, ``GET /v1/version`` (with ``max_concurrent_streams``, the limit above which
+a request gets ``HOST_BUSY``), ``GET /v1/models``; every other path but ``/v1/ws`` is a 404. With
+``HostConfig.auth_token`` the upgrade to ``/v1/ws`` and ``/v1/models`` need
 ``Authorization: Bearer <token>`` (HTTP 401 otherwise, before any frame is read); ``/health`` and
 ``/v1/version`` stay public. With ``HostConfig.certfile`` all of it is served over TLS.
 """
@@ -379,7 +380,7 @@ class HostServer:
         if path == "/health":
             return _json_response(200, self._health())
         if path == "/v1/version":
-            return _json_response(200, {"version": self.config.version, "features": self.features})
+            return _json_response(200, self._version())
         if path == "/v1/models":
             if self.config.legacy:
                 return _json_response(503, {"error": "model listing unavailable"})
@@ -398,6 +399,14 @@ class HostServer:
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(credentials.strip().encode(), expected.encode())
+
+    def _version(self) -> dict[str, Any]:
+        """What ``/v1/version`` says: the version, the features and, except in legacy mode (production
+        nodes do not say it), ``max_concurrent_streams``, so that clients schedule to the host's limit."""
+        body: dict[str, Any] = {"version": self.config.version, "features": self.features}
+        if not self.config.legacy:
+            body["max_concurrent_streams"] = self.config.max_concurrent_streams
+        return body
 
     def _health(self) -> dict[str, Any]:
         if self.config.legacy:
@@ -919,9 +928,10 @@ class HostServer:
         frames = self._final_frames(job, finish, error, conn.session_id)
         try:
             async with conn.send_lock:
-                # Free the connection before the last frames go out (a client may send its next
-                # request as soon as it reads stream_end), but under the send lock, so that no
-                # reply to a later frame can overtake them.
+                # Free the connection and the stream's host-wide slot before the last frames go
+                # out (a client may send its next request, on this socket or another, as soon as it
+                # reads stream_end), but under the send lock, so that no reply to a later frame can
+                # overtake them.
                 self._release(conn, job)
                 for frame in frames:
                     await self._send_locked(conn, encode(frame))

@@ -77,6 +77,7 @@ class HostInfo:
     features: frozenset[str] = frozenset()
     version: str | None = None
     context_window: int | None = None
+    max_concurrent_streams: int | None = None  # as the host states it (``/v1/version``)
     requests: int = 0
     failures: int = 0
     last_error: FabstirError | None = field(default=None, repr=False)
@@ -100,6 +101,18 @@ class HostInfo:
     def success_rate(self) -> float | None:
         """Share of real requests that succeeded, ``None`` before the first one."""
         return None if self.requests == 0 else (self.requests - self.failures) / self.requests
+
+    @property
+    def stream_capacity(self) -> int | None:
+        """Streams the host runs at once (more get ``HOST_BUSY``), ``None`` when nothing says.
+
+        The host's own figure (``max_concurrent_streams`` in ``/v1/version``) wins over what its
+        registry metadata advertises (``maxConcurrent``); only a positive integer counts.
+        """
+        for figure in (self.max_concurrent_streams, self.metadata.get("maxConcurrent")):
+            if _positive_int(figure):
+                return figure
+        return None
 
     @property
     def reachable(self) -> bool:
@@ -176,6 +189,10 @@ class HostInfo:
         who = self.address or self.api_url
         latency = "?" if self.latency_ms is None else f"{self.latency_ms:.0f} ms"
         return f"<HostInfo {who} models={list(self.models)} {self.health} {latency}>"
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _file_part(name: str) -> str:

@@ -2,7 +2,8 @@
 
 Production hosts answer ``/health`` with ``degraded`` and ``/v1/models`` with 503 whatever their
 state (spec/PROTOCOL.md §4.6), so liveness is the time to the WebSocket ``connected`` greeting, and
-``/v1/version`` (read once per host) tells which guarantees a host makes.
+``/v1/version`` (read once per host) tells which guarantees a host makes and, from a reference
+host, how many streams it runs at once.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class HostProber:
             return None
 
     async def describe(self, host: HostInfo, *, refresh: bool = False) -> None:
-        """Fill ``features``, ``version`` and (when the host lists them) ``models``; once per host.
+        """Fill ``features``, ``version``, and when the host says them ``max_concurrent_streams`` and
+        ``models``; once per host.
 
         Concurrent callers for one host share one read. Never raises: an unreadable host keeps
         empty features, so production-host quirk handling applies to it.
@@ -97,6 +99,9 @@ class HostProber:
                 host.features = frozenset(f for f in features if isinstance(f, str))
             if isinstance(version.get("version"), str):
                 host.version = version["version"]
+            limit = version.get("max_concurrent_streams")
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                host.max_concurrent_streams = limit
         if isinstance(models, dict) and isinstance(models.get("models"), list):
             ids, names = [], {}
             for entry in models["models"]:

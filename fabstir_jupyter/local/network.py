@@ -2,8 +2,9 @@
 
 :class:`LocalNetwork` starts ``fabstir-host`` processes on free loopback ports, an in-process
 :class:`~fabstir_jupyter.local.chain.LocalChain`, and registers every host on that chain with its
-own stake, prices (native and stable), region and metadata (``publicKey`` included), as production
-hosts register. Discovery then reads the chain exactly as it reads Base Sepolia:
+own stake, prices (native and stable), region and metadata (``publicKey`` included, and
+``maxConcurrent``: the streams the host really runs at once, read from its ``/v1/version``), as
+production hosts register. Discovery then reads the chain exactly as it reads Base Sepolia:
 :meth:`LocalNetwork.source` is a :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource` on
 the in-process provider.
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -66,10 +68,13 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKENDS", "LocalModel", "LocalNetwork", "LocalNetworkHost", "SCRIPTED_MODEL", "SMOLLM2_MODEL"]
 
+logger = logging.getLogger("fabstir_jupyter.local")
+
 BACKENDS = ("scripted", "llama-cpp")
 MAX_HOSTS = 32
 DEFAULT_RESTARTS = 3  # per host, over the network's life
 DEFAULT_START_TIMEOUT = {"scripted": 30.0, "llama-cpp": 180.0}
+_VERSION_TIMEOUT = 10.0  # seconds to read a started host's /v1/version
 USER_NATIVE = 100 * 10**18  # wei the user account starts with
 USER_USDC = 10_000 * 10**6  # mock USDC base units (6 decimals) the user account starts with
 #: The contract names under which :attr:`LocalNetwork.addresses` also lists each address.
@@ -196,6 +201,21 @@ def _write_key(path: str, private_key: str) -> str:
     with os.fdopen(fd, "w", encoding="ascii") as file:
         file.write(private_key + "\n")
     return path
+
+
+def _stream_limit(api_url: str) -> int | None:
+    """The streams a started host runs at once, as its ``/v1/version`` says (``None`` when it does
+    not say: a legacy host, like a production node, does not)."""
+    import httpx
+
+    try:
+        # trust_env=False: a proxy from the environment has no business with a loopback host
+        body = httpx.get(api_url + "/v1/version", timeout=_VERSION_TIMEOUT, trust_env=False).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        logger.warning("local host %s: could not read its stream limit: %s", api_url, exc)
+        return None
+    limit = body.get("max_concurrent_streams") if isinstance(body, dict) else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -328,15 +348,18 @@ class LocalNetwork:
     def _register(self, index: int, process: HostProcess, private_key: str) -> LocalNetworkHost:
         assert self.chain is not None and process.url is not None
         offer = _offer(index)
+        api_url = protocol.http_url(process.url)
         metadata: dict[str, Any] = {
             "hardware": {"gpu": offer.gpu, "vram": offer.vram, "ram": 2 * offer.vram},
-            "maxConcurrent": 8,
             "costPerToken": offer.stable,
             "version": "fabstir-host-local",
             "backend": self.backend,
         }
+        limit = _stream_limit(api_url)
+        if limit is not None:  # advertise the host's real limit, or none at all
+            metadata["maxConcurrent"] = limit
         local = self.chain.register_host(
-            protocol.http_url(process.url),
+            api_url,
             models=[(self.model.repo, self.model.file)],
             stake=offer.stake,
             prices=(offer.native, offer.stable),

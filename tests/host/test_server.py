@@ -281,6 +281,31 @@ async def test_host_busy_at_concurrent_stream_limit(make_host, make_peer):
     assert (await second.infer(max_tokens=2)).end["reason"] == "complete"
 
 
+async def test_host_frees_a_streams_slot_before_its_stream_end_goes_out(make_host, make_peer):
+    """The host-wide stream count drops before stream_end is written, so a client that sends its next
+    request as soon as it reads stream_end, on any socket, is never refused: with a limit of 1, 20
+    back-to-back requests alternating between two sockets are all served."""
+    server = await make_host(max_concurrent_streams=1)
+    active_at_end = []
+    send_locked = server._send_locked
+
+    async def spy(conn, text):
+        if '"stream_end"' in text:
+            active_at_end.append(server.active_streams)
+        await send_locked(conn, text)
+
+    server._send_locked = spy
+    peers = [await make_peer(server), await make_peer(server)]
+    for i in range(20):
+        peer = peers[i % 2]
+        await peer.send(inference_frame(prompt=f"prompt {i}", model="scripted-1", max_tokens=3, temperature=0,
+                                        request_id=f"r{i}"))
+        first = await peer.recv()
+        assert first["type"] == "stream_chunk", first
+        assert (await peer.until_end())[-1]["reason"] == "complete"
+    assert active_at_end == [0] * 20
+
+
 async def test_host_health_reports_streams_and_queue(make_host, make_peer):
     """/health shows active streams and the backend's queue depth while they run."""
     server = await make_host(ScriptedBackend(token_rate=100, max_concurrency=1))
@@ -464,6 +489,16 @@ async def test_host_version_lists_features(host):
     """/v1/version returns the version and every feature of protocol.FEATURES."""
     status, body = await get_json(host, "/v1/version")
     assert status == 200 and body["features"] == list(FEATURES) and body["version"]
+
+
+async def test_host_version_states_its_stream_limit_except_in_legacy_mode(make_host):
+    """/v1/version says max_concurrent_streams, so clients schedule to it; a legacy host (a production
+    node) does not, while /health says it in both."""
+    limited = await make_host(max_concurrent_streams=3)
+    legacy = await make_host(legacy=True, max_concurrent_streams=3)
+    assert (await get_json(limited, "/v1/version"))[1]["max_concurrent_streams"] == 3
+    assert (await get_json(limited, "/health"))[1]["max_concurrent_streams"] == 3
+    assert "max_concurrent_streams" not in (await get_json(legacy, "/v1/version"))[1]
 
 
 async def test_host_lists_models(host):

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from fabstir_jupyter import InferenceConfig, InferenceManager
@@ -16,6 +17,7 @@ from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.hosts import HostManager, resolve_model
 from fabstir_jupyter.hosts.registry import public_key_address
 from fabstir_jupyter.local.network import SCRIPTED_MODEL, SMOLLM2_MODEL, LocalModel, LocalNetwork
+from fabstir_jupyter.usage import ListSink
 
 from .conftest import process_gone, wait_gone
 
@@ -175,3 +177,25 @@ async def test_batch_over_the_local_chain_with_one_host_killed():
             frame = await manager.batch(prompts, max_tokens=5)
         assert list(frame["text"]) == [scripted_text(p, 5) for p in prompts]
         assert frame["error"].map(lambda e: e is None or e != e).all()
+
+
+async def test_registered_stream_limits_are_the_hosts_own_and_a_batch_is_never_refused():
+    """Each host registers maxConcurrent as the limit it enforces (flags for all hosts, then per host),
+    as /health states it; a 24-prompt batch over the 3 hosts then takes 24 attempts, none HOST_BUSY
+    (with the old metadata, 8 against hosts running 4, 46 of 72 attempts were refused)."""
+    limits = ["--max-concurrent-streams", "2", "--token-rate", "400"]
+    with LocalNetwork(3, host_args=limits, faults={2: ["--max-concurrent-streams", "3"]}) as local:
+        registered = {h.api_url: h.metadata.get("maxConcurrent") for h in local.source().discover_sync()}
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            stated = {h.api_url: (await http.get(h.api_url + "/health")).json()["max_concurrent_streams"]
+                      for h in local.hosts}
+        assert registered == stated == {local.hosts[0].api_url: 2, local.hosts[1].api_url: 2,
+                                        local.hosts[2].api_url: 3}
+
+        config = InferenceConfig(usage_db=":memory:")
+        async with InferenceManager(HostManager(sources=[local.source()]), config, usage=ListSink()) as manager:
+            prompts = [f"prompt {i}" for i in range(24)]
+            frame = await manager.batch(prompts, max_tokens=8)
+            records = manager.usage.records
+        assert list(frame["text"]) == [scripted_text(p, 8) for p in prompts]
+        assert len(records) == 24 and not any(r.error_code == "HOST_BUSY" for r in records)
