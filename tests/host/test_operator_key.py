@@ -27,7 +27,7 @@ from fabstir_jupyter.protocol import encode, parse_host_frame
 
 from .test_cli import READY
 
-SECRET_HEX = "3f" * 16 + "a9" * 16
+SECRET_HEX = "c7" * 16 + "a9" * 16  # no printable byte: its repr form cannot turn up in unrelated log text
 KEY = PrivateKey.from_hex("0x" + SECRET_HEX)
 
 
