@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from ..hosts.registry import ChainRegistrySource
 
 __all__ = ["BACKENDS", "LocalModel", "LocalNetwork", "LocalNetworkHost", "SCRIPTED_MODEL", "SMOLLM2_MODEL"]
+
+logger = logging.getLogger("fabstir_jupyter.local")
 
 BACKENDS = ("scripted", "llama-cpp")
 MAX_HOSTS = 32
@@ -212,6 +215,10 @@ class LocalNetwork:
         minimum_stake: the registry's minimum stake, whole tokens.
         restarts: how many times each host that dies on its own is started again (same port);
             0 leaves a crashed host down.
+        progress: called with a short description of each start step as it begins ("starting
+            the local chain and 1 host", "starting host 1/1 (loading MODEL)", "registering host
+            1/1"), from the thread that builds the network; an exception it raises is logged and
+            ignored.
 
     Raises:
         InvalidOptions: bad arguments.
@@ -232,6 +239,7 @@ class LocalNetwork:
         start_timeout: float | None = None,
         minimum_stake: int = 100,
         restarts: int = DEFAULT_RESTARTS,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(BACKENDS)}", field="backend")
@@ -248,6 +256,7 @@ class LocalNetwork:
             raise InvalidOptions(f"restarts must be an integer >= 0, not {restarts!r}", field="restarts")
         self.backend = backend
         self.model = self._as_model(model, backend)
+        self._progress = progress
         self._owner = os.getpid()
         self._stopped = False
         self._hosts: list[LocalNetworkHost] = []
@@ -275,14 +284,18 @@ class LocalNetwork:
             for process, key_file in zip(self._processes, self._key_files):
                 process.args += ["--key-file", key_file]  # it serves encrypted sessions with the key it registers
                 process.launch()  # the hosts boot while the chain deploys
+            self._report(f"starting the local chain and {count} host{'' if count == 1 else 's'}")
             self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
             rpc = LocalRpcServer(self.chain.provider).start()
             self._cleanups.append(rpc.stop)
             self._rpc = rpc
             self._user = self.chain.create_account(native=USER_NATIVE, usdc=USER_USDC)
             self.user_key_file = _write_key(os.path.join(self._key_dir, "user.key"), self._user.private_key)
+            loading = f" (loading {self.model.file.removesuffix('.gguf')})" if backend == "llama-cpp" else ""
             for index, process in enumerate(self._processes):
+                self._report(f"starting host {index + 1}/{count}{loading}")
                 process.wait_ready()
+                self._report(f"registering host {index + 1}/{count}")
                 self._hosts.append(self._register(index, process, host_keys[index]))
         except BaseException:  # KeyboardInterrupt included: nothing may outlive a failed start
             self.stop()
@@ -297,6 +310,14 @@ class LocalNetwork:
         if isinstance(model, tuple) and len(model) == 2 and all(isinstance(p, str) and p for p in model):
             return LocalModel(*model)
         raise InvalidOptions(f"model must be a LocalModel or (repo, file), not {model!r}", field="model")
+
+    def _report(self, step: str) -> None:
+        if self._progress is None:
+            return
+        try:
+            self._progress(step)
+        except Exception:  # a progress display must not fail the start
+            logger.exception("local network progress callback failed on %r", step)
 
     def _host_args(self, extra: list[str], threads: int) -> list[str]:
         args = ["--model-id", self.model.host_id]
