@@ -37,6 +37,7 @@ __all__ = [
     "NetworkCommand",
     "ConfigCommand",
     "HelpCommand",
+    "StatusCommand",
     "CancelCommand",
     "ManagerCommand",
     "LineCommand",
@@ -179,7 +180,8 @@ CELL_OPTION_HELP: dict[str, str] = {
     "format": "final rendering: markdown (default), text, code or json",
     "out": "store the finished result (an InferenceResult: .text, .usage, .finish_reason, .host, .model, "
            ".ttft, .error) in the variable VAR; a request that fails keeps its partial .text and its .error",
-    "background": "return at once and keep streaming into the output (stop button, or %fabstir cancel)",
+    "background": "return at once and keep streaming into the output; %fabstir status lists such runs with "
+                  "their state or error, the stop button or %fabstir cancel stops them",
     "no_interpolate": "send the cell text as is, without replacing {name} references",
     "network": "network for this cell: local, static or base-sepolia (default: FabstirMagics.network)",
 }
@@ -304,9 +306,17 @@ class ConfigCommand:
 
 @dataclass(frozen=True)
 class HelpCommand:
-    """``%fabstir help``: what the magics do."""
+    """``%fabstir help [TOPIC]``: the short usage, or the details of an option, a command or a topic."""
 
     type: Literal["help"] = "help"
+    topic: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusCommand:
+    """``%fabstir status``: how the network's start went, and the ``--background`` runs."""
+
+    type: Literal["status"] = "status"
 
 
 @dataclass(frozen=True)
@@ -324,7 +334,7 @@ class ManagerCommand:
 
 
 LineCommand = Union[HostsCommand, UsageCommand, SessionsCommand, EndCommand, ModelsCommand, NetworkCommand,
-                    ConfigCommand, HelpCommand, CancelCommand, ManagerCommand]
+                    ConfigCommand, HelpCommand, StatusCommand, CancelCommand, ManagerCommand]
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
@@ -336,11 +346,14 @@ LINE_COMMAND_HELP: dict[str, str] = {
     "models": "the models the discovered hosts serve, as a DataFrame",
     "network": "show the network, or switch to NAME (local, static, base-sepolia)",
     "config": "show the settings, show KEY, or set KEY to VALUE (also: %config FabstirMagics.KEY = VALUE)",
+    "status": "how the network's start went (each step and its time) and the --background runs of this "
+              "kernel, each with its state (running, done, failed, cancelled) and its error",
     "cancel": "stop every --background stream still running",
     "manager": "return the InferenceManager the %%fabstir cells use (same hosts, pool and usage ledger), for "
                "infer(), batch_blocking(prompts, progress=...) and select_best_host(mode=...); await its async "
                "methods (await manager.batch(...)) or call the blocking ones",
-    "help": "show this help",
+    "help": "the short usage; %fabstir help OPTION (e.g. --model) or COMMAND (e.g. hosts) gives the details, "
+            "%fabstir help settings how settings are found, %fabstir help all everything",
 }
 
 
@@ -372,9 +385,10 @@ def line_parser() -> argparse.ArgumentParser:
     config = command("config")
     config.add_argument("key", metavar="KEY", nargs="?", choices=CONFIG_KEYS)
     config.add_argument("value", metavar="VALUE", nargs="?")
+    command("status")
     command("cancel")
     command("manager")
-    command("help")
+    command("help").add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
 
 
@@ -387,6 +401,8 @@ def parse_line_command(line: str) -> LineCommand:
     words = _split(line, "%fabstir")
     if not words:
         return HelpCommand()
+    if words[0] == "help":  # the topic may look like an option (--model): not for argparse
+        return HelpCommand(topic=" ".join(words[1:]) or None)
     if words[0] == "config" and len(words) > 3:
         # A value may hold spaces without quotes: %fabstir config hosts ws://a:1 ws://b:2
         words = words[:2] + [" ".join(words[2:])]
@@ -406,6 +422,8 @@ def parse_line_command(line: str) -> LineCommand:
         return NetworkCommand(name=args.name)
     if name == "config":
         return ConfigCommand(key=args.key, value=args.value)
+    if name == "status":
+        return StatusCommand()
     if name == "cancel":
         return CancelCommand()
     if name == "manager":
