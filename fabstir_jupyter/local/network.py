@@ -210,7 +210,10 @@ class LocalNetwork:
         model: the model the hosts serve and register (default :data:`SCRIPTED_MODEL` or
             :data:`SMOLLM2_MODEL`); a :class:`LocalModel` or ``(repo, file)``.
         faults: per-host extra flags, ``{index: ["--close-after", "5"]}`` (tests).
-        threads: llama-cpp threads per host (default: the CPUs divided among the hosts).
+        threads: llama-cpp threads per host (default: the CPUs but one, divided among the hosts; at
+            least 1). The process that runs the network (a kernel) keeps a core: llama.cpp's
+            threads wait on each other, so one descheduled thread stalls them all (2 threads on a
+            busy 2-core machine measured 3x slower than 1, to the first token and per token).
         start_timeout: seconds each host may take to listen (model loading included).
         minimum_stake: the registry's minimum stake, whole tokens.
         restarts: how many times each host that dies on its own is started again (same port);
@@ -265,7 +268,7 @@ class LocalNetwork:
         self._user: LocalAccount | None = None
         self.user_key_file: str | None = None
         timeout = start_timeout if start_timeout is not None else DEFAULT_START_TIMEOUT[backend]
-        per_host_threads = threads or max(1, (os.cpu_count() or 1) // count)
+        per_host_threads = threads or max(1, ((os.cpu_count() or 1) - 1) // count)
         self._processes = [
             HostProcess(backend, self._host_args(list(host_args) + list(faults.get(i, ())), per_host_threads),
                         start_timeout=timeout, max_restarts=restarts)
