@@ -47,8 +47,6 @@ __all__ = [
     "parse_line_command",
     "interpolate",
     "find_references",
-    "cell_help",
-    "line_help",
 ]
 
 #: ``--format`` values: how the finished answer is rendered.
@@ -188,7 +186,7 @@ CELL_OPTION_HELP: dict[str, str] = {
 
 
 def cell_parser() -> argparse.ArgumentParser:
-    """Build the ``%%fabstir`` option parser (its help is the magic's documentation)."""
+    """Build the ``%%fabstir`` option parser (the help, :mod:`.help`, is built from it)."""
     parser = _Parser(prog="%%fabstir", add_help=False, allow_abbrev=False,
                      description="Stream the answer to the cell's text (the prompt) from the Fabstir network.")
     add = parser.add_argument
@@ -429,27 +427,6 @@ def parse_line_command(line: str) -> LineCommand:
     if name == "manager":
         return ManagerCommand()
     return HelpCommand()
-
-
-def _format_help(parser: argparse.ArgumentParser) -> str:
-    return parser.format_help().strip()
-
-
-def cell_help() -> str:
-    """The ``%%fabstir`` documentation, built from its parser."""
-    return _format_help(cell_parser())
-
-
-def line_help() -> str:
-    """The ``%fabstir`` documentation: every command with its arguments."""
-    lines = ["%fabstir COMMAND [ARGS]", ""]
-    parser = line_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name, sub in commands.choices.items():
-        usage = sub.format_usage().strip().removeprefix("usage: ").replace("%fabstir ", "", 1)
-        lines.append(f"  %fabstir {usage}")
-        lines.append(f"      {LINE_COMMAND_HELP[name]}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- prompt interpolation

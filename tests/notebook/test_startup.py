@@ -271,3 +271,30 @@ def test_unload_during_a_start_stops_the_network_once_it_has_started(make_shell,
     ip.run_line_magic("unload_ext", "fabstir_jupyter")
     assert sdk._closed and sdk.local_network is None
     assert not loop_thread_alive()
+
+
+def test_ctrl_c_while_waiting_for_the_network_leaves_the_start_running(make_shell, monkeypatch, recording):
+    """Ctrl-C while the first cell waits for the network re-raises KeyboardInterrupt and marks the
+    output cancelled; the start goes on, and the next cell uses that same network."""
+    monkeypatch.setenv("FABSTIR_LOCAL_BACKEND", "scripted")
+    gate = Gate(monkeypatch)
+    ip = autostart_shell(make_shell)
+    assert ip.run_cell("%load_ext fabstir_jupyter").success
+    assert gate.waiting.wait(30)
+
+    interrupting = [True]
+    original = RecordingOutput.network_step
+
+    def step(self, label: str) -> None:  # the user presses Ctrl-C while the widget shows this step
+        if interrupting:
+            raise KeyboardInterrupt
+        original(self, label)
+
+    monkeypatch.setattr(RecordingOutput, "network_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic("fabstir", "--max-tokens 3", PROMPT)
+    assert recording[0].state == "cancelled"
+    interrupting.clear()
+    gate.open()
+    assert ip.run_cell(f"%%fabstir --max-tokens 3 --out r\n{PROMPT}").success
+    assert ip.user_ns["r"].text == scripted_text(PROMPT, 3) and gate.backends == ["scripted"]
