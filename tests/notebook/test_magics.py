@@ -80,7 +80,8 @@ def test_load_ext_registers_the_line_and_cell_magic(make_shell):
 
 
 def test_loading_the_extension_stays_cheap():
-    """%load_ext imports neither pandas, websockets nor the widgets, and starts no thread."""
+    """%load_ext imports neither pandas, websockets nor the widgets, and starts no thread itself (the
+    network starts in the background once the loading cell ends: test_startup.py)."""
     code = (
         "import sys, threading\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
