@@ -312,7 +312,7 @@ class NotebookBridge:
                 from ..sdk import FabstirSDK
 
                 def progress(label: str) -> None:  # called while `sdk` (below) starts its network
-                    startup = self._startups.get(sdk)
+                    startup = None if sdk is None else self._startups.get(sdk)
                     if startup is not None:
                         startup.step(label)
 

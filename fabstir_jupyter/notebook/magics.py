@@ -216,9 +216,10 @@ class FabstirMagics(Magics):
         shell.events.register("post_run_cell", self._start_network_now)
 
     def _cancel_scheduled_start(self) -> None:
+        shell: Any = self.shell
         if self._start_scheduled:
             self._start_scheduled = False
-            self.shell.events.unregister("post_run_cell", self._start_network_now)
+            shell.events.unregister("post_run_cell", self._start_network_now)
 
     def _start_network_now(self, *_: Any) -> None:
         self._cancel_scheduled_start()

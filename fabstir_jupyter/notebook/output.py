@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
-from ..errors import FabstirError
 from .rendering import (
     STATUS_PREFIX,
     Rendering,
@@ -90,8 +89,9 @@ class OutputSink(Protocol):
     def finish(self, result: Any) -> None:
         """Show the final rendering and the status line."""
 
-    def failed(self, error: FabstirError) -> None:
-        """Mark the output failed. An output that can show the error does (a blocking cell also
+    def failed(self, error: BaseException) -> None:
+        """Mark the output failed (``error`` is a ``FabstirError``, or an unexpected exception of a
+        ``--background`` stream). An output that can show the error does (a blocking cell also
         raises it; a ``--background`` stream cannot, so its output is the only place it shows)."""
 
     def cancelled(self, result: Any = None) -> None:
@@ -155,7 +155,7 @@ class TextOutput:
         self.host: str | None = None
         self.model: str | None = None
         self.result: Any = None
-        self.error: FabstirError | None = None
+        self.error: BaseException | None = None
         self._flush_each = True
 
     def __repr__(self) -> str:
@@ -228,7 +228,7 @@ class TextOutput:
             ttft = self._first_text_at - self._started_at
         self._write(status_line(result, self.note, ttft=ttft, network=self.network) + "\n")
 
-    def failed(self, error: FabstirError) -> None:
+    def failed(self, error: BaseException) -> None:
         self.error = error
         self.state = "failed"
         self._end_line()
