@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .config import InferenceConfig
 from .errors import AuthFailed, ConnectionFailed, InvalidOptions
@@ -58,6 +58,9 @@ class FabstirSDK:
         local_backend: ``"llama-cpp"`` (the embedded model) or ``"scripted"`` for the local network.
         local_hosts: how many local host processes to start.
         usage: where usage records go (default: the ledger of ``config.usage_db``).
+        progress: called with a short description of each step while the local network starts
+            ("starting the local chain and 1 host", "starting host 1/1 (loading MODEL)"...), from
+            the thread that starts it (see :class:`~fabstir_jupyter.local.network.LocalNetwork`).
 
     Raises:
         InvalidOptions: bad settings (``field`` names which).
@@ -73,6 +76,7 @@ class FabstirSDK:
         local_backend: str | None = None,
         local_hosts: int | None = None,
         usage: Any = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = load_settings(network, hosts, rpc_url=rpc_url, local_backend=local_backend,
                                       local_hosts=local_hosts)
@@ -82,6 +86,7 @@ class FabstirSDK:
         self._lock = threading.RLock()
         self._account: Any = None
         self._usage = usage
+        self._progress = progress
         self._host_manager: HostManager | None = None
         self._inference: InferenceManager | None = None
         self._closed = False
@@ -166,7 +171,7 @@ class FabstirSDK:
                              "or use hosts=[...] for hosts you run yourself",
                     ) from exc
                 self._network = LocalNetwork(self.settings.local_hosts, self.settings.local_backend,
-                                             host_args=self.settings.local_host_args)
+                                             host_args=self.settings.local_host_args, progress=self._progress)
             return self._network
 
     def get_host_manager(self) -> HostManager:

@@ -234,12 +234,19 @@ class LocalNetwork:
         model: the model the hosts serve and register (default :data:`SCRIPTED_MODEL` or
             :data:`SMOLLM2_MODEL`); a :class:`LocalModel` or ``(repo, file)``.
         faults: per-host extra flags, ``{index: ["--close-after", "5"]}`` (tests).
-        threads: llama-cpp threads per host (default: the CPUs divided among the hosts).
+        threads: llama-cpp threads per host (default: the CPUs but one, divided among the hosts; at
+            least 1). The process that runs the network (a kernel) keeps a core: llama.cpp's
+            threads wait on each other, so one descheduled thread stalls them all (2 threads on a
+            busy 2-core machine measured 3x slower than 1, to the first token and per token).
         start_timeout: seconds each host may take to listen (model loading included).
         minimum_stake: the registry's minimum stake, whole tokens.
         restarts: how many times each host that dies on its own is started again (same port);
             0 leaves a crashed host down.
         paid: start paid hosts (see above); off by default: unpaid hosts serve anyone.
+        progress: called with a short description of each start step as it begins ("starting
+            the local chain and 1 host", "starting host 1/1 (loading MODEL)", "registering host
+            1/1"), from the thread that builds the network; an exception it raises is logged and
+            ignored.
 
     Raises:
         InvalidOptions: bad arguments.
@@ -261,6 +268,7 @@ class LocalNetwork:
         minimum_stake: int = 100,
         restarts: int = DEFAULT_RESTARTS,
         paid: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise InvalidOptions(f"unknown local backend {backend!r}; choose {', '.join(BACKENDS)}", field="backend")
@@ -278,6 +286,7 @@ class LocalNetwork:
         self.backend = backend
         self.paid = bool(paid)
         self.model = self._as_model(model, backend)
+        self._progress = progress
         self._owner = os.getpid()
         self._stopped = False
         self._hosts: list[LocalNetworkHost] = []
@@ -286,7 +295,7 @@ class LocalNetwork:
         self._user: LocalAccount | None = None
         self.user_key_file: str | None = None
         timeout = start_timeout if start_timeout is not None else DEFAULT_START_TIMEOUT[backend]
-        per_host_threads = threads or max(1, (os.cpu_count() or 1) // count)
+        per_host_threads = threads or max(1, ((os.cpu_count() or 1) - 1) // count)
         self._processes = [
             HostProcess(backend, self._host_args(list(host_args) + list(faults.get(i, ())), per_host_threads),
                         start_timeout=timeout, max_restarts=restarts)
@@ -306,6 +315,7 @@ class LocalNetwork:
                 process.args += ["--key-file", key_file]  # it serves encrypted sessions with the key it registers
                 if not self.paid:
                     process.launch()  # the hosts boot while the chain deploys
+            self._report(f"starting the local chain and {count} host{'' if count == 1 else 's'}")
             self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
             rpc = LocalRpcServer(self.chain.provider).start()
             self._cleanups.append(rpc.stop)
@@ -319,8 +329,11 @@ class LocalNetwork:
                     process.launch()
             self._user = self.chain.create_account(native=USER_NATIVE, usdc=USER_USDC)
             self.user_key_file = _write_key(os.path.join(self._key_dir, "user.key"), self._user.private_key)
+            loading = f" (loading {self.model.file.removesuffix('.gguf')})" if backend == "llama-cpp" else ""
             for index, process in enumerate(self._processes):
+                self._report(f"starting host {index + 1}/{count}{loading}")
                 process.wait_ready()
+                self._report(f"registering host {index + 1}/{count}")
                 self._hosts.append(self._register(index, process, host_keys[index]))
         except BaseException:  # KeyboardInterrupt included: nothing may outlive a failed start
             self.stop()
@@ -335,6 +348,14 @@ class LocalNetwork:
         if isinstance(model, tuple) and len(model) == 2 and all(isinstance(p, str) and p for p in model):
             return LocalModel(*model)
         raise InvalidOptions(f"model must be a LocalModel or (repo, file), not {model!r}", field="model")
+
+    def _report(self, step: str) -> None:
+        if self._progress is None:
+            return
+        try:
+            self._progress(step)
+        except Exception:  # a progress display must not fail the start
+            logger.exception("local network progress callback failed on %r", step)
 
     def _host_args(self, extra: list[str], threads: int) -> list[str]:
         args = ["--model-id", self.model.host_id]

@@ -13,6 +13,11 @@ so display calls stay on the main thread. Ctrl-C cancels the coroutine (the stre
 
 Coroutines run in a copy of the submitting thread's ``contextvars`` context, so in a kernel the
 output a ``--background`` stream writes from the loop thread lands in the cell that started it.
+
+The first use of an SDK starts its network (on ``network="local"``: a chain and host processes,
+then discovery) in a task of its own, recorded as a :class:`~.startup.NetworkStartup`; the
+extension starts it as it loads (:meth:`NotebookBridge.start_network`). A cell waits for it and
+its output shows the step in progress (the sink's optional ``network_step``/``network_ready``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextvars
+import functools
 import inspect
 import logging
 import queue
@@ -31,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar, 
 
 from ..errors import Cancelled, FabstirError, SessionNotFound
 from ..runner import LoopThread
+from .startup import NetworkStartup
 
 if TYPE_CHECKING:
     from ..inference import InferenceManager, InferenceResult, InferenceStream
@@ -49,7 +56,17 @@ StreamFactory = Callable[[], Union["InferenceStream", Awaitable["InferenceStream
 
 LOOP_THREAD_NAME = "fabstir-notebook-loop"
 _END = object()  # queue sentinel: the consumer coroutine has finished
+_READY = object()  # queue item: the network the stream waited for is ready
 _CLOSE_TIMEOUT = 30.0
+_START_WAIT_ON_CLOSE = 60.0  # a network still starting when the bridge closes: wait this long, then stop it
+MAX_RUNS_KEPT = 100  # background runs remembered for %fabstir status
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Queue item: the network the stream waits for is at step ``label``."""
+
+    label: str
 
 
 @dataclass(frozen=True)
@@ -148,20 +165,32 @@ class BackgroundRun:
 
     Attributes:
         sink: the output it streams into.
+        label: what it answers (the start of its prompt), for ``%fabstir status``.
+        started: when it started (epoch seconds).
         result_value: the :class:`~fabstir_jupyter.inference.InferenceResult` once finished.
         error: the error it failed with, if any.
     """
 
-    def __init__(self, task: LoopTask | None, sink: OutputSink) -> None:
+    def __init__(self, task: LoopTask | None, sink: OutputSink, label: str = "") -> None:
         self._task: LoopTask = task  # type: ignore[assignment]  # set right after the coroutine is built
         self.sink = sink
+        self.label = label
+        self.started = time.time()
         self.stream: InferenceStream | None = None
         self.result_value: InferenceResult | None = None
         self.error: BaseException | None = None
 
     def __repr__(self) -> str:
-        state = "running" if not self.done() else ("cancelled" if self.cancelled() else "done")
-        return f"<BackgroundRun {state} chars={len(self.text)}>"
+        return f"<BackgroundRun {self.state} chars={len(self.text)}>"
+
+    @property
+    def state(self) -> str:
+        """``running``, ``done``, ``failed`` or ``cancelled``."""
+        if not self.done():
+            return "running"
+        if self.cancelled():
+            return "cancelled"
+        return "failed" if self.error is not None else "done"
 
     @property
     def text(self) -> str:
@@ -205,10 +234,12 @@ class NotebookBridge:
         self._lock = threading.RLock()
         self._loop: LoopThread | None = None
         self._sdks: dict[NetworkSettings, FabstirSDK] = {}
-        self._manager_locks: dict[NetworkSettings, asyncio.Lock] = {}
+        self._startups: dict[FabstirSDK, NetworkStartup] = {}
+        self._start_tasks: set[asyncio.Task[None]] = set()  # on the loop thread
         self.settings = NetworkSettings()
         self.sessions: dict[str, _NamedSession] = {}
         self.background: set[BackgroundRun] = set()
+        self.runs: list[BackgroundRun] = []  # every background run, newest last (MAX_RUNS_KEPT at most)
         self._streams: set[LoopTask] = set()  # blocking streams in progress
         self.closed = False
         atexit.register(self.close)
@@ -280,32 +311,124 @@ class NotebookBridge:
                 from ..config import InferenceConfig
                 from ..sdk import FabstirSDK
 
+                def progress(label: str) -> None:  # called while `sdk` (below) starts its network
+                    startup = None if sdk is None else self._startups.get(sdk)
+                    if startup is not None:
+                        startup.step(label)
+
                 sdk = FabstirSDK(network=key.network, hosts=list(key.hosts) or None,
-                                 config=InferenceConfig(usage_db=key.usage_db), local_backend=key.local_backend)
+                                 config=InferenceConfig(usage_db=key.usage_db), local_backend=key.local_backend,
+                                 progress=progress)
                 self._sdks[key] = sdk
             return sdk
 
-    async def manager(self, settings: NetworkSettings | None = None) -> InferenceManager:
+    def startup(self, settings: NetworkSettings | None = None) -> NetworkStartup | None:
+        """How far the network of ``settings`` (default: the configured one) has started; None
+        before its first use."""
+        sdk = self._sdks.get(self.settings if settings is None else settings)
+        return None if sdk is None else self._startups.get(sdk)
+
+    def start_network(self, settings: NetworkSettings | None = None) -> None:
+        """Start the network of ``settings`` (default: the configured one) in the background and
+        return at once. A failure is kept for the first cell that needs the network, which
+        raises it (:meth:`ready`)."""
+        key = self.settings if settings is None else settings
+
+        async def start() -> None:
+            sdk = await asyncio.to_thread(self.sdk, key)  # imports the SDK off the loop
+            self._begin_startup(sdk)
+
+        task = self.submit(start())
+        task.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # the cell reports it
+
+    def _begin_startup(self, sdk: FabstirSDK) -> NetworkStartup:
+        """Start ``sdk``'s network in a task of its own on this (the loop) thread, unless it has
+        started, is starting, or failed without anyone seeing why yet."""
+        with self._lock:
+            startup = self._startups.get(sdk)
+            if startup is not None and not (startup.failed and startup.error_seen):
+                return startup
+            startup = self._startups[sdk] = NetworkStartup()
+        task = asyncio.get_running_loop().create_task(self._start(sdk, startup), name="fabstir-network-start")
+        self._start_tasks.add(task)
+        task.add_done_callback(self._start_tasks.discard)
+        return startup
+
+    async def _start(self, sdk: FabstirSDK, startup: NetworkStartup) -> None:
+        """Start the network (in a worker thread), then discover its hosts; record how it ended.
+        An SDK closed meanwhile (another network configured) is closed once its start is over."""
+        error: BaseException | None = None
+        try:
+            if sdk.settings.network == "local":  # the chain's libraries load first (web3, py-evm): a while
+                startup.step("preparing the local network")
+            await asyncio.to_thread(sdk.get_inference_manager)
+            manager = sdk.get_inference_manager()
+            manager.bind_loop()  # this loop (the loop thread) owns it, not a private one
+            if sdk.settings.network == "local":
+                startup.step("discovering hosts")
+                await manager.host_manager.discover_all_active_hosts()
+        except BaseException as exc:  # the cells waiting for it raise it
+            error = exc
+        with self._lock:
+            stale = self._startups.get(sdk) is not startup  # closed (or superseded) meanwhile
+            startup.finish(error)
+        if stale:
+            await self._aclose_sdk(sdk)
+        if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+            raise error
+
+    async def ready(self, settings: NetworkSettings | None = None,
+                    on_step: Callable[[str], None] | None = None) -> bool:
+        """Wait until the network of ``settings`` has started (starting it if nothing has yet);
+        ``on_step(label)`` hears the step in progress and each later one. Await it on the loop.
+        Return whether it had to wait.
+
+        Raises:
+            FabstirError: the start failed (a local host did not start, bad settings...); the
+                next call starts it again.
+        """
+        return await self._begin_startup(self.sdk(settings)).follow(on_step)
+
+    async def _wait_showing_steps(self, settings: NetworkSettings, on_step: Callable[[str], None]) -> bool:
+        """:meth:`ready`, passing each step to ``on_step``; return whether any step was shown (a
+        network with steps worth showing was still starting)."""
+        shown: list[str] = []
+
+        def step(label: str) -> None:
+            shown.append(label)
+            on_step(label)
+
+        await self.ready(settings, step)
+        return bool(shown)
+
+    async def manager(self, settings: NetworkSettings | None = None, *,
+                      on_step: Callable[[str], None] | None = None) -> InferenceManager:
         """The inference manager for ``settings``, bound to the loop thread. Await it there.
 
-        The first call may start local host processes (in a worker thread, so the loop stays free).
+        The first call starts the network (see :meth:`ready`; local hosts start in a worker thread,
+        so the loop stays free).
         """
-        key = self.settings if settings is None else settings
-        sdk = self.sdk(key)
-        if sdk.inference_manager is None:
-            async with self._manager_locks.setdefault(key, asyncio.Lock()):
-                if sdk.inference_manager is None:
-                    await asyncio.to_thread(sdk.get_inference_manager)
-        manager = sdk.get_inference_manager()  # made by now: this returns it
-        manager.bind_loop()  # this loop (the loop thread) owns it, not a private one
+        sdk = self.sdk(settings)
+        await self._begin_startup(sdk).follow(on_step)
+        manager = sdk.get_inference_manager()  # made by now: this returns it (or says the SDK was closed)
+        manager.bind_loop()
         return manager
+
+    async def _aclose_sdk(self, sdk: FabstirSDK) -> None:
+        try:
+            await asyncio.wait_for(sdk.aclose(), _CLOSE_TIMEOUT)
+        except Exception as exc:  # closing must not fail the caller
+            logger.warning("fabstir: closing %r failed: %s", sdk, exc)
 
     def _close_sdk(self, key: NetworkSettings, sdk: FabstirSDK) -> None:
         with self._lock:
-            self._sdks.pop(key, None)
-            self._manager_locks.pop(key, None)
+            if self._sdks.get(key) is sdk:
+                del self._sdks[key]
+            startup = self._startups.pop(sdk, None)
             for name in [n for n, s in self.sessions.items() if s.settings == key]:
                 del self.sessions[name]
+            if startup is not None and not startup.done:
+                return  # still starting: its start task closes it once the start is over
         try:
             if self.running and sdk.inference_manager is not None:
                 self.run(asyncio.wait_for(sdk.aclose(), _CLOSE_TIMEOUT))
@@ -360,9 +483,12 @@ class NotebookBridge:
 
     def run_stream(self, make_stream: StreamFactory, sink: OutputSink, *, poll: float = 0.1,
                    interval: float = 0.0, cancel_grace: float = 5.0,
-                   store: Callable[[InferenceResult], None] | None = None) -> InferenceResult:
+                   store: Callable[[InferenceResult], None] | None = None,
+                   network: NetworkSettings | None = None) -> InferenceResult:
         """Stream into ``sink`` from this (main) thread; return the finished result.
 
+        With ``network``, the stream first waits for that network to start (:meth:`ready`); while
+        it waits, a sink with ``network_step(label)`` hears each step and then ``network_ready()``.
         ``make_stream`` is called on the loop thread and returns an
         :class:`~fabstir_jupyter.inference.InferenceStream` (or an awaitable of one). Text reaches
         ``sink.append`` on this thread, batched: at most one call per ``interval`` seconds (0: as
@@ -381,6 +507,8 @@ class NotebookBridge:
 
         async def consume() -> InferenceResult:
             try:
+                if network is not None and await self._wait_showing_steps(network, lambda label: pieces.put(_Step(label))):
+                    pieces.put(_READY)
                 stream = await _make(make_stream)
                 made.append(stream)
                 async with stream:
@@ -454,7 +582,12 @@ class NotebookBridge:
                 if item is _END:
                     ended = True
                     break
-                buffer.append(item)
+                if isinstance(item, _Step):
+                    _call_extra(sink, "network_step", item.label)
+                elif item is _READY:
+                    _call_extra(sink, "network_ready")
+                else:
+                    buffer.append(item)
                 try:
                     item = pieces.get_nowait()
                 except queue.Empty:
@@ -469,8 +602,13 @@ class NotebookBridge:
     def run_background(self, make_stream: StreamFactory, sink: OutputSink, *, interval: float = 0.05,
                        on_result: Callable[[InferenceResult], None] | None = None,
                        on_error: Callable[[FabstirError], None] | None = None,
-                       store: Callable[[InferenceResult], None] | None = None) -> BackgroundRun:
+                       store: Callable[[InferenceResult], None] | None = None,
+                       network: NetworkSettings | None = None, label: str = "") -> BackgroundRun:
         """Start a stream that keeps running on the loop thread; return its handle at once.
+
+        With ``network``, the stream first waits for that network to start, as in :meth:`run_stream`
+        (the sink's ``network_step``/``network_ready`` are then called from the loop thread).
+        ``label`` names the run in :attr:`runs` (``%fabstir status``).
 
         The sink is updated from the loop thread: ``append`` per piece, plus ``append("")`` every
         ``interval`` seconds (so a batching sink sends what it holds during a pause), then
@@ -479,7 +617,7 @@ class NotebookBridge:
         (its ``error`` and partial ``text`` set; also :attr:`BackgroundRun.result_value`). A sink
         with ``set_cancel(callback)`` gets the handle's :meth:`BackgroundRun.cancel` (a stop button).
         """
-        run = BackgroundRun(None, sink)
+        run = BackgroundRun(None, sink, label)
 
         async def tick() -> None:
             while True:
@@ -489,6 +627,9 @@ class NotebookBridge:
         async def consume() -> InferenceResult:
             ticker = asyncio.get_running_loop().create_task(tick()) if interval > 0 else None
             try:
+                if network is not None and await self._wait_showing_steps(
+                        network, functools.partial(_call_extra, sink, "network_step")):
+                    _call_extra(sink, "network_ready")
                 stream = await _make(make_stream)
                 run.stream = stream
                 async with stream:
@@ -498,14 +639,16 @@ class NotebookBridge:
             except asyncio.CancelledError:
                 _quietly(sink.cancelled, run.stream.result() if run.stream is not None else None)
                 raise
-            except FabstirError as exc:
+            except Exception as exc:  # a FabstirError, or a bug: either way the output says so
                 run.error = exc
+                if not isinstance(exc, FabstirError):
+                    logger.error("fabstir: background stream failed", exc_info=exc)
                 if run.stream is not None:
                     run.result_value = run.stream.result()
                     if store is not None:
                         _quietly(store, run.result_value)
                 _quietly(_end_failed, sink, exc)
-                if on_error is not None:
+                if on_error is not None and isinstance(exc, FabstirError):
                     _quietly(on_error, exc)
                 raise
             finally:
@@ -525,6 +668,8 @@ class NotebookBridge:
         run._task = LoopTask(self.loop_thread.loop, consume(), contextvars.copy_context())
         with self._lock:
             self.background.add(run)
+            self.runs.append(run)
+            del self.runs[:-MAX_RUNS_KEPT]
         run._task.future.add_done_callback(lambda _: self._forget(run))
         return run
 
@@ -562,6 +707,8 @@ class NotebookBridge:
                     task.done.wait(5.0)
             for key, sdk in sdks:
                 self._close_sdk(key, sdk)
+            if self.running:  # networks still starting are stopped once started (by their start task)
+                self.run(self._wait_for_starts(_START_WAIT_ON_CLOSE))
         finally:
             with self._lock:
                 self.closed = True
@@ -572,6 +719,12 @@ class NotebookBridge:
             atexit.unregister(self.close)
 
 
+    async def _wait_for_starts(self, timeout: float) -> None:
+        tasks = list(self._start_tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+
 async def _make(make_stream: StreamFactory) -> InferenceStream:
     stream = make_stream()
     if inspect.isawaitable(stream):
@@ -579,7 +732,14 @@ async def _make(make_stream: StreamFactory) -> InferenceStream:
     return stream  # type: ignore[return-value]
 
 
-def _end_failed(sink: OutputSink, error: FabstirError) -> None:
+def _call_extra(sink: OutputSink, name: str, *args: Any) -> None:
+    """Call the sink's optional method ``name`` (see ``OutputSink``), if it has one."""
+    method = getattr(sink, name, None)
+    if callable(method):
+        method(*args)
+
+
+def _end_failed(sink: OutputSink, error: BaseException) -> None:
     """Mark the output failed, or cancelled when the stream was stopped on purpose (its session ended)."""
     if isinstance(error, Cancelled):
         sink.cancelled()

@@ -7,22 +7,33 @@ same path. The magic layers ``%config`` on the one settings resolver
 (:func:`fabstir_jupyter.settings.load_settings`: environment, then the config file) and the cell's
 options on top of that.
 
-Expected failures print one line to stderr (``FabstirError [CODE]: message (hint: ...)``) with no
-traceback; a kernel interrupt cancels the stream on the host and re-raises ``KeyboardInterrupt``.
+A failure raises, so "Run All" and ``nbconvert --execute`` stop at the cell that failed, and shows
+once: an expected failure (a ``FabstirError``) is raised with a one-line traceback
+(``FabstirError [CODE]: message (hint: ...)``, shorter when the live widget already shows the
+error), bad options raise IPython's ``UsageError`` (one line too). A ``--background`` stream never
+raises after its cell returned: its output shows the error and ``%fabstir status`` lists it. A
+kernel interrupt cancels the stream on the host and re-raises ``KeyboardInterrupt``.
+
+As it loads (at the end of the cell that loads it), the extension starts the configured network in
+the background, so the first ``%%fabstir`` cell finds it started or starting; its output shows the
+step the network is at meanwhile (``FabstirMagics.start_network_on_load`` turns that off).
 """
 
 from __future__ import annotations
 
 import datetime
 import sys
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from traitlets import Enum, Float, Integer, List, TraitError, Unicode, validate
+from traitlets import Bool, Enum, Float, Integer, List, TraitError, Unicode, observe, validate
 
 from ..errors import FabstirError, InvalidOptions
 from ..settings import LOCAL_BACKENDS, NETWORKS, SDKSettings, SettingsSources, load_settings
 from .bridge import NetworkSettings, NotebookBridge, close_bridge, get_bridge
+from .help import HelpText, topic_help, usage
 from .output import make_output, widgets_available
 from .parsers import (
     CONFIG_KEYS,
@@ -37,14 +48,14 @@ from .parsers import (
     ModelsCommand,
     NetworkCommand,
     SessionsCommand,
+    StatusCommand,
     UsageCommand,
     UsageError,
-    cell_help,
     interpolate,
-    line_help,
     parse_cell_options,
     parse_line_command,
 )
+from .rendering import format_error
 from .tables import host_rows, hosts_dataframe, usage_rows
 
 if TYPE_CHECKING:
@@ -54,23 +65,25 @@ if TYPE_CHECKING:
 
 __all__ = ["FabstirMagics", "load_ipython_extension", "unload_ipython_extension", "format_error"]
 
-def format_error(error: FabstirError) -> str:
-    """The one line shown for an expected failure: ``FabstirError [CODE]: message (hint: ...)``."""
-    message = error.message if getattr(error, "message", None) else str(error)
-    if error.host:
-        message = f"host {error.host}: {message}"
-    line = f"FabstirError [{error.code}]: {message}"
-    if error.hint:
-        line += f" (hint: {error.hint})"
-    return line.replace("\n", " ")
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _print_error(error: FabstirError) -> None:
-    print(format_error(error), file=sys.stderr)
+def _one_line(error: FabstirError, shown: bool = False) -> FabstirError:
+    """Make ``error`` show as one line when it ends a cell (IPython calls ``_render_traceback_``
+    instead of printing a traceback): the error's line, or, where the cell's output already shows
+    the error (``shown``), a line that only names its code."""
+    line = format_error(error)
+    if shown:
+        line = f"FabstirError [{error.code}]: the request failed (the output above says why)"
+    error._render_traceback_ = lambda: [line]  # type: ignore[attr-defined]
+    return error
+
+
+def _label(prompt: str, width: int = 40) -> str:
+    """The start of a prompt's first line, for ``%fabstir status``."""
+    first = prompt.strip().splitlines()[0] if prompt.strip() else ""
+    return first if len(first) <= width else first[: width - 1] + "…"
 
 
 @magics_class
@@ -96,6 +109,14 @@ class FabstirMagics(Magics):
     usage_db = Unicode(None, allow_none=True,
                        help="Usage ledger file (None: $FABSTIR_USAGE_DB, the config file's usage_db, else the "
                             "user's data dir; ':memory:' keeps it in memory).").tag(config=True)
+    start_network_on_load = Bool(True, help="Start the local network in the background when the extension loads "
+                                            "(at the end of that cell) and when %config changes the network, so "
+                                            "the first cell does not wait for all of it.").tag(config=True)
+
+    # Class defaults: the traits' observers may run while the configuration is applied in __init__.
+    _autostart = False  # the extension is loaded (load_ipython_extension): start networks early
+    _start_scheduled = False
+    _error_shown = False  # the cell's output has shown the error the cell raises
 
     def __init__(self, shell: Any = None, bridge: NotebookBridge | None = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -182,29 +203,73 @@ class FabstirMagics(Magics):
         """
         return NetworkSettings.of(self.settings(network))
 
+    # ------------------------------------------------------------------ starting the network early
+
+    def schedule_network_start(self) -> None:
+        """Start the configured network in the background once the running cell ends (so that
+        ``%config`` lines after ``%load_ext`` in that cell count); does nothing when
+        ``start_network_on_load`` is off or a start is already scheduled."""
+        shell: Any = self.shell
+        if not self.start_network_on_load or self._start_scheduled or shell is None:
+            return
+        self._start_scheduled = True
+        shell.events.register("post_run_cell", self._start_network_now)
+
+    def _cancel_scheduled_start(self) -> None:
+        shell: Any = self.shell
+        if self._start_scheduled:
+            self._start_scheduled = False
+            shell.events.unregister("post_run_cell", self._start_network_now)
+
+    def _start_network_now(self, *_: Any) -> None:
+        self._cancel_scheduled_start()
+        try:
+            settings = self.network_settings()
+        except FabstirError:  # bad settings: the first cell that needs the network reports them
+            return
+        if settings.network != "local":  # only the local network has a start worth doing early
+            return
+        bridge = self.bridge
+        bridge.configure(settings)
+        bridge.start_network(settings)
+
+    @observe("network", "hosts", "local_backend", "usage_db")
+    def _network_changed(self, _change: Any) -> None:
+        if self._autostart:
+            self.schedule_network_start()
+
     # ------------------------------------------------------------------ the magic
 
     @line_cell_magic
     def fabstir(self, line: str, cell: str | None = None) -> Any:
-        # The docstring is built from the parsers below the class (see _DOC).
+        # The docstring is the short usage (see the end of this module).
         try:
             command = parse_line_command(line) if cell is None else parse_cell_options(line)
-            handler: Callable[..., Any] = getattr(self, f"handle_{command.type}")
+        except UsageError as exc:
+            raise IPythonUsageError(f"{exc} (see %fabstir help)") from None
+        handler: Callable[..., Any] = getattr(self, f"handle_{command.type}")
+        self._error_shown = False  # set when the cell's output has shown the error it raises
+        try:
             if cell is None:
                 return handler(command)
             return handler(command, cell)
         except UsageError as exc:
-            print(f"UsageError: {exc} (see %fabstir help)", file=sys.stderr)
+            raise IPythonUsageError(f"{exc} (see %fabstir help)") from None
         except FabstirError as exc:
-            _print_error(exc)
-        return None
+            raise _one_line(exc, shown=self._error_shown) from None
 
     # ------------------------------------------------------------------ %%fabstir
 
     def handle_cell(self, options: CellOptions, cell: str) -> None:
-        """Stream the answer to the cell's text into a live output; ``--out`` stores the result."""
+        """Stream the answer to the cell's text into a live output; ``--out`` stores the result.
+
+        Raises:
+            FabstirError: the request failed (shown once: by the output where it shows errors,
+                else by the error's one-line traceback); never for ``--background``.
+        """
         from ..config import InferenceConfig, validate_prompt
 
+        started = time.monotonic()  # the output's times (TTFT, the wait for the network) count from here
         shell: Any = self.shell
         prompt = interpolate(cell, shell.user_ns) if options.interpolate else cell
         prompt = prompt.strip("\n")
@@ -234,18 +299,23 @@ class FabstirMagics(Magics):
             request["mode"] = options.mode
         fmt = options.format or self.default_format
         make_stream = self._stream_factory(prompt, options, settings, request)
-        sink = make_output(fmt, options.background, update_interval=self.update_interval)
+        sink = make_output(fmt, options.background, update_interval=self.update_interval, started_at=started)
         sink.start(host=options.host, model=model)
         if options.background:
             self.last_background = bridge.run_background(
-                make_stream, sink, interval=self.update_interval,
-                store=self._storer(options.out), on_error=_print_error,
+                make_stream, sink, interval=self.update_interval, store=self._storer(options.out),
+                network=settings, label=_label(prompt),
             )
             return None
         # The sinks batch on their own (the widget per update_interval, stdout per its buffer), so
         # text is handed over as it arrives; idle polls let the widget send a held batch.
         poll = min(0.1, max(self.update_interval, 0.01))
-        bridge.run_stream(make_stream, sink, poll=poll, interval=0.0, store=self._storer(options.out))
+        try:
+            bridge.run_stream(make_stream, sink, poll=poll, interval=0.0, store=self._storer(options.out),
+                              network=settings)
+        except FabstirError:
+            self._error_shown = bool(getattr(sink, "shows_errors", False))
+            raise
         return None
 
     def _storer(self, name: str | None) -> Callable[[InferenceResult], None]:
@@ -453,6 +523,48 @@ class FabstirMagics(Magics):
             message = str(exc).splitlines()[0]
             raise UsageError(f"%fabstir config {key}: {message}") from None
 
+    def handle_status(self, command: StatusCommand) -> None:
+        """Print how the network's start went (each step with its time) and the background runs."""
+        bridge = self.bridge
+        try:
+            bridge.configure(self.network_settings())
+        except FabstirError as exc:
+            print(f"[fabstir] network: {format_error(exc)}")
+        else:
+            print(self._network_status(bridge))
+        runs = list(bridge.runs)
+        running = sum(run.state == "running" for run in runs)
+        print(f"[fabstir] background runs: {len(runs)}" + (f" ({running} running)" if running else ""))
+        for number, run in enumerate(runs, 1):
+            when = datetime.datetime.fromtimestamp(run.started).strftime("%H:%M:%S")
+            detail = f"{len(run.text):,} chars"
+            if run.state == "failed" and run.error is not None:
+                detail = format_error(run.error) if isinstance(run.error, FabstirError) else repr(run.error)
+            print(f"  #{number} {when} {run.state:<9} {run.label!r}: {detail}")
+
+    def _network_status(self, bridge: NotebookBridge) -> str:
+        settings = bridge.settings
+        name = settings.network or "?"
+        if settings.network == "local":
+            name += f" ({settings.local_backend})"
+        startup = bridge.startup()
+        if startup is None:
+            return f"[fabstir] network {name}: not started (the first cell that needs it starts it)"
+        if not startup.done:
+            state = f"starting for {startup.seconds:.1f} s, now {startup.current or 'loading the SDK'}"
+        elif startup.failed:
+            error = startup.error
+            why = format_error(error) if isinstance(error, FabstirError) else repr(error)
+            state = f"failed after {startup.seconds:.1f} s: {why}"
+        else:
+            state = f"ready in {startup.seconds:.1f} s"
+        lines = [f"[fabstir] network {name}: {state}"]
+        steps = startup.durations()
+        if steps:
+            width = max(len(label) for label, _ in steps)
+            lines += [f"    {label:<{width}}  {seconds:.2f} s" for label, seconds in steps]
+        return "\n".join(lines)
+
     def handle_cancel(self, command: CancelCommand) -> None:
         """Stop every background stream."""
         count = self.bridge.cancel_background()
@@ -470,25 +582,14 @@ class FabstirMagics(Magics):
         return self._manager()
 
     def handle_help(self, command: HelpCommand) -> None:
-        """Print what the magics do."""
-        print(_DOC)
+        """Show the short usage, or the details of ``command.topic`` (an option, a command, a topic)."""
+        from IPython.display import display
+
+        display(HelpText(usage() if command.topic is None else topic_help(command.topic)))
 
 
-_DOC = "\n\n".join([
-    "Use the Fabstir decentralised LLM network from a notebook.",
-    "%%fabstir [options]: the cell's text is the prompt; the answer streams into a live output.\n"
-    "{name}, {name.attr} and {name[key]} in the prompt are replaced from the notebook's variables;\n"
-    "{{ and }} are literal braces; other braces (code, JSON) and unknown names are left alone.\n"
-    "Settings: %config FabstirMagics.NAME = VALUE or %fabstir config NAME VALUE (" + ", ".join(CONFIG_KEYS) + ").\n"
-    "Precedence: the cell's options, then %config, then the environment, then the config file.\n"
-    "Environment: FABSTIR_NETWORK, FABSTIR_HOSTS, FABSTIR_LOCAL_BACKEND, FABSTIR_DEFAULT_MODEL, FABSTIR_MAX_TOKENS,\n"
-    "FABSTIR_USAGE_DB; FABSTIR_NO_WIDGETS=1 streams as text instead of the live widget.\n"
-    "Ctrl-C (interrupt) cancels the stream on the host and stops the cells queued after it.",
-    cell_help(),
-    line_help(),
-])
-
-FabstirMagics.fabstir.__doc__ = _DOC
+# %%fabstir? and %fabstir? show the short usage (IPython prints it once, under "Docstring:").
+FabstirMagics.fabstir.__doc__ = usage()
 
 
 # --------------------------------------------------------------------------- extension hooks
@@ -503,11 +604,16 @@ def load_ipython_extension(ipython: Any) -> None:
     if magics not in ipython.configurables:
         ipython.configurables.append(magics)
     _LOADED[id(ipython)] = magics
+    magics._autostart = True
+    magics.schedule_network_start()  # in the background, once this cell ends: %load_ext returns at once
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Remove the magics and close the bridge: background streams, sockets, local hosts, loop thread."""
     magics = _LOADED.pop(id(ipython), None)
+    if magics is not None:
+        magics._autostart = False
+        magics._cancel_scheduled_start()
     manager = ipython.magics_manager
     for kind in ("line", "cell"):
         registered = manager.magics[kind].get("fabstir")

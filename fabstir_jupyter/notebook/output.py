@@ -23,15 +23,17 @@ import inspect
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
-from ..errors import FabstirError
 from .rendering import (
     STATUS_PREFIX,
     Rendering,
     answer_html,
     attempt_route,
+    format_error,
     hosts_part,
+    network_part,
     render,
     route_text,
     status_line,
@@ -68,7 +70,14 @@ class OutputSink(Protocol):
     shows both hosts and where it switched (:func:`attempt_route`).
 
     Optional extras, used when present: ``set_cancel(callback)`` (a stop button calls ``callback()``
-    to cancel a ``--background`` stream; the callback is thread-safe and returns at once).
+    to cancel a ``--background`` stream; the callback is thread-safe and returns at once);
+    ``network_step(label)`` and ``network_ready()``, called before any text while the cell waits
+    for its network to start (each step as it begins, then once when it is ready);
+    ``shows_errors``, true when :meth:`failed` shows the error itself (the magic then raises it
+    without repeating it).
+
+    Times shown (time to first token, the wait for the network) count from the cell's start: the
+    ``started_at`` the outputs of :func:`make_output` take, else their ``start()``.
     """
 
     def start(self, *, host: str | None, model: str | None) -> None:
@@ -80,8 +89,10 @@ class OutputSink(Protocol):
     def finish(self, result: Any) -> None:
         """Show the final rendering and the status line."""
 
-    def failed(self, error: FabstirError) -> None:
-        """Mark the output failed (the magic also prints the error's one line to stderr)."""
+    def failed(self, error: BaseException) -> None:
+        """Mark the output failed (``error`` is a ``FabstirError``, or an unexpected exception of a
+        ``--background`` stream). An output that can show the error does (a blocking cell also
+        raises it; a ``--background`` stream cannot, so its output is the only place it shows)."""
 
     def cancelled(self, result: Any = None) -> None:
         """Mark the output cancelled (kernel interrupt, stop button or ``%fabstir cancel``).
@@ -119,21 +130,32 @@ class TextOutput:
         note: appended to the status line (e.g. a selection mode this network cannot honour).
         rich: display the final rendering (default: only inside a kernel).
         stream: where text goes (default: ``sys.stdout`` at the time of each write).
+        started_at: when the cell started, on ``clock``'s scale (default: when :meth:`start` is called).
+        clock: a monotonic clock (tests pass a fake one).
+
+    A blocking cell's error is raised by the magic, so :meth:`failed` shows nothing then; in
+    ``--background`` mode it writes the error's one line to stderr.
     """
 
     def __init__(self, format: str = "markdown", *, background: bool = False, note: str | None = None,
-                 rich: bool | None = None, stream: TextIO | None = None) -> None:
+                 rich: bool | None = None, stream: TextIO | None = None, started_at: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.format = format
         self.background = background
         self.note = note
         self.rich = rich
         self._stream = stream
+        self._clock = clock
+        self._started_at = started_at
+        self._first_text_at: float | None = None
+        self.network: float | None = None  # seconds the cell waited for its network, if it did
+        self.shows_errors = background  # a blocking cell raises the error, which shows it
         self._parts: list[str] = []
         self.state = "new"
         self.host: str | None = None
         self.model: str | None = None
         self.result: Any = None
-        self.error: FabstirError | None = None
+        self.error: BaseException | None = None
         self._flush_each = True
 
     def __repr__(self) -> str:
@@ -162,13 +184,25 @@ class TextOutput:
     def start(self, *, host: str | None = None, model: str | None = None) -> None:
         self.host, self.model = host, model
         self.state = "streaming"
+        if self._started_at is None:
+            self._started_at = self._clock()
         # A kernel's stdout sends what it holds every 0.2 s on its own; flushing each piece there
         # would send one message per token (Jupyter Server drops iopub output above 1000 msg/s).
         self._flush_each = not _in_kernel()
 
+    def network_step(self, label: str) -> None:
+        """Say what the network the cell waits for is doing (one line)."""
+        self._write(f"{STATUS_PREFIX} {label}…\n")
+
+    def network_ready(self) -> None:
+        self.network = self._clock() - (self._started_at or self._clock())
+        self._write(f"{STATUS_PREFIX} {network_part(self.network)}\n")
+
     def append(self, text: str) -> None:
         if not text:
             return
+        if self._first_text_at is None:
+            self._first_text_at = self._clock()
         self._parts.append(text)
         self._write(text, flush=self._flush_each)
 
@@ -189,12 +223,17 @@ class TextOutput:
                 bundle = render(text, "json")._repr_mimebundle_()
                 if "application/json" in bundle:
                     self._write(bundle["text/plain"] + "\n")
-        self._write(status_line(result, self.note) + "\n")
+        ttft = None
+        if self._first_text_at is not None and self._started_at is not None:
+            ttft = self._first_text_at - self._started_at
+        self._write(status_line(result, self.note, ttft=ttft, network=self.network) + "\n")
 
-    def failed(self, error: FabstirError) -> None:
+    def failed(self, error: BaseException) -> None:
         self.error = error
         self.state = "failed"
         self._end_line()
+        if self.background:  # no cell raises it: this line is where it shows
+            print(format_error(error), file=sys.stderr, flush=True)
 
     def cancelled(self, result: Any = None) -> None:
         if self.state in ("done", "failed", "cancelled"):
@@ -239,8 +278,10 @@ def _construct(factory: Callable[..., Any], **kwargs: Any) -> Any:
 
 
 def make_output(format: str = "markdown", background: bool = False, *, update_interval: float = 0.05,
-                note: str | None = None) -> OutputSink:
+                note: str | None = None, started_at: float | None = None) -> OutputSink:
     """Return the live output for one ``%%fabstir`` cell: the widget where usable, else text.
+
+    ``started_at`` is when the cell started (``time.monotonic()``): its times count from there.
 
     The widget module is imported here, lazily; if it fails to import or build, the text fallback
     is used (and the reason logged).
@@ -250,8 +291,8 @@ def make_output(format: str = "markdown", background: bool = False, *, update_in
             from .widgets import StreamOutput
 
             return _construct(StreamOutput, format=format, background=background,  # type: ignore[no-any-return]
-                              update_interval=update_interval, note=note)
+                              update_interval=update_interval, note=note, started_at=started_at)
         except Exception as exc:  # the fallback must always work
             logger.warning("fabstir: live widget unavailable (%s: %s); streaming as text",
                            type(exc).__name__, exc)
-    return TextOutput(format, background=background, note=note)
+    return TextOutput(format, background=background, note=note, started_at=started_at)

@@ -38,6 +38,7 @@ __all__ = [
     "NetworkCommand",
     "ConfigCommand",
     "HelpCommand",
+    "StatusCommand",
     "CancelCommand",
     "ManagerCommand",
     "LineCommand",
@@ -47,8 +48,6 @@ __all__ = [
     "parse_line_command",
     "interpolate",
     "find_references",
-    "cell_help",
-    "line_help",
 ]
 
 #: ``--format`` values: how the finished answer is rendered.
@@ -185,7 +184,8 @@ CELL_OPTION_HELP: dict[str, str] = {
     "format": "final rendering: markdown (default), text, code or json",
     "out": "store the finished result (an InferenceResult: .text, .usage, .finish_reason, .host, .model, "
            ".ttft, .error) in the variable VAR; a request that fails keeps its partial .text and its .error",
-    "background": "return at once and keep streaming into the output (stop button, or %fabstir cancel)",
+    "background": "return at once and keep streaming into the output; %fabstir status lists such runs with "
+                  "their state or error, the stop button or %fabstir cancel stops them",
     "no_interpolate": "send the cell text as is, without replacing {name} references",
     "network": "network for this cell: local, static or base-sepolia (default: FabstirMagics.network)",
     "encryption": "end-to-end encryption: auto (default: encrypt to every host whose key is known), required "
@@ -194,7 +194,7 @@ CELL_OPTION_HELP: dict[str, str] = {
 
 
 def cell_parser() -> argparse.ArgumentParser:
-    """Build the ``%%fabstir`` option parser (its help is the magic's documentation)."""
+    """Build the ``%%fabstir`` option parser (the help, :mod:`.help`, is built from it)."""
     parser = _Parser(prog="%%fabstir", add_help=False, allow_abbrev=False,
                      description="Stream the answer to the cell's text (the prompt) from the Fabstir network.")
     add = parser.add_argument
@@ -314,9 +314,17 @@ class ConfigCommand:
 
 @dataclass(frozen=True)
 class HelpCommand:
-    """``%fabstir help``: what the magics do."""
+    """``%fabstir help [TOPIC]``: the short usage, or the details of an option, a command or a topic."""
 
     type: Literal["help"] = "help"
+    topic: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusCommand:
+    """``%fabstir status``: how the network's start went, and the ``--background`` runs."""
+
+    type: Literal["status"] = "status"
 
 
 @dataclass(frozen=True)
@@ -334,7 +342,7 @@ class ManagerCommand:
 
 
 LineCommand = Union[HostsCommand, UsageCommand, SessionsCommand, EndCommand, ModelsCommand, NetworkCommand,
-                    ConfigCommand, HelpCommand, CancelCommand, ManagerCommand]
+                    ConfigCommand, HelpCommand, StatusCommand, CancelCommand, ManagerCommand]
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
@@ -346,11 +354,14 @@ LINE_COMMAND_HELP: dict[str, str] = {
     "models": "the models the discovered hosts serve, as a DataFrame",
     "network": "show the network, or switch to NAME (local, static, base-sepolia)",
     "config": "show the settings, show KEY, or set KEY to VALUE (also: %config FabstirMagics.KEY = VALUE)",
+    "status": "how the network's start went (each step and its time) and the --background runs of this "
+              "kernel, each with its state (running, done, failed, cancelled) and its error",
     "cancel": "stop every --background stream still running",
     "manager": "return the InferenceManager the %%fabstir cells use (same hosts, pool and usage ledger), for "
                "infer(), batch_blocking(prompts, progress=...) and select_best_host(mode=...); await its async "
                "methods (await manager.batch(...)) or call the blocking ones",
-    "help": "show this help",
+    "help": "the short usage; %fabstir help OPTION (e.g. --model) or COMMAND (e.g. hosts) gives the details, "
+            "%fabstir help settings how settings are found, %fabstir help all everything",
 }
 
 
@@ -382,9 +393,10 @@ def line_parser() -> argparse.ArgumentParser:
     config = command("config")
     config.add_argument("key", metavar="KEY", nargs="?", choices=CONFIG_KEYS)
     config.add_argument("value", metavar="VALUE", nargs="?")
+    command("status")
     command("cancel")
     command("manager")
-    command("help")
+    command("help").add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
 
 
@@ -397,6 +409,8 @@ def parse_line_command(line: str) -> LineCommand:
     words = _split(line, "%fabstir")
     if not words:
         return HelpCommand()
+    if words[0] == "help":  # the topic may look like an option (--model): not for argparse
+        return HelpCommand(topic=" ".join(words[1:]) or None)
     if words[0] == "config" and len(words) > 3:
         # A value may hold spaces without quotes: %fabstir config hosts ws://a:1 ws://b:2
         words = words[:2] + [" ".join(words[2:])]
@@ -416,32 +430,13 @@ def parse_line_command(line: str) -> LineCommand:
         return NetworkCommand(name=args.name)
     if name == "config":
         return ConfigCommand(key=args.key, value=args.value)
+    if name == "status":
+        return StatusCommand()
     if name == "cancel":
         return CancelCommand()
     if name == "manager":
         return ManagerCommand()
     return HelpCommand()
-
-
-def _format_help(parser: argparse.ArgumentParser) -> str:
-    return parser.format_help().strip()
-
-
-def cell_help() -> str:
-    """The ``%%fabstir`` documentation, built from its parser."""
-    return _format_help(cell_parser())
-
-
-def line_help() -> str:
-    """The ``%fabstir`` documentation: every command with its arguments."""
-    lines = ["%fabstir COMMAND [ARGS]", ""]
-    parser = line_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name, sub in commands.choices.items():
-        usage = sub.format_usage().strip().removeprefix("usage: ").replace("%fabstir ", "", 1)
-        lines.append(f"  %fabstir {usage}")
-        lines.append(f"      {LINE_COMMAND_HELP[name]}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- prompt interpolation

@@ -4,7 +4,8 @@
 :func:`answer_html` is its static HTML, rendered by markdown-it with raw HTML off (the same rules
 as the widget's front end), so exported notebooks read well and model text never becomes markup;
 :func:`status_line` is the one-line status (host, or ``A → B after N tokens`` after a failover,
-model, time to first token, tokens/s, tokens, cost). Nothing here displays anything.
+model, the wait for the network, time to first token, tokens/s, tokens, cost); :func:`format_error`
+the one line of an expected failure. Nothing here displays anything.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any, Iterable
 from .tables import host_text
 
 __all__ = [
-    "STATUS_PREFIX", "Rendering", "answer_html", "attempt_route", "hosts_part", "render", "route_text",
-    "status_line", "usage_parts",
+    "STATUS_PREFIX", "Rendering", "answer_html", "attempt_route", "format_error", "hosts_part", "network_part",
+    "render", "route_text", "status_line", "usage_parts",
 ]
 
 STATUS_PREFIX = "[fabstir]"
@@ -77,7 +78,9 @@ def answer_html(text: str, format: str = "markdown") -> str:
                 body = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
             except ValueError:
                 body = text
-        return f'<pre class="fabstir-code"><code>{_escape(body)}</code></pre>'
+        # Long lines scroll instead of wrapping mid-word (front ends wrap <pre> in outputs).
+        return (f'<pre class="fabstir-code" style="white-space: pre; overflow-x: auto; word-break: normal; '
+                f'overflow-wrap: normal"><code>{_escape(body)}</code></pre>')
     return f'<div class="fabstir-plain" style="white-space: pre-wrap">{_escape(text)}</div>'
 
 
@@ -165,9 +168,17 @@ def hosts_part(result: Any) -> str | None:
     return f"host {host}" if host else None
 
 
-def status_line(result: Any, note: str | None = None) -> str:
+def network_part(seconds: float) -> str:
+    """``network ready in 2.1 s``: how long a cell waited for its network to start."""
+    return f"network ready in {seconds:.1f} s"
+
+
+def status_line(result: Any, note: str | None = None, *, ttft: float | None = None,
+                network: float | None = None) -> str:
     """Return the one-line status of a finished request: host (``A → B after N tokens`` after a
-    failover), model, ttft, tokens/s, tokens, cost."""
+    failover), model, the wait for the network (``network``, seconds, when the cell waited for it
+    to start), ttft (``ttft`` when given, counted from the cell's start; else the request's),
+    tokens/s, tokens, cost."""
     parts = []
     hosts = hosts_part(result)
     if hosts:
@@ -175,7 +186,10 @@ def status_line(result: Any, note: str | None = None) -> str:
     model = getattr(result, "model", None)
     if model:
         parts.append(f"model {model}")
-    ttft = getattr(result, "ttft", None)
+    if network is not None:
+        parts.append(network_part(network))
+    if ttft is None:
+        ttft = getattr(result, "ttft", None)
     if ttft is not None:
         parts.append(f"ttft {ttft * 1000:.0f} ms")
     usage = getattr(result, "usage", None)
@@ -189,6 +203,19 @@ def status_line(result: Any, note: str | None = None) -> str:
     if note:
         parts.append(note)
     return f"{STATUS_PREFIX} " + " | ".join(parts)
+
+
+def format_error(error: BaseException) -> str:
+    """The one line shown for an expected failure: ``FabstirError [CODE]: message (hint: ...)``."""
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    host = getattr(error, "host", None)
+    if host:
+        message = f"host {host}: {message}"
+    line = f"FabstirError [{getattr(error, 'code', None) or type(error).__name__}]: {message}"
+    hint = getattr(error, "hint", None)
+    if hint:
+        line += f" (hint: {hint})"
+    return line.replace("\n", " ")
 
 
 def usage_parts(usage: Any) -> list[str]:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import anywidget
 import traitlets
 
-from .rendering import answer_html, attempt_route, route_text
+from .rendering import answer_html, attempt_route, network_part, route_text
 from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
 from .tables import host_rows, host_text, hosts_dataframe, sort_rows, tables_html, usage_dataframe, usage_rows
 
@@ -89,7 +89,8 @@ def _cost_text(cost: float) -> str:
 
 def status_text(status: dict[str, Any]) -> str:
     """The widget's status line as text (js/src/stream_output.ts statusParts): host (``A → B after
-    N tokens`` after a failover), model, TTFT, tokens/s, tokens, cost, finish reason, note."""
+    N tokens`` after a failover), model, the wait for the network, TTFT, tokens/s, tokens, cost,
+    finish reason, note."""
     parts: list[str] = []
     route = status.get("route") or []
     if len(route) > 1:
@@ -98,8 +99,10 @@ def status_text(status: dict[str, Any]) -> str:
         parts.append(str(status["host"]))
     if status.get("model"):
         parts.append(str(status["model"]))
+    if isinstance(status.get("network"), (int, float)):
+        parts.append(network_part(status["network"]))
     if isinstance(status.get("ttft"), (int, float)):
-        parts.append(f"TTFT {round(status['ttft'] * 1000)} ms")
+        parts.append(f"TTFT {_seconds_text(status['ttft'])}")
     if isinstance(status.get("tokens_per_second"), (int, float)):
         parts.append(f"{status['tokens_per_second']:.1f} tok/s")
     if isinstance(status.get("tokens"), (int, float)):
@@ -111,6 +114,11 @@ def status_text(status: dict[str, Any]) -> str:
     if status.get("note"):
         parts.append(str(status["note"]))
     return " · ".join(parts)
+
+
+def _seconds_text(seconds: float) -> str:
+    """``140 ms`` under a second, else ``2.3 s`` (js/src/stream_output.ts durationText)."""
+    return f"{round(seconds * 1000)} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
 def _usage_fields(result: Any) -> dict[str, Any]:
@@ -137,11 +145,13 @@ class StreamOutput(anywidget.AnyWidget):
     the end updates that display, so its ``text/plain`` is the final text.
 
     Traits (synced): ``text`` (the final text, set once at the end), ``status`` (``state``:
-    running, done, cancelled or error; ``host``, ``model``, ``ttft`` in seconds,
-    ``tokens_per_second``, ``tokens``, ``cost``, ``cost_unit``, ``finish_reason``, ``note``,
-    ``error``: ``{code, message, hint}``, ``route``: ``[{host, tokens}, ...]`` when the request
-    went through more than one host, else None), ``format`` (markdown, text, code, json) and
-    ``background`` (show a stop button while running).
+    running, done, cancelled or error; ``host``, ``model``, ``ttft`` in seconds from the cell's
+    start, ``step``: what the network the cell waits for is doing, else None, ``network``: seconds
+    the cell waited for its network to start, else None, ``tokens_per_second``, ``tokens``,
+    ``cost``, ``cost_unit``, ``finish_reason``, ``note``, ``error``: ``{code, message, hint}``,
+    ``route``: ``[{host, tokens}, ...]`` when the request went through more than one host, else
+    None), ``format`` (markdown, text, code, json) and ``background`` (show a stop button while
+    running).
 
     Its display data carries, besides the widget view, the final text as ``text/plain`` and as
     escaped ``text/html`` with the status line (see :func:`~.output.answer_html`).
@@ -156,10 +166,13 @@ class StreamOutput(anywidget.AnyWidget):
         on_stop: a callback for the stop button.
         note: appended to the status line.
         show: display the widget on :meth:`start`.
+        started_at: when the cell started, on ``clock``'s scale: the first :meth:`start` counts
+            its times (TTFT, the wait for the network) from there (default: from itself).
     """
 
     _esm = STATIC / "stream_output.js"
     _css = STATIC / "stream_output.css"
+    shows_errors = True  # failed() shows the error (see the magics' OutputSink)
 
     text = traitlets.Unicode("").tag(sync=True)
     status = traitlets.Dict().tag(sync=True)
@@ -180,6 +193,7 @@ class StreamOutput(anywidget.AnyWidget):
         on_stop: Callable[[], Any] | None = None,
         note: str | None = None,
         show: bool = True,
+        started_at: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(format=format, background=background, _key=uuid.uuid4().hex, **kwargs)
@@ -194,6 +208,7 @@ class StreamOutput(anywidget.AnyWidget):
         self._display_handle: Any = None
         self._stop_callbacks: list[Callable[[], Any]] = []
         self._started_at: float | None = None
+        self._cell_started_at = started_at
         self._first_text_at: float | None = None
         self._state = "new"
         if on_stop is not None:
@@ -208,13 +223,28 @@ class StreamOutput(anywidget.AnyWidget):
             self._send_message({"type": "reset"})
         self.batcher.reset()
         self._state = "running"
-        self._started_at = self.batcher.clock()
+        self._started_at = self.batcher.clock() if self._cell_started_at is None else self._cell_started_at
+        self._cell_started_at = None  # a later start (the widget reused) counts from itself
         self._first_text_at = None
         with self.hold_sync():
             self.text = ""
             self.status = self._status("running", host=host_text(host), model=model)
         if self._show and self._display_handle is None:
             self._display_handle = _display(self)
+
+    def network_step(self, label: str) -> None:
+        """Show what the network the cell waits for is doing (before any text)."""
+        if self._state == "new":
+            self.start()
+        if self._state == "running":
+            self.status = {**self.status, "step": label}
+
+    def network_ready(self) -> None:
+        """The network the cell waited for is ready: the status line shows how long that took."""
+        if self._state == "new":
+            self.start()
+        if self._state == "running" and self._started_at is not None:
+            self.status = {**self.status, "step": None, "network": self.batcher.clock() - self._started_at}
 
     def append(self, text: str) -> None:
         """Add text that just arrived; it is sent at once when ``interval`` has passed since the
@@ -244,14 +274,15 @@ class StreamOutput(anywidget.AnyWidget):
             return
         text = getattr(result, "text", None)
         text = self.batcher.text if text is None else str(text)
-        ttft = getattr(result, "ttft", None)
+        ttft = self.status.get("ttft")  # from the cell's start
         if ttft is None:
-            ttft = self.status.get("ttft")
+            ttft = getattr(result, "ttft", None)
         status = self._status(
             "done",
             host=host_text(getattr(result, "host", None)) or self.status.get("host"),
             model=getattr(result, "model", None) or self.status.get("model"),
             ttft=_number(ttft),
+            network=self.status.get("network"),
             finish_reason=getattr(result, "finish_reason", None),
             **_usage_fields(result),
         )
@@ -269,7 +300,7 @@ class StreamOutput(anywidget.AnyWidget):
         }
         host = getattr(error, "host", None)
         status = self._status("error", host=host or self.status.get("host"), model=self.status.get("model"),
-                              ttft=self.status.get("ttft"), error=detail)
+                              ttft=self.status.get("ttft"), network=self.status.get("network"), error=detail)
         self._end("error", self.batcher.text, status)
 
     def cancelled(self, result: Any = None) -> None:
@@ -281,7 +312,7 @@ class StreamOutput(anywidget.AnyWidget):
         fields.pop("tokens_per_second", None)  # a rate over a cut-off stream says little
         status = self._status("cancelled", host=host_text(getattr(result, "host", None)) or self.status.get("host"),
                               model=getattr(result, "model", None) or self.status.get("model"),
-                              ttft=self.status.get("ttft"), **fields)
+                              ttft=self.status.get("ttft"), network=self.status.get("network"), **fields)
         self._end("cancelled", self.batcher.text, status)
 
     def set_cancel(self, callback: Callable[[], Any]) -> None:
@@ -339,7 +370,8 @@ class StreamOutput(anywidget.AnyWidget):
         elif state == "cancelled":
             parts.append("<p><em>Cancelled: the text above is what arrived before the stop.</em></p>")
         elif state in ("new", "running"):
-            parts.append("<p><em>streaming…</em></p>")
+            step = self.status.get("step")
+            parts.append(f"<p><em>{html.escape(str(step)) if step else 'streaming'}…</em></p>")
         line = status_text(self.status)
         if line:
             parts.append(f'<p style="font-size: smaller; opacity: 0.75">{html.escape(line)}</p>')
@@ -375,6 +407,8 @@ class StreamOutput(anywidget.AnyWidget):
             "state": state,
             "host": None,
             "model": None,
+            "step": None,
+            "network": None,
             "ttft": None,
             "tokens_per_second": None,
             "tokens": None,

@@ -33,7 +33,9 @@ export interface StreamStatus {
   state?: "running" | "done" | "cancelled" | "error";
   host?: string | null;
   model?: string | null;
-  ttft?: number | null; // seconds
+  step?: string | null; // what the network the cell waits for is doing (before any text)
+  network?: number | null; // seconds the cell waited for its network to start
+  ttft?: number | null; // seconds from the cell's start
   tokens_per_second?: number | null;
   tokens?: number | null;
   cost?: number | null;
@@ -100,9 +102,15 @@ export function routeText(route: readonly RouteStep[]): string {
     .join(" ");
 }
 
+/** "140 ms" under a second, else "2.3 s" (widgets._seconds_text in Python). */
+export function durationText(seconds: number): string {
+  return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(1)} s`;
+}
+
 /**
  * The parts of the status line: host (both hosts and where it switched, after a failover), model,
- * TTFT, tokens/s, tokens, cost, finish reason, note. The same text as widgets.status_text in Python.
+ * the wait for the network, TTFT, tokens/s, tokens, cost, finish reason, note. The same text as
+ * widgets.status_text in Python.
  */
 export function statusParts(status: StreamStatus | null | undefined): string[] {
   const s = status || {};
@@ -110,7 +118,8 @@ export function statusParts(status: StreamStatus | null | undefined): string[] {
   if (s.route && s.route.length > 1) parts.push(routeText(s.route));
   else if (s.host) parts.push(String(s.host));
   if (s.model) parts.push(String(s.model));
-  if (typeof s.ttft === "number") parts.push(`TTFT ${Math.round(s.ttft * 1000)} ms`);
+  if (typeof s.network === "number") parts.push(`network ready in ${s.network.toFixed(1)} s`);
+  if (typeof s.ttft === "number") parts.push(`TTFT ${durationText(s.ttft)}`);
   if (typeof s.tokens_per_second === "number") parts.push(`${s.tokens_per_second.toFixed(1)} tok/s`);
   if (typeof s.tokens === "number") parts.push(`${s.tokens} token${s.tokens === 1 ? "" : "s"}`);
   if (typeof s.cost === "number") parts.push(`${formatCost(s.cost)} ${s.cost_unit || ""}`.trim());
@@ -175,11 +184,18 @@ const render: Render<StreamOutputModel> = ({ model, el: host }) => {
     root.dataset.state = phase;
     if (phase === "running" || phase === "new") {
       drawLive();
-      const parts = statusParts({ host: status.host, model: status.model, ttft: status.ttft, note: status.note });
-      if (phase === "running") parts.push(`${live.chars.toLocaleString()} chars`);
+      // Before the first text, a cell may wait for its network to start: say what it is doing.
+      const starting = phase === "running" && !!status.step && !live.text;
+      const parts = statusParts({
+        host: status.host, model: status.model, network: status.network, ttft: status.ttft, note: status.note,
+      });
+      if (starting) parts.unshift(`${status.step}…`);
+      else if (phase === "running") parts.push(`${live.chars.toLocaleString()} chars`);
       statusLine.textContent = parts.join(" · ");
-      badge.textContent = phase === "running" ? "streaming" : "";
+      root.dataset.starting = starting ? "true" : "false";
+      badge.textContent = starting ? "starting" : phase === "running" ? "streaming" : "";
     } else {
+      root.dataset.starting = "false";
       const text = model.get("text") || "";
       const format = model.get("format") || "markdown";
       const key = `${phase}\u0000${format}\u0000${text}`;

@@ -73,6 +73,29 @@ describe("the view", () => {
     assert.equal(model.listeners("change:status"), 0);
   });
 
+  it("says what the network is doing while the cell waits for it, then streams", () => {
+    const model = streamModel({ status: { state: "running", model: "smol", step: "starting host 1/1 (loading SmolLM2)" } });
+    const { el, cleanup } = mount(model);
+    const root = el.querySelector(".fabstir-stream");
+    assert.equal(text(el, ".fabstir-badge"), "starting");
+    assert.equal(text(el, ".fabstir-status"), "starting host 1/1 (loading SmolLM2)… · smol");
+    assert.equal(root.dataset.starting, "true");
+    model.set("status", { state: "running", model: "smol", step: "discovering hosts" });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "discovering hosts… · smol");
+    model.set("status", { state: "running", model: "smol", step: null, network: 2.14 });
+    model.receive({ type: "snapshot", text: "Rivers" });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-badge"), "streaming");
+    assert.equal(text(el, ".fabstir-status"), "smol · network ready in 2.1 s · 6 chars");
+    assert.equal(root.dataset.starting, "false");
+    model.set("text", "Rivers flow.");
+    model.set("status", { state: "done", model: "smol", network: 2.14, ttft: 2.36, tokens: 3 });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "smol · network ready in 2.1 s · TTFT 2.4 s · 3 tokens");
+    cleanup();
+  });
+
   it("renders the final Markdown with the model's HTML escaped and unsafe links dropped", () => {
     const hostile = [
       "# Result <img src=x onerror=alert(1)>",

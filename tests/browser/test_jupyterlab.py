@@ -14,14 +14,19 @@ be watched growing:
 * otherwise two slow scripted ``fabstir-host`` processes started here are given to the kernel
   through ``FABSTIR_HOSTS`` (the quickstart's ``local_backend`` setting then does not matter).
 
-In each front end the test runs the quickstart's setup cells and its first ``%%fabstir`` cell, reads
-the live widget's text twice while the answer streams and checks that it grew, checks the final
-rendering (the scripted text, status ``done``), runs ``%fabstir hosts`` and checks one dashboard row
-per host with the Failed and Retried columns, interrupts a long stream and checks that the
-cancelled status line keeps the host and the tokens, checks that the chart's tick and point labels
-contrast with the background (WCAG 4.5:1) in the light and dark themes, then saves the notebook,
-exports it with nbconvert and checks in Chromium that the exported page shows the answer and the
-dashboard's rows.
+In each front end the test runs the quickstart's setup cells and its first ``%%fabstir`` cell (the
+extension started the local network in the background as the setup cell ended, and the cell comes
+before that start is over): the live widget first says which step of the network's start it waits
+on (screenshot: light in JupyterLab, dark in Notebook 7), then streams; the test reads its text
+twice and checks that it grew, checks the final rendering (the scripted text, status ``done``, a
+status line with the network's wait and the TTFT), runs ``%fabstir hosts`` and checks one
+dashboard row per host with the Failed and Retried columns, interrupts a long stream and checks
+that the cancelled status line keeps the host and the tokens, checks that the chart's tick and
+point labels contrast with the background (WCAG 4.5:1) in the light and dark themes, runs a cell
+that fails with the cell after it queued (the error shows once: the widget's error state and one
+error line; the queued cell never runs), checks that ``%fabstir help`` and a ``--format code``
+answer scroll rather than wrap, then saves the notebook, exports it with nbconvert and checks in
+Chromium that the exported page shows the answer, the dashboard's rows and the failed cell's error.
 Screenshots (light and dark) go to ``$FABSTIR_TEST_ARTIFACTS/browser`` (else the test's tmp dir);
 their paths are printed. Never downloads a browser: it skips, saying why, only without
 ``/usr/bin/chromium``, Playwright, JupyterLab or Notebook 7.
@@ -281,7 +286,31 @@ STREAM_STATE = f"""(index) => {{
     if (!root) return null;
     const text = (selector) => {{ const node = root.querySelector(selector); return node ? node.textContent : ""; }};
     return {{state: root.dataset.state || "", live: text(".fabstir-live"), body: text(".fabstir-body"),
-             status: text(".fabstir-status")}};
+             status: text(".fabstir-status"), starting: root.dataset.starting === "true",
+             badge: text(".fabstir-badge"), problem: text(".fabstir-problem")}};
+}}"""
+CELL_OUTPUTS = f"""(index) => {{
+    const cell = {PANEL}.content.widgets[index];
+    const model = cell.model;
+    const errors = Array.from(cell.node.querySelectorAll(
+        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'), (node) => node.textContent.trim());
+    return {{count: model.outputs.length, executionCount: model.executionCount, errors,
+             types: Array.from({{length: model.outputs.length}}, (_, i) => model.outputs.get(i).type)}};
+}}"""
+RUN_ALL_BELOW = f"""(index) => {{
+    const panel = {PANEL};
+    panel.content.activeCellIndex = index;
+    void window.jupyterapp.commands.execute("notebook:run-all-below");  // not awaited: it stops at the error
+}}"""
+KERNEL_IDLE = f"() => {{ const k = {PANEL}.sessionContext.session.kernel; return !!k && k.status === 'idle'; }}"
+SCROLLS = f"""([index, selector]) => {{
+    const node = {PANEL}.content.widgets[index].node.querySelector(selector);
+    if (!node) return null;
+    const style = getComputedStyle(node);
+    const lineHeight = parseFloat(style.lineHeight) || 1.5 * parseFloat(style.fontSize);
+    return {{whiteSpace: style.whiteSpace, wordBreak: style.wordBreak, overflowX: style.overflowX,
+             scrollWidth: node.scrollWidth, clientWidth: node.clientWidth, lines: node.textContent.split("\\n").length,
+             height: node.clientHeight, lineHeight, text: node.textContent}};
 }}"""
 DASHBOARD_ROWS = f"""(index) => {{
     const cell = {PANEL}.content.widgets[index];
@@ -333,6 +362,10 @@ DASHBOARD_HEADERS = f"""(index) => {{
     return table ? Array.from(table.tHead.rows[0].cells, (th) => th.textContent.replace(/[▲▼]/g, "").trim()) : null;
 }}"""
 LONG_PROMPT = "%%fabstir --max-tokens 400\nTell me a long story about rivers."
+FAILING_PROMPT = "%%fabstir --model no-such-model --max-tokens 4\nWhich model answers?"
+AFTER_FAILING = "print('the cell after the failed one', 'ran')"  # its output is not its source
+CODE_PROMPT = "%%fabstir --max-tokens 30 --format code\nOne long line of code, please."
+FAILED_LINE = "FabstirError [MODEL_NOT_AVAILABLE]: the request failed (the output above says why)"
 
 
 def _contrast(foreground: str, background: str) -> float:
@@ -406,15 +439,26 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 page.goto(f"{base}{url}?token={token}", wait_until="domcontentloaded")
                 page.wait_for_function(NOTEBOOK_READY, timeout=KERNEL_READY_TIMEOUT * 1000, polling=200)
                 page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
+                start_mode = "dark" if front_end == "notebook7" else "light"  # each front end one theme
+                if start_mode == "dark":
+                    page.evaluate(CHANGE_THEME, "JupyterLab Dark")
+                    _poll(lambda: page.evaluate(THEME_NAME), lambda n: n == "JupyterLab Dark", CELL_TIMEOUT)
 
-                # The setup cells: load the extension, choose the backend, show the settings.
+                # The setup cells: load the extension and choose the backend (the network starts in
+                # the background as that cell ends), show the settings.
                 for index in setup:
                     assert page.evaluate(RUN_CELL, index) is not False, f"cell {index} failed"
 
-                # The %%fabstir cell, started from the keyboard like a user would.
+                # The %%fabstir cell, started from the keyboard like a user would, while the network
+                # still starts: the widget names the step it waits on, then streams.
                 page.evaluate(SELECT_CELL, stream_cell)
                 page.keyboard.press("Shift+Enter")
                 read = lambda: page.evaluate(STREAM_STATE, stream_cell)  # noqa: E731
+                waiting = _poll(read, lambda s: bool(s and (s["starting"] or s["live"].strip())), FIRST_TEXT_TIMEOUT)
+                assert waiting and waiting["starting"], \
+                    f"the cell did not show the network's start (was it over before the cell ran?): {waiting!r}"
+                assert waiting["badge"] == "starting" and "…" in waiting["status"], waiting
+                shot(page, f"starting-{start_mode}", f'[data-fabstir-test="cell-{stream_cell}"]')
                 first = _poll(read, lambda s: bool(s and s["state"] == "running" and s["live"].strip()),
                               FIRST_TEXT_TIMEOUT)
                 assert first and first["state"] == "running" and first["live"].strip(), \
@@ -431,6 +475,12 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 assert final["state"] == "done", final
                 assert " ".join(final["body"].split()) == " ".join(expected.split())
                 assert f"{len(expected.split())} tokens" in final["status"], final["status"]
+                # The wait for the network apart; the TTFT counts from the cell's start, so it is longer.
+                waited = re.search(r"network ready in (\d+\.\d) s", final["status"])
+                ttft = re.search(r"TTFT (\d+) ms|TTFT (\d+\.\d) s", final["status"])
+                assert waited and ttft, final["status"]
+                ttft_s = int(ttft.group(1)) / 1000 if ttft.group(1) else float(ttft.group(2))
+                assert ttft_s >= float(waited.group(1)) - 0.05, final["status"]
                 shot(page, "stream", f'[data-fabstir-test="cell-{stream_cell}"]')
 
                 # The host dashboard: one row per host, each host's URL in its row; failed requests
@@ -482,8 +532,50 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 assert re.search(r"\b\d+ tokens?\b", stopped["status"]), stopped["status"]
                 assert stopped["body"].strip() and expected_prefix_ok(stopped["body"])
                 shot(page, "cancelled", f'[data-fabstir-test="cell-{long_cell}"]')
-                # TODO(issue 13, item 1): a failed %%fabstir cell raises once (one error output, the
-                # queued cells stop); checked here once the magic raises on failure.
+
+                # A cell that fails, with the cell after it queued (Run All Below): the error shows
+                # once (the widget's error state, one error line naming its code, nothing on stderr
+                # besides), and the queued cell never runs.
+                _poll(lambda: page.evaluate(KERNEL_IDLE), bool, CELL_TIMEOUT)
+                failing_cell = page.evaluate(APPEND_CELL, FAILING_PROMPT)
+                after_cell = page.evaluate(APPEND_CELL, AFTER_FAILING)
+                page.evaluate(SELECT_CELL, failing_cell)
+                page.evaluate(RUN_ALL_BELOW, failing_cell)
+                failed = _poll(lambda: page.evaluate(CELL_OUTPUTS, failing_cell), lambda o: bool(o["errors"]),
+                               CELL_TIMEOUT)
+                _poll(lambda: page.evaluate(KERNEL_IDLE), bool, CELL_TIMEOUT)
+                failed = page.evaluate(CELL_OUTPUTS, failing_cell)
+                assert failed["errors"] == [FAILED_LINE], failed
+                assert failed["types"].count("error") == 1 and "stream" not in failed["types"], failed
+                widget = page.evaluate(STREAM_STATE, failing_cell)
+                assert widget["state"] == "error" and "[MODEL_NOT_AVAILABLE]" in widget["problem"], widget
+                after = page.evaluate(CELL_OUTPUTS, after_cell)
+                assert after["count"] == 0 and after["executionCount"] is None, after
+                for theme in ("JupyterLab Light", "JupyterLab Dark"):
+                    page.evaluate(CHANGE_THEME, theme)
+                    _poll(lambda: page.evaluate(THEME_NAME), lambda n, t=theme: n == t, CELL_TIMEOUT)
+                    page.locator(f'[data-fabstir-test="cell-{failing_cell}"]').scroll_into_view_if_needed()
+                    shot(page, f"failed-{'dark' if theme.endswith('Dark') else 'light'}",
+                         f'[data-fabstir-test="cell-{failing_cell}"]')
+                page.evaluate(CHANGE_THEME, "JupyterLab Light")
+
+                # Help and code answers scroll sideways: no line is broken, mid-word or at all.
+                help_cell = page.evaluate(APPEND_CELL, "%fabstir help")
+                page.evaluate(SELECT_CELL, help_cell)
+                assert page.evaluate(RUN_CELL, help_cell) is not False
+                help_text = _poll(lambda: page.evaluate(SCROLLS, [help_cell, "pre.fabstir-help"]), bool, CELL_TIMEOUT)
+                assert help_text["whiteSpace"] == "pre" and help_text["overflowX"] == "auto", help_text
+                assert help_text["text"].startswith("%%fabstir [OPTIONS]") and "%fabstir help OPTION" in help_text["text"]
+                assert help_text["height"] <= (help_text["lines"] + 1) * help_text["lineHeight"] + 40, help_text  # one row per line
+                shot(page, "help", f'[data-fabstir-test="cell-{help_cell}"]')
+                code_cell = page.evaluate(APPEND_CELL, CODE_PROMPT)
+                page.evaluate(SELECT_CELL, code_cell)
+                assert page.evaluate(RUN_CELL, code_cell) is not False
+                code = _poll(lambda: page.evaluate(SCROLLS, [code_cell, "pre.fabstir-code"]), bool, STREAM_END_TIMEOUT)
+                assert code["whiteSpace"] == "pre" and code["wordBreak"] == "normal", code
+                assert code["lines"] == 1 and code["scrollWidth"] > code["clientWidth"], code  # it scrolls
+                assert code["height"] < 3 * code["lineHeight"] + 40, code  # one row, not wrapped
+                shot(page, "code", f'[data-fabstir-test="cell-{code_cell}"]')
 
                 # Saved as the front end saves it (no widget state), then exported with nbconvert: the
                 # page a browser shows has the answer, the dashboard's rows and the cancelled status.
@@ -498,6 +590,8 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                     for cell in shown:
                         assert cell in visible
                     assert "Cancelled: the text above is what arrived before the stop." in visible
+                    assert FAILED_LINE in visible and "[MODEL_NOT_AVAILABLE]" in visible
+                    assert "the cell after the failed one ran" not in visible
                     export.get_by_text(expected.split()[0], exact=False).first.scroll_into_view_if_needed()
                     shot(export, "export")
                 finally:

@@ -139,7 +139,8 @@ async def test_llama_cpp_network_serves_the_embedded_model_under_its_registry_na
     """One llama-cpp host by default, with a bounded thread count; every registry name reaches it."""
     async with await LocalNetwork.astart(backend="llama-cpp") as local:
         assert len(local.hosts) == 1 and local.model == SMOLLM2_MODEL
-        assert "--threads" in local.processes[0].args
+        args = local.processes[0].args
+        assert args[args.index("--threads") + 1] == str(max(1, (os.cpu_count() or 1) - 1))  # a core stays free
         config = InferenceConfig(usage_db=":memory:")
         async with InferenceManager(HostManager(sources=[local.source()]), config) as manager:
             (host,) = await manager.host_manager.discover_all_active_hosts()

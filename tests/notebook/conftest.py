@@ -76,8 +76,9 @@ def isolated_env(monkeypatch, tmp_path):
 def make_shell(isolated_env):
     """Build a fresh IPython shell (the singleton, so display() reaches it) with the extension loaded.
 
-    ``make_shell(config=None)``; the usage ledger is in memory. The extension is unloaded and the
-    singleton cleared afterwards.
+    ``make_shell(config=None)``; the usage ledger is in memory, and the network is not started as the
+    extension loads (``start_network_on_load``) unless the config says so. The extension is
+    unloaded and the singleton cleared afterwards.
     """
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
@@ -90,6 +91,8 @@ def make_shell(isolated_env):
         cfg.HistoryManager.hist_file = ":memory:"
         if "usage_db" not in cfg.FabstirMagics:
             cfg.FabstirMagics.usage_db = ":memory:"
+        if "start_network_on_load" not in cfg.FabstirMagics:  # no network starts behind a test's back
+            cfg.FabstirMagics.start_network_on_load = False
         shell = InteractiveShell.instance(config=cfg)
         shells.append(shell)
         if load:

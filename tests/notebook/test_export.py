@@ -170,15 +170,40 @@ def test_exported_html_shows_the_answers_and_the_dashboard_escaped(widget_env, h
     assert plain.http_url in visible and hostile.http_url in visible
 
 
-def test_failed_cell_exports_the_partial_answer_and_the_error(widget_env, start_host, tmp_path):
-    """A stream that fails after some text keeps that text and the coded error in the export."""
+@pytest.mark.parametrize("widgets", [True, False], ids=["widget", "text"])
+def test_a_failed_cell_raises_once_stops_the_run_and_exports_the_partial_answer(
+        isolated_env, monkeypatch, start_host, tmp_path, widgets):
+    """nbclient runs a notebook whose second cell fails after some text: the run stops there (the
+    kernel's reply is an error, so the third cell never runs), the error shows once (the widget's
+    error state and a one-line error naming its code; without the widget, the error's one line),
+    nothing goes to stderr, and the HTML export keeps the partial answer and the coded error."""
+    from nbclient.exceptions import CellExecutionError
+
+    if widgets:
+        monkeypatch.delenv("FABSTIR_NO_WIDGETS", raising=False)
     broken = start_host(fail_after=4)
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("%load_ext fabstir_jupyter\n%config FabstirMagics.usage_db = ':memory:'"),
         nbformat.v4.new_code_cell(f"%%fabstir --max-tokens 20 --host {broken.ws_url}\n{PROMPT}"),
+        nbformat.v4.new_code_cell("print('the cell after the failed one ran')"),
     ])
-    nb = _execute(nb, tmp_path, store_widget_state=False)
+    with pytest.raises(CellExecutionError) as raised:
+        _execute(nb, tmp_path, store_widget_state=False)
+    assert raised.value.ename == "HostError"
+    failed, after = nb.cells[1], nb.cells[2]
+    assert after.outputs == [] and after.execution_count is None  # Run All / nbconvert stopped there
+    errors = [out for out in failed.outputs if out.output_type == "error"]
+    assert len(errors) == 1 and not any(out.output_type == "stream" and out.name == "stderr"
+                                        for out in failed.outputs)
+    traceback, = errors[0].traceback  # one line, no Python traceback
+    partial = " ".join(scripted_text(PROMPT, 4).split())
+    message = "scripted failure after 4 tokens"
+    if widgets:
+        assert traceback == "FabstirError [HOST_ERROR]: the request failed (the output above says why)"
+        assert failed.outputs[0].output_type == "display_data" and message in failed.outputs[0].data["text/html"]
+    else:
+        assert traceback.startswith("FabstirError [HOST_ERROR]: the stream broke on ") and message in traceback
     seen = VisibleText()
     seen.feed(_html(nb))
-    assert " ".join(scripted_text(PROMPT, 4).split()) in seen.text
-    assert "[HOST_ERROR]" in seen.text
+    assert partial in seen.text and "[HOST_ERROR]" in seen.text
+    assert seen.text.count("no host could continue it") == 1  # the error's message shows once

@@ -136,3 +136,22 @@ def test_widget_output_in_a_kernel_streams_custom_messages_and_a_final_text(widg
     assert any(m["msg_type"] == "comm_msg" for m in late)
     assert any(m["msg_type"] == "update_display_data"
                and m["content"]["data"]["text/plain"] == scripted_text(PROMPT, 100) for m in late)
+
+
+def test_bad_options_and_failed_requests_end_the_cell_with_an_error_reply(kernel):
+    """In a real kernel a cell with bad options, and one whose request fails, each end with an
+    ``error`` execute_reply (so the front end and nbconvert stop the cells queued after them), each
+    shown as one line and nothing else on stderr. They used to reply ``ok``."""
+    _, client, _ = kernel
+    assert execute(client, "%load_ext fabstir_jupyter")[0]["status"] == "ok"
+    reply, _, err = execute(client, "%%fabstir --max-tokens lots\n" + PROMPT)
+    assert reply["status"] == "error" and reply["ename"] == "UsageError"
+    assert err == ("UsageError: %%fabstir: argument --max-tokens: expected a positive integer, not 'lots' "
+                   "(see %fabstir help)\n")
+    seen: list = []
+    reply, out, err = execute(client, "%%fabstir --model no-such-model --max-tokens 2\n" + PROMPT, messages=seen)
+    assert reply["status"] == "error" and reply["ename"] == "ModelNotAvailable"
+    line, = reply["traceback"]
+    assert line.startswith("FabstirError [MODEL_NOT_AVAILABLE]: ") and "scripted-1" in line
+    assert err == "" and out == ""
+    assert [m["content"]["traceback"] for m in seen if m["msg_type"] == "error"] == [[line]]

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from traitlets.config import Config
 
-from fabstir_jupyter.errors import Cancelled
+from fabstir_jupyter.errors import Cancelled, FabstirError
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.inference import InferenceResult, InferenceStream
 from fabstir_jupyter.local import HostProcess
@@ -47,10 +47,26 @@ def stream_options(monkeypatch) -> list:
 
 
 def one_line_error(capsys) -> str:
-    """The stderr of the last call, which must be exactly one line with no traceback."""
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
+    """What the last failed cell printed (stdout and stderr), which must be exactly one line with no
+    traceback."""
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    assert shown.count("\n") == 1 and "Traceback" not in shown, shown
+    return shown.strip()
+
+
+def failing(ip, source: str) -> BaseException:
+    """Run ``source`` as a cell that must fail, as a notebook runs it; return its exception."""
+    result = ip.run_cell(source)
+    assert not result.success, "the cell did not fail"
+    error = result.error_in_exec or result.error_before_exec
+    assert error is not None
+    return error
+
+
+def failing_cell(ip, line: str, body: str = PROMPT) -> BaseException:
+    """Run a ``%%fabstir`` cell that must fail; return its exception."""
+    return failing(ip, f"%%fabstir {line}\n{body}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -64,7 +80,8 @@ def test_load_ext_registers_the_line_and_cell_magic(make_shell):
 
 
 def test_loading_the_extension_stays_cheap():
-    """%load_ext imports neither pandas, websockets nor the widgets, and starts no thread."""
+    """%load_ext imports neither pandas, websockets nor the widgets, and starts no thread itself (the
+    network starts in the background once the loading cell ends: test_startup.py)."""
     code = (
         "import sys, threading\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
@@ -83,26 +100,38 @@ def test_loading_the_extension_stays_cheap():
     assert "fabstir-notebook-loop" not in threads
 
 
-def test_cell_magic_help_documents_every_option(make_shell):
-    """%%fabstir? shows the docstring built from the parsers: every option and command."""
+def test_cell_magic_help_is_the_short_usage_once(make_shell):
+    """%%fabstir? shows the short usage once: every option named, one line per command, where the
+    details are; lines fit 88 columns (the whole help used to be ~1 400 px of text, shown twice)."""
     ip = make_shell()
     doc = ip.find_cell_magic("fabstir").__doc__
     for text in ("--model", "--max-tokens", "--temperature", "--top-p", "--stop", "--seed", "--host", "--session",
                  "--mode", "--format", "--out", "--background", "--no-interpolate", "--network", "{name.attr}",
-                 "%fabstir hosts", "%fabstir end NAME", "%fabstir config", "%fabstir manager"):
+                 "%fabstir help OPTION", "%fabstir help COMMAND"):
         assert text in doc
+    commands = ("hosts", "models", "usage", "sessions", "end NAME", "status", "cancel", "network [NAME]",
+                "config [KEY [VALUE]]", "manager", "help [TOPIC]")
+    lines = doc.splitlines()
+    for command in commands:
+        assert sum(line.startswith(f"  {command}  ") for line in lines) == 1, command
+    assert len(lines) <= 32 and max(len(line) for line in lines) <= 88
+    assert "%%fabstir end" not in doc and "usage:" not in doc  # no argparse dump, no magic that does not exist
+    inspected = ip.object_inspect_text("%%fabstir")
+    assert inspected.count("%fabstir COMMAND:") == 1
 
 
 # --------------------------------------------------------------------------- %%fabstir
 
 
 def test_cell_streams_the_answer_and_returns_nothing(ip, capsys):
-    """The answer streams to stdout with a status line; the cell returns None (no duplicate output)."""
+    """The answer streams to stdout with a status line; the cell returns None (no duplicate output).
+    A static network has nothing to start, so no network line is shown."""
     assert cell(ip, "--max-tokens 10") is None
     out = capsys.readouterr().out
     expected = scripted_text(PROMPT, 10)
     assert out.startswith(expected)
     assert "[fabstir] host http://127.0.0.1:" in out and "model scripted-1" in out and "10 tokens" in out
+    assert "network ready" not in out
 
 
 def test_out_stores_the_result_object(ip):
@@ -251,7 +280,7 @@ def test_interpolation_through_the_magic(ip):
 
 def test_network_option_applies_to_one_cell(ip, capsys):
     """--network base-sepolia refuses inference for that cell only; the next cell uses the default."""
-    cell(ip, "--network base-sepolia --max-tokens 2")
+    failing_cell(ip, "--network base-sepolia --max-tokens 2")
     assert one_line_error(capsys).startswith("FabstirError [PAYMENT_REQUIRED]:")
     cell(ip, "--max-tokens 2 --out r")
     assert ip.user_ns["r"].text == scripted_text(PROMPT, 2)
@@ -297,9 +326,11 @@ def test_cancel_stops_background_streams(make_shell, start_host, capsys):
 # --------------------------------------------------------------------------- errors
 
 
-def test_unknown_model_is_one_line_with_the_code(ip, capsys):
-    """An unknown model prints 'FabstirError [MODEL_NOT_AVAILABLE]: ...' and no traceback."""
-    assert cell(ip, "--model no-such-model") is None
+def test_unknown_model_raises_one_line_with_the_code(ip, capsys):
+    """An unknown model fails the cell (it raises) and shows 'FabstirError [MODEL_NOT_AVAILABLE]: ...'
+    once: one line, no traceback, nothing else on stderr (the cell used to print it and not raise)."""
+    error = failing_cell(ip, "--model no-such-model")
+    assert isinstance(error, FabstirError) and error.code == "MODEL_NOT_AVAILABLE"
     line = one_line_error(capsys)
     assert line.startswith("FabstirError [MODEL_NOT_AVAILABLE]:") and "scripted-1" in line
 
@@ -316,15 +347,28 @@ def test_encryption_option_reaches_the_request_and_required_refuses_a_keyless_ho
     assert line.startswith("FabstirError [ENCRYPTION_NOT_SUPPORTED]:") and "encryption='required'" in line
 
 
+def test_a_failed_cell_stops_the_cells_after_it(ip, capsys):
+    """A cell that fails ends with an error, so a run of cells stops there (Run All, nbconvert)."""
+    ip.run_cell("ran = []")
+    sources = ["ran.append(1)", "%%fabstir --model no-such-model\nhi", "ran.append(3)"]
+    for source in sources:
+        if not ip.run_cell(source).success:
+            break
+    assert ip.user_ns["ran"] == [1]
+    assert one_line_error(capsys).startswith("FabstirError [MODEL_NOT_AVAILABLE]:")
+
+
 def test_empty_prompt_is_one_line(ip, capsys):
     """An empty cell is INVALID_PROMPT, refused before any request."""
-    cell(ip, "", "\n  \n")
+    failing_cell(ip, "", "\n  \n")
     assert one_line_error(capsys).startswith("FabstirError [INVALID_PROMPT]:")
 
 
 def test_bad_options_are_one_usage_line(ip, capsys):
-    """A parser error prints one UsageError line, and nothing is sent."""
-    cell(ip, "--max-tokens lots")
+    """A parser error is IPython's UsageError: one line, the cell fails, and nothing is sent."""
+    from IPython.core.error import UsageError
+
+    assert isinstance(failing_cell(ip, "--max-tokens lots"), UsageError)
     line = one_line_error(capsys)
     assert line == ("UsageError: %%fabstir: argument --max-tokens: expected a positive integer, not 'lots' "
                     "(see %fabstir help)")
@@ -333,7 +377,7 @@ def test_bad_options_are_one_usage_line(ip, capsys):
 def test_hint_is_shown_when_the_error_has_one(make_shell, capsys):
     """A static network without hosts names the fix in the hint."""
     ip = make_shell()
-    ip.run_line_magic("fabstir", "network static")
+    failing(ip, "%fabstir network static")
     line = one_line_error(capsys)
     assert line.startswith("FabstirError [INVALID_OPTIONS]: network 'static' needs hosts")
     assert ip.magics_manager.registry["FabstirMagics"].network is None  # the switch was not kept
@@ -343,7 +387,7 @@ def test_unreachable_host_is_one_line(make_shell, capsys):
     """No reachable host gives NO_HOSTS_AVAILABLE in one line."""
     ip = make_shell()
     ip.run_line_magic("config", "FabstirMagics.hosts = ['ws://127.0.0.1:9/v1/ws']")
-    cell(ip, "--max-tokens 2")
+    failing_cell(ip, "--max-tokens 2")
     assert one_line_error(capsys).startswith("FabstirError [NO_HOSTS_AVAILABLE]:")
 
 
@@ -449,8 +493,11 @@ def test_killing_the_only_host_keeps_the_partial_answer_and_a_later_cell_works(m
         killed = host.pid
         monkeypatch.setattr(magics_module, "make_output",
                             lambda format, background, **kw: KillingOutput(format, rich=False, pid=lambda: killed))
-        cell(ip, "--max-tokens 500 --out partial")
-        assert one_line_error(capsys).startswith("FabstirError [")
+        failing_cell(ip, "--max-tokens 500 --out partial")
+        captured = capsys.readouterr()
+        streamed, error_line = captured.out.rstrip("\n").rsplit("\n", 1)  # the partial answer, then the error
+        assert error_line.startswith("FabstirError [") and "Traceback" not in captured.out + captured.err
+        assert captured.err == ""
         partial = ip.user_ns["partial"]
         assert partial.error is not None and partial.finish_reason == "error"
         assert partial.text == partial.error.partial_text
@@ -561,7 +608,7 @@ def test_usage_before_any_request_is_empty_and_starts_nothing(make_shell, capsys
     frame = ip.run_line_magic("fabstir", "usage")
     assert frame.empty and "received_tokens" in frame.columns
     assert not loop_thread_alive()
-    ip.run_line_magic("fabstir", "usage --by colour")
+    failing(ip, "%fabstir usage --by colour")
     assert "cannot group usage by 'colour'" in one_line_error(capsys)
 
 
@@ -573,7 +620,7 @@ def test_models_lists_what_hosts_serve(ip):
 
 def test_end_unknown_session_is_one_line(ip, capsys):
     """Ending a session that does not exist is SESSION_NOT_FOUND."""
-    ip.run_line_magic("fabstir", "end nobody")
+    failing(ip, "%fabstir end nobody")
     assert one_line_error(capsys).startswith("FabstirError [SESSION_NOT_FOUND]: no session named 'nobody'")
 
 
@@ -586,7 +633,7 @@ def test_network_shows_and_switches(ip, capsys):
     ip.run_line_magic("fabstir", "network base-sepolia")
     assert "network base-sepolia" in capsys.readouterr().out
     assert bridge.sdk() is not old and bridge.sdk().settings.network == "base-sepolia"
-    cell(ip, "--max-tokens 2")
+    failing_cell(ip, "--max-tokens 2")
     assert one_line_error(capsys).startswith("FabstirError [PAYMENT_REQUIRED]")
     ip.run_line_magic("fabstir", "network static")
     cell(ip, "--max-tokens 2 --out r")
@@ -608,26 +655,66 @@ def test_config_shows_and_sets_settings(ip, capsys):
     ip.run_line_magic("fabstir", "config default_format code")
     assert ip.magics_manager.registry["FabstirMagics"].default_format == "code"
     capsys.readouterr()
-    ip.run_line_magic("fabstir", "config default_format html")
+    failing(ip, "%fabstir config default_format html")
     assert one_line_error(capsys).startswith("UsageError: %fabstir config default_format:")
-    ip.run_line_magic("fabstir", "config update_interval -1")
+    failing(ip, "%fabstir config update_interval -1")
     assert "update_interval must be between 0 and 10" in one_line_error(capsys)
 
 
-def test_help_prints_the_documentation(make_shell, capsys):
-    """%fabstir help (and a bare %fabstir) print every command and option."""
+def test_help_shows_the_short_usage(make_shell, capsys):
+    """%fabstir help (and a bare %fabstir) show the short usage; in a notebook it is a block that
+    scrolls instead of wrapping lines mid-word."""
     ip = make_shell()
     ip.run_line_magic("fabstir", "help")
     out = capsys.readouterr().out
-    assert "%fabstir hosts" in out and "--max-tokens" in out
+    assert out == ip.find_line_magic("fabstir").__doc__ + "\n"
     ip.run_line_magic("fabstir", "")
     assert capsys.readouterr().out == out
+    shown = []
+    ip.display_formatter.formatters["text/html"].for_type_by_name(
+        "fabstir_jupyter.notebook.help", "HelpText", lambda h: shown.append(h._repr_html_()))
+    ip.run_line_magic("fabstir", "help")
+    html, = shown
+    assert html.startswith('<pre class="fabstir-help" style="white-space: pre; overflow-x: auto;')
+    assert "&lt;" not in out and "%fabstir help OPTION" in html
+
+
+@pytest.mark.parametrize("topic, says", [
+    ("--model", ["%%fabstir --model MODEL   (also -m MODEL)", "repo/file or repo:file"]),
+    ("max-tokens", ["%%fabstir --max-tokens N", "FabstirMagics.max_tokens"]),
+    ("-m", ["%%fabstir --model MODEL"]),
+    ("mode", ["one of: auto, cheapest, fastest, reliable"]),
+    ("hosts", ["%fabstir hosts [--refresh] [--frame] [--all]", "--refresh  discover and probe every host again"]),
+    ("end", ["%fabstir end NAME"]),
+    ("status", ["%fabstir status", "--background runs"]),
+    ("settings", ["Precedence: the cell's options, then %config", "FABSTIR_NO_WIDGETS=1"]),
+])
+def test_help_topic_gives_the_details(make_shell, capsys, topic, says):
+    """%fabstir help OPTION / COMMAND / settings shows the details, wrapped at word boundaries."""
+    ip = make_shell()
+    ip.run_line_magic("fabstir", f"help {topic}")
+    out = capsys.readouterr().out
+    for text in says:
+        assert text in out, out
+    assert max(len(line) for line in out.splitlines()) <= 88
+
+
+def test_help_all_and_an_unknown_topic(make_shell, capsys):
+    """%fabstir help all has every option and command; an unknown topic is one UsageError line."""
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "help all")
+    out = capsys.readouterr().out
+    for text in ("--no-interpolate", "%fabstir manager", "%fabstir config [KEY] [VALUE]", "Environment:"):
+        assert text in out
+    failing(ip, "%fabstir help --colour")
+    line = one_line_error(capsys)
+    assert line.startswith("UsageError: %fabstir help: no option, command or topic '--colour'; choose one of")
 
 
 def test_unknown_line_command_is_one_usage_line(make_shell, capsys):
-    """A bad %fabstir command prints one UsageError line."""
+    """A bad %fabstir command is one UsageError line, and the cell fails."""
     ip = make_shell()
-    ip.run_line_magic("fabstir", "frobnicate")
+    failing(ip, "%fabstir frobnicate")
     assert one_line_error(capsys).startswith("UsageError: %fabstir: argument COMMAND: invalid choice")
 
 
@@ -670,7 +757,7 @@ def test_bad_settings_are_refused_when_set(ip, capsys, caplog):
                        ("max_tokens 0", "not 0"),
                        ("usage_db ''", "usage_db must be a file path"),
                        ("hosts not a url!!", "host url 'url!!' has an invalid host name")):
-        ip.run_line_magic("fabstir", f"config {line}")
+        failing(ip, f"%fabstir config {line}")
         error = one_line_error(capsys)
         assert error.startswith(f"UsageError: %fabstir config {line.split()[0]}: ") and says in error, error
     assert (magics.max_tokens, magics.usage_db, magics.hosts) == (None, ":memory:", hosts)
@@ -690,7 +777,7 @@ def test_bad_max_tokens_from_env_or_file_names_its_source(ip, monkeypatch, isola
         config_dir.mkdir(parents=True)
         (config_dir / "config.json").write_text(json.dumps({"max_tokens": 0}))
         source, shown = f"config file {config_dir / 'config.json'}", "0"
-    cell(ip, "--out r")
+    failing_cell(ip, "--out r")
     assert one_line_error(capsys) == (
         f"FabstirError [INVALID_OPTIONS]: max_tokens from {source} must be an integer >= 1, not {shown}")
     assert "r" not in ip.user_ns
@@ -706,7 +793,7 @@ def test_empty_usage_db_in_the_config_file_is_named(make_shell, host, isolated_e
     config.FabstirMagics.usage_db = None
     ip = make_shell(config)
     ip.run_line_magic("config", f"FabstirMagics.hosts = [{host.ws_url!r}]")
-    cell(ip, "--max-tokens 2 --out r")
+    failing_cell(ip, "--max-tokens 2 --out r")
     error = one_line_error(capsys)
     assert error.startswith("FabstirError [INVALID_OPTIONS]: usage_db from config file ")
     assert str(config_dir / "config.json") in error and "not ''" in error
@@ -718,7 +805,7 @@ def test_bad_fabstir_hosts_is_one_line_naming_the_variable(make_shell, monkeypat
     become the three hosts http://not, http://a and http://url!!)."""
     monkeypatch.setenv("FABSTIR_HOSTS", "not a url!!")
     ip = make_shell()
-    cell(ip, "--max-tokens 2")
+    failing_cell(ip, "--max-tokens 2")
     error = one_line_error(capsys)
     assert error.startswith("FabstirError [INVALID_OPTIONS]: $FABSTIR_HOSTS: ") and "'not a url!!'" in error
     assert "(hint: FABSTIR_HOSTS holds host urls" in error
@@ -738,7 +825,7 @@ def test_ipython_config_reaches_the_magics(make_shell, host):
 def test_default_model_from_config_is_used(ip, capsys):
     """%config FabstirMagics.default_model applies when the cell names no model."""
     ip.run_line_magic("config", "FabstirMagics.default_model = 'missing-model'")
-    cell(ip, "--max-tokens 2")
+    failing_cell(ip, "--max-tokens 2")
     assert "missing-model" in one_line_error(capsys)
     cell(ip, "--max-tokens 2 -m scripted-1 --out r")
     assert ip.user_ns["r"].model == "scripted-1"
@@ -894,11 +981,13 @@ def test_awaiting_the_managers_batch_from_a_cell(ip):
 
 
 def test_manager_on_a_bad_network_is_one_line(make_shell, capsys):
-    """Where no network can start, %fabstir manager prints one error line and returns None."""
+    """Where no network can start, `manager = %fabstir manager` fails with one error line and
+    assigns nothing."""
     ip = make_shell()
     ip.run_line_magic("config", "FabstirMagics.network = 'static'")
-    assert ip.run_line_magic("fabstir", "manager") is None
+    failing(ip, "manager = %fabstir manager")
     assert one_line_error(capsys).startswith("FabstirError [")
+    assert "manager" not in ip.user_ns
 
 
 # --------------------------------------------------------------------------- with the widgets

@@ -28,10 +28,13 @@ def test_text_output_implements_the_sink_protocol():
 
 
 def test_text_output_streams_pieces_then_prints_the_status_line():
-    """Pieces are written as they arrive; finish ends the line and adds the status."""
+    """Pieces are written as they arrive; finish ends the line and adds the status, whose TTFT counts
+    from the output's start (the cell's)."""
     out = io.StringIO()
-    sink = TextOutput("markdown", stream=out, rich=False)
+    now = [100.0]
+    sink = TextOutput("markdown", stream=out, rich=False, clock=lambda: now[0])
     sink.start(host=None, model="m1")
+    now[0] += 0.05
     sink.append("hello ")
     assert out.getvalue() == "hello "
     sink.append("world")
@@ -201,4 +204,7 @@ def test_renderings_carry_escaped_html_for_exporters():
     assert "<strong>ok</strong>" in bundle["text/html"] and "<script>" not in bundle["text/html"]
     assert "&lt;script&gt;" in bundle["text/html"]
     code = render("```\n</code><script>x</script>\n```", "code")._repr_mimebundle_()["text/html"]
-    assert "<script>" not in code and code.startswith('<pre class="fabstir-code"><code>&lt;/code&gt;')
+    assert "<script>" not in code and code.startswith('<pre class="fabstir-code" style="')
+    assert code.split(">", 1)[1].startswith("<code>&lt;/code&gt;")
+    # long lines scroll instead of wrapping mid-word (a notebook's output area wraps <pre> anywhere)
+    assert "white-space: pre;" in code and "overflow-x: auto" in code and "word-break: normal" in code

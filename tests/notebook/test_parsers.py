@@ -21,12 +21,11 @@ from fabstir_jupyter.notebook.parsers import (
     ModelsCommand,
     NetworkCommand,
     SessionsCommand,
+    StatusCommand,
     UsageCommand,
     UsageError,
-    cell_help,
     find_references,
     interpolate,
-    line_help,
     parse_cell_options,
     parse_line_command,
 )
@@ -205,14 +204,26 @@ def test_bad_line_commands_are_one_line_usage_errors(line, fragment):
 
 def test_help_documents_every_option_and_command():
     """The help texts, built from the parsers, name every option and command."""
-    text = cell_help()
+    from fabstir_jupyter.notebook.help import topic_help, usage
+
+    text = topic_help("all")
     for flag in ("--model", "-m", "--max-tokens", "--temperature", "--top-p", "--stop", "--seed", "--host",
                  "--session", "--mode", "--format", "--out", "--background", "--no-interpolate", "--network"):
-        assert flag in text
-    commands = line_help()
-    for name in ("hosts", "usage", "sessions", "end NAME", "models", "network", "config", "cancel", "manager",
-                 "help"):
-        assert f"%fabstir {name}" in commands
+        assert flag in text and flag in usage()
+    for name in ("hosts", "usage", "sessions", "end NAME", "models", "network", "config", "status", "cancel",
+                 "manager", "help"):
+        assert f"%fabstir {name}" in text
+
+
+@pytest.mark.parametrize("line, command", [
+    ("help", HelpCommand()),
+    ("help --model", HelpCommand(topic="--model")),
+    ("help hosts", HelpCommand(topic="hosts")),
+    ("status", StatusCommand()),
+])
+def test_help_topics_and_status_parse(line, command):
+    """`help` takes any topic, an option's flag included (argparse would take it for an option)."""
+    assert parse_line_command(line) == command
 
 
 def test_networks_match_the_sdk():

@@ -499,6 +499,32 @@ def test_finish_sets_the_text_once_and_the_status():
     json.dumps(status, allow_nan=False)
 
 
+def test_the_wait_for_the_network_shows_its_steps_and_the_times_count_from_the_cell():
+    """While the cell waits for its network, the status names the step in progress; once ready it
+    says how long the wait took, and the TTFT counts from the cell's start (not the request's)."""
+    clock = FakeClock(100.0)
+    widget = StreamOutput(interval=0.05, clock=clock, send=Recorder(clock), show=False, started_at=99.5)
+    widget.start(host=None, model="smol")
+    widget.network_step("starting the local chain and 1 host")
+    assert widget.status["step"] == "starting the local chain and 1 host"
+    assert "starting the local chain and 1 host…" in widget.static_html()
+    clock.now = 101.0
+    widget.network_step("discovering hosts")
+    clock.now = 102.0
+    widget.network_ready()
+    assert widget.status["step"] is None and widget.status["network"] == 2.5
+    clock.now = 102.3
+    widget.append("Rivers")
+    assert widget.status["ttft"] == pytest.approx(2.8)
+    widget.finish(result("Rivers", ttft=0.3))  # the request's own TTFT is 0.3 s
+    assert widget.status["ttft"] == pytest.approx(2.8) and widget.status["network"] == 2.5
+    assert "network ready in 2.5 s · TTFT 2.8 s" in widgets.status_text(widget.status)
+    widget.start(host=None, model="smol")  # reused: counts from its own start now
+    clock.now = 102.5
+    widget.append("x")
+    assert widget.status["ttft"] == pytest.approx(0.2) and widget.status["network"] is None
+
+
 def test_failed_shows_code_message_and_hint():
     """failed() keeps the text so far and puts the error's code, message and hint in the status."""
     clock = FakeClock()
@@ -1055,6 +1081,8 @@ def test_js_status_line_matches_python(tmp_path):
                                                          {"host": "http://b", "tokens": 4}, {"host": "http://c", "tokens": 1}]},
         {"state": "done", "cost": 1.23456789, "cost_unit": "USDC"},
         {"state": "cancelled", "host": "http://h", "tokens": 1, "cost": 0.0000035, "cost_unit": "USDC"},
+        {"state": "done", "host": "http://h", "model": "smol", "network": 2.14, "ttft": 2.36, "tokens": 3},
+        {"state": "error", "network": 0.96, "ttft": 0.9996},
     ]
     (tmp_path / "statuses.json").write_text(json.dumps(statuses))
     out = run_node(tmp_path, """
