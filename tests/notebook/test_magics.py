@@ -341,8 +341,9 @@ def test_encryption_option_reaches_the_request_and_required_refuses_a_keyless_ho
     seen = stream_options(monkeypatch)
     cell(ip, "--encryption off --max-tokens 3 --out clear")
     assert seen[-1][1].encryption is False and ip.user_ns["clear"].encrypted is False
-    cell(ip, "--encryption required --max-tokens 3")
-    assert seen[-1][1].encryption == "required"
+    capsys.readouterr()  # the streamed answer
+    error = failing_cell(ip, "--encryption required --max-tokens 3")
+    assert seen[-1][1].encryption == "required" and error.code == "ENCRYPTION_NOT_SUPPORTED"
     line = one_line_error(capsys)
     assert line.startswith("FabstirError [ENCRYPTION_NOT_SUPPORTED]:") and "encryption='required'" in line
 

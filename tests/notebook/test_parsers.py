@@ -128,7 +128,9 @@ def test_encryption_option_parses_to_the_request_option():
     with pytest.raises(UsageError) as info:
         parse_cell_options("--encryption maybe")
     assert "invalid choice: 'maybe'" in str(info.value)
-    assert "--encryption" in cell_help()
+    from fabstir_jupyter.notebook.help import topic_help
+
+    assert "--encryption" in topic_help("--encryption")
 
 
 @pytest.mark.parametrize("line, fragment", [
