@@ -36,7 +36,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import (
-    TYPE_CHECKING, Any, AsyncIterator, Callable, Coroutine, Mapping, NoReturn, Protocol, Sequence, TypeVar,
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Mapping,
+    NoReturn,
+    Protocol,
+    Sequence,
+    TypeVar,
 )
 
 from . import _compat, protocol
@@ -101,8 +110,9 @@ class _ReadTimer:
     after the request's deadline. Progress only moves :attr:`until`; the timer, armed for the
     value it saw, re-arms itself at the new one when it fires, so a stream costs one timer per
     ``idle_timeout`` rather than one per frame. Firing with nothing moved, it sets :attr:`expired`
-    and expires the timeout scope around the read loop, which cancels the pending read. While
-    text waits for a slow consumer the timer is paused: a slow consumer is not a stalled host.
+    and calls the ``on_expiry`` given to :meth:`start` (the attempt drops its socket, which ends
+    the pending read; a socket that timed out is not reused anyway). While text waits for a slow
+    consumer the timer is paused: a slow consumer is not a stalled host.
 
     Args:
         config: ``first_token_timeout`` and ``idle_timeout``.
@@ -120,13 +130,13 @@ class _ReadTimer:
         self.progressed = False
         self.expired = False
         self._paused = False
-        self._scope: Any = None
+        self._on_expiry: Callable[[], object] | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._armed = 0.0
 
-    def start(self, scope: Any) -> None:
-        """Arm the timer; on expiry it ends ``scope`` (an entered :func:`_compat.timeout` scope)."""
-        self._scope = scope
+    def start(self, on_expiry: Callable[[], object]) -> None:
+        """Arm the timer; ``on_expiry`` is called (from the event loop) if it expires."""
+        self._on_expiry = on_expiry
         self._arm()
 
     def _arm(self) -> None:
@@ -141,7 +151,8 @@ class _ReadTimer:
             self._arm()
             return
         self.expired = True
-        _compat.reschedule(self._scope, self._loop.time())
+        if self._on_expiry is not None:
+            self._on_expiry()
 
     def pause(self) -> None:
         """Stop counting while text waits for the consumer; :meth:`progress` starts again."""
@@ -152,15 +163,15 @@ class _ReadTimer:
         self.progressed = True
         self._paused = False
         self.until = until = min(self._loop.time() + self._idle, self._deadline)
-        if (self._handle is None or until < self._armed) and self._scope is not None and not self.expired:
+        if (self._handle is None or until < self._armed) and self._on_expiry is not None and not self.expired:
             # Disarmed while paused, or armed for a later time (first_token_timeout > idle_timeout).
             if self._handle is not None:
                 self._handle.cancel()
             self._arm()
 
     def stop(self) -> None:
-        """Disarm the timer (before leaving the scope)."""
-        self._scope = None
+        """Disarm the timer for good."""
+        self._on_expiry = None
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -839,43 +850,41 @@ class InferenceStream:
         take_text = None if channel.encrypted else reader.receive_text  # frames in clear only
         pieces: list[str] = []  # text read in this batch, not handed over yet
         progressed = answered = False
+        timer.start(socket.abort)  # on expiry the pending receive fails, and the loop sees why
         try:
-            async with _compat.timeout(None) as scope:
-                timer.start(scope)
-                while not reader.done:
-                    try:
-                        data = await receive()
-                    except Exception as exc:
-                        raise socket.receive_error(exc) from exc
+            while not reader.done:
+                try:
+                    data = await receive()
+                except Exception as exc:
                     if timer.expired:
-                        break  # the frame came as the timer fired: too late
-                    if take_text is not None and take_text(data, pieces):
-                        progressed = True
-                    else:
-                        event = channel.open_frame(data)
-                        if event is not None and not channel.is_late(event):
-                            pieces += reader.receive(event)
-                            # Pings, unknown frames and empty chunks are no progress: a host that
-                            # floods them cannot keep a request waiting forever.
-                            progressed = progressed or _is_progress(event)
-                            answered = answered or isinstance(event, (protocol.Chunk, protocol.StreamEnd))
-                    if unread and not reader.done:
-                        continue  # the next frame is already here: same batch
-                    if timer.first_at is None and (progressed or answered):
-                        timer.first_at = time.perf_counter()
-                        if self._delivered == 0:
-                            host.record_latency(timer.first_at - timer.sent_at)
-                    if pieces:
-                        timer.pause()  # a slow consumer is not a stalled host
-                        await self._deliver(pieces[0] if len(pieces) == 1 else "".join(pieces))
-                        pieces.clear()
-                        timer.progress()  # text is progress; the idle wait starts after its delivery
-                    elif progressed:
-                        timer.progress()
-                    progressed = False
-        except asyncio.TimeoutError:
-            if not timer.expired:
-                raise
+                        break
+                    raise socket.receive_error(exc) from exc
+                if timer.expired:
+                    break  # a frame already buffered when the timer fired: too late
+                if take_text is not None and take_text(data, pieces):
+                    progressed = True
+                else:
+                    event = channel.open_frame(data)
+                    if event is not None and not channel.is_late(event):
+                        pieces += reader.receive(event)
+                        # Pings, unknown frames and empty chunks are no progress: a host that
+                        # floods them cannot keep a request waiting forever.
+                        progressed = progressed or _is_progress(event)
+                        answered = answered or isinstance(event, (protocol.Chunk, protocol.StreamEnd))
+                if unread and not reader.done:
+                    continue  # the next frame is already here: same batch
+                if timer.first_at is None and (progressed or answered):
+                    timer.first_at = time.perf_counter()
+                    if self._delivered == 0:
+                        host.record_latency(timer.first_at - timer.sent_at)
+                if pieces:
+                    timer.pause()  # a slow consumer is not a stalled host
+                    await self._deliver(pieces[0] if len(pieces) == 1 else "".join(pieces))
+                    pieces.clear()
+                    timer.progress()  # text is progress; the idle wait starts after its delivery
+                elif progressed:
+                    timer.progress()
+                progressed = False
         except FabstirError:
             timer.stop()
             if pieces:

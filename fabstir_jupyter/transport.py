@@ -311,7 +311,7 @@ class WebSocketClient:
                 first = protocol.parse_host_frame(await self._ws.recv())
         except BaseException as exc:
             upgraded = self._ws is not None
-            await self._abort()
+            self.abort()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if isinstance(exc, TimeoutError) and exc.errno is None:  # ours, not the kernel's ETIMEDOUT
@@ -424,7 +424,8 @@ class WebSocketClient:
             except Exception:  # already broken: nothing to tell the caller
                 ws.transport.abort()
 
-    async def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection at once, without a close frame (a pending receive fails); idempotent."""
         ws, self._ws = self._ws, None
         if ws is not None:
             ws.transport.abort()

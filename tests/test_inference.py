@@ -14,6 +14,7 @@ import pytest
 from fabstir_jupyter import InferenceOptions
 from fabstir_jupyter.errors import (
     ConnectionFailed,
+    DeadlineExceeded,
     FabstirError,
     FirstTokenTimeout,
     HostError,
@@ -224,6 +225,21 @@ async def test_idle_timeout_fires_when_a_stream_stalls(start_host, make_manager)
     with pytest.raises(IdleTimeout):
         await collect(manager.stream(PROMPT, max_tokens=10))
     assert len(manager.usage.records) == 1
+
+
+async def test_request_deadline_ends_a_stream_that_keeps_progressing(start_host, make_manager):
+    """deadline bounds the whole request, even while tokens keep coming within idle_timeout; the text
+    delivered so far stays with the error, and nothing is retried."""
+    host = await start_host(backend={"token_rate": 40})
+    manager = make_manager([host.ws_url], deadline=0.4, idle_timeout=2.0, first_token_timeout=2.0, max_retries=2)
+    pieces: list[str] = []
+    with pytest.raises(DeadlineExceeded) as info:
+        async with manager.stream(PROMPT, max_tokens=400) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+    assert pieces and info.value.partial_text == "".join(pieces) == stream.text
+    assert scripted_text(PROMPT, 400).startswith(stream.text)
+    assert len(manager.usage.records) == 1 and manager.usage.records[0].error_code == "INFERENCE_TIMEOUT"
 
 
 async def test_slow_consumer_is_not_mistaken_for_a_stalled_host(start_host, make_manager):

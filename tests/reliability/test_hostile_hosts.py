@@ -355,6 +355,19 @@ async def test_chunks_already_buffered_come_as_one_piece(hostile):
     assert (stream.usage.received_tokens, stream.usage.completion_tokens) == (10, 10)
 
 
+async def test_text_buffered_before_a_bad_frame_is_delivered_before_the_error(hostile):
+    """Chunks read in the same batch as a frame that fails reach the consumer first, then the error."""
+    host, manager = await hostile([[chunk("a"), chunk("b"), ("text", "not json"), chunk("c"), end()]])
+    pieces: list[str] = []
+    with pytest.raises(ProtocolError) as info:
+        async with manager.stream("hello", host=host.url, max_tokens=20) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+    assert "".join(pieces) == stream.text == info.value.partial_text == "ab"
+    assert stream.records[-1].received_tokens == 2
+    await no_sockets_in_use(manager)
+
+
 async def test_a_consumer_that_keeps_up_gets_one_piece_per_chunk(hostile):
     """When each chunk arrives alone (the host waits for the consumer), each is its own piece."""
     words = [f"w{i} " for i in range(6)]
