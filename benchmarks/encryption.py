@@ -66,19 +66,20 @@ class Run:
 async def one_request(manager: InferenceManager, host_pid: int, *, max_tokens: int, encrypted: bool) -> Run:
     cpu0, host0, wall0 = time.process_time(), process_cpu_seconds(host_pid), time.perf_counter()
     first = last = None
-    tokens = 0
     async with manager.stream(PROMPT, max_tokens=max_tokens, temperature=0.0,
                               encryption="auto" if encrypted else False) as stream:
         async for _ in stream:
             now = time.perf_counter()
             first = first or now
             last = now
-            tokens += 1
     wall = time.perf_counter() - wall0
     cpu, host_cpu = time.process_time() - cpu0, process_cpu_seconds(host_pid) - host0
     if stream.encrypted is not encrypted:
         raise SystemExit(f"expected encrypted={encrypted}, the stream says {stream.encrypted}")
-    assert first is not None and last is not None and stream.ttft is not None
+    assert first is not None and last is not None and stream.ttft is not None and stream.usage is not None
+    # A piece holds several tokens when frames queued up in the socket: count the tokens, not the
+    # pieces (the first piece holds one token while the client keeps up with the host).
+    tokens = stream.usage.received_tokens
     rate = (tokens - 1) / (last - first) if last > first else float("nan")
     return Run(tokens, rate, stream.ttft, cpu, host_cpu, wall, stream.encrypted)
 

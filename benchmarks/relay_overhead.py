@@ -222,7 +222,7 @@ async def unthrottled(host: object, args: argparse.Namespace, compression: bool)
     print(f"{label}: baseline raw websockets {fmt_rate(raw_rate)} tok/s | ours direct_inference "
           f"{fmt_rate(our_rate)} tok/s | ratio {ratio:.3f} ({basis}; target >= {TARGET_RATIO:.2f}: {verdict(met)})")
     print(f"{label}: client CPU per token: raw {raw_cpu:.1f} us | ours {our_cpu:.1f} us | raw/ours {cpu_ratio:.3f} "
-          f"(ours +{our_cpu - raw_cpu:.1f} us a token)", flush=True)
+          f"(ours {our_cpu - raw_cpu:+.1f} us a token)", flush=True)
     return met
 
 
@@ -234,7 +234,7 @@ async def paced(args: argparse.Namespace) -> None:
     raw_cpu, our_cpu = median(r.cpu_us_per_token for r in raw), median(r.cpu_us_per_token for r in ours)
     print(f"paced at {fmt_rate(args.paced_rate)} tok/s by a scripted fabstir-host, deflate off, {tokens:,} tokens: "
           f"client CPU per token: baseline raw {raw_cpu:.1f} us | ours {our_cpu:.1f} us | ours/raw "
-          f"{our_cpu / raw_cpu:.2f}x (+{our_cpu - raw_cpu:.1f} us per token; received raw "
+          f"{our_cpu / raw_cpu:.2f}x ({our_cpu - raw_cpu:+.1f} us per token; received raw "
           f"{fmt_rate(median(r.rate for r in raw))}, ours {fmt_rate(median(r.rate for r in ours))} tok/s; "
           f"host {median(r.host_busy for r in ours):.0%} busy)", flush=True)
 

@@ -100,6 +100,21 @@ class Channel:
         """Read the next event, waiting at most ``timeout`` seconds (``InferenceTimeout`` after that)."""
         return await self.socket.recv_event(timeout)
 
+    def open_frame(self, data: str | bytes) -> protocol.HostEvent | None:
+        """Return the event a frame read off the socket carries (what :meth:`receive` returns for it).
+
+        ``None`` is a frame the channel consumed itself (an encrypted init's ``session_init_ack``);
+        for a plaintext channel there is none.
+
+        Raises:
+            ProtocolError: the frame cannot be interpreted (its ``host`` names the socket's).
+        """
+        try:
+            return protocol.parse_host_frame(data)
+        except FabstirError as exc:
+            exc.host = redact_url(self.socket.url)
+            raise
+
     def is_late(self, event: protocol.HostEvent) -> bool:
         """Whether ``event`` belongs to a request already finished on this socket (to be dropped)."""
         finished = self.socket.finished_ids
@@ -185,24 +200,38 @@ class EncryptedChannel(Channel):
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise InferenceTimeout(f"no frame within {timeout:g} s", host=redact_url(self.socket.url))
-            event = await self.socket.recv_event(remaining)
-            if self.is_late(event):
-                return event  # a frame of a request already over on this socket: the stream drops it
-            if self._awaiting_ack:
-                if isinstance(event, protocol.SessionInitAck):
-                    self._awaiting_ack = False
-                    continue
-                if isinstance(event, protocol.ErrorEvent):
-                    raise self._host_error(event, "refused the encrypted session init")
-                if isinstance(event, protocol.UnknownFrame) and event.type.startswith("encrypted_"):
-                    self._awaiting_ack = False  # a host that does not acknowledge inits; the frame still authenticates
-            if isinstance(event, protocol.ErrorEvent) and event.code in ENCRYPTION_CODES:
-                raise self._host_error(event, "failed the encrypted request")
-            try:
-                return self.session.decrypt(event)
-            except ProtocolError as exc:
-                exc.host = redact_url(self.socket.url)
-                raise
+            opened = self._open(await self.socket.recv_event(remaining))
+            if opened is not None:
+                return opened
+
+    def open_frame(self, data: str | bytes) -> protocol.HostEvent | None:
+        """Return the event a frame read off the socket carries, decrypted; ``None`` for the init's ack.
+
+        Raises:
+            ProtocolError, EncryptionError, FabstirError: as :meth:`receive`.
+        """
+        event = super().open_frame(data)
+        assert event is not None
+        return self._open(event)
+
+    def _open(self, event: protocol.HostEvent) -> protocol.HostEvent | None:
+        if self.is_late(event):
+            return event  # a frame of a request already over on this socket: the stream drops it
+        if self._awaiting_ack:
+            if isinstance(event, protocol.SessionInitAck):
+                self._awaiting_ack = False
+                return None
+            if isinstance(event, protocol.ErrorEvent):
+                raise self._host_error(event, "refused the encrypted session init")
+            if isinstance(event, protocol.UnknownFrame) and event.type.startswith("encrypted_"):
+                self._awaiting_ack = False  # a host that does not acknowledge inits; the frame still authenticates
+        if isinstance(event, protocol.ErrorEvent) and event.code in ENCRYPTION_CODES:
+            raise self._host_error(event, "failed the encrypted request")
+        try:
+            return self.session.decrypt(event)
+        except ProtocolError as exc:
+            exc.host = redact_url(self.socket.url)
+            raise
 
     def _host_error(self, event: protocol.ErrorEvent, what: str) -> FabstirError:
         error = event.error

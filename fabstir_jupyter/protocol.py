@@ -411,6 +411,9 @@ def decode_frame(data: str | bytes | bytearray | memoryview) -> dict[str, Any]:
     return _load_object(data)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _load_object(data: str | bytes | bytearray | memoryview) -> dict[str, Any]:
     if not isinstance(data, str):
         raise ProtocolError("binary frame where a JSON text frame was expected")
@@ -699,6 +702,7 @@ class ResponseReader:
         self.received_tokens = 0  # tokens whose text reached the caller (or was cut by a stop)
         self.received_chars = 0
         self.end_seen = False
+        self._error_chunks = "coded-errors" not in self.features  # "Error: " chunks are errors (spec §4)
 
     def _check_id(self, event_id: str | None) -> None:
         if self.request_id is not None and event_id is not None and event_id != self.request_id:
@@ -713,6 +717,52 @@ class ResponseReader:
         self.received_chars += len(tail)
         self.finish_reason = "stop" if self._stops.matched is not None else reason
         return [tail] if tail else []
+
+    def receive_text(self, data: str | bytes, out: list[str]) -> bool:
+        """Apply one frame as it came off the wire if it is a plain text chunk; return whether it was.
+
+        The fast path of :meth:`receive` for the frame a stream is made of: a JSON ``stream_chunk``
+        with text, a whole ``tokens`` count or none, no ``finish_reason``, and this request's ``id``
+        or none, read while the response runs and within ``max_tokens``. Its text (cut at a stop
+        sequence, which may end the response) is appended to ``out``, and the counters move exactly
+        as ``receive(parse_host_frame(data))`` would move them, without building the event. Any
+        other frame (other types, other shapes, errors, quirks, a chunk that reaches
+        ``max_tokens``) returns ``False`` and changes nothing: parse it and pass the event to
+        :meth:`receive`. Never raises.
+        """
+        # This runs once per token: what _load_object and _take_text do, inline.
+        if self.done or type(data) is not str or data.count("[") + data.count("{") > MAX_JSON_DEPTH:
+            return False
+        try:
+            # The documented decoder without json.loads' wrapping (half its time); a frame with
+            # whitespace or anything else around its object is left to the general parser.
+            frame, end = _DECODER.raw_decode(data)
+        except (ValueError, RecursionError):
+            return False
+        if end != len(data) or type(frame) is not dict or frame.get("type") != "stream_chunk":
+            return False
+        content = frame.get("content")
+        tokens = frame.get("tokens", 1)
+        if type(content) is not str or not content or type(tokens) is not int or tokens < 0:
+            return False
+        if frame.get("finish_reason") is not None:
+            return False
+        request_id = frame.get("id")
+        if request_id is not None and request_id != self.request_id:
+            return False
+        if self._error_chunks and content.startswith("Error: "):
+            return False
+        counted = tokens or 1
+        if self.received_tokens + counted > self.max_tokens:
+            return False
+        self.host_tokens += tokens
+        self.received_tokens += counted
+        if self._stops.stops:
+            self._take_text(content, out)
+        else:
+            self.received_chars += len(content)
+            out.append(content)
+        return True
 
     def receive(self, event: HostEvent) -> list[str]:
         """Apply one host event; return the text to deliver now (possibly empty).
@@ -745,21 +795,31 @@ class ResponseReader:
             if chunk.finish_reason in FINISH_REASONS:
                 self.finish_reason = chunk.finish_reason
             return []
-        if "coded-errors" not in self.features and chunk.content.startswith("Error: "):
+        if self._error_chunks and chunk.content.startswith("Error: "):
             self.done = True
             raise HostError(chunk.content[len("Error: "):] or "host reported an error")
         self.host_tokens += chunk.tokens
         if self.received_tokens + max(chunk.tokens, 1) > self.max_tokens:
             return self._stop_client_side("length")
         self.received_tokens += max(chunk.tokens, 1)
-        text = self._stops.feed(chunk.content)
-        self.received_chars += len(text)
-        out = [text] if text else []
-        if self._stops.matched is not None:
-            self._stop_client_side("stop")
-        elif chunk.finish_reason in FINISH_REASONS:
+        out: list[str] = []
+        self._take_text(chunk.content, out)
+        if not self.done and chunk.finish_reason in FINISH_REASONS:
             self.finish_reason = chunk.finish_reason
         return out
+
+    def _take_text(self, content: str, out: list[str]) -> None:
+        # The text of a counted chunk: held back while it may start a stop sequence, cut at one.
+        if not self._stops.stops:
+            self.received_chars += len(content)
+            out.append(content)
+            return
+        text = self._stops.feed(content)
+        self.received_chars += len(text)
+        if text:
+            out.append(text)
+        if self._stops.matched is not None:
+            self._stop_client_side("stop")
 
     def _take_end_usage(self, end: StreamEnd) -> None:
         if end.usage is not None:

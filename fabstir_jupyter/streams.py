@@ -29,12 +29,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Coroutine, Mapping, Protocol, Sequence, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Mapping,
+    NoReturn,
+    Protocol,
+    Sequence,
+    TypeVar,
+)
 
 from . import _compat, protocol
 from .cache import ResponseCache
@@ -88,6 +100,86 @@ T = TypeVar("T")
 _END = object()  # queue sentinel: the stream is over (see InferenceStream._error)
 _CANCEL_DRAIN_TIMEOUT = 2.0  # seconds to wait for stream_end after stream_cancel (at most idle_timeout)
 _COMPACT_EVERY = 256  # pieces (and chunks) joined at a time; bounds both memory overhead and join cost
+
+
+class _ReadTimer:
+    """The timeouts of one attempt's reading, kept with one timer however many frames arrive.
+
+    The attempt times out at :attr:`until` (a ``loop.time()``): ``first_token_timeout`` after the
+    request is sent, then ``idle_timeout`` after the last progress (text, its end, an error), never
+    after the request's deadline. Progress only moves :attr:`until`; the timer, armed for the
+    value it saw, re-arms itself at the new one when it fires, so a stream costs one timer per
+    ``idle_timeout`` rather than one per frame. Firing with nothing moved, it sets :attr:`expired`
+    and calls the ``on_expiry`` given to :meth:`start` (the attempt drops its socket, which ends
+    the pending read; a socket that timed out is not reused anyway). While text waits for a slow
+    consumer the timer is paused: a slow consumer is not a stalled host.
+
+    Args:
+        config: ``first_token_timeout`` and ``idle_timeout``.
+        deadline: the request's deadline (a ``time.perf_counter()``), or ``None``.
+    """
+
+    def __init__(self, config: InferenceConfig, deadline: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        now = self._loop.time()
+        self._idle = config.idle_timeout
+        self._deadline = math.inf if deadline is None else now + (deadline - time.perf_counter())
+        self.until = min(now + config.first_token_timeout, self._deadline)
+        self.sent_at = time.perf_counter()
+        self.first_at: float | None = None  # perf_counter() when the first chunk or stream_end came
+        self.progressed = False
+        self.expired = False
+        self._paused = False
+        self._on_expiry: Callable[[], object] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed = 0.0
+
+    def start(self, on_expiry: Callable[[], object]) -> None:
+        """Arm the timer; ``on_expiry`` is called (from the event loop) if it expires."""
+        self._on_expiry = on_expiry
+        self._arm()
+
+    def _arm(self) -> None:
+        self._armed = self.until
+        self._handle = self._loop.call_at(self._armed, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self._paused:
+            return  # progress() re-arms it
+        if self.until > self._armed:
+            self._arm()
+            return
+        self.expired = True
+        if self._on_expiry is not None:
+            self._on_expiry()
+
+    def pause(self) -> None:
+        """Stop counting while text waits for the consumer; :meth:`progress` starts again."""
+        self._paused = True
+
+    def progress(self) -> None:
+        """The answer progressed just now: it times out ``idle_timeout`` from here (or at the deadline)."""
+        self.progressed = True
+        self._paused = False
+        self.until = until = min(self._loop.time() + self._idle, self._deadline)
+        if (self._handle is None or until < self._armed) and self._on_expiry is not None and not self.expired:
+            # Disarmed while paused, or armed for a later time (first_token_timeout > idle_timeout).
+            if self._handle is not None:
+                self._handle.cancel()
+            self._arm()
+
+    def stop(self) -> None:
+        """Disarm the timer for good."""
+        self._on_expiry = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    @property
+    def deadline_passed(self) -> bool:
+        """Whether the request's deadline, not an idle or first-token wait, ended the read."""
+        return self.until >= self._deadline
 
 
 def _is_progress(event: protocol.HostEvent) -> bool:
@@ -210,6 +302,12 @@ class BestHostPolicy:
 class InferenceStream:
     """One inference request: an async context manager and async iterator of text pieces.
 
+    A piece is the text of one chunk from the host while the client keeps up with it. Chunks that
+    were already waiting in the socket when the client read them (a host faster than the
+    client, or a client busy elsewhere) come as one piece holding their text joined: the text,
+    its order, the token counts and the usage are the same either way; only the number of pieces
+    differs. (:meth:`chunks` joins pieces further, at a fixed interval.)
+
     When the iteration ends, ``text``, ``usage``, ``finish_reason``, ``host``, ``model``, ``ttft``
     and ``encrypted`` are filled. ``ttft`` is what the caller waited: seconds from the stream's
     start (host selection and connection included) to the first text; ``usage.ttft`` is the host's
@@ -308,7 +406,11 @@ class InferenceStream:
         return self
 
     async def __anext__(self) -> str:
+        queue = self._queue
         if self._loop is None or self._loop is asyncio.get_running_loop():
+            if queue is not None and not self._finished and not queue.empty():
+                item = queue.get_nowait()  # a piece already handed over: no wait, no coroutine
+                return item if item is not _END else self._end()
             return await self._next()
         return await self._call_on_owner(self._next)
 
@@ -326,11 +428,15 @@ class InferenceStream:
         # behind a finished producer ends the iteration too.
         item: str | object = _END if queue.empty() and self._producer.done() else await queue.get()
         if not isinstance(item, str):  # _END
-            self._finished = True
-            if self.error is not None:
-                raise self.error
-            raise StopAsyncIteration
+            return self._end()
         return item
+
+    def _end(self) -> NoReturn:
+        """End the iteration: raise the stream's error, or StopAsyncIteration."""
+        self._finished = True
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
 
     async def read(self) -> str:
         """Consume the rest of the stream and return the whole text.
@@ -433,13 +539,18 @@ class InferenceStream:
         self._core._running.add(self)  # so that ending its session (or closing the core) stops it
 
     async def _deliver(self, piece: str) -> None:
+        """Add ``piece`` to :attr:`text` and hand it to the consumer (waiting while the queue is full)."""
         if self.ttft is None:
             self.ttft = time.perf_counter() - self._started_at
         self._delivered += 1
         self._append_text(piece)
         if self.options.stream:
-            assert self._queue is not None
-            await self._queue.put(piece)
+            queue = self._queue
+            assert queue is not None
+            try:
+                queue.put_nowait(piece)
+            except asyncio.QueueFull:
+                await queue.put(piece)
 
     async def _produce(self) -> None:
         try:
@@ -692,36 +803,11 @@ class InferenceStream:
             prompt_nonempty=True,
         )
         clean = False
-        sent_at = time.perf_counter()
-        first_at: float | None = None
-        # Timeouts are deadlines that only progress moves (text, stream_end, error): a host that
-        # floods pings, unknown frames or empty chunks cannot keep a request waiting forever.
-        progressed = False
-        wait_until = sent_at + config.first_token_timeout
+        timer = _ReadTimer(config, deadline)
         try:
             await channel.send_request(request, session_id=None if session is None else session.id,
                                        request_id=self.request_id)
-            while not reader.done:
-                timeout = wait_until - time.perf_counter()
-                if deadline is not None:
-                    timeout = min(timeout, deadline - time.perf_counter())
-                if timeout <= 0:
-                    raise self._timeout_error(host, not progressed, deadline)
-                try:
-                    event = await channel.receive(timeout)
-                except InferenceTimeout:
-                    raise self._timeout_error(host, not progressed, deadline) from None
-                if channel.is_late(event):
-                    continue  # a late frame of a request already finished on this socket
-                if first_at is None and isinstance(event, (protocol.Chunk, protocol.StreamEnd)):
-                    first_at = time.perf_counter()
-                    host.record_latency(first_at - sent_at) if self._delivered == 0 else None
-                for piece in reader.receive(event):
-                    await self._deliver(piece)
-                if _is_progress(event):
-                    progressed = True
-                    # Measured at the reader, after delivery: a slow consumer is not a stalled host.
-                    wait_until = time.perf_counter() + config.idle_timeout
+            await self._read_answer(channel, reader, host, timer)
             if reader.cancel_needed:
                 clean = await self._cancel_on_host(channel, reader)
             else:
@@ -733,23 +819,91 @@ class InferenceStream:
             if not reader.done:
                 clean = await asyncio.shield(self._cancel_on_host(channel, reader))
             self.finish_reason = self.finish_reason or "cancelled"
-            self._finish_attempt(host, reader, attempt_started, sent_at, first_at, cancelled=True)
+            self._finish_attempt(host, reader, attempt_started, timer, cancelled=True)
             raise
         finally:
             self._received_total += reader.received_tokens
             connection.release(clean=clean)
         self.finish_reason = reader.finish_reason
-        self._finish_attempt(host, reader, attempt_started, sent_at, first_at)
+        self._finish_attempt(host, reader, attempt_started, timer)
         if cache_key is not None and core.cache is not None and self.finish_reason in ("stop", "length"):
             core.cache.put(cache_key, (self.text, self.finish_reason, reader.received_tokens))
         if session is not None:
             session.complete_turn(self.prompt, self.text, synced=clean, usage=reader.usage)
 
-    def _timeout_error(self, host: HostInfo, first: bool, deadline: float | None) -> InferenceTimeout:
+    async def _read_answer(self, channel: Channel, reader: protocol.ResponseReader, host: HostInfo,
+                           timer: _ReadTimer) -> None:
+        """Read frames into ``reader`` until it is done, handing its text to the consumer a batch at a time.
+
+        A batch is a frame and the frames already waiting behind it in the socket's buffer: their
+        text is delivered as one piece, so a consumer gets a piece per chunk while the client keeps
+        up with the host, and fewer, longer pieces once frames queue up. A plaintext channel's
+        text chunks take the reader's fast path; other frames are opened by the channel (parsed,
+        decrypted), late frames of a request already over on the socket are dropped, and the rest
+        go to :meth:`~fabstir_jupyter.protocol.ResponseReader.receive`. ``timer`` bounds the waits.
+
+        Raises:
+            FirstTokenTimeout, IdleTimeout, DeadlineExceeded: ``timer`` expired.
+            FabstirError: the socket failed, the host reported an error or broke the protocol. The
+                text read before a failure is handed over first.
+        """
+        socket = channel.socket
+        receive, unread = socket.frame_reader()
+        take_text = None if channel.encrypted else reader.receive_text  # frames in clear only
+        pieces: list[str] = []  # text read in this batch, not handed over yet
+        progressed = answered = False
+        timer.start(socket.abort)  # on expiry the pending receive fails, and the loop sees why
+        try:
+            while not reader.done:
+                try:
+                    data = await receive()
+                except Exception as exc:
+                    if timer.expired:
+                        break
+                    raise socket.receive_error(exc) from exc
+                if timer.expired:
+                    break  # a frame already buffered when the timer fired: too late
+                if take_text is not None and take_text(data, pieces):
+                    progressed = True
+                else:
+                    event = channel.open_frame(data)
+                    if event is not None and not channel.is_late(event):
+                        pieces += reader.receive(event)
+                        # Pings, unknown frames and empty chunks are no progress: a host that
+                        # floods them cannot keep a request waiting forever.
+                        progressed = progressed or _is_progress(event)
+                        answered = answered or isinstance(event, (protocol.Chunk, protocol.StreamEnd))
+                if unread and not reader.done:
+                    continue  # the next frame is already here: same batch
+                if timer.first_at is None and (progressed or answered):
+                    timer.first_at = time.perf_counter()
+                    if self._delivered == 0:
+                        host.record_latency(timer.first_at - timer.sent_at)
+                if pieces:
+                    timer.pause()  # a slow consumer is not a stalled host
+                    await self._deliver(pieces[0] if len(pieces) == 1 else "".join(pieces))
+                    pieces.clear()
+                    timer.progress()  # text is progress; the idle wait starts after its delivery
+                elif progressed:
+                    timer.progress()
+                progressed = False
+        except FabstirError:
+            timer.stop()
+            if pieces:
+                await self._deliver("".join(pieces))
+            raise
+        finally:
+            timer.stop()
+        if timer.expired:
+            if pieces:
+                await self._deliver("".join(pieces))
+            raise self._timeout_error(host, timer)
+
+    def _timeout_error(self, host: HostInfo, timer: _ReadTimer) -> InferenceTimeout:
         config = self._core.config
-        if deadline is not None and time.perf_counter() >= deadline:
+        if timer.deadline_passed:
             return DeadlineExceeded(f"request deadline of {config.deadline:g} s passed", host=host.api_url)
-        if first:
+        if not timer.progressed:
             return FirstTokenTimeout(f"no answer within first_token_timeout={config.first_token_timeout:g} s",
                                      host=host.api_url)
         return IdleTimeout(f"stream stalled for idle_timeout={config.idle_timeout:g} s", host=host.api_url)
@@ -770,7 +924,7 @@ class InferenceStream:
         return True
 
     def _finish_attempt(self, host: HostInfo, reader: protocol.ResponseReader, attempt_started: float,
-                        sent_at: float, first_at: float | None, cancelled: bool = False) -> None:
+                        timer: _ReadTimer, cancelled: bool = False) -> None:
         usage = reader.usage
         host.record_request(True)
         record = self._record(
@@ -780,7 +934,7 @@ class InferenceStream:
             completion_tokens=usage.completion_tokens if usage else reader.host_tokens,
             received_tokens=reader.received_tokens,
             total_tokens=usage.total_tokens if usage else None,
-            ttft=None if first_at is None else first_at - sent_at,
+            ttft=None if timer.first_at is None else timer.first_at - timer.sent_at,
             finish_reason="cancelled" if cancelled else reader.finish_reason,
             encrypted=self._attempt_encrypted,
         )

@@ -26,7 +26,7 @@ import socket
 import ssl
 import time
 from collections import defaultdict
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sized
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -311,7 +311,7 @@ class WebSocketClient:
                 first = protocol.parse_host_frame(await self._ws.recv())
         except BaseException as exc:
             upgraded = self._ws is not None
-            await self._abort()
+            self.abort()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if isinstance(exc, TimeoutError) and exc.errno is None:  # ours, not the kernel's ETIMEDOUT
@@ -348,6 +348,36 @@ class WebSocketClient:
         except Exception as exc:
             raise _translate(exc, self.url, "send") from exc
 
+    def frame_reader(self) -> tuple[Callable[[], Awaitable[str | bytes]], Sized]:
+        """Return the socket's own receive and its buffer of unread frames, for a reader's hot loop.
+
+        The receive is ``websockets``' ``recv`` (cancel-safe, no timeout, no parsing): the caller
+        bounds the wait and passes what it raises to :meth:`receive_error`. The buffer is
+        non-empty while frames that already arrived wait to be read, so the caller knows that the
+        next receive will not wait; with a ``websockets`` that does not expose it, it stays empty.
+
+        Raises:
+            ConnectionFailed: the socket is not connected.
+        """
+        if self._ws is None:
+            raise ConnectionFailed("receive: not connected", host=redact_url(self.url))
+        unread: Sized
+        try:
+            unread = self._ws.recv_messages.frames.queue
+        except AttributeError:
+            unread = ()
+        return (self._recv_traced if self._trace else self._ws.recv), unread
+
+    def receive_error(self, exc: Exception) -> FabstirError:
+        """Translate what the receive of :meth:`frame_reader` raised into our error tree."""
+        return _translate(exc, self.url, "receive")
+
+    async def _recv_traced(self) -> str | bytes:
+        assert self._ws is not None
+        data = await self._ws.recv()
+        wire_logger.debug("← %s %s", redact_url(self.url), data[:200] if isinstance(data, str) else "<binary>")
+        return data
+
     async def recv_raw(self) -> str | bytes:
         """Receive one frame as sent (no timeout: callers bound the wait).
 
@@ -357,12 +387,9 @@ class WebSocketClient:
         if self._ws is None:
             raise ConnectionFailed("receive: not connected", host=redact_url(self.url))
         try:
-            data = await self._ws.recv()
+            return await (self._recv_traced() if self._trace else self._ws.recv())
         except Exception as exc:
             raise _translate(exc, self.url, "receive") from exc
-        if self._trace:
-            wire_logger.debug("← %s %s", redact_url(self.url), data[:200] if isinstance(data, str) else "<binary>")
-        return data
 
     async def recv_event(self, timeout: float | None = None) -> protocol.HostEvent:
         """Receive and parse one frame, waiting at most ``timeout`` seconds.
@@ -397,7 +424,8 @@ class WebSocketClient:
             except Exception:  # already broken: nothing to tell the caller
                 ws.transport.abort()
 
-    async def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection at once, without a close frame (a pending receive fails); idempotent."""
         ws, self._ws = self._ws, None
         if ws is not None:
             ws.transport.abort()

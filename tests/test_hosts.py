@@ -9,6 +9,7 @@ import pytest
 from fabstir_jupyter.config import HostRequirements
 from fabstir_jupyter.errors import InvalidOptions, ModelNotAvailable, NoHostsAvailable
 from fabstir_jupyter.hosts import HostInfo, HostManager, StaticSource, hosts_from_env, resolve_model, select_host
+from fabstir_jupyter.hosts.probe import HostProber
 
 
 def host(url="http://h1:1", **fields):
@@ -211,3 +212,40 @@ async def test_probe_reads_the_stream_limit_a_host_states_in_v1_version(start_ho
         found = {h.ws_url: h for h in await manager.discover_all_active_hosts()}
     assert found[limited.ws_url].max_concurrent_streams == 3
     assert found[legacy.ws_url].max_concurrent_streams is None
+
+
+async def _describe_counting_tls_builds(url: str, monkeypatch) -> tuple[HostInfo, int]:
+    builds = []
+    original = HostProber._build_client
+
+    def counting(self):
+        builds.append(1)
+        return original(self)
+
+    monkeypatch.setattr(HostProber, "_build_client", counting)
+    prober = HostProber(timeout=2.0)
+    info = HostInfo.from_url(url)
+    try:
+        await prober.describe(info)
+    finally:
+        await prober.aclose()
+    return info, len(builds)
+
+
+async def test_describing_a_plain_http_host_loads_no_certificates(start_host, monkeypatch):
+    """An http:// host is described without building the TLS client (its certificate store is most
+    of a fresh client's first request)."""
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    live = await start_host()
+    info, builds = await _describe_counting_tls_builds(live.http_url, monkeypatch)
+    assert "coded-errors" in info.features and info.models == ("scripted-1",)
+    assert builds == 0
+
+
+async def test_plain_http_behind_an_https_proxy_uses_the_tls_client(monkeypatch):
+    """An https:// proxy for plain-http requests needs TLS: the probe then uses the TLS client."""
+    monkeypatch.setenv("HTTP_PROXY", "https://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    _, builds = await _describe_counting_tls_builds("http://127.0.0.1:9", monkeypatch)
+    assert builds == 1

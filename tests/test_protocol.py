@@ -1232,3 +1232,107 @@ def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     content = "[" * 500 + "{" * 500 + '\\"' + "]" * 10
     event = parse_host_frame(json.dumps({"type": "stream_chunk", "content": content}))
     assert event.content == content
+
+
+# --------------------------------------------------------------------------- the reader's fast path
+
+
+def _reader_state(reader: ResponseReader) -> tuple[Any, ...]:
+    return (reader.done, reader.cancel_needed, reader.finish_reason, reader.usage, reader.host_tokens,
+            reader.received_tokens, reader.received_chars, reader.end_seen, reader._stops._held,
+            reader._stops.matched)
+
+
+def _read_general(reader: ResponseReader, data: str) -> tuple[list[str], Any]:
+    """The general path: parse, then receive; returns (pieces, (error type, code, message) or None)."""
+    try:
+        return reader.receive(parse_host_frame(data)), None
+    except FabstirError as exc:
+        return [], (type(exc), exc.code, exc.message)
+
+
+def _read_fast_first(reader: ResponseReader, data: str) -> tuple[list[str], Any]:
+    """What the client's read loop does: the fast path, else the general one."""
+    before = _reader_state(reader)
+    out: list[str] = []
+    if reader.receive_text(data, out):
+        assert all(isinstance(piece, str) and piece for piece in out)
+        return out, None
+    assert out == [] and _reader_state(reader) == before  # a refused frame changes nothing
+    return _read_general(reader, data)
+
+
+def _both_readers(**kwargs: Any) -> tuple[ResponseReader, ResponseReader]:
+    return ResponseReader(**kwargs), ResponseReader(**kwargs)
+
+
+def test_reader_fast_path_takes_a_plain_chunk() -> None:
+    """A plain stream_chunk is applied without an event: text out, counters moved, True."""
+    reader = ResponseReader(request_id="r", max_tokens=10)
+    out: list[str] = []
+    assert reader.receive_text('{"type":"stream_chunk","content":"Hel","tokens":2,"id":"r"}', out)
+    assert reader.receive_text('{"type":"stream_chunk","content":"lo"}', out)
+    assert out == ["Hel", "lo"]
+    assert (reader.received_tokens, reader.host_tokens, reader.received_chars) == (3, 3, 5)
+
+
+@pytest.mark.parametrize("frame", [
+    {"type": "stream_chunk", "content": "", "tokens": 0},  # the production terminal chunk
+    {"type": "stream_chunk", "content": "a", "finish_reason": "stop"},
+    {"type": "stream_chunk", "content": "a", "id": "other"},
+    {"type": "stream_chunk", "content": "a", "id": 7},
+    {"type": "stream_chunk", "content": "a", "tokens": 1.0},
+    {"type": "stream_chunk", "content": "a", "tokens": True},
+    {"type": "stream_chunk", "content": "a", "tokens": None},
+    {"type": "stream_chunk", "content": "a", "tokens": -1},
+    {"type": "stream_chunk", "content": "Error: boom"},  # a production error chunk (no coded-errors)
+    {"type": "stream_chunk", "content": ["a"]},
+    {"type": "stream_chunk", "content": "a", "tokens": 3},  # past max_tokens: the general path stops
+    {"type": "stream_end", "reason": "complete"},
+    {"type": "error", "code": "HOST_BUSY", "message": "busy"},
+    {"type": "pong"},
+])
+def test_reader_fast_path_leaves_every_other_frame_to_the_general_path(frame: dict[str, Any]) -> None:
+    """Quirks, errors, ends, other ids and the chunk that reaches max_tokens are refused, unchanged."""
+    reader = ResponseReader(request_id="r", max_tokens=2)
+    before = _reader_state(reader)
+    out: list[str] = []
+    assert not reader.receive_text(json.dumps(frame), out)
+    assert out == [] and _reader_state(reader) == before
+
+
+@pytest.mark.parametrize("data", ["not json", "[1]", '{"content":"a"}', "[" * 200, b'{"type":"stream_chunk"}'])
+def test_reader_fast_path_refuses_junk_without_raising(data: Any) -> None:
+    """Frames the parser rejects are refused by the fast path (the general path raises for them)."""
+    reader = ResponseReader(max_tokens=5)
+    assert not reader.receive_text(data, [])
+
+
+def test_reader_fast_path_refuses_after_the_reader_is_done() -> None:
+    """Once done, every frame goes to the general path, which discards it."""
+    reader = ResponseReader(stop_sequences=["."], max_tokens=5)
+    out: list[str] = []
+    assert reader.receive_text('{"type":"stream_chunk","content":"One. Two"}', out)
+    assert out == ["One"] and reader.done and reader.cancel_needed and reader.finish_reason == "stop"
+    assert not reader.receive_text('{"type":"stream_chunk","content":"more"}', out)
+
+
+@_FUZZ
+@given(
+    frames=st.lists(st.one_of(_realistic_host_frames, _realistic_host_frames, _frames), max_size=14),
+    features=st.lists(st.sampled_from(["coded-errors", "usage-always", "stop-sequences"]), max_size=3),
+    stops=st.lists(st.text(alphabet="ab.\n", min_size=0, max_size=3), max_size=3),
+    max_tokens=st.integers(0, 8),
+    request_id=st.sampled_from([None, "r"]),
+)
+def test_fuzz_reader_fast_path_matches_the_general_path(frames: list[dict[str, Any]], features: list[str],
+                                                         stops: list[str], max_tokens: int,
+                                                         request_id: str | None) -> None:
+    """The same frames through the fast path (falling back) and through parse + receive give the same
+    pieces, the same errors and the same reader state, frame by frame."""
+    fast, general = _both_readers(request_id=request_id, features=features, stop_sequences=stops,
+                                  max_tokens=max_tokens)
+    for frame in frames:
+        data = json.dumps(frame)
+        assert _read_fast_first(fast, data) == _read_general(general, data), frame
+        assert _reader_state(fast) == _reader_state(general), frame

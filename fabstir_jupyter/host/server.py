@@ -125,6 +125,10 @@ logger = logging.getLogger("fabstir_jupyter.host")
 
 DEFAULT_TEMPERATURE = 0.7
 _ENCRYPTED_TYPES = ("encrypted_session_init", "encrypted_message")
+_WRITE_LIMIT = 1 << 16  # bytes a connection's write buffer holds before send() waits for the client
+# The longest text frame whose send cannot wait when the write buffer is empty: 4 UTF-8 bytes a
+# character, plus room for the frame header and a deflate block that did not shrink.
+_UNBLOCKED_FRAME_CHARS = (_WRITE_LIMIT - 64) // 4
 AUTH_FEATURE = "auth-bearer"
 #: Listed by /v1/version when the host has an operator key and serves encrypted sessions.
 E2EE_FEATURE = "e2ee"
@@ -273,7 +277,7 @@ class HostServer:
             compression="deflate" if self.config.compression else None,
             max_size=self.config.max_frame_bytes,
             max_queue=16,
-            write_limit=1 << 16,
+            write_limit=_WRITE_LIMIT,
             logger=_ws_frame_logger if self.config.log_prompts else _ws_logger,
             ssl=ssl_context,
         )
@@ -1046,6 +1050,19 @@ class HostServer:
             await self._send_locked(conn, encode(frame))
 
     async def _send_locked(self, conn: _Connection, text: str) -> None:
+        """Send one frame (the caller holds ``conn.send_lock``); drop a client that stopped reading.
+
+        ``send()`` waits only while the transport's write buffer is above its high-water mark (the
+        client is not reading). A frame written into an empty buffer cannot fill it that far, so
+        it goes without a timer; any other frame is bounded by ``send_timeout``.
+
+        Raises:
+            _ConnectionGone: the frame waited ``send_timeout`` for the client (the connection is aborted).
+        """
+        transport = conn.ws.transport
+        if transport is not None and len(text) <= _UNBLOCKED_FRAME_CHARS and not transport.get_write_buffer_size():
+            await conn.ws.send(text)
+            return
         try:
             async with _compat.timeout(self.config.send_timeout):
                 await conn.ws.send(text)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import urllib.request
 from typing import Any
 
 import httpx
@@ -27,6 +28,12 @@ __all__ = ["HostProber"]
 logger = logging.getLogger("fabstir_jupyter.hosts")
 
 
+def _tls_proxy_for_http() -> bool:
+    """Whether the environment sends plain-http requests through an https:// proxy (which needs TLS)."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme, "").lower().startswith("https://") for scheme in ("http", "all"))
+
+
 class HostProber:
     """Read ``/v1/version`` and ``/v1/models`` once per host, and time WebSocket greetings.
 
@@ -40,8 +47,9 @@ class HostProber:
         self.config = config or InferenceConfig()
         self.timeout = timeout
         self._limit = asyncio.Semaphore(concurrency)
-        self._http: httpx.AsyncClient | None = None
+        self._http: httpx.AsyncClient | None = None  # for https:// hosts (and http:// ones behind a TLS proxy)
         self._http_building: asyncio.Future[httpx.AsyncClient] | None = None
+        self._plain_http: httpx.AsyncClient | None = None  # for http:// hosts: no certificates loaded
         self._described: dict[str, asyncio.Future[None]] = {}
 
     def _build_client(self) -> httpx.AsyncClient:
@@ -50,9 +58,17 @@ class HostProber:
             verify = ssl.create_default_context(cafile=verify)
         return httpx.AsyncClient(timeout=self.timeout, verify=verify, trust_env=True)
 
-    async def _client(self) -> httpx.AsyncClient:
-        # Building the client loads TLS certificates and imports transports: ~80 ms the first time,
-        # so it happens in a worker thread, once, rather than on the event loop.
+    async def _client(self, url: str) -> httpx.AsyncClient:
+        if url.startswith("http://") and not _tls_proxy_for_http():
+            # Loading the certificate store is most of a fresh client's first request (~20 ms); a
+            # plain-http host needs none. The context trusts no certificate, so were an https URL
+            # ever to reach this client it would fail verification, never go unverified.
+            if self._plain_http is None:
+                self._plain_http = httpx.AsyncClient(timeout=self.timeout, trust_env=True,
+                                                     verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+            return self._plain_http
+        # Building the TLS client loads certificates and imports transports: ~80 ms the first
+        # time, so it happens in a worker thread, once, rather than on the event loop.
         if self._http is None:
             if self._http_building is None:
                 self._http_building = asyncio.ensure_future(asyncio.to_thread(self._build_client))
@@ -63,7 +79,7 @@ class HostProber:
 
     async def _get_json(self, url: str) -> Any | None:
         try:
-            response = await (await self._client()).get(url, headers=self.config.auth_headers(url))
+            response = await (await self._client(url)).get(url, headers=self.config.auth_headers(url))
         except httpx.HTTPError as exc:
             logger.debug("probe %s failed: %s", redact_url(url), exc)
             return None
@@ -166,3 +182,6 @@ class HostProber:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        if self._plain_http is not None:
+            await self._plain_http.aclose()
+            self._plain_http = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from typing import Any
 
@@ -364,6 +365,27 @@ async def test_client_vanishes_mid_stream(start_host, how):
         else:
             await ws.close()
     await _assert_serves(server, "after vanishing clients")
+    await _idle(server)
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_send_timeout(start_host, caplog):
+    """A client that stops reading mid-stream fills the host's write buffer: after send_timeout the host
+    aborts that connection and frees its stream, and serves other clients meanwhile and after."""
+    caplog.set_level(logging.WARNING, logger="fabstir_jupyter.host")
+    server = await start_host(send_timeout=0.3, max_tokens_cap=10_000_000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill the path to the client quickly
+    sock.connect(("127.0.0.1", server.port))
+    ws = await _open(server, sock=sock)
+    try:
+        await ws.send(json.dumps(_inference("nobody reads this", rid="stuck", max_tokens=10_000_000)))
+        assert (await _recv(ws))["type"] == "stream_chunk"
+        ws.transport.pause_reading()
+        await _wait(lambda: "stopped reading" in caplog.text, timeout=60)  # safety net, not a speed bound
+        await _wait(lambda: server.active_streams == 0)
+        await _assert_serves(server, "after a client stopped reading")
+    finally:
+        ws.transport.abort()
     await _idle(server)
 
 

@@ -13,7 +13,8 @@ Script steps:
 * ``("forever", obj)``: send ``obj`` again and again until the socket breaks (or, with
   ``honour_cancel``, until the client's ``stream_cancel``, answered with ``stream_end``);
 * ``("abort",)``: drop the TCP connection; ``("close",)``: close the WebSocket cleanly;
-* ``("hang",)``: never answer again on this socket.
+* ``("hang",)``: never answer again on this socket;
+* ``("await", fn)``: await ``fn()`` (the test's own signal, e.g. "the consumer took a piece").
 
 ``/v1/version`` answers 404 (a production host: no features) unless ``features`` is given.
 """
@@ -26,6 +27,7 @@ import json
 import time
 from http import HTTPStatus
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -149,6 +151,8 @@ class HostileHost:
                     return
                 elif op == "hang":
                     await asyncio.Event().wait()
+                elif op == "await":
+                    await step[1]()
         except Exception:
             pass
 
@@ -215,7 +219,7 @@ async def test_host_streaming_forever_is_cut_at_the_clients_max_tokens(hostile):
     started = time.perf_counter()
     pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=20), 10)
     assert stream.finish_reason == "length"
-    assert len(pieces) == 20 and stream.text == "tok" * 20
+    assert "".join(pieces) == stream.text == "tok" * 20
     assert stream.usage.received_tokens == 20
     assert time.perf_counter() - started < 5
     await no_sockets_in_use(manager)
@@ -338,6 +342,48 @@ async def test_stream_end_without_usage_infers_the_finish_reason(hostile, tokens
     assert stream.text == "t" * tokens and stream.finish_reason == reason
 
 
+async def test_chunks_already_buffered_come_as_one_piece(hostile):
+    """Chunks that wait in the socket together are handed over as one piece: same text, same counts."""
+    words = [f"w{i} " for i in range(10)]
+    # The host sends every frame without yielding to the loop: they all reach the client's buffer first.
+    host, manager = await hostile([[*(chunk(w) for w in words), end(usage={"prompt_tokens": 1,
+                                                                          "completion_tokens": 10,
+                                                                          "total_tokens": 11})]])
+    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=20), 10)
+    assert pieces == ["".join(words)]
+    assert stream.text == "".join(words) and stream.finish_reason == "stop"
+    assert (stream.usage.received_tokens, stream.usage.completion_tokens) == (10, 10)
+
+
+async def test_text_buffered_before_a_bad_frame_is_delivered_before_the_error(hostile):
+    """Chunks read in the same batch as a frame that fails reach the consumer first, then the error."""
+    host, manager = await hostile([[chunk("a"), chunk("b"), ("text", "not json"), chunk("c"), end()]])
+    pieces: list[str] = []
+    with pytest.raises(ProtocolError) as info:
+        async with manager.stream("hello", host=host.url, max_tokens=20) as stream:
+            async for piece in stream:
+                pieces.append(piece)
+    assert "".join(pieces) == stream.text == info.value.partial_text == "ab"
+    assert stream.records[-1].received_tokens == 2
+    await no_sockets_in_use(manager)
+
+
+async def test_a_consumer_that_keeps_up_gets_one_piece_per_chunk(hostile):
+    """When each chunk arrives alone (the host waits for the consumer), each is its own piece."""
+    words = [f"w{i} " for i in range(6)]
+    taken = asyncio.Semaphore(0)
+    script: list[tuple] = []
+    for word in words:
+        script += [chunk(word), ("await", taken.acquire)]
+    host, manager = await hostile([[*script, end()]])
+    pieces: list[str] = []
+    async with manager.stream("hello", host=host.url, max_tokens=20) as stream:
+        async for piece in stream:
+            pieces.append(piece)
+            taken.release()
+    assert pieces == words and stream.usage.received_tokens == 6
+
+
 async def test_host_that_never_answers_is_a_first_token_timeout(hostile):
     host, manager = await hostile([[("hang",)]])
     with pytest.raises(InferenceTimeout):
@@ -438,3 +484,61 @@ async def _fuzz_once(script: list[tuple], max_retries: int, features: list[str] 
 def test_fuzz_any_frame_sequence_ends_in_a_result_or_a_coded_error(script, max_retries, features, max_tokens):
     steps, ending = script
     asyncio.run(_fuzz_once(steps + ending, max_retries, features, max_tokens))
+
+
+# --------------------------------------------------------------------------- fast path = general path
+
+_steps_without_sleeps = st.one_of(
+    st.tuples(st.just("json"), st.one_of(_chunks, _chunks, _chunks, _ends, _error_frames)),
+    st.tuples(st.just("json"), st.builds(lambda c, t: {"type": "stream_chunk", "content": c, "tokens": t, "id": ID},
+                                         st.one_of(st.text(min_size=1, max_size=6),
+                                                   st.sampled_from(["Error: boom", "a.b", "x"])),
+                                         st.integers(0, 2))),
+    st.tuples(st.just("json"), st.sampled_from([{"type": "pong"}, {"type": "nope"}, {"type": "stream_chunk"}])),
+    st.tuples(st.just("text"), st.sampled_from(["not json", "[" * 200, '{"type":'])),
+)
+
+
+async def _outcome(script: list[tuple], features: list[str] | None, max_tokens: int, stops: list[str], *,
+                   fast: bool) -> tuple:
+    """Run one request against ``script``; return what the caller sees (text, finish, error, usage)."""
+    host = await HostileHost([script], features=features).start()
+    manager = InferenceManager([host.url], client_config(), usage=ListSink())
+    pieces: list[str] = []
+    error = None
+    try:
+        with contextlib.ExitStack() as patches:
+            if not fast:  # every frame through parse_host_frame + ResponseReader.receive
+                patches.enter_context(mock.patch.object(protocol.ResponseReader, "receive_text",
+                                                        lambda self, data, out: False))
+            stream = manager.stream("hello", host=host.url, max_tokens=max_tokens, stop_sequences=stops)
+            try:
+                async with stream:
+                    async for piece in stream:
+                        pieces.append(piece)
+            except FabstirError as exc:
+                error = (type(exc), exc.code)
+        await no_sockets_in_use(manager)
+        records = [(r.received_tokens, r.completion_tokens, r.finish_reason, r.error_code)
+                   for r in manager.usage.records]
+        return "".join(pieces), stream.text, stream.finish_reason, error, records
+    finally:
+        await manager.aclose()
+        await host.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    steps=st.lists(_steps_without_sleeps, max_size=10),
+    ending=st.sampled_from([[end()], [("close",)], [("abort",)], [("hang",)]]),
+    features=st.one_of(st.none(), st.just(list(protocol.FEATURES))),
+    max_tokens=st.integers(1, 8),
+    stops=st.sampled_from([[], ["."], ["b", "xa"]]),
+)
+def test_fuzz_the_fast_path_and_the_general_path_give_the_same_result(steps, ending, features, max_tokens, stops):
+    """The same frames read through the reader's fast path and through parse + receive end the same:
+    text, finish reason, error, and usage records (pieces may be batched differently, not their text)."""
+    script = steps + ending
+    fast = asyncio.run(_outcome(script, features, max_tokens, stops, fast=True))
+    general = asyncio.run(_outcome(script, features, max_tokens, stops, fast=False))
+    assert fast == general, script
