@@ -590,7 +590,7 @@ def test_ledger_migrates_a_version_1_file(tmp_path):
         ("old", 5, None), ("new", 21, current_client_id())]
     assert [r.request_id for r in mine] == ["new"]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(requests)")}
         assert {"requests_time", "requests_client"} <= indexes
     with UsageLedger(path) as again:  # opening a migrated file changes nothing
@@ -616,7 +616,7 @@ def test_ledger_migrates_a_version_2_file_and_keeps_whether_requests_were_encryp
     assert str(frame["encrypted"].dtype) == "boolean"
     assert frame["encrypted"].isna().tolist() == [True, False, False]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_ledger_summary_by_model_and_host_model(ledger):
