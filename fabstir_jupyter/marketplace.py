@@ -91,7 +91,7 @@ _RETRY_LATER = frozenset({"Too many", "Dispute wait", "Not timeout"})
 _OVER_DEPOSIT = "Over dep"
 _NO_FUNDS = re.compile(
     r"balance too low|allowance too low|insufficient (funds|balance|allowance)|exceeds (balance|allowance)"
-    r"|not have enough (funds|balance)", re.I,
+    r"|not have enough (funds|balance)|cannot afford", re.I,
 )
 
 

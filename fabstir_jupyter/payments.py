@@ -748,6 +748,10 @@ class Payments:
             if token == _NATIVE:
                 return client.create_job(host, model_id, deposit=deposit, price_per_token=price, **terms)
             with self._token_lock:  # another job's create must not spend this one's allowance meanwhile
+                have = client.balance(token)
+                if have < deposit:
+                    raise InsufficientFunds(f"open a job with host {host}: deposit {deposit} exceeds the {self.unit} "
+                                            f"balance of {have} (base units)")
                 if approve is not None:  # allow the rest of the budget too: later jobs need no approve
                     client.approve(token, deposit + approve)
                 return client.create_job(host, model_id, deposit=deposit, price_per_token=price, token=token,
@@ -1043,7 +1047,9 @@ class PaidConnector(PoolConnector):
                 why = f"the session moved to host {host.api_url}" if job.host.key != host.key else "another model"
             elif job.socket is not None and not job.socket.is_open:
                 job.end("its connection closed")
-            elif job.ended is None and job.room < need:
+            elif job.ended is None and job.room < need and (terms.deposit is None or job.room < job.max_tokens):
+                # (a session's own deposit that cannot pay for a whole turn still serves a fresh job:
+                # the host caps the stream and the answer goes on on the next one)
                 why = f"its deposit has room for {job.room} more tokens, fewer than this turn's {need}"
             if why is not None:
                 job.end(why)
