@@ -144,7 +144,8 @@ class PaymentConfig:
             remember encrypted conversations per session id, a bounded number of them).
         margin: extra tokens a job must have room for beyond a request's ``max_tokens``, as a share
             of it (at least 16 tokens): a host may generate a little past a client's stop.
-        job_timeout: seconds to open a job (its transactions mined).
+        job_timeout: seconds to open a job (its transactions mined); a job that opens later is settled.
+        read_timeout: seconds for a chain read (a price, a job, a balance).
         final_proof_timeout: seconds to wait after closing a job's socket for its host's last proof.
         settle_timeout: seconds to settle a job, retries included.
     """
@@ -159,6 +160,7 @@ class PaymentConfig:
     requests_per_job: int = 256
     margin: float = 0.1
     job_timeout: float = 60.0
+    read_timeout: float = 30.0
     final_proof_timeout: float = 10.0
     settle_timeout: float = 60.0
 
@@ -181,7 +183,7 @@ class PaymentConfig:
         if not 60 <= self.proof_timeout_window <= 3600:
             raise InvalidOptions("proof_timeout_window must be between 60 and 3600 seconds",
                                  field="proof_timeout_window")
-        for name in ("job_timeout", "final_proof_timeout", "settle_timeout"):
+        for name in ("job_timeout", "read_timeout", "final_proof_timeout", "settle_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InvalidOptions(f"{name} must be a positive number of seconds, not {value!r}", field=name)
@@ -400,7 +402,10 @@ class Payments:
         self._closed = False
 
     def __repr__(self) -> str:
-        budget = "no budget" if self.budget is None else repr(self.budget)
+        if self.budget is not None:
+            budget = repr(self.budget)
+        else:
+            budget = "no budget" if self.config.budget is None else f"budget {self.config.budget} {self.unit}"
         return (f"<Payments {self.network.name} wallet={self.wallet.address} token={self.config.token} "
                 f"open_jobs={len(self.open_jobs)} {budget}>")
 
@@ -597,12 +602,14 @@ class Payments:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
-            raise ConnectionFailed(f"chain call on {self.network.name} did not finish within {timeout:g} s") from None
+            error = ConnectionFailed(f"chain call on {self.network.name} did not finish within {timeout:g} s")
+            error.pending = future  # type: ignore[attr-defined]  # it may still finish (a transaction mined)
+            raise error from None
 
     async def ensure_ready(self) -> None:
         """Check the chain and make the budget (once), off the event loop."""
         if not self._chain_checked:
-            await self._run(self._check_chain, self.config.job_timeout)
+            await self._run(self._check_chain, self.config.read_timeout)
 
     # ------------------------------------------------------------------ sessions
 
@@ -683,7 +690,8 @@ class Payments:
         assert address is not None
         listed = self.listed_price(host, model)
         what = f"open a job with host {host.api_url}"
-        price = await self._run(functools.partial(self._price, client, address, model_id, token, what), self.config.job_timeout)
+        price = await self._run(functools.partial(self._price, client, address, model_id, token, what),
+                                self.config.read_timeout)
         if listed is not None and price > listed:
             raise TransactionFailed(
                 f"{what}: host {address} now asks {price} per 1000 tokens of {model} (in {self.unit} base units), "
@@ -708,17 +716,29 @@ class Payments:
         budget.check(deposit, what)
         budget.hold(deposit)
         approve = budget.remaining if token != _NATIVE else None
+        def make_job(opened: Any, block: int | None) -> PaidJob:
+            return PaidJob(job_id=opened.job_id, host=host, model=model, model_id=model_id, token=token,
+                           unit=self.unit, decimals=decimals, deposit=deposit, price_per_token=price,
+                           proof_interval=self.config.proof_interval, open_tx=opened.tx_hash, open_block=block,
+                           kind=kind, session_id=session.session_id if session else None, budget=budget)
+
         try:
-            opened = await self._run(
+            opened, block = await self._run(
                 functools.partial(self._create, client, address, model_id, deposit, price, token, approve),
                 self.config.job_timeout)
+        except ConnectionFailed as exc:
+            pending = getattr(exc, "pending", None)
+            if pending is None:
+                budget.settle(deposit, 0)
+            else:  # the job may still open: if it does, settle it at once (everything comes back)
+                pending.add_done_callback(functools.partial(self._late_job, make_job, budget, deposit))
+                self._background.add(pending)
+                pending.add_done_callback(self._background.discard)
+            raise
         except BaseException:
             budget.settle(deposit, 0)
             raise
-        job = PaidJob(job_id=opened.job_id, host=host, model=model, model_id=model_id, token=token, unit=self.unit,
-                      decimals=decimals, deposit=deposit, price_per_token=price,
-                      proof_interval=self.config.proof_interval, open_tx=opened.tx_hash, open_block=None, kind=kind,
-                      session_id=session.session_id if session else None, budget=budget)
+        job = make_job(opened, block)
         self._jobs.append(job)
         if session is not None:
             session.jobs.append(job)
@@ -726,6 +746,18 @@ class Payments:
         logger.info("job %d opened with host %s: deposit %s, price %d per 1000 tokens", job.job_id, address,
                     format_amount(deposit, decimals, self.unit), price)
         return job
+
+    def _late_job(self, make_job: Callable[[Any, int | None], PaidJob], budget: Budget, deposit: int,
+                  future: asyncio.Future[Any]) -> None:
+        """A job creation that timed out finished after all: settle the job it opened, or free its deposit."""
+        if future.cancelled() or future.exception() is not None:
+            budget.settle(deposit, 0)
+            return
+        job = make_job(*future.result())
+        self._jobs.append(job)
+        self._record(job)
+        logger.warning("job %d was opened after its caller gave up waiting; settling it", job.job_id)
+        self.retire(job, "opened after its caller gave up waiting")
 
     def _price(self, client: MarketplaceClient, host: str, model_id: str, token: str, what: str) -> int:
         try:
@@ -746,16 +778,17 @@ class Payments:
                  "proof_timeout_window": self.config.proof_timeout_window}
         try:
             if token == _NATIVE:
-                return client.create_job(host, model_id, deposit=deposit, price_per_token=price, **terms)
-            with self._token_lock:  # another job's create must not spend this one's allowance meanwhile
-                have = client.balance(token)
-                if have < deposit:
-                    raise InsufficientFunds(f"open a job with host {host}: deposit {deposit} exceeds the {self.unit} "
-                                            f"balance of {have} (base units)")
-                if approve is not None:  # allow the rest of the budget too: later jobs need no approve
-                    client.approve(token, deposit + approve)
-                return client.create_job(host, model_id, deposit=deposit, price_per_token=price, token=token,
-                                         **terms)
+                opened = client.create_job(host, model_id, deposit=deposit, price_per_token=price, **terms)
+            else:
+                with self._token_lock:  # another job's create must not spend this one's allowance meanwhile
+                    have = client.balance(token)
+                    if have < deposit:
+                        raise InsufficientFunds(f"open a job with host {host}: deposit {deposit} exceeds the "
+                                                f"{self.unit} balance of {have} (base units)")
+                    if approve is not None:  # allow the rest of the budget too: later jobs need no approve
+                        client.approve(token, deposit + approve)
+                    opened = client.create_job(host, model_id, deposit=deposit, price_per_token=price, token=token,
+                                               **terms)
         except InsufficientFunds as exc:
             exc.hint = (f"fund {self.wallet.address} on {self.network.name} with {self.unit} for deposits and the "
                         f"native token for gas, or lower the deposit")
@@ -765,6 +798,11 @@ class Payments:
                 exc.retryable = True
                 exc.hint = "the host raised its price: discover the hosts again, or use another host"
             raise
+        try:
+            block = client.transaction_block(opened.tx_hash)  # where to look for its settlement later
+        except FabstirError:
+            block = None
+        return opened, block
 
     async def adopt_job(self, job_id: Any, host: HostInfo, model: str, session: SessionTerms) -> PaidJob:
         """Take job ``job_id`` (opened earlier, by this wallet) for a session.
@@ -781,8 +819,8 @@ class Payments:
         await self.ensure_ready()
         assert self._decimals is not None
         client = self._chain()
-        onchain = await self._run(lambda: client.get_job(job_id), self.config.job_timeout)
-        chain_model = await self._run(lambda: client.session_model(job_id), self.config.job_timeout)
+        onchain = await self._run(lambda: client.get_job(job_id), self.config.read_timeout)
+        chain_model = await self._run(lambda: client.session_model(job_id), self.config.read_timeout)
         if onchain.depositor.lower() != self.wallet.address.lower():
             raise PaymentRequired(f"job {job_id} was opened by {onchain.depositor}, not by this wallet "
                                   f"({self.wallet.address}): a session pays with its own jobs",
@@ -908,7 +946,8 @@ class Payments:
         client = self._chain()
         loop = asyncio.get_running_loop()
         while True:  # someone else settled it: the event may lag the state on a load-balanced endpoint
-            found = await self._run(lambda: client.find_settlement(job.job_id), self.config.settle_timeout)
+            found = await self._run(lambda: client.find_settlement(job.job_id, from_block=job.open_block or 0),
+                                    self.config.settle_timeout)
             if found is not None:
                 return found
             if loop.time() >= deadline:
@@ -940,8 +979,9 @@ class Payments:
         for job, result in zip(pending, results):
             if isinstance(result, BaseException):
                 logger.warning("job %d left unsettled at close: %s", job.job_id, result)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        while self._background:  # settlements, and job creations that may still open a job to settle
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+            await asyncio.sleep(0)  # let done-callbacks add what they start
         self._executor_down = True
         self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -14,6 +14,7 @@ from fabstir_jupyter import FabstirSDK, InferenceConfig
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import (
     BudgetExceeded,
+    ConnectionFailed,
     InsufficientFunds,
     InvalidOptions,
     PaymentRequired,
@@ -330,6 +331,26 @@ async def test_someone_elses_job_and_a_settled_job_are_refused(network):
         adopted = await manager.sessions.create_session(host=host, job_id=mine.job_id)  # its own open job: taken
         assert adopted.job_id == mine.job_id
     as_other.complete_job(theirs.job_id)
+
+
+async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
+    """Opening a job that outlasts job_timeout fails the attempt (CONNECTION_FAILED, retryable); the
+    transaction still lands, and that job is settled at once: every deposit comes back, nothing stays held."""
+    manager = _manager(network, job_timeout=0.001, settle_timeout=30.0)
+    start = _next_job_id(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        with pytest.raises(ConnectionFailed) as info:
+            await manager.ainfer(PROMPT, max_tokens=5, host=host)
+        assert "did not finish within" in info.value.message
+    opened = range(start, _next_job_id(network))
+    assert len(opened) >= 1
+    reader = _reader(network)
+    for job_id in opened:
+        job = reader.get_job(job_id)
+        assert job.status is JobStatus.COMPLETED and job.refunded_to_user == job.deposit
+    assert manager.payments.held == 0 and manager.payments.spent == 0
+    assert sorted(s.job_id for s in manager.payments.settlements) == list(opened)
 
 
 # ---------------------------------------------------------------------------- a host killed mid-answer
