@@ -15,8 +15,8 @@ USDC. Each round, in alternating order:
 * **stateless, cold and warm**: the first ``infer`` of a fresh manager (paid: it opens the host's
   tab job) and the next one (the tab's job is reused: no chain call).
 
-Every figure is a median over rounds; the RPC requests per paid session (create + settle) are
-counted at the local RPC server. There is no target: the figures say what a paid session adds on
+Every figure is a median over rounds; the RPC requests per paid session (the client's job and
+settlement, the host's proof and reads) are counted at the local RPC server. There is no target: the figures say what a paid session adds on
 this machine's local chain, where a transaction is mined at once; on Base Sepolia each transaction
 adds a block's wait (about 2 s) instead.
 
@@ -135,7 +135,7 @@ async def main() -> None:
     added_end = ms([r[2] for r in sessions["paid"]]) - ms([r[2] for r in sessions["unpaid"]])
     print(f"paying adds {added_first:+.1f} ms before the first token (the job: its price read, its transaction "
           f"mined) and {added_end:+.1f} ms to end the session (the host's last proof, the settlement, the read-back); "
-          f"{rpc_per_session:.0f} JSON-RPC requests per paid session")
+          f"{rpc_per_session:.0f} JSON-RPC requests per paid session (the client's and the host's)")
     print(f"\n-- stateless, {args.rounds} rounds (caller's time to first token, median, ms)")
     for name in ("unpaid", "paid"):
         rows = stateless[name]
