@@ -18,9 +18,9 @@ to a host whose key is known and checked (``encryption="auto"``, the default), p
 without one, and a refusal (:class:`~fabstir_jupyter.errors.EncryptionUnavailable`, before anything
 is sent) of a host without one under ``encryption="required"`` or of a host whose published key is
 not its own.
-Paid sessions (spec §10) plug in here: a connector that binds each socket to an on-chain job
-(:meth:`~fabstir_jupyter.transport.ConnectionPool.checkout` with ``bound_to``), one open job per
-host for stateless requests and one job per session, and passes the job id to the encrypted init.
+Paid sessions (spec §10) plug in here: :class:`~fabstir_jupyter.payments.PaidConnector` binds
+each socket to an on-chain job (a few jobs per host for stateless requests, one job per session)
+and passes the job id to ``session_init`` or the encrypted init.
 """
 
 from __future__ import annotations
@@ -251,11 +251,17 @@ class Connection:
         socket: the socket.
         channel: what the attempt sends and reads through.
         fresh: the socket was opened for this attempt, so the host holds none of a session's history.
+        job: the paid job the attempt is billed to (a :class:`~fabstir_jupyter.payments.PaidJob`), or
+            ``None`` when unpaid.
+        notes: what the connector did for it that the stream should report (jobs opened or ended:
+            :class:`~fabstir_jupyter.payments.StreamEvent`\\ s).
     """
 
     socket: WebSocketClient
     channel: Channel
     fresh: bool = False
+    job: Any = None
+    notes: tuple[Any, ...] = ()
     _give_back: Callable[[bool], None] = field(default=lambda clean: None, repr=False)
 
     def release(self, *, clean: bool) -> None:
@@ -296,11 +302,14 @@ class Connector(Protocol):
     """Hands out the connection for a host (and, later, its paid job)."""
 
     async def connect(self, host: HostInfo, *, session_id: str | None, request_id: str,
-                      encryption: str | bool = "auto") -> Connection:
+                      encryption: str | bool = "auto", model: str | None = None,
+                      max_tokens: int | None = None) -> Connection:
         """Return a connection to ``host`` for one attempt; a session's is its pinned socket.
 
         ``encryption`` is the request's mode (``"auto"``, ``"required"`` or ``False``); a host the
         mode refuses raises :class:`~fabstir_jupyter.errors.EncryptionUnavailable` before any I/O.
+        ``model`` (the host's id) and ``max_tokens`` say what the attempt will ask for, so that a
+        paying connector can bind the socket to a job that pays for it.
         """
         ...
 
@@ -372,7 +381,8 @@ class PoolConnector:
             logger.debug("host %s: plaintext (it %s)", host.api_url, found.problem)
         return key
 
-    def _channel(self, socket: WebSocketClient, key: PublicKey | None, session_id: str | None) -> Channel:
+    def _channel(self, socket: WebSocketClient, key: PublicKey | None, session_id: str | None, *,
+                 job_id: str | None = None, chain_id: int | None = None) -> Channel:
         if key is None:
             return Channel(socket)
         from .crypto import PrivateKey
@@ -380,13 +390,17 @@ class PoolConnector:
 
         if self.signer is None:
             self.signer = PrivateKey.generate()
-        session = EncryptedSession(key, session_id=session_id or uuid.uuid4().hex, job_id=self.job_id,
-                                   chain_id=self.chain_id, model="", signer=self.signer)
+        session = EncryptedSession(key, session_id=session_id or uuid.uuid4().hex,
+                                   job_id=self.job_id if job_id is None else job_id,
+                                   chain_id=self.chain_id if chain_id is None else chain_id, model="",
+                                   signer=self.signer)
         return EncryptedChannel(socket, session)
 
     async def connect(self, host: HostInfo, *, session_id: str | None, request_id: str,
-                      encryption: str | bool = "auto") -> Connection:
+                      encryption: str | bool = "auto", model: str | None = None,
+                      max_tokens: int | None = None) -> Connection:
         """Return a connection to ``host``; see the class docstring for sessions and encryption.
+        (``model`` and ``max_tokens`` are for paying connectors: unused here.)
 
         Raises:
             EncryptionUnavailable: ``encryption`` refuses the host (nothing was sent to it).

@@ -230,7 +230,8 @@ class AuthFailed(FabstirError):
 
 
 class PaymentRequired(FabstirError):
-    """Raised when inference would need a paid session that this package cannot open yet."""
+    """Raised when inference needs a paid session that is not configured (no wallet or no budget: the
+    message says what to set), or when a job is not usable (another wallet's, settled, another host's)."""
 
     code = "PAYMENT_REQUIRED"
 
@@ -242,7 +243,8 @@ class InsufficientFunds(FabstirError):
 
 
 class BudgetExceeded(FabstirError):
-    """Raised when spending would pass what was allowed: a budget, or the tokens a job's deposit pays for."""
+    """Raised when spending would pass what was allowed: a deposit over a session's or the process's
+    budget (before any transaction), or a proof over the tokens a job's deposit pays for."""
 
     code = "BUDGET_EXCEEDED"
 

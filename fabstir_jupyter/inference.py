@@ -26,6 +26,7 @@ from .usage import UsageSink
 
 if TYPE_CHECKING:
     from .crypto import PrivateKey
+    from .payments import Payments
 
 __all__ = ["InferenceManager", "InferenceStream", "InferenceResult", "backoff_delay"]
 
@@ -41,6 +42,8 @@ class InferenceManager(InferenceCore):
         rng: randomness for backoff jitter and tie-breaking (seed it for reproducible runs).
         connector: hands out connections (see :class:`~fabstir_jupyter.streams.InferenceCore`).
         signer: the key that signs encrypted session inits (see :class:`~fabstir_jupyter.streams.InferenceCore`).
+        payments: pay for requests on a paid network (:attr:`payments`: wallet, budget, open jobs,
+            settlements; see :mod:`fabstir_jupyter.payments`).
 
     The manager belongs to one event loop: the first that uses it, or a private loop thread when it
     is first used through the blocking :meth:`infer`. Streams can be consumed from other loops.
@@ -55,8 +58,10 @@ class InferenceManager(InferenceCore):
         rng: random.Random | None = None,
         connector: Connector | None = None,
         signer: PrivateKey | None = None,
+        payments: Payments | None = None,
     ) -> None:
-        super().__init__(host_manager, config, usage=usage, rng=rng, connector=connector, signer=signer)
+        super().__init__(host_manager, config, usage=usage, rng=rng, connector=connector, signer=signer,
+                         payments=payments)
         self._sessions: SessionManager | None = None
 
     # ------------------------------------------------------------------ the brief's API

@@ -91,7 +91,7 @@ _RETRY_LATER = frozenset({"Too many", "Dispute wait", "Not timeout"})
 _OVER_DEPOSIT = "Over dep"
 _NO_FUNDS = re.compile(
     r"balance too low|allowance too low|insufficient (funds|balance|allowance)|exceeds (balance|allowance)"
-    r"|not have enough (funds|balance)", re.I,
+    r"|not have enough (funds|balance)|cannot afford", re.I,
 )
 
 
@@ -197,9 +197,10 @@ HOST_EARNINGS_ABI: list[dict[str, Any]] = [
     _event("EarningsWithdrawn(address indexed host,address indexed token,uint256 amount,uint256 remainingBalance)"),
 ]
 
-#: What a host reads of the NodeRegistry the marketplace names (production's signature).
+#: What a host and a depositor read of the NodeRegistry the marketplace names (production's signatures).
 NODE_REGISTRY_ABI: list[dict[str, Any]] = [
     _function("isActiveNode(address)", "view", "bool"),
+    _function("getModelPricing(address operator,bytes32 modelId,address token)", "view", "uint256"),
 ]
 
 #: The ERC-20 functions a deposit in a token needs.
@@ -322,6 +323,8 @@ class Settlement:
     refund: int
     timed_out: bool
     refund_credited: bool = False
+    completed_by: str | None = None  # who sent the settling transaction
+    block_number: int | None = None
 
     @property
     def treasury_fee(self) -> int:
@@ -603,6 +606,44 @@ class MarketplaceClient:
         contract = self._w3.eth.contract(address=registry, abi=NODE_REGISTRY_ABI)
         return bool(self._read(contract.functions.isActiveNode(who), "isActiveNode"))
 
+    def model_price(self, host: str, model_id: bytes | str, token: str = NATIVE_TOKEN) -> int:
+        """The host's price for ``model_id`` in ``token`` (``getModelPricing`` on the marketplace's
+        NodeRegistry): what a job must offer at least. 0 or a refusal means the host does not price it.
+
+        Raises:
+            TransactionFailed: the registry refuses (no price set for that token: ``reason`` says so).
+        """
+        registry = self._read(self._marketplace.functions.nodeRegistry(), "nodeRegistry")
+        contract = self._w3.eth.contract(address=registry, abi=NODE_REGISTRY_ABI)
+        fn = contract.functions.getModelPricing(_address(host, "host"), _bytes32(model_id, "model_id"),
+                                                _address(token, "token"))
+        return int(self._read(fn, "getModelPricing"))
+
+    def decimals(self, token: str = NATIVE_TOKEN) -> int:
+        """The decimals of ``token`` (18 for the native token)."""
+        if int(token, 16) == 0:
+            return 18
+        return int(self._read(self._token(token).functions.decimals(), "decimals"))
+
+    def allowance(self, token: str, owner: str | None = None) -> int:
+        """What the marketplace may take of ``owner``'s (default: this account's) ``token``."""
+        who = _address(owner, "owner") if owner else self._signer("allowance").address
+        return int(self._read(self._token(token).functions.allowance(who, self.marketplace_address), "allowance"))
+
+    def approve(self, token: str, amount: int) -> str | None:
+        """Let the marketplace take up to ``amount`` of ``token`` for deposits; nothing is sent when it
+        already may. Returns the transaction's hash, or ``None``.
+
+        Raises:
+            TransactionFailed, InsufficientFunds: the token or the node refused it.
+        """
+        _amount(amount, "amount")
+        if self.allowance(token) >= amount:
+            return None
+        receipt = self._transact(self._token(token).functions.approve(self.marketplace_address, amount),
+                                 f"approve {token}")
+        return receipt["transactionHash"].to_0x_hex()
+
     def balance(self, token: str = NATIVE_TOKEN, address: str | None = None) -> int:
         """What ``address`` (default: this account) holds of ``token`` (native: wei)."""
         who = _address(address, "address") if address else self._signer("balance").address
@@ -676,11 +717,7 @@ class MarketplaceClient:
                          "0x" + model.hex(), token, int(args["deposit"]), price_per_token)
 
     def _approve(self, token: str, amount: int) -> None:
-        contract = self._token(token)
-        owner = self._signer("approve").address
-        allowed = int(self._read(contract.functions.allowance(owner, self.marketplace_address), "allowance"))
-        if allowed < amount:
-            self._transact(contract.functions.approve(self.marketplace_address, amount), f"approve {token}")
+        self.approve(token, amount)
 
     def complete_job(self, job_id: int, conversation_cid: str = "") -> Settlement:
         """Settle job ``job_id`` (the depositor at any time; its host after the dispute window).
@@ -714,7 +751,35 @@ class MarketplaceClient:
         done, paid = completed[0]["args"], by[0]["args"]
         return Settlement(job_id, receipt["transactionHash"].to_0x_hex(), int(done["totalTokensUsed"]),
                           int(paid["paymentAmount"]), int(done["hostEarnings"]), int(done["userRefund"]),
-                          timed_out, bool(credited))
+                          timed_out, bool(credited), to_checksum_address(paid["completedBy"]),
+                          int(receipt["blockNumber"]))
+
+    def find_settlement(self, job_id: int, *, from_block: int = 0) -> Settlement | None:
+        """Read how job ``job_id`` was settled from the chain's logs (whoever settled it), or ``None``
+        while it is not settled.
+
+        Args:
+            from_block: the first block to search (the job's opening block keeps the query small;
+                public endpoints limit log ranges).
+
+        Raises:
+            ConnectionFailed: the RPC endpoint failed.
+        """
+        _amount(job_id, "job_id", minimum=1)
+        events = self._marketplace.events
+        query = {"argument_filters": {"jobId": job_id}, "from_block": from_block}
+        completed = self._rpc("eth_getLogs", lambda: events.SessionCompleted().get_logs(**query))
+        if not completed:
+            return None
+        tx_hash = completed[0]["transactionHash"]
+        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(tx_hash))
+        timed_out = bool(events.SessionTimedOut().process_receipt(receipt, errors=DISCARD))
+        return self._settlement(job_id, receipt, timed_out=timed_out)
+
+    def transaction_block(self, tx_hash: str) -> int:
+        """The block a mined transaction is in."""
+        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(tx_hash))
+        return int(receipt["blockNumber"])
 
     # ------------------------------------------------------------------ the host's side
 

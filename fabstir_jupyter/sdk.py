@@ -8,22 +8,32 @@ ends. Hosts are found on that chain's registry, as in production, plus any stati
 
 Chain networks read a real registry through its RPC endpoint: ``"base-sepolia"`` (a preset of
 :mod:`fabstir_jupyter.networks`) or a dict ``{"rpc_url": ..., "chain_id": ..., "addresses": {...}}``.
-There, discovery and probing work but inference is refused until paid sessions exist
-(spec/PROTOCOL.md §10). A static host list alone (``hosts=[...]`` or ``FABSTIR_HOSTS``) is
-``network="static"``.
+A static host list alone (``hosts=[...]`` or ``FABSTIR_HOSTS``) is ``network="static"``.
+
+Inference on a registered host is paid (spec/PROTOCOL.md §10; :mod:`fabstir_jupyter.payments`):
+every request is billed to a job opened from the user's :attr:`FabstirSDK.wallet`, within a
+budget. The wallet's key comes from ``FABSTIR_PRIVATE_KEY``, a key file (``key_file=`` or
+``FABSTIR_KEY_FILE``, readable by its owner only) or :meth:`FabstirSDK.authenticate`; on the local
+network, from its funded test account unless one is given explicitly (``authenticate()`` or
+``key_file=``). The budget comes from ``budget=`` or ``FABSTIR_BUDGET`` (whole tokens of the payment
+token, USDC by default); the local network's test money has a default budget of
+:data:`LOCAL_BUDGET`, a registry network none: without a key and a budget, inference there is
+``PAYMENT_REQUIRED`` (saying what to set), while discovery and probing work. The local network's
+hosts are paid by default (``paid=False`` or ``FABSTIR_LOCAL_PAID=0`` starts free ones).
 
 Settings come from arguments, then the environment (``FABSTIR_NETWORK``, ``FABSTIR_HOSTS``,
-``FABSTIR_RPC_URL``, ``FABSTIR_LOCAL_BACKEND``, ``FABSTIR_LOCAL_HOSTS``), then ``config.json`` in
-the user's config dir, resolved once by :func:`fabstir_jupyter.settings.load_settings`;
-``FABSTIR_PRIVATE_KEY`` is read here, for :meth:`FabstirSDK.authenticate`, and never stored.
-Importing this module loads neither web3 nor the chain: they load when a network needs them.
+``FABSTIR_RPC_URL``, ``FABSTIR_LOCAL_BACKEND``, ``FABSTIR_LOCAL_HOSTS``, ``FABSTIR_BUDGET``...),
+then ``config.json`` in the user's config dir, resolved once by
+:func:`fabstir_jupyter.settings.load_settings`; ``FABSTIR_PRIVATE_KEY`` is read here and never
+stored or shown. Importing this module loads neither web3 nor the chain: they load when a network
+needs them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -34,13 +44,19 @@ from .inference import InferenceManager
 from .local import HostProcess
 from .sessions import SessionManager
 from .settings import NETWORKS, NetworkSpec, SDKSettings, load_settings
+from .wallet import Wallet
 
 if TYPE_CHECKING:
     from .local.network import LocalNetwork
+    from .networks import NetworkPreset
+    from .payments import Payments
 
-__all__ = ["FabstirSDK", "FabstirSDKCore", "SDKSettings", "NETWORKS", "load_settings"]
+__all__ = ["FabstirSDK", "FabstirSDKCore", "SDKSettings", "NETWORKS", "LOCAL_BUDGET", "load_settings"]
 
 logger = logging.getLogger("fabstir_jupyter.sdk")
+
+#: The local network's default budget (its test account holds 10 000 mock USDC): whole tokens.
+LOCAL_BUDGET = 1000
 
 
 class FabstirSDK:
@@ -61,9 +77,17 @@ class FabstirSDK:
         progress: called with a short description of each step while the local network starts
             ("starting the local chain and 1 host", "starting host 1/1 (loading MODEL)"...), from
             the thread that starts it (see :class:`~fabstir_jupyter.local.network.LocalNetwork`).
+        budget: the most this SDK may hold in deposits and spend, in whole tokens of the payment
+            token (else ``FABSTIR_BUDGET``; the local network defaults to :data:`LOCAL_BUDGET`).
+        payment_token: ``"stable"`` (USDC, the default) or ``"native"``.
+        key_file: a file holding the wallet's key (else ``FABSTIR_KEY_FILE``); mode 0600.
+        paid: whether the local network's hosts are paid (default ``True``).
+        payments: finer payment settings (a :class:`~fabstir_jupyter.payments.PaymentConfig`); its
+            token and budget yield to ``payment_token`` and ``budget`` when those are set.
 
     Raises:
-        InvalidOptions: bad settings (``field`` names which).
+        InvalidOptions: bad settings (``field`` names which), or an unusable key file.
+        AuthFailed: ``FABSTIR_PRIVATE_KEY`` holds no valid key.
     """
 
     def __init__(
@@ -77,22 +101,32 @@ class FabstirSDK:
         local_hosts: int | None = None,
         usage: Any = None,
         progress: Callable[[str], None] | None = None,
+        budget: Any = None,
+        payment_token: str | None = None,
+        key_file: str | None = None,
+        paid: bool | None = None,
+        payments: Any = None,
     ) -> None:
         self.settings = load_settings(network, hosts, rpc_url=rpc_url, local_backend=local_backend,
-                                      local_hosts=local_hosts)
+                                      local_hosts=local_hosts, budget=budget, payment_token=payment_token,
+                                      key_file=key_file, local_paid=paid)
         base = config or InferenceConfig()
         self.config = base.replace(network=self.settings.network)
+        self._payment_config = payments
         self._network: LocalNetwork | None = None
         self._lock = threading.RLock()
-        self._account: Any = None
         self._usage = usage
         self._progress = progress
         self._host_manager: HostManager | None = None
         self._inference: InferenceManager | None = None
         self._closed = False
-        key = os.environ.get("FABSTIR_PRIVATE_KEY")
-        if key:
-            self.authenticate(key)
+        # The wallet: authenticate() or a key file given here beat the local network's test account;
+        # FABSTIR_PRIVATE_KEY and FABSTIR_KEY_FILE configure registry networks (on the local network
+        # a key from elsewhere would hold no test money).
+        self._explicit_wallet: Wallet | None = Wallet.from_file(key_file) if key_file else None
+        self._configured_wallet: Wallet | None = None
+        if self._explicit_wallet is None:
+            self._configured_wallet = Wallet.from_environment(key_file=self.settings.key_file)
 
     def __repr__(self) -> str:
         who = f" address={self.address}" if self.address else ""
@@ -101,37 +135,91 @@ class FabstirSDK:
     # ------------------------------------------------------------------ identity
 
     def authenticate(self, private_key: str) -> str:
-        """Use an Ethereum private key for this SDK; return its address. The key is never shown.
+        """Pay (and sign encrypted session inits) with this Ethereum private key; return its address.
+
+        The key is never shown. On the local network it replaces the funded test account: it must
+        hold the local chain's test money to pay.
 
         Raises:
             AuthFailed: the key is not a valid secp256k1 private key (the message does not echo it).
+            InvalidOptions: jobs paid by the previous wallet are still open (end them first).
         """
-        try:
-            from eth_account import Account
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise AuthFailed("authenticate() needs eth-account: pip install 'fabstir-jupyter[chain]'") from exc
-        try:
-            self._account = Account.from_key(private_key)
-        except Exception:
-            raise AuthFailed("the private key is not valid (expected 32 bytes of hex)") from None
-        if self._inference is not None:
-            self._inference.use_signer(self._signer())
-        return self._account.address  # type: ignore[no-any-return]
+        wallet = Wallet.from_hex(private_key, "authenticate()")
+        self._use_wallet(wallet)
+        self._explicit_wallet = wallet
+        return wallet.address
+
+    def _use_wallet(self, wallet: Wallet) -> None:
+        manager = self._inference
+        if manager is None:
+            return
+        if manager.payments is not None:
+            if manager.payments.open_jobs:
+                raise InvalidOptions("jobs opened by the previous wallet are still open: end the sessions (or close "
+                                     "the SDK) before switching wallets", field="private_key")
+            manager.payments.use_wallet(wallet)
+        else:
+            payments = self._make_payments(wallet, manager)
+            if payments is not None:
+                manager.use_payments(payments)
+        manager.use_signer(wallet._key)
+
+    @property
+    def wallet(self) -> Wallet | None:
+        """The wallet that pays: explicit (``authenticate()``, ``key_file=``), else the local network's
+        test account once it runs, else the environment's (``FABSTIR_PRIVATE_KEY``, ``FABSTIR_KEY_FILE``)."""
+        if self._explicit_wallet is not None:
+            return self._explicit_wallet
+        if self.settings.network == "local":
+            if self._network is not None and self._network.paid:
+                return Wallet(self._network.user_key, "the local network's test account")
+            return None
+        return self._configured_wallet
 
     def _signer(self) -> Any:
-        """The authenticated key as the signer of encrypted session inits (``None``: the manager makes its own)."""
-        if self._account is None:
-            return None
-        try:
-            from .crypto import PrivateKey
-        except ImportError:  # pragma: no cover - the crypto extra comes with eth-account's
-            return None
-        return PrivateKey.from_bytes(bytes(self._account.key))
+        """The wallet's key, as the signer of encrypted session inits (``None``: the manager makes its own)."""
+        wallet = self.wallet
+        return None if wallet is None else wallet._key
 
     @property
     def address(self) -> str | None:
-        """The authenticated address, if any."""
-        return None if self._account is None else self._account.address
+        """The wallet's address, if there is a wallet (on the local network: once it runs)."""
+        wallet = self.wallet
+        return None if wallet is None else wallet.address
+
+    @property
+    def payments(self) -> Payments | None:
+        """The inference manager's payments once it exists (``None`` on unpaid networks); starts nothing."""
+        return None if self._inference is None else self._inference.payments
+
+    def _chain_network(self) -> NetworkPreset | None:
+        """The chain network payments use: the local network's chain, or the registry network's."""
+        if self.settings.network == "local":
+            if self._network is None or not self._network.paid:
+                return None
+            from .networks import ADDRESS_KEYS, NetworkPreset
+
+            addresses = {k: v for k, v in self._network.addresses.items() if k in ADDRESS_KEYS}
+            return NetworkPreset(name="local", chain_id=self._network.chain_id, addresses=addresses,
+                                 rpc_url=self._network.rpc_url)
+        return self.settings.chain
+
+    def _make_payments(self, wallet: Wallet | None, manager: InferenceManager) -> Payments | None:
+        """Payments for ``wallet`` on this network, or ``None`` when the network is unpaid or a key or a
+        budget is missing (inference on a registry network then says what to set)."""
+        network = self._chain_network()
+        if network is None or wallet is None:
+            return None
+        local = self.settings.network == "local"
+        budget = self.settings.budget if self.settings.budget is not None else (LOCAL_BUDGET if local else None)
+        if budget is None:
+            return None
+        from .payments import PaymentConfig, Payments
+
+        base = self._payment_config or PaymentConfig()
+        token = self.settings.payment_token if self.settings.sources.get("payment_token") != "default" else base.token
+        config = dataclasses.replace(base, token=token, budget=budget)
+        return Payments(wallet, network, config, usage=manager.usage, local=local)
 
     # ------------------------------------------------------------------ hosts and managers
 
@@ -171,7 +259,8 @@ class FabstirSDK:
                              "or use hosts=[...] for hosts you run yourself",
                     ) from exc
                 self._network = LocalNetwork(self.settings.local_hosts, self.settings.local_backend,
-                                             host_args=self.settings.local_host_args, progress=self._progress)
+                                             host_args=self.settings.local_host_args, paid=self.settings.local_paid,
+                                             progress=self._progress)
             return self._network
 
     def get_host_manager(self) -> HostManager:
@@ -200,7 +289,8 @@ class FabstirSDK:
             return self._host_manager
 
     def get_inference_manager(self) -> InferenceManager:
-        """The inference manager for this network (refusing inference on chain networks).
+        """The inference manager for this network; on a paid network it pays from :attr:`wallet`
+        (``manager.payments``), on a registry network without a key or a budget it refuses inference.
 
         Raises:
             ConnectionFailed: a local host did not start, or the SDK is closed.
@@ -209,8 +299,12 @@ class FabstirSDK:
             if self._closed:
                 raise ConnectionFailed("sdk is closed")
             if self._inference is None:
-                self._inference = InferenceManager(self.get_host_manager(), self.config, usage=self._usage,
-                                                   signer=self._signer())
+                host_manager = self.get_host_manager()
+                manager = InferenceManager(host_manager, self.config, usage=self._usage, signer=self._signer())
+                payments = self._make_payments(self.wallet, manager)
+                if payments is not None:
+                    manager.use_payments(payments)
+                self._inference = manager
             return self._inference
 
     @property

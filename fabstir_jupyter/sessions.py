@@ -10,6 +10,12 @@ socket, a host without ``plaintext-sessions``, a turn that did not end cleanly, 
 after a failover, a trimmed window) the transcript is resent with the prompt: as ``messages`` where
 the host supports them, else flattened into the prompt.
 
+Paid networks (spec/PROTOCOL.md §10): a session pays with jobs of its own. :meth:`SessionManager.create_session`
+opens the first on the chosen host (``deposit=`` and ``budget=`` bound it), every turn runs on that
+job's one socket, and :meth:`SessionManager.end_session` settles every job the session used and
+puts the results in :attr:`Session.settlements` (read back from the chain). A turn whose socket
+drops, or whose job's deposit runs out, goes on on a new job (see :mod:`fabstir_jupyter.payments`).
+
 Context window: when the next turn (history + prompt + ``max_tokens``) would not fit the model's
 context window (``usage.context_window_size`` as the host reports it), the oldest turns are left
 out of what is sent; the client's ``transcript`` keeps them all. Token counts are estimated from
@@ -21,14 +27,17 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
 
 from . import protocol
-from .config import InferenceOptions, validate_prompt
-from .errors import Cancelled, FabstirError, SessionNotFound
-from .hosts import HostInfo
+from .config import HostRequirements, InferenceOptions, validate_prompt
+from .errors import Cancelled, FabstirError, InvalidOptions, SessionNotFound
+from .hosts import HostInfo, resolve_model
 from .streams import InferenceCore, InferenceStream
 from .transport import WebSocketClient
+
+if TYPE_CHECKING:
+    from .payments import JobSettlement
 
 __all__ = ["Session", "SessionManager"]
 
@@ -57,6 +66,24 @@ class Session:
     _chars_per_token: float = field(default=4.0, repr=False)
     _history_chars: int = field(default=0, repr=False)
     _synced: bool = field(default=False, repr=False)  # the host's memory matches the transcript
+    settlements: list[JobSettlement] = field(default_factory=list)  # filled when a paid session ends
+    _jobs: Any = field(default=None, repr=False)  # the paid session's terms (payments.SessionTerms)
+
+    @property
+    def job_id(self) -> int | None:
+        """The paid job the session holds now (``None``: unpaid, or not opened)."""
+        job = self._jobs.job if self._jobs is not None else None
+        return job.job_id if job is not None else None
+
+    @property
+    def job_ids(self) -> list[int]:
+        """Every paid job the session used, in order."""
+        return [job.job_id for job in self._jobs.jobs] if self._jobs is not None else []
+
+    @property
+    def settlement(self) -> JobSettlement | None:
+        """The settlement of the job the session held when it ended (:attr:`settlements` has them all)."""
+        return self.settlements[-1] if self.settlements else None
 
     def __repr__(self) -> str:
         host = self.host.api_url if self.host else None
@@ -138,20 +165,73 @@ class SessionManager:
         return f"<SessionManager sessions={len(self._sessions)}>"
 
     async def create_session(self, model: str | None = None, host: str | HostInfo | None = None,
-                             system_prompt: str | None = None, session_id: str | None = None) -> Session:
-        """Start a conversation; the host is chosen (or connected) on the first turn.
+                             system_prompt: str | None = None, session_id: str | None = None, *,
+                             deposit: Any = None, budget: Any = None, max_tokens: int | None = None,
+                             job_id: int | None = None) -> Session:
+        """Start a conversation. Unpaid, the host is chosen (or connected) on the first turn; on a paid
+        network the host is chosen now and the session's first job opened on it.
+
+        Args:
+            model, host, system_prompt, session_id: the conversation.
+            deposit: each of the session's jobs' deposit, in whole tokens of the payment token
+                (default: sized from ``max_tokens`` × the host's price, at least the contract's minimum).
+            budget: the most the session may hold in deposits and spend, in whole tokens (default:
+                the process budget only).
+            max_tokens: what a turn will ask for at most, to size the deposit (default: the config's).
+            job_id: take this open job of the same wallet instead of opening one.
 
         Raises:
             InvalidPrompt: a bad ``system_prompt``.
-            NoHostsAvailable: ``host`` is a registry address no discovered host has.
+            InvalidOptions: a deposit or budget not above 0 (or given on an unpaid network), a bad job id.
+            BudgetExceeded: the deposit would pass the session's or the process's budget (nothing sent).
+            InsufficientFunds, TransactionFailed, PaymentRequired: the job could not be opened (or
+                taken: another wallet's job, a settled one).
+            NoHostsAvailable: no host, or ``host`` is a registry address no discovered host has.
         """
+        core = self._core
         if system_prompt is not None:
-            validate_prompt(system_prompt, max_chars=self._core.config.max_prompt_chars, field_name="system_prompt")
+            validate_prompt(system_prompt, max_chars=core.config.max_prompt_chars, field_name="system_prompt")
         session = Session(id=session_id or uuid.uuid4().hex, model=model, system_prompt=system_prompt)
         if host is not None:
-            session.host = self._core.host_for(host)
+            session.host = core.host_for(host)
+        payments = core.payments
+        if payments is None:
+            for name, value in (("deposit", deposit), ("budget", budget), ("job_id", job_id)):
+                if value is not None:
+                    raise InvalidOptions(f"{name} is for paid networks; network {core.config.network} is not paid",
+                                         field=name)
+        else:
+            await core._call_on_owner(self._open_paid(session, deposit, budget, max_tokens, job_id))
         self._sessions[session.id] = session
         return session
+
+    async def _open_paid(self, session: Session, deposit: Any, budget: Any, max_tokens: int | None,
+                         job_id: int | None) -> None:
+        """Choose the session's host and open (or take) its first job."""
+        core = self._core
+        payments = core.payments
+        assert payments is not None
+        terms = await payments.register_session(session.id, deposit=deposit, budget=budget)
+        try:
+            if session.host is None:
+                wanted = session.model or core.config.default_model
+                session.host = await core.host_manager.select_best_host(HostRequirements(model=wanted), mode="auto")
+            host = session.host
+            if not payments.pays(host):
+                payments.check_unpaid(host)
+                payments._sessions.pop(session.id, None)
+                return
+            await core.host_manager.describe(host)
+            model = resolve_model(session.model, host, core.config.default_model)
+            if job_id is not None:
+                await payments.adopt_job(job_id, host, model, terms)
+            else:
+                tokens = max_tokens if max_tokens is not None else core.config.default_max_tokens
+                await payments.open_job(host, model, max_tokens=tokens, kind="session", session=terms)
+        except BaseException:
+            payments._sessions.pop(session.id, None)
+            raise
+        session._jobs = terms
 
     def get(self, session_id: str) -> Session:
         """Return a live session.
@@ -227,14 +307,23 @@ class SessionManager:
         already delivered, and it counts in ``cancelled_turns``, not ``turns``. Nothing is recorded
         for the session after this returns.
 
+        A paid session's jobs are settled before it returns (the host's last proof, then the job
+        completed by this wallet) and their settlements, read back from the chain, are in
+        :attr:`Session.settlements` (:attr:`Session.settlement`: the last job's).
+
         Raises:
             SessionNotFound: unknown or already ended.
+            TransactionFailed, ConnectionFailed: a job could not be settled (the session is ended;
+                the job stays Active on chain, its deposit held until it is settled).
         """
         session = self.get(session_id)
         session.ended = True
         ended = Cancelled(f"session {session.id} was ended while this turn was streaming")
         await self._core.stop_turns(session.id, ended)
         self._core.connector.end_session(session.id)
+        payments = self._core.payments
+        if payments is not None:
+            session.settlements = await self._core._call_on_owner(payments.end_session(session.id))
         return session
 
     async def aclose(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence, Union
@@ -70,6 +71,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_model", "FABSTIR_DEFAULT_MODEL"),
     Setting("max_tokens", "FABSTIR_MAX_TOKENS"),
     Setting("usage_db", "FABSTIR_USAGE_DB"),
+    # paid sessions (spec/PROTOCOL.md §10); the key itself is read by the SDK from FABSTIR_PRIVATE_KEY
+    Setting("budget", "FABSTIR_BUDGET"),
+    Setting("payment_token", "FABSTIR_PAYMENT_TOKEN", "stable"),
+    Setting("key_file", "FABSTIR_KEY_FILE"),
+    Setting("local_paid", "FABSTIR_LOCAL_PAID", True),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -184,7 +190,10 @@ class SDKSettings:
     ``network`` is a name: ``"local"``, ``"static"``, a preset's, or a custom network's (``chain``
     then says where its registry is). ``default_model``, ``max_tokens`` and ``usage_db`` are request
     and ledger defaults that the notebook applies; ``None`` means "the package default".
-    ``sources`` maps each setting to where its value came from.
+    ``budget`` (whole tokens of ``payment_token``: ``"stable"``, i.e. USDC, or ``"native"``) and
+    ``key_file`` (a file holding the wallet's key) configure paid sessions; ``local_paid`` makes
+    the local network's hosts paid (the default) or free. ``sources`` maps each setting to where
+    its value came from.
     """
 
     network: str = "local"
@@ -197,6 +206,10 @@ class SDKSettings:
     default_model: str | None = None
     max_tokens: int | None = None
     usage_db: str | None = None
+    budget: Decimal | None = None
+    payment_token: str = "stable"
+    key_file: str | None = None
+    local_paid: bool = True
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
 
@@ -210,6 +223,10 @@ def load_settings(
     default_model: str | None = None,
     max_tokens: int | None = None,
     usage_db: str | None = None,
+    budget: Any = None,
+    payment_token: str | None = None,
+    key_file: str | None = None,
+    local_paid: bool | None = None,
     source: str = "argument",
     environ: Mapping[str, str] | None = None,
     config_file: Path | None = None,
@@ -226,7 +243,8 @@ def load_settings(
     explicit = {
         "network": network, "hosts": None if hosts is None else tuple(hosts), "rpc_url": rpc_url,
         "local_backend": local_backend, "local_hosts": local_hosts, "default_model": default_model,
-        "max_tokens": max_tokens, "usage_db": usage_db,
+        "max_tokens": max_tokens, "usage_db": usage_db, "budget": budget, "payment_token": payment_token,
+        "key_file": key_file, "local_paid": local_paid,
     }
     layers = SettingsSources(explicit, explicit_source=source, environ=environ, config_file=config_file)
     sources: dict[str, str] = {}
@@ -288,8 +306,53 @@ def load_settings(
         default_model=model,
         max_tokens=_max_tokens(pick("max_tokens"), layers.where(sources["max_tokens"])),
         usage_db=validate_usage_db(pick("usage_db"), layers.where(sources["usage_db"])),
+        budget=_budget(pick("budget"), layers.where(sources["budget"])),
+        payment_token=_payment_token(pick("payment_token"), layers.where(sources["payment_token"])),
+        key_file=_key_file(pick("key_file"), layers.where(sources["key_file"])),
+        local_paid=_flag(pick("local_paid"), "local_paid", layers.where(sources["local_paid"])),
         sources=MappingProxyType(sources),
     )
+
+
+def _budget(value: Any, where: str) -> Decimal | None:
+    """``budget`` as a setting: ``None`` or an amount above 0 (whole tokens)."""
+    if value is None:
+        return None
+    try:
+        amount = Decimal(str(value).strip()) if not isinstance(value, bool) else Decimal("nan")
+    except InvalidOperation:
+        amount = Decimal("nan")
+    if not amount.is_finite() or amount <= 0:
+        raise InvalidOptions(f"budget from {where} must be an amount above 0 (whole tokens), not {value!r}",
+                             field="budget")
+    return amount
+
+
+def _payment_token(value: Any, where: str) -> str:
+    token = {"usdc": "stable", "eth": "native"}.get(str(value).strip().lower(), str(value).strip().lower())
+    if token not in ("stable", "native"):
+        raise InvalidOptions(f"payment_token from {where} must be 'stable' (USDC) or 'native', not {value!r}",
+                             field="payment_token")
+    return token
+
+
+def _key_file(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidOptions(f"key_file from {where} must be a file path", field="key_file")
+    return os.path.expanduser(value.strip())
+
+
+def _flag(value: Any, name: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidOptions(f"{name} from {where} must be true or false, not {value!r}", field=name)
 
 
 def _hosts(value: Any, source: str, layers: SettingsSources) -> list[str]:

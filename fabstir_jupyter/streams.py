@@ -82,6 +82,7 @@ from .usage import UsageLedger, UsageRecord, UsageSink
 
 if TYPE_CHECKING:
     from .crypto import PrivateKey
+    from .payments import PaidJob, Payments, StreamEvent
 
 __all__ = [
     "InferenceCore",
@@ -182,6 +183,24 @@ class _ReadTimer:
         return self.until >= self._deadline
 
 
+#: Host refusals that end a paid job, not the request: its deposit ran out, or the host no longer
+#: takes it. The answer continues on a new job (the stream's retry loop, with the text as prefill).
+_JOB_OVER = frozenset({"BUDGET_EXCEEDED", "PAYMENT_REQUIRED"})
+
+
+def _job_over(job: PaidJob, event: protocol.ErrorEvent, host: HostInfo) -> FabstirError:
+    """The error of an attempt whose paid job the host ended: retryable, on a new job."""
+    reason = ("its deposit ran out" if event.code == "BUDGET_EXCEEDED"
+              else "the host no longer takes it")
+    job.end(f"{reason} ({event.code}: {event.message})")
+    error = event.error
+    error.retryable = True
+    error.host = host.api_url
+    error.message = f"job {job.job_id} ended mid-answer, {reason}; continuing on a new job: {error.message}"
+    error.args = (error.message,)
+    return error
+
+
 def _is_progress(event: protocol.HostEvent) -> bool:
     """Whether a frame advances the answer (text, its end, an error); pings, unknown frames and
     empty chunks do not, so they never restart first_token_timeout or idle_timeout."""
@@ -231,6 +250,10 @@ class InferenceResult:
     error: FabstirError | None = None
     records: tuple[UsageRecord, ...] = ()  # one per attempt, oldest first (retries, failover)
     encrypted: bool | None = None
+    job_ids: tuple[int, ...] = ()  # the paid jobs the request was billed to, in order
+    events: tuple[StreamEvent, ...] = ()  # jobs opened, ended and continued on (paid networks)
+    cost: float | None = None  # at the jobs' own prices, where paid (see InferenceStream.running_cost)
+    cost_unit: str | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -315,6 +338,9 @@ class InferenceStream:
     is sent: ``True`` while every attempt sent it end-to-end encrypted (spec §6), ``False`` once
     one sent it in clear (a host without a key, or ``encryption=False``), ``None`` before anything
     was sent (or for a cached answer). Leaving the ``async with`` block early cancels the request on the host.
+    On a paid network, :attr:`job` is the job the current attempt is billed to, :attr:`running_cost`
+    what the answer costs so far at its jobs' prices, and :attr:`events` says which jobs were opened
+    and when an answer went on on a new job (its socket dropped, or its deposit ran out).
     Create it with :meth:`InferenceCore.stream`; it can be iterated from the core's own event loop or
     from another thread's loop (pieces are then handed across).
 
@@ -370,6 +396,40 @@ class InferenceStream:
         self._received_total = 0  # tokens delivered over all attempts (the client's max_tokens budget)
         self._reader: protocol.ResponseReader | None = None
         self._started_at = 0.0
+        # Paid networks: the job of the current attempt, and the tokens each finished attempt billed.
+        self._attempt_job: PaidJob | None = None
+        self._billed: list[tuple[PaidJob, int]] = []
+        self.events: list[StreamEvent] = []
+
+    @property
+    def job(self) -> PaidJob | None:
+        """The paid job the current (or last) attempt is billed to; ``None`` when unpaid."""
+        if self._attempt_job is not None:
+            return self._attempt_job
+        return self._billed[-1][0] if self._billed else None
+
+    @property
+    def job_ids(self) -> tuple[int, ...]:
+        """Every job this stream was billed to, in order, without repeats."""
+        jobs = [job.job_id for job, _ in self._billed]
+        if self._attempt_job is not None:
+            jobs.append(self._attempt_job.job_id)
+        return tuple(dict.fromkeys(jobs))
+
+    @property
+    def running_cost(self) -> tuple[float, str] | None:
+        """``(cost, unit)`` of the tokens received so far at their jobs' prices; ``None`` when unpaid.
+
+        It counts the tokens the host generated, as hosts bill; a job's minimum billing (its first
+        proof claims at least its proof interval) shows in the job's settlement, not here.
+        """
+        billed = list(self._billed)
+        if self._attempt_job is not None and self._reader is not None:
+            billed.append((self._attempt_job, self._reader.host_tokens))
+        if not billed:
+            return None
+        unit = billed[-1][0].unit
+        return sum(t * job.price_per_token / 1000 / 10**job.decimals for job, t in billed), unit
 
     def __repr__(self) -> str:
         state = "done" if self._finished else ("running" if self._producer else "new")
@@ -525,6 +585,10 @@ class InferenceStream:
             error=self.error,
             records=tuple(self.records),
             encrypted=self.encrypted,
+            job_ids=self.job_ids,
+            events=tuple(self.events),
+            cost=cost[0] if (cost := self.running_cost) else None,
+            cost_unit=cost[1] if cost else None,
         )
 
     # ------------------------------------------------------------------ producer side
@@ -596,6 +660,7 @@ class InferenceStream:
             attempt_started = time.time()
             self._reader = None
             self._attempt_encrypted = None
+            self._attempt_job = None
             try:
                 host = await self._choose_host(tried, refused)
                 failed = False
@@ -629,7 +694,8 @@ class InferenceStream:
                              reachable=None if broke else not failed_to_connect,
                              received_tokens=reader.received_tokens if reader else 0,
                              completion_tokens=reader.host_tokens if reader else None,
-                             encrypted=self._attempt_encrypted)
+                             encrypted=self._attempt_encrypted, job=self._attempt_job)
+                self._attempt_job = None
                 if host is not None:
                     tried.append(host)
                     if reader is not None and reader.received_tokens and self._broke is None:
@@ -786,7 +852,10 @@ class InferenceStream:
             await asyncio.sleep(wait)
 
         connection = await core.connector.connect(host, session_id=None if session is None else session.id,
-                                                  request_id=self.request_id, encryption=self.options.encryption)
+                                                  request_id=self.request_id, encryption=self.options.encryption,
+                                                  model=model, max_tokens=max_tokens)
+        self._note_job(connection, prefill)
+        job = connection.job
         channel = connection.channel
         self._attempt_encrypted = channel.encrypted
         self.encrypted = channel.encrypted and self.encrypted is not False
@@ -807,7 +876,7 @@ class InferenceStream:
         try:
             await channel.send_request(request, session_id=None if session is None else session.id,
                                        request_id=self.request_id)
-            await self._read_answer(channel, reader, host, timer)
+            await self._read_answer(channel, reader, host, timer, job)
             if reader.cancel_needed:
                 clean = await self._cancel_on_host(channel, reader)
             else:
@@ -823,6 +892,10 @@ class InferenceStream:
             raise
         finally:
             self._received_total += reader.received_tokens
+            if job is not None:
+                generated = reader.usage.completion_tokens if reader.usage is not None else reader.host_tokens
+                job.cadence.answer(generated)  # what the host counts against the job, as it proves it
+                job.received_tokens += reader.received_tokens
             connection.release(clean=clean)
         self.finish_reason = reader.finish_reason
         self._finish_attempt(host, reader, attempt_started, timer)
@@ -832,7 +905,7 @@ class InferenceStream:
             session.complete_turn(self.prompt, self.text, synced=clean, usage=reader.usage)
 
     async def _read_answer(self, channel: Channel, reader: protocol.ResponseReader, host: HostInfo,
-                           timer: _ReadTimer) -> None:
+                           timer: _ReadTimer, job: PaidJob | None = None) -> None:
         """Read frames into ``reader`` until it is done, handing its text to the consumer a batch at a time.
 
         A batch is a frame and the frames already waiting behind it in the socket's buffer: their
@@ -841,6 +914,8 @@ class InferenceStream:
         text chunks take the reader's fast path; other frames are opened by the channel (parsed,
         decrypted), late frames of a request already over on the socket are dropped, and the rest
         go to :meth:`~fabstir_jupyter.protocol.ResponseReader.receive`. ``timer`` bounds the waits.
+        A host refusal that ends the attempt's paid ``job`` (its deposit ran out) ends the read with
+        a retryable error, so the answer continues on a new job.
 
         Raises:
             FirstTokenTimeout, IdleTimeout, DeadlineExceeded: ``timer`` expired.
@@ -868,6 +943,9 @@ class InferenceStream:
                 else:
                     event = channel.open_frame(data)
                     if event is not None and not channel.is_late(event):
+                        if job is not None and isinstance(event, protocol.ErrorEvent) and event.code in _JOB_OVER:
+                            reader.done = True
+                            raise _job_over(job, event, host)
                         pieces += reader.receive(event)
                         # Pings, unknown frames and empty chunks are no progress: a host that
                         # floods them cannot keep a request waiting forever.
@@ -898,6 +976,21 @@ class InferenceStream:
             if pieces:
                 await self._deliver("".join(pieces))
             raise self._timeout_error(host, timer)
+
+    def _note_job(self, connection: Any, prefill: str | None) -> None:
+        """Take the connection's paid job (if any) for this attempt, and report what happened to jobs."""
+        self.events.extend(connection.notes)
+        job = connection.job
+        self._attempt_job = job
+        previous = self._billed[-1][0] if self._billed else None
+        if job is not None and prefill and previous is not None and previous is not job:
+            from .payments import StreamEvent
+
+            self.events.append(StreamEvent(
+                "job_continued",
+                f"the answer continues on job {job.job_id} ({job.host.api_url}) after {self._received_total} tokens "
+                f"on job {previous.job_id}, which ended: {previous.ended or 'its connection closed'}",
+                job.job_id, job.host.api_url))
 
     def _timeout_error(self, host: HostInfo, timer: _ReadTimer) -> InferenceTimeout:
         config = self._core.config
@@ -937,7 +1030,11 @@ class InferenceStream:
             ttft=None if timer.first_at is None else timer.first_at - timer.sent_at,
             finish_reason="cancelled" if cancelled else reader.finish_reason,
             encrypted=self._attempt_encrypted,
+            job=self._attempt_job,
         )
+        if self._attempt_job is not None:
+            self._billed.append((self._attempt_job, record.completion_tokens or 0))
+            self._attempt_job = None
         self.usage = self._combined(self.records[:-1], record)
 
     def totals(self) -> UsageRecord | None:
@@ -987,11 +1084,17 @@ class InferenceStream:
         ttft: float | None = None,
         finish_reason: str | None = None,
         encrypted: bool | None = None,
+        job: PaidJob | None = None,
     ) -> UsageRecord:
         if error is not None and host is not None:
             host.record_request(False, reachable=reachable, error=error)
         cost, unit = None, None
-        if host is not None and self.model is not None and completion_tokens:
+        if job is not None:  # what the job's own price makes of the tokens the host generated
+            cost = (completion_tokens or 0) * job.price_per_token / 1000 / 10**job.decimals
+            unit = job.unit
+            if error is not None and completion_tokens:
+                self._billed.append((job, completion_tokens))
+        elif host is not None and self.model is not None and completion_tokens:
             cost, unit = host.cost(self.model, completion_tokens)
         record = UsageRecord(
             time=attempt_started,
@@ -1014,6 +1117,8 @@ class InferenceStream:
             attempt=self.attempts,
             kind=self.kind,
             encrypted=encrypted,
+            job_id=job.job_id if job is not None else None,
+            tx_hash=(job.open_tx or None) if job is not None else None,
         )
         self.records.append(record)
         self._core.usage.record(record)
@@ -1034,6 +1139,9 @@ class InferenceCore:
             over :attr:`pool`); a payment provider's connector binds them to jobs.
         signer: the client's key that signs encrypted session inits (the SDK passes the
             authenticated user's key); ``None``: a fresh key, kept for the core's life.
+        payments: pay for requests (spec/PROTOCOL.md §10): with it the default connector is a
+            :class:`~fabstir_jupyter.payments.PaidConnector`, and a registry network serves inference;
+            closing the core settles its open jobs.
 
     The core belongs to one event loop: the first that uses it, or a private loop thread when it is
     first used through a blocking call. Streams can be consumed from other loops.
@@ -1048,12 +1156,18 @@ class InferenceCore:
         rng: random.Random | None = None,
         connector: Connector | None = None,
         signer: PrivateKey | None = None,
+        payments: Payments | None = None,
     ) -> None:
         self.config = config or InferenceConfig()
         if host_manager is None or isinstance(host_manager, list):
             host_manager = HostManager(host_manager or [], config=self.config)
         self.host_manager = host_manager
         self.pool = ConnectionPool(self.config, headers_for=self.config.auth_headers)
+        self.payments = payments
+        if connector is None and payments is not None:
+            from .payments import PaidConnector
+
+            connector = PaidConnector(self.pool, self.config, payments, keys=host_manager.keys, signer=signer)
         self.connector: Connector = connector if connector is not None else PoolConnector(
             self.pool, self.config, keys=host_manager.keys, signer=signer)
         self.policy: HostPolicy = BestHostPolicy(self.host_manager, self.config)
@@ -1072,6 +1186,21 @@ class InferenceCore:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} hosts={len(self.host_manager.hosts)} pool={self.pool.stats()}>"
+
+    def use_payments(self, payments: Payments) -> None:
+        """Pay for later requests with ``payments`` (e.g. once a wallet and a budget are known): the
+        default connector becomes a :class:`~fabstir_jupyter.payments.PaidConnector` on the same pool.
+
+        Raises:
+            InvalidOptions: the core was given a connector of its own, or already pays.
+        """
+        from .payments import PaidConnector
+
+        if self.payments is not None or type(self.connector) is not PoolConnector:
+            raise InvalidOptions("this manager already pays, or has a connector of its own", field="payments")
+        old = self.connector
+        self.payments = payments
+        self.connector = PaidConnector(self.pool, self.config, payments, keys=old.keys, signer=old.signer)
 
     def use_signer(self, signer: PrivateKey | None) -> None:
         """Sign later encrypted session inits with ``signer`` (e.g. after ``FabstirSDK.authenticate``).
@@ -1157,13 +1286,15 @@ class InferenceCore:
 
     def _check_network(self) -> None:
         # Hosts found on a real registry expect paid sessions (spec/PROTOCOL.md §10): unpaid requests
-        # would be freeloading on someone's GPU, so only our own local network and hosts the user
-        # listed explicitly get inference.
-        if self.config.network not in ("local", "static"):
+        # would be freeloading on someone's GPU, so a registry network serves inference only with
+        # payments (a wallet and a budget); the local network and static host lists need none.
+        if self.config.network not in ("local", "static") and self.payments is None:
             raise PaymentRequired(
-                f"inference on {self.config.network} needs paid sessions, which this version cannot open; "
-                "discovery and probing work",
-                hint="use network='local' or a static host list",
+                f"inference on {self.config.network} is paid from your own wallet, within a budget: set "
+                "FABSTIR_PRIVATE_KEY (or FABSTIR_KEY_FILE, a 0600 file holding the key) and a budget "
+                "(FABSTIR_BUDGET, or budget=... in FabstirSDK) in whole USDC",
+                hint="FabstirSDK(network=..., budget=5) with FABSTIR_PRIVATE_KEY set; discovery and probing work "
+                     "without them",
             )
 
     def stream(self, prompt: str, options: InferenceOptions | Mapping[str, Any] | None = None, *,
@@ -1181,7 +1312,7 @@ class InferenceCore:
 
         Raises:
             InvalidPrompt, InvalidOptions: bad input (``field`` says which).
-            PaymentRequired: on a chain network (paid sessions are needed there).
+            PaymentRequired: on a registry network without payments (no wallet or no budget).
             NoHostsAvailable: ``host`` is a registry address no discovered host has.
             ConnectionFailed: the core is closed.
         """
@@ -1234,6 +1365,8 @@ class InferenceCore:
         await asyncio.get_running_loop().run_in_executor(None, self._stop_loop_thread)
 
     async def _release_resources(self) -> None:
+        if self.payments is not None:
+            await self.payments.aclose()  # settles open jobs: their sockets close first
         await self.pool.close()
         await self.host_manager.aclose()
 

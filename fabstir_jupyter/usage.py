@@ -25,6 +25,13 @@ stream); the ledger keeps one record per attempt. A request *failed* only if its
 failed; the failed attempts before another attempt of the same request are *retried* attempts
 (:func:`summarize`).
 
+Paid sessions (spec/PROTOCOL.md §10) add a second table: one :class:`JobRecord` per job on chain
+(its deposit and price when opened, what the chain billed once settled), written with
+:meth:`UsageLedger.record_job`. A paid attempt's record names its ``job_id`` and the ``tx_hash``
+that opened the job, and its ``cost`` is at the job's own price. :meth:`UsageLedger.reconcile`
+puts the two side by side: per job, the tokens and cost the ledger counted against what the chain
+billed, and the reason for any difference (minimum billing, unproven tokens).
+
 File databases use WAL mode with ``synchronous=NORMAL``; the schema version is kept in
 ``PRAGMA user_version`` and older files are migrated when opened. pandas is imported only by the
 DataFrame views.
@@ -50,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar, Un
 
 import platformdirs
 
+from .billing import cadence_of, explain_difference
 from .errors import InvalidOptions, LedgerClosed, LedgerUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,6 +65,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "UsageRecord",
+    "JobRecord",
+    "JOB_COLUMNS",
+    "RECONCILE_COLUMNS",
+    "reconcile",
     "UsageSink",
     "ListSink",
     "UsageLedger",
@@ -73,8 +85,8 @@ logger = logging.getLogger("fabstir_jupyter.usage")
 
 #: Version of the ``requests`` table, stored in ``PRAGMA user_version``. 1: the first table;
 #: 2: adds ``client_id`` (rows from version 1 files have none); 3: adds ``encrypted`` (rows from
-#: older files have none).
-SCHEMA_VERSION = 3
+#: older files have none); 4: adds ``job_id`` and ``tx_hash`` to requests, and the ``jobs`` table.
+SCHEMA_VERSION = 4
 
 MEMORY = ":memory:"
 _MAX_BATCH = 10_000  # items drained from the queue into one transaction at most
@@ -119,6 +131,8 @@ class UsageRecord:
         encrypted: whether the attempt sent its request end-to-end encrypted (spec §6); None when
             it sent nothing (a cache hit, a failure before connecting) or in rows written before
             ledgers kept it. A whole stream's record is True only if every attempt was.
+        job_id: the paid job (spec §10) the attempt was billed to; None when unpaid.
+        tx_hash: the transaction that opened (and paid the deposit of) that job.
     """
 
     time: float
@@ -142,6 +156,8 @@ class UsageRecord:
     kind: str = "stream"
     client_id: str | None = None
     encrypted: bool | None = None
+    job_id: int | None = None
+    tx_hash: str | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -212,13 +228,22 @@ class ListSink:
 
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
+        self.jobs: list[JobRecord] = []
 
     def record(self, rec: UsageRecord) -> None:
         """Append ``rec`` (``list.append`` is atomic, so any thread may call this)."""
         self.records.append(rec)
 
+    def record_job(self, job: JobRecord) -> None:
+        """Keep ``job``, replacing an earlier record of the same job."""
+        self.jobs = [j for j in self.jobs if j.job_id != job.job_id] + [job]
+
+    def reconcile(self) -> Any:
+        """:func:`reconcile` over what was recorded."""
+        return reconcile(self.records, self.jobs)
+
     def __repr__(self) -> str:
-        return f"ListSink(records={len(self.records)})"
+        return f"ListSink(records={len(self.records)}, jobs={len(self.jobs)})"
 
 
 # --------------------------------------------------------------------------- rows
@@ -293,6 +318,8 @@ _COLUMNS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "kind": ("TEXT NOT NULL", _req_str),
     "client_id": ("TEXT", _opt_str),
     "encrypted": ("INTEGER", _opt_bool),
+    "job_id": ("INTEGER", _opt_int),
+    "tx_hash": ("TEXT", _opt_str),
 }
 assert tuple(_COLUMNS) == _FIELDS, "usage columns and UsageRecord fields disagree"
 
@@ -303,7 +330,8 @@ _CREATE_TABLE = (
 )
 _CREATE_INDEX = "CREATE INDEX IF NOT EXISTS requests_time ON requests (time)"
 _CREATE_CLIENT_INDEX = "CREATE INDEX IF NOT EXISTS requests_client ON requests (client_id, time)"
-#: Statements that bring a table of version N (the key) to version N + 1.
+_CREATE_JOB_INDEX = "CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id)"
+#: Statements that bring a table of version N (the key) to version N + 1 (filled in below).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE requests ADD COLUMN client_id TEXT", _CREATE_CLIENT_INDEX),
     2: ("ALTER TABLE requests ADD COLUMN encrypted INTEGER",),
@@ -330,6 +358,170 @@ def _epoch(since: float | datetime | None) -> float | None:
     if isinstance(since, datetime):
         return since.timestamp()
     return float(since)
+
+
+# --------------------------------------------------------------------------- paid jobs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRecord:
+    """One paid job (spec/PROTOCOL.md §10) as the client opened it, and as the chain settled it.
+
+    Amounts are integers in the payment token's base units (``decimals`` places: wei, or USDC's 6);
+    ``unit`` names the token. Fields from ``status`` on are filled at settlement.
+
+    Attributes:
+        job_id, chain_id, marketplace: which job, on which chain and JobMarketplace.
+        host, host_address: the host's URL and registry address.
+        model, model_id: the model's id on the host and its registry id (bytes32, 0x hex).
+        token, unit, decimals: the payment token (the zero address for the native token).
+        deposit, price_per_token, proof_interval: the job's terms.
+        open_tx: the transaction that opened the job (and paid the deposit).
+        opened_at: epoch seconds.
+        kind: ``"session"`` (a session's job) or ``"tab"`` (stateless requests to one host).
+        session_id: the session, for a session's job.
+        status: ``"open"``, ``"completed"``, ``"timed_out"``, or ``"unsettled"`` (settlement failed:
+            the job stays Active on chain; its depositor may complete it later).
+        settle_tx, settled_at, settled_by: the settling transaction, when, and who sent it.
+        tokens_billed: ``tokensUsed`` as settled (minimum billing included).
+        chain_cost: what the chain charged (host earnings + treasury fee).
+        host_earnings, treasury_fee, refund: where the deposit went (they add up to it).
+        client_id: the process that opened it.
+    """
+
+    job_id: int
+    chain_id: int
+    marketplace: str
+    host: str | None
+    host_address: str
+    model: str | None
+    model_id: str
+    token: str
+    unit: str
+    decimals: int
+    deposit: int
+    price_per_token: int
+    proof_interval: int
+    open_tx: str
+    opened_at: float
+    kind: str = "tab"
+    session_id: str | None = None
+    status: str = "open"
+    settle_tx: str | None = None
+    settled_at: float | None = None
+    settled_by: str | None = None
+    tokens_billed: int | None = None
+    chain_cost: int | None = None
+    host_earnings: int | None = None
+    treasury_fee: int | None = None
+    refund: int | None = None
+    client_id: str | None = None
+
+    def amount(self, units: int | None) -> float | None:
+        """``units`` of the payment token as whole tokens (``None`` stays ``None``)."""
+        return None if units is None else units / 10**self.decimals
+
+
+_BIG = frozenset({"deposit", "price_per_token", "chain_cost", "host_earnings", "treasury_fee", "refund"})
+#: The ``jobs`` table's columns: every :class:`JobRecord` field (amounts as decimal text: wei pass 2**63).
+JOB_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRecord))
+
+
+def _job_decl(name: str) -> str:
+    if name in _BIG or name in ("marketplace", "host", "host_address", "model", "model_id", "token", "unit",
+                                "open_tx", "kind", "session_id", "status", "settle_tx", "settled_by",
+                                "client_id"):
+        return "TEXT"
+    return "REAL" if name in ("opened_at", "settled_at") else "INTEGER"
+
+
+_CREATE_JOBS = (
+    "CREATE TABLE IF NOT EXISTS jobs ("
+    + ", ".join(f"{name} {_job_decl(name)}" for name in JOB_COLUMNS)
+    + ", PRIMARY KEY (chain_id, marketplace, job_id))"
+)
+_MIGRATIONS[3] = ("ALTER TABLE requests ADD COLUMN job_id INTEGER", "ALTER TABLE requests ADD COLUMN tx_hash TEXT",
+                  _CREATE_JOB_INDEX, _CREATE_JOBS)
+_UPSERT_JOB = f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})"
+_SELECT_JOBS = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"
+
+
+def _job_row(job: JobRecord) -> tuple[Any, ...]:
+    if not isinstance(job, JobRecord):
+        raise TypeError(f"usage ledger: expected a JobRecord, got {type(job).__name__}")
+    return _JobRow(str(getattr(job, n)) if n in _BIG and getattr(job, n) is not None else getattr(job, n)
+                   for n in JOB_COLUMNS)
+
+
+class _JobRow(tuple):  # type: ignore[type-arg]
+    """A ``jobs`` row on the writer's queue (plain tuples are ``requests`` rows)."""
+
+    __slots__ = ()
+
+
+def _job_from_row(row: Iterable[Any]) -> JobRecord:
+    values = dict(zip(JOB_COLUMNS, row))
+    for name in _BIG:
+        if values[name] is not None:
+            values[name] = int(values[name])
+    return JobRecord(**values)
+
+
+#: The columns of :func:`reconcile`'s frame, in order.
+RECONCILE_COLUMNS = (
+    "job_id", "kind", "session_id", "host", "model", "unit", "status", "deposit", "requests", "received_tokens",
+    "ledger_tokens", "ledger_cost", "expected_tokens", "billed_tokens", "chain_cost", "host_earnings",
+    "treasury_fee", "refund", "token_difference", "cost_difference", "agrees", "reason", "open_tx", "settle_tx",
+)
+
+
+def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.DataFrame:
+    """Compare, job by job, what the ledger counted with what the chain billed.
+
+    Per job: the attempts billed to it (``requests``), the tokens they received and the tokens the
+    hosts reported generating (``ledger_tokens``: what a host bills), their cost at the job's price
+    (``ledger_cost``), the tokens the proof cadence implies for them (``expected_tokens``), and the
+    chain's settlement (``billed_tokens``, ``chain_cost``, ``host_earnings``, ``treasury_fee``,
+    ``refund``; empty while open). ``token_difference`` is billed minus ledger tokens,
+    ``cost_difference`` chain minus ledger cost; ``agrees`` says whether the chain billed what the
+    cadence implies; ``reason`` explains a difference (``billing.explain_difference``). Amounts are
+    whole tokens of the job's ``unit``.
+    """
+    import pandas as pd
+
+    by_job: dict[int, list[UsageRecord]] = {}
+    for rec in sorted(records, key=lambda r: r.time):
+        if rec.job_id is not None and not rec.cached:
+            by_job.setdefault(rec.job_id, []).append(rec)
+    rows = []
+    for job in sorted(jobs, key=lambda j: j.opened_at):
+        attempts = by_job.get(job.job_id, [])
+        answers = [rec.completion_tokens or 0 for rec in attempts]
+        cadence = cadence_of(answers, job.proof_interval)
+        ledger_tokens = sum(answers)
+        ledger_cost = sum(answers) * job.price_per_token / 1000 / 10**job.decimals
+        settled = job.tokens_billed is not None
+        chain_cost = job.amount(job.chain_cost)
+        rows.append({
+            "job_id": job.job_id, "kind": job.kind, "session_id": job.session_id, "host": job.host,
+            "model": job.model, "unit": job.unit, "status": job.status, "deposit": job.amount(job.deposit),
+            "requests": len(attempts), "received_tokens": sum(r.received_tokens for r in attempts),
+            "ledger_tokens": ledger_tokens, "ledger_cost": ledger_cost, "expected_tokens": cadence.settled(),
+            "billed_tokens": job.tokens_billed, "chain_cost": chain_cost,
+            "host_earnings": job.amount(job.host_earnings), "treasury_fee": job.amount(job.treasury_fee),
+            "refund": job.amount(job.refund),
+            "token_difference": job.tokens_billed - ledger_tokens if settled else None,
+            "cost_difference": chain_cost - ledger_cost if chain_cost is not None else None,
+            "agrees": (job.tokens_billed == cadence.settled()) if settled else None,
+            "reason": explain_difference(job.tokens_billed, ledger_tokens, cadence),
+            "open_tx": job.open_tx, "settle_tx": job.settle_tx,
+        })
+    dtypes = {"job_id": "int64", "requests": "int64", "received_tokens": "int64", "ledger_tokens": "int64",
+              "expected_tokens": "int64", "billed_tokens": "Int64", "token_difference": "Int64", "agrees": "boolean",
+              "deposit": "float64", "ledger_cost": "float64", "chain_cost": "float64", "host_earnings": "float64",
+              "treasury_fee": "float64", "refund": "float64", "cost_difference": "float64"}
+    return pd.DataFrame({name: pd.Series([row[name] for row in rows], dtype=dtypes.get(name, "string"))
+                         for name in RECONCILE_COLUMNS})
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -465,6 +657,56 @@ class UsageLedger:
                 raise LedgerClosed(f"usage ledger {self._path}: closed")
             self._pending += 1
             self._queue.put(row)
+
+    def record_job(self, job: JobRecord) -> None:
+        """Queue ``job`` (a new job, or the same job settled: the later record replaces the earlier).
+
+        Like :meth:`record`: a queue put, never disk I/O; stamped with this process's id.
+
+        Raises:
+            LedgerClosed: :meth:`close` was called.
+            TypeError: ``job`` is not a :class:`JobRecord`.
+        """
+        if job.client_id is None:
+            job = dataclasses.replace(job, client_id=current_client_id())
+        row = _job_row(job)
+        with self._lock:
+            if self._closed:
+                raise LedgerClosed(f"usage ledger {self._path}: closed")
+            self._pending += 1
+            self._queue.put(row)
+
+    def jobs(self, *, client_id: str | None = None) -> list[JobRecord]:
+        """Return the paid jobs recorded, oldest first (every process's, or ``client_id``'s).
+
+        Raises:
+            LedgerClosed, LedgerUnavailable, TimeoutError: as :meth:`records`.
+        """
+        def read(conn: sqlite3.Connection) -> list[JobRecord]:
+            sql, params = _SELECT_JOBS, []
+            if client_id is not None:
+                sql += " WHERE client_id = ?"
+                params.append(client_id)
+            return [_job_from_row(row) for row in conn.execute(sql + " ORDER BY opened_at", params).fetchall()]
+
+        return self._call(read, self._timeout)
+
+    def jobs_frame(self, *, client_id: str | None = None) -> pd.DataFrame:
+        """The paid jobs as a DataFrame, one row per job (amounts in base units, as on chain)."""
+        import pandas as pd
+
+        jobs = self.jobs(client_id=client_id)
+        return pd.DataFrame([dataclasses.asdict(job) for job in jobs], columns=list(JOB_COLUMNS))
+
+    def reconcile(self, *, client_id: str | None = None) -> pd.DataFrame:
+        """Per paid job, the ledger's tokens and cost beside what the chain billed (:func:`reconcile`).
+
+        Args:
+            client_id: only this process's jobs (``current_client_id()``); ``None``: every process's.
+        """
+        jobs = self.jobs(client_id=client_id)
+        records = self.records(client_id=client_id)
+        return reconcile(records, jobs)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every record queued before this call is committed (or dropped and logged).
@@ -632,6 +874,8 @@ class UsageLedger:
                 conn.execute(_CREATE_TABLE)
                 conn.execute(_CREATE_INDEX)
                 conn.execute(_CREATE_CLIENT_INDEX)
+                conn.execute(_CREATE_JOB_INDEX)
+                conn.execute(_CREATE_JOBS)
             else:
                 for step in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[step]:
@@ -700,7 +944,8 @@ class UsageLedger:
         started = _time.monotonic()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT, rows)
+            conn.executemany(_INSERT, [row for row in rows if not isinstance(row, _JobRow)])
+            conn.executemany(_UPSERT_JOB, [row for row in rows if isinstance(row, _JobRow)])
             conn.execute("COMMIT")
             self._commits += 1
         except Exception as exc:

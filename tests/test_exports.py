@@ -68,6 +68,8 @@ def test_type_checking_block_matches_the_lazy_table():
     ("fabstir_jupyter.config", {"websockets", "httpx"}),
     ("fabstir_jupyter.crypto", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
     ("fabstir_jupyter.encryption", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
+    ("fabstir_jupyter.billing", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
+    ("fabstir_jupyter.wallet", {"asyncio", "websockets", "httpx", "socket", "IPython", "web3"}),
 ])
 def test_lower_layers_stay_free_of_io(module, forbidden):
     """The sans-I/O layers import no networking (checked on their source)."""
@@ -97,16 +99,17 @@ def test_encryption_loads_no_io_at_run_time():
 LAYERS: list[set[str]] = [
     {"errors", "_compat", "_lazy", "runner"},
     {"urls"},
-    {"config", "limits", "cache"},
+    {"config", "limits", "cache", "billing"},  # billing: the proof cadence, deposits and budgets, no I/O
     {"networks"},
     {"settings"},
     {"protocol", "crypto"},
     {"encryption"},
-    {"marketplace"},  # the chain client for paid sessions: blocking I/O, shared by the host and the client
+    {"marketplace", "wallet"},  # the chain client for paid sessions (shared by the host and the client); the key that pays
     {"transport"},
     {"usage"},
     {"hosts"},
     {"connections"},
+    {"payments"},  # the client's paid sessions: jobs, their sockets, settlement
     {"streams"},
     {"sessions"},
     {"batch"},

@@ -26,6 +26,10 @@ def test_every_setting_records_the_layer_it_came_from(tmp_path):
         "default_model": "$FABSTIR_DEFAULT_MODEL",
         "max_tokens": "config file",
         "usage_db": "%config",
+        "budget": "default",
+        "payment_token": "default",
+        "key_file": "default",
+        "local_paid": "default",
     }
     assert (settings.network, settings.hosts, settings.max_tokens, settings.default_model, settings.usage_db) == (
         "static", ("http://env:1",), 7, "env-model", ":memory:")
@@ -37,6 +41,11 @@ def test_every_setting_records_the_layer_it_came_from(tmp_path):
     ("max_tokens", "FABSTIR_MAX_TOKENS", "lots", "max_tokens from $FABSTIR_MAX_TOKENS must be an integer >= 1"),
     ("local_backend", "FABSTIR_LOCAL_BACKEND", "gpt", "unknown local backend 'gpt'"),
     ("network", "FABSTIR_NETWORK", "mainnet", "unknown network 'mainnet'"),
+    ("budget", "FABSTIR_BUDGET", "0", "budget from $FABSTIR_BUDGET must be an amount above 0"),
+    ("budget", "FABSTIR_BUDGET", "-5", "budget from $FABSTIR_BUDGET must be an amount above 0"),
+    ("budget", "FABSTIR_BUDGET", "lots", "budget from $FABSTIR_BUDGET must be an amount above 0"),
+    ("payment_token", "FABSTIR_PAYMENT_TOKEN", "doge", "payment_token from $FABSTIR_PAYMENT_TOKEN must be"),
+    ("local_paid", "FABSTIR_LOCAL_PAID", "maybe", "local_paid from $FABSTIR_LOCAL_PAID must be true or false"),
 ])
 def test_a_bad_environment_value_is_refused_naming_it(tmp_path, name, env, value, says):
     """A bad FABSTIR_* value is InvalidOptions with the setting as its field and the variable named."""

@@ -18,6 +18,7 @@ from fabstir_jupyter import usage
 from fabstir_jupyter.errors import FabstirError
 from fabstir_jupyter.usage import (
     SCHEMA_VERSION,
+    JobRecord,
     LedgerClosed,
     LedgerUnavailable,
     ListSink,
@@ -590,7 +591,7 @@ def test_ledger_migrates_a_version_1_file(tmp_path):
         ("old", 5, None), ("new", 21, current_client_id())]
     assert [r.request_id for r in mine] == ["new"]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(requests)")}
         assert {"requests_time", "requests_client"} <= indexes
     with UsageLedger(path) as again:  # opening a migrated file changes nothing
@@ -616,7 +617,72 @@ def test_ledger_migrates_a_version_2_file_and_keeps_whether_requests_were_encryp
     assert str(frame["encrypted"].dtype) == "boolean"
     assert frame["encrypted"].isna().tolist() == [True, False, False]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _job(job_id: int = 7, **fields: object) -> JobRecord:
+    values: dict[str, object] = {
+        "job_id": job_id, "chain_id": 31337, "marketplace": "0xm", "host": "http://h1:1", "host_address": "0xabc",
+        "model": "llama-2-7b", "model_id": "0x" + "11" * 32, "token": "0xusdc", "unit": "USDC", "decimals": 6,
+        "deposit": 500_000, "price_per_token": 2_000, "proof_interval": 100, "open_tx": "0xopen",
+        "opened_at": 1_700_000_000.0,
+    }
+    values.update(fields)
+    return JobRecord(**values)  # type: ignore[arg-type]
+
+
+def test_ledger_migrates_a_version_3_file_and_gains_the_jobs_table(tmp_path):
+    """A schema 3 file (no job_id, tx_hash, jobs table) is migrated when opened: old rows read job_id=None,
+    new rows keep their job and opening transaction, and jobs (amounts past 2**63 included) are kept."""
+    path = tmp_path / "v3.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(_V1_TABLE)
+        conn.execute("ALTER TABLE requests ADD COLUMN client_id TEXT")
+        conn.execute("ALTER TABLE requests ADD COLUMN encrypted INTEGER")
+        conn.execute("INSERT INTO requests (time, request_id, received_tokens, duration, cached, attempt, kind) "
+                     "VALUES (1.0, 'old', 5, 0.5, 0, 1, 'stream')")
+        conn.execute("PRAGMA user_version = 3")
+    with UsageLedger(path) as led:
+        led.record(make("paid", job_id=7, tx_hash="0xopen"))
+        led.record_job(_job(deposit=10**20, token="0x0", unit="ETH", decimals=18))
+        led.record_job(_job(deposit=10**20, token="0x0", unit="ETH", decimals=18, status="completed",
+                            tokens_billed=100, chain_cost=200, host_earnings=180, treasury_fee=20,
+                            refund=10**20 - 200))
+        records = led.records()
+        jobs = led.jobs()
+    assert [(r.request_id, r.job_id, r.tx_hash) for r in records] == [("old", None, None), ("paid", 7, "0xopen")]
+    assert len(jobs) == 1 and jobs[0].status == "completed" and jobs[0].deposit == 10**20
+    assert jobs[0].refund == 10**20 - 200 and jobs[0].client_id is not None
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+
+
+def test_reconcile_puts_the_ledger_beside_the_chain_per_job(ledger):
+    """Per job: the attempts' host-reported tokens and their cost at the job's price beside the chain's
+    settlement; a bill that is the cadence's agrees and says why it differs; an open job is not settled."""
+    pytest.importorskip("pandas")
+    ledger.record(make("a", job_id=7, completion_tokens=300, received_tokens=300, time=1.0))
+    ledger.record(make("b", job_id=7, completion_tokens=50, received_tokens=50, time=2.0))
+    ledger.record(make("c", job_id=8, completion_tokens=40, received_tokens=40, time=3.0))
+    ledger.record(make("d", completion_tokens=9))  # unpaid: in no job
+    ledger.record_job(_job(7, status="completed", tokens_billed=300, chain_cost=600, host_earnings=540,
+                           treasury_fee=60, refund=499_400, settle_tx="0xsettle"))
+    ledger.record_job(_job(8, opened_at=1_700_000_001.0))
+    frame = ledger.reconcile().set_index("job_id")
+    settled, open_job = frame.loc[7], frame.loc[8]
+    assert (settled["requests"], settled["ledger_tokens"], settled["billed_tokens"]) == (2, 350, 300)
+    assert settled["token_difference"] == -50 and bool(settled["agrees"])
+    assert settled["ledger_cost"] == pytest.approx(350 * 2_000 / 1000 / 1e6)
+    assert settled["chain_cost"] == pytest.approx(0.0006) and settled["refund"] == pytest.approx(0.4994)
+    assert "50 streamed after the last proof" in settled["reason"]
+    assert open_job["reason"] == "not settled yet" and pd_na(open_job["billed_tokens"])
+    assert open_job["expected_tokens"] == 100  # the minimum billing a settlement would apply
+
+
+def pd_na(value: object) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
 
 
 def test_ledger_summary_by_model_and_host_model(ledger):

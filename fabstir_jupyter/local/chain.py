@@ -19,13 +19,15 @@ so :class:`~fabstir_jupyter.hosts.registry.ChainRegistrySource` reads it like an
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterable, Mapping, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, Mapping, Sequence, Tuple, Union
 
 from eth_account import Account
 from eth_keys import keys
@@ -113,6 +115,15 @@ def _wei(tokens: int | float | Decimal | str) -> int:
 
 #: Raw requests whose parameters and answers are translated between a node's names and eth-tester's.
 _NODE_SHAPED = frozenset({"eth_getLogs", "eth_getTransactionByHash"})
+#: Requests that run against the pending block: its timestamp is brought up to the wall clock first.
+_PENDING_READERS = frozenset({"eth_call", "eth_estimateGas", "eth_sendRawTransaction", "eth_sendTransaction"})
+_SENDS = frozenset({"eth_sendRawTransaction", "eth_sendTransaction"})
+#: How far in the past the chain starts: room for its setup blocks, so that the clock is not ahead
+#: of the wall when the first user transaction comes.
+GENESIS_BACKDATE = 3600
+#: Seconds between blocks on an idle chain (Base's block time): a read of the latest block that is
+#: this far behind the wall clock mines an empty block first, as a live chain would have.
+BLOCK_TIME = 2
 
 
 class LocalProvider(EthereumTesterProvider):
@@ -125,12 +136,23 @@ class LocalProvider(EthereumTesterProvider):
     that middleware's formatters, answers a revert with a JSON-RPC error instead of raising, and
     serves ``make_batch_request`` in order (one round trip). A lock keeps requests from several
     threads apart: py-evm is not thread-safe.
+
+    Its clock follows the wall clock, so the contracts' time rules (2000 tokens/s, the dispute window,
+    timeouts) run as on a live chain: a transaction's block (and a call or gas estimate, which run on
+    the pending block) is stamped ``max(now, last + 1)``; a read of the latest block that lags the
+    wall clock by :data:`BLOCK_TIME` seconds or more first mines an empty block at ``now`` (a live
+    chain makes a block every few seconds whether or not anyone transacts). The chain's own setup
+    (deploying, funding, registering: :meth:`setup`) is stamped ``last + 1`` from a genesis
+    :data:`GENESIS_BACKDATE` seconds in the past, so registering many hosts does not push the clock
+    ahead of the wall. Time travel (:meth:`LocalChain.advance_time`) only moves the clock ahead of
+    the wall: it never goes back.
     """
 
     def __init__(self, ethereum_tester: EthereumTester, default_from: str) -> None:
         super().__init__(ethereum_tester)
         self.default_from = default_from
         self._lock = threading.RLock()
+        self._setup_depth = 0  # > 0 while the chain's own setup transacts (see setup())
 
     def make_request(self, method: Any, params: Any) -> Any:
         needs_from = method in ("eth_call", "eth_estimateGas") and params and isinstance(params[0], dict)
@@ -140,6 +162,13 @@ class LocalProvider(EthereumTesterProvider):
         if node_shaped and method in request_formatters:
             params = request_formatters[method](params)
         with self._lock:
+            if self._setup_depth:
+                if method in _SENDS:
+                    self._stamp_setup()
+            elif method in _PENDING_READERS:
+                self._follow_wall_clock()
+            elif method == "eth_getBlockByNumber" and params and params[0] == "latest":
+                self._produce_block_if_idle()
             try:
                 response = super().make_request(method, params)
                 if node_shaped and isinstance(response, dict) and "result" in response and method in result_formatters:
@@ -152,6 +181,38 @@ class LocalProvider(EthereumTesterProvider):
                     "id": str(self._current_request_id),
                     "error": {"code": 3, "message": str(exc)},
                 }
+
+    def _follow_wall_clock(self) -> int:
+        """Stamp the pending block with the wall clock if it is behind; return its timestamp (lock held)."""
+        chain = self.ethereum_tester.backend.chain
+        now = int(time.time())
+        if chain.header.timestamp < now:
+            chain.header = chain.header.copy(timestamp=now)
+        return int(chain.header.timestamp)
+
+    @contextlib.contextmanager
+    def setup(self) -> Iterator[None]:
+        """Hold the chain for its own setup: transactions sent meanwhile (from this thread) are
+        stamped one second after the latest block, whatever the wall clock says, and no idle block is
+        produced; other threads wait."""
+        with self._lock:
+            self._setup_depth += 1
+            try:
+                yield
+            finally:
+                self._setup_depth -= 1
+
+    def _stamp_setup(self) -> None:
+        """Stamp the pending block one second after the latest (lock held): setup takes no wall time."""
+        chain = self.ethereum_tester.backend.chain
+        chain.header = chain.header.copy(timestamp=chain.get_canonical_head().timestamp + 1)
+
+    def _produce_block_if_idle(self) -> None:
+        """Mine an empty block when the latest one lags the wall clock by BLOCK_TIME or more (lock held)."""
+        latest = self.ethereum_tester.backend.chain.get_canonical_head()
+        if time.time() - latest.timestamp >= BLOCK_TIME:
+            self._follow_wall_clock()
+            self.ethereum_tester.mine_blocks(1)
 
     def make_batch_request(self, requests: list[tuple[Any, Any]]) -> list[Any]:
         with self._lock:
@@ -216,7 +277,8 @@ class LocalChain:
         self, *, minimum_stake: int | float = 0, stable_token: str | None = None, seed: int | None = None
     ) -> None:
         state = PyEVMBackend.generate_genesis_state(overrides={"balance": _FUNDER_BALANCE}, num_accounts=2)
-        self.tester = EthereumTester(PyEVMBackend(genesis_state=state))
+        genesis = PyEVMBackend.generate_genesis_params(overrides={"timestamp": int(time.time()) - GENESIS_BACKDATE})
+        self.tester = EthereumTester(PyEVMBackend(genesis_parameters=genesis, genesis_state=state))
         self.deployer = self.tester.get_accounts()[0]
         self.provider = LocalProvider(self.tester, default_from=self.deployer)
         self.w3 = Web3(self.provider)
@@ -280,10 +342,10 @@ class LocalChain:
         receipt = self.w3.eth.get_transaction_receipt(tx_hash)
         return self.w3.eth.contract(address=receipt["contractAddress"], abi=artifact["abi"])
 
-    @staticmethod
-    def _send(transact: Any, what: str) -> Any:
+    def _send(self, transact: Any, what: str) -> Any:
         try:
-            return transact()
+            with self.provider.setup():  # the chain's own setup takes no time on its clock
+                return transact()
         except (ContractLogicError, Web3RPCError, TransactionFailed) as exc:
             raise LocalChainError(f"{what}: {getattr(exc, 'message', None) or exc}") from exc
 
@@ -309,20 +371,21 @@ class LocalChain:
 
     @property
     def next_timestamp(self) -> int:
-        """The timestamp the next transaction's block will have (eth-tester mines one per transaction)."""
+        """The timestamp the next transaction's block would have now (eth-tester mines one per transaction)."""
         with self.provider.lock:
-            return int(self.tester.get_block_by_number("pending")["timestamp"])
+            return self.provider._follow_wall_clock()
 
     def advance_time(self, seconds: int) -> int:
-        """Move the clock: the next transaction's block lands ``seconds`` later than it would have.
+        """Move the clock: the next transaction's block lands ``seconds`` later than it would have now.
 
-        Tests use this instead of sleeping (eth-tester's time travel mines an empty block).
+        Tests use this instead of sleeping (eth-tester's time travel mines an empty block). The
+        clock then runs ahead of the wall clock by ``seconds`` until the wall catches up.
         Returns the new :attr:`next_timestamp`.
         """
         if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
             raise InvalidOptions(f"seconds must be a positive integer, not {seconds!r}", field="seconds")
         with self.provider.lock:
-            target = int(self.tester.get_block_by_number("pending")["timestamp"]) + seconds
+            target = self.provider._follow_wall_clock() + seconds
             self.tester.time_travel(target)  # mines an empty block at target - 1; the next one is at target
             return int(self.tester.get_block_by_number("pending")["timestamp"])
 

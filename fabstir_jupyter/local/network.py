@@ -33,9 +33,9 @@ when the network stops; no key is ever printed.
 With ``paid=True`` the hosts are paid hosts (``fabstir-host --rpc-url --marketplace
 --model-registry-id``): they serve only jobs opened for them on the network's JobMarketplace, prove
 what they stream and settle each job when its connection closes. The chain then deploys before the
-hosts start (they need its RPC URL and the marketplace's address). The local chain's clock moves one
-second per block (and with :meth:`LocalChain.advance_time`), so a host's own settlement waits until
-the dispute window has passed in blocks; a depositor may complete its job at any time.
+hosts start (they need its RPC URL and the marketplace's address). The local chain's clock follows
+the wall clock (see :class:`~fabstir_jupyter.local.chain.LocalProvider`), so a host's own settlement
+waits out the dispute window as on a live chain; a depositor may complete its job at any time.
 
 Everything here blocks (py-evm spends tens of milliseconds per call): from async code use
 :meth:`LocalNetwork.astart` and :meth:`LocalNetwork.aclose`, which run it in a worker thread.

@@ -181,6 +181,9 @@ class LocalRpcServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: with Nagle on, a kept-alive connection waits for
+            # the client's delayed ACK (40 ms on Linux) before the body, on every request.
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 length = self.headers.get("Content-Length")

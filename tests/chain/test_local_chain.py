@@ -250,3 +250,63 @@ def test_multicall_aggregate3_allows_or_refuses_failures(three_hosts):
     (ok, data), (failed_ok, _reason) = decode(["(bool,bytes)[]"], bytes.fromhex(aggregate(True)["result"][2:]))[0]
     assert ok and decode(["uint256"], data)[0] == 1_000 and not failed_ok
     assert "Multicall3: call failed" in aggregate(False)["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- the clock
+
+
+def _signed_transfer(chain: LocalChain, account, to: str) -> dict:
+    """Send 1 wei from ``account`` as a signed raw transaction (what a wallet does); return its block."""
+    tx = {"to": to, "value": 1, "gas": 21_000, "gasPrice": chain.w3.eth.gas_price, "chainId": chain.chain_id,
+          "nonce": chain.w3.eth.get_transaction_count(account.address)}
+    signed = chain.w3.eth.account.sign_transaction(tx, account.private_key)
+    receipt = chain.w3.eth.wait_for_transaction_receipt(chain.w3.eth.send_raw_transaction(signed.raw_transaction))
+    return chain.w3.eth.get_block(receipt["blockNumber"])
+
+
+def test_setup_does_not_push_the_clock_ahead_of_the_wall(chain):
+    """Deploying and registering many hosts (dozens of blocks in a second or two) leaves the chain's
+    next block at the wall clock, not dozens of seconds ahead of it."""
+    import time
+
+    for port in range(9001, 9006):
+        chain.register_host(f"http://127.0.0.1:{port}", models=[TINY_VICUNA])
+    assert chain.w3.eth.block_number > 30
+    assert chain.next_timestamp <= int(time.time()) + 1
+
+
+def test_a_transaction_is_stamped_with_the_wall_clock(chain):
+    """A signed transaction's block carries the wall clock's second (py-evm would stamp it when the
+    previous block was mined, however long ago), and blocks never go back in time."""
+    import time
+
+    user = chain.create_account(native=10**18)
+    before = int(time.time())
+    first = _signed_transfer(chain, user, chain.deployer)
+    second = _signed_transfer(chain, user, chain.deployer)
+    after = int(time.time())
+    assert before <= first["timestamp"] <= after + 1
+    assert second["timestamp"] >= first["timestamp"] + 1
+
+
+def test_an_idle_chain_keeps_time_with_the_wall(chain):
+    """Nobody transacts, yet the latest block's timestamp keeps up with the wall clock (within the
+    BLOCK_TIME a live chain takes per block): what a paid host reads before it settles."""
+    import time
+
+    from fabstir_jupyter.local.chain import BLOCK_TIME
+
+    start = int(time.time())
+    deadline = time.monotonic() + 10 * BLOCK_TIME
+    while chain.timestamp < start + BLOCK_TIME:
+        assert time.monotonic() < deadline, "the latest block never caught up with the wall clock"
+        time.sleep(0.2)
+    assert chain.timestamp <= int(time.time()) + 1
+
+
+def test_advance_time_still_moves_the_clock_ahead(chain):
+    """Tests move time without sleeping: advance_time(n) puts the next block n seconds later."""
+    before = chain.next_timestamp
+    assert chain.advance_time(100) >= before + 100
+    user = chain.create_account(native=10**18)
+    assert _signed_transfer(chain, user, chain.deployer)["timestamp"] >= before + 100
