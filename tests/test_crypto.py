@@ -292,8 +292,12 @@ def test_host_key_recovers_from_its_registration_on_a_real_chain():
 
     with LocalChain(seed=5) as chain:
         host = chain.register_host("http://127.0.0.1:9", models=[("org/repo", "m.gguf")], prices=(1, 1))
-        block = chain.w3.eth.get_block("latest", full_transactions=True)
-        (registration,) = [tx for tx in block["transactions"] if tx["from"] == host.address]
+        # The host's own transactions (approve the stake, register), newest last; reading "latest"
+        # may first mine an idle block, so look through every block.
+        sent = [tx for number in range(chain.w3.eth.block_number + 1)
+                for tx in chain.w3.eth.get_block(number, full_transactions=True)["transactions"]
+                if tx["from"] == host.address]
+        registration = sent[-1]
         fetched = dict(chain.w3.eth.get_transaction(registration["hash"]))
     key = public_key_from_transaction(fetched, expected_address=host.address)
     assert key == PublicKey.from_hex(host.public_key)

@@ -529,6 +529,8 @@ def test_a_local_host_killed_mid_stream_is_restarted_and_the_next_cell_works(mak
     cell(ip, "--max-tokens 2 --out warm")
     (process,) = bridge.sdk()._processes
     killed, url = process.pid, process.url
+    events: list[str] = []
+    process.add_listener(lambda _process, event: events.append(event))
     monkeypatch.setattr(magics_module, "make_output",
                         lambda format, background, **kw: KillingOutput(format, rich=False, pid=lambda: killed))
     try:
@@ -545,7 +547,8 @@ def test_a_local_host_killed_mid_stream_is_restarted_and_the_next_cell_works(mak
     else:
         assert raised is not None and raised.code == first.error.code
         assert first.error.partial_text == first.text
-    assert wait_until(lambda: process.restarts == 1 and process.running, 30.0)
+    assert wait_until(lambda: events == ["down", "up"], 30.0), events  # restarted, and listening again
+    assert process.restarts == 1 and process.running
     assert reaped(killed) and process.url == url and process.pid != killed
     monkeypatch.undo()
     cell(ip, "--max-tokens 4 --out again")
