@@ -16,15 +16,15 @@ be watched growing:
 
 In each front end the test runs the quickstart's setup cells and its first ``%%fabstir`` cell (the
 extension started the local network in the background as the setup cell ended, and the cell comes
-before that start is over): the live widget first says which step of the network's start it waits
-on (screenshot: light in JupyterLab, dark in Notebook 7), then streams; the test reads its text
-twice and checks that it grew, checks the final rendering (the scripted text, status ``done``, a
-status line with the network's wait, the TTFT, and on the paid local network the job, its
-estimated cost and the lock, also while it streams; 🔓 plaintext on static hosts), runs
-``%fabstir hosts`` and checks one dashboard row per host with the Failed and Retried columns,
-interrupts a long stream and checks that the cancelled status line keeps the host and the tokens,
-checks that the chart's tick and point labels contrast with the background (WCAG 4.5:1) in the
-light and dark themes, runs a cell that fails with the cell after it queued (the error shows once: the widget's error state and one
+before that start is over): the live widget first says which step of the network's start it waits on
+(screenshot: light in JupyterLab, dark in Notebook 7), then streams; the test reads its text twice
+and checks that it grew, checks the final rendering (the scripted text, status ``done``, a status
+line with the network's wait, the TTFT, and on the paid local network the job, its estimated cost
+and the lock, also while it streams; 🔓 plaintext on static hosts), runs ``%fabstir hosts`` and
+checks one dashboard row per host with the Failed and Retried columns, interrupts a long stream and
+checks that the cancelled status line keeps the host and the tokens, checks that the chart's tick
+and point labels contrast with the background (WCAG 4.5:1) in the light and dark themes, runs a cell
+that fails with the cell after it queued (the error shows once: the widget's error state and one
 error line; the queued cell never runs), checks that ``%fabstir help`` and a ``--format code``
 answer scroll rather than wrap, then saves the notebook, exports it with nbconvert and checks in
 Chromium that the exported page shows the answer, the dashboard's rows and the failed cell's error.
