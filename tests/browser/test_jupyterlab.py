@@ -21,7 +21,8 @@ before that start is over): the live widget first says which step of the network
 and checks that it grew, checks the final rendering (the scripted text, status ``done``, a status
 line with the network's wait, the TTFT, and on the paid local network the job, its estimated cost
 and the lock, also while it streams; 🔓 plaintext on static hosts), runs ``%fabstir hosts`` and
-checks one dashboard row per host with the Failed and Retried columns, interrupts a long stream and
+checks one dashboard row per host with the Failed and Retried columns (and, paid, the job in its
+jobs table), interrupts a long stream and
 checks that the cancelled status line keeps the host and the tokens, checks that the chart's tick
 and point labels contrast with the background (WCAG 4.5:1) in the light and dark themes, runs a cell
 that fails with the cell after it queued (the error shows once: the widget's error state and one
@@ -362,6 +363,11 @@ DASHBOARD_HEADERS = f"""(index) => {{
     const table = cell && cell.node.querySelector(".fabstir-dash .fabstir-dash-content > table.fabstir-table");
     return table ? Array.from(table.tHead.rows[0].cells, (th) => th.textContent.replace(/[▲▼]/g, "").trim()) : null;
 }}"""
+JOB_ROWS = f"""(index) => {{
+    const cell = {PANEL}.content.widgets[index];
+    const table = cell && cell.node.querySelector(".fabstir-dash .fabstir-jobs table.fabstir-table");
+    return table ? Array.from(table.tBodies[0].rows, (row) => Array.from(row.cells, (td) => td.textContent)) : null;
+}}"""
 LONG_PROMPT = "%%fabstir --max-tokens 400\nTell me a long story about rivers."
 FAILING_PROMPT = "%%fabstir --model no-such-model --max-tokens 4\nWhich model answers?"
 AFTER_FAILING = "print('the cell after the failed one', 'ran')"  # its output is not its source
@@ -509,6 +515,15 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 headers = page.evaluate(DASHBOARD_HEADERS, hosts_cell)
                 assert headers[-4:] == ["Requests", "Tokens", "Failed", "Retried"], headers
                 assert "Errors" not in headers
+                # On the paid local network the dashboard lists the job the answer was billed to: open,
+                # its bill so far an estimate (≈); static hosts are unpaid and have no jobs table.
+                jobs = page.evaluate(JOB_ROWS, hosts_cell)
+                if paid:
+                    job_id = re.search(r"job (\d+)", final["status"]).group(1)
+                    assert jobs and [row for row in jobs if row[0] == job_id and row[-1] == "open"
+                                     and row[5].startswith("≈")], jobs
+                else:
+                    assert jobs is None, jobs
 
                 # The chart's labels read in the light theme and in the dark one; both screenshotted.
                 for theme in ("JupyterLab Light", "JupyterLab Dark"):
