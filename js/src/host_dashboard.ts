@@ -181,7 +181,9 @@ function jobsTable(rows: JobRow[]): HTMLElement {
       td.textContent = jobCellText(row, column);
       if (numeric) td.className = "fabstir-num";
       if (column === "status") td.className = `fabstir-job-${classToken(row.status)}`;
-      if (column === "billed" && !jobSettled(row)) td.title = "an estimate until the job is settled";
+      if ((column === "billed" || column === "tokens") && !jobSettled(row)) {
+        td.title = "an estimate until the job is settled";
+      }
     }
   }
   box.append(table);

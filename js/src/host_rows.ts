@@ -90,7 +90,7 @@ export const JOB_COLUMNS: ReadonlyArray<readonly [JobKey, string, boolean]> = [
   ["host", "Host", false],
   ["model", "Model", false],
   ["deposit", "Deposit", true],
-  ["tokens", "Tokens", true],
+  ["tokens", "Tokens billed", true],
   ["billed", "Billed", true],
   ["refund", "Refund", true],
   ["status", "Status", false],
@@ -180,7 +180,9 @@ export function jobCellText(row: JobRow, key: JobKey): string {
   if (value === null || value === undefined || value === "") return "—";
   if (key === "job_id") return String(value);
   if (key === "deposit" || key === "refund") return formatPrice(value as number, row.unit);
-  if (key === "billed") return `${jobSettled(row) ? "" : "≈"}${formatPrice(value as number, row.unit)}`;
+  const estimate = jobSettled(row) ? "" : "≈"; // what settling now would bill: the chain fixes it then
+  if (key === "billed") return `${estimate}${formatPrice(value as number, row.unit)}`;
+  if (key === "tokens") return `${estimate}${formatNumber(value as number)}`;
   if (key === "status") return String(value).replace("_", " ");
   if (typeof value === "number") return formatNumber(value);
   return String(value);

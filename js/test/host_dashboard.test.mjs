@@ -211,13 +211,13 @@ describe("the jobs table", () => {
     const box = el.querySelector(".fabstir-jobs");
     assert.ok(box, "no jobs table");
     assert.deepEqual(texts(box.querySelectorAll("thead th")),
-      ["Job", "Host", "Model", "Deposit", "Tokens", "Billed", "Refund", "Status"]);
+      ["Job", "Host", "Model", "Deposit", "Tokens billed", "Billed", "Refund", "Status"]);
     const rows = Array.from(box.querySelectorAll("tbody tr"), (tr) => texts(tr.querySelectorAll("td")));
     assert.deepEqual(rows, [
       ["3", "http://fast:1", "smol", "0.5 USDC", "100", "0.0002 USDC", "0.4998 USDC", "completed"],
-      ["4", "http://fast:1", "smol", "4.096 USDC", "120", "≈0.00024 USDC", "—", "open"],
+      ["4", "http://fast:1", "smol", "4.096 USDC", "≈120", "≈0.00024 USDC", "—", "open"],
     ]);
-    assert.equal(box.querySelectorAll('tr[data-settled="false"] td[title]').length, 1);
+    assert.equal(box.querySelectorAll('tr[data-settled="false"] td[title]').length, 2);
     cleanup();
   });
 
