@@ -510,8 +510,9 @@ class NotebookBridge:
         ``sink.append`` on this thread, batched: at most one call per ``interval`` seconds (0: as
         it arrives), and none lost; a sink with ``live(status)`` hears the stream's
         :class:`~.rendering.LiveStatus` (paid job, cost so far, encryption) each time it changes,
-        no later than the text it came with. Then ``sink.finish(result)``. ``store`` gets the result however
-        the stream ended, except by Ctrl-C: finished, or failed (its ``error`` and partial ``text`` set).
+        no later than the text it came with. Then ``sink.finish(result)``. ``store`` gets the
+        result however the stream ended, except by Ctrl-C: finished, or failed (its ``error`` and
+        partial ``text`` set).
 
         Raises:
             FabstirError: the request failed (after ``sink.failed(error)``, or ``sink.cancelled()``

@@ -548,8 +548,8 @@ class HostDashboard(anywidget.AnyWidget):
 
     The refresh button (and auto-refresh) sends ``{"type": "refresh"}``: the kernel calls the
     source again and resets ``rows``/``usage_rows``/``job_rows``. ``paid`` says whether the source
-    gave jobs (the view then shows the jobs table, even empty). A source that raises leaves the rows as they
-    were and sets ``error``. Displayed, the dashboard carries its tables as escaped ``text/html``
+    gave jobs (the view then shows the jobs table, even empty). A source that raises leaves the rows
+    as they were and sets ``error``. Displayed, the dashboard carries its tables as escaped ``text/html``
     too (for nbconvert, GitHub and other viewers without the widget JavaScript); a refresh
     updates every display of it.
     """
