@@ -1,4 +1,5 @@
-"""The notebook layer: ``%%fabstir``/``%fabstir`` magics, the loop-thread bridge, live outputs.
+"""The notebook layer: ``%%fabstir``/``%fabstir`` magics, the loop-thread bridge, live outputs, and
+what it shows about paying (the wallet summary, a settled session's receipt).
 
 Load it with ``%load_ext fabstir_jupyter``. Names here resolve lazily, so importing this package
 loads neither IPython nor the widgets until one is used.
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from .magics import FabstirMagics, load_ipython_extension, unload_ipython_extension
     from .output import OutputSink, TextOutput, make_output
     from .parsers import interpolate
+    from .paying import SettlementReceipt, WalletSummary
     from .widgets import HostDashboard, StreamOutput
 
 _LAZY = {
@@ -29,6 +31,8 @@ _LAZY = {
     "TextOutput": "output",
     "make_output": "output",
     "interpolate": "parsers",
+    "SettlementReceipt": "paying",
+    "WalletSummary": "paying",
     "HostDashboard": "widgets",
     "StreamOutput": "widgets",
 }

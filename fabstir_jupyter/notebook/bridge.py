@@ -33,10 +33,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar, Union
 
-from ..errors import Cancelled, FabstirError, SessionNotFound
+from ..errors import Cancelled, FabstirError, InvalidOptions, SessionNotFound
 from ..runner import LoopThread
+from .rendering import LiveStatus
 from .startup import NetworkStartup
 
 if TYPE_CHECKING:
@@ -91,6 +93,7 @@ class _NamedSession:
     name: str
     settings: NetworkSettings
     session: Session
+    terms: tuple[Decimal | None, Decimal | None] = (None, None)  # the --deposit and --budget it was made with
 
 
 class LoopTask:
@@ -440,24 +443,37 @@ class NotebookBridge:
     # ------------------------------------------------------------------ named sessions
 
     async def named_session(self, name: str, settings: NetworkSettings | None = None, *,
-                            model: str | None = None, host: str | None = None) -> Session:
+                            model: str | None = None, host: str | None = None, deposit: Any = None,
+                            budget: Any = None) -> Session:
         """Return the live session called ``name``, creating it on first use. Await it on the loop.
 
-        Raises:
-            InvalidOptions: ``name`` lives on another network than ``settings``.
-        """
-        from ..errors import InvalidOptions
+        ``deposit`` and ``budget`` (whole tokens of the payment token, as
+        :meth:`~fabstir_jupyter.sessions.SessionManager.create_session` takes them) are the paid
+        session's terms: they apply when it is created, and a later cell may repeat them but not
+        change them.
 
+        Raises:
+            InvalidOptions: ``name`` lives on another network than ``settings``, or other terms are
+                given for a session that exists (or bad ones for a new session, as ``create_session``).
+            BudgetExceeded, InsufficientFunds, PaymentRequired, TransactionFailed: as ``create_session``.
+        """
         key = self.settings if settings is None else settings
         entry = self.sessions.get(name)
+        terms = (_amount(deposit), _amount(budget))
         if entry is not None and not entry.session.ended:
             if entry.settings != key:
                 raise InvalidOptions(f"session {name!r} lives on another network; end it first",
                                      field="session", hint=f"%fabstir end {name}")
+            for what, given, held in zip(("deposit", "budget"), terms, entry.terms):
+                if given is not None and given != held:
+                    was = f"{held.normalize():f}" if held is not None else "none"
+                    raise InvalidOptions(f"session {name!r} exists with {what} {was}: --{what} applies when a "
+                                         f"session is created", field=what,
+                                         hint=f"end it first (%fabstir end {name}), or leave --{what} out")
             return entry.session
         manager = await self.manager(key)
-        session = await manager.sessions.create_session(model=model, host=host)
-        self.sessions[name] = _NamedSession(name, key, session)
+        session = await manager.sessions.create_session(model=model, host=host, deposit=deposit, budget=budget)
+        self.sessions[name] = _NamedSession(name, key, session, terms)
         return session
 
     def end_session(self, name: str) -> Session:
@@ -492,8 +508,11 @@ class NotebookBridge:
         ``make_stream`` is called on the loop thread and returns an
         :class:`~fabstir_jupyter.inference.InferenceStream` (or an awaitable of one). Text reaches
         ``sink.append`` on this thread, batched: at most one call per ``interval`` seconds (0: as
-        it arrives), and none lost. Then ``sink.finish(result)``. ``store`` gets the result however
-        the stream ended, except by Ctrl-C: finished, or failed (its ``error`` and partial ``text`` set).
+        it arrives), and none lost; a sink with ``live(status)`` hears the stream's
+        :class:`~.rendering.LiveStatus` (paid job, cost so far, encryption) each time it changes,
+        no later than the text it came with. Then ``sink.finish(result)``. ``store`` gets the
+        result however the stream ended, except by Ctrl-C: finished, or failed (its ``error`` and
+        partial ``text`` set).
 
         Raises:
             FabstirError: the request failed (after ``sink.failed(error)``, or ``sink.cancelled()``
@@ -511,8 +530,13 @@ class NotebookBridge:
                     pieces.put(_READY)
                 stream = await _make(make_stream)
                 made.append(stream)
+                live = None
                 async with stream:
                     async for piece in stream:
+                        now = LiveStatus.of(stream)
+                        if now != live:
+                            live = now
+                            pieces.put(now)
                         pieces.put(piece)
                 return stream.result()
             finally:
@@ -582,7 +606,9 @@ class NotebookBridge:
                 if item is _END:
                     ended = True
                     break
-                if isinstance(item, _Step):
+                if isinstance(item, LiveStatus):
+                    _call_extra(sink, "live", item)
+                elif isinstance(item, _Step):
                     _call_extra(sink, "network_step", item.label)
                 elif item is _READY:
                     _call_extra(sink, "network_ready")
@@ -610,7 +636,8 @@ class NotebookBridge:
         (the sink's ``network_step``/``network_ready`` are then called from the loop thread).
         ``label`` names the run in :attr:`runs` (``%fabstir status``).
 
-        The sink is updated from the loop thread: ``append`` per piece, plus ``append("")`` every
+        The sink is updated from the loop thread: ``append`` per piece (and ``live(status)`` before
+        a piece that changed the stream's :class:`~.rendering.LiveStatus`), plus ``append("")`` every
         ``interval`` seconds (so a batching sink sends what it holds during a pause), then
         ``finish``/``failed``/``cancelled``; ``on_result`` or ``on_error`` runs after that. ``store``
         gets the result however the stream ended, except by cancelling the run: finished, or failed
@@ -632,8 +659,13 @@ class NotebookBridge:
                     _call_extra(sink, "network_ready")
                 stream = await _make(make_stream)
                 run.stream = stream
+                live = None
                 async with stream:
                     async for piece in stream:
+                        now = LiveStatus.of(stream)
+                        if now != live:
+                            live = now
+                            _call_extra(sink, "live", now)
                         sink.append(piece)
                 result = stream.result()
             except asyncio.CancelledError:
@@ -723,6 +755,17 @@ class NotebookBridge:
         tasks = list(self._start_tasks)
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+
+
+def _amount(value: Any) -> Decimal | None:
+    """A --deposit or --budget as a number, to compare a session's terms (``None``: not given or not a
+    number; ``create_session`` refuses what is not one)."""
+    if value is None:
+        return None
+    try:
+        return Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
 
 
 async def _make(make_stream: StreamFactory) -> InferenceStream:

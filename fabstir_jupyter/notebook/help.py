@@ -2,7 +2,7 @@
 
 ``%fabstir help`` (and ``%%fabstir?``, whose docstring it is) shows :func:`usage`: the most used
 options and one line per command. ``%fabstir help TOPIC`` shows :func:`topic_help`: an option
-(``--model``, ``model`` or ``-m``), a command (``hosts``), ``settings``, or ``all``. The details
+(``--model``, ``model`` or ``-m``), a command (``hosts``), ``settings``, ``paying``, or ``all``. The details
 come from the parsers (:mod:`.parsers`), so they never drift from what is accepted.
 
 Lines are wrapped at word boundaries to :data:`WIDTH` columns, and :class:`HelpText` is shown as a
@@ -42,16 +42,17 @@ COMMAND_SUMMARY = {
     "models": "the models the hosts serve",
     "usage": "this kernel's usage records (--by COLUMN summarises)",
     "sessions": "the live named sessions",
-    "end NAME": "end the named session NAME",
+    "end NAME": "end the named session NAME (paid: settle it, show the receipt)",
     "status": "the network's start and the --background runs",
     "cancel": "stop every --background stream",
     "network [NAME]": "show the network, or switch to NAME",
     "config [KEY [VALUE]]": "show the settings, or set KEY to VALUE",
+    "wallet": "the paying wallet: balances, open jobs, spent, budget",
     "manager": "the InferenceManager the cells use (Python API)",
     "help [TOPIC]": "this help, or the details of TOPIC",
 }
 #: Topics besides the options and commands.
-TOPICS = ("settings", "all")
+TOPICS = ("settings", "paying", "all")
 
 
 class HelpText:
@@ -112,7 +113,8 @@ def usage() -> str:
     lines += _wrap("{name}, {name.attr} and {name[key]} in the prompt are replaced from the notebook's "
                    "variables. A failed cell raises, so Run All stops there; Ctrl-C stops the stream on the host.", "")
     lines += _wrap("Details: %fabstir help OPTION (e.g. %fabstir help --model), %fabstir help COMMAND "
-                   "(e.g. %fabstir help hosts), %fabstir help settings, %fabstir help all.", "")
+                   "(e.g. %fabstir help hosts), %fabstir help settings, %fabstir help paying, "
+                   "%fabstir help all.", "")
     return "\n".join(lines)
 
 
@@ -143,7 +145,9 @@ def settings_help() -> str:
         "Precedence: the cell's options, then %config, then the environment, then the config file "
         "(config.json in the user config directory; %fabstir config shows where each value comes from).",
         "Environment: FABSTIR_NETWORK, FABSTIR_HOSTS, FABSTIR_LOCAL_BACKEND, FABSTIR_DEFAULT_MODEL, "
-        "FABSTIR_MAX_TOKENS, FABSTIR_USAGE_DB; FABSTIR_NO_WIDGETS=1 streams as text instead of the live widget.",
+        "FABSTIR_MAX_TOKENS, FABSTIR_USAGE_DB; FABSTIR_NO_WIDGETS=1 streams as text instead of the live widget; "
+        "paying: FABSTIR_PRIVATE_KEY or FABSTIR_KEY_FILE, FABSTIR_BUDGET, FABSTIR_PAYMENT_TOKEN, "
+        "FABSTIR_LOCAL_PAID (%fabstir help paying).",
         "The extension starts the local network in the background as it loads, and again when %config "
         "changes the network; FabstirMagics.start_network_on_load = False (in ipython_config.py) leaves "
         "the start to the first cell that needs it.",
@@ -151,9 +155,31 @@ def settings_help() -> str:
     return "\n".join(line for paragraph in paragraphs for line in _wrap(paragraph, ""))
 
 
+def paying_help() -> str:
+    """How answers are paid for, and the options and commands about it."""
+    paragraphs = [
+        "Paying: on a paid network every answer is billed to a job on the chain's JobMarketplace, opened "
+        "from your wallet with a deposit; the host proves the tokens it streamed, and settling the job "
+        "pays the host (less the treasury fee) and refunds the rest of the deposit.",
+        "The local network pays by default from its funded test account (test money, a budget of 1000 "
+        "USDC); FABSTIR_LOCAL_PAID=0 (or FabstirSDK(paid=False)) starts free hosts instead. base-sepolia "
+        "needs your key (FABSTIR_PRIVATE_KEY, or FABSTIR_KEY_FILE naming a 0600 file) and a budget "
+        "(FABSTIR_BUDGET, whole USDC); without them inference there is refused (PAYMENT_REQUIRED).",
+        "%%fabstir --session NAME --deposit X --budget Y: the session's deposit per job and its own cap, in "
+        "whole tokens (they apply when the session is created). Cells without --session share a few jobs "
+        "per host, settled when the kernel closes them.",
+        "While an answer streams its status line shows its job and its cost so far (est.: the bill is "
+        "fixed at settlement), and 🔒 when it is end-to-end encrypted (🔓 plaintext when not).",
+        "%fabstir wallet: the address (never the key), balances, open jobs, what this kernel spent, the "
+        "budget and what is left. %fabstir end NAME: settle a paid session and show its receipt. "
+        "%fabstir hosts: the dashboard's jobs table (dashboard.jobs_frame).",
+    ]
+    return "\n\n".join("\n".join(_wrap(paragraph, "")) for paragraph in paragraphs)
+
+
 def topic_help(topic: str) -> str:
     """The details of ``topic``: an option (``--max-tokens``, ``max-tokens``, ``-m``), a command
-    (``hosts``, ``%fabstir hosts``), ``settings`` or ``all``.
+    (``hosts``, ``%fabstir hosts``), ``settings``, ``paying`` or ``all``.
 
     Raises:
         UsageError: no option, command or topic has that name (the message lists them).
@@ -162,12 +188,14 @@ def topic_help(topic: str) -> str:
     options = _cell_options()
     commands = _commands()
     if word == "all":
-        parts = [usage(), settings_help()]
+        parts = [usage(), settings_help(), paying_help()]
         parts += [_option_help(action) for action in options.values()]
         parts += [_command_help(name, parser) for name, parser in commands.items()]
         return "\n\n".join(parts)
     if word == "settings":
         return settings_help()
+    if word == "paying":
+        return paying_help()
     if word in commands:
         return _command_help(word, commands[word])
     for action in options.values():

@@ -14,6 +14,10 @@ error), bad options raise IPython's ``UsageError`` (one line too). A ``--backgro
 raises after its cell returned: its output shows the error and ``%fabstir status`` lists it. A
 kernel interrupt cancels the stream on the host and re-raises ``KeyboardInterrupt``.
 
+On a paid network (the local network by default) ``--session NAME --deposit X --budget Y`` set a
+session's terms, ``%fabstir wallet`` shows the paying wallet (:mod:`.paying`), ``%fabstir end NAME``
+returns a paid session's settlement receipt, and the dashboard lists this kernel's jobs.
+
 As it loads (at the end of the cell that loads it), the extension starts the configured network in
 the background, so the first ``%%fabstir`` cell finds it started or starting; its output shows the
 step the network is at meanwhile (``FabstirMagics.start_network_on_load`` turns that off).
@@ -21,6 +25,7 @@ step the network is at meanwhile (``FabstirMagics.start_network_on_load`` turns 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import sys
 import time
@@ -51,17 +56,20 @@ from .parsers import (
     StatusCommand,
     UsageCommand,
     UsageError,
+    WalletCommand,
     interpolate,
     parse_cell_options,
     parse_line_command,
 )
 from .rendering import format_error
-from .tables import host_rows, hosts_dataframe, usage_rows
+from .tables import host_rows, hosts_dataframe, job_rows, jobs_dataframe, usage_rows
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from ..inference import InferenceManager, InferenceResult, InferenceStream
+    from ..sdk import FabstirSDK
+    from .paying import SettlementReceipt, WalletSummary
 
 __all__ = ["FabstirMagics", "load_ipython_extension", "unload_ipython_extension", "format_error"]
 
@@ -274,8 +282,10 @@ class FabstirMagics(Magics):
         prompt = interpolate(cell, shell.user_ns) if options.interpolate else cell
         prompt = prompt.strip("\n")
         # An empty prompt is refused before any output shows (the stream checks it again, with the
-        # manager's own limit, when it is made on the loop thread).
+        # manager's own limit, when it is made on the loop thread); so are a session's terms that
+        # cannot be amounts (create_session checks them against the token and the budgets).
         validate_prompt(prompt, max_chars=InferenceConfig.max_prompt_chars)
+        _check_session_terms(options)
         bridge = self.bridge
         if options.network is None:
             resolved = self.settings()
@@ -340,7 +350,8 @@ class FabstirMagics(Magics):
                 await manager.host_manager.discover_all_active_hosts()  # maybe a registry address: look it up
             if options.session is not None:
                 session = await bridge.named_session(options.session, settings, model=request.get("model"),
-                                                     host=options.host)
+                                                     host=options.host, deposit=options.deposit,
+                                                     budget=options.budget)
                 return manager.sessions.stream(session.id, prompt, **request)
             return manager.stream(prompt, host=options.host, **request)
 
@@ -401,16 +412,33 @@ class FabstirMagics(Magics):
             if owned:
                 ledger.close()
 
-    def _dashboard_source(self, refresh: bool) -> Callable[[], tuple[list[Any], Any]]:
-        """The host dashboard's data source: ``(hosts, usage ledger)``; later calls probe again."""
+    def _dashboard_source(self, refresh: bool) -> Callable[[], tuple[list[Any], Any, list[dict[str, Any]] | None]]:
+        """The host dashboard's data source: ``(hosts, usage ledger, job rows)`` (job rows ``None`` on an
+        unpaid network); later calls probe again."""
         calls = [refresh]
 
-        def source() -> tuple[list[Any], Any]:
+        def source() -> tuple[list[Any], Any, list[dict[str, Any]] | None]:
             manager = self._discover(calls[-1])
             calls.append(True)
-            return manager.host_manager.hosts, manager.usage
+            return manager.host_manager.hosts, manager.usage, self._job_rows(manager)
 
         return source
+
+    def _job_rows(self, manager: InferenceManager) -> list[dict[str, Any]] | None:
+        """This kernel's paid jobs (:func:`.tables.job_rows`, read on the loop that owns them); ``None``
+        where nothing is paid."""
+        payments = manager.payments
+        if payments is None:
+            return None
+
+        async def read() -> list[dict[str, Any]]:
+            return job_rows(payments)
+
+        return self.bridge.run(read())
+
+    def jobs_frame(self) -> pd.DataFrame:
+        """This kernel's paid jobs as a DataFrame (:data:`.tables.JOB_COLUMNS`; empty where nothing is paid)."""
+        return jobs_dataframe(self._job_rows(self._manager()) or [])
 
     def handle_hosts(self, command: HostsCommand) -> Any:
         """The host dashboard widget, or (without a widget front end, or with --frame) a DataFrame."""
@@ -452,13 +480,72 @@ class FabstirMagics(Magics):
         columns = ["name", "session_id", "network", "model", "host", "turns", "messages", "created"]
         return pd.DataFrame(rows, columns=columns)
 
-    def handle_end(self, command: EndCommand) -> None:
-        """End a named session; a turn still streaming in it is cancelled on its host."""
-        session = self.bridge.end_session(command.name)
+    def handle_end(self, command: EndCommand) -> SettlementReceipt | None:
+        """End a named session; a turn still streaming in it is cancelled on its host.
+
+        A paid session's jobs are settled first (the host's last proof, then the job completed by
+        this wallet); the returned :class:`~.paying.SettlementReceipt` shows what the chain settled
+        and whether the usage ledger agrees. An unpaid session returns nothing.
+
+        Raises:
+            SessionNotFound: no live session has that name.
+            TransactionFailed, ConnectionFailed: a job could not be settled (the session is ended; the
+                job stays Active on chain, its deposit held until it is settled).
+        """
+        from .paying import LedgerCheck, SettlementReceipt
+
+        bridge = self.bridge
+        entry = bridge.sessions.get(command.name)
+        session = bridge.end_session(command.name)
         line = f"[fabstir] ended session {command.name!r} after {_count(session.turns, 'turn')}"
         if session.cancelled_turns:
             line += f" ({_count(session.cancelled_turns, 'turn')} cancelled)"
         print(line)
+        if not session.settlements:
+            return None
+        checks: dict[int, LedgerCheck] = {}
+        manager = bridge.sdk(entry.settings if entry is not None else None).inference_manager
+        payments = manager.payments if manager is not None else None
+        if payments is not None:
+            try:
+                frame = payments.reconcile()
+            except FabstirError as exc:  # a sink that keeps no jobs: the receipt uses the client's count
+                print(f"[fabstir] the usage ledger cannot be compared with the chain: {format_error(exc)}",
+                      file=sys.stderr)
+            else:
+                ours = {settled.job_id for settled in session.settlements}
+                for row in frame[frame["job_id"].isin(ours) & frame["billed_tokens"].notna()].to_dict("records"):
+                    checks[int(row["job_id"])] = LedgerCheck(
+                        int(row["ledger_tokens"]), int(row["expected_tokens"]), int(row["billed_tokens"]),
+                        bool(row["agrees"]), str(row["reason"]))
+        return SettlementReceipt(command.name, session.turns, list(session.settlements), checks)
+
+    def handle_wallet(self, command: WalletCommand) -> WalletSummary:
+        """The paying wallet: address (never the key), balances, open jobs, this kernel's spending and
+        budget (:class:`~.paying.WalletSummary`); starts the network if it is not running (the local
+        network's wallet is its funded test account). On a network that pays nothing it says why."""
+        from .paying import wallet_summary
+
+        bridge = self.bridge
+        bridge.configure(self.network_settings())
+
+        async def summary() -> WalletSummary:
+            manager = await bridge.manager()
+            sdk = bridge.sdk()
+            payments = manager.payments
+            balances = error = None
+            if payments is not None:
+                try:
+                    balances = await asyncio.wait_for(asyncio.to_thread(payments.balance),
+                                                      payments.config.read_timeout)
+                except FabstirError as exc:
+                    error = format_error(exc)
+                except asyncio.TimeoutError:
+                    error = f"the chain did not answer within {payments.config.read_timeout:g} s"
+            return wallet_summary(sdk.settings.network, sdk.wallet, payments, note=_unpaid_note(sdk, payments),
+                                  balances=balances, balance_error=error)
+
+        return bridge.run(summary())
 
     def handle_models(self, command: ModelsCommand) -> pd.DataFrame:
         """The models served by the discovered hosts, one row per model."""
@@ -586,6 +673,45 @@ class FabstirMagics(Magics):
         from IPython.display import display
 
         display(HelpText(usage() if command.topic is None else topic_help(command.topic)))
+
+
+def _check_session_terms(options: CellOptions) -> None:
+    """Refuse ``--deposit``/``--budget`` that cannot be amounts, or that come without ``--session``,
+    before any output shows (``create_session`` checks the rest: the token's decimals, the minimum
+    deposit, the budgets).
+
+    Raises:
+        InvalidOptions: a value that is not a number above 0, or no ``--session``.
+    """
+    from ..billing import base_units
+
+    given = [(name, value) for name, value in (("deposit", options.deposit), ("budget", options.budget))
+             if value is not None]
+    for name, value in given:
+        base_units(value, 18, name)
+    if given and options.session is None:
+        name = given[0][0]
+        raise InvalidOptions(
+            f"--{name} is a paid session's term: give --session NAME with it", field=name,
+            hint="cells without --session share the process's jobs, within the process budget (FABSTIR_BUDGET)")
+
+
+def _unpaid_note(sdk: FabstirSDK, payments: Any) -> str:
+    """Why nothing is paid on ``sdk``'s network, or what it needs to pay (``""`` when it pays)."""
+    if payments is not None:
+        return ""
+    settings = sdk.settings
+    if settings.network == "static":
+        return "a list of hosts with no chain, so nothing is paid"
+    if settings.network == "local":
+        return "its hosts run free (FABSTIR_LOCAL_PAID=0, or FabstirSDK(paid=False)), so nothing is paid"
+    unit = "USDC" if settings.payment_token == "stable" else "native tokens"
+    if sdk.wallet is None:
+        return (f"answers here are paid from your own wallet: set FABSTIR_PRIVATE_KEY (or FABSTIR_KEY_FILE, a file "
+                f"only you may read) and FABSTIR_BUDGET (whole {unit}); until then inference is refused "
+                f"(PAYMENT_REQUIRED)")
+    return (f"no budget: set FABSTIR_BUDGET (whole {unit}) to pay; until then inference is refused "
+            f"(PAYMENT_REQUIRED)")
 
 
 # %%fabstir? and %fabstir? show the short usage (IPython prints it once, under "Docstring:").

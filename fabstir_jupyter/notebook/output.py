@@ -74,7 +74,9 @@ class OutputSink(Protocol):
     ``network_step(label)`` and ``network_ready()``, called before any text while the cell waits
     for its network to start (each step as it begins, then once when it is ready);
     ``shows_errors``, true when :meth:`failed` shows the error itself (the magic then raises it
-    without repeating it).
+    without repeating it); ``live(status)``, called with a :class:`~.rendering.LiveStatus` whenever
+    what the stream's status line says besides its text changes (its paid job, the answer's cost so
+    far, its encryption), no later than the text it came with (a widget shows it at its own pace).
 
     Times shown (time to first token, the wait for the network) count from the cell's start: the
     ``started_at`` the outputs of :func:`make_output` take, else their ``start()``.
@@ -244,7 +246,7 @@ class TextOutput:
         parts = [f"cancelled after {len(self.text)} characters"]
         if result is not None:
             hosts = hosts_part(result)
-            parts.extend(([hosts] if hosts else []) + usage_parts(getattr(result, "usage", None)))
+            parts.extend(([hosts] if hosts else []) + usage_parts(getattr(result, "usage", None), result))
         self._write(f"{STATUS_PREFIX} " + " | ".join(parts) + "\n")
 
 

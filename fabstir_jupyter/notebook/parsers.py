@@ -41,6 +41,7 @@ __all__ = [
     "StatusCommand",
     "CancelCommand",
     "ManagerCommand",
+    "WalletCommand",
     "LineCommand",
     "cell_parser",
     "line_parser",
@@ -155,6 +156,8 @@ class CellOptions:
     interpolate: bool = True
     network: str | None = None
     encryption: str | None = None
+    deposit: str | None = None  # whole tokens, as typed: the payments layer reads and checks amounts
+    budget: str | None = None
 
     def inference_options(self) -> dict[str, Any]:
         """The per-request options given in the cell, as ``InferenceOptions`` keyword arguments."""
@@ -190,6 +193,13 @@ CELL_OPTION_HELP: dict[str, str] = {
     "network": "network for this cell: local, static or base-sepolia (default: FabstirMagics.network)",
     "encryption": "end-to-end encryption: auto (default: encrypt to every host whose key is known), required "
                   "(refuse hosts without one) or off",
+    "deposit": "with --session, on a paid network: each of the session's jobs' deposit, in whole tokens of the "
+               "payment token (USDC by default; default: sized from --max-tokens and the host's price). Set when "
+               "the session is created; what the job does not spend comes back when it is settled "
+               "(%fabstir end NAME)",
+    "budget": "with --session, on a paid network: the most the session may hold in deposits and spend, in whole "
+              "tokens (default: only the process budget, FABSTIR_BUDGET; the local network's is 1000 USDC). Set "
+              "when the session is created",
 }
 
 
@@ -214,6 +224,8 @@ def cell_parser() -> argparse.ArgumentParser:
     add("--no-interpolate", action="store_true", help=h["no_interpolate"])
     add("--network", choices=NETWORKS, help=h["network"])
     add("--encryption", choices=ENCRYPTION_CHOICES, help=h["encryption"])
+    add("--deposit", metavar="X", help=h["deposit"])
+    add("--budget", metavar="Y", help=h["budget"])
     return parser
 
 
@@ -247,6 +259,8 @@ def parse_cell_options(line: str) -> CellOptions:
         interpolate=not args.no_interpolate,
         network=args.network,
         encryption=args.encryption,
+        deposit=args.deposit,
+        budget=args.budget,
     )
 
 
@@ -341,8 +355,15 @@ class ManagerCommand:
     type: Literal["manager"] = "manager"
 
 
+@dataclass(frozen=True)
+class WalletCommand:
+    """``%fabstir wallet``: the paying wallet, its balances, open jobs, spending and budget."""
+
+    type: Literal["wallet"] = "wallet"
+
+
 LineCommand = Union[HostsCommand, UsageCommand, SessionsCommand, EndCommand, ModelsCommand, NetworkCommand,
-                    ConfigCommand, HelpCommand, StatusCommand, CancelCommand, ManagerCommand]
+                    ConfigCommand, HelpCommand, StatusCommand, CancelCommand, ManagerCommand, WalletCommand]
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
@@ -350,7 +371,9 @@ LINE_COMMAND_HELP: dict[str, str] = {
     "usage": "this kernel's usage records as a DataFrame (--by host|model|... summarises; --limit N keeps the "
              "newest N; --all reads the whole ledger, which every kernel shares)",
     "sessions": "the named conversations started with --session, as a DataFrame",
-    "end": "end the named session NAME (closes its socket)",
+    "end": "end the named session NAME (closes its socket); a paid session's job is settled and its receipt "
+           "shown: tokens billed, cost, host earnings, treasury fee, refund, the transactions, and whether the "
+           "usage ledger agrees with the chain",
     "models": "the models the discovered hosts serve, as a DataFrame",
     "network": "show the network, or switch to NAME (local, static, base-sepolia)",
     "config": "show the settings, show KEY, or set KEY to VALUE (also: %config FabstirMagics.KEY = VALUE)",
@@ -360,6 +383,9 @@ LINE_COMMAND_HELP: dict[str, str] = {
     "manager": "return the InferenceManager the %%fabstir cells use (same hosts, pool and usage ledger), for "
                "infer(), batch_blocking(prompts, progress=...) and select_best_host(mode=...); await its async "
                "methods (await manager.batch(...)) or call the blocking ones",
+    "wallet": "the wallet that pays (its address, never its key), its balances, the open jobs with their "
+              "deposits and what they have billed so far (an estimate until settled), what this kernel spent, "
+              "the budget and what is left; on a network that pays nothing, it says so",
     "help": "the short usage; %fabstir help OPTION (e.g. --model) or COMMAND (e.g. hosts) gives the details, "
             "%fabstir help settings how settings are found, %fabstir help all everything",
 }
@@ -396,6 +422,7 @@ def line_parser() -> argparse.ArgumentParser:
     command("status")
     command("cancel")
     command("manager")
+    command("wallet")
     command("help").add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
 
@@ -436,6 +463,8 @@ def parse_line_command(line: str) -> LineCommand:
         return CancelCommand()
     if name == "manager":
         return ManagerCommand()
+    if name == "wallet":
+        return WalletCommand()
     return HelpCommand()
 
 

@@ -4,8 +4,11 @@
 :func:`answer_html` is its static HTML, rendered by markdown-it with raw HTML off (the same rules
 as the widget's front end), so exported notebooks read well and model text never becomes markup;
 :func:`status_line` is the one-line status (host, or ``A → B after N tokens`` after a failover,
-model, the wait for the network, time to first token, tokens/s, tokens, cost); :func:`format_error`
-the one line of an expected failure. Nothing here displays anything.
+model, the wait for the network, time to first token, tokens/s, tokens, cost, the paid job, the
+encryption lock); :func:`format_error` the one line of an expected failure. :class:`LiveStatus` is
+what a running stream's status line says besides its text: its paid job, the answer's cost so far
+(an estimate until the job settles) and whether it is end-to-end encrypted. Nothing here displays
+anything.
 """
 
 from __future__ import annotations
@@ -13,17 +16,76 @@ from __future__ import annotations
 import html
 import json
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterable
 
 from .tables import host_text
 
 __all__ = [
-    "STATUS_PREFIX", "Rendering", "answer_html", "attempt_route", "format_error", "hosts_part", "network_part",
-    "render", "route_text", "status_line", "usage_parts",
+    "STATUS_PREFIX", "ENCRYPTED", "PLAINTEXT", "LiveStatus", "Rendering", "answer_html", "attempt_route",
+    "format_error", "hosts_part", "job_text", "lock_text", "network_part", "render", "route_text", "status_line",
+    "usage_parts",
 ]
 
 STATUS_PREFIX = "[fabstir]"
+#: What a status line shows for an end-to-end encrypted stream, and for one sent in clear.
+ENCRYPTED = "🔒"
+PLAINTEXT = "🔓 plaintext"
+
+
+def lock_text(encrypted: bool | None) -> str | None:
+    """The encryption lock of a status line: :data:`ENCRYPTED` when every attempt of the stream was
+    end-to-end encrypted (``True``), :data:`PLAINTEXT` when one was sent in clear (``False``), nothing
+    when it is not known (``None``: nothing sent yet, or a cached answer)."""
+    if encrypted is True:
+        return ENCRYPTED
+    if encrypted is False:
+        return PLAINTEXT
+    return None
+
+
+def job_text(job_ids: Iterable[int] | None) -> str | None:
+    """``job 3`` (or ``jobs 3, 4`` for an answer that went on on a new job); ``None`` when unpaid."""
+    ids = list(job_ids or ())
+    if not ids:
+        return None
+    return f"job {ids[0]}" if len(ids) == 1 else "jobs " + ", ".join(map(str, ids))
+
+
+@dataclass(frozen=True)
+class LiveStatus:
+    """What a running stream's status line says besides its text (the bridge sends it to the output
+    as it changes).
+
+    Attributes:
+        job_ids: the paid jobs the answer is billed to so far (the current one last); ``()`` unpaid.
+        cost: the answer's cost so far, the tokens its hosts reported at its jobs' prices, in whole
+            tokens of ``cost_unit``: an estimate until the job settles (the job's first proof bills at
+            least its proof interval, and a remainder under 100 tokens may go unbilled); ``None`` unpaid.
+        cost_unit: the payment token (``"USDC"``).
+        encrypted: as :attr:`~fabstir_jupyter.streams.InferenceStream.encrypted`.
+    """
+
+    job_ids: tuple[int, ...] = ()
+    cost: float | None = None
+    cost_unit: str | None = None
+    encrypted: bool | None = None
+
+    @classmethod
+    def of(cls, stream: Any) -> LiveStatus:
+        """The live status of an :class:`~fabstir_jupyter.streams.InferenceStream` (or anything with
+        its ``job_ids``, ``running_cost`` and ``encrypted``) now."""
+        running = getattr(stream, "running_cost", None)
+        cost, unit = running if running else (None, None)
+        return cls(tuple(getattr(stream, "job_ids", ()) or ()), cost, unit, getattr(stream, "encrypted", None))
+
+    def fields(self) -> dict[str, Any]:
+        """The status fields of the widget (``StreamOutput.status``) this sets."""
+        fields: dict[str, Any] = {"job_ids": list(self.job_ids) or None, "encrypted": self.encrypted}
+        if self.job_ids:
+            fields.update(cost=self.cost, cost_unit=self.cost_unit, cost_estimate=True)
+        return fields
 
 
 _FENCE = re.compile(r"\A\s*```[ \t]*(?P<lang>[\w+#.-]*)[ \t]*\n(?P<body>.*?)\n?```\s*\Z", re.DOTALL)
@@ -178,7 +240,8 @@ def status_line(result: Any, note: str | None = None, *, ttft: float | None = No
     """Return the one-line status of a finished request: host (``A → B after N tokens`` after a
     failover), model, the wait for the network (``network``, seconds, when the cell waited for it
     to start), ttft (``ttft`` when given, counted from the cell's start; else the request's),
-    tokens/s, tokens, cost."""
+    tokens/s, tokens, cost (``est.`` on a paid network: the job settles later), the paid job, the
+    encryption lock (:func:`lock_text`)."""
     parts = []
     hosts = hosts_part(result)
     if hosts:
@@ -196,7 +259,7 @@ def status_line(result: Any, note: str | None = None, *, ttft: float | None = No
     rate = getattr(usage, "tokens_per_second", None) if usage is not None else None
     if rate is not None:
         parts.append(f"{rate:.1f} tok/s")
-    parts.extend(usage_parts(usage))
+    parts.extend(usage_parts(usage, result))
     reason = getattr(result, "finish_reason", None)
     if reason:
         parts.append(f"finish {reason}")
@@ -218,13 +281,20 @@ def format_error(error: BaseException) -> str:
     return line.replace("\n", " ")
 
 
-def usage_parts(usage: Any) -> list[str]:
-    """The tokens and cost parts of a status line for a usage record (none without one)."""
-    if usage is None:
-        return []
-    parts = [f"{usage.received_tokens} tokens"]
-    if usage.cost is not None:
-        parts.append(f"cost {usage.cost:.6g} {usage.cost_unit or ''}".rstrip())
+def usage_parts(usage: Any, result: Any = None) -> list[str]:
+    """The tokens, cost, paid job and lock parts of a status line for a usage record and, where
+    given, its request's result (a paid answer's cost is the result's, at its jobs' prices, marked
+    ``est.``: the job settles later)."""
+    parts = [f"{usage.received_tokens} tokens"] if usage is not None else []
+    job_ids = getattr(result, "job_ids", None) or ()
+    cost, unit = (getattr(usage, "cost", None), getattr(usage, "cost_unit", None))
+    if job_ids and getattr(result, "cost", None) is not None:
+        cost, unit = result.cost, result.cost_unit
+    if cost is not None:
+        parts.append(f"cost {cost:.6g} {unit or ''}".rstrip() + (" est." if job_ids else ""))
+    for part in (job_text(job_ids), lock_text(getattr(result, "encrypted", None))):
+        if part:
+            parts.append(part)
     return parts
 
 

@@ -1,4 +1,4 @@
-"""The host and usage tables behind the dashboard and ``%fabstir hosts``: rows, prices, frames.
+"""The host, usage and paid-job tables behind the dashboard and ``%fabstir hosts``: rows, prices, frames.
 
 Pure table logic shared by :class:`~fabstir_jupyter.notebook.widgets.HostDashboard` (its synced
 rows and ``*_frame`` properties) and the magics' DataFrame fallback, so both show the same columns
@@ -10,6 +10,10 @@ The default usage ledger is one file shared by every kernel of a user, so a ledg
 this process's records (this kernel's hosts and requests) unless ``all_kernels`` asks for all.
 A request *failed* only if its last attempt failed; failed attempts followed by another attempt
 (a ``HOST_BUSY`` retry, a failover) are *retried*, not failures (:func:`~fabstir_jupyter.usage.summarize`).
+
+The jobs table lists this kernel's paid jobs (:func:`job_rows`, from ``manager.payments``): open
+ones with what they have billed so far (an estimate until settled) and settled ones as the chain
+settled them.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ..hosts.info import HostInfo
+    from ..payments import Payments
 
 __all__ = [
     "HOST_COLUMNS",
     "USAGE_COLUMNS",
+    "JOB_COLUMNS",
     "host_rows",
+    "job_rows",
     "host_text",
     "usage_rows",
     "sort_rows",
     "hosts_dataframe",
     "usage_dataframe",
+    "jobs_dataframe",
     "tables_html",
 ]
 
@@ -44,6 +52,10 @@ USAGE_COLUMNS = (
     "host", "model", "requests", "failed", "retried", "tokens", "cost", "cost_unit", "mean_ttft_ms",
     "tokens_per_second",
 )
+#: The jobs table's columns, one row per paid job of this kernel. Amounts are whole tokens of ``unit``;
+#: ``tokens`` and ``billed`` of a job not settled yet are what settling it now would bill (an estimate:
+#: the chain fixes the bill at settlement), and its ``refund`` is empty.
+JOB_COLUMNS = ("job_id", "host", "model", "kind", "deposit", "tokens", "billed", "refund", "unit", "status")
 _COUNTS = ("requests", "tokens", "failed", "retried")
 
 
@@ -180,6 +192,35 @@ def usage_rows(usage: Any, *, all_kernels: bool = False) -> list[dict[str, Any]]
             for row in summary.to_dict(orient="records")]
 
 
+def job_rows(payments: Payments | None) -> list[dict[str, Any]]:
+    """Return one JSON-safe row per paid job of ``payments`` (:data:`JOB_COLUMNS`), by job id.
+
+    ``status`` is ``open``, ``closing`` (being settled) or ``unsettled`` (its settlement failed: the job
+    stays Active on chain) for a job not settled yet, else the chain's ``completed`` or ``timed_out``.
+    ``None`` (an unpaid network) has no rows. Read it on the payments' event loop (the notebook
+    bridge's loop thread), where the jobs change.
+    """
+    if payments is None:
+        return []
+    rows = []
+    for job in payments.open_jobs:
+        scale = 10**job.decimals
+        cadence = job.cadence
+        rows.append({
+            "job_id": job.job_id, "host": job.host.api_url, "model": job.model, "kind": job.kind,
+            "deposit": job.deposit / scale, "tokens": cadence.settled() if cadence.streamed else 0,
+            "billed": _clean(job.running_cost), "refund": None, "unit": job.unit, "status": job.state,
+        })
+    for settled in payments.settlements:
+        rows.append({
+            "job_id": settled.job_id, "host": settled.host, "model": settled.model, "kind": None,
+            "deposit": settled.amount(settled.deposit), "tokens": settled.tokens_billed,
+            "billed": settled.amount(settled.cost), "refund": settled.amount(settled.refund), "unit": settled.unit,
+            "status": settled.status,
+        })
+    return sorted(rows, key=lambda row: row["job_id"])
+
+
 def _sort_key(value: Any) -> tuple[int, Any]:
     """Nulls last; numbers by value; text case-insensitively; lists by their joined text."""
     if value is None:
@@ -220,10 +261,20 @@ def usage_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame.astype(dict.fromkeys(_COUNTS, "Int64"))
 
 
+def jobs_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Return job rows (:func:`job_rows`) as a DataFrame of :data:`JOB_COLUMNS`."""
+    import pandas as pd
+
+    frame = pd.DataFrame(list(rows), columns=list(JOB_COLUMNS))
+    return frame.astype({"job_id": "Int64", "tokens": "Int64", "deposit": "float64", "billed": "float64",
+                         "refund": "float64"})
+
+
 def tables_html(host_table: Iterable[dict[str, Any]], usage_table: Iterable[dict[str, Any]], *,
-                scope: str = "") -> str:
-    """Return the host table and the usage summary as static HTML (the dashboard without its
-    JavaScript: for nbconvert, GitHub and other viewers). Every cell is escaped."""
+                scope: str = "", job_table: Iterable[dict[str, Any]] | None = None) -> str:
+    """Return the host table, the usage summary and (``job_table``, on a paid network) the paid jobs
+    as static HTML (the dashboard without its JavaScript: for nbconvert, GitHub and other viewers).
+    Every cell is escaped."""
     hosts = hosts_dataframe(host_table)
     usage = usage_dataframe(usage_table)
     parts = ['<div class="fabstir-dash-static">',
@@ -233,6 +284,11 @@ def tables_html(host_table: Iterable[dict[str, Any]], usage_table: Iterable[dict
     parts.append(f"<p><strong>{title}</strong></p>")
     parts.append(usage.to_html(index=False, escape=True, na_rep="—", border=0) if len(usage)
                  else "<p>No requests yet.</p>")
+    if job_table is not None:
+        jobs = jobs_dataframe(job_table)
+        parts.append("<p><strong>Paid jobs (this kernel; billed is an estimate until a job is settled)</strong></p>")
+        parts.append(jobs.to_html(index=False, escape=True, na_rep="—", border=0) if len(jobs)
+                     else "<p>No paid jobs yet.</p>")
     parts.append("</div>")
     return "\n".join(parts)
 

@@ -44,9 +44,18 @@ from typing import TYPE_CHECKING, Any, Callable
 import anywidget
 import traitlets
 
-from .rendering import answer_html, attempt_route, network_part, route_text
+from .rendering import LiveStatus, answer_html, attempt_route, job_text, lock_text, network_part, route_text
 from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
-from .tables import host_rows, host_text, hosts_dataframe, sort_rows, tables_html, usage_dataframe, usage_rows
+from .tables import (
+    host_rows,
+    host_text,
+    hosts_dataframe,
+    jobs_dataframe,
+    sort_rows,
+    tables_html,
+    usage_dataframe,
+    usage_rows,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -60,6 +69,9 @@ logger = logging.getLogger("fabstir_jupyter.notebook")
 STATIC = Path(__file__).parent / "static"
 
 FORMATS = ("markdown", "text", "code", "json")
+#: Least seconds between two updates of a running stream's paid cost in its status line (a change of
+#: job or of encryption shows at once).
+LIVE_STATUS_INTERVAL = 0.5
 
 
 # --------------------------------------------------------------------------- the live answer
@@ -89,8 +101,9 @@ def _cost_text(cost: float) -> str:
 
 def status_text(status: dict[str, Any]) -> str:
     """The widget's status line as text (js/src/stream_output.ts statusParts): host (``A → B after
-    N tokens`` after a failover), model, the wait for the network, TTFT, tokens/s, tokens, cost,
-    finish reason, note."""
+    N tokens`` after a failover), model, the wait for the network, TTFT, tokens/s, tokens, cost
+    (``est.`` for a paid answer: its job settles later), the paid job, the encryption lock, finish
+    reason, note."""
     parts: list[str] = []
     route = status.get("route") or []
     if len(route) > 1:
@@ -108,7 +121,11 @@ def status_text(status: dict[str, Any]) -> str:
     if isinstance(status.get("tokens"), (int, float)):
         parts.append(f"{status['tokens']} token{'' if status['tokens'] == 1 else 's'}")
     if isinstance(status.get("cost"), (int, float)):
-        parts.append(f"{_cost_text(status['cost'])} {status.get('cost_unit') or ''}".strip())
+        cost = f"{_cost_text(status['cost'])} {status.get('cost_unit') or ''}".strip()
+        parts.append(f"{cost} est." if status.get("cost_estimate") else cost)
+    for part in (job_text(status.get("job_ids")), lock_text(status.get("encrypted"))):
+        if part:
+            parts.append(part)
     if status.get("finish_reason") and status["finish_reason"] != "stop":
         parts.append(f"finish: {status['finish_reason']}")
     if status.get("note"):
@@ -128,13 +145,20 @@ def _usage_fields(result: Any) -> dict[str, Any]:
     if usage is not None:
         tokens = getattr(usage, "received_tokens", None) or getattr(usage, "completion_tokens", None)
     route = attempt_route(getattr(result, "records", None))
-    return {
+    fields = {
         "tokens_per_second": _number(getattr(usage, "tokens_per_second", None)),
         "tokens": _number(tokens),
         "cost": _number(getattr(usage, "cost", None)),
         "cost_unit": getattr(usage, "cost_unit", None),
         "route": route if len(route) > 1 else None,
+        "encrypted": getattr(result, "encrypted", None),
     }
+    job_ids = [int(job) for job in getattr(result, "job_ids", None) or ()]
+    if job_ids:  # a paid answer: its cost at its jobs' prices, an estimate until they settle
+        fields.update(job_ids=job_ids, cost_estimate=True)
+        if getattr(result, "cost", None) is not None:
+            fields.update(cost=_number(result.cost), cost_unit=getattr(result, "cost_unit", None))
+    return fields
 
 
 class StreamOutput(anywidget.AnyWidget):
@@ -150,8 +174,13 @@ class StreamOutput(anywidget.AnyWidget):
     the cell waited for its network to start, else None, ``tokens_per_second``, ``tokens``,
     ``cost``, ``cost_unit``, ``finish_reason``, ``note``, ``error``: ``{code, message, hint}``,
     ``route``: ``[{host, tokens}, ...]`` when the request went through more than one host, else
-    None), ``format`` (markdown, text, code, json) and ``background`` (show a stop button while
-    running).
+    None; on a paid network ``job_ids``: the jobs the answer is billed to, and ``cost_estimate``:
+    true, the cost being the tokens so far at the jobs' prices until they settle; ``encrypted``:
+    true, false or None as the stream's, shown as a lock), ``format`` (markdown, text, code, json)
+    and ``background`` (show a stop button while running).
+
+    While the stream runs, :meth:`live` shows its paid job, its cost so far and its lock: a change
+    of job or of encryption at once, the cost at most every :data:`LIVE_STATUS_INTERVAL` seconds.
 
     Its display data carries, besides the widget view, the final text as ``text/plain`` and as
     escaped ``text/html`` with the status line (see :func:`~.output.answer_html`).
@@ -210,6 +239,8 @@ class StreamOutput(anywidget.AnyWidget):
         self._started_at: float | None = None
         self._cell_started_at = started_at
         self._first_text_at: float | None = None
+        self._live: LiveStatus | None = None  # not shown yet
+        self._live_shown_at: float | None = None
         self._state = "new"
         if on_stop is not None:
             self.on_stop(on_stop)
@@ -226,6 +257,7 @@ class StreamOutput(anywidget.AnyWidget):
         self._started_at = self.batcher.clock() if self._cell_started_at is None else self._cell_started_at
         self._cell_started_at = None  # a later start (the widget reused) counts from itself
         self._first_text_at = None
+        self._live, self._live_shown_at = None, None
         with self.hold_sync():
             self.text = ""
             self.status = self._status("running", host=host_text(host), model=model)
@@ -262,6 +294,30 @@ class StreamOutput(anywidget.AnyWidget):
             if self._started_at is not None:
                 self.status = {**self.status, "ttft": self._first_text_at - self._started_at}
         self.batcher.append(text)
+        if self._live is not None and self._live_due():
+            self._show_live()
+
+    def live(self, status: LiveStatus) -> None:
+        """Show what the running stream's status line says besides its text: its paid job and
+        encryption at once when they change, its cost so far at most every
+        :data:`LIVE_STATUS_INTERVAL` seconds (a later :meth:`append`, even ``append("")``, shows one
+        held back). Ignored once the stream has ended."""
+        if self._state == "new":
+            self.start()
+        if self._state != "running":
+            return
+        self._live = status
+        shown = (self.status.get("job_ids"), self.status.get("encrypted"))
+        if shown != (list(status.job_ids) or None, status.encrypted) or self._live_due():
+            self._show_live()
+
+    def _live_due(self) -> bool:
+        return self._live_shown_at is None or self.batcher.clock() - self._live_shown_at >= LIVE_STATUS_INTERVAL
+
+    def _show_live(self) -> None:
+        assert self._live is not None
+        self.status = {**self.status, **self._live.fields()}
+        self._live, self._live_shown_at = None, self.batcher.clock()
 
     def tick(self) -> None:
         """Send pending text that is due; same as ``append("")``."""
@@ -299,8 +355,12 @@ class StreamOutput(anywidget.AnyWidget):
             "hint": getattr(error, "hint", None),
         }
         host = getattr(error, "host", None)
+        if self._live is not None:
+            self._show_live()
+        kept = {key: self.status.get(key) for key in ("ttft", "network", "job_ids", "encrypted", "cost", "cost_unit",
+                                                      "cost_estimate")}
         status = self._status("error", host=host or self.status.get("host"), model=self.status.get("model"),
-                              ttft=self.status.get("ttft"), network=self.status.get("network"), error=detail)
+                              error=detail, **kept)
         self._end("error", self.batcher.text, status)
 
     def cancelled(self, result: Any = None) -> None:
@@ -308,7 +368,11 @@ class StreamOutput(anywidget.AnyWidget):
         known) keeps its host, tokens and cost in the status line."""
         if not self._ending():
             return
-        fields: dict[str, Any] = _usage_fields(result) if result is not None else {}
+        if result is None and self._live is not None:
+            self._show_live()
+        fields: dict[str, Any] = (_usage_fields(result) if result is not None else
+                                  {key: self.status.get(key) for key in ("job_ids", "encrypted", "cost", "cost_unit",
+                                                                         "cost_estimate")})
         fields.pop("tokens_per_second", None)  # a rate over a cut-off stream says little
         status = self._status("cancelled", host=host_text(getattr(result, "host", None)) or self.status.get("host"),
                               model=getattr(result, "model", None) or self.status.get("model"),
@@ -418,6 +482,9 @@ class StreamOutput(anywidget.AnyWidget):
             "note": self.note,
             "error": None,
             "route": None,
+            "job_ids": None,
+            "cost_estimate": None,
+            "encrypted": None,
         }
         status.update(fields)
         return status
@@ -464,13 +531,15 @@ def _display(widget: Any) -> Any:
 
 
 class HostDashboard(anywidget.AnyWidget):
-    """Discovered hosts: a sortable table, a usage summary and a latency/price chart.
+    """Discovered hosts: a sortable table, a usage summary, this kernel's paid jobs and a
+    latency/price chart.
 
     Args:
-        source: where the data comes from. Either a callable returning ``(hosts, usage)`` (a
-            list of :class:`~fabstir_jupyter.hosts.HostInfo`, and usage as :func:`usage_rows`
-            accepts, or None), or a :class:`~fabstir_jupyter.hosts.HostManager` (its known
-            hosts, no I/O), or a list of hosts.
+        source: where the data comes from. Either a callable returning ``(hosts, usage)`` or
+            ``(hosts, usage, jobs)`` (a list of :class:`~fabstir_jupyter.hosts.HostInfo`, usage as
+            :func:`usage_rows` accepts or None, and the paid jobs as :func:`~.tables.job_rows`
+            rows, or None where nothing is paid), or a :class:`~fabstir_jupyter.hosts.HostManager`
+            (its known hosts, no I/O), or a list of hosts.
         ledger: usage for a manager or list source (a ``UsageLedger``, a frame...).
         auto_refresh: seconds between refreshes requested by the view; 0 is off. They run in
             the kernel when it is idle.
@@ -478,8 +547,9 @@ class HostDashboard(anywidget.AnyWidget):
             every kernel) is read for this kernel's records only; the view has a checkbox for it.
 
     The refresh button (and auto-refresh) sends ``{"type": "refresh"}``: the kernel calls the
-    source again and resets ``rows``/``usage_rows``. A source that raises leaves the rows as they
-    were and sets ``error``. Displayed, the dashboard carries its tables as escaped ``text/html``
+    source again and resets ``rows``/``usage_rows``/``job_rows``. ``paid`` says whether the source
+    gave jobs (the view then shows the jobs table, even empty). A source that raises leaves the rows
+    as they were and sets ``error``. Displayed, the dashboard carries its tables as escaped ``text/html``
     too (for nbconvert, GitHub and other viewers without the widget JavaScript); a refresh
     updates every display of it.
     """
@@ -489,6 +559,8 @@ class HostDashboard(anywidget.AnyWidget):
 
     rows = traitlets.List(traitlets.Dict()).tag(sync=True)
     usage_rows = traitlets.List(traitlets.Dict()).tag(sync=True)
+    job_rows = traitlets.List(traitlets.Dict()).tag(sync=True)
+    paid = traitlets.Bool(False).tag(sync=True)
     auto_refresh = traitlets.Float(0.0, min=0.0).tag(sync=True)
     sort_by = traitlets.Unicode("latency_ms").tag(sync=True)
     sort_ascending = traitlets.Bool(True).tag(sync=True)
@@ -503,20 +575,24 @@ class HostDashboard(anywidget.AnyWidget):
         self._ledger = ledger
         self._hosts: list[Any] = []
         self._usage: Any = None
+        self._jobs: list[dict[str, Any]] | None = None
         self._display_id = f"fabstir-dashboard-{uuid.uuid4().hex}"
         self._displayed = False
         self.on_msg(self._handle_message)
         self.observe(self._scope_changed, names="all_kernels")
         self.refresh()
 
-    def _load(self) -> tuple[list[Any], Any]:
+    def _load(self) -> tuple[list[Any], Any, list[dict[str, Any]] | None]:
         source = self._source
+        jobs = None
         if callable(source) and not hasattr(source, "hosts"):
-            hosts, usage = source()
+            loaded = source()
+            hosts, usage = loaded[0], loaded[1]
+            jobs = loaded[2] if len(loaded) > 2 else None
         else:
             hosts = getattr(source, "hosts", source)
             usage = self._ledger
-        return list(hosts or ()), usage
+        return list(hosts or ()), usage, None if jobs is None else list(jobs)
 
     def refresh(self) -> None:
         """Read the source again and replace ``rows`` and ``usage_rows`` (one sync message), and
@@ -527,12 +603,12 @@ class HostDashboard(anywidget.AnyWidget):
                 view's button logs it instead.
         """
         try:
-            hosts, usage = self._load()
+            hosts, usage, jobs = self._load()
             rows, summary = self._tables(hosts, usage)
         except Exception as exc:
             self.error = f"refresh failed: {exc}"
             raise
-        self._hosts, self._usage = hosts, usage
+        self._hosts, self._usage, self._jobs = hosts, usage, jobs
         self._show_tables(rows, summary)
 
     def _tables(self, hosts: list[Any], usage: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -543,6 +619,8 @@ class HostDashboard(anywidget.AnyWidget):
         with self.hold_sync():
             self.rows = rows
             self.usage_rows = summary
+            self.job_rows = self._jobs or []
+            self.paid = self._jobs is not None
             self.error = ""
             self.updated = time.time()
         self._update_displays()
@@ -571,6 +649,12 @@ class HostDashboard(anywidget.AnyWidget):
         """The usage summary as a DataFrame, one row per host and model."""
         return usage_dataframe(self.usage_rows)
 
+    @property
+    def jobs_frame(self) -> pd.DataFrame:
+        """This kernel's paid jobs as a DataFrame (:data:`~.tables.JOB_COLUMNS`: job, host, model, deposit,
+        tokens, billed, refund, status; a job not settled yet bills an estimate and has no refund)."""
+        return jobs_dataframe(self.job_rows)
+
     def __repr__(self) -> str:
         count = len(self.rows)
         return f"HostDashboard: {count} host{'' if count == 1 else 's'}"
@@ -581,7 +665,8 @@ class HostDashboard(anywidget.AnyWidget):
     def static_html(self) -> str:
         """The ``text/html`` fallback: the host table (in the table's order) and the usage summary."""
         scope = "all kernels" if self.all_kernels else "this kernel"
-        return tables_html(self.sorted_rows(), self.usage_rows, scope=scope)
+        return tables_html(self.sorted_rows(), self.usage_rows, scope=scope,
+                           job_table=self.job_rows if self.paid else None)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
         bundle = super()._repr_mimebundle_(**kwargs)

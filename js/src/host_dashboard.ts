@@ -1,5 +1,6 @@
 // The host dashboard: the view of HostDashboard (fabstir_jupyter/notebook/widgets.py): a sortable
-// host table, a usage summary and the latency/price chart (host_chart.ts).
+// host table, a usage summary, this kernel's paid jobs (on a paid network) and the latency/price
+// chart (host_chart.ts).
 //
 // Custom messages, view -> kernel: {type: "refresh"} (the kernel reads its source again; it
 // answers only when idle, so a request made while a cell runs waits for it). The "all kernels"
@@ -14,21 +15,27 @@ import { hostChart } from "./host_chart";
 import {
   cellText,
   COLUMNS,
+  JOB_COLUMNS,
+  jobCellText,
+  jobSettled,
   sortRows,
   USAGE_COLUMNS,
   usageCellText,
   type HostKey,
   type HostRow,
+  type JobRow,
   type UsageRow,
 } from "./host_rows";
 
 export { chartData, priceTick } from "./host_chart";
-export { cellText, shortName, sortRows } from "./host_rows";
+export { cellText, jobCellText, shortName, sortRows } from "./host_rows";
 
 /** The synced traits of HostDashboard in fabstir_jupyter/notebook/widgets.py. */
 export interface HostDashboardModel {
   rows: HostRow[];
   usage_rows: UsageRow[];
+  job_rows: JobRow[]; // this kernel's paid jobs, by job id
+  paid: boolean; // the network pays: show the jobs table, even empty
   auto_refresh: number; // seconds between refresh requests; 0 is off
   sort_by: HostKey; // the table's order, written here when a header is clicked
   sort_ascending: boolean;
@@ -41,7 +48,9 @@ type Model = AnyModel<HostDashboardModel>;
 
 /** How long a refresh request may stay unanswered before the view asks again (the kernel is busy). */
 const REFRESH_PATIENCE_MS = 60_000;
-const DRAWN = ["rows", "usage_rows", "sort_by", "sort_ascending", "all_kernels", "updated", "error"] as const;
+const DRAWN = [
+  "rows", "usage_rows", "job_rows", "paid", "sort_by", "sort_ascending", "all_kernels", "updated", "error",
+] as const;
 
 // Auto-refresh lives with the model (not the views), so two views do not double the requests.
 const initialize: Initialize<HostDashboardModel> = ({ model }) => {
@@ -153,6 +162,34 @@ function usageTable(model: Model, rows: UsageRow[]): HTMLElement {
   return box;
 }
 
+function jobsTable(rows: JobRow[]): HTMLElement {
+  const box = el("div", "fabstir-jobs");
+  box.append(el("div", "fabstir-subtitle", "Paid jobs (this kernel; ≈ billed so far, until settled)"));
+  if (!rows.length) {
+    box.append(el("div", "fabstir-empty", "No paid jobs yet."));
+    return box;
+  }
+  const table = el("table", "fabstir-table");
+  const head = table.createTHead().insertRow();
+  for (const [, label, numeric] of JOB_COLUMNS) head.append(el("th", numeric ? "fabstir-num" : "", label));
+  const body = table.createTBody();
+  for (const row of rows) {
+    const tr = body.insertRow();
+    tr.dataset.settled = jobSettled(row) ? "true" : "false";
+    for (const [column, , numeric] of JOB_COLUMNS) {
+      const td = tr.insertCell();
+      td.textContent = jobCellText(row, column);
+      if (numeric) td.className = "fabstir-num";
+      if (column === "status") td.className = `fabstir-job-${classToken(row.status)}`;
+      if ((column === "billed" || column === "tokens") && !jobSettled(row)) {
+        td.title = "an estimate until the job is settled";
+      }
+    }
+  }
+  box.append(table);
+  return box;
+}
+
 const render: Render<HostDashboardModel> = ({ model, el: host }) => {
   const root = el("div", "fabstir-dash");
   const header = el("div", "fabstir-dash-header");
@@ -174,11 +211,14 @@ const render: Render<HostDashboardModel> = ({ model, el: host }) => {
     const when = model.get("updated");
     updated.textContent = when ? `updated ${new Date(when * 1000).toLocaleTimeString()}` : "";
     error.textContent = model.get("error") || "";
-    content.replaceChildren(
+    const parts: Node[] = [
       rows.length ? hostTable(model, rows) : el("div", "fabstir-empty", "No hosts discovered yet."),
       usageTable(model, model.get("usage_rows") || []),
-      hostChart(rows),
-    );
+    ];
+    const jobs = model.get("job_rows") || [];
+    if (model.get("paid") || jobs.length) parts.push(jobsTable(jobs));
+    parts.push(hostChart(rows));
+    content.replaceChildren(...parts);
   }
 
   function settle(): void {

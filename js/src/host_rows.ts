@@ -34,8 +34,26 @@ export interface UsageRow {
   tokens_per_second: number | null;
 }
 
+/**
+ * One paid job of this kernel (tables.JOB_COLUMNS). Amounts are whole tokens of `unit`; a job not
+ * settled yet (status open, closing, unsettled) bills an estimate and has no refund.
+ */
+export interface JobRow {
+  job_id: number;
+  host: string | null;
+  model: string | null;
+  kind: string | null; // "session" or "tab" (stateless requests to one host); null once settled
+  deposit: number | null;
+  tokens: number | null;
+  billed: number | null;
+  refund: number | null;
+  unit: string | null;
+  status: string;
+}
+
 export type HostKey = keyof HostRow;
 export type UsageKey = keyof UsageRow;
+export type JobKey = keyof JobRow;
 
 /** The host table's columns: [key, label, numeric]. */
 export const COLUMNS: ReadonlyArray<readonly [HostKey, string, boolean]> = [
@@ -65,6 +83,23 @@ export const USAGE_COLUMNS: ReadonlyArray<readonly [UsageKey, string]> = [
   ["mean_ttft_ms", "Mean TTFT"],
   ["tokens_per_second", "Tokens/s"],
 ];
+
+/** The jobs table's columns: [key, label, numeric]. */
+export const JOB_COLUMNS: ReadonlyArray<readonly [JobKey, string, boolean]> = [
+  ["job_id", "Job", true],
+  ["host", "Host", false],
+  ["model", "Model", false],
+  ["deposit", "Deposit", true],
+  ["tokens", "Tokens billed", true],
+  ["billed", "Billed", true],
+  ["refund", "Refund", true],
+  ["status", "Status", false],
+];
+
+/** Whether a job's bill is final (the chain settled it). */
+export function jobSettled(row: JobRow): boolean {
+  return row.status === "completed" || row.status === "timed_out";
+}
 
 type Cell = string | number | string[] | null | undefined;
 
@@ -136,5 +171,19 @@ export function usageCellText(row: UsageRow, key: UsageKey): string {
   if (key === "mean_ttft_ms") return `${formatNumber(value as number)} ms`;
   if (key === "tokens_per_second") return formatNumber(value as number, 1);
   if (typeof value === "number") return formatNumber(value, 2);
+  return String(value);
+}
+
+/** The text of one jobs-table cell ("≈" marks what a job not settled yet has billed so far). */
+export function jobCellText(row: JobRow, key: JobKey): string {
+  const value = row[key];
+  if (value === null || value === undefined || value === "") return "—";
+  if (key === "job_id") return String(value);
+  if (key === "deposit" || key === "refund") return formatPrice(value as number, row.unit);
+  const estimate = jobSettled(row) ? "" : "≈"; // what settling now would bill: the chain fixes it then
+  if (key === "billed") return `${estimate}${formatPrice(value as number, row.unit)}`;
+  if (key === "tokens") return `${estimate}${formatNumber(value as number)}`;
+  if (key === "status") return String(value).replace("_", " ");
+  if (typeof value === "number") return formatNumber(value);
   return String(value);
 }

@@ -44,6 +44,9 @@ export interface StreamStatus {
   note?: string | null;
   error?: StreamError | null;
   route?: RouteStep[] | null; // set when the request switched hosts
+  job_ids?: number[] | null; // the paid jobs the answer is billed to (unpaid: null)
+  cost_estimate?: boolean | null; // the cost is the tokens so far at the jobs' prices, until they settle
+  encrypted?: boolean | null; // end-to-end encrypted (true), sent in clear (false), unknown (null)
 }
 
 /** The synced traits of StreamOutput in fabstir_jupyter/notebook/widgets.py. */
@@ -102,6 +105,29 @@ export function routeText(route: readonly RouteStep[]): string {
     .join(" ");
 }
 
+/** "job 3", or "jobs 3, 4" for an answer that went on on a new job (rendering.job_text in Python). */
+export function jobText(jobIds: readonly number[] | null | undefined): string | null {
+  if (!jobIds || !jobIds.length) return null;
+  return jobIds.length === 1 ? `job ${jobIds[0]}` : `jobs ${jobIds.join(", ")}`;
+}
+
+/** The encryption lock (rendering.lock_text in Python): 🔒 encrypted, 🔓 plaintext, nothing when unknown. */
+export function lockText(encrypted: boolean | null | undefined): string | null {
+  if (encrypted === true) return "🔒";
+  if (encrypted === false) return "🔓 plaintext";
+  return null;
+}
+
+/** The status line's tooltip: what its lock and its estimated cost mean. */
+export function statusTitle(status: StreamStatus | null | undefined): string {
+  const s = status || {};
+  const notes: string[] = [];
+  if (s.encrypted === true) notes.push("🔒 end-to-end encrypted: only the host's key opens the prompt and the answer");
+  if (s.encrypted === false) notes.push("🔓 sent in plaintext (the host has no published key, or encryption is off)");
+  if (s.cost_estimate) notes.push("est.: the tokens so far at the job's price; the chain fixes the bill when the job is settled");
+  return notes.join("\n");
+}
+
 /** "140 ms" under a second, else "2.3 s" (widgets._seconds_text in Python). */
 export function durationText(seconds: number): string {
   return seconds < 1 ? `${Math.round(seconds * 1000)} ms` : `${seconds.toFixed(1)} s`;
@@ -109,7 +135,8 @@ export function durationText(seconds: number): string {
 
 /**
  * The parts of the status line: host (both hosts and where it switched, after a failover), model,
- * the wait for the network, TTFT, tokens/s, tokens, cost, finish reason, note. The same text as
+ * the wait for the network, TTFT, tokens/s, tokens, cost ("est." for a paid answer, whose job
+ * settles later), the paid job, the encryption lock, finish reason, note. The same text as
  * widgets.status_text in Python.
  */
 export function statusParts(status: StreamStatus | null | undefined): string[] {
@@ -122,7 +149,11 @@ export function statusParts(status: StreamStatus | null | undefined): string[] {
   if (typeof s.ttft === "number") parts.push(`TTFT ${durationText(s.ttft)}`);
   if (typeof s.tokens_per_second === "number") parts.push(`${s.tokens_per_second.toFixed(1)} tok/s`);
   if (typeof s.tokens === "number") parts.push(`${s.tokens} token${s.tokens === 1 ? "" : "s"}`);
-  if (typeof s.cost === "number") parts.push(`${formatCost(s.cost)} ${s.cost_unit || ""}`.trim());
+  if (typeof s.cost === "number") {
+    const cost = `${formatCost(s.cost)} ${s.cost_unit || ""}`.trim();
+    parts.push(s.cost_estimate ? `${cost} est.` : cost);
+  }
+  for (const part of [jobText(s.job_ids), lockText(s.encrypted)]) if (part) parts.push(part);
   if (s.finish_reason && s.finish_reason !== "stop") parts.push(`finish: ${s.finish_reason}`);
   if (s.note) parts.push(String(s.note));
   return parts;
@@ -188,10 +219,13 @@ const render: Render<StreamOutputModel> = ({ model, el: host }) => {
       const starting = phase === "running" && !!status.step && !live.text;
       const parts = statusParts({
         host: status.host, model: status.model, network: status.network, ttft: status.ttft, note: status.note,
+        cost: status.cost, cost_unit: status.cost_unit, cost_estimate: status.cost_estimate,
+        job_ids: status.job_ids, encrypted: status.encrypted,
       });
       if (starting) parts.unshift(`${status.step}…`);
       else if (phase === "running") parts.push(`${live.chars.toLocaleString()} chars`);
       statusLine.textContent = parts.join(" · ");
+      statusLine.title = statusTitle(status);
       root.dataset.starting = starting ? "true" : "false";
       badge.textContent = starting ? "starting" : phase === "running" ? "streaming" : "";
     } else {
@@ -208,6 +242,7 @@ const render: Render<StreamOutputModel> = ({ model, el: host }) => {
         liveText.textContent = "";
       }
       statusLine.textContent = statusParts(status).join(" · ");
+      statusLine.title = statusTitle(status);
       badge.textContent = phase === "done" ? "" : phase === "cancelled" ? "cancelled" : "error";
     }
     const error = phase === "error" ? status.error || {} : null;

@@ -5,7 +5,7 @@ import { describe, it } from "node:test";
 
 import { FakeModel, hostElement, loadWidget, watchTimers } from "./support.mjs";
 
-const { default: widget, chartData, priceTick, shortName } = await loadWidget("host_dashboard");
+const { default: widget, chartData, priceTick, shortName, jobCellText } = await loadWidget("host_dashboard");
 
 function row(fields) {
   return {
@@ -35,6 +35,7 @@ function rendered(model = dashboardModel()) {
 }
 
 const texts = (nodes) => Array.from(nodes, (node) => node.textContent);
+const text = (el, selector) => el.querySelector(selector)?.textContent ?? null;
 
 /** Whether `value` is a multiple of a 1, 2 or 5 × 10^k step (nice ticks), within float noise. */
 function isNiceStep(step) {
@@ -194,5 +195,46 @@ describe("refreshing", () => {
     });
     assert.ok([...timers.keys()].every((id) => cleared.has(id)));
     assert.equal(model.listeners("change:auto_refresh"), 0);
+  });
+});
+
+describe("the jobs table", () => {
+  const JOBS = [
+    { job_id: 3, host: "http://fast:1", model: "smol", kind: "session", deposit: 0.5, tokens: 100, billed: 0.0002,
+      refund: 0.4998, unit: "USDC", status: "completed" },
+    { job_id: 4, host: "http://fast:1", model: "smol", kind: "tab", deposit: 4.096, tokens: 120, billed: 0.00024,
+      refund: null, unit: "USDC", status: "open" },
+  ];
+
+  it("lists each paid job with its deposit, bill and refund; an open job's bill marked as an estimate", () => {
+    const { el, cleanup } = rendered(dashboardModel({ job_rows: JOBS, paid: true }));
+    const box = el.querySelector(".fabstir-jobs");
+    assert.ok(box, "no jobs table");
+    assert.deepEqual(texts(box.querySelectorAll("thead th")),
+      ["Job", "Host", "Model", "Deposit", "Tokens billed", "Billed", "Refund", "Status"]);
+    const rows = Array.from(box.querySelectorAll("tbody tr"), (tr) => texts(tr.querySelectorAll("td")));
+    assert.deepEqual(rows, [
+      ["3", "http://fast:1", "smol", "0.5 USDC", "100", "0.0002 USDC", "0.4998 USDC", "completed"],
+      ["4", "http://fast:1", "smol", "4.096 USDC", "≈120", "≈0.00024 USDC", "—", "open"],
+    ]);
+    assert.equal(box.querySelectorAll('tr[data-settled="false"] td[title]').length, 2);
+    cleanup();
+  });
+
+  it("says there are no jobs yet on a paid network and shows no table on an unpaid one", () => {
+    const paid = rendered(dashboardModel({ job_rows: [], paid: true }));
+    assert.equal(text(paid.el, ".fabstir-jobs .fabstir-empty"), "No paid jobs yet.");
+    paid.cleanup();
+    const free = rendered(dashboardModel({ job_rows: [], paid: false }));
+    assert.equal(free.el.querySelector(".fabstir-jobs"), null);
+    free.cleanup();
+  });
+
+  it("keeps a host's text out of the markup", () => {
+    const hostile = { ...JOBS[1], host: "<img src=x onerror=alert(1)>", status: "<b>open</b>" };
+    const { el, cleanup } = rendered(dashboardModel({ job_rows: [hostile], paid: true }));
+    assert.equal(el.querySelectorAll(".fabstir-jobs img, .fabstir-jobs b").length, 0);
+    assert.equal(jobCellText(hostile, "host"), "<img src=x onerror=alert(1)>");
+    cleanup();
   });
 });

@@ -159,6 +159,35 @@ describe("the view", () => {
     cleanup();
   });
 
+  it("shows a paid stream's job, its cost so far as an estimate and the lock while running and when done", () => {
+    const model = streamModel({ status: { state: "running", host: "http://h1:8080", model: "smol" } });
+    const { el, cleanup } = mount(model);
+    model.receive({ type: "snapshot", text: "Rivers" });
+    model.set("status", { state: "running", host: "http://h1:8080", model: "smol", job_ids: [7], cost: 0.00012,
+      cost_unit: "USDC", cost_estimate: true, encrypted: true });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "http://h1:8080 · smol · 0.00012 USDC est. · job 7 · 🔒 · 6 chars");
+    assert.match(el.querySelector(".fabstir-status").title, /end-to-end encrypted[\s\S]*est\./);
+    model.set("text", "Rivers flow.");
+    model.set("status", { state: "done", host: "http://h1:8080", model: "smol", tokens: 3, job_ids: [7, 8],
+      cost: 0.0003, cost_unit: "USDC", cost_estimate: true, encrypted: true });
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "http://h1:8080 · smol · 3 tokens · 0.0003 USDC est. · jobs 7, 8 · 🔒");
+    cleanup();
+  });
+
+  it("says plaintext when the stream was sent in clear and nothing when it is not known", () => {
+    const model = streamModel({ status: { state: "running", host: "http://h", encrypted: false } });
+    const { el, cleanup } = mount(model);
+    assert.equal(text(el, ".fabstir-status"), "http://h · 🔓 plaintext · 0 chars");
+    model.set("status", { state: "done", host: "http://h", tokens: 2, encrypted: null });
+    model.set("text", "hi");
+    flushFrames();
+    assert.equal(text(el, ".fabstir-status"), "http://h · 2 tokens");
+    assert.equal(el.querySelector(".fabstir-status").title, "");
+    cleanup();
+  });
+
   it("shows an error's code, message and hint, and a cancel note", () => {
     const model = streamModel();
     const { el, cleanup } = mount(model);

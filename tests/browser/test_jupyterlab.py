@@ -16,13 +16,15 @@ be watched growing:
 
 In each front end the test runs the quickstart's setup cells and its first ``%%fabstir`` cell (the
 extension started the local network in the background as the setup cell ended, and the cell comes
-before that start is over): the live widget first says which step of the network's start it waits
-on (screenshot: light in JupyterLab, dark in Notebook 7), then streams; the test reads its text
-twice and checks that it grew, checks the final rendering (the scripted text, status ``done``, a
-status line with the network's wait and the TTFT), runs ``%fabstir hosts`` and checks one
-dashboard row per host with the Failed and Retried columns, interrupts a long stream and checks
-that the cancelled status line keeps the host and the tokens, checks that the chart's tick and
-point labels contrast with the background (WCAG 4.5:1) in the light and dark themes, runs a cell
+before that start is over): the live widget first says which step of the network's start it waits on
+(screenshot: light in JupyterLab, dark in Notebook 7), then streams; the test reads its text twice
+and checks that it grew, checks the final rendering (the scripted text, status ``done``, a status
+line with the network's wait, the TTFT, and on the paid local network the job, its estimated cost
+and the lock, also while it streams; 🔓 plaintext on static hosts), runs ``%fabstir hosts`` and
+checks one dashboard row per host with the Failed and Retried columns (and, paid, the job in its
+jobs table), interrupts a long stream and
+checks that the cancelled status line keeps the host and the tokens, checks that the chart's tick
+and point labels contrast with the background (WCAG 4.5:1) in the light and dark themes, runs a cell
 that fails with the cell after it queued (the error shows once: the widget's error state and one
 error line; the queued cell never runs), checks that ``%fabstir help`` and a ``--format code``
 answer scroll rather than wrap, then saves the notebook, exports it with nbconvert and checks in
@@ -361,6 +363,11 @@ DASHBOARD_HEADERS = f"""(index) => {{
     const table = cell && cell.node.querySelector(".fabstir-dash .fabstir-dash-content > table.fabstir-table");
     return table ? Array.from(table.tHead.rows[0].cells, (th) => th.textContent.replace(/[▲▼]/g, "").trim()) : null;
 }}"""
+JOB_ROWS = f"""(index) => {{
+    const cell = {PANEL}.content.widgets[index];
+    const table = cell && cell.node.querySelector(".fabstir-dash .fabstir-jobs table.fabstir-table");
+    return table ? Array.from(table.tBodies[0].rows, (row) => Array.from(row.cells, (td) => td.textContent)) : null;
+}}"""
 LONG_PROMPT = "%%fabstir --max-tokens 400\nTell me a long story about rivers."
 FAILING_PROMPT = "%%fabstir --model no-such-model --max-tokens 4\nWhich model answers?"
 AFTER_FAILING = "print('the cell after the failed one', 'ran')"  # its output is not its source
@@ -469,6 +476,11 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 assert len(second["live"]) > len(first["live"]), (first, second)
                 assert second["live"].startswith(first["live"])
                 assert expected.startswith(second["live"]), "the live text is not a prefix of the answer"
+                # The local network's hosts are paid and publish keys: while the answer streams, its
+                # status line names its job and its cost so far (an estimate) and shows the lock.
+                paid = slow_hosts[1] is None
+                if paid:
+                    assert re.search(r"USDC est\. · job \d+ · 🔒", second["status"]), second["status"]
                 shot(page, "streaming", f'[data-fabstir-test="cell-{stream_cell}"]')
 
                 final = _poll(read, lambda s: bool(s and s["state"] != "running"), STREAM_END_TIMEOUT)
@@ -481,6 +493,10 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 assert waited and ttft, final["status"]
                 ttft_s = int(ttft.group(1)) / 1000 if ttft.group(1) else float(ttft.group(2))
                 assert ttft_s >= float(waited.group(1)) - 0.05, final["status"]
+                if paid:  # static scripted hosts: unpaid, and in clear (they publish no key)
+                    assert re.search(r"USDC est\. · job \d+ · 🔒 · ", final["status"]), final["status"]
+                else:
+                    assert " · 🔓 plaintext" in final["status"] and "job" not in final["status"], final["status"]
                 shot(page, "stream", f'[data-fabstir-test="cell-{stream_cell}"]')
 
                 # The host dashboard: one row per host, each host's URL in its row; failed requests
@@ -499,6 +515,15 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 headers = page.evaluate(DASHBOARD_HEADERS, hosts_cell)
                 assert headers[-4:] == ["Requests", "Tokens", "Failed", "Retried"], headers
                 assert "Errors" not in headers
+                # On the paid local network the dashboard lists the job the answer was billed to: open,
+                # its bill so far an estimate (≈); static hosts are unpaid and have no jobs table.
+                jobs = page.evaluate(JOB_ROWS, hosts_cell)
+                if paid:
+                    job_id = re.search(r"job (\d+)", final["status"]).group(1)
+                    assert jobs and [row for row in jobs if row[0] == job_id and row[-1] == "open"
+                                     and row[5].startswith("≈")], jobs
+                else:
+                    assert jobs is None, jobs
 
                 # The chart's labels read in the light theme and in the dark one; both screenshotted.
                 for theme in ("JupyterLab Light", "JupyterLab Dark"):
@@ -587,6 +612,7 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                     visible = " ".join(export.inner_text("body").split())
                     assert " ".join(expected.split()) in visible
                     assert f"{len(expected.split())} tokens" in visible
+                    assert ("🔒" if paid else "🔓 plaintext") in visible  # the static fallback's status line
                     for cell in shown:
                         assert cell in visible
                     assert "Cancelled: the text above is what arrived before the stop." in visible

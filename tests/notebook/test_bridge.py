@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -326,3 +327,92 @@ def test_get_bridge_is_one_per_process_until_closed(isolated_env):
     close_bridge()
     assert first.closed and get_bridge() is not first
     close_bridge()
+
+
+# --------------------------------------------------------------------------- the live status of paid streams
+
+
+class ScriptedPaidStream:
+    """A stand-in for a paid InferenceStream: one token per piece, billed to job 7 at ``price`` per
+    token, moving to job 8 after ``switch_at`` tokens (an answer that went on on a new job)."""
+
+    def __init__(self, tokens: int, price: float, switch_at: int, encrypted: bool) -> None:
+        self.tokens, self.price, self.switch_at = tokens, price, switch_at
+        self.sent = 0
+        self.encrypted: bool | None = None  # set once the request is sent, as a real stream does
+        self._encrypted = encrypted
+
+    @property
+    def job_ids(self) -> tuple[int, ...]:
+        return (7,) if self.sent <= self.switch_at else (7, 8)
+
+    @property
+    def running_cost(self) -> tuple[float, str]:
+        return self.sent * self.price, "USDC"
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None
+
+    def __aiter__(self):
+        return self._pieces()
+
+    async def _pieces(self):
+        self.encrypted = self._encrypted
+        for index in range(self.tokens):
+            self.sent += 1
+            yield f"w{index} "
+            await asyncio.sleep(0)
+
+    def result(self):
+        return SimpleNamespace(text="".join(f"w{i} " for i in range(self.tokens)), job_ids=self.job_ids,
+                               cost=self.running_cost[0], cost_unit="USDC", encrypted=self.encrypted)
+
+
+class LiveSink(RecordingSink):
+    """A RecordingSink that also takes the stream's live status (the OutputSink extra)."""
+
+    def live(self, status):
+        self._record("live", status)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_paid_streams_job_cost_and_lock_reach_the_sink_before_the_text_they_came_with(bridge, background):
+    """Each piece that changes the stream's live status (its job, its cost so far at the job's price,
+    its encryption) is preceded by one live(status); counts follow the tokens, not the clock."""
+    from fabstir_jupyter.notebook.rendering import LiveStatus
+
+    price = 0.000002
+    stream = ScriptedPaidStream(tokens=30, price=price, switch_at=20, encrypted=True)
+    sink = LiveSink()
+    if background:
+        run = bridge.run_background(lambda: stream, sink, interval=0)
+        assert run.wait(10)
+    else:
+        bridge.run_stream(lambda: stream, sink)
+    statuses = [value for name, value in sink.calls if name == "live"]
+    assert len(statuses) == 30  # the cost grows with every token
+    assert all(isinstance(s, LiveStatus) and s.encrypted is True and s.cost_unit == "USDC" for s in statuses)
+    assert [round(s.cost / price) for s in statuses] == list(range(1, 31))
+    assert [s.job_ids for s in statuses] == [(7,)] * 20 + [(7, 8)] * 10
+    text_before = ""
+    for name, value in sink.calls:  # no status comes after the text it came with (text may be batched)
+        if name == "live":
+            tokens = round(value.cost / price)
+            assert "".join(f"w{i} " for i in range(tokens - 1)).startswith(text_before)
+        elif name == "append":
+            text_before += value
+    assert sink.outcome[-1] == "finish"
+
+
+def test_an_unpaid_streams_lock_reaches_the_sink_once(bridge, host):
+    """On a host without a key (the static scripted host) the stream is in clear: one live status,
+    no job, no cost, encrypted False, before the first text."""
+    sink = LiveSink()
+    bridge.run_stream(factory(bridge, settings_for(host), max_tokens=20), sink)
+    statuses = [value for name, value in sink.calls if name == "live"]
+    assert len(statuses) == 1 and statuses[0].job_ids == () and statuses[0].cost is None
+    assert statuses[0].encrypted is False
+    assert [name for name, _ in sink.calls][:2] == ["live", "append"]

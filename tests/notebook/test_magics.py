@@ -106,11 +106,12 @@ def test_cell_magic_help_is_the_short_usage_once(make_shell):
     ip = make_shell()
     doc = ip.find_cell_magic("fabstir").__doc__
     for text in ("--model", "--max-tokens", "--temperature", "--top-p", "--stop", "--seed", "--host", "--session",
-                 "--mode", "--format", "--out", "--background", "--no-interpolate", "--network", "{name.attr}",
+                 "--mode", "--format", "--out", "--background", "--no-interpolate", "--network", "--deposit",
+                 "--budget", "%fabstir help paying", "{name.attr}",
                  "%fabstir help OPTION", "%fabstir help COMMAND"):
         assert text in doc
     commands = ("hosts", "models", "usage", "sessions", "end NAME", "status", "cancel", "network [NAME]",
-                "config [KEY [VALUE]]", "manager", "help [TOPIC]")
+                "config [KEY [VALUE]]", "wallet", "manager", "help [TOPIC]")
     lines = doc.splitlines()
     for command in commands:
         assert sum(line.startswith(f"  {command}  ") for line in lines) == 1, command
@@ -196,7 +197,7 @@ def test_sessions_continue_across_cells(ip, capsys):
     assert ip.user_ns["two"].text == scripted_text("second question", 4)
     frame = ip.run_line_magic("fabstir", "sessions")
     assert list(frame["name"]) == ["chat"] and list(frame["turns"]) == [2] and list(frame["messages"]) == [4]
-    ip.run_line_magic("fabstir", "end chat")
+    assert ip.run_line_magic("fabstir", "end chat") is None  # unpaid: no receipt
     assert "ended session 'chat' after 2 turns" in capsys.readouterr().out
     assert ip.run_line_magic("fabstir", "sessions").empty
 
@@ -627,6 +628,74 @@ def test_models_lists_what_hosts_serve(ip):
     """%fabstir models is one row per model with its hosts."""
     frame = ip.run_line_magic("fabstir", "models")
     assert list(frame["model"]) == ["scripted-1"] and list(frame["hosts"]) == [1]
+
+
+def test_a_plaintext_host_shows_the_open_lock_and_no_job(ip, capsys):
+    """The scripted host publishes no key, so the answer goes in clear: the status line says
+    🔓 plaintext; nothing is paid on a static network, so no job and no estimate."""
+    cell(ip, "--max-tokens 3 --out r")
+    status = capsys.readouterr().out.splitlines()[-1]
+    assert status.startswith("[fabstir] host ") and "| 🔓 plaintext |" in status
+    assert "job" not in status and "est." not in status
+    assert ip.user_ns["r"].encrypted is False and ip.user_ns["r"].job_ids == ()
+
+
+def test_session_terms_on_an_unpaid_network_are_one_coded_line(ip, capsys):
+    """--deposit on a network that pays nothing is the Python API's INVALID_OPTIONS, shown once; no
+    session is made."""
+    failing_cell(ip, "--session s --deposit 1 --max-tokens 2")
+    assert one_line_error(capsys) == ("FabstirError [INVALID_OPTIONS]: deposit is for paid networks; network static "
+                                      "is not paid")
+    assert "s" not in magics_module.get_bridge().sessions
+
+
+def test_wallet_on_a_static_network_says_nothing_is_paid(ip):
+    """%fabstir wallet on a list of hosts: no wallet, and why."""
+    from fabstir_jupyter.notebook.paying import WalletSummary
+
+    wallet = ip.run_line_magic("fabstir", "wallet")
+    assert isinstance(wallet, WalletSummary) and not wallet.paid and wallet.address is None
+    assert repr(wallet) == ("[fabstir] no wallet on network static: a list of hosts with no chain, so nothing is "
+                            "paid")
+    assert "nothing is paid" in wallet._repr_html_() and wallet.jobs_frame.empty
+
+
+def test_wallet_on_a_registry_network_says_what_to_set(make_shell, monkeypatch):
+    """%fabstir wallet on base-sepolia without a key names the variables to set; with a key but no
+    budget, it shows the address (never the key) and asks for FABSTIR_BUDGET. Nothing is read from
+    the (unreachable) RPC endpoint for it."""
+    monkeypatch.setenv("FABSTIR_RPC_URL", "http://127.0.0.1:9")
+    ip = make_shell()
+    ip.run_line_magic("config", "FabstirMagics.network = 'base-sepolia'")
+    wallet = ip.run_line_magic("fabstir", "wallet")
+    assert not wallet.paid and wallet.address is None
+    assert "FABSTIR_PRIVATE_KEY" in repr(wallet) and "FABSTIR_BUDGET" in repr(wallet)
+    assert "PAYMENT_REQUIRED" in repr(wallet)
+    key = "0x" + "5a" * 32
+    monkeypatch.setenv("FABSTIR_PRIVATE_KEY", key)
+    magics_module.close_bridge()  # the SDK reads the key when it is made
+    wallet = ip.run_line_magic("fabstir", "wallet")
+    from fabstir_jupyter.wallet import Wallet
+
+    address = Wallet.from_hex(key).address
+    assert wallet.address == address and wallet.source == "$FABSTIR_PRIVATE_KEY" and not wallet.paid
+    assert repr(wallet).startswith(f"[fabstir] wallet {address} ($FABSTIR_PRIVATE_KEY) on base-sepolia: no budget")
+    for text in (repr(wallet), wallet._repr_html_()):
+        assert key[2:] not in text.lower()
+
+
+def test_wallet_on_a_free_local_network_says_so(make_shell, monkeypatch):
+    """FABSTIR_LOCAL_PAID=0: the local network starts free hosts; %fabstir wallet says nothing is paid,
+    and a cell's answer carries no job."""
+    monkeypatch.setenv("FABSTIR_LOCAL_PAID", "0")
+    ip = make_shell()
+    ip.run_line_magic("fabstir", "config local_backend scripted")
+    wallet = ip.run_line_magic("fabstir", "wallet")
+    assert not wallet.paid and wallet.address is None
+    assert repr(wallet) == ("[fabstir] no wallet on network local: its hosts run free (FABSTIR_LOCAL_PAID=0, or "
+                            "FabstirSDK(paid=False)), so nothing is paid")
+    cell(ip, "--max-tokens 3 --out r")
+    assert ip.user_ns["r"].job_ids == () and ip.user_ns["r"].text == scripted_text(PROMPT, 3)
 
 
 def test_end_unknown_session_is_one_line(ip, capsys):

@@ -208,3 +208,39 @@ def test_renderings_carry_escaped_html_for_exporters():
     assert code.split(">", 1)[1].startswith("<code>&lt;/code&gt;")
     # long lines scroll instead of wrapping mid-word (a notebook's output area wraps <pre> anywhere)
     assert "white-space: pre;" in code and "overflow-x: auto" in code and "word-break: normal" in code
+
+
+def paid_result(encrypted=True, job_ids=(7,), cost=0.00012) -> InferenceResult:
+    """A paid answer: billed to ``job_ids`` at their price (the usage record's cost is the last attempt's)."""
+    return InferenceResult(**{**result(cost=0.00001, cost_unit="USDC").__dict__, "job_ids": tuple(job_ids),
+                              "cost": cost, "cost_unit": "USDC", "encrypted": encrypted})
+
+
+@pytest.mark.parametrize("encrypted, lock", [(True, " | 🔒"), (False, " | 🔓 plaintext"), (None, "")])
+def test_status_line_shows_a_paid_answers_cost_as_an_estimate_its_job_and_the_lock(encrypted, lock):
+    """A paid answer's status line: its cost at its jobs' prices marked est. (the job settles later),
+    the job, and the lock: 🔒 encrypted, 🔓 plaintext in clear, nothing when unknown."""
+    line = status_line(paid_result(encrypted))
+    assert line.endswith(f"| 2 tokens | cost 0.00012 USDC est. | job 7{lock} | finish length")
+    assert "| jobs 7, 8 |" in status_line(paid_result(job_ids=(7, 8)))
+    unpaid = status_line(InferenceResult(**{**result(cost=0.0002, cost_unit="USDC").__dict__,
+                                            "encrypted": encrypted}))
+    assert unpaid.endswith(f"| 2 tokens | cost 0.0002 USDC{lock} | finish length")
+    assert "est." not in unpaid and "job" not in unpaid
+
+
+def test_text_output_ends_with_the_lock_and_keeps_it_when_cancelled():
+    """The plain-text fallback's last line carries the lock and the paid job, finished or cancelled."""
+    out = io.StringIO()
+    sink = TextOutput(stream=out, rich=False)
+    sink.start(host=None, model=None)
+    sink.append("hello world")
+    sink.finish(paid_result(False))
+    assert out.getvalue().splitlines()[-1].endswith("cost 0.00012 USDC est. | job 7 | 🔓 plaintext | finish length")
+    out = io.StringIO()
+    sink = TextOutput(stream=out, rich=False)
+    sink.start(host=None, model=None)
+    sink.append("half")
+    sink.cancelled(paid_result(True))
+    assert out.getvalue() == ("half\n[fabstir] cancelled after 4 characters | host http://h:1 | 2 tokens"
+                              " | cost 0.00012 USDC est. | job 7 | 🔒\n")

@@ -24,6 +24,7 @@ from fabstir_jupyter.notebook.parsers import (
     StatusCommand,
     UsageCommand,
     UsageError,
+    WalletCommand,
     find_references,
     interpolate,
     parse_cell_options,
@@ -99,12 +100,12 @@ def test_cell_options_parse_every_option():
     options = parse_cell_options(
         "-m scripted-1 --max-tokens 12 --temperature 0.5 --top-p 0.9 --stop 'end here' --stop STOP "
         "--seed 7 --host ws://h:1 --session chat --mode cheapest --format json --out answer "
-        "--background --no-interpolate --network static"
+        "--background --no-interpolate --network static --deposit 1.5 --budget 10"
     )
     assert options == CellOptions(
         model="scripted-1", max_tokens=12, temperature=0.5, top_p=0.9, stop=("end here", "STOP"), seed=7,
         host="ws://h:1", session="chat", mode="cheapest", format="json", out="answer", background=True,
-        interpolate=False, network="static",
+        interpolate=False, network="static", deposit="1.5", budget="10",
     )
     assert options.type == "cell"
     assert options.inference_options() == {
@@ -180,6 +181,7 @@ def test_bad_cell_options_are_one_line_usage_errors(line, fragment):
     ("config hosts ws://a:1 ws://b:2", ConfigCommand(key="hosts", value="ws://a:1 ws://b:2")),
     ("cancel", CancelCommand()),
     ("manager", ManagerCommand()),
+    ("wallet", WalletCommand()),
 ])
 def test_line_commands_parse_to_typed_objects(line, expected):
     """Each %fabstir command is a dataclass tagged by its subcommand."""
@@ -196,6 +198,7 @@ def test_line_commands_parse_to_typed_objects(line, expected):
     ("usage --limit x", "expected a positive integer"),
     ("hosts extra", "unrecognized arguments: extra"),
     ("manager --frame", "unrecognized arguments: --frame"),
+    ("wallet 0xabc", "unrecognized arguments: 0xabc"),
 ])
 def test_bad_line_commands_are_one_line_usage_errors(line, fragment):
     """Unknown commands and bad arguments raise a one-line UsageError."""
@@ -210,11 +213,16 @@ def test_help_documents_every_option_and_command():
 
     text = topic_help("all")
     for flag in ("--model", "-m", "--max-tokens", "--temperature", "--top-p", "--stop", "--seed", "--host",
-                 "--session", "--mode", "--format", "--out", "--background", "--no-interpolate", "--network"):
+                 "--session", "--mode", "--format", "--out", "--background", "--no-interpolate", "--network",
+                 "--deposit", "--budget"):
         assert flag in text and flag in usage()
     for name in ("hosts", "usage", "sessions", "end NAME", "models", "network", "config", "status", "cancel",
-                 "manager", "help"):
+                 "manager", "wallet", "help"):
         assert f"%fabstir {name}" in text
+    paying = topic_help("paying")
+    for words in ("FABSTIR_LOCAL_PAID=0", "FabstirSDK(paid=False)", "FABSTIR_PRIVATE_KEY", "FABSTIR_BUDGET",
+                  "--deposit X --budget Y", "%fabstir wallet", "%fabstir end NAME", "🔒", "est."):
+        assert words in paying and words in text, words
 
 
 @pytest.mark.parametrize("line, command", [
@@ -245,3 +253,12 @@ def test_parsers_import_nothing_from_ipython_or_the_network_stack():
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
     assert not imported & {"IPython", "traitlets", "websockets", "pandas", "..sdk", "..inference"}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1e400", "-0.5"])
+def test_deposit_and_budget_are_kept_as_typed_for_the_payments_layer(value):
+    """--deposit and --budget keep the text as typed (a negative number included): the payments layer
+    reads amounts and gives the coded error (INVALID_OPTIONS, BUDGET_EXCEEDED), not argparse."""
+    options = parse_cell_options(f"--session s --deposit {value} --budget={value}")
+    assert (options.deposit, options.budget) == (value, value)
+    assert "deposit" not in options.inference_options() and "budget" not in options.inference_options()

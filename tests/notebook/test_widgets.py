@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -1068,7 +1069,7 @@ def test_js_sorts_rows_like_python(tmp_path):
 @needs_node
 def test_js_status_line_matches_python(tmp_path):
     """stream_output.js's status line (what the view shows) equals widgets.status_text (what the
-    static fallback and text/plain readers see), failover routes and costs included."""
+    static fallback and text/plain readers see), failover routes, costs, paid jobs and locks included."""
     statuses = [
         {"state": "done", "host": "http://b:2", "model": "smol", "ttft": 0.0321, "tokens_per_second": 85.04,
          "tokens": 57, "cost": 0.000114, "cost_unit": "USDC", "finish_reason": "length", "note": "mode cheapest",
@@ -1083,6 +1084,11 @@ def test_js_status_line_matches_python(tmp_path):
         {"state": "cancelled", "host": "http://h", "tokens": 1, "cost": 0.0000035, "cost_unit": "USDC"},
         {"state": "done", "host": "http://h", "model": "smol", "network": 2.14, "ttft": 2.36, "tokens": 3},
         {"state": "error", "network": 0.96, "ttft": 0.9996},
+        {"state": "done", "host": "http://h", "tokens": 40, "cost": 0.00008, "cost_unit": "USDC", "cost_estimate": True,
+         "job_ids": [3], "encrypted": True},
+        {"state": "cancelled", "host": "http://h", "cost": 0.0002, "cost_unit": "USDC", "cost_estimate": True,
+         "job_ids": [3, 4], "encrypted": False, "finish_reason": "length"},
+        {"state": "done", "host": "http://h", "tokens": 2, "encrypted": None, "job_ids": None},
     ]
     (tmp_path / "statuses.json").write_text(json.dumps(statuses))
     out = run_node(tmp_path, """
@@ -1092,3 +1098,123 @@ def test_js_status_line_matches_python(tmp_path):
         console.log(JSON.stringify(statuses.map((s) => statusParts(s).join(" · "))));
     """)
     assert json.loads(out) == [widgets.status_text(status) for status in statuses]
+
+
+# --------------------------------------------------------------------------- paid streams and the lock
+
+
+def live(job_ids=(7,), cost=None, encrypted=True):
+    from fabstir_jupyter.notebook.rendering import LiveStatus
+
+    return LiveStatus(tuple(job_ids), cost, "USDC" if cost is not None else None, encrypted)
+
+
+def test_live_status_shows_the_job_and_lock_at_once_and_the_cost_at_most_twice_a_second():
+    """live(): a new job or encryption shows at once; cost updates at most every 0.5 s (held back
+    ones show with a later append), counted on a fake clock; the final status takes the result's."""
+    clock = FakeClock()
+    widget, _ = stream_output(clock)
+    widget.start(host="http://h1:8080", model="smol")
+    shown = []
+    widget.observe(lambda change: shown.append((clock.now, dict(change["new"]))), names="status")
+    price = 0.000002  # per token
+    for token in range(1, 101):  # 100 tokens, 50 per second of fake time
+        clock.now += 0.02
+        widget.live(live(cost=token * price))
+        widget.append(" w")
+    first = shown[0][1]
+    assert first["job_ids"] == [7] and first["encrypted"] is True and first["cost_estimate"] is True
+    costs: list[tuple[float, float]] = []  # (when, cost) each time the shown cost changed
+    for now, status in shown:
+        if status.get("cost") is not None and (not costs or costs[-1][1] != status["cost"]):
+            costs.append((now, status["cost"]))
+    assert costs[0] == (pytest.approx(100.02), pytest.approx(price))  # at once: a new job
+    assert len(costs) == 1 + 3  # then one per 0.5 s of the rest of the 2 s stream (the next token after each)
+    assert all(later[0] - earlier[0] >= widgets.LIVE_STATUS_INTERVAL for earlier, later in itertools.pairwise(costs))
+    assert [round(cost / price) for _, cost in costs] == [1, 27, 53, 79]  # the tokens streamed by then
+    widget.live(live(job_ids=(7, 8), cost=101 * price))  # the answer went on on a new job: at once
+    assert widget.status["job_ids"] == [7, 8] and widget.status["cost"] == pytest.approx(101 * price)
+    clock.now += 0.1
+    widget.live(live(job_ids=(7, 8), cost=102 * price))
+    assert widget.status["cost"] == pytest.approx(101 * price)  # held back
+    clock.now += 0.5
+    widget.append("")  # an idle tick shows what was held back
+    assert widget.status["cost"] == pytest.approx(102 * price)
+    assert widgets.status_text(widget.status) == ("http://h1:8080 · smol · TTFT 20 ms · 0.000204 USDC est. · "
+                                                  "jobs 7, 8 · 🔒")
+    final = InferenceResult(**{**result(widget.batcher.text, tokens=102).__dict__, "job_ids": (7, 8),
+                               "cost": 102 * price, "cost_unit": "USDC", "encrypted": True})
+    widget.finish(final)
+    assert widget.status["job_ids"] == [7, 8] and widget.status["cost_estimate"] is True
+    assert widget.status["cost"] == pytest.approx(102 * price) and widget.status["encrypted"] is True
+    widget.live(live(job_ids=(9,), cost=1.0))  # after the end: ignored
+    assert widget.status["job_ids"] == [7, 8]
+
+
+@pytest.mark.parametrize("encrypted, lock", [(True, "🔒"), (False, "🔓 plaintext"), (None, None)])
+def test_the_lock_is_in_the_widget_state_and_its_static_fallback(encrypted, lock):
+    """The stream's encryption is in the widget's status (True, False or None) and the status line of
+    its static HTML shows 🔒, 🔓 plaintext, or no lock when unknown."""
+    widget, _ = stream_output(FakeClock())
+    widget.start(host="http://h1:8080", model="smol")
+    widget.live(live(job_ids=(), encrypted=encrypted))
+    widget.append("hi")
+    assert widget.status["encrypted"] is encrypted
+    running = widget.static_html()
+    widget.finish(InferenceResult(**{**result("hi").__dict__, "encrypted": encrypted}))
+    assert widget.status["encrypted"] is encrypted and widget.status["job_ids"] is None
+    done = widget._repr_mimebundle_()[0]["text/html"]
+    for page in (running, done):
+        if lock is None:
+            assert "🔒" not in page and "🔓" not in page
+        else:
+            assert lock in page
+    assert widget._repr_mimebundle_()[0]["text/plain"] == "hi"  # the answer only: saved notebooks stay stable
+
+
+def test_a_failed_or_cancelled_paid_stream_keeps_its_job_cost_and_lock():
+    """failed() and cancelled() without a result keep the job, the cost so far and the lock."""
+    for end in ("failed", "cancelled"):
+        widget, _ = stream_output(FakeClock())
+        widget.start(host="http://h1:8080", model="smol")
+        widget.live(live(cost=0.0001))
+        widget.append("partial")
+        if end == "failed":
+            widget.failed(ModelNotAvailable("gone"))
+        else:
+            widget.cancelled()
+        status = widget.status
+        assert (status["job_ids"], status["cost"], status["cost_estimate"], status["encrypted"]) == \
+            ([7], 0.0001, True, True), end
+        assert "0.0001 USDC est. · job 7 · 🔒" in widgets.status_text(status)
+
+
+def sample_job_rows():
+    return [
+        {"job_id": 3, "host": "http://h1:8080", "model": "smol", "kind": None, "deposit": 0.5, "tokens": 100,
+         "billed": 0.0002, "refund": 0.4998, "unit": "USDC", "status": "completed"},
+        {"job_id": 4, "host": "http://h1:8080", "model": "smol", "kind": "tab", "deposit": 4.096, "tokens": 120,
+         "billed": 0.00024, "refund": None, "unit": "USDC", "status": "open"},
+    ]
+
+
+def test_dashboard_jobs_table_from_a_paying_source():
+    """A source giving job rows fills job_rows and paid; jobs_frame is the jobs DataFrame and the static
+    fallback has the jobs table, escaped; a source without jobs (unpaid) has no jobs table."""
+    from fabstir_jupyter.notebook.tables import JOB_COLUMNS
+
+    rows = sample_job_rows()
+    rows[1]["host"] = "<b>h</b>"
+    dashboard = HostDashboard(lambda: (sample_hosts(), None, rows))
+    assert dashboard.paid and dashboard.job_rows == rows
+    frame = dashboard.jobs_frame
+    assert list(frame.columns) == list(JOB_COLUMNS)
+    assert list(frame["job_id"]) == [3, 4] and list(frame["status"]) == ["completed", "open"]
+    assert frame["refund"].isna().tolist() == [False, True] and frame["billed"].sum() == pytest.approx(0.00044)
+    page = dashboard.static_html()
+    assert "Paid jobs" in page and "&lt;b&gt;h&lt;/b&gt;" in page and "<b>h</b>" not in page
+    unpaid = HostDashboard(lambda: (sample_hosts(), None))
+    assert not unpaid.paid and unpaid.job_rows == [] and len(unpaid.jobs_frame) == 0
+    assert "Paid jobs" not in unpaid.static_html()
+    empty = HostDashboard(lambda: (sample_hosts(), None, []))
+    assert empty.paid and "No paid jobs yet." in empty.static_html()
