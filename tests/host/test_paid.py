@@ -103,12 +103,12 @@ def market():
 
 
 @pytest.fixture
-def paid_host(market, make_host):
+def paid_host(market, start_host):
     """Start paid hosts: ``await paid_host(rpc_url=..., backend=..., **PaymentConfig fields)``."""
 
     async def make(rpc_url: str | None = None, backend: Any = None, **settings: Any) -> HostServer:
         payment = PaymentConfig(rpc_url or market.rpc.url, market.marketplace, MODEL_ID, **{**FAST, **settings})
-        return await make_host(backend, operator_key=market.host_key, payment=payment)
+        return await start_host(backend=backend, operator_key=market.host_key, payment=payment)
 
     return make
 

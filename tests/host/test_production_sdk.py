@@ -108,9 +108,9 @@ def mode(request) -> str:
 
 
 @pytest.fixture
-async def sdk(mode, make_host, make_peer) -> SdkSocket:
+async def sdk(mode, start_host, make_peer) -> SdkSocket:
     """An SDK-shaped peer on a host in ``mode``, streaming 200 tokens a second."""
-    server = await make_host(ScriptedBackend(token_rate=200), legacy=mode == "legacy")
+    server = await start_host(backend=ScriptedBackend(token_rate=200), legacy=mode == "legacy")
     return SdkSocket(await make_peer(server))
 
 

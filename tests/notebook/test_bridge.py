@@ -12,7 +12,7 @@ import time
 import pytest
 
 from fabstir_jupyter.errors import Cancelled, ModelNotAvailable
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 from fabstir_jupyter.notebook.bridge import (
     LOOP_THREAD_NAME,
     LoopTask,
@@ -105,7 +105,7 @@ def test_run_stream_delivers_every_piece_on_the_main_thread(bridge, host):
 
 def test_run_stream_batches_appends_by_interval(bridge, start_host):
     """With an interval, appends are coalesced: at most one per interval (plus the last), nothing lost."""
-    slow = start_host(token_rate=400)
+    slow = start_host(backend=ScriptedBackend(token_rate=400))
     sink = RecordingSink()
     started = time.monotonic()
     result = bridge.run_stream(factory(bridge, settings_for(slow), max_tokens=100), sink, interval=0.05)
@@ -125,7 +125,7 @@ def test_run_stream_reports_failures_to_the_sink(bridge, host):
 def test_interrupt_from_the_sink_cancels_cleanly_and_keeps_the_socket(bridge, start_host):
     """KeyboardInterrupt on the main thread: stream_cancel drains the host stream, the socket goes back
     clean to the pool, the sink is marked cancelled, and the interrupt propagates."""
-    slow = start_host(token_rate=200)
+    slow = start_host(backend=ScriptedBackend(token_rate=200))
     settings = settings_for(slow)
     sink = RecordingSink(interrupt_after=2)
     with pytest.raises(KeyboardInterrupt):
@@ -143,7 +143,7 @@ def test_interrupt_from_the_sink_cancels_cleanly_and_keeps_the_socket(bridge, st
 
 def test_a_real_sigint_cancels_the_stream(bridge, start_host):
     """A SIGINT while the main thread waits for tokens cancels the stream and raises KeyboardInterrupt."""
-    slow = start_host(token_rate=100)
+    slow = start_host(backend=ScriptedBackend(token_rate=100))
     timers = []
 
     class SignallingSink(RecordingSink):
@@ -211,7 +211,7 @@ def test_coroutines_run_in_the_callers_context(bridge):
 
 def test_background_stream_updates_the_sink_from_the_loop_thread(bridge, start_host):
     """run_background returns at once; the sink is fed from the loop thread and finished; on_result runs."""
-    slow = start_host(token_rate=200)
+    slow = start_host(backend=ScriptedBackend(token_rate=200))
     sink = RecordingSink()
     results = []
     run = bridge.run_background(factory(bridge, settings_for(slow), max_tokens=20), sink, interval=0.02,
@@ -227,7 +227,7 @@ def test_background_stream_updates_the_sink_from_the_loop_thread(bridge, start_h
 
 def test_background_stream_stops_on_cancel(bridge, start_host):
     """The handle's cancel (the stop button) ends the stream on the host and marks the sink cancelled."""
-    slow = start_host(token_rate=100)
+    slow = start_host(backend=ScriptedBackend(token_rate=100))
     sink = RecordingSink()
     run = bridge.run_background(factory(bridge, settings_for(slow), max_tokens=1000), sink)
     assert wait_until(lambda: sink.text)
@@ -250,7 +250,7 @@ def test_background_failure_reaches_on_error(bridge, host):
 
 def test_closing_the_bridge_ends_a_blocking_stream_with_a_coded_error(bridge, start_host):
     """If the bridge closes under a running stream, the caller gets CANCELLED, not a bare CancelledError."""
-    slow = start_host(token_rate=100)
+    slow = start_host(backend=ScriptedBackend(token_rate=100))
     sink = RecordingSink()
     threading.Timer(0.3, bridge.close).start()
     with pytest.raises(Cancelled):
@@ -262,7 +262,7 @@ def test_ending_a_session_from_another_thread_cancels_its_blocking_turn(bridge, 
     """end_session from another thread while run_stream blocks on that session's turn: the turn is
     cancelled on the host, run_stream raises CANCELLED, the sink shows it cancelled, and ``store``
     gets the partial answer with the error."""
-    slow, spare = start_host(token_rate=50), start_host()
+    slow, spare = start_host(backend=ScriptedBackend(token_rate=50)), start_host()
     settings = settings_for(slow, spare)
     enders: list[threading.Thread] = []
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 
 from .conftest import wait_until
 
@@ -32,7 +32,7 @@ def start_kernel(host, *, widgets: bool):
 @pytest.fixture
 def kernel(isolated_env, start_host):
     """A python3 kernel (text output) whose FABSTIR_HOSTS points at a slow scripted host in this process."""
-    host = start_host(token_rate=100)
+    host = start_host(backend=ScriptedBackend(token_rate=100))
     manager, client = start_kernel(host, widgets=False)
     try:
         yield manager, client, host
@@ -44,7 +44,7 @@ def kernel(isolated_env, start_host):
 @pytest.fixture
 def widget_kernel(isolated_env, start_host):
     """A python3 kernel with the widget outputs (the comm manager is there; no front end renders)."""
-    host = start_host(token_rate=200)
+    host = start_host(backend=ScriptedBackend(token_rate=200))
     manager, client = start_kernel(host, widgets=True)
     try:
         yield manager, client, host
