@@ -8,7 +8,8 @@ on a private loop thread, for tests that block their thread, e.g. in a magic or 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fabstir_jupyter.host import Backend, HostConfig, HostServer, ScriptedBackend
@@ -16,15 +17,52 @@ from fabstir_jupyter.host.backends import GenerationParams, GenerationStats
 
 
 class CountingBackend(ScriptedBackend):
-    """A scripted backend that counts the generations it starts (to show one never ran)."""
+    """A scripted backend that counts the generations it starts and the tokens each one yielded."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.generations = 0
+        self.tokens: list[int] = []  # tokens yielded, per generation
 
     def generate(self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats) -> AsyncIterator[str]:
         self.generations += 1
-        return super().generate(params, cancel, stats)
+        self.tokens.append(0)
+        return self._counted(len(self.tokens) - 1, super().generate(params, cancel, stats))
+
+    async def _counted(self, index: int, tokens: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for token in tokens:
+                self.tokens[index] += 1
+                yield token
+        finally:
+            await _aclose(tokens)
+
+
+class GatedBackend(ScriptedBackend):
+    """A scripted backend that holds every answer until the test opens :attr:`gate` (from any thread)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = threading.Event()
+
+    async def generate(self, params: GenerationParams, cancel: asyncio.Event,
+                       stats: GenerationStats) -> AsyncIterator[str]:
+        while not self.gate.is_set():  # pacing the fake host, not a wait before an assertion
+            if cancel.is_set():
+                return
+            await asyncio.sleep(0.01)
+        tokens = super().generate(params, cancel, stats)
+        try:
+            async for token in tokens:
+                yield token
+        finally:
+            await _aclose(tokens)
+
+
+async def _aclose(tokens: AsyncIterator[str]) -> None:
+    """Close a wrapped generation at once (as the host closes the wrapper), not when it is collected."""
+    if isinstance(tokens, AsyncGenerator):
+        await tokens.aclose()
 
 
 class RunningHosts:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from _timing import wait_until
 from fabstir_jupyter import InferenceOptions
 from fabstir_jupyter.errors import (
     ConnectionFailed,
@@ -320,11 +321,12 @@ async def test_host_busy_is_retried(start_host, make_manager):
     host = await start_host(max_concurrent_streams=1, backend=ScriptedBackend(token_rate=100))
     manager = make_manager([host.ws_url], backoff_initial=0.05, backoff_max=0.2, max_retries=8)
     first = asyncio.create_task(collect(manager.stream(PROMPT, max_tokens=20)))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: host.active_streams == 1, what="the first stream holding the host's one slot")
     second, _ = await collect(manager.stream("another prompt", max_tokens=3))
     assert second.text == scripted_text("another prompt", 3)
     stream, _ = await first
     assert stream.text == scripted_text(PROMPT, 20)
+    assert "HOST_BUSY" in [r.error_code for r in manager.usage.records]  # the second was refused, then retried
 
 
 async def test_no_hosts_and_unreachable_hosts_are_coded(make_manager):

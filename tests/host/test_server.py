@@ -187,7 +187,7 @@ async def test_host_cancel_before_first_token(start_host, make_peer):
     server = await start_host(backend=ScriptedBackend(first_token_delay=30))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="slow", model="scripted-1", max_tokens=5, temperature=0))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: server.active_streams == 1, what="the stream started")
     await peer.send(cancel_frame())
     frames = await peer.until_end(timeout=2)
     assert frames == [frames[-1]] and frames[-1]["reason"] == "cancelled"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from _timing import wait_until
 from fabstir_jupyter.host import ScriptedBackend, scripted_text
 from fabstir_jupyter.protocol import prompt_frame, session_init_frame
 
@@ -124,7 +123,7 @@ async def test_host_forgets_idle_sessions(start_host, make_peer):
     server = await start_host(session_idle_timeout=0.1)
     peer = await make_peer(server)
     await open_session(peer)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: len(server.sessions) == 0, what="the idle session evicted")  # len() evicts idle ones
     await peer.send(prompt_frame("hi", session_id="s1", model="scripted-1", max_tokens=2, temperature=0))
     assert (await peer.recv())["code"] == "SESSION_NOT_FOUND"
 
