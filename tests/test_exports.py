@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,26 @@ def test_type_checking_block_matches_the_lazy_table():
     block = next(node for node in tree.body if isinstance(node, ast.If))
     names = {alias.asname or alias.name for stmt in block.body for alias in stmt.names}
     assert names == set(fabstir_jupyter.__all__)
+
+
+def test_type_checkers_see_the_public_names(tmp_path):
+    """A user's `from fabstir_jupyter import <every name in __all__>` type-checks under mypy --strict
+    (the package ships py.typed; lazy names must be explicit re-exports), as do the host's and hosts' names."""
+    pytest.importorskip("mypy", reason="mypy comes with the test extra")
+    import fabstir_jupyter.host
+    import fabstir_jupyter.hosts
+
+    user = tmp_path / "user.py"
+    user.write_text("".join(
+        f"from {package.__name__} import {', '.join(package.__all__)}\n"
+        for package in (fabstir_jupyter, fabstir_jupyter.host, fabstir_jupyter.hosts)
+    ))
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")
+    command = [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--config-file", "mypy.ini",
+               "--cache-dir", str(tmp_path / "cache"), "user.py"]
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    checked = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout
 
 
 @pytest.mark.parametrize("module, forbidden", [
