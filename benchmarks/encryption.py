@@ -37,13 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median, print_header, process_cpu_seconds, verdict  # noqa: E402
+from _common import median, print_header, process_cpu_seconds, verdict
 
-from fabstir_jupyter import InferenceConfig, InferenceManager  # noqa: E402
-from fabstir_jupyter.crypto import PrivateKey  # noqa: E402
-from fabstir_jupyter.hosts import HostInfo  # noqa: E402
-from fabstir_jupyter.local.process import HostProcess  # noqa: E402
-from fabstir_jupyter.usage import ListSink  # noqa: E402
+from fabstir_jupyter import InferenceConfig, InferenceManager
+from fabstir_jupyter.crypto import PrivateKey
+from fabstir_jupyter.hosts import HostInfo
+from fabstir_jupyter.local.process import HostProcess
+from fabstir_jupyter.usage import ListSink
 
 PROMPT = "Tell me a long story about a river that runs through three countries."
 TOKENS_RATIO_TARGET = 0.85

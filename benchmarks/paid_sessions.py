@@ -34,15 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median, print_header  # noqa: E402
+from _common import median, print_header
 
-from fabstir_jupyter import InferenceConfig, InferenceManager  # noqa: E402
-from fabstir_jupyter.hosts import HostManager  # noqa: E402
-from fabstir_jupyter.local.network import LocalNetwork  # noqa: E402
-from fabstir_jupyter.networks import ADDRESS_KEYS, NetworkPreset  # noqa: E402
-from fabstir_jupyter.payments import PaymentConfig, Payments  # noqa: E402
-from fabstir_jupyter.usage import ListSink  # noqa: E402
-from fabstir_jupyter.wallet import Wallet  # noqa: E402
+from fabstir_jupyter import InferenceConfig, InferenceManager
+from fabstir_jupyter.hosts import HostManager
+from fabstir_jupyter.local.network import LocalNetwork
+from fabstir_jupyter.networks import ADDRESS_KEYS, NetworkPreset
+from fabstir_jupyter.payments import PaymentConfig, Payments
+from fabstir_jupyter.usage import ListSink
+from fabstir_jupyter.wallet import Wallet
 
 PROMPT = "Tell me about the sea in one sentence."
 

@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from dataclasses import dataclass, field
 
 import _common
+import anywidget
 import comm
 import traitlets
 from _common import Meter, verdict
 
-import anywidget
 from fabstir_jupyter.inference import InferenceResult
 from fabstir_jupyter.notebook.widgets import StreamOutput
 

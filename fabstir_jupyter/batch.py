@@ -35,7 +35,8 @@ import collections
 import dataclasses
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .config import HostRequirements, InferenceOptions, resolve_options, validate_mode
 from .errors import FabstirError, HostBusy, InvalidOptions

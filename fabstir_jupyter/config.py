@@ -16,8 +16,9 @@ import math
 import os
 import re
 import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .errors import InvalidOptions, InvalidPrompt
 from .urls import http_url

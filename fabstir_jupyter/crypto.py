@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import EncryptionError, InvalidOptions
 
@@ -104,11 +105,11 @@ class PublicKey:
 
     __slots__ = ("_key",)
 
-    def __init__(self, key: "coincurve.PublicKey") -> None:
+    def __init__(self, key: coincurve.PublicKey) -> None:
         self._key = key
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PublicKey":
+    def from_bytes(cls, data: bytes) -> PublicKey:
         """Read a compressed (33-byte) or uncompressed (65-byte) SEC1 key.
 
         Raises:
@@ -122,7 +123,7 @@ class PublicKey:
             raise EncryptionError("public key is not a point on secp256k1", code="INVALID_PAYLOAD") from None
 
     @classmethod
-    def from_hex(cls, text: Any) -> "PublicKey":
+    def from_hex(cls, text: Any) -> PublicKey:
         """Read a key from hex (66 or 130 characters, optional ``0x``).
 
         Raises:
@@ -145,7 +146,7 @@ class PublicKey:
         """The EIP-55 checksummed Ethereum address of this key."""
         return _address(self.uncompressed)
 
-    def ecdh(self, private_key: "PrivateKey") -> bytes:
+    def ecdh(self, private_key: PrivateKey) -> bytes:
         """Return the 32-byte x-coordinate of ``private_key`` × this point (raw ECDH, unhashed)."""
         return self._key.multiply(private_key._secret()).format(compressed=True)[1:]
 
@@ -171,16 +172,16 @@ class PrivateKey:
 
     __slots__ = ("_key",)
 
-    def __init__(self, key: "coincurve.PrivateKey") -> None:
+    def __init__(self, key: coincurve.PrivateKey) -> None:
         self._key = key
 
     @classmethod
-    def generate(cls) -> "PrivateKey":
+    def generate(cls) -> PrivateKey:
         """Make a fresh random key (from the OS's CSPRNG)."""
         return cls(coincurve.PrivateKey())
 
     @classmethod
-    def from_bytes(cls, secret: bytes) -> "PrivateKey":
+    def from_bytes(cls, secret: bytes) -> PrivateKey:
         """Load a key from its 32 secret bytes.
 
         Raises:
@@ -194,7 +195,7 @@ class PrivateKey:
             raise InvalidOptions("private key is out of range for secp256k1", field="private_key") from None
 
     @classmethod
-    def from_hex(cls, text: Any) -> "PrivateKey":
+    def from_hex(cls, text: Any) -> PrivateKey:
         """Load a key written as ``0x`` and 64 hex characters (the ``0x`` may be left out).
 
         Raises:

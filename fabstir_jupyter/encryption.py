@@ -35,8 +35,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, Union
 
 from .crypto import (
     KEY_SIZE,
@@ -166,7 +167,7 @@ class SessionInitData:
         return _json_bytes(data)
 
     @classmethod
-    def from_json(cls, text: bytes) -> "SessionInitData":
+    def from_json(cls, text: bytes) -> SessionInitData:
         """Read the decrypted init payload (extra keys are ignored, as production does).
 
         Raises:
@@ -771,7 +772,7 @@ class HostEncryption:
         )
 
     def reply_writer(self, session_id: str | None, *, request_id: str | None, now: float,
-                     rng: Callable[[int], bytes] = random_bytes) -> "EncryptedReplyWriter":
+                     rng: Callable[[int], bytes] = random_bytes) -> EncryptedReplyWriter:
         """Return a writer for the reply to a request of ``session_id`` (``None``: the latest session).
 
         Raises:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 from urllib.parse import urlsplit
 
 from .config import validate_usage_db
 from .errors import InvalidOptions
-from .networks import NETWORKS as CHAIN_NETWORKS
-from .networks import NetworkPreset, resolve_network
+from .networks import NETWORKS as CHAIN_NETWORKS, NetworkPreset, resolve_network
 from .urls import ws_url
 
 __all__ = [

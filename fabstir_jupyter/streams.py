@@ -34,17 +34,13 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    AsyncIterator,
-    Callable,
-    Coroutine,
-    Mapping,
     NoReturn,
     Protocol,
-    Sequence,
     TypeVar,
 )
 

@@ -26,7 +26,8 @@ import socket
 import ssl
 import time
 from collections import defaultdict
-from typing import Any, Awaitable, Callable, Mapping, Sized
+from collections.abc import Awaitable, Callable, Mapping, Sized
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (

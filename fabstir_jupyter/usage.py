@@ -50,10 +50,11 @@ import sqlite3
 import threading
 import time as _time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import platformdirs
 
@@ -565,7 +566,7 @@ class UsageLedger:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike[str], None] = None,
+        path: str | os.PathLike[str] | None = None,
         *,
         timeout: float = 10.0,
         busy_timeout: float = 5.0,
@@ -798,7 +799,6 @@ class UsageLedger:
 
         Arguments and errors are those of :meth:`records`; pandas is imported here.
         """
-        import pandas as pd
 
         return _records_frame(self.records(since=since, limit=limit, client_id=client_id))
 

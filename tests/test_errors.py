@@ -102,7 +102,7 @@ def test_every_error_class_code_is_documented(code: str) -> None:
 
 def test_documented_codes_are_exactly_the_package_codes() -> None:
     """docs/protocol.md §9 lists exactly ERROR_CODES: the wire codes plus the client-only ledger and chain codes."""
-    assert CLIENT_ONLY_CODES == {"LEDGER_UNAVAILABLE", "LEDGER_CLOSED", "CHAIN_ERROR"}
+    assert {"LEDGER_UNAVAILABLE", "LEDGER_CLOSED", "CHAIN_ERROR"} == CLIENT_ONLY_CODES
     assert set(DOC_CODES) == set(ERROR_CODES)
 
 

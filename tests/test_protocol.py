@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fabstir_jupyter import protocol
 from fabstir_jupyter.errors import (
@@ -91,8 +90,8 @@ def test_protocol_module_imports_no_io() -> None:
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "json", "math", "re", "ipaddress", "dataclasses", "typing", "urllib.parse",
-                        ".errors", ".urls"}
+    assert imported <= {"__future__", "collections.abc", "json", "math", "re", "ipaddress", "dataclasses", "typing",
+                        "urllib.parse", ".errors", ".urls"}
 
 
 # --------------------------------------------------------------------------- URLs

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 __all__ = [
     "ModelInfo",

@@ -38,7 +38,8 @@ import ssl
 import stat
 import sys
 import threading
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import FabstirError, InvalidOptions
 from .backends import Backend, BackendUnavailable

@@ -24,9 +24,10 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from ..errors import ContextOverflow, HostError
 from .backends import (

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 

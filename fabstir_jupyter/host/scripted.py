@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ..errors import ContextOverflow, HostError, InvalidOptions, error_from_code
 from .backends import (

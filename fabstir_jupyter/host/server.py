@@ -61,6 +61,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from .. import _compat
 from ..errors import (
     FabstirError,
     HostBusy,
@@ -72,6 +73,7 @@ from ..errors import (
     RateLimitExceeded,
     SessionNotFound,
 )
+from ..limits import TokenBucket
 from ..protocol import (
     FEATURES,
     WS_PATH,
@@ -107,8 +109,6 @@ from .legacy import (
     production_job_id,
     production_validation_error,
 )
-from .. import _compat
-from ..limits import TokenBucket
 from .limits import AddressLimiter, HostSession, SessionStore, per_minute_bucket
 from .metering import JobMeter
 from .payments import PAID_FEATURE, PaymentManager
@@ -177,7 +177,7 @@ class _Stream:
     context_window: int
     session: HostSession | None = None
     memory: SessionStore | None = None  # the store ``session`` lives in
-    writer: "EncryptedReplyWriter | None" = None  # encrypts the reply of an encrypted request
+    writer: EncryptedReplyWriter | None = None  # encrypts the reply of an encrypted request
     meter: JobMeter | None = None  # the paid job the request's tokens count against
     turn_input: list[tuple[str, str]] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
@@ -201,7 +201,7 @@ class _Connection:
     bucket: TokenBucket | None  # None: no per-connection limit
     stream: _Stream | None = None
     session_id: str | None = None
-    encryption: "HostEncryption | None" = None  # None: the host has no operator key
+    encryption: HostEncryption | None = None  # None: the host has no operator key
     # The encrypted session memories this connection's inits were granted, by session id: a message
     # uses a memory only while it is still the one its init was given (see _bind_memory).
     memories: OrderedDict[str | None, HostSession] = field(default_factory=OrderedDict)
@@ -467,7 +467,7 @@ class HostServer:
             conn.memories.clear()
             logger.debug("connection from %s closed", address)
 
-    def _new_encryption(self) -> "HostEncryption | None":
+    def _new_encryption(self) -> HostEncryption | None:
         """A connection's key store, or None when the host has no operator key."""
         key = self.config.operator_key
         if key is None:
@@ -622,7 +622,7 @@ class HostServer:
         else:
             await self._start(conn, event)
 
-    async def _on_encrypted_init(self, conn: _Connection, event: "EncryptedSessionInit", obj: dict[str, Any]) -> None:
+    async def _on_encrypted_init(self, conn: _Connection, event: EncryptedSessionInit, obj: dict[str, Any]) -> None:
         """Bind the session's job (on a paid host) and memory to this connection and acknowledge the init."""
         if not await self._bind_job(conn, event.session_id, event.job_id, event.chain_id, event.id):
             return
@@ -644,7 +644,7 @@ class HostServer:
             ack["client_address"] = event.signer_addresses[0]
         await self._send(conn, ack)
 
-    def _bind_memory(self, conn: _Connection, event: "EncryptedSessionInit") -> None:
+    def _bind_memory(self, conn: _Connection, event: EncryptedSessionInit) -> None:
         """Give the init's connection the session's memory: kept across re-inits by the same signer.
 
         The production SDK re-inits before every prompt, so the transcript must outlive an init.
@@ -710,7 +710,7 @@ class HostServer:
 
     # ------------------------------------------------------------------ admission
 
-    async def _start(self, conn: _Connection, event: "_Request") -> None:
+    async def _start(self, conn: _Connection, event: _Request) -> None:
         encrypted = not isinstance(event, (InferenceRequest, PromptRequest))
         try:
             job = self._admit(conn, event)
@@ -734,7 +734,7 @@ class HostServer:
         job.task = asyncio.create_task(self._run(conn, job))
         self._log_start(job, conn)
 
-    def _admit(self, conn: _Connection, event: "_Request") -> _Stream | None:
+    def _admit(self, conn: _Connection, event: _Request) -> _Stream | None:
         """Check limits and build the stream of a request; None means "drop it" (legacy only).
 
         A plaintext ``prompt`` and an encrypted message run on their session's memory (plaintext
@@ -824,7 +824,7 @@ class HostServer:
             meter=meter,
         )
 
-    def _paid_meter(self, conn: _Connection, event: "_Request", model_id: str) -> JobMeter:
+    def _paid_meter(self, conn: _Connection, event: _Request, model_id: str) -> JobMeter:
         """The job a request on a paid host is billed to: its session's, bound on this connection.
 
         Raises:

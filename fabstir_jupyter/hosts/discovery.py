@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Iterable, Protocol, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Protocol, Union
 
 from ..config import HostRequirements, InferenceConfig, validate_mode
 from ..errors import InvalidOptions

@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from ..config import SELECTION_MODES, HostRequirements, validate_mode
 from ..errors import ModelNotAvailable, NoHostsAvailable

@@ -261,13 +261,13 @@ def server(home, slow_hosts):
 
 # JavaScript run in the page (window.jupyterapp exists because of expose_app_in_browser).
 PANEL = "window.jupyterapp.shell.currentWidget"
-NOTEBOOK_READY = f"""() => {{
+NOTEBOOK_READY = """() => {
     const app = window.jupyterapp;
     const panel = app && app.shell.currentWidget;
     if (!panel || !panel.sessionContext || !panel.context || !panel.context.isReady) return false;
     const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
     return !!kernel && kernel.status === "idle" && panel.content.widgets.length > 0;
-}}"""
+}"""
 RUN_CELL = f"""async (index) => {{
     const panel = {PANEL};
     panel.content.activeCellIndex = index;

@@ -7,7 +7,6 @@ The production SDK's own frame shapes, from @noble, are in ``tests/test_encrypti
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -20,7 +19,6 @@ from fabstir_jupyter.host import ScriptedBackend, scripted_text
 from fabstir_jupyter.protocol import (
     ResponseReader,
     cancel_frame,
-    encode,
     parse_host_frame,
     prompt_frame,
     session_init_frame,

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import pytest
-
 from websockets.asyncio.client import connect
 
 from fabstir_jupyter.host import HostConfig, HostServer

@@ -15,32 +15,33 @@ import logging
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("eth_tester", reason="paid sessions need the local chain (the 'chain' extra)")
 
-from fabstir_jupyter.crypto import PrivateKey  # noqa: E402
-from fabstir_jupyter.encryption import EncryptedSession  # noqa: E402
-from fabstir_jupyter.host import HostServer, ModelInfo, PaymentConfig, ScriptedBackend  # noqa: E402
-from fabstir_jupyter.local.chain import LocalChain, model_id  # noqa: E402
-from fabstir_jupyter.local.rpc import LocalRpcServer  # noqa: E402
-from fabstir_jupyter.marketplace import (  # noqa: E402
+from fabstir_jupyter.crypto import PrivateKey
+from fabstir_jupyter.encryption import EncryptedSession
+from fabstir_jupyter.host import HostServer, ModelInfo, PaymentConfig, ScriptedBackend
+from fabstir_jupyter.local.chain import LocalChain, model_id
+from fabstir_jupyter.local.rpc import LocalRpcServer
+from fabstir_jupyter.marketplace import (
     MARKETPLACE_ABI,
     JobStatus,
     MarketplaceClient,
     SessionJob,
 )
-from fabstir_jupyter.protocol import (  # noqa: E402
+from fabstir_jupyter.protocol import (
     ResponseReader,
     parse_host_frame,
     prompt_frame,
     session_init_frame,
 )
 
-from .conftest import Peer, Result, get_json  # noqa: E402
+from .conftest import Peer, Result, get_json
 
 MODEL = ("fabstir/scripted", "scripted-1")
 OTHER = ("fabstir/scripted", "scripted-2")
@@ -389,7 +390,7 @@ class RpcProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if proxy.down:
                     proxy.dropped += 1
@@ -407,7 +408,7 @@ class RpcProxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -95,7 +95,7 @@ class SdkSocket:
             if reply["type"] == "stream_chunk":  # the SDK waits on for stream_end
                 streaming = True
                 continue
-            if reply["type"] == "stream_end" and streaming or reply["type"] == "session_init_ack":
+            if (reply["type"] == "stream_end" and streaming) or reply["type"] == "session_init_ack":
                 return "resolved", replies
             if reply.get("id") == frame["id"]:
                 failed = reply["type"] == "error" or "error" in reply

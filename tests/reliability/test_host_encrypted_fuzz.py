@@ -13,9 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import event as note
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event as note, given, settings, strategies as st
 from websockets.asyncio.client import connect
 
 from fabstir_jupyter.crypto import PrivateKey

@@ -14,7 +14,6 @@ import socket
 import time
 from typing import Any
 
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -393,7 +392,7 @@ async def test_a_client_that_stops_reading_is_dropped_after_send_timeout(start_h
 
 
 async def _attack_with_secret(server, secret: str = SECRET_PROMPT) -> None:
-    SECRET_PROMPT = secret  # noqa: N806 - the same sequence with another prompt
+    SECRET_PROMPT = secret
     ws = await _open(server)
     await _infer(ws, SECRET_PROMPT, rid="s1")                                   # served
     await _infer(ws, SECRET_PROMPT + "x" * 2000, rid="s2")                      # INVALID_PROMPT
