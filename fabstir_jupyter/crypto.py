@@ -269,7 +269,8 @@ def hkdf_sha256(secret: bytes, *, salt: bytes, info: bytes = b"", length: int = 
 
 def _check_key_and_nonce(key: bytes, nonce: bytes) -> None:
     if len(key) != KEY_SIZE:
-        raise EncryptionError(f"an XChaCha20-Poly1305 key is {KEY_SIZE} bytes, not {len(key)}", code="DECRYPTION_FAILED")
+        raise EncryptionError(f"an XChaCha20-Poly1305 key is {KEY_SIZE} bytes, not {len(key)}",
+                              code="DECRYPTION_FAILED")
     if len(nonce) != NONCE_SIZE:
         raise EncryptionError(f"nonce is {len(nonce)} bytes, not {NONCE_SIZE}", code="INVALID_NONCE_SIZE")
 
@@ -281,7 +282,9 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes = b"") -
         EncryptionError: ``INVALID_NONCE_SIZE`` for a nonce that is not 24 bytes.
     """
     _check_key_and_nonce(key, nonce)
-    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plaintext), bytes(aad), bytes(nonce), bytes(key))
+    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        bytes(plaintext), bytes(aad), bytes(nonce), bytes(key)
+    )
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes = b"") -> bytes:
@@ -387,7 +390,9 @@ def _bytes(value: Any) -> bytes:
     return decode_hex(value, what="transaction field", code="INVALID_PAYLOAD")
 
 
-def public_key_from_transaction(tx: bytes | str | Mapping[str, Any], *, expected_address: str | None = None) -> PublicKey:
+def public_key_from_transaction(
+    tx: bytes | str | Mapping[str, Any], *, expected_address: str | None = None
+) -> PublicKey:
     """Recover the public key of the account that signed an Ethereum transaction.
 
     A host that publishes no ``publicKey`` has still signed its registration transaction: the key

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from .config import validate_usage_db
@@ -48,7 +48,7 @@ NETWORKS = ("local", "static", *CHAIN_NETWORKS)
 #: The backends the local network's host processes can run.
 LOCAL_BACKENDS = ("llama-cpp", "scripted")
 
-NetworkSpec = Union[str, Mapping[str, Any], NetworkPreset]
+NetworkSpec: TypeAlias = str | Mapping[str, Any] | NetworkPreset
 
 
 @dataclass(frozen=True)

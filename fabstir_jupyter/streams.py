@@ -1048,7 +1048,7 @@ class InferenceStream:
         earlier = earlier if every else [r for r in earlier if r.received_tokens]
         if not earlier:
             return final if not every else dataclasses.replace(final, ttft=self.ttft, encrypted=self.encrypted)
-        parts = earlier + [final]
+        parts = [*earlier, final]
         completion = sum(r.completion_tokens or 0 for r in parts)
         costs = [r.cost for r in parts if r.cost is not None]
         units = {r.cost_unit for r in parts if r.cost is not None}

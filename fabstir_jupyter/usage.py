@@ -346,7 +346,7 @@ def _row(rec: UsageRecord) -> tuple[Any, ...]:
 
 
 def _from_row(row: Iterable[Any]) -> UsageRecord:
-    values = dict(zip(_FIELDS, row))
+    values = dict(zip(_FIELDS, row, strict=True))
     values["cached"] = bool(values["cached"])
     if values["encrypted"] is not None:
         values["encrypted"] = bool(values["encrypted"])
@@ -461,7 +461,7 @@ class _JobRow(tuple):  # type: ignore[type-arg]
 
 
 def _job_from_row(row: Iterable[Any]) -> JobRecord:
-    values = dict(zip(JOB_COLUMNS, row))
+    values = dict(zip(JOB_COLUMNS, row, strict=True))
     for name in _BIG:
         if values[name] is not None:
             values[name] = int(values[name])

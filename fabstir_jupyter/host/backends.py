@@ -77,10 +77,7 @@ class ModelInfo:
         known = {self.id.lower(), self.name.lower(), *(a.lower() for a in self.aliases)}
         if wanted in known:
             return True
-        for sep in ("/", ":"):
-            if sep in wanted and wanted.rsplit(sep, 1)[1] in known:
-                return True
-        return False
+        return any(sep in wanted and wanted.rsplit(sep, 1)[1] in known for sep in ("/", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +180,7 @@ class Backend(abc.ABC):
         """Return an estimate of the tokens in ``text`` (whitespace words unless overridden)."""
         return count_words(text)
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027  # an optional hook: by default there is nothing to prepare
         """Prepare the backend (start loading the model); called by ``HostServer.start``."""
 
     @abc.abstractmethod
@@ -201,7 +198,7 @@ class Backend(abc.ABC):
             AbortConnection: fault injection: drop the connection.
         """
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  # an optional hook: by default there is nothing to release
         """Release the model and any threads or connections; called by ``HostServer.close``."""
 
 

@@ -106,7 +106,10 @@ def legacy_final_frames(
             terminal,
             legacy_end_frame("complete", tokens_used, request_id),
         ]
-    return [legacy_error_frame(error.code, error.message, request_id), legacy_end_frame("error", tokens_used, request_id)]
+    return [
+        legacy_error_frame(error.code, error.message, request_id),
+        legacy_end_frame("error", tokens_used, request_id),
+    ]
 
 
 def production_validation_error(prompt: str, model: str, max_tokens: int, temperature: float) -> str | None:

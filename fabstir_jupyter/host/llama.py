@@ -197,7 +197,9 @@ class LlamaCppBackend(Backend):
         if template:
             with_prompt = llama_chat_format.Jinja2ChatFormatter(template, eos, bos, add_generation_prompt=True)
             without = llama_chat_format.Jinja2ChatFormatter(template, eos, bos, add_generation_prompt=False)
-            self._formatter = lambda messages, open_turn: (with_prompt if open_turn else without)(messages=messages).prompt
+            self._formatter = lambda messages, open_turn: (
+                (with_prompt if open_turn else without)(messages=messages).prompt
+            )
         else:
             self._formatter = _plain_format
         self._llm = llm

@@ -121,7 +121,8 @@ class OpenAIProxyBackend(Backend):
         try:
             async with self._client.stream("POST", url, json=body, headers={"Accept": "text/event-stream"}) as response:
                 if response.status_code != 200:
-                    raise _upstream_error(response.status_code, (await response.aread())[:500].decode("utf-8", "replace"))
+                    body = (await response.aread())[:500].decode("utf-8", "replace")
+                    raise _upstream_error(response.status_code, body)
                 async for event in EventSource(response).aiter_sse():
                     if cancel.is_set():
                         return

@@ -167,7 +167,9 @@ class ScriptedBackend(Backend):
                 assert self._slots is not None
                 self._slots.release()
 
-    async def _tokens(self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats) -> AsyncIterator[str]:
+    async def _tokens(
+        self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
+    ) -> AsyncIterator[str]:
         if await sleep_unless_cancelled(self.first_token_delay, cancel):
             return
         prefill = params.prefill

@@ -522,7 +522,8 @@ class HostServer:
                 return
             await self._send(conn, error_frame(
                 HostBusy.code,
-                "a stream is already running on this connection; wait for stream_end, send stream_cancel or use another connection",
+                "a stream is already running on this connection; "
+                "wait for stream_end, send stream_cancel or use another connection",
                 request_id=getattr(event, "id", None),
             ))
         elif isinstance(event, SessionInit):
@@ -595,7 +596,8 @@ class HostServer:
                 return
             await self._send(conn, error_frame(
                 HostBusy.code,
-                "a stream is already running on this connection; wait for stream_end, send stream_cancel or use another connection",
+                "a stream is already running on this connection; "
+                "wait for stream_end, send stream_cancel or use another connection",
                 request_id=_request_id(obj),
             ))
             return
@@ -746,7 +748,9 @@ class HostServer:
         """
         cfg, req, legacy = self.config, event.request, self.config.legacy
         # Defaults apply only to a prompt frame without request (the parser refuses other gaps).
-        default_max_tokens = PRODUCTION_DEFAULT_MAX_TOKENS if legacy else min(cfg.default_max_tokens, cfg.max_tokens_cap)
+        default_max_tokens = (
+            PRODUCTION_DEFAULT_MAX_TOKENS if legacy else min(cfg.default_max_tokens, cfg.max_tokens_cap)
+        )
         max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
         temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
         if legacy:  # production validates before it counts the request against its rate limit
@@ -772,7 +776,8 @@ class HostServer:
             available = ", ".join(m.id for m in self.backend.models) or "none"
             raise ModelNotAvailable(f"model {req.model!r} is not served by this host; available: {available}")
         if not 1 <= max_tokens <= cfg.max_tokens_cap:
-            raise InvalidOptions(f"'max_tokens' must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}", field="max_tokens")
+            raise InvalidOptions(f"'max_tokens' must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}",
+                                 field="max_tokens")
         if not 0.0 <= temperature <= 2.0:
             raise InvalidOptions(f"'temperature' must be between 0 and 2, got {temperature:g}", field="temperature")
         if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
@@ -784,7 +789,8 @@ class HostServer:
             )
         chars = len(req.prompt) + sum(len(content) for _, content in req.messages)
         if chars > cfg.max_prompt_chars:
-            raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}", field="prompt")
+            raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}",
+                                field="prompt")
         session, turn_input = None, self._turn_input(req.prompt, () if legacy else req.messages)
         memory = self.sessions
         if not isinstance(event, (InferenceRequest, PromptRequest)):  # encrypted: memory on both paths, as production

@@ -61,7 +61,9 @@ OPERATOR_EVENTS = (
 #: Blocks per ``eth_getLogs`` when an endpoint refuses to search the whole chain at once.
 LOG_WINDOW = 10_000
 # Problems are verb phrases about the host: "the host <problem>".
-_NO_CRYPTO = "has a key this client cannot use: the crypto libraries are not installed (pip install 'fabstir-jupyter[crypto]')"
+_NO_CRYPTO = (
+    "has a key this client cannot use: the crypto libraries are not installed (pip install 'fabstir-jupyter[crypto]')"
+)
 
 
 def published_key(host: HostInfo, *, now: float = 0.0) -> HostKey | None:

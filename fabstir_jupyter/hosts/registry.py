@@ -207,7 +207,7 @@ def _decode_host_prices(data: bytes) -> dict[str, int]:
     model_ids, prices = decode(_HOST_PRICES_TYPES, data)
     if len(model_ids) != len(prices):
         raise ValueError(f"getHostModelPrices gave {len(model_ids)} models and {len(prices)} prices")
-    return {"0x" + m.hex(): p for m, p in zip(model_ids, prices)}
+    return {"0x" + m.hex(): p for m, p in zip(model_ids, prices, strict=True)}
 
 
 def _decode_addresses(data: bytes) -> list[str]:
@@ -630,7 +630,7 @@ class ChainRegistrySource:
             for chunk in chunks
         ]
         results: list[bytes | None] = []
-        for chunk, answer in zip(chunks, self._rpc.call_many(requests)):
+        for chunk, answer in zip(chunks, self._rpc.call_many(requests), strict=True):
             decoded = None
             if not isinstance(answer, ChainError):
                 try:
@@ -693,7 +693,7 @@ class ChainRegistrySource:
     ) -> list[HostInfo]:
         prices: dict[tuple[str, str], tuple[int, int]] | None = None if price_calls is None else {}
         failed = 0
-        for (node, token, _data), answer in zip(price_calls or (), price_answers):
+        for (node, token, _data), answer in zip(price_calls or (), price_answers, strict=True):
             assert prices is not None
             by_model = self._decoded(answer, _decode_host_prices)
             if by_model is None:  # the call failed: the node's minimum price stands in
@@ -710,7 +710,7 @@ class ChainRegistrySource:
                 f"{len(price_answers)} (node, token) reads; those nodes' minimum prices stand in"
             )
         models = {}
-        for mid, answer in zip(model_ids, model_answers):
+        for mid, answer in zip(model_ids, model_answers, strict=True):
             record = self._decoded(answer, _decode_model)
             if record is not None:
                 models[mid] = record
@@ -724,7 +724,7 @@ class ChainRegistrySource:
 
     def _records(self, nodes: Sequence[str], answers: Sequence[bytes | None]) -> list[NodeRecord]:
         records = []
-        for address, answer in zip(nodes, answers):
+        for address, answer in zip(nodes, answers, strict=True):
             record = self._decoded(answer, _decode_full_info)
             if record is None:
                 self._warn(f"host {address}: getNodeFullInfo failed or did not decode; skipped")
