@@ -16,9 +16,9 @@ USDC. Each round, in alternating order:
   tab job) and the next one (the tab's job is reused: no chain call).
 
 Every figure is a median over rounds; the RPC requests per paid session (the client's job and
-settlement, the host's proof and reads) are counted at the local RPC server. There is no target: the figures say what a paid session adds on
-this machine's local chain, where a transaction is mined at once; on Base Sepolia each transaction
-adds a block's wait (about 2 s) instead.
+settlement, the host's proof and reads) are counted at the local RPC server. There is no target:
+the figures say what a paid session adds on this machine's local chain, where a transaction is
+mined at once; on Base Sepolia each transaction adds a block's wait (about 2 s) instead.
 
 Run: ``python benchmarks/paid_sessions.py`` (``--rounds 9``).
 """

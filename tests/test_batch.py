@@ -9,6 +9,7 @@ import logging
 
 import pytest
 
+from _timing import wait_until
 from fabstir_jupyter.batch import BATCH_COLUMNS, HostWindow, run_batch
 from fabstir_jupyter.errors import FabstirError, InvalidOptions
 from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
@@ -40,7 +41,7 @@ async def watch_streams(servers, interval=0.002):
     async def sample():
         while True:
             counts = [s.active_streams for s in servers]
-            for server, count in zip(servers, counts):
+            for server, count in zip(servers, counts, strict=True):
                 peaks[server.http_url] = max(peaks[server.http_url], count)
             peaks["total"] = max(peaks["total"], sum(counts))
             await asyncio.sleep(interval)
@@ -255,8 +256,7 @@ async def test_a_host_killed_mid_batch_loses_its_prompts_to_the_others(start_hos
     victim = servers[1]
 
     async def kill_when_busy():
-        while not victim.active_streams:
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: victim.active_streams, what="the victim streaming")
         await victim.close()
 
     killer = asyncio.ensure_future(kill_when_busy())
@@ -368,7 +368,7 @@ async def test_a_host_busy_with_another_client_gets_fewer_streams_not_a_flood(st
     held = [other.stream(f"long answer {i}", max_tokens=4000) for i in range(2)]
     for stream in held:
         await stream.__aenter__()
-    await wait_for(lambda: server.active_streams == 2)
+    await wait_until(lambda: server.active_streams == 2, what="the other client's two streams running")
     manager = make_manager([server.ws_url], backoff_initial=0.01, backoff_max=0.05, max_retries=6)
     try:
         async with watch_streams([server]) as peaks:
@@ -383,14 +383,6 @@ async def test_a_host_busy_with_another_client_gets_fewer_streams_not_a_flood(st
     # as the one before (after 2, 4, 8 answers): 5 in all, 7 allowed for a refusal raced by an answer
     assert 2 <= busy_count(manager) <= 7
     assert len(manager.usage.records) == 24 + busy_count(manager)
-
-
-async def wait_for(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def test_host_window_drops_to_the_streams_running_and_climbs_ever_more_slowly():

@@ -245,7 +245,8 @@ def tester_w3():
 
     w3 = Web3(EthereumTesterProvider(EthereumTester()))
     funder = w3.eth.accounts[0]
-    w3.eth.send_transaction({"from": funder, "to": Account.from_key(SECRET_HEX).address, "value": 10**18, "gas": 21_000})
+    key_owner = Account.from_key(SECRET_HEX).address
+    w3.eth.send_transaction({"from": funder, "to": key_owner, "value": 10**18, "gas": 21_000})
     return w3
 
 

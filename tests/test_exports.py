@@ -125,7 +125,8 @@ LAYERS: list[set[str]] = [
     {"settings"},
     {"protocol", "crypto"},
     {"encryption"},
-    {"marketplace", "wallet"},  # the chain client for paid sessions (shared by the host and the client); the key that pays
+    # the chain client for paid sessions (shared by the host and the client); the key that pays
+    {"marketplace", "wallet"},
     {"transport"},
     {"usage"},
     {"hosts"},
@@ -210,7 +211,7 @@ def test_the_import_graph_has_no_cycles():
         stack.append(module)
         for target in sorted(GRAPH.get(module, ())):
             if state.get(target) == "open":
-                cycle = stack[stack.index(target):] + [target]
+                cycle = [*stack[stack.index(target):], target]
                 raise AssertionError("import cycle: " + " → ".join(cycle))
             if target in GRAPH and target not in state:
                 visit(target)

@@ -299,7 +299,7 @@ async def test_failover_on_the_same_host_when_it_is_the_only_one(start_host, mak
     """A lone host that keeps dropping is resumed from the partial answer until the budget is met."""
     host = await start_host(backend=ScriptedBackend(close_after=3))
     manager = make_manager([host.ws_url], max_retries=5)
-    stream, pieces = await collect(manager.stream(PROMPT, max_tokens=10))
+    _stream, pieces = await collect(manager.stream(PROMPT, max_tokens=10))
     assert "".join(pieces) == scripted_text(PROMPT, 10)
     assert [r.received_tokens for r in manager.usage.records] == [3, 3, 3, 1]
 
@@ -394,7 +394,7 @@ async def test_concurrent_streams_use_separate_sockets_without_interleaving(star
     manager = make_manager([host.ws_url])
     prompts = [f"prompt number {i}" for i in range(4)]
     results = await asyncio.gather(*(collect(manager.stream(p, max_tokens=15)) for p in prompts))
-    for prompt, (stream, _) in zip(prompts, results):
+    for prompt, (stream, _) in zip(prompts, results, strict=True):
         assert stream.text == scripted_text(prompt, 15)
     assert manager.pool.stats() == {"idle": 4, "in_use": 0}
 

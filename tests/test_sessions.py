@@ -145,9 +145,10 @@ async def test_session_on_a_legacy_host_flattens_the_history(start_host, make_ma
     manager = make_manager([host.ws_url])
     session = await manager.sessions.create_session()
     await turn(manager, session.id, "first question", max_tokens=3)
-    second, text = await turn(manager, session.id, "second question", max_tokens=3)
+    _second, text = await turn(manager, session.id, "second question", max_tokens=3)
     # The legacy host keys on the whole (flattened) prompt, so the answer differs from a fresh one.
-    flattened = "User: first question\nAssistant: " + scripted_text("first question", 3) + "\nUser: second question\nAssistant:"
+    flattened = ("User: first question\nAssistant: " + scripted_text("first question", 3)
+                 + "\nUser: second question\nAssistant:")
     assert text == scripted_text(flattened, 3)
     assert session.turns == 2
 

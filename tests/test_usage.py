@@ -97,7 +97,7 @@ def test_record_to_dict_holds_fields_and_rate():
     """to_dict lists every field in order with tokens_per_second after duration."""
     data = make().to_dict()
     names = [f for f in UsageRecord.__dataclass_fields__]
-    expected = names[: names.index("duration") + 1] + ["tokens_per_second"] + names[names.index("duration") + 1 :]
+    expected = [*names[:names.index("duration") + 1], "tokens_per_second", *names[names.index("duration") + 1:]]
     assert list(data) == expected
     assert data["tokens_per_second"] == pytest.approx(10.0)
     data.pop("tokens_per_second")

@@ -96,7 +96,9 @@ async def test_legacy_host_sends_flat_coded_errors(start_host, make_peer):
     """Coded errors have production's flat shape (no nested error object)."""
     peer = await make_peer(await start_host(backend=ScriptedBackend(error_code="RATE_LIMIT_EXCEEDED"), legacy=True))
     result = await peer.infer(rid="r")
-    assert result.errors == [{"type": "error", "code": "RATE_LIMIT_EXCEEDED", "message": result.errors[0]["message"], "id": "r"}]
+    assert result.errors == [
+        {"type": "error", "code": "RATE_LIMIT_EXCEEDED", "message": result.errors[0]["message"], "id": "r"}
+    ]
     assert result.end["reason"] == "error"
 
 

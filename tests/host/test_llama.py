@@ -31,7 +31,7 @@ async def test_llama_streams_real_tokens_deterministically(start_host, make_peer
     backend = LlamaCppBackend(threads=2)
     server = await start_host(backend=backend)
     await backend.wait_loaded()
-    status, health = await get_json(server, "/health")
+    _status, health = await get_json(server, "/health")
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert (await get_json(server, "/v1/models"))[1]["models"][0]["id"] == "SmolLM2-135M-Instruct"
     peer = await make_peer(server)

@@ -60,8 +60,8 @@ class Upstream:
                          + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         elif self.status != 200:
             payload = b'{"error": "slow down"}'
-            writer.write(f"HTTP/1.1 {self.status} Error\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                         + payload)
+            head = f"HTTP/1.1 {self.status} Error\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n"
+            writer.write(head.encode() + payload)
         else:
             self.bodies.append(json.loads(body))
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
@@ -139,8 +139,8 @@ async def relay(raw_events: list[bytes], *prompts: str) -> list[Result]:
     """Serve ``raw_events`` from an upstream; return the host's answer to each prompt, on one socket."""
     results = []
     async with Upstream([], raw_events=raw_events) as upstream:
-        async with HostServer(HostConfig(), OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m")) as server:
-            async with connect(server.ws_url, open_timeout=5) as ws:
+        backend = OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m")
+        async with HostServer(HostConfig(), backend) as server, connect(server.ws_url, open_timeout=5) as ws:
                 await asyncio.wait_for(ws.recv(), 5)  # connected
                 for prompt in prompts:
                     await ws.send(json.dumps(inference_frame(prompt=prompt, model="m", max_tokens=50, temperature=0)))

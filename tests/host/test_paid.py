@@ -316,7 +316,8 @@ async def test_a_request_for_a_model_other_than_the_jobs_is_refused(market, paid
     peer = await make_peer(server)
     assert (await init(peer, job_id))["type"] == "session_init_ack"
     wrong = await ask(peer, 5, model="scripted-2")
-    assert wrong.errors[0]["code"] == "PAYMENT_REQUIRED" and f"job {job_id} pays for model" in wrong.errors[0]["message"]
+    assert wrong.errors[0]["code"] == "PAYMENT_REQUIRED"
+    assert f"job {job_id} pays for model" in wrong.errors[0]["message"]
     right = await ask(peer, 5, model=MODEL_ID)
     assert tokens(right) == 5 and not right.errors
 
@@ -399,7 +400,8 @@ class RpcProxy:
                     proxy.holding += 1
                     proxy.release.wait(DEADLINE)
                     proxy.holding -= 1
-                request = urllib.request.Request(proxy.upstream, data=body, headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(proxy.upstream, data=body,
+                                                 headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=DEADLINE) as answer:
                     data = answer.read()
                 self.send_response(200)

@@ -162,7 +162,8 @@ async def test_sdk_stop_then_send_is_served_in_order(sdk, mode):
     first = SDK_FRAMES["prompt"]("a long answer")
     await sdk.send(first)
     assert (await sdk.recv())["type"] == "stream_chunk"
-    cancel, again, second = SDK_FRAMES["stream_cancel"](), SDK_FRAMES["session_init"](), SDK_FRAMES["prompt"]("next", max_tokens=3)
+    cancel, again = SDK_FRAMES["stream_cancel"](), SDK_FRAMES["session_init"]()
+    second = SDK_FRAMES["prompt"]("next", max_tokens=3)
     for frame in (cancel, again, second):
         await sdk.send(frame)
     frames = []
@@ -208,7 +209,7 @@ async def test_sdk_empty_prompt_is_answered(sdk, mode):
     outcome, replies = await sdk.answer_to(frame)
     assert outcome == "rejected"
     if mode == "legacy":
-        assert replies + [await sdk.recv()] == [
+        assert [*replies, await sdk.recv()] == [
             {"type": "error", "error": "Validation error for prompt: Prompt cannot be empty", "id": frame["id"]},
             {"type": "stream_end", "reason": "error", "tokens_used": 0, "id": frame["id"]},
         ]
@@ -225,7 +226,7 @@ async def test_sdk_zero_max_tokens_is_answered(sdk, mode):
     outcome, replies = await sdk.answer_to(frame)
     assert outcome == "rejected"
     if mode == "legacy":
-        assert replies + [await sdk.recv()] == [
+        assert [*replies, await sdk.recv()] == [
             {"type": "error", "error": "Validation error for max_tokens: max_tokens must be greater than 0",
              "id": frame["id"]},
             {"type": "stream_end", "reason": "error", "tokens_used": 0, "id": frame["id"]},

@@ -58,7 +58,8 @@ async def test_scripted_backend_counts_prompt_words():
     """Prompt tokens are whitespace words over all messages; the stream yields max_tokens tokens."""
     backend = ScriptedBackend()
     stats = GenerationStats()
-    params = GenerationParams(messages=(("system", "be nice"), ("user", "hello there you")), model="scripted-1", max_tokens=4)
+    params = GenerationParams(messages=(("system", "be nice"), ("user", "hello there you")), model="scripted-1",
+                              max_tokens=4)
     tokens = [t async for t in backend.generate(params, asyncio.Event(), stats)]
     assert stats.prompt_tokens == 5 and stats.finish_reason == "length"
     assert "".join(tokens) == scripted_text("hello there you", 4)
@@ -127,7 +128,7 @@ async def test_scripted_never_answer_stays_silent_until_cancel(start_host, make_
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="hello", model="scripted-1", max_tokens=5, temperature=0, request_id="n"))
     assert await peer.silent_for(0.3)
-    status, health = await get_json(server, "/health")
+    _status, health = await get_json(server, "/health")
     assert health["active_streams"] == 1
     await peer.send(cancel_frame())
     end = await peer.recv()

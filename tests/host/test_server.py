@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import ClassVar
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -52,7 +53,8 @@ async def test_host_echoes_id_on_every_reply(peer):
     """Chunks, stream_end and errors carry the request's id."""
     result = await peer.infer(rid="abc", max_tokens=3)
     assert all(f["id"] == "abc" for f in result.frames)
-    await peer.send({"type": "inference", "id": "bad", "request": {"prompt": "x", "model": "scripted-1", "max_tokens": 0}})
+    await peer.send({"type": "inference", "id": "bad",
+                     "request": {"prompt": "x", "model": "scripted-1", "max_tokens": 0}})
     error = await peer.recv()
     assert error["type"] == "error" and error["id"] == "bad"
     await peer.send({"type": "mystery", "id": "m1"})
@@ -93,11 +95,13 @@ async def test_host_rejects_request_without_model_prompt_or_max_tokens(peer, mis
     await peer.send({"type": "inference", "id": "m", "request": body})
     error = await peer.recv()
     assert error["type"] == "error" and error["code"] == "INVALID_OPTIONS" and error["id"] == "m"
-    assert f"'{missing}'" in error["message"] and error["error"] == {"code": "INVALID_OPTIONS", "message": error["message"]}
+    assert f"'{missing}'" in error["message"]
+    assert error["error"] == {"code": "INVALID_OPTIONS", "message": error["message"]}
     assert await peer.silent_for(0.05)
 
 
-@pytest.mark.parametrize(("request_fields", "code"), [({"prompt": ""}, "INVALID_PROMPT"), ({"model": ""}, "INVALID_OPTIONS")])
+@pytest.mark.parametrize(("request_fields", "code"),
+                         [({"prompt": ""}, "INVALID_PROMPT"), ({"model": ""}, "INVALID_OPTIONS")])
 async def test_host_rejects_empty_prompt_or_model(peer, request_fields, code):
     """An empty prompt or model is answered with a coded error, not a default."""
     await peer.send({"type": "inference", "id": "e",
@@ -204,7 +208,7 @@ async def test_host_ignores_cancel_when_idle(peer):
 class _DeafBackend(Backend):
     """A backend that ignores the cancel event (it sleeps between tokens)."""
 
-    models = [ModelInfo("deaf", "deaf", 1000)]  # type: ignore[assignment]
+    models: ClassVar[list[ModelInfo]] = [ModelInfo("deaf", "deaf", 1000)]
 
     async def generate(self, params, cancel, stats):
         while True:
@@ -234,7 +238,7 @@ async def test_host_cancels_generation_when_client_disconnects(start_host, make_
     assert server.active_streams == 1
     await peer.ws.close()
     await wait_until(lambda: server.active_streams == 0)
-    status, health = await get_json(server, "/health")
+    _status, health = await get_json(server, "/health")
     assert health["active_streams"] == 0 and health["connections"] == 0
 
 
@@ -455,7 +459,7 @@ async def test_host_echoes_id_of_malformed_request(peer):
 class _BrokenBackend(Backend):
     """A backend with a bug: it raises a plain exception after one token."""
 
-    models = [ModelInfo("broken", "broken", 1000)]  # type: ignore[assignment]
+    models: ClassVar[list[ModelInfo]] = [ModelInfo("broken", "broken", 1000)]
 
     async def generate(self, params, cancel, stats):
         stats.prompt_tokens = 1

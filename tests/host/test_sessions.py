@@ -74,7 +74,8 @@ async def test_host_prompt_uses_connection_session_when_id_omitted(peer):
 
 async def test_host_prompt_without_session_is_session_not_found(peer):
     """A prompt with no session on the connection gets SESSION_NOT_FOUND."""
-    await peer.send(prompt_frame("hi", session_id=None, model="scripted-1", max_tokens=2, temperature=0, request_id="x"))
+    await peer.send(prompt_frame("hi", session_id=None, model="scripted-1", max_tokens=2, temperature=0,
+                                 request_id="x"))
     error = await peer.recv()
     assert error["code"] == "SESSION_NOT_FOUND" and error["id"] == "x"
 

@@ -226,7 +226,7 @@ async def test_float_field_overflow_does_not_stop_the_host(shared_host):
 @pytest.mark.parametrize("max_tokens", [4097, 10**6, 2**63, 10**100, 1e300, -(10**100)])
 async def test_huge_max_tokens_gets_invalid_options(shared_host, max_tokens):
     ws = await _open(shared_host)
-    text, frames = await _infer(ws, "huge", rid="huge", max_tokens=max_tokens)
+    _text, frames = await _infer(ws, "huge", rid="huge", max_tokens=max_tokens)
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "INVALID_OPTIONS", frames
     await ws.close()
     await _assert_serves(shared_host)

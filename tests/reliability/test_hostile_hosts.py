@@ -236,9 +236,9 @@ async def test_forever_host_that_honours_cancel_leaves_a_clean_reusable_socket(h
         [[("forever", {"type": "stream_chunk", "content": "tok", "id": ID})], [chunk("fresh"), end()]],
         honour_cancel=True,
     )
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
+    _, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
     assert stream.finish_reason == "length" and stream.text == "tok" * 5
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
+    _, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
     assert stream.text == "fresh" and stream.finish_reason == "stop"
     await no_sockets_in_use(manager)
 
@@ -293,7 +293,7 @@ async def test_late_frames_with_the_old_id_fail_the_reused_socket_and_a_retry_re
     # answer unless they carry the old id: then they are a protocol error, retried on a new socket.
     host, manager = await hostile([[chunk("a"), end(), ("sleep", 0.1), chunk("LEAK"), end()], [chunk("b"), end()]],
                                   max_retries=1)
-    pieces, first = await asyncio.wait_for(run_stream(manager, host.url), 10)
+    pieces, _first = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert pieces == ["a"]
     pieces, second = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert "LEAK" not in second.text and second.text == "b"
@@ -310,7 +310,7 @@ async def test_error_chunks_are_host_errors_without_coded_errors(hostile):
 
 async def test_error_chunks_are_text_on_a_host_with_coded_errors(hostile):
     host, manager = await hostile([[chunk("Error: is a word"), end()]], features=list(protocol.FEATURES))
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
+    _pieces, stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert stream.text == "Error: is a word"
 
 
@@ -338,14 +338,14 @@ async def test_a_flood_of_noise_mid_stream_does_not_extend_the_idle_timeout(host
 
 async def test_noise_before_a_timely_answer_is_ignored(hostile):
     host, manager = await hostile([[*[("json", {"type": "ping"})] * 50, ("json", {"type": "x"}), chunk("hi"), end()]])
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
+    pieces, _stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert pieces == ["hi"]
 
 
 @pytest.mark.parametrize(("tokens", "max_tokens", "reason"), [(3, 10, "stop"), (3, 3, "length")])
 async def test_stream_end_without_usage_infers_the_finish_reason(hostile, tokens, max_tokens, reason):
     host, manager = await hostile([[*[chunk("t")] * tokens, ("json", {"type": "stream_end"})]])
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=max_tokens), 10)
+    _pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=max_tokens), 10)
     assert stream.text == "t" * tokens and stream.finish_reason == reason
 
 
