@@ -345,6 +345,17 @@ def _row(rec: UsageRecord) -> tuple[Any, ...]:
     return tuple(convert(name, getattr(rec, name)) for name, (_, convert) in _COLUMNS.items())
 
 
+_SQLITE_BUSY = 5  # SQLite's primary result code for "database is locked" (sqlite3.SQLITE_BUSY from 3.11)
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` says another connection holds the lock (transient), not a lasting failure."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == _SQLITE_BUSY
+    return "database is locked" in str(exc)  # Python 3.10 gives only the message
+
+
 def _from_row(row: Iterable[Any]) -> UsageRecord:
     values = dict(zip(_FIELDS, row, strict=True))
     values["cached"] = bool(values["cached"])
@@ -501,7 +512,7 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
         cadence = cadence_of(answers, job.proof_interval)
         ledger_tokens = sum(answers)
         ledger_cost = sum(answers) * job.price_per_token / 1000 / 10**job.decimals
-        settled = job.tokens_billed is not None
+        billed = job.tokens_billed  # None until the job settled
         chain_cost = job.amount(job.chain_cost)
         rows.append({
             "job_id": job.job_id, "kind": job.kind, "session_id": job.session_id, "host": job.host,
@@ -511,9 +522,9 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
             "billed_tokens": job.tokens_billed, "chain_cost": chain_cost,
             "host_earnings": job.amount(job.host_earnings), "treasury_fee": job.amount(job.treasury_fee),
             "refund": job.amount(job.refund),
-            "token_difference": job.tokens_billed - ledger_tokens if settled else None,
+            "token_difference": billed - ledger_tokens if billed is not None else None,
             "cost_difference": chain_cost - ledger_cost if chain_cost is not None else None,
-            "agrees": (job.tokens_billed == cadence.settled()) if settled else None,
+            "agrees": (billed == cadence.settled()) if billed is not None else None,
             "reason": explain_difference(job.tokens_billed, ledger_tokens, cadence),
             "open_tx": job.open_tx, "settle_tx": job.settle_tx,
         })
@@ -899,7 +910,7 @@ class UsageLedger:
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+            if _locked(exc):
                 logger.warning("usage ledger %s: locked by another process; not checked for writing", self._path)
                 return
             raise LedgerUnavailable(

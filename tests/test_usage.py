@@ -438,6 +438,28 @@ def test_ledger_record_returns_while_writer_is_stuck(tmp_path):
         assert led._commits <= 3  # whatever was queued went in one transaction
 
 
+class _RefusingConnection:
+    """A connection whose first statement fails as Python 3.10's sqlite3 reports it: a message and no
+    ``sqlite_errorcode`` (added in 3.11)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def execute(self, sql: str) -> None:
+        raise sqlite3.OperationalError(self.message)
+
+
+def test_ledger_write_check_reads_a_lock_without_sqlite_errorcode(tmp_path, caplog):
+    """On Python 3.10 (no sqlite_errorcode) a lock held elsewhere still only delays the write check, and a
+    read-only file still fails as LedgerUnavailable, not AttributeError."""
+    with UsageLedger(tmp_path / "u.sqlite3") as led:
+        with caplog.at_level(logging.WARNING, logger="fabstir_jupyter.usage"):
+            led._check_writable(_RefusingConnection("database is locked"))
+        assert "locked by another process" in caplog.text
+        with pytest.raises(LedgerUnavailable, match="cannot write: attempt to write a readonly database"):
+            led._check_writable(_RefusingConnection("attempt to write a readonly database"))
+
+
 def test_ledger_logs_and_drops_on_write_error(tmp_path, caplog):
     """A write that fails (database locked past busy_timeout) is logged and counted, never raised."""
     path = tmp_path / "u.sqlite3"
