@@ -391,4 +391,5 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             columns[name] = pd.Series([float("nan") if v is None else v for v in values], dtype="float64")
         else:
             columns[name] = pd.Series(values, dtype=object)
-    return pd.DataFrame(columns, columns=list(BATCH_COLUMNS))
+    frame: pd.DataFrame = pd.DataFrame(columns, columns=list(BATCH_COLUMNS))
+    return frame

@@ -42,7 +42,7 @@ from .config import InferenceConfig
 from .errors import ConnectionFailed, InvalidOptions
 from .hosts import HostManager
 from .inference import InferenceManager
-from .local import HostProcess
+from .local.process import HostProcess
 from .sessions import SessionManager
 from .settings import NETWORKS, NetworkSpec, SDKSettings, load_settings
 from .wallet import Wallet

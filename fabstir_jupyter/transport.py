@@ -307,7 +307,8 @@ class WebSocketClient:
                     ssl=ssl_context_for(self.url, self.config.verify_tls),
                     additional_headers=self._headers or None,
                     user_agent_header="fabstir-jupyter",
-                    create_connection=track,
+                    # websockets documents "a wrapper or a subclass" here but annotates only a subclass
+                    create_connection=track,  # type: ignore[arg-type]
                 )
                 first = protocol.parse_host_frame(await self._ws.recv())
         except BaseException as exc:

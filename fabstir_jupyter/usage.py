@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import platformdirs
 
@@ -465,7 +465,7 @@ def _job_row(job: JobRecord) -> tuple[Any, ...]:
                    for n in JOB_COLUMNS)
 
 
-class _JobRow(tuple):  # type: ignore[type-arg]
+class _JobRow(tuple[Any, ...]):
     """A ``jobs`` row on the writer's queue (plain tuples are ``requests`` rows)."""
 
     __slots__ = ()
@@ -532,8 +532,9 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
               "expected_tokens": "int64", "billed_tokens": "Int64", "token_difference": "Int64", "agrees": "boolean",
               "deposit": "float64", "ledger_cost": "float64", "chain_cost": "float64", "host_earnings": "float64",
               "treasury_fee": "float64", "refund": "float64", "cost_difference": "float64"}
-    return pd.DataFrame({name: pd.Series([row[name] for row in rows], dtype=dtypes.get(name, "string"))
-                         for name in RECONCILE_COLUMNS})
+    frame: pd.DataFrame = pd.DataFrame({name: pd.Series([row[name] for row in rows], dtype=dtypes.get(name, "string"))
+                                        for name in RECONCILE_COLUMNS})
+    return frame
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -544,12 +545,12 @@ def default_ledger_path() -> Path:
     return Path(platformdirs.user_data_dir("fabstir-jupyter")) / "usage.sqlite3"
 
 
-class _Job:
+class _Job(Generic[_T]):
     __slots__ = ("fn", "future")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], _T]) -> None:
         self.fn = fn
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
 
 _STOP = object()
@@ -708,7 +709,8 @@ class UsageLedger:
         import pandas as pd
 
         jobs = self.jobs(client_id=client_id)
-        return pd.DataFrame([dataclasses.asdict(job) for job in jobs], columns=list(JOB_COLUMNS))
+        frame: pd.DataFrame = pd.DataFrame([dataclasses.asdict(job) for job in jobs], columns=list(JOB_COLUMNS))
+        return frame
 
     def reconcile(self, *, client_id: str | None = None) -> pd.DataFrame:
         """Per paid job, the ledger's tokens and cost beside what the chain billed (:func:`reconcile`).
@@ -778,7 +780,8 @@ class UsageLedger:
                 raise ValueError(f"limit must be >= 0, got {limit}")
 
         def read(conn: sqlite3.Connection) -> list[UsageRecord]:
-            sql, params = _SELECT, []
+            sql = _SELECT
+            params: list[object] = []
             where = []
             if start is not None:
                 where.append("time >= ?")
@@ -974,7 +977,7 @@ class UsageLedger:
                 self._pending -= len(rows)
 
     @staticmethod
-    def _run_job(conn: sqlite3.Connection, job: _Job) -> None:
+    def _run_job(conn: sqlite3.Connection, job: _Job[Any]) -> None:
         if not job.future.set_running_or_notify_cancel():
             return  # the caller timed out and gave up
         try:
@@ -983,7 +986,10 @@ class UsageLedger:
             job.future.set_exception(exc)
 
 
-def _frame_dtype(name: str) -> str:
+_FrameDtype: TypeAlias = Literal["bool", "boolean", "int64", "Int64", "float64", "string"]
+
+
+def _frame_dtype(name: str) -> _FrameDtype:
     decl = _COLUMNS[name][0] if name in _COLUMNS else "REAL"
     if name == "cached":
         return "bool"
@@ -1009,9 +1015,10 @@ def _records_frame(recs: Iterable[UsageRecord]) -> pd.DataFrame:
     import pandas as pd
 
     dicts = [rec.to_dict() for rec in recs]
-    return pd.DataFrame(
+    frame: pd.DataFrame = pd.DataFrame(
         {name: pd.Series([d[name] for d in dicts], dtype=_frame_dtype(name)) for name in _FRAME_COLUMNS}
     )
+    return frame
 
 
 #: Values for columns a hand-made records frame may lack (anything else missing is unknown: NA).
@@ -1083,7 +1090,7 @@ def summarize(frame: pd.DataFrame, by: str | tuple[str, ...] = "host") -> pd.Dat
     units = groups["cost_unit"].agg(group_cost_unit).astype("string")
     cost = groups["cost"].sum(min_count=1).astype("float64")
     cost = cost.mask(units == "mixed")
-    return pd.DataFrame(
+    summary: pd.DataFrame = pd.DataFrame(
         {
             "requests": groups["_last"].sum().astype("int64"),
             "attempts": groups.size().astype("int64"),
@@ -1098,3 +1105,4 @@ def summarize(frame: pd.DataFrame, by: str | tuple[str, ...] = "host") -> pd.Dat
             "mean_tokens_per_second": groups["tokens_per_second"].mean().astype("float64"),
         }
     )
+    return summary

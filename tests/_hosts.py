@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fabstir_jupyter.host import Backend, HostConfig, HostServer, ScriptedBackend
@@ -24,18 +24,20 @@ class CountingBackend(ScriptedBackend):
         self.generations = 0
         self.tokens: list[int] = []  # tokens yielded, per generation
 
-    def generate(self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats) -> AsyncIterator[str]:
+    def generate(
+        self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
+    ) -> AsyncGenerator[str, None]:
         self.generations += 1
         self.tokens.append(0)
         return self._counted(len(self.tokens) - 1, super().generate(params, cancel, stats))
 
-    async def _counted(self, index: int, tokens: AsyncIterator[str]) -> AsyncIterator[str]:
+    async def _counted(self, index: int, tokens: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         try:
             async for token in tokens:
                 self.tokens[index] += 1
                 yield token
         finally:
-            await _aclose(tokens)
+            await tokens.aclose()  # at once, as the host closes this wrapper
 
 
 class GatedBackend(ScriptedBackend):
@@ -45,8 +47,9 @@ class GatedBackend(ScriptedBackend):
         super().__init__(**kwargs)
         self.gate = threading.Event()
 
-    async def generate(self, params: GenerationParams, cancel: asyncio.Event,
-                       stats: GenerationStats) -> AsyncIterator[str]:
+    async def generate(
+        self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
+    ) -> AsyncGenerator[str, None]:
         while not self.gate.is_set():  # pacing the fake host, not a wait before an assertion
             if cancel.is_set():
                 return
@@ -56,13 +59,7 @@ class GatedBackend(ScriptedBackend):
             async for token in tokens:
                 yield token
         finally:
-            await _aclose(tokens)
-
-
-async def _aclose(tokens: AsyncIterator[str]) -> None:
-    """Close a wrapped generation at once (as the host closes the wrapper), not when it is collected."""
-    if isinstance(tokens, AsyncGenerator):
-        await tokens.aclose()
+            await tokens.aclose()  # at once, as the host closes this wrapper
 
 
 class RunningHosts:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ModelInfo",
@@ -184,8 +185,13 @@ class Backend(abc.ABC):
         """Prepare the backend (start loading the model); called by ``HostServer.start``."""
 
     @abc.abstractmethod
-    def generate(self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats) -> AsyncIterator[str]:
-        """Generate tokens for ``params``: an async iterator of token texts, one item per token.
+    def generate(
+        self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
+    ) -> AsyncGenerator[str, None]:
+        """Generate tokens for ``params``: an async generator of token texts, one item per token.
+
+        The server closes it (``aclose``) as soon as the stream ends, however it ends, so its
+        ``finally`` blocks run at once: write it as an ``async def`` with ``yield``.
 
         Args:
             params: what to generate.
@@ -252,5 +258,5 @@ async def acquire_unless_cancelled(slot: asyncio.Semaphore, cancel: asyncio.Even
     return False
 
 
-def _acquired(future: asyncio.Future[object]) -> bool:
+def _acquired(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None

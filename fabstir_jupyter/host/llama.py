@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,7 @@ class LlamaCppBackend(Backend):
 
     async def generate(
         self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         self._waiting += 1
         try:
             await self.wait_loaded()

@@ -585,6 +585,7 @@ class HostServer:
         if conn.encryption is None:
             if legacy:
                 reply = legacy_encrypted_reply(obj, conn.session_id)
+                assert reply is not None  # None only for frames that are not encrypted ones (see _on_frame)
             else:
                 reply = error_frame("ENCRYPTION_NOT_SUPPORTED",
                                     "this host has no encryption key; use session_init", request_id=_request_id(obj))
@@ -717,7 +718,7 @@ class HostServer:
         try:
             job = self._admit(conn, event)
             if job is not None and encrypted:
-                assert conn.encryption is not None
+                assert conn.encryption is not None and not isinstance(event, (InferenceRequest, PromptRequest))
                 job.writer = conn.encryption.reply_writer(event.session_id, request_id=event.id, now=time.monotonic())
         except FabstirError as exc:
             logger.info("request %s rejected: %s", event.id, exc.code)

@@ -209,11 +209,12 @@ class HostKeys:
             return known
         found = published_key(host, now=self._clock())
         if found is None:
-            pending = self._pending.get(host.key)
+            key = host.key
+            pending = self._pending.get(key)
             if pending is None:
                 pending = asyncio.ensure_future(self._recover(host))
-                self._pending[host.key] = pending
-                pending.add_done_callback(lambda _f, key=host.key: self._pending.pop(key, None))
+                self._pending[key] = pending
+                pending.add_done_callback(lambda _done: self._pending.pop(key, None))
             found = await asyncio.shield(pending)
         host.encryption_key = found
         return found

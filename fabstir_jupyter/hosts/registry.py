@@ -241,8 +241,8 @@ def host_model_ids(model_ids: Sequence[str], models: Mapping[str, ModelRecord]) 
     """
     known = {mid: models[mid] for mid in model_ids if mid in models and models[mid].repo and models[mid].file_name}
     file_counts: dict[str, int] = {}
-    for record in known.values():
-        file_counts[record.file_name.lower()] = file_counts.get(record.file_name.lower(), 0) + 1
+    for model in known.values():
+        file_counts[model.file_name.lower()] = file_counts.get(model.file_name.lower(), 0) + 1
     names = {}
     for mid in model_ids:
         record = known.get(mid)
