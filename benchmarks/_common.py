@@ -22,9 +22,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = [
     "machine_summary",
@@ -442,8 +443,8 @@ def paired(base: list[Generation], ours: list[Generation]) -> dict[str, float]:
     side's own figures, and their median is the steadier estimate of what ours adds.
     """
     return {
-        "added_ttft_ms": median((o.ttft - b.ttft) * 1000 for b, o in zip(base, ours)),
-        "rate_ratio": median(o.tokens_per_s / b.tokens_per_s for b, o in zip(base, ours)),
+        "added_ttft_ms": median((o.ttft - b.ttft) * 1000 for b, o in zip(base, ours, strict=True)),
+        "rate_ratio": median(o.tokens_per_s / b.tokens_per_s for b, o in zip(base, ours, strict=True)),
     }
 
 

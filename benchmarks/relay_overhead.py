@@ -271,7 +271,8 @@ def instruction_lines(host: _common.FastHost) -> None:
             counts = [instructions(host, side, n, compression) for n in (low, high)]
             per_token[side] = (counts[1] - counts[0]) / (high - low)
         print(f"{label}: instructions per token (valgrind, {low:,} vs {high:,} tokens): raw "
-              f"{per_token['raw']:,.0f} | ours {per_token['ours']:,.0f} | raw/ours {per_token['raw'] / per_token['ours']:.3f} "
+              f"{per_token['raw']:,.0f} | ours {per_token['ours']:,.0f} | "
+              f"raw/ours {per_token['raw'] / per_token['ours']:.3f} "
               f"(the tokens/s ratio a client-bound run approaches)", flush=True)
 
 

@@ -53,8 +53,7 @@ HOST_STEPS = (
 
 def traced_host(argv: list[str]) -> int:
     """Run ``fabstir-host`` with its llama-cpp backend printing ``TRACE step perf_counter`` lines."""
-    from fabstir_jupyter.host import cli
-    from fabstir_jupyter.host import llama as backend_module
+    from fabstir_jupyter.host import cli, llama as backend_module
 
     def mark(step: str) -> None:
         print(f"{TRACE}{step} {time.perf_counter():.6f}", file=sys.stderr, flush=True)

@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from dataclasses import dataclass, field
 
 import _common
+import anywidget
 import comm
 import traitlets
 from _common import Meter, verdict
 
-import anywidget
 from fabstir_jupyter.inference import InferenceResult
 from fabstir_jupyter.notebook.widgets import StreamOutput
 
@@ -105,7 +104,7 @@ class Traffic:
         """How long each token waited for the first message that shows all of it (seconds)."""
         waits, end, shown = [], 0, iter(self.shown)
         when, length = next(shown, (float("inf"), 0))
-        for token, arrival in zip(tokens, arrivals):
+        for token, arrival in zip(tokens, arrivals, strict=True):
             end += len(token)
             while length < end:
                 when, length = next(shown, (float("inf"), float("inf")))
@@ -169,7 +168,7 @@ def run_ours(tokens: list[str], arrivals: list[float], session: object) -> tuple
         traffic.recording = True  # type: ignore[attr-defined]
         with Meter() as meter:
             widget.start(host="http://h1:8080", model="smol")
-            for token, arrival in zip(tokens, arrivals):
+            for token, arrival in zip(tokens, arrivals, strict=True):
                 clock.now = arrival
                 widget.append(token)
             text = widget.batcher.text
@@ -187,7 +186,7 @@ def run_naive(tokens: list[str], arrivals: list[float], session: object, batched
         traffic.recording = True  # type: ignore[attr-defined]
         parts: list[str] = []
         last = clock.now
-        for token, arrival in zip(tokens, arrivals):
+        for token, arrival in zip(tokens, arrivals, strict=True):
             clock.now = arrival
             parts.append(token)
             if not batched or clock.now - last >= INTERVAL:

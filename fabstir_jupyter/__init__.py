@@ -21,31 +21,56 @@ from ._lazy import lazy_exports
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .config import HostRequirements, InferenceConfig, InferenceOptions
-    from .errors import (
-        AuthFailed,
-        Cancelled,
-        ConnectionFailed,
-        ContextOverflow,
-        FabstirError,
-        HostBusy,
-        HostError,
-        InferenceTimeout,
-        InvalidOptions,
-        InvalidPrompt,
-        ModelNotAvailable,
-        NoHostsAvailable,
-        PaymentRequired,
-        ProtocolError,
-        RateLimitExceeded,
-        SessionNotFound,
+    # `X as X`: an explicit re-export, so type checkers (mypy --strict) see the lazy names as public.
+    from .config import (
+        HostRequirements as HostRequirements,
+        InferenceConfig as InferenceConfig,
+        InferenceOptions as InferenceOptions,
     )
-    from .hosts import HostInfo, HostManager, StaticSource
-    from .inference import InferenceManager, InferenceResult, InferenceStream
-    from .sdk import FabstirSDK, FabstirSDKCore
-    from .sessions import Session, SessionManager
-    from .transport import ConnectionPool, WebSocketClient
-    from .usage import UsageLedger, UsageRecord
+    from .errors import (
+        AuthFailed as AuthFailed,
+        Cancelled as Cancelled,
+        ConnectionFailed as ConnectionFailed,
+        ContextOverflow as ContextOverflow,
+        FabstirError as FabstirError,
+        HostBusy as HostBusy,
+        HostError as HostError,
+        InferenceTimeout as InferenceTimeout,
+        InvalidOptions as InvalidOptions,
+        InvalidPrompt as InvalidPrompt,
+        ModelNotAvailable as ModelNotAvailable,
+        NoHostsAvailable as NoHostsAvailable,
+        PaymentRequired as PaymentRequired,
+        ProtocolError as ProtocolError,
+        RateLimitExceeded as RateLimitExceeded,
+        SessionNotFound as SessionNotFound,
+    )
+    from .hosts import (
+        HostInfo as HostInfo,
+        HostManager as HostManager,
+        StaticSource as StaticSource,
+    )
+    from .inference import (
+        InferenceManager as InferenceManager,
+        InferenceResult as InferenceResult,
+        InferenceStream as InferenceStream,
+    )
+    from .sdk import (
+        FabstirSDK as FabstirSDK,
+        FabstirSDKCore as FabstirSDKCore,
+    )
+    from .sessions import (
+        Session as Session,
+        SessionManager as SessionManager,
+    )
+    from .transport import (
+        ConnectionPool as ConnectionPool,
+        WebSocketClient as WebSocketClient,
+    )
+    from .usage import (
+        UsageLedger as UsageLedger,
+        UsageRecord as UsageRecord,
+    )
 
 _LAZY = {
     "HostRequirements": "config",

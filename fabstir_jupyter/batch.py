@@ -35,7 +35,8 @@ import collections
 import dataclasses
 import inspect
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .config import HostRequirements, InferenceOptions, resolve_options, validate_mode
 from .errors import FabstirError, HostBusy, InvalidOptions
@@ -390,4 +391,5 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             columns[name] = pd.Series([float("nan") if v is None else v for v in values], dtype="float64")
         else:
             columns[name] = pd.Series(values, dtype=object)
-    return pd.DataFrame(columns, columns=list(BATCH_COLUMNS))
+    frame: pd.DataFrame = pd.DataFrame(columns, columns=list(BATCH_COLUMNS))
+    return frame

@@ -16,8 +16,9 @@ import math
 import os
 import re
 import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from .errors import InvalidOptions, InvalidPrompt
 from .urls import http_url
@@ -66,7 +67,8 @@ def _positive(name: str, value: Any, *, integer: bool = False, allow_none: bool 
         return
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and math.isnan(value)):
-        raise InvalidOptions(f"{name} must be a positive {'integer' if integer else 'number'}, not {value!r}", field=name)
+        kind_name = "integer" if integer else "number"
+        raise InvalidOptions(f"{name} must be a positive {kind_name}, not {value!r}", field=name)
     if value <= 0:
         raise InvalidOptions(f"{name} must be positive, not {value!r}", field=name)
 
@@ -376,7 +378,8 @@ def _validate_stops(stops: Any) -> tuple[str, ...]:
             raise InvalidOptions(f"stop_sequences entries must be non-empty strings, not {stop!r}",
                                  field="stop_sequences")
         if len(stop) > MAX_STOP_LENGTH:
-            raise InvalidOptions(f"stop_sequences entry longer than {MAX_STOP_LENGTH} characters", field="stop_sequences")
+            raise InvalidOptions(f"stop_sequences entry longer than {MAX_STOP_LENGTH} characters",
+                                 field="stop_sequences")
         if _BAD_CONTROL.search(stop) or _LONE_SURROGATE.search(stop):
             raise InvalidOptions("stop_sequences must not hold control characters or lone surrogates",
                                  field="stop_sequences")

@@ -29,8 +29,9 @@ import asyncio
 import functools
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol
 from .config import InferenceConfig

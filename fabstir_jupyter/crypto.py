@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import EncryptionError, InvalidOptions
 
@@ -104,11 +105,11 @@ class PublicKey:
 
     __slots__ = ("_key",)
 
-    def __init__(self, key: "coincurve.PublicKey") -> None:
+    def __init__(self, key: coincurve.PublicKey) -> None:
         self._key = key
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PublicKey":
+    def from_bytes(cls, data: bytes) -> PublicKey:
         """Read a compressed (33-byte) or uncompressed (65-byte) SEC1 key.
 
         Raises:
@@ -122,7 +123,7 @@ class PublicKey:
             raise EncryptionError("public key is not a point on secp256k1", code="INVALID_PAYLOAD") from None
 
     @classmethod
-    def from_hex(cls, text: Any) -> "PublicKey":
+    def from_hex(cls, text: Any) -> PublicKey:
         """Read a key from hex (66 or 130 characters, optional ``0x``).
 
         Raises:
@@ -145,7 +146,7 @@ class PublicKey:
         """The EIP-55 checksummed Ethereum address of this key."""
         return _address(self.uncompressed)
 
-    def ecdh(self, private_key: "PrivateKey") -> bytes:
+    def ecdh(self, private_key: PrivateKey) -> bytes:
         """Return the 32-byte x-coordinate of ``private_key`` × this point (raw ECDH, unhashed)."""
         return self._key.multiply(private_key._secret()).format(compressed=True)[1:]
 
@@ -171,16 +172,16 @@ class PrivateKey:
 
     __slots__ = ("_key",)
 
-    def __init__(self, key: "coincurve.PrivateKey") -> None:
+    def __init__(self, key: coincurve.PrivateKey) -> None:
         self._key = key
 
     @classmethod
-    def generate(cls) -> "PrivateKey":
+    def generate(cls) -> PrivateKey:
         """Make a fresh random key (from the OS's CSPRNG)."""
         return cls(coincurve.PrivateKey())
 
     @classmethod
-    def from_bytes(cls, secret: bytes) -> "PrivateKey":
+    def from_bytes(cls, secret: bytes) -> PrivateKey:
         """Load a key from its 32 secret bytes.
 
         Raises:
@@ -194,7 +195,7 @@ class PrivateKey:
             raise InvalidOptions("private key is out of range for secp256k1", field="private_key") from None
 
     @classmethod
-    def from_hex(cls, text: Any) -> "PrivateKey":
+    def from_hex(cls, text: Any) -> PrivateKey:
         """Load a key written as ``0x`` and 64 hex characters (the ``0x`` may be left out).
 
         Raises:
@@ -268,7 +269,8 @@ def hkdf_sha256(secret: bytes, *, salt: bytes, info: bytes = b"", length: int = 
 
 def _check_key_and_nonce(key: bytes, nonce: bytes) -> None:
     if len(key) != KEY_SIZE:
-        raise EncryptionError(f"an XChaCha20-Poly1305 key is {KEY_SIZE} bytes, not {len(key)}", code="DECRYPTION_FAILED")
+        raise EncryptionError(f"an XChaCha20-Poly1305 key is {KEY_SIZE} bytes, not {len(key)}",
+                              code="DECRYPTION_FAILED")
     if len(nonce) != NONCE_SIZE:
         raise EncryptionError(f"nonce is {len(nonce)} bytes, not {NONCE_SIZE}", code="INVALID_NONCE_SIZE")
 
@@ -280,7 +282,9 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes = b"") -
         EncryptionError: ``INVALID_NONCE_SIZE`` for a nonce that is not 24 bytes.
     """
     _check_key_and_nonce(key, nonce)
-    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plaintext), bytes(aad), bytes(nonce), bytes(key))
+    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        bytes(plaintext), bytes(aad), bytes(nonce), bytes(key)
+    )
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes = b"") -> bytes:
@@ -386,7 +390,9 @@ def _bytes(value: Any) -> bytes:
     return decode_hex(value, what="transaction field", code="INVALID_PAYLOAD")
 
 
-def public_key_from_transaction(tx: bytes | str | Mapping[str, Any], *, expected_address: str | None = None) -> PublicKey:
+def public_key_from_transaction(
+    tx: bytes | str | Mapping[str, Any], *, expected_address: str | None = None
+) -> PublicKey:
     """Recover the public key of the account that signed an Ethereum transaction.
 
     A host that publishes no ``publicKey`` has still signed its registration transaction: the key

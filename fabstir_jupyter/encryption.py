@@ -35,8 +35,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Union
+from typing import Any, TypeAlias
 
 from .crypto import (
     KEY_SIZE,
@@ -166,7 +167,7 @@ class SessionInitData:
         return _json_bytes(data)
 
     @classmethod
-    def from_json(cls, text: bytes) -> "SessionInitData":
+    def from_json(cls, text: bytes) -> SessionInitData:
         """Read the decrypted init payload (extra keys are ignored, as production does).
 
         Raises:
@@ -250,7 +251,8 @@ def _payload_object(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     if payload is None:
         raise EncryptionError(f"{obj['type']} must include a payload object", code="MISSING_PAYLOAD")
     if not isinstance(payload, dict):
-        raise EncryptionError(f"{obj['type']} payload is a {type(payload).__name__}, not an object", code="INVALID_PAYLOAD")
+        raise EncryptionError(f"{obj['type']} payload is a {type(payload).__name__}, not an object",
+                              code="INVALID_PAYLOAD")
     return payload
 
 
@@ -316,7 +318,8 @@ def open_session_init(payload: Mapping[str, Any], operator_key: PrivateKey) -> t
 def seal(key: bytes, plaintext: bytes, aad: bytes, *, nonce: bytes | None = None) -> dict[str, str]:
     """Encrypt with a session key; return ``{ciphertextHex, nonceHex, aadHex}`` (lower-case, no ``0x``)."""
     nonce = random_bytes(NONCE_SIZE) if nonce is None else nonce
-    return {"ciphertextHex": aead_encrypt(key, nonce, plaintext, aad).hex(), "nonceHex": nonce.hex(), "aadHex": aad.hex()}
+    ciphertext = aead_encrypt(key, nonce, plaintext, aad)
+    return {"ciphertextHex": ciphertext.hex(), "nonceHex": nonce.hex(), "aadHex": aad.hex()}
 
 
 def open_sealed(key: bytes, payload: Mapping[str, Any]) -> tuple[bytes, bytes]:
@@ -590,7 +593,7 @@ class EncryptedPrompt:
     id: str | None = None
 
 
-EncryptedEvent = Union[EncryptedSessionInit, EncryptedPrompt]
+EncryptedEvent: TypeAlias = EncryptedSessionInit | EncryptedPrompt
 
 
 @dataclass
@@ -771,7 +774,7 @@ class HostEncryption:
         )
 
     def reply_writer(self, session_id: str | None, *, request_id: str | None, now: float,
-                     rng: Callable[[int], bytes] = random_bytes) -> "EncryptedReplyWriter":
+                     rng: Callable[[int], bytes] = random_bytes) -> EncryptedReplyWriter:
         """Return a writer for the reply to a request of ``session_id`` (``None``: the latest session).
 
         Raises:
@@ -819,7 +822,8 @@ class EncryptedReplyWriter:
 
     def chunk(self, text: str, *, tokens: int = 1, final: bool = False) -> dict[str, Any]:
         """Build the next ``encrypted_chunk``; ``final=True`` marks the last one (production sends it empty)."""
-        payload: dict[str, Any] = seal(self._key, text.encode("utf-8"), chunk_aad(self.index), nonce=self._rng(NONCE_SIZE))
+        payload: dict[str, Any] = seal(self._key, text.encode("utf-8"), chunk_aad(self.index),
+                                       nonce=self._rng(NONCE_SIZE))
         payload["index"] = self.index
         self.index += 1
         frame = self._frame("encrypted_chunk", payload)

@@ -13,7 +13,8 @@ It sits on top of the client core: it imports sessions and batches, which import
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .batch import run_batch
 from .config import HostRequirements, InferenceConfig, InferenceOptions

@@ -6,7 +6,7 @@ Shared by the client (:class:`RateLimiter` spaces requests per host) and the ref
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["TokenBucket", "RateLimiter"]
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import InvalidOptions
@@ -72,11 +73,13 @@ class NetworkPreset:
             isinstance(self.chain_id, bool) or not isinstance(self.chain_id, int) or self.chain_id <= 0
         ):
             raise InvalidOptions(f"chain_id must be a positive integer, not {self.chain_id!r}", field="chain_id")
-        if self.rpc_url is not None:
-            if not isinstance(self.rpc_url, str) or urlsplit(self.rpc_url).scheme not in ("http", "https") \
-                    or not urlsplit(self.rpc_url).netloc:
-                shown = _shown(self.rpc_url) if isinstance(self.rpc_url, str) else type(self.rpc_url).__name__
-                raise InvalidOptions(f"rpc_url must be an http(s):// URL, not {shown}", field="rpc_url")
+        if self.rpc_url is not None and (
+            not isinstance(self.rpc_url, str)
+            or urlsplit(self.rpc_url).scheme not in ("http", "https")
+            or not urlsplit(self.rpc_url).netloc
+        ):
+            shown = _shown(self.rpc_url) if isinstance(self.rpc_url, str) else type(self.rpc_url).__name__
+            raise InvalidOptions(f"rpc_url must be an http(s):// URL, not {shown}", field="rpc_url")
         if not isinstance(self.addresses, Mapping):
             raise InvalidOptions("addresses must be a mapping of registry names to 0x addresses", field="addresses")
         unknown = sorted(set(self.addresses) - set(ADDRESS_KEYS))

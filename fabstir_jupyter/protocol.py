@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, TypeAlias
 
 from .errors import (
     ContextOverflow,
@@ -256,7 +257,7 @@ def flatten_messages(messages: Sequence[Message]) -> str:
     lines = [f"{role.capitalize()}: {content}" for role, content in messages]
     if messages and messages[-1][0] == "assistant":
         return "\n".join(lines)
-    return "\n".join(lines + ["Assistant:"])
+    return "\n".join([*lines, "Assistant:"])
 
 
 def shape_transcript(
@@ -367,7 +368,7 @@ class UnknownFrame:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
-HostEvent = Union[Connected, SessionInitAck, Chunk, StreamEnd, ErrorEvent, Pong, UnknownFrame]
+HostEvent: TypeAlias = Connected | SessionInitAck | Chunk | StreamEnd | ErrorEvent | Pong | UnknownFrame
 
 
 #: Deepest nesting of JSON arrays/objects accepted in a frame. The C JSON decoder recurses on the C
@@ -898,7 +899,7 @@ class Ping:
     """A JSON ``ping``."""
 
 
-ClientEvent = Union[InferenceRequest, SessionInit, PromptRequest, StreamCancel, Ping]
+ClientEvent: TypeAlias = InferenceRequest | SessionInit | PromptRequest | StreamCancel | Ping
 
 
 def _field(obj: Mapping[str, Any], *names: str) -> Any:

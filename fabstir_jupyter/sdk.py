@@ -35,13 +35,14 @@ import asyncio
 import dataclasses
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .config import InferenceConfig
-from .errors import AuthFailed, ConnectionFailed, InvalidOptions
+from .errors import ConnectionFailed, InvalidOptions
 from .hosts import HostManager
 from .inference import InferenceManager
-from .local import HostProcess
+from .local.process import HostProcess
 from .sessions import SessionManager
 from .settings import NETWORKS, NetworkSpec, SDKSettings, load_settings
 from .wallet import Wallet

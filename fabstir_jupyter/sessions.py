@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .config import HostRequirements, InferenceOptions, validate_prompt

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from .config import validate_usage_db
 from .errors import InvalidOptions
-from .networks import NETWORKS as CHAIN_NETWORKS
-from .networks import NetworkPreset, resolve_network
+from .networks import NETWORKS as CHAIN_NETWORKS, NetworkPreset, resolve_network
 from .urls import ws_url
 
 __all__ = [
@@ -48,7 +48,7 @@ NETWORKS = ("local", "static", *CHAIN_NETWORKS)
 #: The backends the local network's host processes can run.
 LOCAL_BACKENDS = ("llama-cpp", "scripted")
 
-NetworkSpec = Union[str, Mapping[str, Any], NetworkPreset]
+NetworkSpec: TypeAlias = str | Mapping[str, Any] | NetworkPreset
 
 
 @dataclass(frozen=True)

@@ -34,17 +34,13 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Any,
-    AsyncIterator,
-    Callable,
-    Coroutine,
-    Mapping,
     NoReturn,
     Protocol,
-    Sequence,
     TypeVar,
 )
 
@@ -388,7 +384,7 @@ class InferenceStream:
         self.records: list[UsageRecord] = []
         self._pieces: list[str] = []  # recent pieces, compacted into _chunks to keep memory near len(text)
         self._chunks: list[str] = []
-        self._queue: asyncio.Queue[Any] | None = None
+        self._queue: asyncio.Queue[object] | None = None  # text pieces (str), then _END
         self._producer: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
@@ -470,7 +466,7 @@ class InferenceStream:
         if self._loop is None or self._loop is asyncio.get_running_loop():
             if queue is not None and not self._finished and not queue.empty():
                 item = queue.get_nowait()  # a piece already handed over: no wait, no coroutine
-                return item if item is not _END else self._end()
+                return item if isinstance(item, str) else self._end()  # not a str: _END
             return await self._next()
         return await self._call_on_owner(self._next)
 
@@ -530,7 +526,7 @@ class InferenceStream:
         assert self._queue is not None
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if item is _END:
+            if not isinstance(item, str):  # _END
                 # Put it back so the next __anext__ ends the iteration (or raises the error).
                 self._queue.put_nowait(_END)
                 break
@@ -851,8 +847,9 @@ class InferenceStream:
                                         retry_after=wait)
             await asyncio.sleep(wait)
 
+        encryption = config.encryption if self.options.encryption is None else self.options.encryption  # resolved
         connection = await core.connector.connect(host, session_id=None if session is None else session.id,
-                                                  request_id=self.request_id, encryption=self.options.encryption,
+                                                  request_id=self.request_id, encryption=encryption,
                                                   model=model, max_tokens=max_tokens)
         self._note_job(connection, prefill)
         job = connection.job
@@ -1052,7 +1049,7 @@ class InferenceStream:
         earlier = earlier if every else [r for r in earlier if r.received_tokens]
         if not earlier:
             return final if not every else dataclasses.replace(final, ttft=self.ttft, encrypted=self.encrypted)
-        parts = earlier + [final]
+        parts = [*earlier, final]
         completion = sum(r.completion_tokens or 0 for r in parts)
         costs = [r.cost for r in parts if r.cost is not None]
         units = {r.cost_unit for r in parts if r.cost is not None}

@@ -26,7 +26,8 @@ import socket
 import ssl
 import time
 from collections import defaultdict
-from typing import Any, Awaitable, Callable, Mapping, Sized
+from collections.abc import Awaitable, Callable, Mapping, Sized
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -306,7 +307,8 @@ class WebSocketClient:
                     ssl=ssl_context_for(self.url, self.config.verify_tls),
                     additional_headers=self._headers or None,
                     user_agent_header="fabstir-jupyter",
-                    create_connection=track,
+                    # websockets documents "a wrapper or a subclass" here but annotates only a subclass
+                    create_connection=track,  # type: ignore[arg-type]
                 )
                 first = protocol.parse_host_frame(await self._ws.recv())
         except BaseException as exc:

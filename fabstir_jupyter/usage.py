@@ -50,10 +50,11 @@ import sqlite3
 import threading
 import time as _time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, TypeVar, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import platformdirs
 
@@ -344,8 +345,19 @@ def _row(rec: UsageRecord) -> tuple[Any, ...]:
     return tuple(convert(name, getattr(rec, name)) for name, (_, convert) in _COLUMNS.items())
 
 
+_SQLITE_BUSY = 5  # SQLite's primary result code for "database is locked" (sqlite3.SQLITE_BUSY from 3.11)
+
+
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` says another connection holds the lock (transient), not a lasting failure."""
+    code: int | None = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == _SQLITE_BUSY
+    return "database is locked" in str(exc)  # Python 3.10 gives only the message
+
+
 def _from_row(row: Iterable[Any]) -> UsageRecord:
-    values = dict(zip(_FIELDS, row))
+    values = dict(zip(_FIELDS, row, strict=True))
     values["cached"] = bool(values["cached"])
     if values["encrypted"] is not None:
         values["encrypted"] = bool(values["encrypted"])
@@ -453,14 +465,14 @@ def _job_row(job: JobRecord) -> tuple[Any, ...]:
                    for n in JOB_COLUMNS)
 
 
-class _JobRow(tuple):  # type: ignore[type-arg]
+class _JobRow(tuple[Any, ...]):
     """A ``jobs`` row on the writer's queue (plain tuples are ``requests`` rows)."""
 
     __slots__ = ()
 
 
 def _job_from_row(row: Iterable[Any]) -> JobRecord:
-    values = dict(zip(JOB_COLUMNS, row))
+    values = dict(zip(JOB_COLUMNS, row, strict=True))
     for name in _BIG:
         if values[name] is not None:
             values[name] = int(values[name])
@@ -500,7 +512,7 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
         cadence = cadence_of(answers, job.proof_interval)
         ledger_tokens = sum(answers)
         ledger_cost = sum(answers) * job.price_per_token / 1000 / 10**job.decimals
-        settled = job.tokens_billed is not None
+        billed = job.tokens_billed  # None until the job settled
         chain_cost = job.amount(job.chain_cost)
         rows.append({
             "job_id": job.job_id, "kind": job.kind, "session_id": job.session_id, "host": job.host,
@@ -510,9 +522,9 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
             "billed_tokens": job.tokens_billed, "chain_cost": chain_cost,
             "host_earnings": job.amount(job.host_earnings), "treasury_fee": job.amount(job.treasury_fee),
             "refund": job.amount(job.refund),
-            "token_difference": job.tokens_billed - ledger_tokens if settled else None,
+            "token_difference": billed - ledger_tokens if billed is not None else None,
             "cost_difference": chain_cost - ledger_cost if chain_cost is not None else None,
-            "agrees": (job.tokens_billed == cadence.settled()) if settled else None,
+            "agrees": (billed == cadence.settled()) if billed is not None else None,
             "reason": explain_difference(job.tokens_billed, ledger_tokens, cadence),
             "open_tx": job.open_tx, "settle_tx": job.settle_tx,
         })
@@ -520,8 +532,9 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
               "expected_tokens": "int64", "billed_tokens": "Int64", "token_difference": "Int64", "agrees": "boolean",
               "deposit": "float64", "ledger_cost": "float64", "chain_cost": "float64", "host_earnings": "float64",
               "treasury_fee": "float64", "refund": "float64", "cost_difference": "float64"}
-    return pd.DataFrame({name: pd.Series([row[name] for row in rows], dtype=dtypes.get(name, "string"))
-                         for name in RECONCILE_COLUMNS})
+    frame: pd.DataFrame = pd.DataFrame({name: pd.Series([row[name] for row in rows], dtype=dtypes.get(name, "string"))
+                                        for name in RECONCILE_COLUMNS})
+    return frame
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -532,12 +545,12 @@ def default_ledger_path() -> Path:
     return Path(platformdirs.user_data_dir("fabstir-jupyter")) / "usage.sqlite3"
 
 
-class _Job:
+class _Job(Generic[_T]):
     __slots__ = ("fn", "future")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], _T]) -> None:
         self.fn = fn
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
 
 _STOP = object()
@@ -565,7 +578,7 @@ class UsageLedger:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike[str], None] = None,
+        path: str | os.PathLike[str] | None = None,
         *,
         timeout: float = 10.0,
         busy_timeout: float = 5.0,
@@ -696,7 +709,8 @@ class UsageLedger:
         import pandas as pd
 
         jobs = self.jobs(client_id=client_id)
-        return pd.DataFrame([dataclasses.asdict(job) for job in jobs], columns=list(JOB_COLUMNS))
+        frame: pd.DataFrame = pd.DataFrame([dataclasses.asdict(job) for job in jobs], columns=list(JOB_COLUMNS))
+        return frame
 
     def reconcile(self, *, client_id: str | None = None) -> pd.DataFrame:
         """Per paid job, the ledger's tokens and cost beside what the chain billed (:func:`reconcile`).
@@ -766,7 +780,8 @@ class UsageLedger:
                 raise ValueError(f"limit must be >= 0, got {limit}")
 
         def read(conn: sqlite3.Connection) -> list[UsageRecord]:
-            sql, params = _SELECT, []
+            sql = _SELECT
+            params: list[object] = []
             where = []
             if start is not None:
                 where.append("time >= ?")
@@ -798,7 +813,6 @@ class UsageLedger:
 
         Arguments and errors are those of :meth:`records`; pandas is imported here.
         """
-        import pandas as pd
 
         return _records_frame(self.records(since=since, limit=limit, client_id=client_id))
 
@@ -899,7 +913,7 @@ class UsageLedger:
             finally:
                 conn.execute("ROLLBACK")
         except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+            if _locked(exc):
                 logger.warning("usage ledger %s: locked by another process; not checked for writing", self._path)
                 return
             raise LedgerUnavailable(
@@ -963,7 +977,7 @@ class UsageLedger:
                 self._pending -= len(rows)
 
     @staticmethod
-    def _run_job(conn: sqlite3.Connection, job: _Job) -> None:
+    def _run_job(conn: sqlite3.Connection, job: _Job[Any]) -> None:
         if not job.future.set_running_or_notify_cancel():
             return  # the caller timed out and gave up
         try:
@@ -972,7 +986,10 @@ class UsageLedger:
             job.future.set_exception(exc)
 
 
-def _frame_dtype(name: str) -> str:
+_FrameDtype: TypeAlias = Literal["bool", "boolean", "int64", "Int64", "float64", "string"]
+
+
+def _frame_dtype(name: str) -> _FrameDtype:
     decl = _COLUMNS[name][0] if name in _COLUMNS else "REAL"
     if name == "cached":
         return "bool"
@@ -998,9 +1015,10 @@ def _records_frame(recs: Iterable[UsageRecord]) -> pd.DataFrame:
     import pandas as pd
 
     dicts = [rec.to_dict() for rec in recs]
-    return pd.DataFrame(
+    frame: pd.DataFrame = pd.DataFrame(
         {name: pd.Series([d[name] for d in dicts], dtype=_frame_dtype(name)) for name in _FRAME_COLUMNS}
     )
+    return frame
 
 
 #: Values for columns a hand-made records frame may lack (anything else missing is unknown: NA).
@@ -1072,7 +1090,7 @@ def summarize(frame: pd.DataFrame, by: str | tuple[str, ...] = "host") -> pd.Dat
     units = groups["cost_unit"].agg(group_cost_unit).astype("string")
     cost = groups["cost"].sum(min_count=1).astype("float64")
     cost = cost.mask(units == "mixed")
-    return pd.DataFrame(
+    summary: pd.DataFrame = pd.DataFrame(
         {
             "requests": groups["_last"].sum().astype("int64"),
             "attempts": groups.size().astype("int64"),
@@ -1087,3 +1105,4 @@ def summarize(frame: pd.DataFrame, by: str | tuple[str, ...] = "host") -> pd.Dat
             "mean_tokens_per_second": groups["tokens_per_second"].mean().astype("float64"),
         }
     )
+    return summary

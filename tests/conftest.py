@@ -1,30 +1,48 @@
-"""Shared fixtures: reference hosts on loopback (scripted backend) and client managers."""
+"""Shared fixtures: reference hosts on loopback (``start_host``, ``start_threaded_host``) and client managers."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
 import pytest
 
+from _hosts import RunningHosts
 from fabstir_jupyter.config import InferenceConfig
-from fabstir_jupyter.host.scripted import ScriptedBackend
-from fabstir_jupyter.host.server import HostConfig, HostServer
+from fabstir_jupyter.host import Backend, HostServer
 from fabstir_jupyter.inference import InferenceManager
+from fabstir_jupyter.runner import LoopThread
 from fabstir_jupyter.usage import ListSink
 
 
 @pytest.fixture
-async def start_host():
-    """Start reference hosts with the scripted backend: ``await start_host(host_cfg..., backend=...)``."""
-    servers: list[HostServer] = []
+async def start_host() -> AsyncIterator[Any]:
+    """Start reference hosts on the test's loop: ``await start_host(backend=..., **HostConfig fields)``.
 
-    async def start(*, backend: dict | None = None, **host_config) -> HostServer:
-        server = HostServer(HostConfig(**host_config), ScriptedBackend(**(backend or {})))
-        await server.start()
-        servers.append(server)
-        return server
+    The backend defaults to an unthrottled :class:`~fabstir_jupyter.host.ScriptedBackend`; every
+    host is closed after the test.
+    """
+    hosts = RunningHosts()
+    yield hosts.start
+    await hosts.aclose()
+
+
+@pytest.fixture
+def start_threaded_host() -> Iterator[Callable[..., HostServer]]:
+    """Start reference hosts on a private loop thread: ``start_threaded_host(backend=..., **HostConfig fields)``.
+
+    For tests that block their own thread (a magic, a blocking ``infer()`` inside a coroutine):
+    the thread keeps the hosts serving meanwhile.
+    """
+    loop = LoopThread("test-hosts")
+    hosts = RunningHosts()
+
+    def start(*, backend: Backend | None = None, **config: Any) -> HostServer:
+        return loop.run(hosts.start(backend=backend, **config))
 
     yield start
-    for server in servers:
-        await server.close()
+    loop.run(hosts.aclose())
+    loop.stop()
 
 
 @pytest.fixture

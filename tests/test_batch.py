@@ -9,9 +9,10 @@ import logging
 
 import pytest
 
+from _timing import wait_until
 from fabstir_jupyter.batch import BATCH_COLUMNS, HostWindow, run_batch
 from fabstir_jupyter.errors import FabstirError, InvalidOptions
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 from fabstir_jupyter.hosts import HostInfo
 
 DEAD = "ws://127.0.0.1:9/v1/ws"
@@ -40,7 +41,7 @@ async def watch_streams(servers, interval=0.002):
     async def sample():
         while True:
             counts = [s.active_streams for s in servers]
-            for server, count in zip(servers, counts):
+            for server, count in zip(servers, counts, strict=True):
                 peaks[server.http_url] = max(peaks[server.http_url], count)
             peaks["total"] = max(peaks["total"], sum(counts))
             await asyncio.sleep(interval)
@@ -55,8 +56,8 @@ async def watch_streams(servers, interval=0.002):
 
 async def test_batch_spreads_prompts_over_live_hosts_around_a_dead_one(start_host, make_manager):
     """12 prompts over 2 live hosts and a dead one: every row answered exactly, progress 12 times."""
-    a = await start_host(backend={"token_rate": 400})
-    b = await start_host(backend={"token_rate": 400})
+    a = await start_host(backend=ScriptedBackend(token_rate=400))
+    b = await start_host(backend=ScriptedBackend(token_rate=400))
     manager = make_manager([a.ws_url, DEAD, b.ws_url])
     progress = Progress()
     frame = await run_batch(manager, prompts(12), max_tokens=N, progress=progress)
@@ -92,7 +93,7 @@ async def test_bad_prompts_get_invalid_prompt_rows(start_host, make_manager):
 async def test_a_host_failing_every_request_loses_its_prompts_to_another(start_host, make_manager):
     """Prompts that fail on a broken host are run again elsewhere; the broken host is soon benched."""
     good = await start_host()
-    broken = await start_host(backend={"error_code": "HOST_ERROR"})
+    broken = await start_host(backend=ScriptedBackend(error_code="HOST_ERROR"))
     manager = make_manager([broken.ws_url, good.ws_url])
     frame = await run_batch(manager, prompts(10), max_tokens=N, per_host_concurrency=1)
 
@@ -105,7 +106,7 @@ async def test_a_host_failing_every_request_loses_its_prompts_to_another(start_h
 
 async def test_a_host_dropping_streams_still_gives_exact_rows(start_host, make_manager):
     """A host that drops the connection mid-answer: rows still hold the exact, gapless text."""
-    flaky = await start_host(backend={"close_after": 3})
+    flaky = await start_host(backend=ScriptedBackend(close_after=3))
     steady = await start_host()
     manager = make_manager([flaky.ws_url, steady.ws_url])
     frame = await run_batch(manager, prompts(6), max_tokens=N)
@@ -128,7 +129,7 @@ async def test_no_live_host_gives_error_rows_not_an_exception(make_manager):
 
 async def test_concurrency_bounds_are_respected(start_host, make_manager):
     """max_concurrency bounds the batch and per_host_concurrency each host; both are reached."""
-    servers = [await start_host(backend={"token_rate": 200}) for _ in range(2)]
+    servers = [await start_host(backend=ScriptedBackend(token_rate=200)) for _ in range(2)]
     manager = make_manager([s.ws_url for s in servers])
     async with watch_streams(servers) as peaks:
         frame = await run_batch(manager, prompts(12), max_tokens=10, max_concurrency=3, per_host_concurrency=2)
@@ -139,7 +140,7 @@ async def test_concurrency_bounds_are_respected(start_host, make_manager):
 
 async def test_default_concurrency_is_hosts_times_the_per_host_limit(start_host, make_manager):
     """Without max_concurrency, every fitting host runs up to its limit (dead hosts do not count)."""
-    servers = [await start_host(backend={"token_rate": 200}) for _ in range(2)]
+    servers = [await start_host(backend=ScriptedBackend(token_rate=200)) for _ in range(2)]
     manager = make_manager([servers[0].ws_url, DEAD, servers[1].ws_url])
     async with watch_streams(servers) as peaks:
         await run_batch(manager, prompts(10), max_tokens=10, per_host_concurrency=2)
@@ -149,7 +150,7 @@ async def test_default_concurrency_is_hosts_times_the_per_host_limit(start_host,
 
 async def test_frame_columns_and_input_order(start_host, make_manager):
     """Columns are BATCH_COLUMNS in order; rows follow the input even when answers finish out of order."""
-    slow = await start_host(backend={"token_rate": 50})
+    slow = await start_host(backend=ScriptedBackend(token_rate=50))
     fast = await start_host()
     manager = make_manager([slow.ws_url, fast.ws_url])
     batch = prompts(6)
@@ -230,7 +231,7 @@ async def test_misuse_raises_before_any_io(make_manager, call, field):
 
 async def test_cancelling_a_batch_cancels_its_streams(start_host, make_manager):
     """Cancelling run_batch stops every running stream on the hosts."""
-    host = await start_host(backend={"token_rate": 20})
+    host = await start_host(backend=ScriptedBackend(token_rate=20))
     manager = make_manager([host.ws_url])
     task = asyncio.ensure_future(run_batch(manager, prompts(4), max_tokens=200))
     for _ in range(200):
@@ -250,13 +251,12 @@ async def test_cancelling_a_batch_cancels_its_streams(start_host, make_manager):
 
 async def test_a_host_killed_mid_batch_loses_its_prompts_to_the_others(start_host, make_manager):
     """A host closed while it streams: its prompts run again on the live hosts, with exact text."""
-    servers = [await start_host(backend={"token_rate": 200}) for _ in range(3)]
+    servers = [await start_host(backend=ScriptedBackend(token_rate=200)) for _ in range(3)]
     manager = make_manager([s.ws_url for s in servers], backoff_initial=0.05, backoff_max=0.2)
     victim = servers[1]
 
     async def kill_when_busy():
-        while not victim.active_streams:
-            await asyncio.sleep(0.005)
+        await wait_until(lambda: victim.active_streams, what="the victim streaming")
         await victim.close()
 
     killer = asyncio.ensure_future(kill_when_busy())
@@ -283,7 +283,7 @@ async def test_hosts_that_always_fail_get_at_most_max_retries_plus_one_attempts(
     """With N hosts answering HOST_ERROR to everything, each batch prompt and each stream makes at
     most max_retries + 1 attempts: one retry loop, not the batch's loop around the stream's (which
     made (max_retries + 1)**2 attempts per prompt with 4 hosts)."""
-    servers = [await start_host(backend={"error_code": "HOST_ERROR"}) for _ in range(hosts)]
+    servers = [await start_host(backend=ScriptedBackend(error_code="HOST_ERROR")) for _ in range(hosts)]
     manager = make_manager([s.ws_url for s in servers], max_retries=2)
     frame = await run_batch(manager, prompts(3), max_tokens=N)
     assert list(frame["error"]) == ["HOST_ERROR"] * 3
@@ -306,7 +306,7 @@ async def test_hosts_that_always_fail_get_at_most_max_retries_plus_one_attempts(
 async def test_batch_rows_are_the_streams_usage_totals(start_host, make_manager):
     """A prompt that failed over mid-answer gets a row with its stream's totals: every token it
     received, on both hosts, and the time of both attempts."""
-    flaky = await start_host(backend={"close_after": 3})
+    flaky = await start_host(backend=ScriptedBackend(close_after=3))
     steady = await start_host()
     manager = make_manager([flaky.ws_url, steady.ws_url])
     for info in await manager.host_manager.discover_all_active_hosts():
@@ -330,7 +330,7 @@ async def test_batch_runs_each_host_at_its_own_limit_without_refusals(start_host
     """24 prompts over 3 hosts that run 2 streams each, registered as running 8: the host's own figure
     (/v1/version) wins, so every prompt takes one attempt, none is refused, and each host is used
     up to its limit (the metadata's 8 made 46 of 72 attempts HOST_BUSY on a local network)."""
-    servers = [await start_host(max_concurrent_streams=2, backend={"token_rate": 400}) for _ in range(3)]
+    servers = [await start_host(max_concurrent_streams=2, backend=ScriptedBackend(token_rate=400)) for _ in range(3)]
     manager = make_manager([])
     for server in servers:
         manager.host_manager.add_host(HostInfo.from_url(server.ws_url, metadata={"maxConcurrent": 8}))
@@ -347,7 +347,7 @@ async def test_batch_runs_each_host_at_its_own_limit_without_refusals(start_host
 async def test_registry_metadata_sets_the_limit_of_a_host_that_does_not_state_one(start_host, make_manager):
     """A production-like host (legacy: /v1/version states no limit) runs 2 streams; its metadata says
     so: 12 prompts, 12 attempts, no HOST_BUSY, 2 streams at a time."""
-    server = await start_host(legacy=True, max_concurrent_streams=2, backend={"token_rate": 400})
+    server = await start_host(legacy=True, max_concurrent_streams=2, backend=ScriptedBackend(token_rate=400))
     manager = make_manager([])
     manager.host_manager.add_host(HostInfo.from_url(server.ws_url, metadata={"maxConcurrent": 2}))
     async with watch_streams([server]) as peaks:
@@ -363,12 +363,12 @@ async def test_a_host_busy_with_another_client_gets_fewer_streams_not_a_flood(st
     """A host running 4 streams, 2 of them held by another client all along: the batch's window drops
     to 2 at the first refusals and climbs back ever more slowly, so 24 prompts (all answered) meet
     HOST_BUSY a few times, not once per freed slot."""
-    server = await start_host(max_concurrent_streams=4, backend={"token_rate": 400})
+    server = await start_host(max_concurrent_streams=4, backend=ScriptedBackend(token_rate=400))
     other = make_manager([server.ws_url])
     held = [other.stream(f"long answer {i}", max_tokens=4000) for i in range(2)]
     for stream in held:
         await stream.__aenter__()
-    await wait_for(lambda: server.active_streams == 2)
+    await wait_until(lambda: server.active_streams == 2, what="the other client's two streams running")
     manager = make_manager([server.ws_url], backoff_initial=0.01, backoff_max=0.05, max_retries=6)
     try:
         async with watch_streams([server]) as peaks:
@@ -383,14 +383,6 @@ async def test_a_host_busy_with_another_client_gets_fewer_streams_not_a_flood(st
     # as the one before (after 2, 4, 8 answers): 5 in all, 7 allowed for a refusal raced by an answer
     assert 2 <= busy_count(manager) <= 7
     assert len(manager.usage.records) == 24 + busy_count(manager)
-
-
-async def wait_for(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def test_host_window_drops_to_the_streams_running_and_climbs_ever_more_slowly():

@@ -6,13 +6,12 @@ import copy
 import pickle
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 from eth_account import Account
+from hypothesis import given, strategies as st
 
 from fabstir_jupyter.crypto import (
     PrivateKey,
@@ -246,7 +245,8 @@ def tester_w3():
 
     w3 = Web3(EthereumTesterProvider(EthereumTester()))
     funder = w3.eth.accounts[0]
-    w3.eth.send_transaction({"from": funder, "to": Account.from_key(SECRET_HEX).address, "value": 10**18, "gas": 21_000})
+    key_owner = Account.from_key(SECRET_HEX).address
+    w3.eth.send_transaction({"from": funder, "to": key_owner, "value": 10**18, "gas": 21_000})
     return w3
 
 

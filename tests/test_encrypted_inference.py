@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from websockets.http11 import Request, Response
 
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import EncryptionError, EncryptionUnavailable
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 from fabstir_jupyter.host.server import HostServer
 from fabstir_jupyter.hosts import HostInfo, HostKeys
 from fabstir_jupyter.inference import InferenceManager
@@ -368,7 +369,7 @@ async def test_failover_mid_stream_between_two_keyed_hosts_inits_again_on_the_ne
         start_host, tap, keyed_manager):
     """The serving host drops after 4 tokens; the continuation goes to the other keyed host with its own
     init (its own key, message_0) and the partial answer as an encrypted prefill: no gap, no repeat."""
-    failing = await start_host(operator_key=KEY_A, backend={"close_after": 4})
+    failing = await start_host(operator_key=KEY_A, backend=ScriptedBackend(close_after=4))
     healthy = await start_host(operator_key=KEY_B)
     failing_wire, healthy_wire = await tap(failing), await tap(healthy)
     manager = keyed_manager([keyed(failing_wire.http_url, KEY_A), keyed(healthy_wire.http_url, KEY_B)])
@@ -452,7 +453,7 @@ async def test_breaking_out_of_an_encrypted_stream_cancels_in_plaintext_and_the_
         start_host, tap, keyed_manager):
     """stream_cancel (plaintext, naming the encrypted session) stops the host; the drained socket
     carries the next encrypted request (stop, then send)."""
-    host = await start_host(operator_key=KEY_A, backend={"token_rate": 200})
+    host = await start_host(operator_key=KEY_A, backend=ScriptedBackend(token_rate=200))
     wire = await tap(host)
     manager = keyed_manager([keyed(wire.http_url, KEY_A)])
     async with manager.stream(PROMPT, max_tokens=1000) as stream:
@@ -473,7 +474,7 @@ async def test_an_encrypted_session_keeps_its_conversation_across_turns_and_a_ca
     """A session's turns run on its pinned socket, each with a fresh init under the session's id; the
     host's memory holds the conversation (the second turn's prompt counts the first turn); a turn
     cut short by the caller is cancelled and the next turn still works on the same socket."""
-    host = await start_host(operator_key=KEY_A, backend={"token_rate": 400})
+    host = await start_host(operator_key=KEY_A, backend=ScriptedBackend(token_rate=400))
     wire = await tap(host)
     manager = keyed_manager([keyed(wire.http_url, KEY_A)], signer=USER)
     session = await manager.sessions.create_session()

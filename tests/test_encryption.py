@@ -10,8 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fabstir_jupyter.crypto import PrivateKey, recover_public_key
 from fabstir_jupyter.encryption import (
@@ -613,7 +612,9 @@ _FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthC
 _hexish = st.one_of(st.text(alphabet="0123456789abcdefABCDEFx ", max_size=80), st.sampled_from(["", "0x", "00" * 24]))
 _values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _hexish, st.text(max_size=8)),
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=5), children, max_size=3)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=10,
 )
 PAYLOAD_KEYS = ["ephPubHex", "ciphertextHex", "nonceHex", "signatureHex", "aadHex", "saltHex", "recid", "index"]
@@ -762,4 +763,4 @@ async def test_both_halves_interoperate_over_a_real_websocket():
 def test_every_error_code_on_the_encrypted_path_is_tested_here():
     """The six host codes of §6 each have a case above (ENCRYPTION_NOT_SUPPORTED is the host server's)."""
     codes = {code for _, code in itertools.chain(BAD_INITS.values(), BAD_MESSAGES.values())}
-    assert ENCRYPTION_CODES <= codes
+    assert codes >= ENCRYPTION_CODES

@@ -22,8 +22,9 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -203,7 +204,7 @@ def test_a_noble_client_talks_to_our_host(noble):
     frames = [writer.chunk(text) for text in REPLY[:-1]] + [writer.chunk("", tokens=0, final=True),
                                                             writer.response("stop")]
     read = noble({"op": "client_read", "sessionKeyHex": node["sessionKeyHex"], "frames": frames})
-    assert read == {"pieces": REPLY[:-1] + [""], "finishReason": "stop"}
+    assert read == {"pieces": [*REPLY[:-1], ""], "finishReason": "stop"}
 
 
 def test_the_noble_side_refuses_frames_under_another_key(noble):
@@ -236,7 +237,7 @@ async def test_an_sdk_shaped_noble_client_talks_to_a_real_fabstir_host(noble, le
     assert result["greeting"]["type"] == "connected"
     turns = result["turns"]
     assert len(turns) == 2
-    for prompt, turn in zip(SDK_PROMPTS, turns):
+    for prompt, turn in zip(SDK_PROMPTS, turns, strict=True):
         ack = turn["ack"]
         assert (ack["type"], ack["status"], ack["session_id"], ack["job_id"]) == ("session_init_ack", "success",
                                                                                   "1234", 1234)

@@ -86,7 +86,8 @@ def test_every_documented_code_maps_to_a_class_with_that_code(code: str) -> None
         assert cls is EncryptionError
     else:
         assert cls.code == code
-    assert cls("x", code=code).retryable is DOC_CODES[code], f"docs/protocol.md §9 says {code} retryable={DOC_CODES[code]}"
+    documented = DOC_CODES[code]
+    assert cls("x", code=code).retryable is documented, f"docs/protocol.md §9 says {code} retryable={documented}"
     if code in CLIENT_ONLY_CODES:
         return  # never built from a host frame (see test_a_host_cannot_raise_client_only_codes)
     error = error_from_code(code, "something failed")
@@ -102,7 +103,7 @@ def test_every_error_class_code_is_documented(code: str) -> None:
 
 def test_documented_codes_are_exactly_the_package_codes() -> None:
     """docs/protocol.md §9 lists exactly ERROR_CODES: the wire codes plus the client-only ledger and chain codes."""
-    assert CLIENT_ONLY_CODES == {"LEDGER_UNAVAILABLE", "LEDGER_CLOSED", "CHAIN_ERROR"}
+    assert {"LEDGER_UNAVAILABLE", "LEDGER_CLOSED", "CHAIN_ERROR"} == CLIENT_ONLY_CODES
     assert set(DOC_CODES) == set(ERROR_CODES)
 
 

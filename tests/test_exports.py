@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,26 @@ def test_type_checking_block_matches_the_lazy_table():
     assert names == set(fabstir_jupyter.__all__)
 
 
+def test_type_checkers_see_the_public_names(tmp_path):
+    """A user's `from fabstir_jupyter import <every name in __all__>` type-checks under mypy --strict
+    (the package ships py.typed; lazy names must be explicit re-exports), as do the host's and hosts' names."""
+    pytest.importorskip("mypy", reason="mypy comes with the test extra")
+    import fabstir_jupyter.host
+    import fabstir_jupyter.hosts
+
+    user = tmp_path / "user.py"
+    user.write_text("".join(
+        f"from {package.__name__} import {', '.join(package.__all__)}\n"
+        for package in (fabstir_jupyter, fabstir_jupyter.host, fabstir_jupyter.hosts)
+    ))
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")
+    command = [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--config-file", "mypy.ini",
+               "--cache-dir", str(tmp_path / "cache"), "user.py"]
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    checked = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0, checked.stdout
+
+
 @pytest.mark.parametrize("module, forbidden", [
     ("fabstir_jupyter.urls", {"asyncio", "websockets", "httpx", "socket"}),
     ("fabstir_jupyter.protocol", {"asyncio", "websockets", "httpx", "socket"}),
@@ -104,7 +125,8 @@ LAYERS: list[set[str]] = [
     {"settings"},
     {"protocol", "crypto"},
     {"encryption"},
-    {"marketplace", "wallet"},  # the chain client for paid sessions (shared by the host and the client); the key that pays
+    # the chain client for paid sessions (shared by the host and the client); the key that pays
+    {"marketplace", "wallet"},
     {"transport"},
     {"usage"},
     {"hosts"},
@@ -189,7 +211,7 @@ def test_the_import_graph_has_no_cycles():
         stack.append(module)
         for target in sorted(GRAPH.get(module, ())):
             if state.get(target) == "open":
-                cycle = stack[stack.index(target):] + [target]
+                cycle = [*stack[stack.index(target):], target]
                 raise AssertionError("import cycle: " + " → ".join(cycle))
             if target in GRAPH and target not in state:
                 visit(target)

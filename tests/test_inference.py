@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from _timing import wait_until
 from fabstir_jupyter import InferenceOptions
 from fabstir_jupyter.errors import (
     ConnectionFailed,
@@ -25,7 +26,7 @@ from fabstir_jupyter.errors import (
     PaymentRequired,
     RateLimitExceeded,
 )
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 
 PROMPT = "Tell me about rivers"
 
@@ -73,7 +74,7 @@ async def test_stream_false_yields_the_whole_text_once(start_host, make_manager)
 
 async def test_natural_end_reports_stop(start_host, make_manager):
     """A host answer that ends before max_tokens finishes with 'stop'."""
-    host = await start_host(backend={"answer_tokens": 4})
+    host = await start_host(backend=ScriptedBackend(answer_tokens=4))
     manager = make_manager([host.ws_url])
     stream, pieces = await collect(manager.stream(PROMPT, max_tokens=50))
     assert stream.finish_reason == "stop" and "".join(pieces) == scripted_text(PROMPT, 4)
@@ -121,7 +122,7 @@ async def test_legacy_host_terminal_chunk_is_not_yielded(start_host, make_manage
 
 async def test_breaking_out_cancels_the_host_stream_and_returns_the_socket(start_host, make_manager):
     """Leaving the block early sends stream_cancel; the socket is reused by the next request."""
-    host = await start_host(backend={"token_rate": 200})
+    host = await start_host(backend=ScriptedBackend(token_rate=200))
     manager = make_manager([host.ws_url])
     async with manager.stream(PROMPT, max_tokens=1000) as stream:
         async for _ in stream:
@@ -136,7 +137,7 @@ async def test_breaking_out_cancels_the_host_stream_and_returns_the_socket(start
 
 async def test_cancelling_the_consumer_task_cancels_the_host_stream(start_host, make_manager):
     """Task cancellation reaches the host: its stream stops and the pool is left consistent."""
-    host = await start_host(backend={"token_rate": 100})
+    host = await start_host(backend=ScriptedBackend(token_rate=100))
     manager = make_manager([host.ws_url])
     started = asyncio.Event()
 
@@ -170,7 +171,7 @@ async def test_retry_moves_to_another_host_when_one_is_down(start_host, make_man
 
 async def test_retries_are_bounded_by_max_retries(start_host, make_manager):
     """A host that always rate-limits is tried 1 + max_retries times, each recorded, then the error."""
-    host = await start_host(backend={"error_code": "RATE_LIMIT_EXCEEDED"})
+    host = await start_host(backend=ScriptedBackend(error_code="RATE_LIMIT_EXCEEDED"))
     manager = make_manager([host.ws_url], max_retries=2)
     with pytest.raises(RateLimitExceeded):
         await collect(manager.stream(PROMPT, max_tokens=5))
@@ -201,7 +202,7 @@ async def test_model_names_resolve_to_the_hosts_id(start_host, make_manager):
 
 async def test_first_token_timeout_fires_on_a_silent_host(start_host, make_manager):
     """A host that accepts and never answers gives FirstTokenTimeout after the retries."""
-    host = await start_host(backend={"never_answer": True})
+    host = await start_host(backend=ScriptedBackend(never_answer=True))
     manager = make_manager([host.ws_url], first_token_timeout=0.3, max_retries=1)
     with pytest.raises(FirstTokenTimeout) as info:
         await asyncio.wait_for(collect(manager.stream(PROMPT)), 10)
@@ -211,7 +212,7 @@ async def test_first_token_timeout_fires_on_a_silent_host(start_host, make_manag
 
 async def test_slow_first_token_within_the_timeout_is_fine(start_host, make_manager):
     """A first token that takes a while but less than the timeout is not an error."""
-    host = await start_host(backend={"first_token_delay": 0.3})
+    host = await start_host(backend=ScriptedBackend(first_token_delay=0.3))
     manager = make_manager([host.ws_url], first_token_timeout=2.0)
     stream, _ = await collect(manager.stream(PROMPT, max_tokens=3))
     assert stream.text == scripted_text(PROMPT, 3)
@@ -220,7 +221,7 @@ async def test_slow_first_token_within_the_timeout_is_fine(start_host, make_mana
 
 async def test_idle_timeout_fires_when_a_stream_stalls(start_host, make_manager):
     """A stream slower than idle_timeout between frames fails with IdleTimeout (no retries allowed)."""
-    host = await start_host(backend={"token_rate": 2})
+    host = await start_host(backend=ScriptedBackend(token_rate=2))
     manager = make_manager([host.ws_url], idle_timeout=0.1, first_token_timeout=5, max_retries=0)
     with pytest.raises(IdleTimeout):
         await collect(manager.stream(PROMPT, max_tokens=10))
@@ -230,7 +231,7 @@ async def test_idle_timeout_fires_when_a_stream_stalls(start_host, make_manager)
 async def test_request_deadline_ends_a_stream_that_keeps_progressing(start_host, make_manager):
     """deadline bounds the whole request, even while tokens keep coming within idle_timeout; the text
     delivered so far stays with the error, and nothing is retried."""
-    host = await start_host(backend={"token_rate": 40})
+    host = await start_host(backend=ScriptedBackend(token_rate=40))
     manager = make_manager([host.ws_url], deadline=0.4, idle_timeout=2.0, first_token_timeout=2.0, max_retries=2)
     pieces: list[str] = []
     with pytest.raises(DeadlineExceeded) as info:
@@ -256,7 +257,7 @@ async def test_slow_consumer_is_not_mistaken_for_a_stalled_host(start_host, make
 
 async def test_host_closing_mid_stream_is_connection_failed(start_host, make_manager):
     """With no retries left, an abrupt close after some tokens raises ConnectionFailed; the text so far stays."""
-    host = await start_host(backend={"close_after": 3})
+    host = await start_host(backend=ScriptedBackend(close_after=3))
     manager = make_manager([host.ws_url], max_retries=0)
     received = []
     with pytest.raises(ConnectionFailed):
@@ -270,7 +271,7 @@ async def test_host_closing_mid_stream_is_connection_failed(start_host, make_man
 
 async def test_mid_stream_host_error_is_raised_with_its_code(start_host, make_manager):
     """A host error after some tokens raises HostError; the partial text stays readable."""
-    host = await start_host(backend={"fail_after": 2})
+    host = await start_host(backend=ScriptedBackend(fail_after=2))
     manager = make_manager([host.ws_url], max_retries=0)
     with pytest.raises(HostError):
         await collect(manager.stream(PROMPT, max_tokens=10))
@@ -279,7 +280,7 @@ async def test_mid_stream_host_error_is_raised_with_its_code(start_host, make_ma
 
 async def test_failover_continues_the_answer_on_another_host_without_gap_or_repeat(start_host, make_manager):
     """When the serving host drops mid-stream, the next host continues from the partial answer exactly."""
-    failing = await start_host(backend={"close_after": 4})
+    failing = await start_host(backend=ScriptedBackend(close_after=4))
     healthy = await start_host()
     manager = make_manager([failing.ws_url, healthy.ws_url])
     # Make the failing host the first choice.
@@ -296,16 +297,16 @@ async def test_failover_continues_the_answer_on_another_host_without_gap_or_repe
 
 async def test_failover_on_the_same_host_when_it_is_the_only_one(start_host, make_manager):
     """A lone host that keeps dropping is resumed from the partial answer until the budget is met."""
-    host = await start_host(backend={"close_after": 3})
+    host = await start_host(backend=ScriptedBackend(close_after=3))
     manager = make_manager([host.ws_url], max_retries=5)
-    stream, pieces = await collect(manager.stream(PROMPT, max_tokens=10))
+    _stream, pieces = await collect(manager.stream(PROMPT, max_tokens=10))
     assert "".join(pieces) == scripted_text(PROMPT, 10)
     assert [r.received_tokens for r in manager.usage.records] == [3, 3, 3, 1]
 
 
 async def test_failover_after_an_idle_stall(start_host, make_manager):
     """A host that stalls past idle_timeout mid-stream is replaced; the text stays continuous."""
-    stalling = await start_host(backend={"token_rate": 40, "first_token_delay": 0})
+    stalling = await start_host(backend=ScriptedBackend(token_rate=40, first_token_delay=0))
     fast = await start_host()
     manager = make_manager([stalling.ws_url, fast.ws_url], idle_timeout=0.01)
     for info in await manager.host_manager.discover_all_active_hosts():
@@ -317,14 +318,15 @@ async def test_failover_after_an_idle_stall(start_host, make_manager):
 
 async def test_host_busy_is_retried(start_host, make_manager):
     """HOST_BUSY at the host's stream limit is retryable; the request succeeds once a slot frees."""
-    host = await start_host(max_concurrent_streams=1, backend={"token_rate": 100})
+    host = await start_host(max_concurrent_streams=1, backend=ScriptedBackend(token_rate=100))
     manager = make_manager([host.ws_url], backoff_initial=0.05, backoff_max=0.2, max_retries=8)
     first = asyncio.create_task(collect(manager.stream(PROMPT, max_tokens=20)))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: host.active_streams == 1, what="the first stream holding the host's one slot")
     second, _ = await collect(manager.stream("another prompt", max_tokens=3))
     assert second.text == scripted_text("another prompt", 3)
     stream, _ = await first
     assert stream.text == scripted_text(PROMPT, 20)
+    assert "HOST_BUSY" in [r.error_code for r in manager.usage.records]  # the second was refused, then retried
 
 
 async def test_no_hosts_and_unreachable_hosts_are_coded(make_manager):
@@ -388,11 +390,11 @@ async def test_a_websocket_without_greeting_is_named_in_the_error(make_manager):
 
 async def test_concurrent_streams_use_separate_sockets_without_interleaving(start_host, make_manager):
     """Four concurrent requests to one host get four sockets and each its own text."""
-    host = await start_host(backend={"token_rate": 500})
+    host = await start_host(backend=ScriptedBackend(token_rate=500))
     manager = make_manager([host.ws_url])
     prompts = [f"prompt number {i}" for i in range(4)]
     results = await asyncio.gather(*(collect(manager.stream(p, max_tokens=15)) for p in prompts))
-    for prompt, (stream, _) in zip(prompts, results):
+    for prompt, (stream, _) in zip(prompts, results, strict=True):
         assert stream.text == scripted_text(prompt, 15)
     assert manager.pool.stats() == {"idle": 4, "in_use": 0}
 
@@ -405,7 +407,7 @@ async def test_chat_messages_and_system_prompt_reach_the_host(start_host, make_m
         "and the sea?", max_tokens=5, system_prompt="be brief",
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]))
     assert stream.text == scripted_text("and the sea?", 5)
-    assert stream.usage.prompt_tokens == len("be brief hi hello and the sea?".split())
+    assert stream.usage.prompt_tokens == len(["be", "brief", "hi", "hello", "and", "the", "sea?"])
 
 
 async def test_seeded_requests_are_served_from_the_cache_when_enabled(start_host, make_manager):
@@ -467,7 +469,7 @@ async def test_base_sepolia_refuses_inference_before_any_io(make_manager):
 
 async def test_chunks_coalesce_pieces_at_an_interval(start_host, make_manager):
     """chunks(interval) yields fewer, larger pieces with the same text."""
-    host = await start_host(backend={"token_rate": 400})
+    host = await start_host(backend=ScriptedBackend(token_rate=400))
     manager = make_manager([host.ws_url])
     async with manager.stream(PROMPT, max_tokens=40) as stream:
         chunks = [c async for c in stream.chunks(0.05)]
@@ -488,8 +490,8 @@ async def test_connect_to_host_returns_a_connected_client(start_host, make_manag
 
 async def test_select_best_host_prefers_the_host_serving_the_model(start_host, make_manager):
     """select_best_host filters on the model and probes hosts."""
-    a = await start_host(backend={"model_id": "alpha"})
-    b = await start_host(backend={"model_id": "beta"})
+    a = await start_host(backend=ScriptedBackend(model_id="alpha"))
+    b = await start_host(backend=ScriptedBackend(model_id="beta"))
     manager = make_manager([a.ws_url, b.ws_url])
     from fabstir_jupyter import HostRequirements
 
@@ -501,18 +503,9 @@ async def test_select_best_host_prefers_the_host_serving_the_model(start_host, m
 
 
 @pytest.fixture
-def threaded_host():
+def threaded_host(start_threaded_host):
     """A scripted host on its own loop thread, so a blocking call on the test's loop cannot starve it."""
-    from fabstir_jupyter.host.scripted import ScriptedBackend
-    from fabstir_jupyter.host.server import HostConfig, HostServer
-    from fabstir_jupyter.runner import LoopThread
-
-    host_loop = LoopThread("test-host")
-    server = HostServer(HostConfig(), ScriptedBackend())
-    host_loop.run(server.start())
-    yield server
-    host_loop.run(server.close())
-    host_loop.stop()
+    return start_threaded_host()
 
 
 async def test_blocking_infer_works_inside_a_running_loop(threaded_host, make_manager):

@@ -1,15 +1,8 @@
 """Client-side rate limiting and the response cache, on a fake clock."""
 
+from _timing import FakeClock
 from fabstir_jupyter.cache import ResponseCache
 from fabstir_jupyter.limits import RateLimiter, TokenBucket
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 def test_bucket_allows_a_burst_then_spaces_requests_at_the_rate():

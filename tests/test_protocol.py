@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fabstir_jupyter import protocol
 from fabstir_jupyter.errors import (
@@ -91,8 +91,8 @@ def test_protocol_module_imports_no_io() -> None:
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"__future__", "json", "math", "re", "ipaddress", "dataclasses", "typing", "urllib.parse",
-                        ".errors", ".urls"}
+    assert imported <= {"__future__", "collections.abc", "json", "math", "re", "ipaddress", "dataclasses", "typing",
+                        "urllib.parse", ".errors", ".urls"}
 
 
 # --------------------------------------------------------------------------- URLs
@@ -248,7 +248,7 @@ def test_client_transcript_puts_system_first_and_flattening_ends_open() -> None:
     assert [role for role, _ in messages] == ["system", "user", "assistant", "user"]
     flat = flatten_messages(messages)
     assert flat.startswith("System: be brief\n") and flat.endswith("User: and now?\nAssistant:")
-    prefill = flatten_messages(messages + (("assistant", "Well"),))
+    prefill = flatten_messages((*messages, ("assistant", "Well")))
     assert prefill.endswith("Assistant: Well")
 
 
@@ -366,7 +366,8 @@ def test_client_parses_stream_end_without_usage() -> None:
         ({"type": "error", "error": {"code": "MODEL_NOT_AVAILABLE", "message": "no such model"}},
          ErrorEvent("MODEL_NOT_AVAILABLE", "no such model")),
         (error_frame("HOST_BUSY", "busy", request_id="r"), ErrorEvent("HOST_BUSY", "busy", "r")),
-        ({"type": "error", "error": {"code": "HOST_BUSY"}, "message": "outer text"}, ErrorEvent("HOST_BUSY", "outer text")),
+        ({"type": "error", "error": {"code": "HOST_BUSY"}, "message": "outer text"},
+         ErrorEvent("HOST_BUSY", "outer text")),
         ({"type": "error", "code": 500, "message": "oops"}, ErrorEvent("HOST_ERROR", "oops")),
         ({"type": "error", "code": "X", "message": 42}, ErrorEvent("X", "42")),
     ],
@@ -616,7 +617,7 @@ def _expected_cut(text: str, stops: list[str]) -> int | None:
 def _split(draw: st.DrawFn, text: str) -> list[str]:
     cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=8)))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 _STOP_ALPHABET = "ab\n"
@@ -701,7 +702,8 @@ def test_reader_turns_error_chunk_into_host_error() -> None:
 def test_reader_keeps_error_text_as_text_for_coded_error_hosts() -> None:
     """For a host declaring coded-errors, an answer starting "Error: " is plain text."""
     reader = ResponseReader(features=["coded-errors", "usage-always"], max_tokens=10)
-    text = feed_all(reader, [Chunk("Error: ", 1), Chunk("is a word", 1), StreamEnd("complete", 2, "stop", Usage(1, 2, 3))])
+    frames = [Chunk("Error: ", 1), Chunk("is a word", 1), StreamEnd("complete", 2, "stop", Usage(1, 2, 3))]
+    text = feed_all(reader, frames)
     assert text == "Error: is a word"
     assert reader.finish_reason == "stop"
 

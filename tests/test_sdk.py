@@ -10,8 +10,7 @@ import pytest
 
 from fabstir_jupyter.errors import AuthFailed, ConnectionFailed, InvalidOptions, PaymentRequired
 from fabstir_jupyter.host.scripted import scripted_text
-from fabstir_jupyter.networks import NETWORKS as CHAIN_NETWORKS
-from fabstir_jupyter.networks import NetworkPreset, resolve_network
+from fabstir_jupyter.networks import NETWORKS as CHAIN_NETWORKS, NetworkPreset, resolve_network
 from fabstir_jupyter.sdk import NETWORKS, FabstirSDK, FabstirSDKCore, load_settings
 
 KEY = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
@@ -115,9 +114,8 @@ def test_local_network_starts_hosts_and_stops_them_on_close():
 
 def test_base_sepolia_refuses_inference():
     """On base-sepolia the SDK refuses inference with PAYMENT_REQUIRED."""
-    with FabstirSDK(network="base-sepolia", hosts=["http://127.0.0.1:9"]) as sdk:
-        with pytest.raises(PaymentRequired):
-            sdk.get_inference_manager().stream("hello")
+    with FabstirSDK(network="base-sepolia", hosts=["http://127.0.0.1:9"]) as sdk, pytest.raises(PaymentRequired):
+        sdk.get_inference_manager().stream("hello")
 
 
 def test_base_sepolia_without_rpc_url_names_fabstir_rpc_url(tmp_path):
@@ -228,9 +226,8 @@ def test_local_network_without_the_local_extra_says_what_to_install(monkeypatch)
     import sys
 
     monkeypatch.setitem(sys.modules, "fabstir_jupyter.local.network", None)  # as if it could not import
-    with FabstirSDK(network="local", local_backend="scripted") as sdk:
-        with pytest.raises(InvalidOptions) as info:
-            sdk.get_host_manager()
+    with FabstirSDK(network="local", local_backend="scripted") as sdk, pytest.raises(InvalidOptions) as info:
+        sdk.get_host_manager()
     assert info.value.field == "network" and "fabstir-jupyter[local]" in (info.value.hint or "")
     assert sdk.local_network is None
 

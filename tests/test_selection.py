@@ -10,6 +10,7 @@ import pytest
 
 from fabstir_jupyter.config import HostRequirements, InferenceConfig, resolve_options
 from fabstir_jupyter.errors import InvalidOptions, ModelNotAvailable, NoHostsAvailable
+from fabstir_jupyter.host.scripted import ScriptedBackend
 from fabstir_jupyter.hosts import HostInfo, HostManager
 from fabstir_jupyter.hosts.selection import (
     CLEAR_MARGIN,
@@ -284,8 +285,8 @@ def test_mode_option_is_normalised():
 
 async def test_host_manager_selects_by_mode(start_host):
     """select_best_host(mode=...) discovers, probes and picks by mode; a bad mode fails before I/O."""
-    dear = await start_host(backend={"model_id": "m"})
-    cheap = await start_host(backend={"model_id": "m"})
+    dear = await start_host(backend=ScriptedBackend(model_id="m"))
+    cheap = await start_host(backend=ScriptedBackend(model_id="m"))
     hosts = [
         HostInfo.from_url(dear.ws_url, prices={"m": {"native": 0, "stable": 90_000}}, stake=10000),
         HostInfo.from_url(cheap.ws_url, prices={"m": {"native": 0, "stable": 150}}, stake=10000),

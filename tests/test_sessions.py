@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from fabstir_jupyter.errors import Cancelled, SessionNotFound
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 
 
 async def turn(manager, session_id, prompt, **options):
@@ -69,7 +69,7 @@ async def test_transcript_is_resent_after_the_socket_breaks(start_host, make_man
 
 async def test_cancelled_turn_keeps_the_pinned_socket(start_host, make_manager):
     """Breaking out of a session turn cancels on the host and keeps the socket for the next turn."""
-    host = await start_host(backend={"token_rate": 200})
+    host = await start_host(backend=ScriptedBackend(token_rate=200))
     manager = make_manager([host.ws_url])
     session = await manager.sessions.create_session()
     async with manager.sessions.stream(session.id, "long answer please", max_tokens=1000) as stream:
@@ -99,7 +99,7 @@ async def test_unknown_and_ended_sessions_are_session_not_found(start_host, make
 async def test_ending_a_session_cancels_its_streaming_turn_on_the_host(start_host, make_manager, caplog):
     """end_session while a turn streams: the host gets stream_cancel, the turn ends cancelled without
     failing over to the other host, and nothing more is recorded for the session."""
-    slow = await start_host(backend={"token_rate": 50})
+    slow = await start_host(backend=ScriptedBackend(token_rate=50))
     spare = await start_host()
     manager = make_manager([slow.ws_url, spare.ws_url])
     session = await manager.sessions.create_session(host=slow.ws_url)
@@ -145,16 +145,17 @@ async def test_session_on_a_legacy_host_flattens_the_history(start_host, make_ma
     manager = make_manager([host.ws_url])
     session = await manager.sessions.create_session()
     await turn(manager, session.id, "first question", max_tokens=3)
-    second, text = await turn(manager, session.id, "second question", max_tokens=3)
+    _second, text = await turn(manager, session.id, "second question", max_tokens=3)
     # The legacy host keys on the whole (flattened) prompt, so the answer differs from a fresh one.
-    flattened = "User: first question\nAssistant: " + scripted_text("first question", 3) + "\nUser: second question\nAssistant:"
+    flattened = ("User: first question\nAssistant: " + scripted_text("first question", 3)
+                 + "\nUser: second question\nAssistant:")
     assert text == scripted_text(flattened, 3)
     assert session.turns == 2
 
 
 async def test_session_fails_over_mid_answer_and_keeps_the_transcript(start_host, make_manager):
     """A session whose host drops mid-answer continues on another host; history and answer are exact."""
-    flaky = await start_host(backend={"close_after": 6})
+    flaky = await start_host(backend=ScriptedBackend(close_after=6))
     steady = await start_host()
     manager = make_manager([flaky.ws_url, steady.ws_url])
     session = await manager.sessions.create_session(host=flaky.ws_url)
@@ -170,7 +171,7 @@ async def test_session_fails_over_mid_answer_and_keeps_the_transcript(start_host
 
 async def test_oldest_turns_are_trimmed_before_the_context_overflows(start_host, make_manager):
     """With a 60-token window, a long conversation keeps going: old turns leave what is sent, not the transcript."""
-    host = await start_host(backend={"context_window": 60})
+    host = await start_host(backend=ScriptedBackend(context_window=60))
     manager = make_manager([host.ws_url])
     session = await manager.sessions.create_session()
     for i in range(8):
@@ -190,7 +191,7 @@ async def test_without_trimming_the_same_conversation_overflows(start_host, make
     """The scripted host really refuses an over-long history (what trimming avoids)."""
     from fabstir_jupyter.errors import ContextOverflow
 
-    host = await start_host(backend={"context_window": 60})
+    host = await start_host(backend=ScriptedBackend(context_window=60))
     manager = make_manager([host.ws_url])
     long_history = [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "reply " * 20}]
     with pytest.raises(ContextOverflow):

@@ -7,20 +7,13 @@ import socket
 
 import pytest
 
+from _timing import FakeClock, wait_until
 from fabstir_jupyter.config import InferenceConfig
 from fabstir_jupyter.errors import ConnectionFailed, InvalidOptions
 from fabstir_jupyter.protocol import Pong, ping_frame
 from fabstir_jupyter.transport import ConnectionPool, WebSocketClient, redact_url
 
 CONFIG = InferenceConfig(connection_timeout=2.0, pool_max_per_host=2, pool_idle_timeout=30.0)
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 async def test_client_connects_and_exchanges_frames(start_host):
@@ -112,11 +105,12 @@ async def test_pool_never_shares_a_socket_and_waits_at_the_per_host_limit(start_
         b = await pool.checkout(host.ws_url)
         assert a is not b
         third = asyncio.create_task(pool.checkout(host.ws_url))
-        await asyncio.sleep(0.05)
+        for _ in range(10):  # let it run until it blocks: reaching the wait needs no I/O
+            await asyncio.sleep(0)
         assert not third.done()
         pool.checkin(a)
         c = await asyncio.wait_for(third, 2)
-        assert c is a
+        assert c is a  # the freed socket, not a third one
         pool.checkin(b), pool.checkin(c)
 
 
@@ -138,11 +132,10 @@ async def test_pool_closes_sockets_idle_too_long(start_host):
     async with ConnectionPool(CONFIG, clock=clock) as pool:
         old = await pool.checkout(host.ws_url)
         pool.checkin(old)
-        clock.now += 31
+        clock.advance(31)
         fresh = await pool.checkout(host.ws_url)
         assert fresh is not old
-        await asyncio.sleep(0.05)
-        assert not old.is_open
+        await wait_until(lambda: not old.is_open, what="the stale socket closed")
         pool.checkin(fresh)
 
 
@@ -153,8 +146,8 @@ async def test_unclean_checkin_closes_the_socket(start_host):
         client = await pool.checkout(host.ws_url)
         pool.checkin(client, reusable=False)
         pool.checkin(client)
-        await asyncio.sleep(0.05)
-        assert not client.is_open and pool.stats() == {"idle": 0, "in_use": 0}
+        await wait_until(lambda: not client.is_open, what="the socket closed")
+        assert pool.stats() == {"idle": 0, "in_use": 0}
 
 
 async def test_closed_pool_refuses_checkouts(start_host):

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any
 
 __all__ = [
     "ModelInfo",
@@ -77,10 +78,7 @@ class ModelInfo:
         known = {self.id.lower(), self.name.lower(), *(a.lower() for a in self.aliases)}
         if wanted in known:
             return True
-        for sep in ("/", ":"):
-            if sep in wanted and wanted.rsplit(sep, 1)[1] in known:
-                return True
-        return False
+        return any(sep in wanted and wanted.rsplit(sep, 1)[1] in known for sep in ("/", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,12 +181,17 @@ class Backend(abc.ABC):
         """Return an estimate of the tokens in ``text`` (whitespace words unless overridden)."""
         return count_words(text)
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027  # an optional hook: by default there is nothing to prepare
         """Prepare the backend (start loading the model); called by ``HostServer.start``."""
 
     @abc.abstractmethod
-    def generate(self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats) -> AsyncIterator[str]:
-        """Generate tokens for ``params``: an async iterator of token texts, one item per token.
+    def generate(
+        self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
+    ) -> AsyncGenerator[str, None]:
+        """Generate tokens for ``params``: an async generator of token texts, one item per token.
+
+        The server closes it (``aclose``) as soon as the stream ends, however it ends, so its
+        ``finally`` blocks run at once: write it as an ``async def`` with ``yield``.
 
         Args:
             params: what to generate.
@@ -201,7 +204,7 @@ class Backend(abc.ABC):
             AbortConnection: fault injection: drop the connection.
         """
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  # an optional hook: by default there is nothing to release
         """Release the model and any threads or connections; called by ``HostServer.close``."""
 
 
@@ -255,5 +258,5 @@ async def acquire_unless_cancelled(slot: asyncio.Semaphore, cancel: asyncio.Even
     return False
 
 
-def _acquired(future: asyncio.Future[object]) -> bool:
+def _acquired(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None

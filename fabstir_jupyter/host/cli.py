@@ -38,7 +38,8 @@ import ssl
 import stat
 import sys
 import threading
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import FabstirError, InvalidOptions
 from .backends import Backend, BackendUnavailable
@@ -199,7 +200,8 @@ def read_auth_token(args: argparse.Namespace) -> str | None:
         with open(path, encoding="utf-8") as handle:
             token = handle.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidOptions(f"cannot read --auth-token-file {path}: {type(exc).__name__}", field="auth_token") from None
+        raise InvalidOptions(f"cannot read --auth-token-file {path}: {type(exc).__name__}",
+                             field="auth_token") from None
     if not token:
         raise InvalidOptions(f"--auth-token-file {path} is empty", field="auth_token")
     return token

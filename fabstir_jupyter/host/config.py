@@ -161,7 +161,7 @@ class HostConfig:
     auth_token: str | None = field(default=None, repr=False, compare=False)
     certfile: str | None = None
     keyfile: str | None = None
-    operator_key: "PrivateKey | None" = field(default=None, repr=False, compare=False)
+    operator_key: PrivateKey | None = field(default=None, repr=False, compare=False)
     session_key_lifetime: float = 1800.0
     max_session_keys: int = 16
     payment: PaymentConfig | None = None

@@ -19,9 +19,7 @@ Read from the production node's WebSocket handler (plaintext path, no encryption
 from __future__ import annotations
 
 import math
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FabstirError, RateLimitExceeded
 from ..protocol import chunk_frame
@@ -108,7 +106,10 @@ def legacy_final_frames(
             terminal,
             legacy_end_frame("complete", tokens_used, request_id),
         ]
-    return [legacy_error_frame(error.code, error.message, request_id), legacy_end_frame("error", tokens_used, request_id)]
+    return [
+        legacy_error_frame(error.code, error.message, request_id),
+        legacy_end_frame("error", tokens_used, request_id),
+    ]
 
 
 def production_validation_error(prompt: str, model: str, max_tokens: int, temperature: float) -> str | None:
@@ -214,7 +215,7 @@ def _echo_id(reply: dict[str, Any], frame: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-def legacy_encrypted_init_ack(event: "EncryptedSessionInit", frame: dict[str, Any]) -> dict[str, Any]:
+def legacy_encrypted_init_ack(event: EncryptedSessionInit, frame: dict[str, Any]) -> dict[str, Any]:
     """Return a production node's ``session_init_ack`` for a decrypted ``encrypted_session_init``.
 
     ``client_address`` is the address the node recovers (over SHA-256 of the ciphertext: the last
@@ -305,7 +306,7 @@ def legacy_encrypted_final_frames(
     finish: str,
     tokens_used: int,
     error: FabstirError | None,
-    writer: "EncryptedReplyWriter",
+    writer: EncryptedReplyWriter,
     *,
     session_id: str | None = None,
 ) -> list[dict[str, Any]]:

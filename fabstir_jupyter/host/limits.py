@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from ..limits import TokenBucket
 
@@ -23,6 +23,10 @@ def per_minute_bucket(rate_per_minute: float, *, clock: Clock = time.monotonic) 
     ``None`` when the rate is 0 or less (limiting off)."""
     if rate_per_minute <= 0:
         return None
+    return _minute_bucket(rate_per_minute, clock)
+
+
+def _minute_bucket(rate_per_minute: float, clock: Clock) -> TokenBucket:
     return TokenBucket(rate_per_minute / 60.0, max(1.0, float(rate_per_minute)), clock=clock)
 
 
@@ -46,7 +50,7 @@ class AddressLimiter:
         bucket = self._buckets.get(address)
         if bucket is None:
             self._prune()
-            bucket = self._buckets[address] = per_minute_bucket(self.rate_per_minute, clock=self._clock)
+            bucket = self._buckets[address] = _minute_bucket(self.rate_per_minute, self._clock)
         else:
             self._buckets.move_to_end(address)
         return bucket.try_acquire()

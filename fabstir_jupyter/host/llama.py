@@ -24,9 +24,10 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from ..errors import ContextOverflow, HostError
 from .backends import (
@@ -196,7 +197,9 @@ class LlamaCppBackend(Backend):
         if template:
             with_prompt = llama_chat_format.Jinja2ChatFormatter(template, eos, bos, add_generation_prompt=True)
             without = llama_chat_format.Jinja2ChatFormatter(template, eos, bos, add_generation_prompt=False)
-            self._formatter = lambda messages, open_turn: (with_prompt if open_turn else without)(messages=messages).prompt
+            self._formatter = lambda messages, open_turn: (
+                (with_prompt if open_turn else without)(messages=messages).prompt
+            )
         else:
             self._formatter = _plain_format
         self._llm = llm
@@ -241,7 +244,7 @@ class LlamaCppBackend(Backend):
 
     async def generate(
         self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         self._waiting += 1
         try:
             await self.wait_loaded()

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import httpx
 
@@ -97,7 +98,7 @@ class OpenAIProxyBackend(Backend):
 
     async def generate(
         self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         from httpx_sse import EventSource, SSEError
 
         stats.prompt_tokens = sum(count_words(content) for _, content in params.messages)  # until usage arrives
@@ -120,7 +121,8 @@ class OpenAIProxyBackend(Backend):
         try:
             async with self._client.stream("POST", url, json=body, headers={"Accept": "text/event-stream"}) as response:
                 if response.status_code != 200:
-                    raise _upstream_error(response.status_code, (await response.aread())[:500].decode("utf-8", "replace"))
+                    detail = (await response.aread())[:500].decode("utf-8", "replace")
+                    raise _upstream_error(response.status_code, detail)
                 async for event in EventSource(response).aiter_sse():
                     if cancel.is_set():
                         return

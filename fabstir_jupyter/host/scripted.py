@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from ..errors import ContextOverflow, HostError, InvalidOptions, error_from_code
 from .backends import (
@@ -139,7 +139,7 @@ class ScriptedBackend(Backend):
 
     async def generate(
         self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         stats.prompt_tokens = sum(count_words(content) for _, content in params.messages)
         if self.error_code is not None:
             raise error_from_code(self.error_code, f"scripted error {self.error_code}")
@@ -167,7 +167,9 @@ class ScriptedBackend(Backend):
                 assert self._slots is not None
                 self._slots.release()
 
-    async def _tokens(self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats) -> AsyncIterator[str]:
+    async def _tokens(
+        self, params: GenerationParams, cancel: asyncio.Event, stats: GenerationStats
+    ) -> AsyncIterator[str]:
         if await sleep_unless_cancelled(self.first_token_delay, cancel):
             return
         prefill = params.prefill

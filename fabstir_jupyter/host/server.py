@@ -61,6 +61,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from .. import _compat
 from ..errors import (
     FabstirError,
     HostBusy,
@@ -72,6 +73,7 @@ from ..errors import (
     RateLimitExceeded,
     SessionNotFound,
 )
+from ..limits import TokenBucket
 from ..protocol import (
     FEATURES,
     WS_PATH,
@@ -107,8 +109,6 @@ from .legacy import (
     production_job_id,
     production_validation_error,
 )
-from .. import _compat
-from ..limits import TokenBucket
 from .limits import AddressLimiter, HostSession, SessionStore, per_minute_bucket
 from .metering import JobMeter
 from .payments import PAID_FEATURE, PaymentManager
@@ -177,7 +177,7 @@ class _Stream:
     context_window: int
     session: HostSession | None = None
     memory: SessionStore | None = None  # the store ``session`` lives in
-    writer: "EncryptedReplyWriter | None" = None  # encrypts the reply of an encrypted request
+    writer: EncryptedReplyWriter | None = None  # encrypts the reply of an encrypted request
     meter: JobMeter | None = None  # the paid job the request's tokens count against
     turn_input: list[tuple[str, str]] = field(default_factory=list)
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
@@ -201,7 +201,7 @@ class _Connection:
     bucket: TokenBucket | None  # None: no per-connection limit
     stream: _Stream | None = None
     session_id: str | None = None
-    encryption: "HostEncryption | None" = None  # None: the host has no operator key
+    encryption: HostEncryption | None = None  # None: the host has no operator key
     # The encrypted session memories this connection's inits were granted, by session id: a message
     # uses a memory only while it is still the one its init was given (see _bind_memory).
     memories: OrderedDict[str | None, HostSession] = field(default_factory=OrderedDict)
@@ -467,7 +467,7 @@ class HostServer:
             conn.memories.clear()
             logger.debug("connection from %s closed", address)
 
-    def _new_encryption(self) -> "HostEncryption | None":
+    def _new_encryption(self) -> HostEncryption | None:
         """A connection's key store, or None when the host has no operator key."""
         key = self.config.operator_key
         if key is None:
@@ -522,7 +522,8 @@ class HostServer:
                 return
             await self._send(conn, error_frame(
                 HostBusy.code,
-                "a stream is already running on this connection; wait for stream_end, send stream_cancel or use another connection",
+                "a stream is already running on this connection; "
+                "wait for stream_end, send stream_cancel or use another connection",
                 request_id=getattr(event, "id", None),
             ))
         elif isinstance(event, SessionInit):
@@ -584,6 +585,7 @@ class HostServer:
         if conn.encryption is None:
             if legacy:
                 reply = legacy_encrypted_reply(obj, conn.session_id)
+                assert reply is not None  # None only for frames that are not encrypted ones (see _on_frame)
             else:
                 reply = error_frame("ENCRYPTION_NOT_SUPPORTED",
                                     "this host has no encryption key; use session_init", request_id=_request_id(obj))
@@ -595,7 +597,8 @@ class HostServer:
                 return
             await self._send(conn, error_frame(
                 HostBusy.code,
-                "a stream is already running on this connection; wait for stream_end, send stream_cancel or use another connection",
+                "a stream is already running on this connection; "
+                "wait for stream_end, send stream_cancel or use another connection",
                 request_id=_request_id(obj),
             ))
             return
@@ -622,7 +625,7 @@ class HostServer:
         else:
             await self._start(conn, event)
 
-    async def _on_encrypted_init(self, conn: _Connection, event: "EncryptedSessionInit", obj: dict[str, Any]) -> None:
+    async def _on_encrypted_init(self, conn: _Connection, event: EncryptedSessionInit, obj: dict[str, Any]) -> None:
         """Bind the session's job (on a paid host) and memory to this connection and acknowledge the init."""
         if not await self._bind_job(conn, event.session_id, event.job_id, event.chain_id, event.id):
             return
@@ -644,7 +647,7 @@ class HostServer:
             ack["client_address"] = event.signer_addresses[0]
         await self._send(conn, ack)
 
-    def _bind_memory(self, conn: _Connection, event: "EncryptedSessionInit") -> None:
+    def _bind_memory(self, conn: _Connection, event: EncryptedSessionInit) -> None:
         """Give the init's connection the session's memory: kept across re-inits by the same signer.
 
         The production SDK re-inits before every prompt, so the transcript must outlive an init.
@@ -710,12 +713,12 @@ class HostServer:
 
     # ------------------------------------------------------------------ admission
 
-    async def _start(self, conn: _Connection, event: "_Request") -> None:
+    async def _start(self, conn: _Connection, event: _Request) -> None:
         encrypted = not isinstance(event, (InferenceRequest, PromptRequest))
         try:
             job = self._admit(conn, event)
             if job is not None and encrypted:
-                assert conn.encryption is not None
+                assert conn.encryption is not None and not isinstance(event, (InferenceRequest, PromptRequest))
                 job.writer = conn.encryption.reply_writer(event.session_id, request_id=event.id, now=time.monotonic())
         except FabstirError as exc:
             logger.info("request %s rejected: %s", event.id, exc.code)
@@ -734,7 +737,7 @@ class HostServer:
         job.task = asyncio.create_task(self._run(conn, job))
         self._log_start(job, conn)
 
-    def _admit(self, conn: _Connection, event: "_Request") -> _Stream | None:
+    def _admit(self, conn: _Connection, event: _Request) -> _Stream | None:
         """Check limits and build the stream of a request; None means "drop it" (legacy only).
 
         A plaintext ``prompt`` and an encrypted message run on their session's memory (plaintext
@@ -746,7 +749,9 @@ class HostServer:
         """
         cfg, req, legacy = self.config, event.request, self.config.legacy
         # Defaults apply only to a prompt frame without request (the parser refuses other gaps).
-        default_max_tokens = PRODUCTION_DEFAULT_MAX_TOKENS if legacy else min(cfg.default_max_tokens, cfg.max_tokens_cap)
+        default_max_tokens = (
+            PRODUCTION_DEFAULT_MAX_TOKENS if legacy else min(cfg.default_max_tokens, cfg.max_tokens_cap)
+        )
         max_tokens = default_max_tokens if req.max_tokens is None else req.max_tokens
         temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
         if legacy:  # production validates before it counts the request against its rate limit
@@ -772,7 +777,8 @@ class HostServer:
             available = ", ".join(m.id for m in self.backend.models) or "none"
             raise ModelNotAvailable(f"model {req.model!r} is not served by this host; available: {available}")
         if not 1 <= max_tokens <= cfg.max_tokens_cap:
-            raise InvalidOptions(f"'max_tokens' must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}", field="max_tokens")
+            raise InvalidOptions(f"'max_tokens' must be between 1 and {cfg.max_tokens_cap}, got {max_tokens}",
+                                 field="max_tokens")
         if not 0.0 <= temperature <= 2.0:
             raise InvalidOptions(f"'temperature' must be between 0 and 2, got {temperature:g}", field="temperature")
         if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
@@ -784,7 +790,8 @@ class HostServer:
             )
         chars = len(req.prompt) + sum(len(content) for _, content in req.messages)
         if chars > cfg.max_prompt_chars:
-            raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}", field="prompt")
+            raise InvalidPrompt(f"prompt has {chars} characters; this host accepts at most {cfg.max_prompt_chars}",
+                                field="prompt")
         session, turn_input = None, self._turn_input(req.prompt, () if legacy else req.messages)
         memory = self.sessions
         if not isinstance(event, (InferenceRequest, PromptRequest)):  # encrypted: memory on both paths, as production
@@ -824,7 +831,7 @@ class HostServer:
             meter=meter,
         )
 
-    def _paid_meter(self, conn: _Connection, event: "_Request", model_id: str) -> JobMeter:
+    def _paid_meter(self, conn: _Connection, event: _Request, model_id: str) -> JobMeter:
         """The job a request on a paid host is billed to: its session's, bound on this connection.
 
         Raises:

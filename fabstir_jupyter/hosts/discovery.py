@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Iterable, Protocol, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeAlias
 
 from ..config import HostRequirements, InferenceConfig, validate_mode
 from ..errors import InvalidOptions
@@ -22,7 +23,7 @@ from .selection import select_host
 
 __all__ = ["DiscoverySource", "StaticSource", "HostManager", "hosts_from_env"]
 
-HostLike = Union[str, HostInfo]
+HostLike: TypeAlias = str | HostInfo
 
 
 class DiscoverySource(Protocol):

@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .._compat import timeout as _timeout
 from ..errors import EncryptionError, FabstirError
@@ -60,7 +61,9 @@ OPERATOR_EVENTS = (
 #: Blocks per ``eth_getLogs`` when an endpoint refuses to search the whole chain at once.
 LOG_WINDOW = 10_000
 # Problems are verb phrases about the host: "the host <problem>".
-_NO_CRYPTO = "has a key this client cannot use: the crypto libraries are not installed (pip install 'fabstir-jupyter[crypto]')"
+_NO_CRYPTO = (
+    "has a key this client cannot use: the crypto libraries are not installed (pip install 'fabstir-jupyter[crypto]')"
+)
 
 
 def published_key(host: HostInfo, *, now: float = 0.0) -> HostKey | None:
@@ -206,11 +209,12 @@ class HostKeys:
             return known
         found = published_key(host, now=self._clock())
         if found is None:
-            pending = self._pending.get(host.key)
+            key = host.key
+            pending = self._pending.get(key)
             if pending is None:
                 pending = asyncio.ensure_future(self._recover(host))
-                self._pending[host.key] = pending
-                pending.add_done_callback(lambda _f, key=host.key: self._pending.pop(key, None))
+                self._pending[key] = pending
+                pending.add_done_callback(lambda _done: self._pending.pop(key, None))
             found = await asyncio.shield(pending)
         host.encryption_key = found
         return found

@@ -41,9 +41,10 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from ..errors import ChainError, ConnectionFailed, EncryptionError, InvalidOptions
@@ -206,7 +207,7 @@ def _decode_host_prices(data: bytes) -> dict[str, int]:
     model_ids, prices = decode(_HOST_PRICES_TYPES, data)
     if len(model_ids) != len(prices):
         raise ValueError(f"getHostModelPrices gave {len(model_ids)} models and {len(prices)} prices")
-    return {"0x" + m.hex(): p for m, p in zip(model_ids, prices)}
+    return {"0x" + m.hex(): p for m, p in zip(model_ids, prices, strict=True)}
 
 
 def _decode_addresses(data: bytes) -> list[str]:
@@ -240,8 +241,8 @@ def host_model_ids(model_ids: Sequence[str], models: Mapping[str, ModelRecord]) 
     """
     known = {mid: models[mid] for mid in model_ids if mid in models and models[mid].repo and models[mid].file_name}
     file_counts: dict[str, int] = {}
-    for record in known.values():
-        file_counts[record.file_name.lower()] = file_counts.get(record.file_name.lower(), 0) + 1
+    for model in known.values():
+        file_counts[model.file_name.lower()] = file_counts.get(model.file_name.lower(), 0) + 1
     names = {}
     for mid in model_ids:
         record = known.get(mid)
@@ -629,7 +630,7 @@ class ChainRegistrySource:
             for chunk in chunks
         ]
         results: list[bytes | None] = []
-        for chunk, answer in zip(chunks, self._rpc.call_many(requests)):
+        for chunk, answer in zip(chunks, self._rpc.call_many(requests), strict=True):
             decoded = None
             if not isinstance(answer, ChainError):
                 try:
@@ -692,7 +693,7 @@ class ChainRegistrySource:
     ) -> list[HostInfo]:
         prices: dict[tuple[str, str], tuple[int, int]] | None = None if price_calls is None else {}
         failed = 0
-        for (node, token, _data), answer in zip(price_calls or (), price_answers):
+        for (node, token, _data), answer in zip(price_calls or (), price_answers, strict=True):
             assert prices is not None
             by_model = self._decoded(answer, _decode_host_prices)
             if by_model is None:  # the call failed: the node's minimum price stands in
@@ -709,7 +710,7 @@ class ChainRegistrySource:
                 f"{len(price_answers)} (node, token) reads; those nodes' minimum prices stand in"
             )
         models = {}
-        for mid, answer in zip(model_ids, model_answers):
+        for mid, answer in zip(model_ids, model_answers, strict=True):
             record = self._decoded(answer, _decode_model)
             if record is not None:
                 models[mid] = record
@@ -723,7 +724,7 @@ class ChainRegistrySource:
 
     def _records(self, nodes: Sequence[str], answers: Sequence[bytes | None]) -> list[NodeRecord]:
         records = []
-        for address, answer in zip(nodes, answers):
+        for address, answer in zip(nodes, answers, strict=True):
             record = self._decoded(answer, _decode_full_info)
             if record is None:
                 self._warn(f"host {address}: getNodeFullInfo failed or did not decode; skipped")

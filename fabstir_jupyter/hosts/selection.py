@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from ..config import SELECTION_MODES, HostRequirements, validate_mode
 from ..errors import ModelNotAvailable, NoHostsAvailable
@@ -215,10 +216,7 @@ def score_factors(host: HostInfo, requirements: HostRequirements | None = None) 
     stake = min(max(host.stake or 0.0, 0.0), STAKE_CAP) / STAKE_CAP
 
     price = stable_price(host, requirements.model)
-    if price is None:
-        price_score = NEUTRAL_PRICE_SCORE
-    else:
-        price_score = _log_score(price, PRICE_FLOOR, PRICE_CEILING)
+    price_score = NEUTRAL_PRICE_SCORE if price is None else _log_score(price, PRICE_FLOOR, PRICE_CEILING)
 
     successes = host.requests - host.failures
     uptime = (successes + UPTIME_PRIOR * UPTIME_PRIOR_WEIGHT) / (host.requests + UPTIME_PRIOR_WEIGHT)

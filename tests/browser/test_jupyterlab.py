@@ -263,13 +263,13 @@ def server(home, slow_hosts):
 
 # JavaScript run in the page (window.jupyterapp exists because of expose_app_in_browser).
 PANEL = "window.jupyterapp.shell.currentWidget"
-NOTEBOOK_READY = f"""() => {{
+NOTEBOOK_READY = """() => {
     const app = window.jupyterapp;
     const panel = app && app.shell.currentWidget;
     if (!panel || !panel.sessionContext || !panel.context || !panel.context.isReady) return false;
     const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
     return !!kernel && kernel.status === "idle" && panel.content.widgets.length > 0;
-}}"""
+}"""
 RUN_CELL = f"""async (index) => {{
     const panel = {PANEL};
     panel.content.activeCellIndex = index;
@@ -590,8 +590,10 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 assert page.evaluate(RUN_CELL, help_cell) is not False
                 help_text = _poll(lambda: page.evaluate(SCROLLS, [help_cell, "pre.fabstir-help"]), bool, CELL_TIMEOUT)
                 assert help_text["whiteSpace"] == "pre" and help_text["overflowX"] == "auto", help_text
-                assert help_text["text"].startswith("%%fabstir [OPTIONS]") and "%fabstir help OPTION" in help_text["text"]
-                assert help_text["height"] <= (help_text["lines"] + 1) * help_text["lineHeight"] + 40, help_text  # one row per line
+                assert help_text["text"].startswith("%%fabstir [OPTIONS]")
+                assert "%fabstir help OPTION" in help_text["text"]
+                one_row_per_line = (help_text["lines"] + 1) * help_text["lineHeight"] + 40
+                assert help_text["height"] <= one_row_per_line, help_text
                 shot(page, "help", f'[data-fabstir-test="cell-{help_cell}"]')
                 code_cell = page.evaluate(APPEND_CELL, CODE_PROMPT)
                 page.evaluate(SELECT_CELL, code_cell)

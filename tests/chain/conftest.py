@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("eth_tester", reason="the local chain needs eth-tester and py-evm (the 'chain' extra)")
 
-from fabstir_jupyter.local.chain import LocalChain, LocalHost  # noqa: E402
+from fabstir_jupyter.local.chain import LocalChain, LocalHost
 
 TINY_VICUNA = ("CohereForAI/TinyVicuna-1B-32k-GGUF", "tiny-vicuna-1b.q4_k_m.gguf")
 SMOLLM = ("bartowski/SmolLM2-135M-Instruct-GGUF", "SmolLM2-135M-Instruct-Q4_1.gguf")

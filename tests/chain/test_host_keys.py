@@ -85,7 +85,8 @@ async def test_a_published_key_of_another_account_is_flagged_and_refused(chain):
     """Discovery flags a publicKey that derives another address; the connector refuses the host in auto
     and required, and only encryption=False would use it."""
     other = PrivateKey.from_hex("0x" + "72" * 32)
-    chain.register_host("http://127.0.0.1:9", models=[SMOLLM], metadata={"publicKey": other.public_key.compressed.hex()})
+    chain.register_host("http://127.0.0.1:9", models=[SMOLLM],
+                        metadata={"publicKey": other.public_key.compressed.hex()})
     (info,) = await ChainRegistrySource(chain.provider, chain.addresses).discover()
     assert info.metadata["_public_key_mismatch"] is True
     found = await HostManager(sources=[]).keys.find(info)

@@ -158,7 +158,8 @@ def test_registering_twice_raises_with_the_reason(chain):
 
 
 def test_register_host_rejects_bad_models_and_prices(chain):
-    """A malformed model or price, no model, or a stake below the minimum is an InvalidOptions before any transaction."""
+    """A malformed model or price, no model, or a stake below the minimum is an InvalidOptions before any
+    transaction."""
     block = chain.w3.eth.block_number
     with pytest.raises(InvalidOptions):
         chain.register_host("http://127.0.0.1:9001", models=["no-slash"])

@@ -43,7 +43,8 @@ def test_web3_http_provider_sends_a_signed_transaction_and_reads_it_back(served)
     assert tx["maxFeePerGas"] > tx["maxPriorityFeePerGas"] > 0 and tx["gas"] > 21_000
     tx_hash = w3.eth.send_raw_transaction(Account.sign_transaction(tx, sender.private_key).raw_transaction)
     receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=10)
-    assert receipt["status"] == 1 and receipt["from"] == sender.address and receipt["blockNumber"] == w3.eth.block_number
+    assert receipt["status"] == 1 and receipt["from"] == sender.address
+    assert receipt["blockNumber"] == w3.eth.block_number
     (transfer,) = usdc.events.Transfer().process_receipt(receipt)
     assert (transfer.args.sender, transfer.args.receiver, transfer.args.value) == (sender.address, chain.deployer, 1234)
     logs = w3.eth.get_logs({"address": chain.usdc.address, "fromBlock": receipt["blockNumber"]})
@@ -126,7 +127,8 @@ def test_malformed_requests_get_json_rpc_errors(served, body, code):
     answer = httpx.post(server.url, content=body, timeout=10).json()
     errors = [a["error"]["code"] for a in answer] if isinstance(answer, list) else [answer["error"]["code"]]
     assert set(errors) == {code}
-    assert httpx.post(server.url, content=b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}', timeout=10).json()["result"]
+    chain_id = b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}'
+    assert httpx.post(server.url, content=chain_id, timeout=10).json()["result"]
 
 
 def test_oversized_bodies_and_other_verbs_are_refused(served):

@@ -1,4 +1,4 @@
-"""Fixtures for the reference host tests: real servers on loopback port 0, real WebSocket peers."""
+"""Fixtures for the reference host tests: real WebSocket peers of the hosts that ``start_host`` starts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from fabstir_jupyter.host import Backend, HostConfig, HostServer, ScriptedBackend
+from fabstir_jupyter.host import HostServer
 
 TIMEOUT = 5.0  # seconds any single frame may take to arrive
 
@@ -68,25 +68,9 @@ class Result:
 
 
 @pytest.fixture
-async def make_host():
-    """Start hosts: ``await make_host(backend=ScriptedBackend(...), **HostConfig fields)``."""
-    servers: list[HostServer] = []
-
-    async def make(backend: Backend | None = None, **config: Any) -> HostServer:
-        server = HostServer(HostConfig(**config), backend or ScriptedBackend())
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.close()
-
-
-@pytest.fixture
-async def host(make_host) -> HostServer:
+async def host(start_host) -> HostServer:
     """A host with the default config and an unthrottled scripted backend."""
-    return await make_host()
+    return await start_host()
 
 
 @pytest.fixture
@@ -119,13 +103,3 @@ async def get_json(server: HostServer, path: str) -> tuple[int, Any]:
         return response.status_code, response.json()
     except ValueError:
         return response.status_code, response.text
-
-
-async def wait_until(predicate, timeout: float = TIMEOUT) -> None:
-    """Poll ``predicate`` every 10 ms until it is true, or fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)

@@ -7,25 +7,24 @@ The production SDK's own frame shapes, from @noble, are in ``tests/test_encrypti
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import pytest
 
+from _timing import wait_until
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.encryption import EncryptedSession, message_aad, seal
 from fabstir_jupyter.host import ScriptedBackend, scripted_text
 from fabstir_jupyter.protocol import (
     ResponseReader,
     cancel_frame,
-    encode,
     parse_host_frame,
     prompt_frame,
     session_init_frame,
 )
 
-from .conftest import Peer, get_json, wait_until
+from .conftest import Peer, get_json
 
 HOST_KEY = PrivateKey.from_hex("0x" + "4c" * 32)
 CLIENT = PrivateKey.from_hex("0x" + "5d" * 32)
@@ -81,8 +80,8 @@ async def ask(peer: Peer, session: EncryptedSession, prompt: str = PROMPT, rid: 
 
 
 @pytest.fixture
-async def e2ee_host(make_host):
-    return await make_host(operator_key=HOST_KEY)
+async def e2ee_host(start_host):
+    return await start_host(operator_key=HOST_KEY)
 
 
 @pytest.fixture
@@ -127,10 +126,10 @@ async def test_two_prompts_with_a_reinit_each_on_one_socket(e2ee):
     assert second.end["reason"] == "complete" and second.end["tokens_used"] == 6
 
 
-async def test_a_cancel_mid_stream_then_the_next_prompt(make_host, make_peer):
+async def test_a_cancel_mid_stream_then_the_next_prompt(start_host, make_peer):
     """Stop, then send: stream_cancel, a re-init and the next prompt back to back. The cancelled stream
     ends with a plaintext stream_end(cancelled), then the ack, then the next answer, in order."""
-    server = await make_host(ScriptedBackend(token_rate=200), operator_key=HOST_KEY)
+    server = await start_host(backend=ScriptedBackend(token_rate=200), operator_key=HOST_KEY)
     peer = await make_peer(server)
     session = client()
     await init(peer, session)
@@ -206,9 +205,9 @@ async def test_plaintext_sessions_still_work_beside_encrypted_ones(e2ee):
     assert "".join(f["content"] for f in frames if f["type"] == "stream_chunk") == scripted_text("hello", 3)
 
 
-async def test_encrypted_requests_share_the_plaintext_limits(make_host, make_peer):
+async def test_encrypted_requests_share_the_plaintext_limits(start_host, make_peer):
     """Admission is the plaintext path's: max_tokens over the cap is INVALID_OPTIONS, with the id."""
-    peer = await make_peer(await make_host(operator_key=HOST_KEY, max_tokens_cap=10))
+    peer = await make_peer(await start_host(operator_key=HOST_KEY, max_tokens_cap=10))
     session = client()
     await init(peer, session)
     await peer.send(session.message_frame(PROMPT, model="scripted-1", max_tokens=11, temperature=0.0,
@@ -219,9 +218,9 @@ async def test_encrypted_requests_share_the_plaintext_limits(make_host, make_pee
     assert answer.text == scripted_text(PROMPT, 10)
 
 
-async def test_an_encrypted_frame_on_a_busy_connection_is_host_busy(make_host, make_peer):
+async def test_an_encrypted_frame_on_a_busy_connection_is_host_busy(start_host, make_peer):
     """As for plaintext frames: HOST_BUSY with the id, and the running stream goes on."""
-    peer = await make_peer(await make_host(ScriptedBackend(token_rate=200), operator_key=HOST_KEY))
+    peer = await make_peer(await start_host(backend=ScriptedBackend(token_rate=200), operator_key=HOST_KEY))
     session = client()
     await init(peer, session)
     await peer.send(session.message_frame(PROMPT, model="scripted-1", max_tokens=2000, temperature=0.0,
@@ -234,26 +233,26 @@ async def test_an_encrypted_frame_on_a_busy_connection_is_host_busy(make_host, m
     assert (reply["type"], reply["code"], reply["id"]) == ("error", "HOST_BUSY", "second")
 
 
-async def test_version_lists_e2ee_only_with_a_key(e2ee_host, host, make_host):
+async def test_version_lists_e2ee_only_with_a_key(e2ee_host, host, start_host):
     """The e2ee feature is declared by a host with a key; not without one, and never in legacy mode."""
     assert "e2ee" in (await get_json(e2ee_host, "/v1/version"))[1]["features"]
     assert "e2ee" not in (await get_json(host, "/v1/version"))[1]["features"]
-    legacy = await make_host(operator_key=HOST_KEY, legacy=True)
+    legacy = await start_host(operator_key=HOST_KEY, legacy=True)
     assert (await get_json(legacy, "/v1/version"))[1]["features"] == []
 
 
-async def test_the_key_lifetime_reaches_the_connection(make_host, make_peer):
+async def test_the_key_lifetime_reaches_the_connection(start_host, make_peer):
     """session_key_lifetime and max_session_keys bound each connection's key store."""
-    server = await make_host(operator_key=HOST_KEY, session_key_lifetime=42.0, max_session_keys=3)
+    server = await start_host(operator_key=HOST_KEY, session_key_lifetime=42.0, max_session_keys=3)
     await make_peer(server)
     keys = only_connection(server).encryption.keys
     assert (keys.lifetime, keys.max_keys) == (42.0, 3)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
-async def test_a_keyless_host_refuses_encrypted_frames(make_host, make_peer, legacy):
+async def test_a_keyless_host_refuses_encrypted_frames(start_host, make_peer, legacy):
     """Without a key: ENCRYPTION_NOT_SUPPORTED for an init (both modes), and the host keeps serving."""
-    peer = await make_peer(await make_host(legacy=legacy))
+    peer = await make_peer(await start_host(legacy=legacy))
     await peer.send(client().init_frame())
     error = await peer.recv()
     assert (error["type"], error["code"]) == ("error", "ENCRYPTION_NOT_SUPPORTED")
@@ -264,10 +263,10 @@ async def test_a_keyless_host_refuses_encrypted_frames(make_host, make_peer, leg
 # --------------------------------------------------------------------------- the legacy host with a key
 
 
-async def test_legacy_host_answers_the_encrypted_path_as_production(make_host, make_peer):
+async def test_legacy_host_answers_the_encrypted_path_as_production(start_host, make_peer):
     """Legacy mode with a key: production's ack (client_address: the signer over SHA-256(ciphertext)),
     chunks with a final empty one, encrypted_response, and stream_end with only id and session_id."""
-    peer = await make_peer(await make_host(operator_key=HOST_KEY, legacy=True))
+    peer = await make_peer(await start_host(operator_key=HOST_KEY, legacy=True))
     session = client()
     frame = session.init_frame()
     await peer.send(frame)
@@ -349,10 +348,10 @@ async def _served_after(peer: Peer, session: EncryptedSession) -> None:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
 @pytest.mark.parametrize("case", list(BAD_INITS))
-async def test_every_malformed_init_gets_its_code_and_the_host_keeps_serving(make_host, make_peer, case, legacy):
+async def test_every_malformed_init_gets_its_code_and_the_host_keeps_serving(start_host, make_peer, case, legacy):
     """A coded error naming the session (no id: the init had none); then a good exchange is served."""
     change, code, legacy_code = BAD_INITS[case]
-    server = await make_host(operator_key=HOST_KEY, legacy=legacy)
+    server = await start_host(operator_key=HOST_KEY, legacy=legacy)
     peer = await make_peer(server)
     await peer.send(_init_with(change))
     error = await peer.recv()
@@ -365,10 +364,10 @@ async def test_every_malformed_init_gets_its_code_and_the_host_keeps_serving(mak
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
 @pytest.mark.parametrize("case", list(BAD_MESSAGES))
-async def test_every_malformed_message_gets_its_code_and_the_host_keeps_serving(make_host, make_peer, case, legacy):
+async def test_every_malformed_message_gets_its_code_and_the_host_keeps_serving(start_host, make_peer, case, legacy):
     """A coded error echoing the message's id; then a good exchange is served on the same socket."""
     change, code, legacy_code = BAD_MESSAGES[case]
-    peer = await make_peer(await make_host(operator_key=HOST_KEY, legacy=legacy))
+    peer = await make_peer(await start_host(operator_key=HOST_KEY, legacy=legacy))
     session = client()
     await init(peer, session)
     await peer.send(_message_payload(session, change))
@@ -378,11 +377,11 @@ async def test_every_malformed_message_gets_its_code_and_the_host_keeps_serving(
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
-async def test_message_before_any_init_replay_and_bad_utf8(make_host, make_peer, legacy):
+async def test_message_before_any_init_replay_and_bad_utf8(start_host, make_peer, legacy):
     """The rest of the codes: no key yet (SESSION_KEY_NOT_FOUND; production: MISSING_SESSION_ID when the
     message names no session either), a replayed message (INVALID_PAYLOAD in both modes: a prompt
     runs once), and plaintext that is not UTF-8 (INVALID_PAYLOAD; production: INVALID_UTF8)."""
-    peer = await make_peer(await make_host(operator_key=HOST_KEY, legacy=legacy))
+    peer = await make_peer(await start_host(operator_key=HOST_KEY, legacy=legacy))
     session = client()
     session.init_frame()  # a key the host never saw
     await peer.send(session.message_frame(PROMPT, model="scripted-1", max_tokens=3, temperature=0.0,
@@ -410,10 +409,10 @@ async def test_message_before_any_init_replay_and_bad_utf8(make_host, make_peer,
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
-async def test_a_bad_decrypted_request_is_refused_with_its_id(make_host, make_peer, legacy):
+async def test_a_bad_decrypted_request_is_refused_with_its_id(start_host, make_peer, legacy):
     """A decrypted body with a wrongly typed field: INVALID_OPTIONS (normal); production's uncoded refusal
     and a bare stream_end (legacy). The socket then serves."""
-    peer = await make_peer(await make_host(operator_key=HOST_KEY, legacy=legacy))
+    peer = await make_peer(await start_host(operator_key=HOST_KEY, legacy=legacy))
     session = client()
     await init(peer, session)
     key = session._key  # the client's session key, to encrypt a body our client would never build
@@ -432,10 +431,10 @@ async def test_a_bad_decrypted_request_is_refused_with_its_id(make_host, make_pe
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["normal", "legacy"])
-async def test_no_prompt_or_answer_on_the_wire(make_host, make_peer, legacy):
+async def test_no_prompt_or_answer_on_the_wire(start_host, make_peer, legacy):
     """Every frame of two encrypted exchanges and a cancelled one, both directions, captured: neither a
     prompt nor an answer (nor any answer word, nor their hex) appears."""
-    server = await make_host(ScriptedBackend(token_rate=500), operator_key=HOST_KEY, legacy=legacy)
+    server = await start_host(backend=ScriptedBackend(token_rate=500), operator_key=HOST_KEY, legacy=legacy)
     peer = await make_peer(server)
     wire: list[str] = []
     send, recv = peer.ws.send, peer.ws.recv

@@ -11,18 +11,18 @@ from fabstir_jupyter.host import ScriptedBackend
 from fabstir_jupyter.protocol import inference_frame
 
 
-async def test_host_closes_a_connection_that_stays_silent(make_host, make_peer):
+async def test_host_closes_a_connection_that_stays_silent(start_host, make_peer):
     """A peer that sends nothing is closed with 1001 after idle_connection_timeout."""
-    server = await make_host(idle_connection_timeout=0.3)
+    server = await start_host(idle_connection_timeout=0.3)
     peer = await make_peer(server)
     with pytest.raises(ConnectionClosed) as info:
         await asyncio.wait_for(peer.ws.recv(), 5)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1001
 
 
-async def test_a_long_stream_is_not_idle_and_the_window_restarts_after_it(make_host, make_peer):
+async def test_a_long_stream_is_not_idle_and_the_window_restarts_after_it(start_host, make_peer):
     """A stream longer than the timeout runs to its end; the idle clock starts when it ends."""
-    server = await make_host(backend=ScriptedBackend(token_rate=20), idle_connection_timeout=0.4)
+    server = await start_host(backend=ScriptedBackend(token_rate=20), idle_connection_timeout=0.4)
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="slow", model="scripted-1", max_tokens=16, temperature=0.0,
                                     request_id="r1"))

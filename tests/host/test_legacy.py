@@ -20,9 +20,9 @@ from .conftest import get_json
 
 
 @pytest.fixture
-async def legacy(make_host, make_peer):
+async def legacy(start_host, make_peer):
     """A peer on a legacy-mode host."""
-    return await make_peer(await make_host(legacy=True))
+    return await make_peer(await start_host(legacy=True))
 
 
 async def test_legacy_host_ends_without_usage_and_with_empty_chunk(legacy):
@@ -41,9 +41,9 @@ async def test_legacy_frames_are_read_by_the_client_reader(legacy):
     assert text == scripted_text("old", 4) and reader.done
 
 
-async def test_legacy_http_endpoints_imitate_production(make_host):
+async def test_legacy_http_endpoints_imitate_production(start_host):
     """/v1/version has no features, /v1/models is 503, /health is degraded."""
-    server = await make_host(legacy=True)
+    server = await start_host(legacy=True)
     assert (await get_json(server, "/v1/version"))[1]["features"] == []
     assert (await get_json(server, "/v1/models"))[0] == 503
     assert (await get_json(server, "/health")) == (200, {"status": "degraded"})
@@ -57,9 +57,9 @@ async def test_legacy_host_drops_malformed_frames_and_pings(legacy):
     assert await legacy.silent_for(0.2)
 
 
-async def test_legacy_host_drops_requests_on_busy_connection(make_host, make_peer):
+async def test_legacy_host_drops_requests_on_busy_connection(start_host, make_peer):
     """A second request during a stream is dropped silently."""
-    peer = await make_peer(await make_host(ScriptedBackend(token_rate=200), legacy=True))
+    peer = await make_peer(await start_host(backend=ScriptedBackend(token_rate=200), legacy=True))
     await peer.send(inference_frame(prompt="a", model="scripted-1", max_tokens=5, temperature=0, request_id="1"))
     await peer.send(inference_frame(prompt="b", model="scripted-1", max_tokens=5, temperature=0, request_id="2"))
     frames = await peer.until_end()
@@ -74,9 +74,9 @@ async def test_legacy_host_ignores_stop_seed_and_unknown_model(legacy):
     assert "".join(c["content"] for c in result.chunks) == full
 
 
-async def test_legacy_host_reports_mid_stream_error_as_text(make_host, make_peer):
+async def test_legacy_host_reports_mid_stream_error_as_text(start_host, make_peer):
     """A failure mid-stream is an "Error: " chunk then stream_end(complete)."""
-    peer = await make_peer(await make_host(ScriptedBackend(fail_after=2), legacy=True))
+    peer = await make_peer(await start_host(backend=ScriptedBackend(fail_after=2), legacy=True))
     result = await peer.infer("e", max_tokens=5)
     contents = [c["content"] for c in result.chunks]
     assert contents[:2] == [scripted_token("e", 0), scripted_token("e", 1)]
@@ -84,25 +84,27 @@ async def test_legacy_host_reports_mid_stream_error_as_text(make_host, make_peer
     assert result.end["reason"] == "complete" and "usage" not in result.end
 
 
-async def test_legacy_host_answers_context_overflow_with_empty_stream(make_host, make_peer):
+async def test_legacy_host_answers_context_overflow_with_empty_stream(start_host, make_peer):
     """A prompt over the context window gives an empty stream with tokens_used 0."""
-    peer = await make_peer(await make_host(ScriptedBackend(context_window=2), legacy=True))
+    peer = await make_peer(await start_host(backend=ScriptedBackend(context_window=2), legacy=True))
     result = await peer.infer("far too many words", max_tokens=5)
     assert result.text == "" and result.errors == []
     assert result.end == {"type": "stream_end", "reason": "complete", "tokens_used": 0}
 
 
-async def test_legacy_host_sends_flat_coded_errors(make_host, make_peer):
+async def test_legacy_host_sends_flat_coded_errors(start_host, make_peer):
     """Coded errors have production's flat shape (no nested error object)."""
-    peer = await make_peer(await make_host(ScriptedBackend(error_code="RATE_LIMIT_EXCEEDED"), legacy=True))
+    peer = await make_peer(await start_host(backend=ScriptedBackend(error_code="RATE_LIMIT_EXCEEDED"), legacy=True))
     result = await peer.infer(rid="r")
-    assert result.errors == [{"type": "error", "code": "RATE_LIMIT_EXCEEDED", "message": result.errors[0]["message"], "id": "r"}]
+    assert result.errors == [
+        {"type": "error", "code": "RATE_LIMIT_EXCEEDED", "message": result.errors[0]["message"], "id": "r"}
+    ]
     assert result.end["reason"] == "error"
 
 
-async def test_legacy_host_ends_a_cancelled_stream_as_production(make_host, make_peer):
+async def test_legacy_host_ends_a_cancelled_stream_as_production(start_host, make_peer):
     """A cancel gets one stream_end(cancelled) with finish_reason and session_id, no id, no empty chunk."""
-    peer = await make_peer(await make_host(ScriptedBackend(token_rate=100), legacy=True))
+    peer = await make_peer(await start_host(backend=ScriptedBackend(token_rate=100), legacy=True))
     await peer.send({"type": "session_init", "session_id": "77", "id": "i"})
     assert (await peer.recv())["type"] == "session_init_ack"
     await peer.send(prompt_frame("a", session_id="77", model="scripted-1", max_tokens=500, temperature=0,

@@ -24,14 +24,14 @@ async def ask(peer, rid: str, **request) -> Result:
     return Result(await peer.until_end(timeout=60))
 
 
-async def test_llama_streams_real_tokens_deterministically(make_host, make_peer):
+async def test_llama_streams_real_tokens_deterministically(start_host, make_peer):
     """SmolLM2 streams an answer with real usage; seed + temperature 0 repeat it exactly."""
     from fabstir_jupyter.host.llama import LlamaCppBackend
 
     backend = LlamaCppBackend(threads=2)
-    server = await make_host(backend)
+    server = await start_host(backend=backend)
     await backend.wait_loaded()
-    status, health = await get_json(server, "/health")
+    _status, health = await get_json(server, "/health")
     assert health["status"] == "ok" and health["model_loaded"] is True
     assert (await get_json(server, "/v1/models"))[1]["models"][0]["id"] == "SmolLM2-135M-Instruct"
     peer = await make_peer(server)

@@ -12,7 +12,6 @@ import httpx
 import pytest
 
 from fabstir_jupyter import InferenceConfig, InferenceManager
-from fabstir_jupyter.host import HostConfig, HostServer
 from fabstir_jupyter.usage import ListSink
 
 pytestmark = [
@@ -71,13 +70,10 @@ def upstream(tmp_path_factory):
 
 
 @pytest.fixture
-async def proxied_host(upstream):
+async def proxied_host(upstream, start_host):
     from fabstir_jupyter.host.openai_proxy import OpenAIProxyBackend
 
-    server = HostServer(HostConfig(), OpenAIProxyBackend(upstream_url=upstream))
-    await server.start()
-    yield server
-    await server.close()
+    return await start_host(backend=OpenAIProxyBackend(upstream_url=upstream))
 
 
 async def test_openai_backend_streams_from_a_real_llama_cpp_server(proxied_host):

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import pytest
-
 from websockets.asyncio.client import connect
 
 from fabstir_jupyter.host import HostConfig, HostServer
@@ -61,8 +60,8 @@ class Upstream:
                          + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         elif self.status != 200:
             payload = b'{"error": "slow down"}'
-            writer.write(f"HTTP/1.1 {self.status} Error\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                         + payload)
+            head = f"HTTP/1.1 {self.status} Error\r\nConnection: close\r\nContent-Length: {len(payload)}\r\n\r\n"
+            writer.write(head.encode() + payload)
         else:
             self.bodies.append(json.loads(body))
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
@@ -81,12 +80,12 @@ class Upstream:
         writer.close()
 
 
-async def test_openai_backend_relays_stream_and_usage(make_host, make_peer):
+async def test_openai_backend_relays_stream_and_usage(start_host, make_peer):
     """Deltas become chunks; the upstream's usage becomes the host's usage."""
     usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
     async with Upstream(["Hel", "lo", " there"], usage=usage) as upstream:
         backend = OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="upstream-llm", model_id="proxied")
-        server = await make_host(backend)
+        server = await start_host(backend=backend)
         peer = await make_peer(server)
         await peer.send(inference_frame(prompt="hi", model="proxied", max_tokens=20, temperature=0.3, top_p=0.9,
                                         seed=4, request_id="o"))
@@ -100,20 +99,20 @@ async def test_openai_backend_relays_stream_and_usage(make_host, make_peer):
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["seed"]) == (20, 0.3, 0.9, 4)
 
 
-async def test_openai_backend_discovers_model_and_drops_prefill_feature(make_host):
+async def test_openai_backend_discovers_model_and_drops_prefill_feature(start_host):
     """Without --upstream-model the first upstream model is served; prefill is not advertised."""
     async with Upstream(["x"]) as upstream:
-        server = await make_host(OpenAIProxyBackend(upstream_url=upstream.url))
+        server = await start_host(backend=OpenAIProxyBackend(upstream_url=upstream.url))
         models = (await get_json(server, "/v1/models"))[1]["models"]
         features = (await get_json(server, "/v1/version"))[1]["features"]
     assert [m["id"] for m in models] == ["upstream-llm"]
     assert "assistant-prefill" not in features and "chat-messages" in features
 
 
-async def test_openai_backend_maps_upstream_429(make_host, make_peer):
+async def test_openai_backend_maps_upstream_429(start_host, make_peer):
     """An upstream 429 becomes RATE_LIMIT_EXCEEDED, then stream_end(error)."""
     async with Upstream([], status=429) as upstream:
-        server = await make_host(OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m"))
+        server = await start_host(backend=OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m"))
         peer = await make_peer(server)
         await peer.send(inference_frame(prompt="hi", model="m", max_tokens=5, temperature=0))
         result = Result(await peer.until_end())
@@ -121,9 +120,9 @@ async def test_openai_backend_maps_upstream_429(make_host, make_peer):
     assert result.end["reason"] == "error"
 
 
-async def test_openai_backend_reports_unreachable_upstream(make_host, make_peer):
+async def test_openai_backend_reports_unreachable_upstream(start_host, make_peer):
     """A dead upstream is HOST_ERROR for the request."""
-    server = await make_host(OpenAIProxyBackend(upstream_url="http://127.0.0.1:9/v1", upstream_model="m"))
+    server = await start_host(backend=OpenAIProxyBackend(upstream_url="http://127.0.0.1:9/v1", upstream_model="m"))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="hi", model="m", max_tokens=5, temperature=0))
     result = Result(await peer.until_end())
@@ -140,8 +139,8 @@ async def relay(raw_events: list[bytes], *prompts: str) -> list[Result]:
     """Serve ``raw_events`` from an upstream; return the host's answer to each prompt, on one socket."""
     results = []
     async with Upstream([], raw_events=raw_events) as upstream:
-        async with HostServer(HostConfig(), OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m")) as server:
-            async with connect(server.ws_url, open_timeout=5) as ws:
+        backend = OpenAIProxyBackend(upstream_url=upstream.url, upstream_model="m")
+        async with HostServer(HostConfig(), backend) as server, connect(server.ws_url, open_timeout=5) as ws:
                 await asyncio.wait_for(ws.recv(), 5)  # connected
                 for prompt in prompts:
                     await ws.send(json.dumps(inference_frame(prompt=prompt, model="m", max_tokens=50, temperature=0)))

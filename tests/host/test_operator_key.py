@@ -145,22 +145,21 @@ async def test_no_key_in_debug_logs_of_an_encrypted_exchange(caplog):
     """A whole encrypted exchange, a bad init and a bad message, logged at DEBUG: the key appears
     nowhere; the address and public key are logged at start."""
     caplog.set_level(logging.DEBUG)
-    async with HostServer(HostConfig(operator_key=KEY)) as server:
-        async with connect(server.ws_url) as ws:
-            await ws.recv()
-            session = EncryptedSession(KEY.public_key, session_id="5", job_id="5", chain_id=1, model="scripted-1")
-            await ws.send(encode(session.init_frame()))
-            assert json.loads(await ws.recv())["type"] == "session_init_ack"
-            await ws.send(encode(session.message_frame("hi", model="scripted-1", max_tokens=2, temperature=0,
-                                                       request_id="a")))
-            while json.loads(await ws.recv())["type"] != "stream_end":
-                pass
-            bad = session.init_frame()
-            bad["payload"]["ciphertextHex"] = "00" + bad["payload"]["ciphertextHex"][2:]
-            await ws.send(encode(bad))
-            assert json.loads(await ws.recv())["code"] == "DECRYPTION_FAILED"
-            await ws.send(json.dumps({"type": "encrypted_message", "session_id": "5", "payload": {}}))
-            assert json.loads(await ws.recv())["code"] == "INVALID_PAYLOAD"
+    async with HostServer(HostConfig(operator_key=KEY)) as server, connect(server.ws_url) as ws:
+        await ws.recv()
+        session = EncryptedSession(KEY.public_key, session_id="5", job_id="5", chain_id=1, model="scripted-1")
+        await ws.send(encode(session.init_frame()))
+        assert json.loads(await ws.recv())["type"] == "session_init_ack"
+        await ws.send(encode(session.message_frame("hi", model="scripted-1", max_tokens=2, temperature=0,
+                                                   request_id="a")))
+        while json.loads(await ws.recv())["type"] != "stream_end":
+            pass
+        bad = session.init_frame()
+        bad["payload"]["ciphertextHex"] = "00" + bad["payload"]["ciphertextHex"][2:]
+        await ws.send(encode(bad))
+        assert json.loads(await ws.recv())["code"] == "DECRYPTION_FAILED"
+        await ws.send(json.dumps({"type": "encrypted_message", "session_id": "5", "payload": {}}))
+        assert json.loads(await ws.recv())["code"] == "INVALID_PAYLOAD"
     text = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert_no_secret(text)
     assert KEY.address in text and str(KEY.public_key) in text

@@ -15,32 +15,33 @@ import logging
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 pytest.importorskip("eth_tester", reason="paid sessions need the local chain (the 'chain' extra)")
 
-from fabstir_jupyter.crypto import PrivateKey  # noqa: E402
-from fabstir_jupyter.encryption import EncryptedSession  # noqa: E402
-from fabstir_jupyter.host import HostServer, ModelInfo, PaymentConfig, ScriptedBackend  # noqa: E402
-from fabstir_jupyter.local.chain import LocalChain, model_id  # noqa: E402
-from fabstir_jupyter.local.rpc import LocalRpcServer  # noqa: E402
-from fabstir_jupyter.marketplace import (  # noqa: E402
+from fabstir_jupyter.crypto import PrivateKey
+from fabstir_jupyter.encryption import EncryptedSession
+from fabstir_jupyter.host import HostServer, ModelInfo, PaymentConfig, ScriptedBackend
+from fabstir_jupyter.local.chain import LocalChain, model_id
+from fabstir_jupyter.local.rpc import LocalRpcServer
+from fabstir_jupyter.marketplace import (
     MARKETPLACE_ABI,
     JobStatus,
     MarketplaceClient,
     SessionJob,
 )
-from fabstir_jupyter.protocol import (  # noqa: E402
+from fabstir_jupyter.protocol import (
     ResponseReader,
     parse_host_frame,
     prompt_frame,
     session_init_frame,
 )
 
-from .conftest import Peer, Result, get_json  # noqa: E402
+from .conftest import Peer, Result, get_json
 
 MODEL = ("fabstir/scripted", "scripted-1")
 OTHER = ("fabstir/scripted", "scripted-2")
@@ -103,12 +104,12 @@ def market():
 
 
 @pytest.fixture
-def paid_host(market, make_host):
+def paid_host(market, start_host):
     """Start paid hosts: ``await paid_host(rpc_url=..., backend=..., **PaymentConfig fields)``."""
 
     async def make(rpc_url: str | None = None, backend: Any = None, **settings: Any) -> HostServer:
         payment = PaymentConfig(rpc_url or market.rpc.url, market.marketplace, MODEL_ID, **{**FAST, **settings})
-        return await make_host(backend, operator_key=market.host_key, payment=payment)
+        return await start_host(backend=backend, operator_key=market.host_key, payment=payment)
 
     return make
 
@@ -315,7 +316,8 @@ async def test_a_request_for_a_model_other_than_the_jobs_is_refused(market, paid
     peer = await make_peer(server)
     assert (await init(peer, job_id))["type"] == "session_init_ack"
     wrong = await ask(peer, 5, model="scripted-2")
-    assert wrong.errors[0]["code"] == "PAYMENT_REQUIRED" and f"job {job_id} pays for model" in wrong.errors[0]["message"]
+    assert wrong.errors[0]["code"] == "PAYMENT_REQUIRED"
+    assert f"job {job_id} pays for model" in wrong.errors[0]["message"]
     right = await ask(peer, 5, model=MODEL_ID)
     assert tokens(right) == 5 and not right.errors
 
@@ -389,7 +391,7 @@ class RpcProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if proxy.down:
                     proxy.dropped += 1
@@ -398,7 +400,8 @@ class RpcProxy:
                     proxy.holding += 1
                     proxy.release.wait(DEADLINE)
                     proxy.holding -= 1
-                request = urllib.request.Request(proxy.upstream, data=body, headers={"Content-Type": "application/json"})
+                request = urllib.request.Request(proxy.upstream, data=body,
+                                                 headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=DEADLINE) as answer:
                     data = answer.read()
                 self.send_response(200)
@@ -407,7 +410,7 @@ class RpcProxy:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

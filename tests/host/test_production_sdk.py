@@ -95,7 +95,7 @@ class SdkSocket:
             if reply["type"] == "stream_chunk":  # the SDK waits on for stream_end
                 streaming = True
                 continue
-            if reply["type"] == "stream_end" and streaming or reply["type"] == "session_init_ack":
+            if (reply["type"] == "stream_end" and streaming) or reply["type"] == "session_init_ack":
                 return "resolved", replies
             if reply.get("id") == frame["id"]:
                 failed = reply["type"] == "error" or "error" in reply
@@ -108,9 +108,9 @@ def mode(request) -> str:
 
 
 @pytest.fixture
-async def sdk(mode, make_host, make_peer) -> SdkSocket:
+async def sdk(mode, start_host, make_peer) -> SdkSocket:
     """An SDK-shaped peer on a host in ``mode``, streaming 200 tokens a second."""
-    server = await make_host(ScriptedBackend(token_rate=200), legacy=mode == "legacy")
+    server = await start_host(backend=ScriptedBackend(token_rate=200), legacy=mode == "legacy")
     return SdkSocket(await make_peer(server))
 
 
@@ -162,7 +162,8 @@ async def test_sdk_stop_then_send_is_served_in_order(sdk, mode):
     first = SDK_FRAMES["prompt"]("a long answer")
     await sdk.send(first)
     assert (await sdk.recv())["type"] == "stream_chunk"
-    cancel, again, second = SDK_FRAMES["stream_cancel"](), SDK_FRAMES["session_init"](), SDK_FRAMES["prompt"]("next", max_tokens=3)
+    cancel, again = SDK_FRAMES["stream_cancel"](), SDK_FRAMES["session_init"]()
+    second = SDK_FRAMES["prompt"]("next", max_tokens=3)
     for frame in (cancel, again, second):
         await sdk.send(frame)
     frames = []
@@ -208,7 +209,7 @@ async def test_sdk_empty_prompt_is_answered(sdk, mode):
     outcome, replies = await sdk.answer_to(frame)
     assert outcome == "rejected"
     if mode == "legacy":
-        assert replies + [await sdk.recv()] == [
+        assert [*replies, await sdk.recv()] == [
             {"type": "error", "error": "Validation error for prompt: Prompt cannot be empty", "id": frame["id"]},
             {"type": "stream_end", "reason": "error", "tokens_used": 0, "id": frame["id"]},
         ]
@@ -225,7 +226,7 @@ async def test_sdk_zero_max_tokens_is_answered(sdk, mode):
     outcome, replies = await sdk.answer_to(frame)
     assert outcome == "rejected"
     if mode == "legacy":
-        assert replies + [await sdk.recv()] == [
+        assert [*replies, await sdk.recv()] == [
             {"type": "error", "error": "Validation error for max_tokens: max_tokens must be greater than 0",
              "id": frame["id"]},
             {"type": "stream_end", "reason": "error", "tokens_used": 0, "id": frame["id"]},

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import ClassVar
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from _timing import wait_until
 from fabstir_jupyter.host import Backend, ModelInfo, ScriptedBackend, scripted_text
 from fabstir_jupyter.protocol import (
     FEATURES,
@@ -18,8 +20,7 @@ from fabstir_jupyter.protocol import (
     session_init_frame,
 )
 
-from .conftest import get_json, wait_until
-
+from .conftest import get_json
 
 # ---------------------------------------------------------------------------- basic exchange
 
@@ -52,7 +53,8 @@ async def test_host_echoes_id_on_every_reply(peer):
     """Chunks, stream_end and errors carry the request's id."""
     result = await peer.infer(rid="abc", max_tokens=3)
     assert all(f["id"] == "abc" for f in result.frames)
-    await peer.send({"type": "inference", "id": "bad", "request": {"prompt": "x", "model": "scripted-1", "max_tokens": 0}})
+    await peer.send({"type": "inference", "id": "bad",
+                     "request": {"prompt": "x", "model": "scripted-1", "max_tokens": 0}})
     error = await peer.recv()
     assert error["type"] == "error" and error["id"] == "bad"
     await peer.send({"type": "mystery", "id": "m1"})
@@ -93,11 +95,13 @@ async def test_host_rejects_request_without_model_prompt_or_max_tokens(peer, mis
     await peer.send({"type": "inference", "id": "m", "request": body})
     error = await peer.recv()
     assert error["type"] == "error" and error["code"] == "INVALID_OPTIONS" and error["id"] == "m"
-    assert f"'{missing}'" in error["message"] and error["error"] == {"code": "INVALID_OPTIONS", "message": error["message"]}
+    assert f"'{missing}'" in error["message"]
+    assert error["error"] == {"code": "INVALID_OPTIONS", "message": error["message"]}
     assert await peer.silent_for(0.05)
 
 
-@pytest.mark.parametrize(("request_fields", "code"), [({"prompt": ""}, "INVALID_PROMPT"), ({"model": ""}, "INVALID_OPTIONS")])
+@pytest.mark.parametrize(("request_fields", "code"),
+                         [({"prompt": ""}, "INVALID_PROMPT"), ({"model": ""}, "INVALID_OPTIONS")])
 async def test_host_rejects_empty_prompt_or_model(peer, request_fields, code):
     """An empty prompt or model is answered with a coded error, not a default."""
     await peer.send({"type": "inference", "id": "e",
@@ -106,9 +110,9 @@ async def test_host_rejects_empty_prompt_or_model(peer, request_fields, code):
     assert error["type"] == "error" and error["code"] == code and error["id"] == "e"
 
 
-async def test_host_fills_defaults_for_a_prompt_frame_without_request(make_host, make_peer):
+async def test_host_fills_defaults_for_a_prompt_frame_without_request(start_host, make_peer):
     """A session prompt without request uses the default model and default_max_tokens (production fills its own)."""
-    server = await make_host(default_max_tokens=3)
+    server = await start_host(default_max_tokens=3)
     peer = await make_peer(server)
     await peer.send(session_init_frame("d"))
     await peer.recv()
@@ -130,9 +134,9 @@ async def test_host_resolves_model_aliases(peer):
     assert result.end["reason"] == "complete"
 
 
-async def test_host_ends_with_stop_when_answer_ends_naturally(make_host, make_peer):
+async def test_host_ends_with_stop_when_answer_ends_naturally(start_host, make_peer):
     """A backend that ends its answer before max_tokens gives finish_reason stop."""
-    server = await make_host(ScriptedBackend(answer_tokens=3))
+    server = await start_host(backend=ScriptedBackend(answer_tokens=3))
     peer = await make_peer(server)
     result = await peer.infer(max_tokens=10)
     assert result.end["finish_reason"] == "stop" and result.end["usage"]["completion_tokens"] == 3
@@ -166,9 +170,9 @@ async def test_host_cuts_stop_sequence_spanning_tokens(peer):
 # ---------------------------------------------------------------------------- cancel
 
 
-async def test_host_cancel_ends_stream_with_cancelled(make_host, make_peer):
+async def test_host_cancel_ends_stream_with_cancelled(start_host, make_peer):
     """stream_cancel stops the stream: stream_end(cancelled) and no chunk after it."""
-    server = await make_host(ScriptedBackend(token_rate=200))
+    server = await start_host(backend=ScriptedBackend(token_rate=200))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="long", model="scripted-1", max_tokens=4000, temperature=0, request_id="c1"))
     for _ in range(3):
@@ -182,12 +186,12 @@ async def test_host_cancel_ends_stream_with_cancelled(make_host, make_peer):
     assert (await peer.infer(max_tokens=2)).end["reason"] == "complete"
 
 
-async def test_host_cancel_before_first_token(make_host, make_peer):
+async def test_host_cancel_before_first_token(start_host, make_peer):
     """A cancel while the first token is delayed ends the stream at once."""
-    server = await make_host(ScriptedBackend(first_token_delay=30))
+    server = await start_host(backend=ScriptedBackend(first_token_delay=30))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="slow", model="scripted-1", max_tokens=5, temperature=0))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: server.active_streams == 1, what="the stream started")
     await peer.send(cancel_frame())
     frames = await peer.until_end(timeout=2)
     assert frames == [frames[-1]] and frames[-1]["reason"] == "cancelled"
@@ -204,7 +208,7 @@ async def test_host_ignores_cancel_when_idle(peer):
 class _DeafBackend(Backend):
     """A backend that ignores the cancel event (it sleeps between tokens)."""
 
-    models = [ModelInfo("deaf", "deaf", 1000)]  # type: ignore[assignment]
+    models: ClassVar[list[ModelInfo]] = [ModelInfo("deaf", "deaf", 1000)]
 
     async def generate(self, params, cancel, stats):
         while True:
@@ -213,9 +217,9 @@ class _DeafBackend(Backend):
             await asyncio.sleep(30)
 
 
-async def test_host_forces_cancel_of_a_backend_that_ignores_it(make_host, make_peer):
+async def test_host_forces_cancel_of_a_backend_that_ignores_it(start_host, make_peer):
     """A backend that does not stop is interrupted after the grace period."""
-    server = await make_host(_DeafBackend(), cancel_grace=0.1)
+    server = await start_host(backend=_DeafBackend(), cancel_grace=0.1)
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="x", model="deaf", max_tokens=5, temperature=0))
     assert (await peer.recv())["type"] == "stream_chunk"
@@ -225,25 +229,25 @@ async def test_host_forces_cancel_of_a_backend_that_ignores_it(make_host, make_p
     assert server.active_streams == 0
 
 
-async def test_host_cancels_generation_when_client_disconnects(make_host, make_peer):
+async def test_host_cancels_generation_when_client_disconnects(start_host, make_peer):
     """A client leaving mid-stream frees its stream slot on the host."""
-    server = await make_host(ScriptedBackend(token_rate=100))
+    server = await start_host(backend=ScriptedBackend(token_rate=100))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="bye", model="scripted-1", max_tokens=4000, temperature=0))
     await peer.recv()
     assert server.active_streams == 1
     await peer.ws.close()
     await wait_until(lambda: server.active_streams == 0)
-    status, health = await get_json(server, "/health")
+    _status, health = await get_json(server, "/health")
     assert health["active_streams"] == 0 and health["connections"] == 0
 
 
 # ---------------------------------------------------------------------------- busy
 
 
-async def test_host_rejects_second_request_on_busy_connection(make_host, make_peer):
+async def test_host_rejects_second_request_on_busy_connection(start_host, make_peer):
     """A second request while a stream runs gets HOST_BUSY with its id; the first completes."""
-    server = await make_host(ScriptedBackend(token_rate=200))
+    server = await start_host(backend=ScriptedBackend(token_rate=200))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="one", model="scripted-1", max_tokens=10, temperature=0, request_id="1"))
     await peer.recv()
@@ -255,9 +259,9 @@ async def test_host_rejects_second_request_on_busy_connection(make_host, make_pe
     assert "".join(f["content"] for f in frames if f["type"] == "stream_chunk") in scripted_text("one", 10)
 
 
-async def test_host_session_init_on_busy_connection_is_busy(make_host, make_peer):
+async def test_host_session_init_on_busy_connection_is_busy(start_host, make_peer):
     """A session_init during a stream is answered with HOST_BUSY, not dropped."""
-    server = await make_host(ScriptedBackend(token_rate=100))
+    server = await start_host(backend=ScriptedBackend(token_rate=100))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="one", model="scripted-1", max_tokens=5, temperature=0))
     await peer.recv()
@@ -266,9 +270,9 @@ async def test_host_session_init_on_busy_connection_is_busy(make_host, make_peer
     assert any(f["type"] == "error" and f["code"] == "HOST_BUSY" and f["id"] == "si" for f in frames)
 
 
-async def test_host_busy_at_concurrent_stream_limit(make_host, make_peer):
+async def test_host_busy_at_concurrent_stream_limit(start_host, make_peer):
     """Over max_concurrent_streams on the whole host, a request gets HOST_BUSY."""
-    server = await make_host(ScriptedBackend(token_rate=100), max_concurrent_streams=1)
+    server = await start_host(backend=ScriptedBackend(token_rate=100), max_concurrent_streams=1)
     first, second = await make_peer(server), await make_peer(server)
     await first.send(inference_frame(prompt="a", model="scripted-1", max_tokens=50, temperature=0))
     await first.recv()
@@ -281,11 +285,11 @@ async def test_host_busy_at_concurrent_stream_limit(make_host, make_peer):
     assert (await second.infer(max_tokens=2)).end["reason"] == "complete"
 
 
-async def test_host_frees_a_streams_slot_before_its_stream_end_goes_out(make_host, make_peer):
+async def test_host_frees_a_streams_slot_before_its_stream_end_goes_out(start_host, make_peer):
     """The host-wide stream count drops before stream_end is written, so a client that sends its next
     request as soon as it reads stream_end, on any socket, is never refused: with a limit of 1, 20
     back-to-back requests alternating between two sockets are all served."""
-    server = await make_host(max_concurrent_streams=1)
+    server = await start_host(max_concurrent_streams=1)
     active_at_end = []
     send_locked = server._send_locked
 
@@ -306,9 +310,9 @@ async def test_host_frees_a_streams_slot_before_its_stream_end_goes_out(make_hos
     assert active_at_end == [0] * 20
 
 
-async def test_host_health_reports_streams_and_queue(make_host, make_peer):
+async def test_host_health_reports_streams_and_queue(start_host, make_peer):
     """/health shows active streams and the backend's queue depth while they run."""
-    server = await make_host(ScriptedBackend(token_rate=100, max_concurrency=1))
+    server = await start_host(backend=ScriptedBackend(token_rate=100, max_concurrency=1))
     first, second = await make_peer(server), await make_peer(server)
     await first.send(inference_frame(prompt="a", model="scripted-1", max_tokens=500, temperature=0))
     await first.recv()
@@ -342,9 +346,9 @@ async def test_host_health_reports_streams_and_queue(make_host, make_peer):
         ({"model": "gpt-9"}, "MODEL_NOT_AVAILABLE"),
     ],
 )
-async def test_host_answers_each_limit_with_its_code(make_host, make_peer, change, code):
+async def test_host_answers_each_limit_with_its_code(start_host, make_peer, change, code):
     """Each limit gets one coded error with the id, and the connection stays usable."""
-    server = await make_host(max_prompt_chars=100, max_tokens_cap=50)
+    server = await start_host(max_prompt_chars=100, max_tokens_cap=50)
     peer = await make_peer(server)
     body = {"prompt": "ok", "model": "scripted-1", "max_tokens": 5, "temperature": 0.5}
     body.update(change)
@@ -363,17 +367,17 @@ async def test_host_unknown_model_lists_available_models(peer):
     assert error["code"] == "MODEL_NOT_AVAILABLE" and "scripted-1" in error["message"]
 
 
-async def test_host_max_tokens_cap_can_be_raised(make_host, make_peer):
+async def test_host_max_tokens_cap_can_be_raised(start_host, make_peer):
     """A high max_tokens_cap admits long requests (benchmarks)."""
-    server = await make_host(max_tokens_cap=200_000)
+    server = await start_host(max_tokens_cap=200_000)
     peer = await make_peer(server)
     result = await peer.infer(max_tokens=3000)
     assert result.end["usage"]["completion_tokens"] == 3000
 
 
-async def test_host_rate_limit_per_connection(make_host, make_peer):
+async def test_host_rate_limit_per_connection(start_host, make_peer):
     """Over the per-connection rate, a request gets RATE_LIMIT_EXCEEDED."""
-    server = await make_host(rate_limit_per_connection=2, rate_limit_per_address=0)
+    server = await start_host(rate_limit_per_connection=2, rate_limit_per_address=0)
     peer = await make_peer(server)
     for _ in range(2):
         assert (await peer.infer(max_tokens=1)).end["reason"] == "complete"
@@ -384,9 +388,9 @@ async def test_host_rate_limit_per_connection(make_host, make_peer):
     assert (await other.infer(max_tokens=1)).end["reason"] == "complete"
 
 
-async def test_host_rate_limit_per_address(make_host, make_peer):
+async def test_host_rate_limit_per_address(start_host, make_peer):
     """The per-address rate is shared by all connections from one address."""
-    server = await make_host(rate_limit_per_connection=0, rate_limit_per_address=2)
+    server = await start_host(rate_limit_per_connection=0, rate_limit_per_address=2)
     a, b = await make_peer(server), await make_peer(server)
     assert (await a.infer(max_tokens=1)).end["reason"] == "complete"
     assert (await b.infer(max_tokens=1)).end["reason"] == "complete"
@@ -394,18 +398,18 @@ async def test_host_rate_limit_per_address(make_host, make_peer):
     assert (await a.recv())["code"] == "RATE_LIMIT_EXCEEDED"
 
 
-async def test_host_reports_context_overflow(make_host, make_peer):
+async def test_host_reports_context_overflow(start_host, make_peer):
     """A prompt over the context window gets CONTEXT_OVERFLOW, then stream_end(error)."""
-    server = await make_host(ScriptedBackend(context_window=5))
+    server = await start_host(backend=ScriptedBackend(context_window=5))
     peer = await make_peer(server)
     result = await peer.infer("one two three four five six", rid="o")
     assert [e["code"] for e in result.errors] == ["CONTEXT_OVERFLOW"]
     assert result.end["reason"] == "error" and result.end["finish_reason"] == "error" and result.end["id"] == "o"
 
 
-async def test_host_drops_connection_on_oversize_frame(make_host, make_peer):
+async def test_host_drops_connection_on_oversize_frame(start_host, make_peer):
     """A message over max_frame_bytes closes the connection with 1009."""
-    server = await make_host(max_frame_bytes=1024)
+    server = await start_host(max_frame_bytes=1024)
     peer = await make_peer(server)
     await peer.send({"type": "inference", "request": {"prompt": "x" * 2000, "model": "scripted-1", "max_tokens": 1}})
     with pytest.raises(ConnectionClosed) as info:
@@ -455,7 +459,7 @@ async def test_host_echoes_id_of_malformed_request(peer):
 class _BrokenBackend(Backend):
     """A backend with a bug: it raises a plain exception after one token."""
 
-    models = [ModelInfo("broken", "broken", 1000)]  # type: ignore[assignment]
+    models: ClassVar[list[ModelInfo]] = [ModelInfo("broken", "broken", 1000)]
 
     async def generate(self, params, cancel, stats):
         stats.prompt_tokens = 1
@@ -463,9 +467,9 @@ class _BrokenBackend(Backend):
         raise KeyError("oops")
 
 
-async def test_host_reports_backend_bug_as_host_error(make_host, make_peer):
+async def test_host_reports_backend_bug_as_host_error(start_host, make_peer):
     """An unexpected backend exception becomes HOST_ERROR then stream_end(error)."""
-    server = await make_host(_BrokenBackend())
+    server = await start_host(backend=_BrokenBackend())
     peer = await make_peer(server)
     result = await peer.infer(model="broken", rid="b")
     assert result.text == "one "
@@ -491,11 +495,11 @@ async def test_host_version_lists_features(host):
     assert status == 200 and body["features"] == list(FEATURES) and body["version"]
 
 
-async def test_host_version_states_its_stream_limit_except_in_legacy_mode(make_host):
+async def test_host_version_states_its_stream_limit_except_in_legacy_mode(start_host):
     """/v1/version says max_concurrent_streams, so clients schedule to it; a legacy host (a production
     node) does not, while /health says it in both."""
-    limited = await make_host(max_concurrent_streams=3)
-    legacy = await make_host(legacy=True, max_concurrent_streams=3)
+    limited = await start_host(max_concurrent_streams=3)
+    legacy = await start_host(legacy=True, max_concurrent_streams=3)
     assert (await get_json(limited, "/v1/version"))[1]["max_concurrent_streams"] == 3
     assert (await get_json(limited, "/health"))[1]["max_concurrent_streams"] == 3
     assert "max_concurrent_streams" not in (await get_json(legacy, "/v1/version"))[1]
@@ -525,18 +529,18 @@ async def test_host_refuses_websocket_on_other_path(host):
     assert info.value.response.status_code == 404
 
 
-async def test_host_accepts_permessage_deflate(make_host, make_peer):
+async def test_host_accepts_permessage_deflate(start_host, make_peer):
     """Compression is negotiated when enabled, and refused when disabled."""
-    with_deflate = await make_peer(await make_host())
+    with_deflate = await make_peer(await start_host())
     assert [e.name for e in with_deflate.ws.protocol.extensions] == ["permessage-deflate"]
-    without = await make_peer(await make_host(compression=False))
+    without = await make_peer(await start_host(compression=False))
     assert without.ws.protocol.extensions == []
     assert (await without.infer(max_tokens=2)).end["reason"] == "complete"
 
 
-async def test_host_close_ends_open_connections(make_host, make_peer):
+async def test_host_close_ends_open_connections(start_host, make_peer):
     """close() closes client connections with 1001 and frees the port."""
-    server = await make_host(ScriptedBackend(token_rate=50))
+    server = await start_host(backend=ScriptedBackend(token_rate=50))
     peer = await make_peer(server)
     await peer.send(inference_frame(prompt="x", model="scripted-1", max_tokens=1000, temperature=0))
     await peer.recv()
@@ -547,12 +551,12 @@ async def test_host_close_ends_open_connections(make_host, make_peer):
     assert server.active_streams == 0
 
 
-async def test_host_refuses_connections_over_the_limit(make_host, make_peer):
+async def test_host_refuses_connections_over_the_limit(start_host, make_peer):
     """Past max_connections, a WebSocket upgrade is refused with 503."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
 
-    server = await make_host(max_connections=1)
+    server = await start_host(max_connections=1)
     await make_peer(server)
     with pytest.raises(InvalidStatus) as info:
         await connect(server.ws_url)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
+from _timing import wait_until
 from fabstir_jupyter.host import ScriptedBackend, scripted_text
 from fabstir_jupyter.protocol import prompt_frame, session_init_frame
 
@@ -75,7 +74,8 @@ async def test_host_prompt_uses_connection_session_when_id_omitted(peer):
 
 async def test_host_prompt_without_session_is_session_not_found(peer):
     """A prompt with no session on the connection gets SESSION_NOT_FOUND."""
-    await peer.send(prompt_frame("hi", session_id=None, model="scripted-1", max_tokens=2, temperature=0, request_id="x"))
+    await peer.send(prompt_frame("hi", session_id=None, model="scripted-1", max_tokens=2, temperature=0,
+                                 request_id="x"))
     error = await peer.recv()
     assert error["code"] == "SESSION_NOT_FOUND" and error["id"] == "x"
 
@@ -99,9 +99,9 @@ async def test_host_session_messages_replace_memory_for_a_turn(peer):
     assert after.end["usage"]["prompt_tokens"] == 2 + 4 + 1
 
 
-async def test_host_session_memory_is_bounded(make_host, make_peer):
+async def test_host_session_memory_is_bounded(start_host, make_peer):
     """The transcript keeps at most max_session_messages messages."""
-    server = await make_host(max_session_messages=2)
+    server = await start_host(max_session_messages=2)
     peer = await make_peer(server)
     await open_session(peer)
     await turn(peer, "a a a a a a a a a a")
@@ -119,19 +119,19 @@ async def test_host_session_init_resets_memory(peer):
     assert again.end["usage"]["prompt_tokens"] == 1
 
 
-async def test_host_forgets_idle_sessions(make_host, make_peer):
+async def test_host_forgets_idle_sessions(start_host, make_peer):
     """A session unused for session_idle_timeout is evicted."""
-    server = await make_host(session_idle_timeout=0.1)
+    server = await start_host(session_idle_timeout=0.1)
     peer = await make_peer(server)
     await open_session(peer)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: len(server.sessions) == 0, what="the idle session evicted")  # len() evicts idle ones
     await peer.send(prompt_frame("hi", session_id="s1", model="scripted-1", max_tokens=2, temperature=0))
     assert (await peer.recv())["code"] == "SESSION_NOT_FOUND"
 
 
-async def test_host_bounds_the_number_of_sessions(make_host, make_peer):
+async def test_host_bounds_the_number_of_sessions(start_host, make_peer):
     """Past max_sessions the least recently used session is evicted."""
-    server = await make_host(max_sessions=1)
+    server = await start_host(max_sessions=1)
     peer = await make_peer(server)
     await open_session(peer, "old")
     await open_session(peer, "new")
@@ -140,9 +140,9 @@ async def test_host_bounds_the_number_of_sessions(make_host, make_peer):
     assert (await turn(peer, "hi", session_id="new")).end["reason"] == "complete"
 
 
-async def test_host_session_shared_across_connections(make_host, make_peer):
+async def test_host_session_shared_across_connections(start_host, make_peer):
     """A session opened on one connection can be continued from another (same host)."""
-    server = await make_host()
+    server = await start_host()
     first, second = await make_peer(server), await make_peer(server)
     await open_session(first, "shared")
     await turn(first, "a b", session_id="shared")
@@ -150,9 +150,9 @@ async def test_host_session_shared_across_connections(make_host, make_peer):
     assert result.end["usage"]["prompt_tokens"] == 2 + 4 + 1
 
 
-async def test_host_cancelled_turn_keeps_partial_answer(make_host, make_peer):
+async def test_host_cancelled_turn_keeps_partial_answer(start_host, make_peer):
     """A cancelled turn is remembered with the text that was sent."""
-    server = await make_host(ScriptedBackend(token_rate=200))
+    server = await start_host(backend=ScriptedBackend(token_rate=200))
     peer = await make_peer(server)
     await open_session(peer)
     await peer.send(prompt_frame("q", session_id="s1", model="scripted-1", max_tokens=1000, temperature=0))

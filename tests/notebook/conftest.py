@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 
-from fabstir_jupyter.host.scripted import ScriptedBackend
-from fabstir_jupyter.host.server import HostConfig, HostServer
-from fabstir_jupyter.runner import LoopThread
+from fabstir_jupyter.host.server import HostServer
 
 LOOP_THREAD = "fabstir-notebook-loop"
 
@@ -32,24 +30,12 @@ def loop_thread_alive() -> bool:
 
 
 @pytest.fixture
-def start_host():
-    """Start scripted reference hosts on a private loop thread: ``start_host(**backend_options)``.
+def start_host(start_threaded_host):
+    """Start scripted hosts on a private loop thread (``start_threaded_host`` in tests/conftest.py).
 
-    The thread keeps them serving while a test blocks its own thread in a magic.
+    A magic blocks the test's thread while it runs; the thread keeps the hosts serving meanwhile.
     """
-    loop = LoopThread("test-hosts")
-    servers: list[HostServer] = []
-
-    def start(**backend: Any) -> HostServer:
-        server = HostServer(HostConfig(), ScriptedBackend(**backend))
-        loop.run(server.start())
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        loop.run(server.close())
-    loop.stop()
+    return start_threaded_host
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 
 from fabstir_jupyter.host.backends import GenerationParams, GenerationStats
 from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
-from fabstir_jupyter.host.server import HostConfig, HostServer
+from fabstir_jupyter.host.server import HostServer
 
 pytest.importorskip("nbclient")
 pytest.importorskip("nbconvert")
@@ -50,17 +50,7 @@ class HostileBackend(ScriptedBackend):
 @pytest.fixture
 def hosts(start_host):
     """``(plain, hostile)``: two hosts on their own loop thread in this process."""
-    plain = start_host()
-    from fabstir_jupyter.runner import LoopThread
-
-    loop = LoopThread("test-hostile-host")
-    hostile = HostServer(HostConfig(), HostileBackend())
-    loop.run(hostile.start())
-    try:
-        yield plain, hostile
-    finally:
-        loop.run(hostile.close())
-        loop.stop()
+    return start_host(), start_host(backend=HostileBackend())
 
 
 class VisibleText(html.parser.HTMLParser):
@@ -181,7 +171,7 @@ def test_a_failed_cell_raises_once_stops_the_run_and_exports_the_partial_answer(
 
     if widgets:
         monkeypatch.delenv("FABSTIR_NO_WIDGETS", raising=False)
-    broken = start_host(fail_after=4)
+    broken = start_host(backend=ScriptedBackend(fail_after=4))
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("%load_ext fabstir_jupyter\n%config FabstirMagics.usage_db = ':memory:'"),
         nbformat.v4.new_code_cell(f"%%fabstir --max-tokens 20 --host {broken.ws_url}\n{PROMPT}"),

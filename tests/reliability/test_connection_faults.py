@@ -134,7 +134,9 @@ async def test_closed_port_says_connection_refused_with_a_hint():
 async def test_silent_listener_says_what_did_not_arrive_within_the_timeout(silent_listener):
     """A listener that accepts and never answers says how far it got (was: 'timed out')."""
     error = await _connect_error(silent_listener)
-    assert _reason(error) == f"the host accepted the tcp connection but did not answer the websocket handshake within {T:g} s"
+    assert _reason(error) == (
+        f"the host accepted the tcp connection but did not answer the websocket handshake within {T:g} s"
+    )
 
 
 async def test_every_connection_error_names_a_cause(start_host, http_server, silent_listener):

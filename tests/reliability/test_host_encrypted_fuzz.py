@@ -13,9 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import event as note
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event as note, given, settings, strategies as st
 from websockets.asyncio.client import connect
 
 from fabstir_jupyter.crypto import PrivateKey
@@ -32,7 +30,9 @@ CODES = {"MISSING_PAYLOAD", "INVALID_PAYLOAD", "INVALID_HEX_ENCODING", "INVALID_
 _hexish = st.one_of(st.text(alphabet="0123456789abcdefABCDEFx ", max_size=80), st.sampled_from(["", "0x", "00" * 24]))
 _values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), _hexish, st.text(max_size=8)),
-    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=5), children, max_size=3)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 _PAYLOAD_KEYS = ["ephPubHex", "ciphertextHex", "nonceHex", "signatureHex", "aadHex", "saltHex", "recid", "index"]

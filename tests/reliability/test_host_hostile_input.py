@@ -14,12 +14,11 @@ import socket
 import time
 from typing import Any
 
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
 
 T = 5.0  # seconds any single frame may take
 CODED = {"PROTOCOL_ERROR", "INVALID_OPTIONS", "INVALID_PROMPT"}
@@ -227,7 +226,7 @@ async def test_float_field_overflow_does_not_stop_the_host(shared_host):
 @pytest.mark.parametrize("max_tokens", [4097, 10**6, 2**63, 10**100, 1e300, -(10**100)])
 async def test_huge_max_tokens_gets_invalid_options(shared_host, max_tokens):
     ws = await _open(shared_host)
-    text, frames = await _infer(ws, "huge", rid="huge", max_tokens=max_tokens)
+    _text, frames = await _infer(ws, "huge", rid="huge", max_tokens=max_tokens)
     assert frames[-1]["type"] == "error" and frames[-1]["code"] == "INVALID_OPTIONS", frames
     await ws.close()
     await _assert_serves(shared_host)
@@ -354,7 +353,7 @@ async def test_slow_loris_upgraded_never_sends(start_host):
 async def test_client_vanishes_mid_stream(start_host, how):
     """10 clients each read 2 chunks of a long stream and vanish (TCP abort or close frame): the host
     frees every stream and connection, and serves others."""
-    server = await start_host(backend={"token_rate": 200.0}, max_concurrent_streams=16)
+    server = await start_host(backend=ScriptedBackend(token_rate=200.0), max_concurrent_streams=16)
     for i in range(10):
         ws = await _open(server)
         await ws.send(json.dumps(_inference(f"long {i}", rid=f"v{i}", max_tokens=4000)))
@@ -393,7 +392,7 @@ async def test_a_client_that_stops_reading_is_dropped_after_send_timeout(start_h
 
 
 async def _attack_with_secret(server, secret: str = SECRET_PROMPT) -> None:
-    SECRET_PROMPT = secret  # noqa: N806 - the same sequence with another prompt
+    SECRET_PROMPT = secret
     ws = await _open(server)
     await _infer(ws, SECRET_PROMPT, rid="s1")                                   # served
     await _infer(ws, SECRET_PROMPT + "x" * 2000, rid="s2")                      # INVALID_PROMPT
@@ -412,7 +411,7 @@ async def _attack_with_secret(server, secret: str = SECRET_PROMPT) -> None:
 async def test_prompts_not_logged_at_info(start_host, caplog):
     """INFO (what fabstir-host --log-level info shows): no prompt text, for served and refused requests."""
     caplog.set_level(logging.INFO, logger="fabstir_jupyter.host")
-    server = await start_host(max_prompt_chars=1000, backend={"token_rate": 500.0})
+    server = await start_host(max_prompt_chars=1000, backend=ScriptedBackend(token_rate=500.0))
     await _attack_with_secret(server)
     await _attack_with_secret(server, "zq7731")  # short enough to survive any truncation
     assert caplog.records, "the host logged nothing at INFO: the test would prove nothing"
@@ -422,7 +421,7 @@ async def test_prompts_not_logged_at_info(start_host, caplog):
 async def test_prompts_not_logged_at_debug(start_host, caplog):
     """Even at DEBUG, websockets' frame lines (which carry prompts) are dropped unless log_prompts."""
     caplog.set_level(logging.DEBUG, logger="fabstir_jupyter.host")
-    server = await start_host(max_prompt_chars=1000, backend={"token_rate": 500.0})
+    server = await start_host(max_prompt_chars=1000, backend=ScriptedBackend(token_rate=500.0))
     await _attack_with_secret(server, "zq7731")
     assert "zq7731" not in caplog.text
 

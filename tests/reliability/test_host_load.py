@@ -18,6 +18,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from _timing import wait_until
 from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.local.process import HostProcess
 
@@ -143,15 +144,11 @@ async def test_1000_requests_50_clients_served_or_refused_no_leaks_rss_plateau()
             health = await _settle(http_url, pid)
             assert health["connections"] == 0 and health["active_streams"] == 0, health
             # the client side: every connection task is gone
-            deadline = time.monotonic() + 5
-            while len(asyncio.all_tasks()) > baseline_tasks and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert len(asyncio.all_tasks()) <= baseline_tasks, asyncio.all_tasks()
+            await wait_until(lambda: len(asyncio.all_tasks()) <= baseline_tasks,
+                             what=f"client tasks back to the baseline of {baseline_tasks}")
             # the host side: sockets closed (allow 2 s for closing handshakes to finish)
-            deadline = time.monotonic() + 5
-            while _fds(pid) > baseline_fds and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert _fds(pid) <= baseline_fds, (run, _fds(pid), baseline_fds)
+            await wait_until(lambda: _fds(pid) <= baseline_fds,
+                             what=f"run {run}: host fds back to the baseline of {baseline_fds}")
             assert _fds(os.getpid()) <= baseline_client_fds, (run, _fds(os.getpid()), baseline_client_fds)
             rss.append(_rss_kb(pid))
             summary.append((run, dict(outcomes), round(elapsed, 2), rss[-1]))

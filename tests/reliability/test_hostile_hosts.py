@@ -24,19 +24,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from http import HTTPStatus
 from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from websockets.asyncio.server import serve
 
 from fabstir_jupyter import protocol
 from fabstir_jupyter.config import InferenceConfig
-from fabstir_jupyter.errors import FabstirError, HostError, InferenceTimeout, ProtocolError
+from fabstir_jupyter.errors import (
+    FabstirError,
+    FirstTokenTimeout,
+    HostError,
+    IdleTimeout,
+    InferenceTimeout,
+    ProtocolError,
+)
 from fabstir_jupyter.inference import InferenceManager
 from fabstir_jupyter.usage import ListSink
 
@@ -216,12 +221,10 @@ async def hostile():
 
 async def test_host_streaming_forever_is_cut_at_the_clients_max_tokens(hostile):
     host, manager = await hostile([[("forever", {"type": "stream_chunk", "content": "tok", "id": ID})]])
-    started = time.perf_counter()
     pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=20), 10)
     assert stream.finish_reason == "length"
     assert "".join(pieces) == stream.text == "tok" * 20
     assert stream.usage.received_tokens == 20
-    assert time.perf_counter() - started < 5
     await no_sockets_in_use(manager)
     # The host never answered the cancel with stream_end: the socket is closed, never pooled dirty.
     assert manager.pool.stats()["idle"] == 0
@@ -233,9 +236,9 @@ async def test_forever_host_that_honours_cancel_leaves_a_clean_reusable_socket(h
         [[("forever", {"type": "stream_chunk", "content": "tok", "id": ID})], [chunk("fresh"), end()]],
         honour_cancel=True,
     )
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
+    _, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
     assert stream.finish_reason == "length" and stream.text == "tok" * 5
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
+    _, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=5), 10)
     assert stream.text == "fresh" and stream.finish_reason == "stop"
     await no_sockets_in_use(manager)
 
@@ -269,11 +272,16 @@ async def test_an_answer_for_another_request_id_is_a_protocol_error(hostile, fra
 
 @pytest.mark.parametrize("leak_id", [ID, None], ids=["with-id", "without-id"])
 async def test_tokens_after_stream_end_are_dropped_and_never_reach_the_next_request(hostile, leak_id):
-    leak = [chunk("LEAK", leak_id), chunk("LEAK", leak_id), end(leak_id)]
+    leaked = asyncio.Event()
+
+    async def mark_leaked() -> None:
+        leaked.set()
+
+    leak = [chunk("LEAK", leak_id), chunk("LEAK", leak_id), end(leak_id), ("await", mark_leaked)]
     host, manager = await hostile([[chunk("a"), end(), *leak], [chunk("b"), end()]])
     pieces, first = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert pieces == ["a"] and first.finish_reason == "stop"
-    await asyncio.sleep(0.05)  # the trailing frames are on the wire now
+    await asyncio.wait_for(leaked.wait(), 10)  # the trailing frames are on the wire now
     pieces, second = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert pieces == ["b"] and second.text == "b"
     assert host.connections == 2  # the dirty socket was not reused
@@ -285,7 +293,7 @@ async def test_late_frames_with_the_old_id_fail_the_reused_socket_and_a_retry_re
     # answer unless they carry the old id: then they are a protocol error, retried on a new socket.
     host, manager = await hostile([[chunk("a"), end(), ("sleep", 0.1), chunk("LEAK"), end()], [chunk("b"), end()]],
                                   max_retries=1)
-    pieces, first = await asyncio.wait_for(run_stream(manager, host.url), 10)
+    pieces, _first = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert pieces == ["a"]
     pieces, second = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert "LEAK" not in second.text and second.text == "b"
@@ -302,7 +310,7 @@ async def test_error_chunks_are_host_errors_without_coded_errors(hostile):
 
 async def test_error_chunks_are_text_on_a_host_with_coded_errors(hostile):
     host, manager = await hostile([[chunk("Error: is a word"), end()]], features=list(protocol.FEATURES))
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
+    _pieces, stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert stream.text == "Error: is a word"
 
 
@@ -313,32 +321,31 @@ async def test_error_chunks_are_text_on_a_host_with_coded_errors(hostile):
 async def test_a_flood_of_noise_does_not_extend_the_first_token_timeout(hostile, noise):
     # Decision: only progress (text, stream_end, error) counts as an answer; pings, unknown frames
     # and empty chunks do not restart first_token_timeout, so a chatty host cannot stall forever.
+    # A timer restarted by noise would never fire: wait_for's 10 s would end the test instead.
     host, manager = await hostile([[("forever", noise)]])
-    started = time.perf_counter()
-    with pytest.raises(InferenceTimeout):
+    with pytest.raises(FirstTokenTimeout) as info:
         await asyncio.wait_for(run_stream(manager, host.url), 10)
-    assert time.perf_counter() - started < 3
+    assert "first_token_timeout=0.3 s" in str(info.value)
     await no_sockets_in_use(manager)
 
 
 async def test_a_flood_of_noise_mid_stream_does_not_extend_the_idle_timeout(hostile):
     host, manager = await hostile([[chunk("a"), ("forever", {"type": "ping"})]])
-    started = time.perf_counter()
-    with pytest.raises(InferenceTimeout):
+    with pytest.raises(IdleTimeout) as info:
         await asyncio.wait_for(run_stream(manager, host.url), 10)
-    assert time.perf_counter() - started < 3
+    assert "idle_timeout=0.3 s" in str(info.value)
 
 
 async def test_noise_before_a_timely_answer_is_ignored(hostile):
     host, manager = await hostile([[*[("json", {"type": "ping"})] * 50, ("json", {"type": "x"}), chunk("hi"), end()]])
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
+    pieces, _stream = await asyncio.wait_for(run_stream(manager, host.url), 10)
     assert pieces == ["hi"]
 
 
 @pytest.mark.parametrize(("tokens", "max_tokens", "reason"), [(3, 10, "stop"), (3, 3, "length")])
 async def test_stream_end_without_usage_infers_the_finish_reason(hostile, tokens, max_tokens, reason):
     host, manager = await hostile([[*[chunk("t")] * tokens, ("json", {"type": "stream_end"})]])
-    pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=max_tokens), 10)
+    _pieces, stream = await asyncio.wait_for(run_stream(manager, host.url, max_tokens=max_tokens), 10)
     assert stream.text == "t" * tokens and stream.finish_reason == reason
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for the security tests: private and TLS hosts on loopback, a throwaway certificate."""
+"""Fixtures for the security tests: a throwaway certificate for TLS hosts, and the token the hosts expect."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import datetime
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -14,22 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fabstir_jupyter.host import HostConfig, HostServer, ScriptedBackend
-
 TOKEN = "tok-7f3c9e1a5b2d4c6e8a0b1c2d3e4f5061"  # a value no test output may contain
 WRONG_TOKEN = "tok-00000000000000000000000000000000"
-
-
-class CountingBackend(ScriptedBackend):
-    """A scripted backend that counts the generations it starts."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.generations = 0
-
-    def generate(self, params, cancel, stats):  # type: ignore[override]
-        self.generations += 1
-        return super().generate(params, cancel, stats)
 
 
 @dataclass(frozen=True)
@@ -81,19 +66,3 @@ def write_self_signed(directory: Path) -> TlsFiles:
 def tls_files(tmp_path_factory) -> TlsFiles:
     """One self-signed certificate for the whole session."""
     return write_self_signed(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-async def make_host():
-    """Start hosts with a :class:`CountingBackend`: ``await make_host(**HostConfig fields)``."""
-    servers: list[HostServer] = []
-
-    async def make(backend: ScriptedBackend | None = None, **config: Any) -> HostServer:
-        server = HostServer(HostConfig(**config), backend or CountingBackend())
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        await server.close()

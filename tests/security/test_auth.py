@@ -9,6 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from _hosts import CountingBackend
 from fabstir_jupyter.config import InferenceConfig
 from fabstir_jupyter.errors import AuthFailed, InvalidOptions
 from fabstir_jupyter.host import HostConfig
@@ -29,9 +30,9 @@ def manager_for(url: str, **config) -> InferenceManager:
 
 @pytest.mark.parametrize("token", [None, WRONG_TOKEN, TOKEN + "x", TOKEN[:-1]],
                          ids=["missing", "wrong", "extended", "truncated"])  # ids never show a token
-async def test_client_without_the_right_token_gets_auth_failed_and_no_inference(make_host, token):
+async def test_client_without_the_right_token_gets_auth_failed_and_no_inference(start_host, token):
     """A missing or wrong token fails with AUTH_FAILED and the host starts no generation."""
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(backend=CountingBackend(), auth_token=TOKEN)
     manager = manager_for(server.http_url, auth_token=token)
     try:
         with pytest.raises(AuthFailed) as info:
@@ -44,9 +45,9 @@ async def test_client_without_the_right_token_gets_auth_failed_and_no_inference(
     assert server.active_streams == 0
 
 
-async def test_client_with_the_token_runs_inference_end_to_end(make_host):
+async def test_client_with_the_token_runs_inference_end_to_end(start_host):
     """The right token (per host) opens the socket and the answer streams through InferenceManager."""
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(backend=CountingBackend(), auth_token=TOKEN)
     manager = manager_for(server.http_url, auth_tokens={server.ws_url: TOKEN}, auth_token=WRONG_TOKEN)
     try:
         result = await manager.ainfer("hello there", max_tokens=4)
@@ -58,9 +59,9 @@ async def test_client_with_the_token_runs_inference_end_to_end(make_host):
     assert server.backend.generations == 2
 
 
-async def test_host_without_a_token_ignores_client_tokens(make_host):
+async def test_host_without_a_token_ignores_client_tokens(start_host):
     """A public host serves clients whether they send a token or not."""
-    server = await make_host()
+    server = await start_host()
     manager = manager_for(server.http_url, auth_token=TOKEN)
     try:
         result = await manager.ainfer("hello there", max_tokens=4)
@@ -72,9 +73,9 @@ async def test_host_without_a_token_ignores_client_tokens(make_host):
 
 @pytest.mark.parametrize("header", [None, f"Bearer {WRONG_TOKEN}", f"Basic {TOKEN}", TOKEN, "Bearer "],
                          ids=["missing", "wrong-bearer", "basic", "bare-token", "empty-bearer"])  # no token in ids
-async def test_host_refuses_the_upgrade_with_401(make_host, header):
+async def test_host_refuses_the_upgrade_with_401(start_host, header):
     """Without exactly 'Bearer <token>' the upgrade is answered 401 before any frame."""
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(backend=CountingBackend(), auth_token=TOKEN)
     headers = {"Authorization": header} if header is not None else None
     with pytest.raises(InvalidStatus) as info:
         await connect(server.ws_url, additional_headers=headers, open_timeout=5)
@@ -85,9 +86,9 @@ async def test_host_refuses_the_upgrade_with_401(make_host, header):
     assert server.backend.generations == 0
 
 
-async def test_pool_sends_the_token_per_host(make_host):
+async def test_pool_sends_the_token_per_host(start_host):
     """ConnectionPool with the config's auth_headers opens sockets to a private host."""
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(auth_token=TOKEN)
     config = InferenceConfig(**FAST, auth_tokens={server.http_url: TOKEN})
     async with ConnectionPool(config, headers_for=config.auth_headers) as pool:
         client = await pool.checkout(server.http_url)
@@ -95,9 +96,9 @@ async def test_pool_sends_the_token_per_host(make_host):
         pool.checkin(client)
 
 
-async def test_public_endpoints_stay_public_and_models_need_the_token(make_host):
+async def test_public_endpoints_stay_public_and_models_need_the_token(start_host):
     """/health and /v1/version answer anyone (version lists auth-bearer); /v1/models needs the token."""
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(auth_token=TOKEN)
     async with httpx.AsyncClient(base_url=server.http_url, timeout=5) as http:
         health = await http.get("/health")
         version = await http.get("/v1/version")
@@ -113,10 +114,10 @@ async def test_public_endpoints_stay_public_and_models_need_the_token(make_host)
         assert TOKEN not in response.text
 
 
-async def test_token_never_appears_in_reprs_logs_or_errors(make_host, caplog):
+async def test_token_never_appears_in_reprs_logs_or_errors(start_host, caplog):
     """The token is absent from config reprs, error text and every log record, even at DEBUG."""
     caplog.set_level(logging.DEBUG)
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(auth_token=TOKEN)
     good = manager_for(server.http_url, auth_token=TOKEN, trace=True)
     bad = manager_for(server.http_url, auth_tokens={server.http_url: WRONG_TOKEN}, trace=True)
     try:
@@ -190,9 +191,9 @@ def test_cli_reads_the_token_from_a_file_or_the_environment(tmp_path, monkeypatc
         parser.parse_args(["--auth-token", TOKEN])
 
 
-async def test_connect_to_host_and_a_default_pool_send_the_configured_token(make_host):
+async def test_connect_to_host_and_a_default_pool_send_the_configured_token(start_host):
     """connect_to_host and a ConnectionPool built from the config authenticate without extra wiring."""
-    server = await make_host(auth_token=TOKEN)
+    server = await start_host(auth_token=TOKEN)
     manager = manager_for(server.http_url, auth_token=TOKEN)
     try:
         client = await manager.connect_to_host(server.ws_url)

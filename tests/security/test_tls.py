@@ -11,6 +11,7 @@ import sys
 import httpx
 import pytest
 
+from _hosts import CountingBackend
 from fabstir_jupyter.config import InferenceConfig
 from fabstir_jupyter.errors import AuthFailed, ConnectionFailed
 from fabstir_jupyter.inference import InferenceManager
@@ -23,9 +24,9 @@ FAST = dict(connection_timeout=5.0, first_token_timeout=5.0, idle_timeout=5.0,
             backoff_initial=0.0, backoff_max=0.01, usage_db=":memory:")
 
 
-async def test_host_with_a_certificate_serves_wss_and_https(make_host, tls_files):
+async def test_host_with_a_certificate_serves_wss_and_https(start_host, tls_files):
     """ws_url and http_url say wss/https, and /health answers over TLS to a client trusting the CA."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
+    server = await start_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
     assert server.ws_url.startswith("wss://127.0.0.1:")
     assert server.http_url.startswith("https://127.0.0.1:")
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls_files.certfile), timeout=5) as http:
@@ -33,9 +34,9 @@ async def test_host_with_a_certificate_serves_wss_and_https(make_host, tls_files
     assert health.status_code == 200
 
 
-async def test_client_refuses_a_self_signed_host_by_default(make_host, tls_files):
+async def test_client_refuses_a_self_signed_host_by_default(start_host, tls_files):
     """Default verification fails with CONNECTION_FAILED naming the untrusted certificate and the way out."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
+    server = await start_host(backend=CountingBackend(), certfile=tls_files.certfile, keyfile=tls_files.keyfile)
     with pytest.raises(ConnectionFailed) as info:
         await WebSocketClient(server.ws_url, InferenceConfig(**FAST)).connect()
     error = info.value
@@ -44,9 +45,9 @@ async def test_client_refuses_a_self_signed_host_by_default(make_host, tls_files
     assert server.backend.generations == 0
 
 
-async def test_manager_refuses_a_self_signed_host_by_default(make_host, tls_files):
+async def test_manager_refuses_a_self_signed_host_by_default(start_host, tls_files):
     """Through InferenceManager the request fails with the same explained error; nothing is generated."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
+    server = await start_host(backend=CountingBackend(), certfile=tls_files.certfile, keyfile=tls_files.keyfile)
     manager = InferenceManager([server.http_url], InferenceConfig(**FAST, max_retries=0), usage=ListSink())
     try:
         with pytest.raises(ConnectionFailed) as info:
@@ -59,9 +60,10 @@ async def test_manager_refuses_a_self_signed_host_by_default(make_host, tls_file
 
 
 @pytest.mark.parametrize("verify", ["ca", "off"])
-async def test_client_connects_with_the_ca_or_an_explicit_opt_out(make_host, tls_files, verify):
+async def test_client_connects_with_the_ca_or_an_explicit_opt_out(start_host, tls_files, verify):
     """verify_tls=<CA path> and verify_tls=False both reach the host and run inference end to end."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile, auth_token=TOKEN)
+    server = await start_host(backend=CountingBackend(), certfile=tls_files.certfile, keyfile=tls_files.keyfile,
+                              auth_token=TOKEN)
     verify_tls = tls_files.certfile if verify == "ca" else False
     manager = InferenceManager(
         [server.http_url], InferenceConfig(**FAST, verify_tls=verify_tls, auth_token=TOKEN), usage=ListSink()
@@ -74,17 +76,18 @@ async def test_client_connects_with_the_ca_or_an_explicit_opt_out(make_host, tls
     assert server.backend.generations == 1
 
 
-async def test_tls_and_auth_combine(make_host, tls_files):
+async def test_tls_and_auth_combine(start_host, tls_files):
     """Over wss a trusted client without the token still gets AUTH_FAILED."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile, auth_token=TOKEN)
+    server = await start_host(backend=CountingBackend(), certfile=tls_files.certfile, keyfile=tls_files.keyfile,
+                              auth_token=TOKEN)
     with pytest.raises(AuthFailed):
         await WebSocketClient(server.ws_url, InferenceConfig(**FAST, verify_tls=tls_files.certfile)).connect()
     assert server.backend.generations == 0
 
 
-async def test_plain_ws_client_to_a_tls_host_fails_cleanly(make_host, tls_files):
+async def test_plain_ws_client_to_a_tls_host_fails_cleanly(start_host, tls_files):
     """A ws:// client to a TLS port gets CONNECTION_FAILED quickly; the host keeps serving wss clients."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
+    server = await start_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
     plain = f"ws://127.0.0.1:{server.port}/v1/ws"
     started = asyncio.get_running_loop().time()
     with pytest.raises(ConnectionFailed) as info:
@@ -95,9 +98,9 @@ async def test_plain_ws_client_to_a_tls_host_fails_cleanly(make_host, tls_files)
         assert client.is_open
 
 
-async def test_tls_host_refuses_a_plain_http_probe_and_keeps_serving(make_host, tls_files):
+async def test_tls_host_refuses_a_plain_http_probe_and_keeps_serving(start_host, tls_files):
     """An http:// GET to a TLS port fails on the client side without harming the host."""
-    server = await make_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
+    server = await start_host(certfile=tls_files.certfile, keyfile=tls_files.keyfile)
     async with httpx.AsyncClient(timeout=3) as http:
         with pytest.raises(httpx.HTTPError):
             await http.get(f"http://127.0.0.1:{server.port}/health")
