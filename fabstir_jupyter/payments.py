@@ -362,6 +362,28 @@ class SessionTerms:
         return self.jobs[-1] if self.jobs else None
 
 
+@dataclass(eq=False)
+class _Creation:
+    """One job being opened in the thread pool: its terms, whether its caller gave up, its transaction."""
+
+    make_job: Callable[[Any, int | None], PaidJob]
+    budget: Budget
+    deposit: int
+    model_id: str
+    token: str
+    price: int
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    tx_hash: str | None = None  # the creating transaction, once it was sent
+
+
+def _outcome_unknown(error: BaseException) -> bool:
+    """Whether a job creation that failed after its transaction was sent may still have opened a job
+    (the answer or the receipt was lost), rather than been refused (reverted, or short of funds)."""
+    if isinstance(error, TransactionFailed):
+        return error.reason is None
+    return not isinstance(error, (InsufficientFunds, BudgetExceeded))
+
+
 class Payments:
     """The paying side of a client: its wallet, budget, jobs and settlements (``manager.payments``).
 
@@ -590,21 +612,35 @@ class Payments:
         self.budget = Budget(limit, decimals, self.unit, name="the process budget")
         self._chain_checked = True
 
+    def _submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """Start a blocking chain call in this module's thread pool.
+
+        Raises:
+            ConnectionFailed: payments are closed.
+        """
+        if self._executor_down:
+            raise ConnectionFailed(f"payments on {self.network.name} are closed")
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _wait(self, future: asyncio.Future[T], timeout: float) -> T:
+        """Wait for a call :meth:`_submit` started, at most ``timeout`` seconds; the call itself is
+        never cancelled (a transaction it sent may still be mined).
+
+        Raises:
+            ConnectionFailed: it did not finish in time.
+        """
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionFailed(f"chain call on {self.network.name} did not finish within {timeout:g} s") from None
+
     async def _run(self, call: Callable[[], T], timeout: float) -> T:
         """Run a blocking chain call in this module's thread pool, within ``timeout`` seconds.
 
         Raises:
-            ConnectionFailed: it did not finish in time (it may still finish: a transaction may be mined).
+            ConnectionFailed: it did not finish in time, or payments are closed.
         """
-        if self._executor_down:
-            raise ConnectionFailed("payments are closed")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            error = ConnectionFailed(f"chain call on {self.network.name} did not finish within {timeout:g} s")
-            error.pending = future  # type: ignore[attr-defined]  # it may still finish (a transaction mined)
-            raise error from None
+        return await self._wait(self._submit(call), timeout)
 
     async def ensure_ready(self) -> None:
         """Check the chain and make the budget (once), off the event loop."""
@@ -716,27 +752,26 @@ class Payments:
         budget.check(deposit, what)
         budget.hold(deposit)
         approve = budget.remaining if token != _NATIVE else None
+
         def make_job(opened: Any, block: int | None) -> PaidJob:
             return PaidJob(job_id=opened.job_id, host=host, model=model, model_id=model_id, token=token,
                            unit=self.unit, decimals=decimals, deposit=deposit, price_per_token=price,
                            proof_interval=self.config.proof_interval, open_tx=opened.tx_hash, open_block=block,
                            kind=kind, session_id=session.session_id if session else None, budget=budget)
 
+        creation = _Creation(make_job, budget, deposit, model_id, token, price)
         try:
-            opened, block = await self._run(
-                functools.partial(self._create, client, address, model_id, deposit, price, token, approve),
-                self.config.job_timeout)
-        except ConnectionFailed as exc:
-            pending = getattr(exc, "pending", None)
-            if pending is None:
-                budget.settle(deposit, 0)
-            else:  # the job may still open: if it does, settle it at once (everything comes back)
-                pending.add_done_callback(functools.partial(self._late_job, make_job, budget, deposit))
-                self._background.add(pending)
-                pending.add_done_callback(self._background.discard)
-            raise
+            future = self._submit(functools.partial(self._create, client, address, creation, approve))
         except BaseException:
             budget.settle(deposit, 0)
+            raise
+        try:
+            opened, block = await self._wait(future, self.config.job_timeout)
+        except BaseException:
+            # Given up (a timeout, a cancelled request, Ctrl-C) or failed after its transaction was
+            # sent: whatever the chain makes of it, no deposit stays behind.
+            creation.abandoned.set()
+            self._follow(creation, future)
             raise
         job = make_job(opened, block)
         self._jobs.append(job)
@@ -747,17 +782,61 @@ class Payments:
                     format_amount(deposit, decimals, self.unit), price)
         return job
 
-    def _late_job(self, make_job: Callable[[Any, int | None], PaidJob], budget: Budget, deposit: int,
-                  future: asyncio.Future[Any]) -> None:
-        """A job creation that timed out finished after all: settle the job it opened, or free its deposit."""
-        if future.cancelled() or future.exception() is not None:
-            budget.settle(deposit, 0)
-            return
-        job = make_job(*future.result())
+    def _follow(self, creation: _Creation, future: asyncio.Future[Any]) -> None:
+        """Make sure a job creation whose caller gave up, or that failed, holds no deposit: a job it
+        opens (now or later) is settled at once (the whole deposit comes back); a transaction whose
+        fate is unknown is looked for on chain; else the deposit is freed."""
+
+        def finished(done: asyncio.Future[Any]) -> None:
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled():
+                creation.budget.settle(creation.deposit, 0)
+            elif error is None:
+                self._late_job(creation.make_job(*done.result()))
+            elif creation.tx_hash is not None and _outcome_unknown(error):
+                self._track(asyncio.get_running_loop().create_task(self._recover(creation)))
+            else:
+                creation.budget.settle(creation.deposit, 0)
+            self._background.discard(done)
+
+        if future.done():
+            finished(future)
+        else:
+            self._background.add(future)
+            future.add_done_callback(finished)
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _late_job(self, job: PaidJob) -> None:
+        """A job whose creation its caller gave up on opened after all: settle it now."""
         self._jobs.append(job)
         self._record(job)
         logger.warning("job %d was opened after its caller gave up waiting; settling it", job.job_id)
         self.retire(job, "opened after its caller gave up waiting")
+
+    async def _recover(self, creation: _Creation) -> None:
+        """Find out whether a creating transaction whose answer was lost opened a job; settle it if so."""
+        client, tx_hash = self._chain(), creation.tx_hash
+        assert tx_hash is not None
+
+        def look() -> tuple[Any, int | None]:
+            opened = client.opened_job(tx_hash, creation.model_id, token=creation.token,
+                                       price_per_token=creation.price, timeout=self.config.job_timeout)
+            return opened, (client.transaction_block(tx_hash) if opened is not None else None)
+
+        try:
+            opened, block = await self._run(look, self.config.job_timeout + self.config.read_timeout)
+        except FabstirError as exc:
+            creation.budget.settle(creation.deposit, 0)
+            logger.warning("job creation %s: not found on chain (%s); if it is mined later, its job holds the "
+                           "deposit until its depositor completes it or anyone times it out", tx_hash, exc.message)
+            return
+        if opened is None:
+            creation.budget.settle(creation.deposit, 0)
+        else:
+            self._late_job(creation.make_job(opened, block))
 
     def _price(self, client: MarketplaceClient, host: str, model_id: str, token: str, what: str) -> int:
         try:
@@ -772,23 +851,31 @@ class Payments:
                                                        "(payment_token='native')")
         return price
 
-    def _create(self, client: MarketplaceClient, host: str, model_id: str, deposit: int, price: int, token: str,
-                approve: int | None) -> Any:
+    def _create(self, client: MarketplaceClient, host: str, creation: _Creation, approve: int | None) -> Any:
+        """Open the job (in the thread pool): approve the token if needed, create, find its block."""
+        deposit, token = creation.deposit, creation.token
+        what = f"open a job with host {host}"
+
+        def sending(tx_hash: str) -> None:  # the last moment to give up without a job
+            if creation.abandoned.is_set():
+                raise ConnectionFailed(f"{what}: given up before the transaction was sent")
+            creation.tx_hash = tx_hash
+
         terms = {"max_duration": self.config.max_duration, "proof_interval": self.config.proof_interval,
-                 "proof_timeout_window": self.config.proof_timeout_window}
+                 "proof_timeout_window": self.config.proof_timeout_window, "price_per_token": creation.price,
+                 "deposit": deposit, "on_sent": sending}
         try:
             if token == _NATIVE:
-                opened = client.create_job(host, model_id, deposit=deposit, price_per_token=price, **terms)
+                opened = client.create_job(host, creation.model_id, **terms)
             else:
                 with self._token_lock:  # another job's create must not spend this one's allowance meanwhile
                     have = client.balance(token)
                     if have < deposit:
-                        raise InsufficientFunds(f"open a job with host {host}: deposit {deposit} exceeds the "
-                                                f"{self.unit} balance of {have} (base units)")
-                    if approve is not None:  # allow the rest of the budget too: later jobs need no approve
-                        client.approve(token, deposit + approve)
-                    opened = client.create_job(host, model_id, deposit=deposit, price_per_token=price, token=token,
-                                               **terms)
+                        raise InsufficientFunds(f"{what}: deposit {deposit} exceeds the {self.unit} balance of "
+                                                f"{have} (base units)")
+                    if approve is not None and not creation.abandoned.is_set():
+                        client.approve(token, deposit + approve)  # the rest of the budget too: later jobs need none
+                    opened = client.create_job(host, creation.model_id, token=token, **terms)
         except InsufficientFunds as exc:
             exc.hint = (f"fund {self.wallet.address} on {self.network.name} with {self.unit} for deposits and the "
                         f"native token for gas, or lower the deposit")

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 
 import pytest
 
@@ -327,15 +328,22 @@ async def test_someone_elses_job_and_a_settled_job_are_refused(network):
         with pytest.raises(PaymentRequired) as settled:
             await manager.sessions.create_session(host=host, job_id=session.settlement.job_id)
         assert "completed" in settled.value.message and "never reused" in settled.value.message
-        mine = await manager.sessions.create_session(host=host, job_id=None)
-        adopted = await manager.sessions.create_session(host=host, job_id=mine.job_id)  # its own open job: taken
-        assert adopted.job_id == mine.job_id
+        as_me = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"], account=network.user_key)
+        outside = as_me.create_job(local.address, network.model.model_id, deposit=500_000,
+                                   price_per_token=local.prices[1], token=network.addresses["USDC"])
+        adopted = await manager.sessions.create_session(host=host, job_id=outside.job_id)  # its own open job: taken
+        assert adopted.job_id == outside.job_id
+        answer = await manager.sessions.stream(adopted.id, PROMPT, max_tokens=5).read()
+        assert answer == scripted_text(PROMPT, 5)
+        ended = await manager.sessions.end_session(adopted.id)
+        assert ended.settlement.job_id == outside.job_id and ended.settlement.settled_by == "client"
     as_other.complete_job(theirs.job_id)
 
 
 async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
-    """Opening a job that outlasts job_timeout fails the attempt (CONNECTION_FAILED, retryable); the
-    transaction still lands, and that job is settled at once: every deposit comes back, nothing stays held."""
+    """Opening a job that outlasts job_timeout fails the attempt (CONNECTION_FAILED, retryable); a creation
+    not sent yet is never sent, one that lands anyway is settled at once: every deposit comes back, nothing
+    stays held."""
     manager = _manager(network, job_timeout=0.001, settle_timeout=30.0)
     start = _next_job_id(network)
     async with manager:
@@ -344,7 +352,6 @@ async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
             await manager.ainfer(PROMPT, max_tokens=5, host=host)
         assert "did not finish within" in info.value.message
     opened = range(start, _next_job_id(network))
-    assert len(opened) >= 1
     reader = _reader(network)
     for job_id in opened:
         job = reader.get_job(job_id)
@@ -353,7 +360,105 @@ async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
     assert sorted(s.job_id for s in manager.payments.settlements) == list(opened)
 
 
-# ---------------------------------------------------------------------------- a host killed mid-answer
+def _gate(owner, name: str):
+    """Hold ``owner.<name>`` (a blocking chain call, run in the payments' thread pool) until the test lets
+    it go: returns (entered, proceed, left) events."""
+    entered, proceed, left = threading.Event(), threading.Event(), threading.Event()
+    real = getattr(owner, name)
+
+    def gated(*args, **kwargs):
+        entered.set()
+        try:
+            assert proceed.wait(30), "the test never let the chain call go"
+            return real(*args, **kwargs)
+        finally:
+            left.set()
+
+    setattr(owner, name, gated)
+    return entered, proceed, left
+
+
+def _all_refunded(network: LocalNetwork, job_ids) -> None:
+    reader = _reader(network)
+    for job_id in job_ids:
+        job = reader.get_job(job_id)
+        assert job.status is JobStatus.COMPLETED and job.refunded_to_user == job.deposit, job_id
+
+
+async def test_a_request_cancelled_while_its_job_opens_leaves_no_job_open(network):
+    """Cancel a request (what Ctrl-C does in a notebook) while the client waits for its job's creating
+    transaction to be mined: the transaction lands; the client takes that job and settles it at once (the
+    whole deposit comes back); nothing stays held in the budget. (The job used to stay Active on chain,
+    forgotten, its deposit locked, while the budget freed it.)"""
+    manager = _manager(network, token="native", budget="1")
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        await manager.payments.ensure_ready()
+        entered, proceed, _ = _gate(manager.payments._chain().w3.eth, "wait_for_transaction_receipt")
+        start = _next_job_id(network)
+        request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
+        assert await asyncio.to_thread(entered.wait, 30)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        proceed.set()
+    opened = list(range(start, _next_job_id(network)))
+    assert len(opened) == 1
+    _all_refunded(network, opened)
+    assert [s.job_id for s in manager.payments.settlements] == opened
+    assert manager.payments.held == 0 and manager.payments.spent == 0
+
+
+async def test_a_request_cancelled_before_its_job_is_sent_sends_nothing(network):
+    """Cancelled while the client still approves the token: the job's transaction is never sent."""
+    manager = _manager(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        await manager.payments.ensure_ready()
+        client = manager.payments._chain()
+        entered, proceed, _ = _gate(client, "approve")
+        _, go, created = _gate(client, "create_job")
+        go.set()  # (only watched)
+        start = _next_job_id(network)
+        request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
+        assert await asyncio.to_thread(entered.wait, 30)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        proceed.set()
+    assert await asyncio.to_thread(created.wait, 30)  # the thread's create_job returned (or refused to send)
+    assert _next_job_id(network) == start and manager.payments.held == 0 and not manager.payments.settlements
+
+
+async def test_a_job_whose_creation_answer_was_lost_is_found_and_settled(network):
+    """The creating transaction is sent and mined, but the node's answer to the receipt poll is lost
+    (a dropped connection): the attempt fails over to a new job, and the first job, found on chain
+    from its transaction's hash, is settled with its whole deposit back."""
+    import requests
+
+    manager = _manager(network, token="native", budget="1")
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        await manager.payments.ensure_ready()
+        eth = manager.payments._chain().w3.eth
+        real, failed = eth.wait_for_transaction_receipt, []
+
+        def lost_once(tx_hash, *args, **kwargs):
+            if not failed:
+                failed.append(tx_hash)
+                raise requests.ConnectionError("connection reset by peer")
+            return real(tx_hash, *args, **kwargs)
+
+        eth.wait_for_transaction_receipt = lost_once
+        start = _next_job_id(network)
+        result = await manager.ainfer(PROMPT, max_tokens=5, host=host)
+        assert result.text == scripted_text(PROMPT, 5) and failed
+        lost = start
+        assert result.job_ids == (lost + 1,)
+    _all_refunded(network, [lost])
+    settled = {s.job_id: s for s in manager.payments.settlements}
+    assert sorted(settled) == [lost, lost + 1] and settled[lost].open_tx == failed[0]
+    assert manager.payments.held == 0 and manager.payments.spent == pytest.approx(settled[lost + 1].cost / 10**18)
 
 
 async def test_a_host_killed_mid_answer_settles_its_job_and_the_answer_goes_on_on_a_new_job():
