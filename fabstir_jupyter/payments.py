@@ -420,6 +420,8 @@ class Payments:
         self._sessions: dict[str, SessionTerms] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._token_lock = threading.Lock()  # approve-then-create is one step per job in a token
+        self._setup_lock = threading.Lock()  # balance() may run in another thread than the event loop's
+        self._chain_id: int | None = network.chain_id
         self._executor_down = False
         self._closed = False
 
@@ -559,6 +561,10 @@ class Payments:
     # ------------------------------------------------------------------ the chain
 
     def _chain(self) -> MarketplaceClient:
+        with self._setup_lock:
+            return self._chain_client()
+
+    def _chain_client(self) -> MarketplaceClient:
         if self._client is None:
             from .marketplace import MarketplaceClient
 
@@ -576,6 +582,7 @@ class Payments:
                 raise PaymentRequired(f"network {self.network.name} has no RPC URL to open jobs through",
                                       hint="set FABSTIR_RPC_URL or pass rpc_url=...")
             self._client = MarketplaceClient(rpc, marketplace, account=self.wallet._key,
+                                             timeout=self.config.read_timeout,
                                              receipt_timeout=self.config.job_timeout, poll_interval=0.05)
         return self._client
 
@@ -586,10 +593,14 @@ class Payments:
             InvalidOptions: the endpoint's chain id is not the network's.
             PaymentRequired: the network names no stable token, or the marketplace does not take it.
         """
-        if self._chain_checked:
-            return
-        client = self._chain()
+        with self._setup_lock:  # once, even when balance() and the event loop's first job race
+            if not self._chain_checked:
+                self._check_chain_once()
+
+    def _check_chain_once(self) -> None:
+        client = self._chain_client()
         expected = self.network.chain_id
+        self._chain_id = client.chain_id
         if expected is not None and client.chain_id != expected:
             raise InvalidOptions(
                 f"network {self.network.name} is chain {expected}, but its RPC endpoint serves chain "
@@ -1048,7 +1059,7 @@ class Payments:
             return
         record = job.record()
         client = self._client
-        record = dataclasses.replace(record, chain_id=self.network.chain_id or (client.chain_id if client else 0),
+        record = dataclasses.replace(record, chain_id=self._chain_id or 0,
                                      marketplace=client.marketplace_address if client else "")
         try:
             record_job(record)

@@ -461,6 +461,35 @@ async def test_a_job_whose_creation_answer_was_lost_is_found_and_settled(network
     assert manager.payments.held == 0 and manager.payments.spent == pytest.approx(settled[lost + 1].cost / 10**18)
 
 
+async def test_balance_in_another_thread_while_the_first_job_opens_checks_the_chain_once(network):
+    """payments.balance() (blocking: the notebook's thread) while the event loop makes the payments ready
+    for a first job: the chain is checked, and the budget made, once. (Both threads could run the check and
+    each make a budget, the later one replacing the one that held the first job's deposit.)"""
+    manager = _manager(network)
+    async with manager:
+        payments = manager.payments
+        client = payments._chain()
+        real, calls = client.decimals, []
+        client.decimals = lambda *args: (calls.append(threading.current_thread().name), real(*args))[1]
+        entered, proceed, _ = _gate(client, "decimals")
+        balance = asyncio.ensure_future(asyncio.to_thread(payments.balance))
+        assert await asyncio.to_thread(entered.wait, 30)
+        ready = asyncio.ensure_future(payments.ensure_ready())
+        for _ in range(20):  # give a second check the chance to start (it used to; now it waits its turn)
+            if len(calls) > 1:
+                break
+            await asyncio.sleep(0.05)
+        proceed.set()
+        assert (await balance)["USDC"] > 0
+        await ready
+        budget = payments.budget
+        await manager.ainfer(PROMPT, max_tokens=5, host=await _host_of(manager, network, 0))
+        assert len(calls) == 1 and payments.budget is budget and payments.held > 0
+
+
+# ---------------------------------------------------------------------------- a host killed mid-answer
+
+
 async def test_a_host_killed_mid_answer_settles_its_job_and_the_answer_goes_on_on_a_new_job():
     """SIGKILL the host serving a paid session mid-answer (after a 1000-token proof landed): the answer
     continues on a new job on the other host with the text as prefill, the stream says so, the dead host's
