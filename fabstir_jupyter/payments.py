@@ -707,7 +707,12 @@ class Payments:
         terms = self._sessions.pop(session_id, None)
         if terms is None:
             return []
-        return [await self.settle(job, "the session ended") for job in terms.jobs]
+        results = await asyncio.gather(*(self.settle(job, "the session ended") for job in terms.jobs),
+                                       return_exceptions=True)
+        for result in results:  # every job was tried; the first failure is the one to tell
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ opening jobs
 
@@ -964,7 +969,8 @@ class Payments:
     async def settle(self, job: PaidJob, reason: str = "settled") -> JobSettlement:
         """Close the job's socket, wait for its host's last proof, complete it, read the result back.
 
-        Returns at once for a job already settled; joins a settlement already running.
+        Returns at once for a job already settled; joins a settlement already running; tries again
+        for a job whose earlier settlement failed (``state == "unsettled"``).
 
         Raises:
             TransactionFailed, ConnectionFailed: the job could not be settled within
@@ -974,9 +980,11 @@ class Payments:
         if job.settlement is not None:
             return job.settlement
         job.end(reason)
-        if job._settling is None:
-            job._settling = asyncio.get_running_loop().create_task(self._settle(job))
-        return await asyncio.shield(job._settling)
+        task = job._settling
+        if task is None or task.done():  # not started, or an earlier try failed: (try again to) settle it
+            task = job._settling = asyncio.get_running_loop().create_task(
+                self._settle(job), name=f"fabstir-settle-{job.job_id}")
+        return await asyncio.shield(task)
 
     async def _settle(self, job: PaidJob) -> JobSettlement:
         job.state = "closing"
@@ -1067,11 +1075,14 @@ class Payments:
             logger.warning("job %d: not recorded in the usage ledger: %s", job.job_id, exc)
 
     async def aclose(self) -> None:
-        """Settle every open job (their sockets close), wait for background settlements; idempotent."""
-        if self._closed:
-            return
+        """Settle every open job (their sockets close), wait for background settlements.
+
+        Idempotent, and safe to call again after an interrupted call (a cancelled ``await``, Ctrl-C):
+        the next call settles what the first did not reach. Each settlement takes at most
+        :attr:`close_timeout` seconds.
+        """
         self._closed = True
-        pending = [job for job in self._jobs if job.settlement is None and job.state != "unsettled"]
+        pending = [job for job in self._jobs if job.settlement is None]  # an earlier failure is tried again
         results = await asyncio.gather(*(self.settle(job, "the client closed") for job in pending),
                                        return_exceptions=True)
         for job, result in zip(pending, results):
@@ -1082,6 +1093,12 @@ class Payments:
             await asyncio.sleep(0)  # let done-callbacks add what they start
         self._executor_down = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def close_timeout(self) -> float:
+        """The longest :meth:`aclose` may take: a job still opening, then its settlement."""
+        config = self.config
+        return config.job_timeout + config.read_timeout + config.final_proof_timeout + 2 * config.settle_timeout
 
 
 # ---------------------------------------------------------------------------- sockets bound to jobs

@@ -1179,7 +1179,8 @@ class InferenceCore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: LoopThread | None = None
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # no new streams
+        self._released = False  # sockets closed, paid jobs settled (aclose ran to its end)
         self._running: set[InferenceStream] = set()
         self._recheck: asyncio.Future[Any] | None = None
         self._recheck_at = float("-inf")
@@ -1350,9 +1351,10 @@ class InferenceCore:
     # ------------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:
-        """Close sockets and the probe client, flush an owned ledger, stop a private loop thread.
-        Idempotent; may be awaited from any loop."""
-        if self._closed:
+        """Settle open paid jobs, close sockets and the probe client, flush an owned ledger, stop a
+        private loop thread. Idempotent; may be awaited from any loop; a call that was interrupted (a
+        cancelled await, Ctrl-C) may be made again and finishes what the first did not reach."""
+        if self._released:
             return
         self._closed = True
         loop = self._loop
@@ -1360,6 +1362,7 @@ class InferenceCore:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop))
         else:
             await self._release_resources()
+        self._released = True
         if self._owns_usage and isinstance(self.usage, UsageLedger):
             await asyncio.get_running_loop().run_in_executor(None, self.usage.close)
         await asyncio.get_running_loop().run_in_executor(None, self._stop_loop_thread)
@@ -1377,7 +1380,7 @@ class InferenceCore:
 
     def close(self) -> None:
         """Blocking :meth:`aclose`, for scripts; from a coroutine use ``await aclose()``."""
-        if self._closed:
+        if self._released:
             return
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -1388,8 +1391,10 @@ class InferenceCore:
             if running is loop:
                 raise RuntimeError("use `await manager.aclose()` from the manager's own loop")
             self._closed = True
-            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), 30)
-        self._closed = True
+            # Paid jobs settle first: a job still opening, then its host's last proof and the completion.
+            limit = 30 + (self.payments.close_timeout if self.payments is not None else 0)
+            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), limit)
+        self._closed = self._released = True
         if self._owns_usage and isinstance(self.usage, UsageLedger):
             self.usage.close()
         self._stop_loop_thread()

@@ -461,6 +461,73 @@ async def test_a_job_whose_creation_answer_was_lost_is_found_and_settled(network
     assert manager.payments.held == 0 and manager.payments.spent == pytest.approx(settled[lost + 1].cost / 10**18)
 
 
+def _refuse_completion_once(client: MarketplaceClient) -> list[int]:
+    """Make the first complete_job fail as a node refusing the transaction would; return the jobs refused."""
+    real, refused = client.complete_job, []
+
+    def complete_job(job_id, *args, **kwargs):
+        if not refused:
+            refused.append(job_id)
+            raise TransactionFailed(f"complete job {job_id}: the node refused it: replacement transaction underpriced")
+        return real(job_id, *args, **kwargs)
+
+    client.complete_job = complete_job
+    return refused
+
+
+async def test_a_settlement_that_failed_can_be_tried_again(network):
+    """end_session's settlement fails (the node refuses the transaction): the job is 'unsettled', still
+    Active, its deposit held. Payments.settle(job) then settles it. (The failed task was kept and its
+    error raised again on every later try: the job could never be settled by this client.)"""
+    manager = _manager(network, settle_timeout=2.0)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        session = await manager.sessions.create_session(host=host)
+        await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
+        refused = _refuse_completion_once(manager.payments._chain())
+        with pytest.raises(TransactionFailed):
+            await manager.sessions.end_session(session.id)
+        (job,) = manager.payments.open_jobs
+        assert refused == [job.job_id] and job.state == "unsettled" and manager.payments.held > 0
+        assert _reader(network).get_job(job.job_id).status is JobStatus.ACTIVE
+        settled = await manager.payments.settle(job)
+        assert settled.job_id == job.job_id and settled.adds_up and manager.payments.held == 0
+    assert _reader(network).get_job(job.job_id).status is JobStatus.COMPLETED
+
+
+async def test_closing_settles_a_job_whose_settlement_failed_before(network):
+    """A job whose settlement failed at end_session is settled when the manager closes."""
+    manager = _manager(network, settle_timeout=2.0)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        session = await manager.sessions.create_session(host=host)
+        await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
+        refused = _refuse_completion_once(manager.payments._chain())
+        with pytest.raises(TransactionFailed):
+            await manager.sessions.end_session(session.id)
+    assert _reader(network).get_job(refused[0]).status is JobStatus.COMPLETED
+    assert [s.job_id for s in manager.payments.settlements] == refused and manager.payments.held == 0
+
+
+async def test_closing_again_after_an_interrupted_close_settles_the_jobs(network):
+    """Ctrl-C (a cancelled await) while the manager closes: closing again still settles the open jobs.
+    (The first call marked the payments closed, and the second returned at once, leaving them Active.)"""
+    manager = _manager(network)
+    host = await _host_of(manager, network, 0)
+    result = await manager.ainfer(PROMPT, max_tokens=5, host=host)
+    (job_id,) = result.job_ids
+    entered, proceed, _ = _gate(manager.payments._chain(), "get_job")
+    closing = asyncio.ensure_future(manager.aclose())
+    assert await asyncio.to_thread(entered.wait, 30)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    proceed.set()
+    await manager.aclose()
+    assert _reader(network).get_job(job_id).status is JobStatus.COMPLETED
+    assert [s.job_id for s in manager.payments.settlements] == [job_id]
+
+
 async def test_balance_in_another_thread_while_the_first_job_opens_checks_the_chain_once(network):
     """payments.balance() (blocking: the notebook's thread) while the event loop makes the payments ready
     for a first job: the chain is checked, and the budget made, once. (Both threads could run the check and
