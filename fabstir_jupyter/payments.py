@@ -914,7 +914,7 @@ class Payments:
             InvalidOptions: not a positive integer.
             SessionNotFound: no such job.
             PaymentRequired: the job is another wallet's, settled, another host's, for another model,
-                or on another chain.
+                paid in another token, or already used by this client (another session's).
             BudgetExceeded: its deposit passes the session's budget.
         """
         if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
@@ -938,6 +938,11 @@ class Payments:
             raise PaymentRequired(f"job {job_id} pays for model {chain_model}, not {model} ({wanted})")
         if onchain.payment_token.lower() != (self._token_address or "").lower():
             raise PaymentRequired(f"job {job_id} is paid in {onchain.payment_token}, not in {self.unit}")
+        held = next((job for job in self._jobs if job.job_id == job_id and job.settlement is None), None)
+        if held is not None:  # (checked after the reads: nothing awaits between this and taking it)
+            user = f"session {held.session_id}" if held.session_id else "a stateless request"
+            raise PaymentRequired(f"job {job_id} is already in use by {user} of this client: a job pays for one "
+                                  f"session, on one connection", hint="open a new job: create_session() without job_id")
         session.budget.check(onchain.deposit, f"adopt job {job_id}")
         session.budget.hold(onchain.deposit)
         job = PaidJob(job_id=job_id, host=host, model=model, model_id=wanted, token=onchain.payment_token,

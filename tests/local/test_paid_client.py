@@ -340,6 +340,23 @@ async def test_someone_elses_job_and_a_settled_job_are_refused(network):
     as_other.complete_job(theirs.job_id)
 
 
+async def test_a_job_another_session_holds_is_not_taken_twice(network):
+    """create_session(job_id=...) with a job this client already uses (another session's) is PAYMENT_REQUIRED:
+    two PaidJobs for one job would hold its deposit twice and count its bill twice at settlement."""
+    manager = _manager(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        first = await manager.sessions.create_session(host=host)
+        held = manager.payments.held
+        with pytest.raises(PaymentRequired) as twice:
+            await manager.sessions.create_session(host=host, job_id=first.job_id)
+        assert "already in use by session" in twice.value.message and manager.payments.held == held
+        await manager.sessions.stream(first.id, PROMPT, max_tokens=5).read()
+        ended = await manager.sessions.end_session(first.id)
+    assert [s.job_id for s in manager.payments.settlements] == [first.job_id]
+    assert manager.payments.spent == pytest.approx(ended.settlement.cost / 10**6) and manager.payments.held == 0
+
+
 async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
     """Opening a job that outlasts job_timeout fails the attempt (CONNECTION_FAILED, retryable); a creation
     not sent yet is never sent, one that lands anyway is settled at once: every deposit comes back, nothing
