@@ -1305,9 +1305,9 @@ class PaidConnector(PoolConnector):
                         opened = await payments.open_job(host, model, max_tokens=max_tokens, kind="tab")
                     except BudgetExceeded:
                         self.pool.discard(socket)
-                        if not tab.jobs:
+                        if not tab.jobs and tab.opening == 1:  # (1: this request) no job to wait for
                             raise
-                        opened = None  # the budget holds no second job: wait for the first
+                        opened = None  # the budget holds no second job: wait for one open or opening
                     except BaseException:
                         self.pool.discard(socket)
                         raise
@@ -1336,9 +1336,8 @@ class PaidConnector(PoolConnector):
             if not channel.encrypted:
                 await self._bind(job, channel, request_id)
         except BaseException:
-            job.busy = False
             job.end("its session init failed")
-            tab.released.set()
+            self._tab_release(tab, job, False)  # its socket closes, the job is settled
             raise
         assert job.socket is not None
         return Connection(socket=job.socket, channel=channel, fresh=True, job=job, notes=tuple(notes),
@@ -1354,10 +1353,6 @@ class PaidConnector(PoolConnector):
                 self.pool.discard(job.socket)
             self.payments.retire(job, job.ended or "closed")
         tab.released.set()
-
-    async def warm_up(self, host: HostInfo) -> None:
-        """Open a socket to ``host`` ahead of the attempt (a paid job then takes it as its socket)."""
-        await super().warm_up(host)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -146,6 +146,21 @@ async def test_concurrent_stateless_calls_open_a_job_each_up_to_the_limit(networ
     assert all(s.tokens_billed == s.expected_tokens == 100 for s in settlements)  # each job's minimum billing
 
 
+async def test_concurrent_requests_wait_for_the_one_job_the_budget_holds(network):
+    """Three requests at once to one host with a budget that holds one deposit: one job opens, the other
+    requests wait for it and run on it in turn; none fails. (Those that found the first job still opening
+    failed BUDGET_EXCEEDED, not retryable.)"""
+    manager = _manager(network, budget="0.7")  # one 0.5 USDC deposit, not two
+    async with manager:
+        host = await _host_of(manager, network, 1)
+        results = await asyncio.gather(*(manager.ainfer(f"{PROMPT} {i}", max_tokens=10, host=host) for i in range(3)),
+                                       return_exceptions=True)
+        assert [r.text for r in results] == [scripted_text(f"{PROMPT} {i}", 10) for i in range(3)], results
+        assert len({r.job_ids for r in results}) == 1
+    (settled,) = manager.payments.settlements
+    assert settled.streamed_tokens == 30 and manager.payments.held == 0
+
+
 async def test_a_low_deposit_opens_the_next_job_before_the_request_needs_it(network):
     """When a tab job's deposit cannot pay for the next request (plus its margin), a new job is opened
     before the request is sent: no stream is capped, the old job is settled with what it served."""
