@@ -1130,8 +1130,7 @@ class JobChannel(Channel):
         """
         await self.socket.send(protocol.session_init_frame(self.bound_session, job_id=str(self.job_id),
                                                            chain_id=self.chain_id, request_id=request_id))
-        while protocol.read_session_ack(await self.socket.recv_event(timeout)) is None:
-            pass
+        await self.wait_for_ack(timeout)
 
     async def send_request(self, request: protocol.GenerationRequest, *, session_id: str | None,
                            request_id: str) -> None:
