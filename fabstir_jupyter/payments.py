@@ -93,6 +93,7 @@ __all__ = [
     "JobChannel",
     "StreamEvent",
     "TOKENS",
+    "JOB_REFUSALS",
 ]
 
 logger = logging.getLogger("fabstir_jupyter.payments")
@@ -100,6 +101,9 @@ T = TypeVar("T")
 
 #: The payment tokens a client may choose.
 TOKENS = ("stable", "native")
+#: Host refusals that end a paid job, not the request (at the session's init or mid-answer): its
+#: deposit ran out, the host no longer takes it, or it does not exist. The request goes on on a new job.
+JOB_REFUSALS = frozenset({"PAYMENT_REQUIRED", "BUDGET_EXCEEDED", "SESSION_NOT_FOUND"})
 _NATIVE = "0x" + "00" * 20
 _BYTES32 = 66  # "0x" + 64 hex digits
 _NOT_ACTIVE = "Not active"
@@ -1372,7 +1376,7 @@ class PaidConnector(PoolConnector):
             await channel.open_session("", request_id=request_id, timeout=self.config.first_token_timeout)
         except FabstirError as exc:
             exc.host = exc.host or job.host.api_url
-            if exc.code in ("PAYMENT_REQUIRED", "BUDGET_EXCEEDED", "SESSION_NOT_FOUND"):
+            if exc.code in JOB_REFUSALS:
                 job.end(f"the host refused it ({exc.code})")
                 exc.retryable = True  # this job is over; a new one may do
             raise

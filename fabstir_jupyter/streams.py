@@ -78,6 +78,7 @@ from .hosts import HostInfo, HostManager, resolve_model
 from .limits import RateLimiter
 from .runner import LoopThread, wait_future
 from .transport import ConnectionPool
+from .payments import JOB_REFUSALS
 from .usage import UsageLedger, UsageRecord, UsageSink
 
 if TYPE_CHECKING:
@@ -183,20 +184,14 @@ class _ReadTimer:
         return self.until >= self._deadline
 
 
-#: Host refusals that end a paid job, not the request: its deposit ran out, or the host no longer
-#: takes it. The answer continues on a new job (the stream's retry loop, with the text as prefill).
-_JOB_OVER = frozenset({"BUDGET_EXCEEDED", "PAYMENT_REQUIRED"})
-
-
-def _job_over(job: PaidJob, event: protocol.ErrorEvent, host: HostInfo) -> FabstirError:
-    """The error of an attempt whose paid job the host ended: retryable, on a new job."""
-    reason = ("its deposit ran out" if event.code == "BUDGET_EXCEEDED"
-              else "the host no longer takes it")
-    job.end(f"{reason} ({event.code}: {event.message})")
-    error = event.error
+def _job_over(job: PaidJob, error: FabstirError, host: HostInfo) -> FabstirError:
+    """The error of an attempt whose paid job the host ended or refused (at the session's init, or
+    mid-answer): retryable, so that the answer goes on on a new job."""
+    reason = "its deposit ran out" if error.code == "BUDGET_EXCEEDED" else "the host no longer takes it"
+    job.end(f"{reason} ({error.code}: {error.message})")
     error.retryable = True
     error.host = host.api_url
-    error.message = f"job {job.job_id} ended mid-answer, {reason}; continuing on a new job: {error.message}"
+    error.message = f"job {job.job_id} ended, {reason}; continuing on a new job: {error.message}"
     error.args = (error.message,)
     return error
 
@@ -941,11 +936,17 @@ class InferenceStream:
                 if take_text is not None and take_text(data, pieces):
                     progressed = True
                 else:
-                    event = channel.open_frame(data)
+                    try:
+                        event = channel.open_frame(data)  # (an encrypted init's refusal raises here)
+                    except FabstirError as exc:
+                        if job is None or exc.code not in JOB_REFUSALS:
+                            raise
+                        reader.done = True
+                        raise _job_over(job, exc, host) from None
                     if event is not None and not channel.is_late(event):
-                        if job is not None and isinstance(event, protocol.ErrorEvent) and event.code in _JOB_OVER:
+                        if job is not None and isinstance(event, protocol.ErrorEvent) and event.code in JOB_REFUSALS:
                             reader.done = True
-                            raise _job_over(job, event, host)
+                            raise _job_over(job, event.error, host)
                         pieces += reader.receive(event)
                         # Pings, unknown frames and empty chunks are no progress: a host that
                         # floods them cannot keep a request waiting forever.

@@ -225,6 +225,27 @@ async def test_plaintext_requests_bind_their_job_with_session_init(network):
     assert ended.settlement.streamed_tokens == 20 and ended.settlement.tokens_billed == 100
 
 
+@pytest.mark.parametrize("encryption", [False, "auto"])
+async def test_a_job_the_host_refuses_at_init_is_replaced_and_the_turn_served(network, encryption):
+    """The session's job is completed on chain before its first turn (by its depositor, elsewhere): the host
+    refuses it at the session's init (PAYMENT_REQUIRED); that ends the job, and the turn goes on on a new
+    job, plaintext or encrypted alike."""
+    manager = _manager(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        session = await manager.sessions.create_session(host=host)
+        first = session.job_id
+        as_me = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"], account=network.user_key)
+        as_me.complete_job(first)
+        async with manager.sessions.stream(session.id, PROMPT, max_tokens=5, encryption=encryption) as stream:
+            text = await stream.read()
+        assert text == scripted_text(PROMPT, 5) and stream.error is None
+        assert session.job_ids[0] == first and len(session.job_ids) == 2 and stream.job_ids == (session.job_id,)
+        ended = await manager.sessions.end_session(session.id)
+    assert [s.job_id for s in ended.settlements] == session.job_ids
+    assert ended.settlements[0].tokens_billed == 0 and ended.settlements[0].settled_by == "client"
+
+
 async def test_authenticate_turns_payments_on_for_a_registry_network(network, monkeypatch):
     """A registry network with a budget but no key refuses inference; authenticate() then pays with that key
     from the next request on, on the same manager."""
