@@ -510,15 +510,14 @@ class Payments:
         Raises:
             InvalidOptions: the usage sink keeps no jobs.
         """
-        from .usage import current_client_id
+        from .usage import UsageLedger, current_client_id
 
+        if isinstance(self.usage, UsageLedger):  # a file may hold other processes' jobs too
+            return self.usage.reconcile(client_id=current_client_id())
         reconcile = getattr(self.usage, "reconcile", None)
         if not callable(reconcile):
             raise InvalidOptions("the usage sink keeps no paid jobs to reconcile", field="usage")
-        try:
-            return reconcile(client_id=current_client_id())
-        except TypeError:  # a ListSink: everything it holds is this process's
-            return reconcile()
+        return reconcile()  # a ListSink: everything it holds is this process's
 
     # ------------------------------------------------------------------ what a host needs
 
