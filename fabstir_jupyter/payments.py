@@ -456,6 +456,11 @@ class Payments:
         return self.wallet.address
 
     @property
+    def chain_id(self) -> int | None:
+        """The chain's id: the network's, else the RPC endpoint's once checked (``None`` before)."""
+        return self._chain_id
+
+    @property
     def unit(self) -> str:
         """The payment token's name (``"USDC"``, ``"ETH"``)."""
         return "USDC" if self.config.token == "stable" else "ETH"
@@ -735,8 +740,9 @@ class Payments:
             InsufficientFunds: the wallet cannot pay the deposit or the gas.
             PaymentRequired: the host does not price the model in the payment token (retryable).
             InvalidOptions: the chain is not the network's.
-            ConnectionFailed: the chain did not answer in time.
+            ConnectionFailed: the chain did not answer in time, or the payments are closing.
         """
+        self._check_open()
         await self.ensure_ready()
         assert self.budget is not None and self._decimals is not None and self._token_address is not None
         client, token, decimals = self._chain(), self._token_address, self._decimals
@@ -768,6 +774,7 @@ class Payments:
             left = budget.remaining
             if left is not None and deposit > left >= floor:
                 deposit = left  # a smaller job still pays for this request; top-ups follow
+        self._check_open()  # (again: the price was read meanwhile)
         budget.check(deposit, what)
         budget.hold(deposit)
         approve = budget.remaining if token != _NATIVE else None
@@ -827,6 +834,16 @@ class Payments:
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _check_open(self) -> None:
+        """Refuse a new job once :meth:`aclose` has begun (it settles the jobs it knows; a job opened
+        after that would outlive the client).
+
+        Raises:
+            ConnectionFailed: the payments are closing or closed.
+        """
+        if self._closed:
+            raise ConnectionFailed(f"payments on {self.network.name} are closed: no new job is opened", retryable=False)
 
     def _late_job(self, job: PaidJob) -> None:
         """A job whose creation its caller gave up on opened after all: settle it now."""
@@ -922,6 +939,7 @@ class Payments:
         """
         if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
             raise InvalidOptions(f"job_id must be a positive integer, not {job_id!r}", field="job_id")
+        self._check_open()
         await self.ensure_ready()
         assert self._decimals is not None
         client = self._chain()
@@ -941,6 +959,7 @@ class Payments:
             raise PaymentRequired(f"job {job_id} pays for model {chain_model}, not {model} ({wanted})")
         if onchain.payment_token.lower() != (self._token_address or "").lower():
             raise PaymentRequired(f"job {job_id} is paid in {onchain.payment_token}, not in {self.unit}")
+        self._check_open()
         held = next((job for job in self._jobs if job.job_id == job_id and job.settlement is None), None)
         if held is not None:  # (checked after the reads: nothing awaits between this and taking it)
             user = f"session {held.session_id}" if held.session_id else "a stateless request"
@@ -1005,7 +1024,7 @@ class Payments:
         wait_proof_until = loop.time() + self.config.final_proof_timeout
         try:
             while True:
-                onchain = await self._run(lambda: client.get_job(job.job_id), self.config.settle_timeout)
+                onchain = await self._run(lambda: client.get_job(job.job_id), self.config.read_timeout)
                 if not onchain.active or onchain.tokens_used >= expected or loop.time() >= wait_proof_until:
                     break
                 await asyncio.sleep(_POLL)
@@ -1028,7 +1047,7 @@ class Payments:
                 await asyncio.sleep(1.0)
             if settled is None:
                 settled = await self._find_settlement(job, deadline)
-            final = await self._run(lambda: client.get_job(job.job_id), self.config.settle_timeout)
+            final = await self._run(lambda: client.get_job(job.job_id), self.config.read_timeout)
         except FabstirError as exc:
             job.state = "unsettled"
             self._record(job)
@@ -1365,7 +1384,7 @@ class PaidConnector(PoolConnector):
 
     def _job_channel(self, job: PaidJob, key: PublicKey | None, bound: str) -> Channel:
         assert job.socket is not None
-        chain_id = self.payments.network.chain_id
+        chain_id = self.payments.chain_id
         if key is None:
             return JobChannel(job.socket, bound_session=bound, job_id=job.job_id, chain_id=chain_id)
         return self._channel(job.socket, key, bound, job_id=str(job.job_id), chain_id=chain_id)

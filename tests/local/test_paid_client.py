@@ -607,6 +607,27 @@ async def test_balance_in_another_thread_while_the_first_job_opens_checks_the_ch
         assert len(calls) == 1 and payments.budget is budget and payments.held > 0
 
 
+async def test_no_job_opens_once_closing_has_begun(network):
+    """While the payments close (settling the jobs they know), a request that needs a new job gets none:
+    CONNECTION_FAILED, nothing sent. (A job opened then was not among those close settled, and the
+    payments' threads were gone when it was retired: it stayed Active.)"""
+    manager = _manager(network)
+    host = await _host_of(manager, network, 0)
+    payments = manager.payments
+    await manager.ainfer(PROMPT, max_tokens=5, host=host)
+    entered, proceed, _ = _gate(payments._chain(), "get_job")
+    closing = asyncio.ensure_future(payments.aclose())
+    assert await asyncio.to_thread(entered.wait, 30)
+    start = _next_job_id(network)
+    with pytest.raises(ConnectionFailed) as info:
+        await payments.open_job(host, MODEL, max_tokens=5, kind="tab")
+    assert "closed" in info.value.message and _next_job_id(network) == start
+    proceed.set()
+    await closing
+    await manager.aclose()
+    assert not payments.open_jobs and payments.held == 0
+
+
 # ---------------------------------------------------------------------------- a host killed mid-answer
 
 
