@@ -263,6 +263,7 @@ class SessionJob:
 
     @property
     def active(self) -> bool:
+        """Whether the job is still open (neither completed nor timed out)."""
         return self.status is JobStatus.ACTIVE
 
     @property
@@ -328,6 +329,7 @@ class Settlement:
 
     @property
     def treasury_fee(self) -> int:
+        """What the treasury kept of the payment (the payment less the host's earnings)."""
         return self.payment - self.host_earnings if self.payment >= self.host_earnings else 0
 
 
@@ -504,6 +506,7 @@ class MarketplaceClient:
 
     @property
     def w3(self) -> Web3:
+        """The web3 instance the client speaks through."""
         return self._w3
 
     def _rpc(self, what: str, call: Callable[[], T]) -> T:
@@ -543,6 +546,7 @@ class MarketplaceClient:
 
     @property
     def chain_id(self) -> int:
+        """The RPC endpoint's chain id (read once)."""
         if self._chain_id is None:
             self._chain_id = int(self._rpc("eth_chainId", lambda: self._w3.eth.chain_id))
         return self._chain_id
@@ -652,6 +656,7 @@ class MarketplaceClient:
         return int(self._read(functions.tokenMinDeposits(_address(token, "token")), "tokenMinDeposits"))
 
     def fee_basis_points(self) -> int:
+        """The treasury's share of each payment, in basis points (1000 = 10%)."""
         return int(self._read(self._marketplace.functions.feeBasisPoints(), "feeBasisPoints"))
 
     def dispute_window(self) -> int:
@@ -770,7 +775,7 @@ class MarketplaceClient:
             have = self.balance(token)
             if have < deposit:
                 raise InsufficientFunds(f"{what}: deposit {deposit} exceeds the token balance of {have}")
-            self._approve(token, deposit)
+            self.approve(token, deposit)
             fn = functions.createSessionJobForModelWithToken(host, model, token, deposit, price_per_token,
                                                              max_duration, proof_interval, proof_timeout_window)
             receipt = self._transact(fn, what, on_sent=on_sent)
@@ -802,9 +807,6 @@ class MarketplaceClient:
         receipt = self._rpc(f"transaction {tx_hash}", lambda: self._w3.eth.wait_for_transaction_receipt(
             tx_hash, timeout=timeout, poll_latency=self.poll_interval))
         return self._opened(receipt, _bytes32(model_id, "model_id"), _address(token, "token"), price_per_token)
-
-    def _approve(self, token: str, amount: int) -> None:
-        self.approve(token, amount)
 
     def complete_job(self, job_id: int, conversation_cid: str = "") -> Settlement:
         """Settle job ``job_id`` (the depositor at any time; its host after the dispute window).

@@ -1156,9 +1156,11 @@ class JobChannel(Channel):
 
     async def send_request(self, request: protocol.GenerationRequest, *, session_id: str | None,
                            request_id: str) -> None:
+        """Send ``request`` as a ``prompt`` of the bound session (``session_id`` is not used)."""
         await super().send_request(request, session_id=self.bound_session, request_id=request_id)
 
     async def send_cancel(self, session_id: str | None) -> None:
+        """Ask the host to stop the bound session's running request."""
         await super().send_cancel(self.bound_session)
 
 
@@ -1282,6 +1284,7 @@ class PaidConnector(PoolConnector):
                     self.pool.discard(job.socket)
 
     def pinned_socket(self, session_id: str) -> WebSocketClient | None:
+        """The socket of the session's current job (else the pool's pinned socket, unpaid)."""
         terms = self.payments._sessions.get(session_id)
         if terms is not None and terms.job is not None and terms.job.socket is not None:
             return terms.job.socket
