@@ -422,7 +422,7 @@ class Payments:
         self._jobs: list[PaidJob] = []
         self._settlements: list[JobSettlement] = []
         self._sessions: dict[str, SessionTerms] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()  # settlements, and creations given up on
         self._token_lock = threading.Lock()  # approve-then-create is one step per job in a token
         self._setup_lock = threading.Lock()  # balance() may run in another thread than the event loop's
         self._chain_id: int | None = network.chain_id
@@ -897,7 +897,7 @@ class Payments:
                 raise ConnectionFailed(f"{what}: given up before the transaction was sent")
             creation.tx_hash = tx_hash
 
-        terms = {"max_duration": self.config.max_duration, "proof_interval": self.config.proof_interval,
+        terms: dict[str, Any] = {"max_duration": self.config.max_duration, "proof_interval": self.config.proof_interval,
                  "proof_timeout_window": self.config.proof_timeout_window, "price_per_token": creation.price,
                  "deposit": deposit, "on_sent": sending}
         try:

@@ -76,9 +76,9 @@ from .errors import (
 )
 from .hosts import HostInfo, HostManager, resolve_model
 from .limits import RateLimiter
+from .payments import JOB_REFUSALS
 from .runner import LoopThread, wait_future
 from .transport import ConnectionPool
-from .payments import JOB_REFUSALS
 from .usage import UsageLedger, UsageRecord, UsageSink
 
 if TYPE_CHECKING:
