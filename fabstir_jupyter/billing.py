@@ -98,6 +98,7 @@ class ProofCadence:
         self.claimed = max(self.claimed, self.tokens_used)
 
     def copy(self) -> ProofCadence:
+        """An independent copy (to look ahead without changing this one)."""
         return dataclasses.replace(self)
 
     def _prove(self, tokens: int) -> None:

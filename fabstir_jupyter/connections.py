@@ -79,14 +79,35 @@ class Channel:
         return f"<Channel {self.socket!r}>"
 
     async def open_session(self, session_id: str, *, request_id: str | None, timeout: float) -> None:
-        """Send ``session_init`` and wait for its ``session_init_ack``, ``timeout`` seconds per frame.
+        """Send ``session_init`` and wait at most ``timeout`` seconds for its ``session_init_ack``.
 
         Raises:
             FabstirError: the host refused (its code), broke the protocol, or did not answer in time.
         """
         await self.socket.send(protocol.session_init_frame(session_id, request_id=request_id))
-        while protocol.read_session_ack(await self.socket.recv_event(timeout)) is None:
-            pass
+        await self.wait_for_ack(timeout)
+
+    async def wait_for_ack(self, timeout: float) -> None:
+        """Read frames until the ``session_init_ack``, at most ``timeout`` seconds in all (a host that
+        sends only pings or unknown frames cannot hold the request).
+
+        Raises:
+            InferenceTimeout: no ack in time.
+            FabstirError: the host refused the session (its code), or broke the protocol.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        late = InferenceTimeout(f"no session_init_ack within {timeout:g} s", host=redact_url(self.socket.url))
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise late
+            try:
+                event = await self.socket.recv_event(remaining)
+            except InferenceTimeout:
+                raise late from None
+            if protocol.read_session_ack(event) is not None:
+                return
 
     async def send_request(self, request: protocol.GenerationRequest, *, session_id: str | None,
                            request_id: str) -> None:

@@ -263,6 +263,7 @@ class SessionJob:
 
     @property
     def active(self) -> bool:
+        """Whether the job is still open (neither completed nor timed out)."""
         return self.status is JobStatus.ACTIVE
 
     @property
@@ -328,6 +329,7 @@ class Settlement:
 
     @property
     def treasury_fee(self) -> int:
+        """What the treasury kept of the payment (the payment less the host's earnings)."""
         return self.payment - self.host_earnings if self.payment >= self.host_earnings else 0
 
 
@@ -341,26 +343,70 @@ def _redacted(url: str) -> str:
 
 
 class _RedactRpcUrls(logging.Filter):
-    """Replace the RPC URLs of clients in web3's DEBUG records by their scheme, host and port: web3's
-    HTTP provider logs the full URI, whose path or query often holds an API key."""
+    """Hide the RPC URLs of clients in web3's and urllib3's DEBUG records: web3's HTTP provider logs
+    the full URI, urllib3 the request's path and query, and either often holds an API key. A URL
+    shows as its scheme, host and port; a path or query alone as ``/…``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.urls: set[str] = set()
+
+    def add(self, url: str) -> None:
+        self.urls.add(url)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         hidden = message
         for url in self.urls:
             hidden = hidden.replace(url, _redacted(url))
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if target != "/":
+                hidden = hidden.replace(target, "/…")
         if hidden != message:
             record.msg, record.args = hidden, ()
         return True
 
 
 _URL_FILTER = _RedactRpcUrls()
-for _name in ("web3.providers.HTTPProvider", "web3._utils.http_session_manager.HTTPSessionManager"):
+for _name in ("web3.providers.HTTPProvider", "web3._utils.http_session_manager.HTTPSessionManager",
+              "urllib3.connectionpool"):
     logging.getLogger(_name).addFilter(_URL_FILTER)
+
+
+class _Sender:
+    """One account's transactions in this process: sent one at a time, their nonces tracked.
+
+    The nonce of a transaction is the larger of the node's ``pending`` count and one past the
+    nonces this process sent whose receipts it still awaits: a load-balanced endpoint may answer
+    the count from a node that has not seen the last transaction yet, and two clients of one key
+    (two SDKs in a kernel) would otherwise take the same nonce. A nonce leaves the set once its
+    receipt came or its wait failed (a dropped transaction must not hold later ones back).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._waiting: dict[int, set[int]] = {}  # chain id -> nonces sent, receipts not read yet
+
+    def nonce(self, chain_id: int, counted: int) -> int:
+        waiting = self._waiting.get(chain_id)
+        return max(counted, max(waiting) + 1) if waiting else counted
+
+    def sent(self, chain_id: int, nonce: int) -> None:
+        self._waiting.setdefault(chain_id, set()).add(nonce)
+
+    def forget(self, chain_id: int, nonce: int) -> None:
+        self._waiting.get(chain_id, set()).discard(nonce)
+
+
+_SENDERS: dict[str, _Sender] = {}
+_SENDERS_LOCK = threading.Lock()
+
+
+def _sender(address: str) -> _Sender:
+    """The process-wide :class:`_Sender` of ``address`` (every client signing with that key shares it)."""
+    with _SENDERS_LOCK:
+        return _SENDERS.setdefault(address.lower(), _Sender())
 
 
 def _bytes32(value: bytes | str, what: str) -> bytes:
@@ -420,7 +466,7 @@ class MarketplaceClient:
             self._w3 = rpc
             self._where = "in-process chain"
         elif isinstance(rpc, str) and urlsplit(rpc).scheme in ("http", "https") and urlsplit(rpc).netloc:
-            _URL_FILTER.urls.add(rpc)
+            _URL_FILTER.add(rpc)
             provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
             self._w3 = Web3(provider)
             self._where = f"chain rpc {_redacted(rpc)}"
@@ -433,7 +479,6 @@ class MarketplaceClient:
         self._host_earnings_address = _address(host_earnings, "host_earnings") if host_earnings else None
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
-        self._send_lock = threading.Lock()  # one nonce at a time per client
         self._chain_id: int | None = None
 
     @staticmethod
@@ -461,6 +506,7 @@ class MarketplaceClient:
 
     @property
     def w3(self) -> Web3:
+        """The web3 instance the client speaks through."""
         return self._w3
 
     def _rpc(self, what: str, call: Callable[[], T]) -> T:
@@ -500,6 +546,7 @@ class MarketplaceClient:
 
     @property
     def chain_id(self) -> int:
+        """The RPC endpoint's chain id (read once)."""
         if self._chain_id is None:
             self._chain_id = int(self._rpc("eth_chainId", lambda: self._w3.eth.chain_id))
         return self._chain_id
@@ -509,31 +556,51 @@ class MarketplaceClient:
             raise InvalidOptions(f"{what} needs a signing key: this client is read-only", field="account")
         return self._key
 
-    def _transact(self, fn: Any, what: str, *, value: int = 0) -> Any:
-        """Estimate, sign, send and wait for ``fn``; return the receipt of a successful transaction."""
+    def _transact(self, fn: Any, what: str, *, value: int = 0,
+                  on_sent: Callable[[str], None] | None = None) -> Any:
+        """Estimate, sign, send and wait for ``fn``; return the receipt of a successful transaction.
+
+        ``on_sent`` is called with the transaction's hash just before it is sent: whatever fails after
+        that (the send's answer lost, the receipt not read in time), the transaction may be mined.
+        Errors after the signature carry the hash (``tx_hash`` on a :class:`TransactionFailed`).
+        """
         key = self._signer(what)
-        sender = key.address
+        address = key.address
         chain_id = self.chain_id
+        sender = _sender(address)
 
-        def send() -> str:
-            gas = fn.estimate_gas({"from": sender, "value": value})  # a refusal surfaces here, unsent
+        def sign() -> tuple[bytes, int]:
+            gas = fn.estimate_gas({"from": address, "value": value})  # a refusal surfaces here, unsent
+            nonce = sender.nonce(chain_id, self._w3.eth.get_transaction_count(address, "pending"))
             tx = fn.build_transaction({
-                "from": sender, "value": value, "gas": gas * 6 // 5 + 10_000, "chainId": chain_id,
-                "nonce": self._w3.eth.get_transaction_count(sender, "pending"),
+                "from": address, "value": value, "gas": gas * 6 // 5 + 10_000, "chainId": chain_id, "nonce": nonce,
             })
-            return self._w3.eth.send_raw_transaction(key.sign_transaction(tx)).to_0x_hex()
+            return key.sign_transaction(tx), nonce
 
-        with self._send_lock:  # one nonce at a time
-            tx_hash = self._rpc(what, send)
+        with sender.lock:  # one transaction of this account at a time, in this process
+            raw, nonce = self._rpc(what, sign)
+            tx_hash = Web3.keccak(raw).to_0x_hex()
+            sender.sent(chain_id, nonce)
+            try:
+                if on_sent is not None:
+                    on_sent(tx_hash)
+                self._rpc(what, lambda: self._w3.eth.send_raw_transaction(raw))
+            except BaseException as error:
+                sender.forget(chain_id, nonce)
+                if isinstance(error, FabstirError):
+                    _note_tx(error, tx_hash)  # its answer may be lost after the node took it
+                raise
         try:
             receipt = self._rpc(what, lambda: self._w3.eth.wait_for_transaction_receipt(
                 tx_hash, timeout=self.receipt_timeout, poll_latency=self.poll_interval))
         except FabstirError as error:
-            if isinstance(error, TransactionFailed):
-                error.tx_hash = tx_hash
+            _note_tx(error, tx_hash)
             raise
+        finally:
+            with sender.lock:
+                sender.forget(chain_id, nonce)
         if receipt["status"] != 1:
-            raise self._mined_refusal(fn, what, sender, value, receipt, tx_hash)
+            raise self._mined_refusal(fn, what, address, value, receipt, tx_hash)
         return receipt
 
     def _mined_refusal(self, fn: Any, what: str, sender: str, value: int, receipt: Any, tx_hash: str) -> FabstirError:
@@ -589,6 +656,7 @@ class MarketplaceClient:
         return int(self._read(functions.tokenMinDeposits(_address(token, "token")), "tokenMinDeposits"))
 
     def fee_basis_points(self) -> int:
+        """The treasury's share of each payment, in basis points (1000 = 10%)."""
         return int(self._read(self._marketplace.functions.feeBasisPoints(), "feeBasisPoints"))
 
     def dispute_window(self) -> int:
@@ -670,11 +738,14 @@ class MarketplaceClient:
         max_duration: int = DEFAULT_MAX_DURATION,
         proof_interval: int = DEFAULT_PROOF_INTERVAL,
         proof_timeout_window: int = DEFAULT_PROOF_TIMEOUT_WINDOW,
+        on_sent: Callable[[str], None] | None = None,
     ) -> OpenedJob:
         """Open a job with ``host`` for ``model_id``, paying ``deposit`` (native, or an ERC-20 ``token``).
 
         For a token, the marketplace's allowance is raised to ``deposit`` first when lower (an
         ``approve`` transaction). The contract checks the terms (spec/PROTOCOL.md §10).
+        ``on_sent`` is called with the creating transaction's hash just before it is sent: if this
+        call fails after that, the job may still open (:meth:`opened_job` finds out).
 
         Returns:
             The job, its id read from ``SessionJobCreated``.
@@ -699,25 +770,43 @@ class MarketplaceClient:
                 raise InsufficientFunds(f"{what}: deposit {deposit} wei exceeds the balance of {have} wei")
             fn = functions.createSessionJobForModel(host, model, price_per_token, max_duration, proof_interval,
                                                     proof_timeout_window)
-            receipt = self._transact(fn, what, value=deposit)
+            receipt = self._transact(fn, what, value=deposit, on_sent=on_sent)
         else:
             have = self.balance(token)
             if have < deposit:
                 raise InsufficientFunds(f"{what}: deposit {deposit} exceeds the token balance of {have}")
-            self._approve(token, deposit)
+            self.approve(token, deposit)
             fn = functions.createSessionJobForModelWithToken(host, model, token, deposit, price_per_token,
                                                              max_duration, proof_interval, proof_timeout_window)
-            receipt = self._transact(fn, what)
-        created = self._marketplace.events.SessionJobCreated().process_receipt(receipt, errors=DISCARD)
-        if not created:
+            receipt = self._transact(fn, what, on_sent=on_sent)
+        opened = self._opened(receipt, model, token, price_per_token)
+        if opened is None:
             raise TransactionFailed(f"{what}: no SessionJobCreated event in the receipt",
                                     tx_hash=receipt["transactionHash"].to_0x_hex())
+        return opened
+
+    def _opened(self, receipt: Any, model: bytes, token: str, price_per_token: int) -> OpenedJob | None:
+        """The job a creating transaction's receipt shows opened (``None``: it reverted, or opened none)."""
+        created = self._marketplace.events.SessionJobCreated().process_receipt(receipt, errors=DISCARD)
+        if receipt["status"] != 1 or not created:
+            return None
         args = created[0]["args"]
         return OpenedJob(int(args["jobId"]), receipt["transactionHash"].to_0x_hex(), args["depositor"], args["host"],
                          "0x" + model.hex(), token, int(args["deposit"]), price_per_token)
 
-    def _approve(self, token: str, amount: int) -> None:
-        self.approve(token, amount)
+    def opened_job(self, tx_hash: str, model_id: bytes | str, *, token: str = NATIVE_TOKEN, price_per_token: int,
+                   timeout: float) -> OpenedJob | None:
+        """The job that transaction ``tx_hash`` (a :meth:`create_job` whose outcome is unknown: its
+        caller gave up, or the answer was lost) opened, waiting up to ``timeout`` seconds for it to be
+        mined; ``None`` when it reverted or opened no job.
+
+        Raises:
+            TransactionFailed: not mined within ``timeout`` (it may have been dropped).
+            ConnectionFailed: the RPC endpoint failed.
+        """
+        receipt = self._rpc(f"transaction {tx_hash}", lambda: self._w3.eth.wait_for_transaction_receipt(
+            tx_hash, timeout=timeout, poll_latency=self.poll_interval))
+        return self._opened(receipt, _bytes32(model_id, "model_id"), _address(token, "token"), price_per_token)
 
     def complete_job(self, job_id: int, conversation_cid: str = "") -> Settlement:
         """Settle job ``job_id`` (the depositor at any time; its host after the dispute window).
@@ -818,6 +907,11 @@ class MarketplaceClient:
         receipt = self._transact(fn, f"withdraw earnings in {token}")
         withdrawn = contract.events.EarningsWithdrawn().process_receipt(receipt, errors=DISCARD)
         return sum(int(e["args"]["amount"]) for e in withdrawn)
+
+
+def _note_tx(error: FabstirError, tx_hash: str) -> None:
+    if isinstance(error, TransactionFailed) and error.tx_hash is None:
+        error.tx_hash = tx_hash
 
 
 def _rpc_message(exc: Web3RPCError) -> str:

@@ -93,6 +93,7 @@ __all__ = [
     "JobChannel",
     "StreamEvent",
     "TOKENS",
+    "JOB_REFUSALS",
 ]
 
 logger = logging.getLogger("fabstir_jupyter.payments")
@@ -100,6 +101,9 @@ T = TypeVar("T")
 
 #: The payment tokens a client may choose.
 TOKENS = ("stable", "native")
+#: Host refusals that end a paid job, not the request (at the session's init or mid-answer): its
+#: deposit ran out, the host no longer takes it, or it does not exist. The request goes on on a new job.
+JOB_REFUSALS = frozenset({"PAYMENT_REQUIRED", "BUDGET_EXCEEDED", "SESSION_NOT_FOUND"})
 _NATIVE = "0x" + "00" * 20
 _BYTES32 = 66  # "0x" + 64 hex digits
 _NOT_ACTIVE = "Not active"
@@ -362,6 +366,28 @@ class SessionTerms:
         return self.jobs[-1] if self.jobs else None
 
 
+@dataclass(eq=False)
+class _Creation:
+    """One job being opened in the thread pool: its terms, whether its caller gave up, its transaction."""
+
+    make_job: Callable[[Any, int | None], PaidJob]
+    budget: Budget
+    deposit: int
+    model_id: str
+    token: str
+    price: int
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    tx_hash: str | None = None  # the creating transaction, once it was sent
+
+
+def _outcome_unknown(error: BaseException) -> bool:
+    """Whether a job creation that failed after its transaction was sent may still have opened a job
+    (the answer or the receipt was lost), rather than been refused (reverted, or short of funds)."""
+    if isinstance(error, TransactionFailed):
+        return error.reason is None
+    return not isinstance(error, (InsufficientFunds, BudgetExceeded))
+
+
 class Payments:
     """The paying side of a client: its wallet, budget, jobs and settlements (``manager.payments``).
 
@@ -396,8 +422,10 @@ class Payments:
         self._jobs: list[PaidJob] = []
         self._settlements: list[JobSettlement] = []
         self._sessions: dict[str, SessionTerms] = {}
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()  # settlements, and creations given up on
         self._token_lock = threading.Lock()  # approve-then-create is one step per job in a token
+        self._setup_lock = threading.Lock()  # balance() may run in another thread than the event loop's
+        self._chain_id: int | None = network.chain_id
         self._executor_down = False
         self._closed = False
 
@@ -426,6 +454,11 @@ class Payments:
     def address(self) -> str:
         """The paying account's address."""
         return self.wallet.address
+
+    @property
+    def chain_id(self) -> int | None:
+        """The chain's id: the network's, else the RPC endpoint's once checked (``None`` before)."""
+        return self._chain_id
 
     @property
     def unit(self) -> str:
@@ -482,15 +515,14 @@ class Payments:
         Raises:
             InvalidOptions: the usage sink keeps no jobs.
         """
-        from .usage import current_client_id
+        from .usage import UsageLedger, current_client_id
 
+        if isinstance(self.usage, UsageLedger):  # a file may hold other processes' jobs too
+            return self.usage.reconcile(client_id=current_client_id())
         reconcile = getattr(self.usage, "reconcile", None)
         if not callable(reconcile):
             raise InvalidOptions("the usage sink keeps no paid jobs to reconcile", field="usage")
-        try:
-            return reconcile(client_id=current_client_id())
-        except TypeError:  # a ListSink: everything it holds is this process's
-            return reconcile()
+        return reconcile()  # a ListSink: everything it holds is this process's
 
     # ------------------------------------------------------------------ what a host needs
 
@@ -537,6 +569,10 @@ class Payments:
     # ------------------------------------------------------------------ the chain
 
     def _chain(self) -> MarketplaceClient:
+        with self._setup_lock:
+            return self._chain_client()
+
+    def _chain_client(self) -> MarketplaceClient:
         if self._client is None:
             from .marketplace import MarketplaceClient
 
@@ -554,6 +590,7 @@ class Payments:
                 raise PaymentRequired(f"network {self.network.name} has no RPC URL to open jobs through",
                                       hint="set FABSTIR_RPC_URL or pass rpc_url=...")
             self._client = MarketplaceClient(rpc, marketplace, account=self.wallet._key,
+                                             timeout=self.config.read_timeout,
                                              receipt_timeout=self.config.job_timeout, poll_interval=0.05)
         return self._client
 
@@ -564,10 +601,14 @@ class Payments:
             InvalidOptions: the endpoint's chain id is not the network's.
             PaymentRequired: the network names no stable token, or the marketplace does not take it.
         """
-        if self._chain_checked:
-            return
-        client = self._chain()
+        with self._setup_lock:  # once, even when balance() and the event loop's first job race
+            if not self._chain_checked:
+                self._check_chain_once()
+
+    def _check_chain_once(self) -> None:
+        client = self._chain_client()
         expected = self.network.chain_id
+        self._chain_id = client.chain_id
         if expected is not None and client.chain_id != expected:
             raise InvalidOptions(
                 f"network {self.network.name} is chain {expected}, but its RPC endpoint serves chain "
@@ -590,21 +631,35 @@ class Payments:
         self.budget = Budget(limit, decimals, self.unit, name="the process budget")
         self._chain_checked = True
 
+    def _submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """Start a blocking chain call in this module's thread pool.
+
+        Raises:
+            ConnectionFailed: payments are closed.
+        """
+        if self._executor_down:
+            raise ConnectionFailed(f"payments on {self.network.name} are closed")
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _wait(self, future: asyncio.Future[T], timeout: float) -> T:
+        """Wait for a call :meth:`_submit` started, at most ``timeout`` seconds; the call itself is
+        never cancelled (a transaction it sent may still be mined).
+
+        Raises:
+            ConnectionFailed: it did not finish in time.
+        """
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionFailed(f"chain call on {self.network.name} did not finish within {timeout:g} s") from None
+
     async def _run(self, call: Callable[[], T], timeout: float) -> T:
         """Run a blocking chain call in this module's thread pool, within ``timeout`` seconds.
 
         Raises:
-            ConnectionFailed: it did not finish in time (it may still finish: a transaction may be mined).
+            ConnectionFailed: it did not finish in time, or payments are closed.
         """
-        if self._executor_down:
-            raise ConnectionFailed("payments are closed")
-        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except asyncio.TimeoutError:
-            error = ConnectionFailed(f"chain call on {self.network.name} did not finish within {timeout:g} s")
-            error.pending = future  # type: ignore[attr-defined]  # it may still finish (a transaction mined)
-            raise error from None
+        return await self._wait(self._submit(call), timeout)
 
     async def ensure_ready(self) -> None:
         """Check the chain and make the budget (once), off the event loop."""
@@ -660,7 +715,12 @@ class Payments:
         terms = self._sessions.pop(session_id, None)
         if terms is None:
             return []
-        return [await self.settle(job, "the session ended") for job in terms.jobs]
+        results = await asyncio.gather(*(self.settle(job, "the session ended") for job in terms.jobs),
+                                       return_exceptions=True)
+        for result in results:  # every job was tried; the first failure is the one to tell
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ opening jobs
 
@@ -680,8 +740,9 @@ class Payments:
             InsufficientFunds: the wallet cannot pay the deposit or the gas.
             PaymentRequired: the host does not price the model in the payment token (retryable).
             InvalidOptions: the chain is not the network's.
-            ConnectionFailed: the chain did not answer in time.
+            ConnectionFailed: the chain did not answer in time, or the payments are closing.
         """
+        self._check_open()
         await self.ensure_ready()
         assert self.budget is not None and self._decimals is not None and self._token_address is not None
         client, token, decimals = self._chain(), self._token_address, self._decimals
@@ -713,30 +774,30 @@ class Payments:
             left = budget.remaining
             if left is not None and deposit > left >= floor:
                 deposit = left  # a smaller job still pays for this request; top-ups follow
+        self._check_open()  # (again: the price was read meanwhile)
         budget.check(deposit, what)
         budget.hold(deposit)
         approve = budget.remaining if token != _NATIVE else None
+
         def make_job(opened: Any, block: int | None) -> PaidJob:
             return PaidJob(job_id=opened.job_id, host=host, model=model, model_id=model_id, token=token,
                            unit=self.unit, decimals=decimals, deposit=deposit, price_per_token=price,
                            proof_interval=self.config.proof_interval, open_tx=opened.tx_hash, open_block=block,
                            kind=kind, session_id=session.session_id if session else None, budget=budget)
 
+        creation = _Creation(make_job, budget, deposit, model_id, token, price)
         try:
-            opened, block = await self._run(
-                functools.partial(self._create, client, address, model_id, deposit, price, token, approve),
-                self.config.job_timeout)
-        except ConnectionFailed as exc:
-            pending = getattr(exc, "pending", None)
-            if pending is None:
-                budget.settle(deposit, 0)
-            else:  # the job may still open: if it does, settle it at once (everything comes back)
-                pending.add_done_callback(functools.partial(self._late_job, make_job, budget, deposit))
-                self._background.add(pending)
-                pending.add_done_callback(self._background.discard)
-            raise
+            future = self._submit(functools.partial(self._create, client, address, creation, approve))
         except BaseException:
             budget.settle(deposit, 0)
+            raise
+        try:
+            opened, block = await self._wait(future, self.config.job_timeout)
+        except BaseException:
+            # Given up (a timeout, a cancelled request, Ctrl-C) or failed after its transaction was
+            # sent: whatever the chain makes of it, no deposit stays behind.
+            creation.abandoned.set()
+            self._follow(creation, future)
             raise
         job = make_job(opened, block)
         self._jobs.append(job)
@@ -747,17 +808,71 @@ class Payments:
                     format_amount(deposit, decimals, self.unit), price)
         return job
 
-    def _late_job(self, make_job: Callable[[Any, int | None], PaidJob], budget: Budget, deposit: int,
-                  future: asyncio.Future[Any]) -> None:
-        """A job creation that timed out finished after all: settle the job it opened, or free its deposit."""
-        if future.cancelled() or future.exception() is not None:
-            budget.settle(deposit, 0)
-            return
-        job = make_job(*future.result())
+    def _follow(self, creation: _Creation, future: asyncio.Future[Any]) -> None:
+        """Make sure a job creation whose caller gave up, or that failed, holds no deposit: a job it
+        opens (now or later) is settled at once (the whole deposit comes back); a transaction whose
+        fate is unknown is looked for on chain; else the deposit is freed."""
+
+        def finished(done: asyncio.Future[Any]) -> None:
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled():
+                creation.budget.settle(creation.deposit, 0)
+            elif error is None:
+                self._late_job(creation.make_job(*done.result()))
+            elif creation.tx_hash is not None and _outcome_unknown(error):
+                self._track(asyncio.get_running_loop().create_task(self._recover(creation)))
+            else:
+                creation.budget.settle(creation.deposit, 0)
+            self._background.discard(done)
+
+        if future.done():
+            finished(future)
+        else:
+            self._background.add(future)
+            future.add_done_callback(finished)
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _check_open(self) -> None:
+        """Refuse a new job once :meth:`aclose` has begun (it settles the jobs it knows; a job opened
+        after that would outlive the client).
+
+        Raises:
+            ConnectionFailed: the payments are closing or closed.
+        """
+        if self._closed:
+            raise ConnectionFailed(f"payments on {self.network.name} are closed: no new job is opened", retryable=False)
+
+    def _late_job(self, job: PaidJob) -> None:
+        """A job whose creation its caller gave up on opened after all: settle it now."""
         self._jobs.append(job)
         self._record(job)
         logger.warning("job %d was opened after its caller gave up waiting; settling it", job.job_id)
         self.retire(job, "opened after its caller gave up waiting")
+
+    async def _recover(self, creation: _Creation) -> None:
+        """Find out whether a creating transaction whose answer was lost opened a job; settle it if so."""
+        client, tx_hash = self._chain(), creation.tx_hash
+        assert tx_hash is not None
+
+        def look() -> tuple[Any, int | None]:
+            opened = client.opened_job(tx_hash, creation.model_id, token=creation.token,
+                                       price_per_token=creation.price, timeout=self.config.job_timeout)
+            return opened, (client.transaction_block(tx_hash) if opened is not None else None)
+
+        try:
+            opened, block = await self._run(look, self.config.job_timeout + self.config.read_timeout)
+        except FabstirError as exc:
+            creation.budget.settle(creation.deposit, 0)
+            logger.warning("job creation %s: not found on chain (%s); if it is mined later, its job holds the "
+                           "deposit until its depositor completes it or anyone times it out", tx_hash, exc.message)
+            return
+        if opened is None:
+            creation.budget.settle(creation.deposit, 0)
+        else:
+            self._late_job(creation.make_job(opened, block))
 
     def _price(self, client: MarketplaceClient, host: str, model_id: str, token: str, what: str) -> int:
         try:
@@ -772,23 +887,31 @@ class Payments:
                                                        "(payment_token='native')")
         return price
 
-    def _create(self, client: MarketplaceClient, host: str, model_id: str, deposit: int, price: int, token: str,
-                approve: int | None) -> Any:
-        terms = {"max_duration": self.config.max_duration, "proof_interval": self.config.proof_interval,
-                 "proof_timeout_window": self.config.proof_timeout_window}
+    def _create(self, client: MarketplaceClient, host: str, creation: _Creation, approve: int | None) -> Any:
+        """Open the job (in the thread pool): approve the token if needed, create, find its block."""
+        deposit, token = creation.deposit, creation.token
+        what = f"open a job with host {host}"
+
+        def sending(tx_hash: str) -> None:  # the last moment to give up without a job
+            if creation.abandoned.is_set():
+                raise ConnectionFailed(f"{what}: given up before the transaction was sent")
+            creation.tx_hash = tx_hash
+
+        terms: dict[str, Any] = {"max_duration": self.config.max_duration, "proof_interval": self.config.proof_interval,
+                 "proof_timeout_window": self.config.proof_timeout_window, "price_per_token": creation.price,
+                 "deposit": deposit, "on_sent": sending}
         try:
             if token == _NATIVE:
-                opened = client.create_job(host, model_id, deposit=deposit, price_per_token=price, **terms)
+                opened = client.create_job(host, creation.model_id, **terms)
             else:
                 with self._token_lock:  # another job's create must not spend this one's allowance meanwhile
                     have = client.balance(token)
                     if have < deposit:
-                        raise InsufficientFunds(f"open a job with host {host}: deposit {deposit} exceeds the "
-                                                f"{self.unit} balance of {have} (base units)")
-                    if approve is not None:  # allow the rest of the budget too: later jobs need no approve
-                        client.approve(token, deposit + approve)
-                    opened = client.create_job(host, model_id, deposit=deposit, price_per_token=price, token=token,
-                                               **terms)
+                        raise InsufficientFunds(f"{what}: deposit {deposit} exceeds the {self.unit} balance of "
+                                                f"{have} (base units)")
+                    if approve is not None and not creation.abandoned.is_set():
+                        client.approve(token, deposit + approve)  # the rest of the budget too: later jobs need none
+                    opened = client.create_job(host, creation.model_id, token=token, **terms)
         except InsufficientFunds as exc:
             exc.hint = (f"fund {self.wallet.address} on {self.network.name} with {self.unit} for deposits and the "
                         f"native token for gas, or lower the deposit")
@@ -811,11 +934,12 @@ class Payments:
             InvalidOptions: not a positive integer.
             SessionNotFound: no such job.
             PaymentRequired: the job is another wallet's, settled, another host's, for another model,
-                or on another chain.
+                paid in another token, or already used by this client (another session's).
             BudgetExceeded: its deposit passes the session's budget.
         """
         if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
             raise InvalidOptions(f"job_id must be a positive integer, not {job_id!r}", field="job_id")
+        self._check_open()
         await self.ensure_ready()
         assert self._decimals is not None
         client = self._chain()
@@ -835,6 +959,12 @@ class Payments:
             raise PaymentRequired(f"job {job_id} pays for model {chain_model}, not {model} ({wanted})")
         if onchain.payment_token.lower() != (self._token_address or "").lower():
             raise PaymentRequired(f"job {job_id} is paid in {onchain.payment_token}, not in {self.unit}")
+        self._check_open()
+        held = next((job for job in self._jobs if job.job_id == job_id and job.settlement is None), None)
+        if held is not None:  # (checked after the reads: nothing awaits between this and taking it)
+            user = f"session {held.session_id}" if held.session_id else "a stateless request"
+            raise PaymentRequired(f"job {job_id} is already in use by {user} of this client: a job pays for one "
+                                  f"session, on one connection", hint="open a new job: create_session() without job_id")
         session.budget.check(onchain.deposit, f"adopt job {job_id}")
         session.budget.hold(onchain.deposit)
         job = PaidJob(job_id=job_id, host=host, model=model, model_id=wanted, token=onchain.payment_token,
@@ -866,7 +996,8 @@ class Payments:
     async def settle(self, job: PaidJob, reason: str = "settled") -> JobSettlement:
         """Close the job's socket, wait for its host's last proof, complete it, read the result back.
 
-        Returns at once for a job already settled; joins a settlement already running.
+        Returns at once for a job already settled; joins a settlement already running; tries again
+        for a job whose earlier settlement failed (``state == "unsettled"``).
 
         Raises:
             TransactionFailed, ConnectionFailed: the job could not be settled within
@@ -876,9 +1007,11 @@ class Payments:
         if job.settlement is not None:
             return job.settlement
         job.end(reason)
-        if job._settling is None:
-            job._settling = asyncio.get_running_loop().create_task(self._settle(job))
-        return await asyncio.shield(job._settling)
+        task = job._settling
+        if task is None or task.done():  # not started, or an earlier try failed: (try again to) settle it
+            task = job._settling = asyncio.get_running_loop().create_task(
+                self._settle(job), name=f"fabstir-settle-{job.job_id}")
+        return await asyncio.shield(task)
 
     async def _settle(self, job: PaidJob) -> JobSettlement:
         job.state = "closing"
@@ -891,7 +1024,7 @@ class Payments:
         wait_proof_until = loop.time() + self.config.final_proof_timeout
         try:
             while True:
-                onchain = await self._run(lambda: client.get_job(job.job_id), self.config.settle_timeout)
+                onchain = await self._run(lambda: client.get_job(job.job_id), self.config.read_timeout)
                 if not onchain.active or onchain.tokens_used >= expected or loop.time() >= wait_proof_until:
                     break
                 await asyncio.sleep(_POLL)
@@ -914,7 +1047,7 @@ class Payments:
                 await asyncio.sleep(1.0)
             if settled is None:
                 settled = await self._find_settlement(job, deadline)
-            final = await self._run(lambda: client.get_job(job.job_id), self.config.settle_timeout)
+            final = await self._run(lambda: client.get_job(job.job_id), self.config.read_timeout)
         except FabstirError as exc:
             job.state = "unsettled"
             self._record(job)
@@ -961,7 +1094,7 @@ class Payments:
             return
         record = job.record()
         client = self._client
-        record = dataclasses.replace(record, chain_id=self.network.chain_id or (client.chain_id if client else 0),
+        record = dataclasses.replace(record, chain_id=self._chain_id or 0,
                                      marketplace=client.marketplace_address if client else "")
         try:
             record_job(record)
@@ -969,11 +1102,14 @@ class Payments:
             logger.warning("job %d: not recorded in the usage ledger: %s", job.job_id, exc)
 
     async def aclose(self) -> None:
-        """Settle every open job (their sockets close), wait for background settlements; idempotent."""
-        if self._closed:
-            return
+        """Settle every open job (their sockets close), wait for background settlements.
+
+        Idempotent, and safe to call again after an interrupted call (a cancelled ``await``, Ctrl-C):
+        the next call settles what the first did not reach. Each settlement takes at most
+        :attr:`close_timeout` seconds.
+        """
         self._closed = True
-        pending = [job for job in self._jobs if job.settlement is None and job.state != "unsettled"]
+        pending = [job for job in self._jobs if job.settlement is None]  # an earlier failure is tried again
         results = await asyncio.gather(*(self.settle(job, "the client closed") for job in pending),
                                        return_exceptions=True)
         for job, result in zip(pending, results):
@@ -984,6 +1120,12 @@ class Payments:
             await asyncio.sleep(0)  # let done-callbacks add what they start
         self._executor_down = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def close_timeout(self) -> float:
+        """The longest :meth:`aclose` may take: a job still opening, then its settlement."""
+        config = self.config
+        return config.job_timeout + config.read_timeout + config.final_proof_timeout + 2 * config.settle_timeout
 
 
 # ---------------------------------------------------------------------------- sockets bound to jobs
@@ -1010,14 +1152,15 @@ class JobChannel(Channel):
         """
         await self.socket.send(protocol.session_init_frame(self.bound_session, job_id=str(self.job_id),
                                                            chain_id=self.chain_id, request_id=request_id))
-        while protocol.read_session_ack(await self.socket.recv_event(timeout)) is None:
-            pass
+        await self.wait_for_ack(timeout)
 
     async def send_request(self, request: protocol.GenerationRequest, *, session_id: str | None,
                            request_id: str) -> None:
+        """Send ``request`` as a ``prompt`` of the bound session (``session_id`` is not used)."""
         await super().send_request(request, session_id=self.bound_session, request_id=request_id)
 
     async def send_cancel(self, session_id: str | None) -> None:
+        """Ask the host to stop the bound session's running request."""
         await super().send_cancel(self.bound_session)
 
 
@@ -1141,6 +1284,7 @@ class PaidConnector(PoolConnector):
                     self.pool.discard(job.socket)
 
     def pinned_socket(self, session_id: str) -> WebSocketClient | None:
+        """The socket of the session's current job (else the pool's pinned socket, unpaid)."""
         terms = self.payments._sessions.get(session_id)
         if terms is not None and terms.job is not None and terms.job.socket is not None:
             return terms.job.socket
@@ -1185,9 +1329,9 @@ class PaidConnector(PoolConnector):
                         opened = await payments.open_job(host, model, max_tokens=max_tokens, kind="tab")
                     except BudgetExceeded:
                         self.pool.discard(socket)
-                        if not tab.jobs:
+                        if not tab.jobs and tab.opening == 1:  # (1: this request) no job to wait for
                             raise
-                        opened = None  # the budget holds no second job: wait for the first
+                        opened = None  # the budget holds no second job: wait for one open or opening
                     except BaseException:
                         self.pool.discard(socket)
                         raise
@@ -1216,9 +1360,8 @@ class PaidConnector(PoolConnector):
             if not channel.encrypted:
                 await self._bind(job, channel, request_id)
         except BaseException:
-            job.busy = False
             job.end("its session init failed")
-            tab.released.set()
+            self._tab_release(tab, job, False)  # its socket closes, the job is settled
             raise
         assert job.socket is not None
         return Connection(socket=job.socket, channel=channel, fresh=True, job=job, notes=tuple(notes),
@@ -1235,10 +1378,6 @@ class PaidConnector(PoolConnector):
             self.payments.retire(job, job.ended or "closed")
         tab.released.set()
 
-    async def warm_up(self, host: HostInfo) -> None:
-        """Open a socket to ``host`` ahead of the attempt (a paid job then takes it as its socket)."""
-        await super().warm_up(host)
-
     # ------------------------------------------------------------------ plumbing
 
     def _opened(self, job: PaidJob) -> StreamEvent:
@@ -1248,7 +1387,7 @@ class PaidConnector(PoolConnector):
 
     def _job_channel(self, job: PaidJob, key: PublicKey | None, bound: str) -> Channel:
         assert job.socket is not None
-        chain_id = self.payments.network.chain_id
+        chain_id = self.payments.chain_id
         if key is None:
             return JobChannel(job.socket, bound_session=bound, job_id=job.job_id, chain_id=chain_id)
         return self._channel(job.socket, key, bound, job_id=str(job.job_id), chain_id=chain_id)
@@ -1258,7 +1397,7 @@ class PaidConnector(PoolConnector):
             await channel.open_session("", request_id=request_id, timeout=self.config.first_token_timeout)
         except FabstirError as exc:
             exc.host = exc.host or job.host.api_url
-            if exc.code in ("PAYMENT_REQUIRED", "BUDGET_EXCEEDED", "SESSION_NOT_FOUND"):
+            if exc.code in JOB_REFUSALS:
                 job.end(f"the host refused it ({exc.code})")
                 exc.retryable = True  # this job is over; a new one may do
             raise

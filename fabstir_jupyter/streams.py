@@ -72,6 +72,7 @@ from .errors import (
 )
 from .hosts import HostInfo, HostManager, resolve_model
 from .limits import RateLimiter
+from .payments import JOB_REFUSALS
 from .runner import LoopThread, wait_future
 from .transport import ConnectionPool
 from .usage import UsageLedger, UsageRecord, UsageSink
@@ -179,20 +180,14 @@ class _ReadTimer:
         return self.until >= self._deadline
 
 
-#: Host refusals that end a paid job, not the request: its deposit ran out, or the host no longer
-#: takes it. The answer continues on a new job (the stream's retry loop, with the text as prefill).
-_JOB_OVER = frozenset({"BUDGET_EXCEEDED", "PAYMENT_REQUIRED"})
-
-
-def _job_over(job: PaidJob, event: protocol.ErrorEvent, host: HostInfo) -> FabstirError:
-    """The error of an attempt whose paid job the host ended: retryable, on a new job."""
-    reason = ("its deposit ran out" if event.code == "BUDGET_EXCEEDED"
-              else "the host no longer takes it")
-    job.end(f"{reason} ({event.code}: {event.message})")
-    error = event.error
+def _job_over(job: PaidJob, error: FabstirError, host: HostInfo) -> FabstirError:
+    """The error of an attempt whose paid job the host ended or refused (at the session's init, or
+    mid-answer): retryable, so that the answer goes on on a new job."""
+    reason = "its deposit ran out" if error.code == "BUDGET_EXCEEDED" else "the host no longer takes it"
+    job.end(f"{reason} ({error.code}: {error.message})")
     error.retryable = True
     error.host = host.api_url
-    error.message = f"job {job.job_id} ended mid-answer, {reason}; continuing on a new job: {error.message}"
+    error.message = f"job {job.job_id} ended, {reason}; continuing on a new job: {error.message}"
     error.args = (error.message,)
     return error
 
@@ -938,11 +933,17 @@ class InferenceStream:
                 if take_text is not None and take_text(data, pieces):
                     progressed = True
                 else:
-                    event = channel.open_frame(data)
+                    try:
+                        event = channel.open_frame(data)  # (an encrypted init's refusal raises here)
+                    except FabstirError as exc:
+                        if job is None or exc.code not in JOB_REFUSALS:
+                            raise
+                        reader.done = True
+                        raise _job_over(job, exc, host) from None
                     if event is not None and not channel.is_late(event):
-                        if job is not None and isinstance(event, protocol.ErrorEvent) and event.code in _JOB_OVER:
+                        if job is not None and isinstance(event, protocol.ErrorEvent) and event.code in JOB_REFUSALS:
                             reader.done = True
-                            raise _job_over(job, event, host)
+                            raise _job_over(job, event.error, host)
                         pieces += reader.receive(event)
                         # Pings, unknown frames and empty chunks are no progress: a host that
                         # floods them cannot keep a request waiting forever.
@@ -1176,7 +1177,8 @@ class InferenceCore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: LoopThread | None = None
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # no new streams
+        self._released = False  # sockets closed, paid jobs settled (aclose ran to its end)
         self._running: set[InferenceStream] = set()
         self._recheck: asyncio.Future[Any] | None = None
         self._recheck_at = float("-inf")
@@ -1347,9 +1349,10 @@ class InferenceCore:
     # ------------------------------------------------------------------ lifecycle
 
     async def aclose(self) -> None:
-        """Close sockets and the probe client, flush an owned ledger, stop a private loop thread.
-        Idempotent; may be awaited from any loop."""
-        if self._closed:
+        """Settle open paid jobs, close sockets and the probe client, flush an owned ledger, stop a
+        private loop thread. Idempotent; may be awaited from any loop; a call that was interrupted (a
+        cancelled await, Ctrl-C) may be made again and finishes what the first did not reach."""
+        if self._released:
             return
         self._closed = True
         loop = self._loop
@@ -1357,6 +1360,7 @@ class InferenceCore:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop))
         else:
             await self._release_resources()
+        self._released = True
         if self._owns_usage and isinstance(self.usage, UsageLedger):
             await asyncio.get_running_loop().run_in_executor(None, self.usage.close)
         await asyncio.get_running_loop().run_in_executor(None, self._stop_loop_thread)
@@ -1374,7 +1378,7 @@ class InferenceCore:
 
     def close(self) -> None:
         """Blocking :meth:`aclose`, for scripts; from a coroutine use ``await aclose()``."""
-        if self._closed:
+        if self._released:
             return
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -1385,8 +1389,10 @@ class InferenceCore:
             if running is loop:
                 raise RuntimeError("use `await manager.aclose()` from the manager's own loop")
             self._closed = True
-            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), 30)
-        self._closed = True
+            # Paid jobs settle first: a job still opening, then its host's last proof and the completion.
+            limit = 30 + (self.payments.close_timeout if self.payments is not None else 0)
+            wait_future(asyncio.run_coroutine_threadsafe(self._release_resources(), loop), limit)
+        self._closed = self._released = True
         if self._owns_usage and isinstance(self.usage, UsageLedger):
             self.usage.close()
         self._stop_loop_thread()

@@ -86,8 +86,9 @@ logger = logging.getLogger("fabstir_jupyter.usage")
 
 #: Version of the ``requests`` table, stored in ``PRAGMA user_version``. 1: the first table;
 #: 2: adds ``client_id`` (rows from version 1 files have none); 3: adds ``encrypted`` (rows from
-#: older files have none); 4: adds ``job_id`` and ``tx_hash`` to requests, and the ``jobs`` table.
-SCHEMA_VERSION = 4
+#: older files have none); 4: adds ``job_id`` and ``tx_hash`` to requests, and the ``jobs`` table;
+#: 5: a job is known by its opening transaction too (``open_tx`` joins the jobs table's key).
+SCHEMA_VERSION = 5
 
 MEMORY = ":memory:"
 _MAX_BATCH = 10_000  # items drained from the queue into one transaction at most
@@ -237,7 +238,7 @@ class ListSink:
 
     def record_job(self, job: JobRecord) -> None:
         """Keep ``job``, replacing an earlier record of the same job."""
-        self.jobs = [j for j in self.jobs if j.job_id != job.job_id] + [job]
+        self.jobs = [j for j in self.jobs if _job_key(j) != _job_key(job)] + [job]
 
     def reconcile(self) -> Any:
         """:func:`reconcile` over what was recorded."""
@@ -447,13 +448,20 @@ def _job_decl(name: str) -> str:
     return "REAL" if name in ("opened_at", "settled_at") else "INTEGER"
 
 
+# A job is known by its chain, marketplace, id and opening transaction: the local network's chain has
+# the same chain id and contract addresses in every run, so its job 1 of today is not yesterday's
+# (whose opening transaction, from another test account, differs). ``open_tx`` is "" for a job taken
+# with ``job_id=`` (its opening transaction unknown).
 _CREATE_JOBS = (
     "CREATE TABLE IF NOT EXISTS jobs ("
     + ", ".join(f"{name} {_job_decl(name)}" for name in JOB_COLUMNS)
-    + ", PRIMARY KEY (chain_id, marketplace, job_id))"
+    + ", PRIMARY KEY (chain_id, marketplace, job_id, open_tx))"
 )
 _MIGRATIONS[3] = ("ALTER TABLE requests ADD COLUMN job_id INTEGER", "ALTER TABLE requests ADD COLUMN tx_hash TEXT",
                   _CREATE_JOB_INDEX, _CREATE_JOBS)
+_MIGRATIONS[4] = ("ALTER TABLE jobs RENAME TO jobs_v4", _CREATE_JOBS,
+                  f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}) SELECT {', '.join(JOB_COLUMNS)} FROM jobs_v4",
+                  "DROP TABLE jobs_v4")
 _UPSERT_JOB = f"INSERT OR REPLACE INTO jobs ({', '.join(JOB_COLUMNS)}) VALUES ({', '.join('?' * len(JOB_COLUMNS))})"
 _SELECT_JOBS = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"
 
@@ -479,6 +487,11 @@ def _job_from_row(row: Iterable[Any]) -> JobRecord:
     return JobRecord(**values)
 
 
+def _job_key(job: JobRecord) -> tuple[Any, ...]:
+    """What tells one job from another (the jobs table's key)."""
+    return job.chain_id, job.marketplace, job.job_id, job.open_tx
+
+
 #: The columns of :func:`reconcile`'s frame, in order.
 RECONCILE_COLUMNS = (
     "job_id", "kind", "session_id", "host", "model", "unit", "status", "deposit", "requests", "received_tokens",
@@ -501,13 +514,13 @@ def reconcile(records: Iterable[UsageRecord], jobs: Iterable[JobRecord]) -> pd.D
     """
     import pandas as pd
 
-    by_job: dict[int, list[UsageRecord]] = {}
+    by_job: dict[tuple[int, str], list[UsageRecord]] = {}  # an attempt names its job's opening transaction too
     for rec in sorted(records, key=lambda r: r.time):
         if rec.job_id is not None and not rec.cached:
-            by_job.setdefault(rec.job_id, []).append(rec)
+            by_job.setdefault((rec.job_id, rec.tx_hash or ""), []).append(rec)
     rows = []
     for job in sorted(jobs, key=lambda j: j.opened_at):
-        attempts = by_job.get(job.job_id, [])
+        attempts = by_job.get((job.job_id, job.open_tx or ""), [])
         answers = [rec.completion_tokens or 0 for rec in attempts]
         cadence = cadence_of(answers, job.proof_interval)
         ledger_tokens = sum(answers)

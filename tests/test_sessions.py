@@ -198,3 +198,36 @@ async def test_without_trimming_the_same_conversation_overflows(start_host, make
         async with manager.stream("and now?", max_tokens=8, messages=long_history) as stream:
             async for _ in stream:
                 pass
+
+
+@pytest.mark.parametrize("paid", [False, True])
+async def test_a_session_init_answered_only_by_chatter_times_out(paid):
+    """A host that answers session_init with an endless run of frames that are not its ack (pongs,
+    unknown frames): the init fails with a timeout after `timeout` seconds in all, plaintext or bound to
+    a paid job. (Each frame restarted the wait, so the request never ended.)"""
+    import asyncio
+    import json
+
+    from websockets.asyncio.server import serve
+
+    from fabstir_jupyter.connections import Channel
+    from fabstir_jupyter.errors import InferenceTimeout
+    from fabstir_jupyter.payments import JobChannel
+    from fabstir_jupyter.transport import WebSocketClient
+
+    inits = []
+
+    async def chatter(ws):
+        await ws.send(json.dumps({"type": "connected"}))
+        inits.append(json.loads(await ws.recv()))
+        while True:
+            await ws.send(json.dumps({"type": "heartbeat"}))
+            await asyncio.sleep(0.02)
+
+    async with serve(chatter, "127.0.0.1", 0) as server:
+        async with WebSocketClient(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/ws") as socket:
+            channel = JobChannel(socket, bound_session="7", job_id=7, chain_id=1) if paid else Channel(socket)
+            with pytest.raises(InferenceTimeout) as info:
+                await asyncio.wait_for(channel.open_session("7", request_id=None, timeout=0.3), 10)
+    assert "no session_init_ack within 0.3 s" in info.value.message
+    assert inits[0]["type"] == "session_init" and (inits[0].get("job_id") == "7") is paid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sqlite3
@@ -610,7 +611,7 @@ def test_ledger_migrates_a_version_1_file(tmp_path):
         ("old", 5, None), ("new", 21, current_client_id())]
     assert [r.request_id for r in mine] == ["new"]
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(requests)")}
         assert {"requests_time", "requests_client"} <= indexes
     with UsageLedger(path) as again:  # opening a migrated file changes nothing
@@ -673,16 +674,16 @@ def test_ledger_migrates_a_version_3_file_and_gains_the_jobs_table(tmp_path):
     assert len(jobs) == 1 and jobs[0].status == "completed" and jobs[0].deposit == 10**20
     assert jobs[0].refund == 10**20 - 200 and jobs[0].client_id is not None
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def test_reconcile_puts_the_ledger_beside_the_chain_per_job(ledger):
     """Per job: the attempts' host-reported tokens and their cost at the job's price beside the chain's
     settlement; a bill that is the cadence's agrees and says why it differs; an open job is not settled."""
     pytest.importorskip("pandas")
-    ledger.record(make("a", job_id=7, completion_tokens=300, received_tokens=300, time=1.0))
-    ledger.record(make("b", job_id=7, completion_tokens=50, received_tokens=50, time=2.0))
-    ledger.record(make("c", job_id=8, completion_tokens=40, received_tokens=40, time=3.0))
+    ledger.record(make("a", job_id=7, tx_hash="0xopen", completion_tokens=300, received_tokens=300, time=1.0))
+    ledger.record(make("b", job_id=7, tx_hash="0xopen", completion_tokens=50, received_tokens=50, time=2.0))
+    ledger.record(make("c", job_id=8, tx_hash="0xopen", completion_tokens=40, received_tokens=40, time=3.0))
     ledger.record(make("d", completion_tokens=9))  # unpaid: in no job
     ledger.record_job(_job(7, status="completed", tokens_billed=300, chain_cost=600, host_earnings=540,
                            treasury_fee=60, refund=499_400, settle_tx="0xsettle"))
@@ -696,6 +697,48 @@ def test_reconcile_puts_the_ledger_beside_the_chain_per_job(ledger):
     assert "50 streamed after the last proof" in settled["reason"]
     assert open_job["reason"] == "not settled yet" and pd_na(open_job["billed_tokens"])
     assert open_job["expected_tokens"] == 100  # the minimum billing a settlement would apply
+
+
+def test_a_job_id_reused_by_a_new_local_chain_is_another_job(ledger):
+    """The local network's chain has the same chain id and addresses in every run, so job 7 of a new run
+    (another kernel, another test account) shares (chain, marketplace, job id) with yesterday's job 7: both
+    stay in the ledger, told apart by their opening transactions, and each reconciles with its own attempts.
+    (The second replaced the first, and reconcile() counted both runs' attempts against one job.)"""
+    pytest.importorskip("pandas")
+    ledger.record(make("yesterday", job_id=7, tx_hash="0xold", completion_tokens=300, received_tokens=300, time=1.0))
+    ledger.record(make("today", job_id=7, tx_hash="0xnew", completion_tokens=40, received_tokens=40, time=2.0))
+    ledger.record_job(_job(7, open_tx="0xold", opened_at=1.0, status="completed", tokens_billed=300,
+                           chain_cost=600, host_earnings=540, treasury_fee=60, refund=499_400))
+    ledger.record_job(_job(7, open_tx="0xnew", opened_at=2.0))
+    ledger.record_job(_job(7, open_tx="0xnew", opened_at=2.0, status="completed", tokens_billed=100,
+                           chain_cost=200, host_earnings=180, treasury_fee=20, refund=499_800))
+    jobs = ledger.jobs()
+    assert [(j.open_tx, j.tokens_billed) for j in jobs] == [("0xold", 300), ("0xnew", 100)]
+    frame = ledger.reconcile()
+    assert frame["open_tx"].tolist() == ["0xold", "0xnew"]
+    assert frame["ledger_tokens"].tolist() == [300, 40] and frame["agrees"].tolist() == [True, True]
+
+
+def test_ledger_migrates_a_version_4_file_keeping_its_jobs(tmp_path):
+    """A schema 4 file (jobs keyed without their opening transaction) is migrated when opened: its jobs
+    stay, and a job with the same id but another opening transaction is kept beside them."""
+    path = tmp_path / "v4.sqlite3"
+    with UsageLedger(path) as led:
+        led.record_job(_job(7, open_tx="0xold"))
+    with sqlite3.connect(path) as conn:  # back to schema 4's table, as a version 4 client wrote it
+        columns = ", ".join(f.name for f in dataclasses.fields(JobRecord))
+        conn.execute("ALTER TABLE jobs RENAME TO jobs_new")
+        conn.execute(conn.execute("SELECT sql FROM sqlite_master WHERE name = 'jobs_new'").fetchone()[0]
+                     .replace("jobs_new", "jobs").replace(", open_tx)", ")"))
+        conn.execute(f"INSERT INTO jobs ({columns}) SELECT {columns} FROM jobs_new")
+        conn.execute("DROP TABLE jobs_new")
+        conn.execute("PRAGMA user_version = 4")
+    with UsageLedger(path) as led:
+        led.record_job(_job(7, open_tx="0xnew"))
+        jobs = led.jobs()
+    assert sorted(j.open_tx for j in jobs) == ["0xnew", "0xold"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 def pd_na(value: object) -> bool:

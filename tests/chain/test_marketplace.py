@@ -8,7 +8,12 @@ add up to the deposit.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import logging
 import os
+import threading
+from urllib.parse import urlsplit
 
 import pytest
 from web3.logs import DISCARD
@@ -420,6 +425,90 @@ def test_timeout_after_max_duration_even_with_recent_proofs(market):
     _refused("Not timeout", lambda: m.as_user.trigger_timeout(opened.job_id))
     m.chain.advance_time(50)
     assert m.as_user.trigger_timeout(opened.job_id).tokens_used == 1000
+
+
+# ---------------------------------------------------------------------------- one key, many transactions
+
+
+def _client_of(m, account) -> MarketplaceClient:
+    return MarketplaceClient(m.chain.w3, m.chain.addresses["job_marketplace"], account=_key(account), receipt_timeout=10)
+
+
+def test_two_clients_of_one_key_sending_at_once_take_distinct_nonces(market, monkeypatch):
+    """Two MarketplaceClients signing with one key (two SDKs in one kernel) send at the same moment from two
+    threads, each reading the pending count when the other may too: both transactions are mined. (Each
+    client had a lock of its own: both took the same nonce and the second was refused.)"""
+    m = market
+    account = m.chain.create_account(native=10**18, usdc=10**7)
+    first, second = _client_of(m, account), _client_of(m, account)
+    usdc = m.chain.addresses["stable_token"]
+    eth = m.chain.w3.eth
+    real = eth.get_transaction_count
+    both = threading.Barrier(2, timeout=1)
+
+    def counted(*args, **kwargs):
+        count = real(*args, **kwargs)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both.wait()  # both threads read the count before either sends, if the clients let them
+        return count
+
+    monkeypatch.setattr(eth, "get_transaction_count", counted)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        sent = list(pool.map(lambda job: job[0].approve(usdc, job[1]), [(first, 10), (second, 20)]))
+    assert all(sent) and len(set(sent)) == 2
+    nonces = {m.chain.w3.eth.get_transaction(tx)["nonce"] for tx in sent}
+    assert nonces == {0, 1}
+
+
+def test_a_node_behind_on_the_pending_count_does_not_give_two_transactions_one_nonce(market, monkeypatch):
+    """A load-balanced endpoint may answer the pending count from a node that has not seen the last
+    transaction: while one transaction's receipt is awaited, the next takes the nonce after it anyway."""
+    m = market
+    account = m.chain.create_account(native=10**18, usdc=10**7)
+    client = _client_of(m, account)
+    usdc = m.chain.addresses["stable_token"]
+    eth = m.chain.w3.eth
+    stale = eth.get_transaction_count(account.address)
+    monkeypatch.setattr(eth, "get_transaction_count", lambda *args, **kwargs: stale)
+    real_wait = eth.wait_for_transaction_receipt
+    waiting, release = threading.Event(), threading.Event()
+
+    def held(tx_hash, *args, **kwargs):
+        if not waiting.is_set():  # the first transaction's receipt: hold it
+            waiting.set()
+            assert release.wait(10)
+        return real_wait(tx_hash, *args, **kwargs)
+
+    monkeypatch.setattr(eth, "wait_for_transaction_receipt", held)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.approve, usdc, 10)
+        assert waiting.wait(10)
+        second = client.approve(usdc, 20)
+        release.set()
+        assert first.result(10)
+    assert second and m.chain.w3.eth.get_transaction(second)["nonce"] == stale + 1
+
+
+def test_an_rpc_url_holding_an_api_key_shows_in_no_log_line_at_debug(market, caplog):
+    """Reads and a transaction through an RPC URL whose path and query hold an API key, with every logger at
+    DEBUG (web3's providers and urllib3's connection pool log each request): the key appears nowhere, the
+    host and port still do. (urllib3 logged the request's path, and with it the key.)"""
+    from fabstir_jupyter.local.rpc import LocalRpcServer
+
+    m = market
+    secret = "k3y" + os.urandom(8).hex()
+    caplog.set_level(logging.DEBUG)
+    with LocalRpcServer(m.chain.provider) as server:
+        url = f"{server.url.rstrip('/')}/v2/{secret}?apikey={secret}"
+        account = m.chain.create_account(native=10**18, usdc=10**7)
+        client = MarketplaceClient(url, m.chain.addresses["job_marketplace"], account=_key(account), receipt_timeout=10)
+        assert client.min_deposit() > 0
+        assert client.approve(m.chain.addresses["stable_token"], 10)
+    # (the local node's own access log is the server's side, not the client's)
+    client_side = [r for r in caplog.records if not r.name.startswith("fabstir_jupyter.local")]
+    netloc = urlsplit(server.url).netloc
+    assert any(r.name == "urllib3.connectionpool" and netloc in r.getMessage() for r in client_side)  # logs ran
+    assert all(secret not in r.getMessage() for r in client_side) and secret not in repr(client)
 
 
 # ---------------------------------------------------------------------------- arithmetic

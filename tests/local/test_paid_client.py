@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 
 import pytest
 
@@ -145,6 +146,21 @@ async def test_concurrent_stateless_calls_open_a_job_each_up_to_the_limit(networ
     assert all(s.tokens_billed == s.expected_tokens == 100 for s in settlements)  # each job's minimum billing
 
 
+async def test_concurrent_requests_wait_for_the_one_job_the_budget_holds(network):
+    """Three requests at once to one host with a budget that holds one deposit: one job opens, the other
+    requests wait for it and run on it in turn; none fails. (Those that found the first job still opening
+    failed BUDGET_EXCEEDED, not retryable.)"""
+    manager = _manager(network, budget="0.7")  # one 0.5 USDC deposit, not two
+    async with manager:
+        host = await _host_of(manager, network, 1)
+        results = await asyncio.gather(*(manager.ainfer(f"{PROMPT} {i}", max_tokens=10, host=host) for i in range(3)),
+                                       return_exceptions=True)
+        assert [r.text for r in results] == [scripted_text(f"{PROMPT} {i}", 10) for i in range(3)], results
+        assert len({r.job_ids for r in results}) == 1
+    (settled,) = manager.payments.settlements
+    assert settled.streamed_tokens == 30 and manager.payments.held == 0
+
+
 async def test_a_low_deposit_opens_the_next_job_before_the_request_needs_it(network):
     """When a tab job's deposit cannot pay for the next request (plus its margin), a new job is opened
     before the request is sent: no stream is capped, the old job is settled with what it served."""
@@ -207,6 +223,27 @@ async def test_plaintext_requests_bind_their_job_with_session_init(network):
         assert turns[0] == scripted_text(PROMPT, 10) and len(turns[1].split()) == 10
         ended = await manager.sessions.end_session(session.id)
     assert ended.settlement.streamed_tokens == 20 and ended.settlement.tokens_billed == 100
+
+
+@pytest.mark.parametrize("encryption", [False, "auto"])
+async def test_a_job_the_host_refuses_at_init_is_replaced_and_the_turn_served(network, encryption):
+    """The session's job is completed on chain before its first turn (by its depositor, elsewhere): the host
+    refuses it at the session's init (PAYMENT_REQUIRED); that ends the job, and the turn goes on on a new
+    job, plaintext or encrypted alike."""
+    manager = _manager(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        session = await manager.sessions.create_session(host=host)
+        first = session.job_id
+        as_me = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"], account=network.user_key)
+        as_me.complete_job(first)
+        async with manager.sessions.stream(session.id, PROMPT, max_tokens=5, encryption=encryption) as stream:
+            text = await stream.read()
+        assert text == scripted_text(PROMPT, 5) and stream.error is None
+        assert session.job_ids[0] == first and len(session.job_ids) == 2 and stream.job_ids == (session.job_id,)
+        ended = await manager.sessions.end_session(session.id)
+    assert [s.job_id for s in ended.settlements] == session.job_ids
+    assert ended.settlements[0].tokens_billed == 0 and ended.settlements[0].settled_by == "client"
 
 
 async def test_authenticate_turns_payments_on_for_a_registry_network(network, monkeypatch):
@@ -327,15 +364,39 @@ async def test_someone_elses_job_and_a_settled_job_are_refused(network):
         with pytest.raises(PaymentRequired) as settled:
             await manager.sessions.create_session(host=host, job_id=session.settlement.job_id)
         assert "completed" in settled.value.message and "never reused" in settled.value.message
-        mine = await manager.sessions.create_session(host=host, job_id=None)
-        adopted = await manager.sessions.create_session(host=host, job_id=mine.job_id)  # its own open job: taken
-        assert adopted.job_id == mine.job_id
+        as_me = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"], account=network.user_key)
+        outside = as_me.create_job(local.address, network.model.model_id, deposit=500_000,
+                                   price_per_token=local.prices[1], token=network.addresses["USDC"])
+        adopted = await manager.sessions.create_session(host=host, job_id=outside.job_id)  # its own open job: taken
+        assert adopted.job_id == outside.job_id
+        answer = await manager.sessions.stream(adopted.id, PROMPT, max_tokens=5).read()
+        assert answer == scripted_text(PROMPT, 5)
+        ended = await manager.sessions.end_session(adopted.id)
+        assert ended.settlement.job_id == outside.job_id and ended.settlement.settled_by == "client"
     as_other.complete_job(theirs.job_id)
 
 
+async def test_a_job_another_session_holds_is_not_taken_twice(network):
+    """create_session(job_id=...) with a job this client already uses (another session's) is PAYMENT_REQUIRED:
+    two PaidJobs for one job would hold its deposit twice and count its bill twice at settlement."""
+    manager = _manager(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        first = await manager.sessions.create_session(host=host)
+        held = manager.payments.held
+        with pytest.raises(PaymentRequired) as twice:
+            await manager.sessions.create_session(host=host, job_id=first.job_id)
+        assert "already in use by session" in twice.value.message and manager.payments.held == held
+        await manager.sessions.stream(first.id, PROMPT, max_tokens=5).read()
+        ended = await manager.sessions.end_session(first.id)
+    assert [s.job_id for s in manager.payments.settlements] == [first.job_id]
+    assert manager.payments.spent == pytest.approx(ended.settlement.cost / 10**6) and manager.payments.held == 0
+
+
 async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
-    """Opening a job that outlasts job_timeout fails the attempt (CONNECTION_FAILED, retryable); the
-    transaction still lands, and that job is settled at once: every deposit comes back, nothing stays held."""
+    """Opening a job that outlasts job_timeout fails the attempt (CONNECTION_FAILED, retryable); a creation
+    not sent yet is never sent, one that lands anyway is settled at once: every deposit comes back, nothing
+    stays held."""
     manager = _manager(network, job_timeout=0.001, settle_timeout=30.0)
     start = _next_job_id(network)
     async with manager:
@@ -344,13 +405,227 @@ async def test_a_job_creation_that_times_out_leaves_no_deposit_behind(network):
             await manager.ainfer(PROMPT, max_tokens=5, host=host)
         assert "did not finish within" in info.value.message
     opened = range(start, _next_job_id(network))
-    assert len(opened) >= 1
     reader = _reader(network)
     for job_id in opened:
         job = reader.get_job(job_id)
         assert job.status is JobStatus.COMPLETED and job.refunded_to_user == job.deposit
     assert manager.payments.held == 0 and manager.payments.spent == 0
     assert sorted(s.job_id for s in manager.payments.settlements) == list(opened)
+
+
+def _gate(owner, name: str):
+    """Hold ``owner.<name>`` (a blocking chain call, run in the payments' thread pool) until the test lets
+    it go: returns (entered, proceed, left) events."""
+    entered, proceed, left = threading.Event(), threading.Event(), threading.Event()
+    real = getattr(owner, name)
+
+    def gated(*args, **kwargs):
+        entered.set()
+        try:
+            assert proceed.wait(30), "the test never let the chain call go"
+            return real(*args, **kwargs)
+        finally:
+            left.set()
+
+    setattr(owner, name, gated)
+    return entered, proceed, left
+
+
+def _all_refunded(network: LocalNetwork, job_ids) -> None:
+    reader = _reader(network)
+    for job_id in job_ids:
+        job = reader.get_job(job_id)
+        assert job.status is JobStatus.COMPLETED and job.refunded_to_user == job.deposit, job_id
+
+
+async def test_a_request_cancelled_while_its_job_opens_leaves_no_job_open(network):
+    """Cancel a request (what Ctrl-C does in a notebook) while the client waits for its job's creating
+    transaction to be mined: the transaction lands; the client takes that job and settles it at once (the
+    whole deposit comes back); nothing stays held in the budget. (The job used to stay Active on chain,
+    forgotten, its deposit locked, while the budget freed it.)"""
+    manager = _manager(network, token="native", budget="1")
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        await manager.payments.ensure_ready()
+        entered, proceed, _ = _gate(manager.payments._chain().w3.eth, "wait_for_transaction_receipt")
+        start = _next_job_id(network)
+        request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
+        assert await asyncio.to_thread(entered.wait, 30)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        proceed.set()
+    opened = list(range(start, _next_job_id(network)))
+    assert len(opened) == 1
+    _all_refunded(network, opened)
+    assert [s.job_id for s in manager.payments.settlements] == opened
+    assert manager.payments.held == 0 and manager.payments.spent == 0
+
+
+async def test_a_request_cancelled_before_its_job_is_sent_sends_nothing(network):
+    """Cancelled while the client still approves the token: the job's transaction is never sent."""
+    manager = _manager(network)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        await manager.payments.ensure_ready()
+        client = manager.payments._chain()
+        entered, proceed, _ = _gate(client, "approve")
+        _, go, created = _gate(client, "create_job")
+        go.set()  # (only watched)
+        start = _next_job_id(network)
+        request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
+        assert await asyncio.to_thread(entered.wait, 30)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        proceed.set()
+    assert await asyncio.to_thread(created.wait, 30)  # the thread's create_job returned (or refused to send)
+    assert _next_job_id(network) == start and manager.payments.held == 0 and not manager.payments.settlements
+
+
+async def test_a_job_whose_creation_answer_was_lost_is_found_and_settled(network):
+    """The creating transaction is sent and mined, but the node's answer to the receipt poll is lost
+    (a dropped connection): the attempt fails over to a new job, and the first job, found on chain
+    from its transaction's hash, is settled with its whole deposit back."""
+    import requests
+
+    manager = _manager(network, token="native", budget="1")
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        await manager.payments.ensure_ready()
+        eth = manager.payments._chain().w3.eth
+        real, failed = eth.wait_for_transaction_receipt, []
+
+        def lost_once(tx_hash, *args, **kwargs):
+            if not failed:
+                failed.append(tx_hash)
+                raise requests.ConnectionError("connection reset by peer")
+            return real(tx_hash, *args, **kwargs)
+
+        eth.wait_for_transaction_receipt = lost_once
+        start = _next_job_id(network)
+        result = await manager.ainfer(PROMPT, max_tokens=5, host=host)
+        assert result.text == scripted_text(PROMPT, 5) and failed
+        lost = start
+        assert result.job_ids == (lost + 1,)
+    _all_refunded(network, [lost])
+    settled = {s.job_id: s for s in manager.payments.settlements}
+    assert sorted(settled) == [lost, lost + 1] and settled[lost].open_tx == failed[0]
+    assert manager.payments.held == 0 and manager.payments.spent == pytest.approx(settled[lost + 1].cost / 10**18)
+
+
+def _refuse_completion_once(client: MarketplaceClient) -> list[int]:
+    """Make the first complete_job fail as a node refusing the transaction would; return the jobs refused."""
+    real, refused = client.complete_job, []
+
+    def complete_job(job_id, *args, **kwargs):
+        if not refused:
+            refused.append(job_id)
+            raise TransactionFailed(f"complete job {job_id}: the node refused it: replacement transaction underpriced")
+        return real(job_id, *args, **kwargs)
+
+    client.complete_job = complete_job
+    return refused
+
+
+async def test_a_settlement_that_failed_can_be_tried_again(network):
+    """end_session's settlement fails (the node refuses the transaction): the job is 'unsettled', still
+    Active, its deposit held. Payments.settle(job) then settles it. (The failed task was kept and its
+    error raised again on every later try: the job could never be settled by this client.)"""
+    manager = _manager(network, settle_timeout=2.0)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        session = await manager.sessions.create_session(host=host)
+        await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
+        refused = _refuse_completion_once(manager.payments._chain())
+        with pytest.raises(TransactionFailed):
+            await manager.sessions.end_session(session.id)
+        (job,) = manager.payments.open_jobs
+        assert refused == [job.job_id] and job.state == "unsettled" and manager.payments.held > 0
+        assert _reader(network).get_job(job.job_id).status is JobStatus.ACTIVE
+        settled = await manager.payments.settle(job)
+        assert settled.job_id == job.job_id and settled.adds_up and manager.payments.held == 0
+    assert _reader(network).get_job(job.job_id).status is JobStatus.COMPLETED
+
+
+async def test_closing_settles_a_job_whose_settlement_failed_before(network):
+    """A job whose settlement failed at end_session is settled when the manager closes."""
+    manager = _manager(network, settle_timeout=2.0)
+    async with manager:
+        host = await _host_of(manager, network, 0)
+        session = await manager.sessions.create_session(host=host)
+        await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
+        refused = _refuse_completion_once(manager.payments._chain())
+        with pytest.raises(TransactionFailed):
+            await manager.sessions.end_session(session.id)
+    assert _reader(network).get_job(refused[0]).status is JobStatus.COMPLETED
+    assert [s.job_id for s in manager.payments.settlements] == refused and manager.payments.held == 0
+
+
+async def test_closing_again_after_an_interrupted_close_settles_the_jobs(network):
+    """Ctrl-C (a cancelled await) while the manager closes: closing again still settles the open jobs.
+    (The first call marked the payments closed, and the second returned at once, leaving them Active.)"""
+    manager = _manager(network)
+    host = await _host_of(manager, network, 0)
+    result = await manager.ainfer(PROMPT, max_tokens=5, host=host)
+    (job_id,) = result.job_ids
+    entered, proceed, _ = _gate(manager.payments._chain(), "get_job")
+    closing = asyncio.ensure_future(manager.aclose())
+    assert await asyncio.to_thread(entered.wait, 30)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    proceed.set()
+    await manager.aclose()
+    assert _reader(network).get_job(job_id).status is JobStatus.COMPLETED
+    assert [s.job_id for s in manager.payments.settlements] == [job_id]
+
+
+async def test_balance_in_another_thread_while_the_first_job_opens_checks_the_chain_once(network):
+    """payments.balance() (blocking: the notebook's thread) while the event loop makes the payments ready
+    for a first job: the chain is checked, and the budget made, once. (Both threads could run the check and
+    each make a budget, the later one replacing the one that held the first job's deposit.)"""
+    manager = _manager(network)
+    async with manager:
+        payments = manager.payments
+        client = payments._chain()
+        real, calls = client.decimals, []
+        client.decimals = lambda *args: (calls.append(threading.current_thread().name), real(*args))[1]
+        entered, proceed, _ = _gate(client, "decimals")
+        balance = asyncio.ensure_future(asyncio.to_thread(payments.balance))
+        assert await asyncio.to_thread(entered.wait, 30)
+        ready = asyncio.ensure_future(payments.ensure_ready())
+        for _ in range(20):  # give a second check the chance to start (it used to; now it waits its turn)
+            if len(calls) > 1:
+                break
+            await asyncio.sleep(0.05)
+        proceed.set()
+        assert (await balance)["USDC"] > 0
+        await ready
+        budget = payments.budget
+        await manager.ainfer(PROMPT, max_tokens=5, host=await _host_of(manager, network, 0))
+        assert len(calls) == 1 and payments.budget is budget and payments.held > 0
+
+
+async def test_no_job_opens_once_closing_has_begun(network):
+    """While the payments close (settling the jobs they know), a request that needs a new job gets none:
+    CONNECTION_FAILED, nothing sent. (A job opened then was not among those close settled, and the
+    payments' threads were gone when it was retired: it stayed Active.)"""
+    manager = _manager(network)
+    host = await _host_of(manager, network, 0)
+    payments = manager.payments
+    await manager.ainfer(PROMPT, max_tokens=5, host=host)
+    entered, proceed, _ = _gate(payments._chain(), "get_job")
+    closing = asyncio.ensure_future(payments.aclose())
+    assert await asyncio.to_thread(entered.wait, 30)
+    start = _next_job_id(network)
+    with pytest.raises(ConnectionFailed) as info:
+        await payments.open_job(host, MODEL, max_tokens=5, kind="tab")
+    assert "closed" in info.value.message and _next_job_id(network) == start
+    proceed.set()
+    await closing
+    await manager.aclose()
+    assert not payments.open_jobs and payments.held == 0
 
 
 # ---------------------------------------------------------------------------- a host killed mid-answer
