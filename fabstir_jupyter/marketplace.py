@@ -27,7 +27,6 @@ the precision factor :data:`PRICE_PRECISION`: cost = tokens × price / 1000.
 from __future__ import annotations
 
 import enum
-import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from .errors import (
     SessionNotFound,
     TransactionFailed,
 )
+from .urls import hide_rpc_url_in_logs, redact_url
 
 try:
     import requests
@@ -338,40 +338,7 @@ class Settlement:
 
 def _redacted(url: str) -> str:
     # RPC URLs often carry an API key in the path or query: show only scheme, host and port
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "rpc"
-
-
-class _RedactRpcUrls(logging.Filter):
-    """Hide the RPC URLs of clients in web3's and urllib3's DEBUG records: web3's HTTP provider logs
-    the full URI, urllib3 the request's path and query, and either often holds an API key. A URL
-    shows as its scheme, host and port; a path or query alone as ``/…``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: set[str] = set()
-
-    def add(self, url: str) -> None:
-        self.urls.add(url)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        hidden = message
-        for url in self.urls:
-            hidden = hidden.replace(url, _redacted(url))
-            parts = urlsplit(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            if target != "/":
-                hidden = hidden.replace(target, "/…")
-        if hidden != message:
-            record.msg, record.args = hidden, ()
-        return True
-
-
-_URL_FILTER = _RedactRpcUrls()
-for _name in ("web3.providers.HTTPProvider", "web3._utils.http_session_manager.HTTPSessionManager",
-              "urllib3.connectionpool"):
-    logging.getLogger(_name).addFilter(_URL_FILTER)
+    return redact_url(url, keep_path=False) or "rpc"
 
 
 class _Sender:
@@ -466,7 +433,7 @@ class MarketplaceClient:
             self._w3 = rpc
             self._where = "in-process chain"
         elif isinstance(rpc, str) and urlsplit(rpc).scheme in ("http", "https") and urlsplit(rpc).netloc:
-            _URL_FILTER.add(rpc)
+            hide_rpc_url_in_logs(rpc)
             provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
             self._w3 = Web3(provider)
             self._where = f"chain rpc {_redacted(rpc)}"

@@ -7,12 +7,13 @@ validation (:mod:`.config`), the wire protocol and the transport share one readi
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InvalidOptions
 
-__all__ = ["WS_PATH", "ws_url", "http_url", "redact_url"]
+__all__ = ["WS_PATH", "ws_url", "http_url", "redact_url", "hide_rpc_url_in_logs"]
 
 #: The path of a host's WebSocket endpoint.
 WS_PATH = "/v1/ws"
@@ -90,3 +91,43 @@ def redact_url(url: str, *, keep_path: bool = True) -> str:
     if not netloc:
         return ""
     return urlunsplit((parts.scheme, netloc, parts.path if keep_path else "", "", ""))
+
+
+class _RpcUrlFilter(logging.Filter):
+    """Hide registered RPC URLs in web3's and urllib3's DEBUG records: web3's HTTP provider logs the
+    full URI, urllib3 the request's path and query, and either often holds an API key. A URL shows
+    as its scheme, host and port; a path or query alone as ``/…``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.urls:
+            return True
+        message = record.getMessage()
+        hidden = message
+        for url in self.urls:
+            hidden = hidden.replace(url, redact_url(url, keep_path=False) or "rpc")
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if target != "/":
+                hidden = hidden.replace(target, "/…")
+        if hidden != message:
+            record.msg, record.args = hidden, ()
+        return True
+
+
+_RPC_URL_FILTER = _RpcUrlFilter()
+#: The loggers that print the URLs (or paths) of the HTTP requests web3 makes.
+_RPC_LOGGERS = ("web3.providers.HTTPProvider", "web3._utils.http_session_manager.HTTPSessionManager",
+                "urllib3.connectionpool")
+
+
+def hide_rpc_url_in_logs(url: str) -> None:
+    """From now on, show ``url`` in web3's and urllib3's log records only as its scheme, host and
+    port (its path and query, where providers put API keys, as ``/…``). Idempotent."""
+    if not _RPC_URL_FILTER.urls:
+        for name in _RPC_LOGGERS:
+            logging.getLogger(name).addFilter(_RPC_URL_FILTER)
+    _RPC_URL_FILTER.urls.add(url)

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ChainError, ConnectionFailed, EncryptionError, InvalidOptions
 from ..networks import NetworkPreset
-from ..urls import redact_url
+from ..urls import hide_rpc_url_in_logs, redact_url
 from .info import HostInfo
 
 if TYPE_CHECKING:
@@ -498,6 +498,7 @@ class ChainRegistrySource:
             from web3 import HTTPProvider  # deferred: web3 is heavy
 
             provider = HTTPProvider(web3_or_rpc_url, request_kwargs={"timeout": timeout})
+            hide_rpc_url_in_logs(web3_or_rpc_url)  # web3 logs the whole URI at DEBUG
             label = redact_url(web3_or_rpc_url, keep_path=False) or "rpc"  # the path may hold an API key
             parts = urlsplit(web3_or_rpc_url)
             hidden = [web3_or_rpc_url, parts.netloc.rpartition("@")[0], parts.path.rstrip("/"), parts.query]

@@ -407,3 +407,25 @@ async def test_a_failing_price_list_falls_back_to_the_minimum_prices(three_hosts
     assert provider.rewritten == 6
     assert hosts[1].prices == {TV_FILE: {"native": 500, "stable": 300}, SM_FILE: {"native": 500, "stable": 300}}
     assert "getHostModelPrices failed for 6 of 6 (node, token) reads" in caplog.text
+
+
+async def test_discovery_through_an_rpc_url_holding_an_api_key_logs_no_key_at_debug(three_hosts, caplog):
+    """Discovery over HTTP JSON-RPC with every logger at DEBUG (web3's provider logs the whole URI,
+    urllib3 the request path): the key in the URL's path and query appears in no record, while the
+    records still name the host and port. (web3 logged the full URI before.)"""
+    import os
+    from urllib.parse import urlsplit
+
+    from fabstir_jupyter.local.rpc import LocalRpcServer
+
+    chain, hosts = three_hosts
+    secret = "k3y" + os.urandom(8).hex()
+    caplog.set_level(logging.DEBUG)
+    with LocalRpcServer(chain.provider) as server:
+        url = f"{server.url.rstrip('/')}/v2/{secret}?apikey={secret}"
+        found = await ChainRegistrySource(url, chain.addresses).discover()
+    assert len(found) == len(hosts)
+    client_side = [r for r in caplog.records if not r.name.startswith("fabstir_jupyter.local")]
+    netloc = urlsplit(server.url).netloc
+    assert any(r.name.startswith("web3") and netloc in r.getMessage() for r in client_side)  # the logs ran
+    assert all(secret not in r.getMessage() for r in client_side)
