@@ -40,6 +40,9 @@ class PaymentConfig:
         shutdown_timeout: seconds :meth:`HostServer.close` waits for the settlements of the jobs
             still open; what remains is left open as after ``settle_timeout``.
         chain_threads: worker threads that run the chain calls, off the event loop.
+        connect_timeout: seconds the host keeps trying to reach its chain after it starts (it
+            serves meanwhile; a job check waits for the chain); past it paid jobs are refused
+            with ``HOST_ERROR`` and ``fabstir-host`` exits.
     """
 
     rpc_url: str = field(repr=False)
@@ -54,6 +57,7 @@ class PaymentConfig:
     settle_timeout: float = 900.0
     shutdown_timeout: float = 60.0
     chain_threads: int = 4
+    connect_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
@@ -65,7 +69,7 @@ class PaymentConfig:
             raise InvalidOptions(f"payment config: model_registry_id must be 0x and 64 hex digits, "
                                  f"not {self.model_registry_id!r}", field="model_registry_id")
         for name in ("rpc_timeout", "receipt_timeout", "retry_max_delay", "retry_window", "settle_poll",
-                     "settle_timeout", "chain_threads"):
+                     "settle_timeout", "chain_threads", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidOptions(f"payment config: {name} must be positive", field=name)
         for name in ("retry_base", "shutdown_timeout"):
