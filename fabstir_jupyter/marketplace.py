@@ -400,6 +400,11 @@ class MarketplaceClient:
         timeout: seconds per RPC request.
         receipt_timeout: seconds to wait for a transaction to be mined.
         poll_interval: seconds between receipt polls.
+        gas_limit: send every transaction with this gas limit instead of estimating it; for a local
+            chain only, where an estimate costs several times the transaction (eth-tester searches
+            for the limit by executing it over and over). A transaction the contract refuses is then
+            mined and reverts, instead of failing unsent; the error and its reason are the same (read
+            by replaying it). ``None``: estimate, as a live network needs.
 
     Raises:
         InvalidOptions: a malformed address, URL or key type.
@@ -415,13 +420,17 @@ class MarketplaceClient:
         timeout: float = 30.0,
         receipt_timeout: float = 120.0,
         poll_interval: float = 0.2,
+        gas_limit: int | None = None,
     ) -> None:
         if isinstance(rpc, Web3):
             self._w3 = rpc
             self._where = "in-process chain"
         elif isinstance(rpc, str) and urlsplit(rpc).scheme in ("http", "https") and urlsplit(rpc).netloc:
             _URL_FILTER.urls.add(rpc)
-            provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
+            # cache_allowed_requests: web3 caches what cannot change (the chain id, which its validation
+            # asks for around every eth_call: two round trips per read otherwise)
+            provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None,
+                                         cache_allowed_requests=True)
             self._w3 = Web3(provider)
             self._where = f"chain rpc {_redacted(rpc)}"
         else:
@@ -433,6 +442,7 @@ class MarketplaceClient:
         self._host_earnings_address = _address(host_earnings, "host_earnings") if host_earnings else None
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
+        self.gas_limit = None if gas_limit is None else _amount(gas_limit, "gas_limit", minimum=21_000)
         self._send_lock = threading.Lock()  # one nonce at a time per client
         self._chain_id: int | None = None
 
@@ -510,15 +520,19 @@ class MarketplaceClient:
         return self._key
 
     def _transact(self, fn: Any, what: str, *, value: int = 0) -> Any:
-        """Estimate, sign, send and wait for ``fn``; return the receipt of a successful transaction."""
+        """Estimate (unless ``gas_limit`` is set), sign, send and wait for ``fn``; return the receipt of a successful
+        transaction."""
         key = self._signer(what)
         sender = key.address
         chain_id = self.chain_id
 
         def send() -> str:
-            gas = fn.estimate_gas({"from": sender, "value": value})  # a refusal surfaces here, unsent
+            if self.gas_limit is not None:
+                gas = self.gas_limit
+            else:
+                gas = fn.estimate_gas({"from": sender, "value": value}) * 6 // 5 + 10_000  # a refusal surfaces here
             tx = fn.build_transaction({
-                "from": sender, "value": value, "gas": gas * 6 // 5 + 10_000, "chainId": chain_id,
+                "from": sender, "value": value, "gas": gas, "chainId": chain_id,
                 "nonce": self._w3.eth.get_transaction_count(sender, "pending"),
             })
             return self._w3.eth.send_raw_transaction(key.sign_transaction(tx)).to_0x_hex()
