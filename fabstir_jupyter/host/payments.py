@@ -192,7 +192,9 @@ class PaymentManager:
     async def _connect_once(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         client = await loop.run_in_executor(self._pool, self._make_client)  # the imports stay off the loop
+        logger.info("chain client loaded in %.2f s; reading the chain", time.monotonic() - started)
         chain_id = await self._call(lambda: client.chain_id)
         try:
             dispute_window = await self._call(client.dispute_window)
