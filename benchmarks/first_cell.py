@@ -23,9 +23,10 @@ the host's clock is the wall clock, the kernel's ``CLOCK_MONOTONIC``: the kernel
 Then the load average and the verdict against the target: the first token within 3 s of
 the cell's start, in every kernel.
 
-Run:  python benchmarks/first_cell.py [--kernels 3] [--gap 0] [--backend llama-cpp] [--host-threads N]
+Run:  python benchmarks/first_cell.py [--kernels 3] [--gap 0] [--backend llama-cpp] [--host-threads N] [--unpaid]
 (~10 s per kernel).  ``--host-threads N`` passes ``--threads N`` to the host (through the config
-file's ``local_host_args``), to compare llama.cpp thread counts.
+file's ``local_host_args``), to compare llama.cpp thread counts; ``--unpaid`` starts the free local
+network (``local_paid`` false in the config file), to see what paying adds.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def _has_text(message: object) -> bool:
 HOST_MARKS = (
     ("listening on ws://", "host listening (model loading)"),
     ("loaded ", "host's model loaded (ready line)"),
+    ("chain client loaded in", "host's chain client loaded (web3 imported)"),
     ("paid sessions on:", "host's chain client connected"),
     ("opened: deposit pays for", "host checked the first job on chain"),
 )
@@ -172,7 +174,7 @@ def _host_marks(log: list[str], offset: float) -> list[tuple[str, float]]:
     return found
 
 
-def _environment(home: Path, backend: str, host_threads: int | None) -> dict[str, str]:
+def _environment(home: Path, backend: str, host_threads: int | None, paid: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FABSTIR_")}
     env.update({
         "XDG_CONFIG_HOME": str(home / "config"),
@@ -186,7 +188,7 @@ def _environment(home: Path, backend: str, host_threads: int | None) -> dict[str
     host_args = ["--log-level", "info"] + (["--threads", str(host_threads)] if host_threads is not None else [])
     config = home / "config" / "fabstir-jupyter" / "config.json"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(json.dumps({"local_host_args": host_args}))
+    config.write_text(json.dumps({"local_host_args": host_args, "local_paid": paid}))
     return env
 
 
@@ -251,6 +253,8 @@ def main() -> None:
                         help="seconds between %%load_ext and the first cell (default 0: at once)")
     parser.add_argument("--backend", default="llama-cpp", choices=["llama-cpp", "scripted"])
     parser.add_argument("--host-threads", type=int, default=None, help="llama.cpp threads of the host")
+    parser.add_argument("--unpaid", action="store_true",
+                        help="a free local network (local_paid false), to see what paying adds")
     args = parser.parse_args()
     if args.backend == "llama-cpp":
         try:
@@ -261,13 +265,14 @@ def main() -> None:
     _common.print_header(
         "first cell: time to first token of the first %%fabstir cell of a cold kernel",
         f"backend {args.backend}, {args.kernels} kernels, gap {args.gap:g} s after %load_ext"
-        + (f", host --threads {args.host_threads}" if args.host_threads else ", host threads: the default"),
+        + (f", host --threads {args.host_threads}" if args.host_threads else ", host threads: the default")
+        + (", unpaid network" if args.unpaid else ", paid network (the default)"),
         packages=("fabstir-jupyter", "ipykernel", "llama_cpp_python", "web3"),
     )
     runs: list[Run] = []
     for index in range(1, args.kernels + 1):
         with tempfile.TemporaryDirectory(prefix="fabstir-first-cell-") as home:
-            run = one_kernel(_environment(Path(home), args.backend, args.host_threads), args.gap)
+            run = one_kernel(_environment(Path(home), args.backend, args.host_threads, not args.unpaid), args.gap)
         runs.append(run)
         print("\n".join(describe(index, run)))
         sys.stdout.flush()
