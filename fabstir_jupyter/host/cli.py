@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     paid.add_argument("--chain-connect-timeout", type=float, default=payment_defaults.connect_timeout,
                       metavar="SECONDS", help="how long the host, serving meanwhile, tries to reach its chain after "
                                               "it starts; past it the host exits")
+    paid.add_argument("--chain-gas-limit", type=int, default=None, metavar="GAS",
+                      help="send proofs and settlements with this gas limit instead of estimating it: for a local "
+                           "test chain, where an estimate costs several times the transaction (default: estimate)")
     paid.add_argument("--shutdown-settle-timeout", type=float, default=payment_defaults.shutdown_timeout,
                       metavar="SECONDS", help="how long a stopping host waits for the settlements of its open jobs")
 
@@ -301,6 +304,7 @@ def make_payment_config(args: argparse.Namespace, operator_key: PrivateKey | Non
         settle_timeout=getattr(args, "settle_timeout", PaymentConfig.settle_timeout),
         shutdown_timeout=getattr(args, "shutdown_settle_timeout", PaymentConfig.shutdown_timeout),
         connect_timeout=getattr(args, "chain_connect_timeout", PaymentConfig.connect_timeout),
+        gas_limit=getattr(args, "chain_gas_limit", None),
     )
 
 

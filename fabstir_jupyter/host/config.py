@@ -43,6 +43,9 @@ class PaymentConfig:
         connect_timeout: seconds the host keeps trying to reach its chain after it starts (it
             serves meanwhile; a job check waits for the chain); past it paid jobs are refused
             with ``HOST_ERROR`` and ``fabstir-host`` exits.
+        gas_limit: send proofs and settlements with this gas limit instead of estimating it; for a
+            local test chain only (eth-tester's estimate executes a transaction many times over).
+            ``None``: estimate, as a live network needs.
     """
 
     rpc_url: str = field(repr=False)
@@ -58,6 +61,7 @@ class PaymentConfig:
     shutdown_timeout: float = 60.0
     chain_threads: int = 4
     connect_timeout: float = 30.0
+    gas_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
@@ -72,6 +76,10 @@ class PaymentConfig:
                      "settle_timeout", "chain_threads", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidOptions(f"payment config: {name} must be positive", field=name)
+        if self.gas_limit is not None and (isinstance(self.gas_limit, bool) or not isinstance(self.gas_limit, int)
+                                           or self.gas_limit < 21_000):
+            raise InvalidOptions(f"payment config: gas_limit must be an integer >= 21000, not {self.gas_limit!r}",
+                                 field="gas_limit")
         for name in ("retry_base", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise InvalidOptions(f"payment config: {name} must not be negative", field=name)

@@ -220,7 +220,7 @@ class PaymentManager:
             raise InvalidOptions(f"paid sessions need the chain extra: {exc}", field="payment") from None
         cfg = self.config
         return MarketplaceClient(cfg.rpc_url, cfg.marketplace, account=self._key, timeout=cfg.rpc_timeout,
-                                 receipt_timeout=cfg.receipt_timeout, poll_interval=0.1)
+                                 receipt_timeout=cfg.receipt_timeout, poll_interval=0.1, gas_limit=cfg.gas_limit)
 
     async def aclose(self) -> None:
         """Settle every job still open (their connections are closed by now) within ``shutdown_timeout``.

@@ -91,6 +91,9 @@ DEFAULT_START_TIMEOUT = {"scripted": 30.0, "llama-cpp": 180.0}
 _VERSION_TIMEOUT = 10.0  # seconds to read a started host's /v1/version
 USER_NATIVE = 100 * 10**18  # wei the user account starts with
 USER_USDC = 10_000 * 10**6  # mock USDC base units (6 decimals) the user account starts with
+#: The gas limit paid hosts send their proofs and settlements with (``--chain-gas-limit``): on the
+#: local chain a gas estimate executes the transaction many times over.
+HOST_GAS_LIMIT = 3_000_000
 #: The contract names under which :attr:`LocalNetwork.addresses` also lists each address.
 CONTRACT_NAMES = {
     "node_registry": "NodeRegistry", "model_registry": "ModelRegistry", "multicall": "Multicall3",
@@ -335,6 +338,7 @@ class LocalNetwork:
                 for process in self._processes:
                     process.args += ["--rpc-url", rpc_url, "--marketplace", contract_addresses()["job_marketplace"],
                                      "--model-registry-id", self.model.model_id,
+                                     "--chain-gas-limit", str(HOST_GAS_LIMIT),
                                      # stop() gives a host about 5 s: prove what is pending, leave the rest
                                      "--shutdown-settle-timeout", "2"]
             for process in self._processes:

@@ -435,6 +435,24 @@ async def test_a_host_whose_chain_client_cannot_connect_refuses_jobs_with_a_code
     assert health["payments"]["chain"] == "failed" and health["payments"]["open_jobs"] == 0
 
 
+async def test_a_host_with_a_gas_limit_proves_and_settles_without_estimates(market, paid_host, make_peer, caplog):
+    """With a fixed gas limit (what the local network gives its hosts: eth-tester's estimate executes a
+    transaction many times over), the proof and the settlement go out without eth_estimateGas and land
+    as estimated ones do."""
+    server = await paid_host(gas_limit=3_000_000)
+    job_id = await asyncio.to_thread(market.open)
+    peer = await make_peer(server)
+    assert (await init(peer, job_id))["type"] == "session_init_ack"
+    caplog.set_level(logging.DEBUG, logger="fabstir_jupyter.local.rpc")
+    assert tokens(await ask(peer, 1000)) == 1000
+    await eventually(lambda: market.proofs(job_id) == [1000])
+    await peer.ws.close()
+    await settle(market, job_id, [1000])
+    check_settlement(market, job_id, 1000)
+    methods = [r.args[0] for r in caplog.records if r.name == "fabstir_jupyter.local.rpc" and r.msg == "local rpc %s"]
+    assert methods.count("eth_sendRawTransaction") == 2 and "eth_estimateGas" not in methods
+
+
 # ---------------------------------------------------------------------------- the chain never blocks the stream
 
 
