@@ -339,6 +339,8 @@ class LocalNetwork:
                     process.args += ["--rpc-url", rpc_url, "--marketplace", contract_addresses()["job_marketplace"],
                                      "--model-registry-id", self.model.model_id,
                                      "--chain-gas-limit", str(HOST_GAS_LIMIT),
+                                     # the chain may take as long to come up as the host itself
+                                     "--chain-connect-timeout", f"{timeout:g}",
                                      # stop() gives a host about 5 s: prove what is pending, leave the rest
                                      "--shutdown-settle-timeout", "2"]
             for process in self._processes:
