@@ -43,7 +43,7 @@ def derive_key(seed: int | None, index: int) -> str:
 
 def model_id(repo: str, file_name: str) -> str:
     """Return the registry id of a model: ``0x`` + keccak256(utf8(repo + "/" + file_name)) in hex."""
-    return "0x" + keccak(f"{repo}/{file_name}".encode("utf-8")).hex()
+    return "0x" + keccak(f"{repo}/{file_name}".encode()).hex()
 
 
 def checksummed(address: bytes) -> str:
