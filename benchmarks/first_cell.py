@@ -16,12 +16,17 @@ kernel's ``execute_input`` to the first widget message carrying text) and from t
 widget's status: TTFT and the wait for the network, both counted from the cell's start), and
 where the time went: each step of the network's start (from the extension's load), discovery,
 and the request's own time to first token (``InferenceResult.ttft``: request sent to first
-token). Then the load average and the verdict against the target: the first token within 3 s of
+token). On a paid network (the default) it also shows, from the host's log (``--log-level info``)
+and the stream's events, when the host listened, loaded its model, connected its chain client
+(which loads in the background), and checked the first job, and when the client's job was mined;
+the host's clock is the wall clock, the kernel's ``CLOCK_MONOTONIC``: the kernel reports both.
+Then the load average and the verdict against the target: the first token within 3 s of
 the cell's start, in every kernel.
 
-Run:  python benchmarks/first_cell.py [--kernels 3] [--gap 0] [--backend llama-cpp] [--host-threads N]
+Run:  python benchmarks/first_cell.py [--kernels 3] [--gap 0] [--backend llama-cpp] [--host-threads N] [--unpaid]
 (~10 s per kernel).  ``--host-threads N`` passes ``--threads N`` to the host (through the config
-file's ``local_host_args``), to compare llama.cpp thread counts.
+file's ``local_host_args``), to compare llama.cpp thread counts; ``--unpaid`` starts the free local
+network (``local_paid`` false in the config file), to see what paying adds.
 """
 
 from __future__ import annotations
@@ -56,7 +61,11 @@ from fabstir_jupyter.notebook.bridge import get_bridge as _get_bridge
 import ipywidgets as _ipw
 _startup = _get_bridge().startup()
 _widget = [w for w in list(_ipw.Widget.widgets.values()) if type(w).__name__ == "StreamOutput"][-1]
+_network = _get_bridge().sdk().local_network
 print("REPORT", _json.dumps({{
+    "wall_minus_monotonic": _time.time() - _time.monotonic(),
+    "host_log": list(_network.processes[0]._stderr) if _network is not None else [],
+    "job_opened": [e.time for e in _first.events if e.kind == "job_opened"],
     "cell_start": _cell_starts[{CELL_LINE!r}],
     "load_start": _cell_starts["%load_ext fabstir_jupyter"],
     "startup_start": _startup.started_at,
@@ -139,7 +148,34 @@ def _has_text(message: object) -> bool:
     return isinstance(message, dict) and message.get("type") == "snapshot" and bool(message.get("text"))
 
 
-def _environment(home: Path, backend: str, host_threads: int | None) -> dict[str, str]:
+#: Lines of the host's log (``--log-level info``) that mark its start and the first job.
+HOST_MARKS = (
+    ("listening on ws://", "host listening (model loading)"),
+    ("loaded ", "host's model loaded (ready line)"),
+    ("chain client loaded in", "host's chain client loaded (web3 imported)"),
+    ("paid sessions on:", "host's chain client connected"),
+    ("opened: deposit pays for", "host checked the first job on chain"),
+)
+
+
+def _host_marks(log: list[str], offset: float) -> list[tuple[str, float]]:
+    """(label, kernel monotonic time) of each line of HOST_MARKS found in the host's log."""
+    import datetime
+
+    found = []
+    for needle, label in HOST_MARKS:
+        for line in log:
+            if needle in line:
+                try:
+                    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                except ValueError:
+                    continue
+                found.append((label, stamp - offset))
+                break
+    return found
+
+
+def _environment(home: Path, backend: str, host_threads: int | None, paid: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FABSTIR_")}
     env.update({
         "XDG_CONFIG_HOME": str(home / "config"),
@@ -149,10 +185,11 @@ def _environment(home: Path, backend: str, host_threads: int | None) -> dict[str
         "FABSTIR_LOCAL_BACKEND": backend,
     })
     env.pop("FABSTIR_NO_WIDGETS", None)
-    if host_threads is not None:
-        config = home / "config" / "fabstir-jupyter" / "config.json"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(json.dumps({"local_host_args": ["--threads", str(host_threads)]}))
+    # the host logs at info level: its start and first job are read back from its log
+    host_args = ["--log-level", "info"] + (["--threads", str(host_threads)] if host_threads is not None else [])
+    config = home / "config" / "fabstir-jupyter" / "config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"local_host_args": host_args, "local_paid": paid}))
     return env
 
 
@@ -201,6 +238,11 @@ def describe(index: int, run: Run) -> list[str]:
     lines.append(f"    {k['ready_at'] - run.cell_start:+6.2f} s  network ready; request sent at about "
                  f"{request_start - run.cell_start:+.2f} s; request TTFT (sent to first token) "
                  f"{k['request_ttft'] * 1000:.0f} ms")
+    offset = k["wall_minus_monotonic"]
+    marks = _host_marks(k["host_log"], offset)
+    marks += [("client's first job opened (mined)", t - offset) for t in k["job_opened"][:1]]
+    for label, t in sorted(marks, key=lambda mark: mark[1]):
+        lines.append(f"    {t - run.cell_start:+6.2f} s  {label}")
     lines.append(f"    answer ({k['tokens']} tokens): {k['text'].strip()[:70]!r}")
     return lines
 
@@ -212,6 +254,8 @@ def main() -> None:
                         help="seconds between %%load_ext and the first cell (default 0: at once)")
     parser.add_argument("--backend", default="llama-cpp", choices=["llama-cpp", "scripted"])
     parser.add_argument("--host-threads", type=int, default=None, help="llama.cpp threads of the host")
+    parser.add_argument("--unpaid", action="store_true",
+                        help="a free local network (local_paid false), to see what paying adds")
     args = parser.parse_args()
     if args.backend == "llama-cpp":
         try:
@@ -222,13 +266,14 @@ def main() -> None:
     _common.print_header(
         "first cell: time to first token of the first %%fabstir cell of a cold kernel",
         f"backend {args.backend}, {args.kernels} kernels, gap {args.gap:g} s after %load_ext"
-        + (f", host --threads {args.host_threads}" if args.host_threads else ", host threads: the default"),
+        + (f", host --threads {args.host_threads}" if args.host_threads else ", host threads: the default")
+        + (", unpaid network" if args.unpaid else ", paid network (the default)"),
         packages=("fabstir-jupyter", "ipykernel", "llama_cpp_python", "web3"),
     )
     runs: list[Run] = []
     for index in range(1, args.kernels + 1):
         with tempfile.TemporaryDirectory(prefix="fabstir-first-cell-") as home:
-            run = one_kernel(_environment(Path(home), args.backend, args.host_threads), args.gap)
+            run = one_kernel(_environment(Path(home), args.backend, args.host_threads, not args.unpaid), args.gap)
         runs.append(run)
         print("\n".join(describe(index, run)))
         sys.stdout.flush()

@@ -413,6 +413,11 @@ class MarketplaceClient:
         timeout: seconds per RPC request.
         receipt_timeout: seconds to wait for a transaction to be mined.
         poll_interval: seconds between receipt polls.
+        gas_limit: send every transaction with this gas limit instead of estimating it; for a local
+            chain only, where an estimate costs several times the transaction (eth-tester searches
+            for the limit by executing it over and over). A transaction the contract refuses is then
+            mined and reverts, instead of failing unsent; the error and its reason are the same (read
+            by replaying it). ``None``: estimate, as a live network needs.
 
     Raises:
         InvalidOptions: a malformed address, URL or key type.
@@ -428,13 +433,17 @@ class MarketplaceClient:
         timeout: float = 30.0,
         receipt_timeout: float = 120.0,
         poll_interval: float = 0.2,
+        gas_limit: int | None = None,
     ) -> None:
         if isinstance(rpc, Web3):
             self._w3 = rpc
             self._where = "in-process chain"
         elif isinstance(rpc, str) and urlsplit(rpc).scheme in ("http", "https") and urlsplit(rpc).netloc:
             hide_rpc_url_in_logs(rpc)
-            provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None)
+            # cache_allowed_requests: web3 caches what cannot change (the chain id, which its validation
+            # asks for around every eth_call: two round trips per read otherwise)
+            provider = Web3.HTTPProvider(rpc, request_kwargs={"timeout": timeout}, exception_retry_configuration=None,
+                                         cache_allowed_requests=True)
             self._w3 = Web3(provider)
             self._where = f"chain rpc {_redacted(rpc)}"
         else:
@@ -446,6 +455,7 @@ class MarketplaceClient:
         self._host_earnings_address = _address(host_earnings, "host_earnings") if host_earnings else None
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
+        self.gas_limit = None if gas_limit is None else _amount(gas_limit, "gas_limit", minimum=21_000)
         self._chain_id: int | None = None
 
     @staticmethod
@@ -525,7 +535,8 @@ class MarketplaceClient:
 
     def _transact(self, fn: Any, what: str, *, value: int = 0,
                   on_sent: Callable[[str], None] | None = None) -> Any:
-        """Estimate, sign, send and wait for ``fn``; return the receipt of a successful transaction.
+        """Estimate (unless ``gas_limit`` is set), sign, send and wait for ``fn``; return the receipt of a
+        successful transaction.
 
         ``on_sent`` is called with the transaction's hash just before it is sent: whatever fails after
         that (the send's answer lost, the receipt not read in time), the transaction may be mined.
@@ -537,10 +548,13 @@ class MarketplaceClient:
         sender = _sender(address)
 
         def sign() -> tuple[bytes, int]:
-            gas = fn.estimate_gas({"from": address, "value": value})  # a refusal surfaces here, unsent
+            if self.gas_limit is not None:
+                gas = self.gas_limit
+            else:  # a refusal surfaces here, unsent
+                gas = fn.estimate_gas({"from": address, "value": value}) * 6 // 5 + 10_000
             nonce = sender.nonce(chain_id, self._w3.eth.get_transaction_count(address, "pending"))
             tx = fn.build_transaction({
-                "from": address, "value": value, "gas": gas * 6 // 5 + 10_000, "chainId": chain_id, "nonce": nonce,
+                "from": address, "value": value, "gas": gas, "chainId": chain_id, "nonce": nonce,
             })
             return key.sign_transaction(tx), nonce
 

@@ -22,8 +22,11 @@ and earnings, and a warning scrolls past unread.
 Paid sessions (spec §10): with ``--rpc-url`` (or ``FABSTIR_HOST_RPC_URL``, which keeps an API key
 in the URL out of ``ps``), ``--marketplace`` and ``--model-registry-id``, and the operator key, the
 host serves only jobs opened for it on that JobMarketplace, proves the tokens it streams and settles
-each job when its connection closes (see :mod:`fabstir_jupyter.host.payments`). It starts only if the
-chain answers; it warns if the operator is not an active node there (jobs cannot name it yet).
+each job when its connection closes (see :mod:`fabstir_jupyter.host.payments`). It serves before its
+chain client is ready (web3 loads in the background; a job check waits for it); if the chain does not
+answer within ``--chain-connect-timeout`` seconds, or the address is not a JobMarketplace, it prints
+one error line and exits with status 1. It warns if the operator is not an active node there (jobs
+cannot name it yet).
 """
 
 from __future__ import annotations
@@ -122,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     paid.add_argument("--settle-timeout", type=float, default=payment_defaults.settle_timeout, metavar="SECONDS",
                       help="how long a job's settlement may take after its connection closed, the contract's "
                            "dispute window included; past it the job is left open (its proofs stay paid)")
+    paid.add_argument("--chain-connect-timeout", type=float, default=payment_defaults.connect_timeout,
+                      metavar="SECONDS", help="how long the host, serving meanwhile, tries to reach its chain after "
+                                              "it starts; past it the host exits")
+    paid.add_argument("--chain-gas-limit", type=int, default=None, metavar="GAS",
+                      help="send proofs and settlements with this gas limit instead of estimating it: for a local "
+                           "test chain, where an estimate costs several times the transaction (default: estimate)")
     paid.add_argument("--shutdown-settle-timeout", type=float, default=payment_defaults.shutdown_timeout,
                       metavar="SECONDS", help="how long a stopping host waits for the settlements of its open jobs")
 
@@ -296,6 +305,8 @@ def make_payment_config(args: argparse.Namespace, operator_key: PrivateKey | Non
         retry_window=getattr(args, "chain_retry_window", PaymentConfig.retry_window),
         settle_timeout=getattr(args, "settle_timeout", PaymentConfig.settle_timeout),
         shutdown_timeout=getattr(args, "shutdown_settle_timeout", PaymentConfig.shutdown_timeout),
+        connect_timeout=getattr(args, "chain_connect_timeout", PaymentConfig.connect_timeout),
+        gas_limit=getattr(args, "chain_gas_limit", None),
     )
 
 
@@ -423,11 +434,28 @@ async def _serve(args: argparse.Namespace, parent: int) -> int:
         await server.close()
         return 1
     print(f"{READY_PREFIX}{server.ws_url}", flush=True)
+    failed: list[FabstirError] = []
+    watch = loop.create_task(_stop_if_no_chain(server, stop, failed)) if server.payments is not None else None
     try:
         await stop.wait()
     finally:
+        if watch is not None:
+            watch.cancel()
         await server.close()
+    if failed:
+        print(f"fabstir-host: error: {failed[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+async def _stop_if_no_chain(server: HostServer, stop: asyncio.Event, failed: list[FabstirError]) -> None:
+    """Stop a paid host whose chain client cannot connect (it could bill no job); note why in ``failed``."""
+    assert server.payments is not None
+    try:
+        await server.payments.wait_connected()
+    except FabstirError as exc:
+        failed.append(exc)
+        stop.set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

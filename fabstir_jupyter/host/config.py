@@ -40,6 +40,12 @@ class PaymentConfig:
         shutdown_timeout: seconds :meth:`HostServer.close` waits for the settlements of the jobs
             still open; what remains is left open as after ``settle_timeout``.
         chain_threads: worker threads that run the chain calls, off the event loop.
+        connect_timeout: seconds the host keeps trying to reach its chain after it starts (it
+            serves meanwhile; a job check waits for the chain); past it paid jobs are refused
+            with ``HOST_ERROR`` and ``fabstir-host`` exits.
+        gas_limit: send proofs and settlements with this gas limit instead of estimating it; for a
+            local test chain only (eth-tester's estimate executes a transaction many times over).
+            ``None``: estimate, as a live network needs.
     """
 
     rpc_url: str = field(repr=False)
@@ -54,6 +60,8 @@ class PaymentConfig:
     settle_timeout: float = 900.0
     shutdown_timeout: float = 60.0
     chain_threads: int = 4
+    connect_timeout: float = 30.0
+    gas_limit: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rpc_url, str) or not self.rpc_url.startswith(("http://", "https://")):
@@ -65,9 +73,13 @@ class PaymentConfig:
             raise InvalidOptions(f"payment config: model_registry_id must be 0x and 64 hex digits, "
                                  f"not {self.model_registry_id!r}", field="model_registry_id")
         for name in ("rpc_timeout", "receipt_timeout", "retry_max_delay", "retry_window", "settle_poll",
-                     "settle_timeout", "chain_threads"):
+                     "settle_timeout", "chain_threads", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidOptions(f"payment config: {name} must be positive", field=name)
+        if self.gas_limit is not None and (isinstance(self.gas_limit, bool) or not isinstance(self.gas_limit, int)
+                                           or self.gas_limit < 21_000):
+            raise InvalidOptions(f"payment config: gas_limit must be an integer >= 21000, not {self.gas_limit!r}",
+                                 field="gas_limit")
         for name in ("retry_base", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise InvalidOptions(f"payment config: {name} must not be negative", field=name)

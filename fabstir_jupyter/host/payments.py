@@ -7,6 +7,11 @@ serves, be on its chain, and have deposit left for another proof (``PAYMENT_REQU
 ``BUDGET_EXCEEDED``). The job's :class:`~fabstir_jupyter.host.metering.JobMeter` then counts what
 streams and says when a proof is due.
 
+The host serves before its chain client is ready: :meth:`PaymentManager.start` connects in the
+background (loading web3 takes about a second on a small machine), and a job check waits for that
+connection, at most ``connect_timeout`` seconds from the start; past it jobs are refused with
+``HOST_ERROR``.
+
 Chain work never blocks a stream. Every web3 call runs in a small thread pool of this host; each
 job has one worker task that takes its proofs, then its settlement, in order, from a queue the
 server fills without awaiting. A failed transaction is retried with exponential backoff for
@@ -34,6 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
+from .. import _compat
 from ..errors import (
     BudgetExceeded,
     ConnectionFailed,
@@ -105,7 +111,8 @@ class PaymentManager:
         self.model_registry_id = config.model_registry_id.lower()
         self.chain_id: int | None = None
         self.dispute_window = 0
-        self._client: MarketplaceClient | None = None
+        self._client: MarketplaceClient | None = None  # set once connected
+        self._connecting: asyncio.Task[None] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._jobs: dict[int, _PaidJob] = {}
         self._finished: OrderedDict[int, str] = OrderedDict()  # job id -> how it ended
@@ -118,27 +125,81 @@ class PaymentManager:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Connect to the chain: read its id and the marketplace's dispute window; warn if the
-        operator is not an active node (jobs cannot name it until it registers).
+        """Start connecting to the chain in the background; return at once.
+
+        The host serves meanwhile (a job check waits for the connection: :meth:`open_job`).
+        Connecting loads the chain client (web3: about a second of imports on a small machine, in
+        a worker thread), reads the chain's id and the marketplace's dispute window, and warns if
+        the operator is not an active node (jobs cannot name it until it registers). Failures that
+        time may lift (an endpoint not up yet) are retried for ``connect_timeout`` seconds;
+        :meth:`wait_connected` says how it ended.
+        """
+        if self._connecting is not None:
+            return
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.chain_threads,
+                                                           thread_name_prefix="fabstir-host-chain")
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(), name="fabstir-host-chain-connect")
+        # A failure is reported by wait_connected, open_job and /health; never as an unretrieved exception.
+        self._connecting.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def wait_connected(self) -> None:
+        """Wait until the chain client is connected (at most ``connect_timeout`` from :meth:`start`).
 
         Raises:
-            ConnectionFailed: the RPC endpoint cannot be reached.
+            ConnectionFailed: the chain did not answer within ``connect_timeout`` (or another coded
+                error: the last failure of the window).
             InvalidOptions: the address is not a JobMarketplace, or the chain extra is missing.
+            RuntimeError: :meth:`start` was not called.
         """
-        try:
-            from ..marketplace import MarketplaceClient
-        except ImportError as exc:
-            raise InvalidOptions(f"paid sessions need the chain extra: {exc}", field="payment") from None
+        if self._connecting is None:
+            raise RuntimeError("payment manager not started")
+        await asyncio.shield(self._connecting)
+
+    @property
+    def chain_state(self) -> str:
+        """``"connecting"``, ``"connected"`` or ``"failed"`` (``"stopped"`` before :meth:`start`)."""
+        task = self._connecting
+        if task is None:
+            return "stopped"
+        if not task.done():
+            return "connecting"
+        return "connected" if not task.cancelled() and task.exception() is None else "failed"
+
+    async def _connect(self) -> None:
+        """Load the chain client and check the chain, retrying what time may lift (see :meth:`start`)."""
         cfg = self.config
-        self._client = MarketplaceClient(cfg.rpc_url, cfg.marketplace, account=self._key, timeout=cfg.rpc_timeout,
-                                         receipt_timeout=cfg.receipt_timeout, poll_interval=0.1)
-        self._pool = concurrent.futures.ThreadPoolExecutor(cfg.chain_threads, thread_name_prefix="fabstir-host-chain")
-        client = self._client
-        self.chain_id = await self._call(lambda: client.chain_id)
+        delays = backoff(cfg.retry_base, cfg.retry_max_delay)
+        deadline = time.monotonic() + cfg.connect_timeout
+        while True:
+            try:
+                async with _compat.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._connect_once()
+                return
+            except InvalidOptions as exc:
+                logger.error("paid sessions off: %s", exc)
+                raise
+            except (FabstirError, asyncio.TimeoutError) as exc:
+                error = exc if isinstance(exc, FabstirError) else ConnectionFailed(
+                    f"the chain did not answer within {cfg.connect_timeout:g} s")
+            delay = next(delays)
+            if time.monotonic() + delay >= deadline:
+                logger.error("paid sessions off: the chain could not be reached within %g s: %s",
+                             cfg.connect_timeout, error)
+                raise error
+            logger.warning("cannot reach the chain yet (%s); retrying in %.1f s", error.code, delay)
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        client = await loop.run_in_executor(self._pool, self._make_client)  # the imports stay off the loop
+        logger.info("chain client loaded in %.2f s; reading the chain", time.monotonic() - started)
+        chain_id = await self._call(lambda: client.chain_id)
         try:
-            self.dispute_window = await self._call(client.dispute_window)
+            dispute_window = await self._call(client.dispute_window)
         except TransactionFailed:
-            raise InvalidOptions(f"{cfg.marketplace} on chain {self.chain_id} is not a JobMarketplace "
+            raise InvalidOptions(f"{cfg.marketplace} on chain {chain_id} is not a JobMarketplace "
                                  f"(disputeWindow() fails)", field="marketplace") from None
         try:
             active = await self._call(client.is_active_node)
@@ -146,10 +207,20 @@ class PaymentManager:
             active = None
             logger.warning("cannot tell whether operator %s is an active node: %s", self.operator, exc.code)
         if active is False:
-            logger.warning("operator %s is not an active node on the marketplace's NodeRegistry: no job can name "
-                           "this host until it registers", self.operator)
+            logger.warning("operator %s is not (yet) an active node on the marketplace's NodeRegistry: no job can "
+                           "name this host until it registers", self.operator)
+        self.chain_id, self.dispute_window, self._client = chain_id, dispute_window, client
         logger.info("paid sessions on: marketplace %s on chain %d, operator %s, model %s, dispute window %d s",
                     cfg.marketplace, self.chain_id, self.operator, self.model_registry_id, self.dispute_window)
+
+    def _make_client(self) -> MarketplaceClient:
+        try:
+            from ..marketplace import MarketplaceClient
+        except ImportError as exc:
+            raise InvalidOptions(f"paid sessions need the chain extra: {exc}", field="payment") from None
+        cfg = self.config
+        return MarketplaceClient(cfg.rpc_url, cfg.marketplace, account=self._key, timeout=cfg.rpc_timeout,
+                                 receipt_timeout=cfg.receipt_timeout, poll_interval=0.1, gas_limit=cfg.gas_limit)
 
     async def aclose(self) -> None:
         """Settle every job still open (their connections are closed by now) within ``shutdown_timeout``.
@@ -173,6 +244,9 @@ class PaymentManager:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -182,7 +256,8 @@ class PaymentManager:
         """Check the job a session names and bind it to connection ``owner``; return its meter.
 
         A job already bound to ``owner`` is returned without reading the chain (the production
-        SDK re-sends its encrypted init before every prompt).
+        SDK re-sends its encrypted init before every prompt). While the host is still connecting
+        to its chain (just started), the check waits for it.
 
         Raises:
             InvalidOptions: the job id is not a positive integer.
@@ -190,15 +265,16 @@ class PaymentManager:
             PaymentRequired: the job is not usable here: not Active, another host's, for another
                 model, on another chain, settled by this host, or in use on another connection.
             BudgetExceeded: its deposit cannot pay for another proof.
-            HostError: the chain cannot be read now (retryable).
+            HostError: the chain cannot be read now (retryable), or could not be reached since the
+                host started.
         """
         job_id = _job_number(job_id_text)
         known = self._usable(job_id, owner)
         if known is not None:
             return known
+        client = await self._connected(job_id)
         if chain_id is not None and chain_id != self.chain_id:
             raise PaymentRequired(f"job {job_id}: this host is paid on chain {self.chain_id}, not chain {chain_id}")
-        client = self._chain()
         try:
             job = await self._call(lambda: client.get_job(job_id))
             model = await self._call(lambda: client.session_model(job_id))
@@ -285,6 +361,7 @@ class PaymentManager:
         states = [job.state for job in self._jobs.values()]
         return {
             "marketplace": self.config.marketplace,
+            "chain": self.chain_state,
             "chain_id": self.chain_id,
             "operator": self.operator,
             "model_registry_id": self.model_registry_id,
@@ -438,8 +515,22 @@ class PaymentManager:
 
     def _chain(self) -> MarketplaceClient:
         if self._client is None:
-            raise RuntimeError("payment manager not started")
+            raise RuntimeError("payment manager not connected")
         return self._client
+
+    async def _connected(self, job_id: int) -> MarketplaceClient:
+        """The chain client, once connected (waiting for it while the host connects).
+
+        Raises:
+            HostError: the chain could not be reached since the host started (or the marketplace is
+                not one); the message names the cause's code, never the RPC URL.
+        """
+        try:
+            await self.wait_connected()
+        except FabstirError as exc:
+            raise HostError(f"job {job_id}: this host cannot check jobs: no connection to its chain ({exc.code}); "
+                            f"use another host", retryable=True) from None
+        return self._chain()
 
     async def _call(self, call: Callable[[], T]) -> T:
         """Run a blocking web3 call in the chain pool (the event loop never blocks on the chain)."""

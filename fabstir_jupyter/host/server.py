@@ -26,7 +26,8 @@ prompt, and its answer is ``encrypted_chunk`` × N (the last one empty and ``fin
 
 With ``HostConfig.payment`` the host is paid (spec §10; :mod:`fabstir_jupyter.host.payments`): a
 ``session_init`` carrying ``job_id`` (or an encrypted init whose payload carries ``jobId``) is
-answered with a coded error instead of an ack unless the job is usable by this host; a generation
+answered with a coded error instead of an ack unless the job is usable by this host (the host
+serves while its chain client connects in the background; a job check waits for it); a generation
 request is served only in a session bound to such a job on this connection (``PAYMENT_REQUIRED``
 otherwise, stateless ``inference`` included); the tokens streamed are metered per job and proven
 in the background (the stream never waits for the chain); a stream ends with ``BUDGET_EXCEEDED``
@@ -267,7 +268,7 @@ class HostServer:
             raise RuntimeError("host server already started")
         ssl_context = self._ssl_context()
         if self.payments is not None:
-            await self.payments.start()  # fails fast on an unreachable chain, before anything listens
+            await self.payments.start()  # connects in the background: job checks wait for it
         await self.backend.start()
         self._server = await serve(
             self._handle,
@@ -840,9 +841,9 @@ class HostServer:
             BudgetExceeded: the job's deposit pays for no more tokens.
         """
         assert self.payments is not None
-        where = (f"open a job for this host on marketplace {self.payments.config.marketplace} "
-                 f"(chain {self.payments.chain_id}) and send its id in session_init (job_id) or in the "
-                 f"encrypted init (jobId)")
+        chain = f" (chain {self.payments.chain_id})" if self.payments.chain_id is not None else ""
+        where = (f"open a job for this host on marketplace {self.payments.config.marketplace}{chain} "
+                 f"and send its id in session_init (job_id) or in the encrypted init (jobId)")
         if isinstance(event, InferenceRequest):
             raise PaymentRequired(f"this host serves paid sessions only: {where}")
         session_id = event.session_id if event.session_id is not None else conn.session_id

@@ -3,9 +3,9 @@
 :class:`LocalChain` runs py-evm through eth-tester and web3's sync API, deploys a mock FAB token
 and a mock USDC (``MockERC20``, 18 and 6 decimals), ``ModelRegistry``, ``NodeRegistry``,
 ``Multicall3``, ``HostEarnings`` and ``JobMarketplace`` from their committed artifacts (no compiler
-needed), and registers hosts, each with its own funded secp256k1 account whose compressed public
-key goes into the metadata's ``publicKey``. Everything here blocks: an async caller runs it in a
-thread.
+needed), at the addresses :mod:`fabstir_jupyter.local.layout` computes before the chain exists,
+and registers hosts, each with its own funded secp256k1 account whose compressed public key goes
+into the metadata's ``publicKey``. Everything here blocks: an async caller runs it in a thread.
 
 A host registers with the production functions only, in production's order (spec/PROTOCOL.md §8):
 FAB ``approve``, ``registerNode`` (which pulls ``MIN_STAKE``), ``stake`` for the rest, then
@@ -33,7 +33,7 @@ from eth_account import Account
 from eth_keys import keys
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.exceptions import TransactionFailed
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 from web3 import Web3
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.providers.eth_tester import EthereumTesterProvider
@@ -41,6 +41,7 @@ from web3.providers.eth_tester.middleware import request_formatters, result_form
 
 from ..errors import InvalidOptions
 from .contracts import load_artifact
+from .layout import DEPLOYER, contract_addresses, derive_key, model_id
 
 __all__ = [
     "LocalAccount", "LocalChain", "LocalChainError", "LocalHost", "LocalProvider", "NATIVE_TOKEN", "derive_key",
@@ -65,21 +66,6 @@ PricePair = Tuple[int, int]
 
 class LocalChainError(RuntimeError):
     """Raised when a local chain transaction reverts; the message holds the contract's reason."""
-
-
-def derive_key(seed: int | None, index: int) -> str:
-    """Return the private key (0x-hex) of host ``index``: derived from ``seed``, or fresh when ``None``.
-
-    The same seed and index always give the same key, hence the same host address.
-    """
-    if seed is None:
-        return Account.create().key.to_0x_hex()
-    return "0x" + keccak(f"fabstir local host {seed} {index}".encode()).hex()
-
-
-def model_id(repo: str, file_name: str) -> str:
-    """Return the registry id of a model: ``0x`` + keccak256(utf8(repo + "/" + file_name)) in hex."""
-    return "0x" + keccak(f"{repo}/{file_name}".encode("utf-8")).hex()
 
 
 def _split_model(model: ModelRef) -> tuple[str, str]:
@@ -299,6 +285,14 @@ class LocalChain:
             "JobMarketplace", node_registry.address, host_earnings.address, FEE_BASIS_POINTS, DISPUTE_WINDOW,
             usdc.address,
         )
+        deployed = {"fab_token": fab_token, "usdc": usdc, "model_registry": model_registry,
+                    "node_registry": node_registry, "multicall": multicall, "host_earnings": host_earnings,
+                    "job_marketplace": job_marketplace}
+        expected = contract_addresses()  # what the local network gave its hosts before this chain existed
+        wrong = {name: contract.address for name, contract in deployed.items() if contract.address != expected[name]}
+        if self.deployer != DEPLOYER or wrong:
+            raise LocalChainError(f"the local chain deployed from {self.deployer} to {wrong}, not from {DEPLOYER} to "
+                                  f"the addresses layout.contract_addresses() gives")
         authorize = host_earnings.functions.setAuthorizedCaller(job_marketplace.address, True)
         self._transact(authorize, self.deployer, "authorize the marketplace in HostEarnings")
         self.fab_token = fab_token

@@ -32,22 +32,29 @@ when the network stops; no key is ever printed.
 
 With ``paid=True`` the hosts are paid hosts (``fabstir-host --rpc-url --marketplace
 --model-registry-id``): they serve only jobs opened for them on the network's JobMarketplace, prove
-what they stream and settle each job when its connection closes. The chain then deploys before the
-hosts start (they need its RPC URL and the marketplace's address). The local chain's clock follows
+what they stream and settle each job when its connection closes. They start before the chain exists,
+as unpaid ones do: the RPC server's socket is bound first (its URL is known; a host's requests wait
+in its backlog until the chain serves) and the contracts' addresses follow from the deployer and its
+nonces (:mod:`fabstir_jupyter.local.layout`). So the hosts boot, and load their own chain client,
+while this process loads the EVM and deploys. The local chain's clock follows
 the wall clock (see :class:`~fabstir_jupyter.local.chain.LocalProvider`), so a host's own settlement
 waits out the dispute window as on a live chain; a depositor may complete its job at any time.
 
 Everything here blocks (py-evm spends tens of milliseconds per call): from async code use
 :meth:`LocalNetwork.astart` and :meth:`LocalNetwork.aclose`, which run it in a worker thread.
+Importing this module is light: the EVM's libraries load when a network starts, after its hosts
+were launched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -55,9 +62,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .. import protocol
 from ..errors import InvalidOptions
-from .chain import LocalAccount, LocalChain, LocalHost, derive_key, model_id
+from .layout import contract_addresses, derive_key, model_id
 from .process import HostProcess
-from .rpc import LocalRpcServer
 
 if TYPE_CHECKING:
     from web3 import Web3
@@ -65,6 +71,14 @@ if TYPE_CHECKING:
     from ..crypto import PrivateKey
     from ..hosts import HostManager
     from ..hosts.registry import ChainRegistrySource
+    from .chain import LocalAccount, LocalChain, LocalHost
+    from .rpc import LocalRpcServer
+
+# The EVM's libraries load when a network starts (after its hosts launch); without them this module
+# fails to import, as it did when it imported them itself.
+for _module in ("web3", "eth_tester", "eth"):
+    if importlib.util.find_spec(_module) is None:
+        raise ImportError(f"No module named {_module!r}", name=_module)
 
 __all__ = ["BACKENDS", "LocalModel", "LocalNetwork", "LocalNetworkHost", "SCRIPTED_MODEL", "SMOLLM2_MODEL"]
 
@@ -77,6 +91,9 @@ DEFAULT_START_TIMEOUT = {"scripted": 30.0, "llama-cpp": 180.0}
 _VERSION_TIMEOUT = 10.0  # seconds to read a started host's /v1/version
 USER_NATIVE = 100 * 10**18  # wei the user account starts with
 USER_USDC = 10_000 * 10**6  # mock USDC base units (6 decimals) the user account starts with
+#: The gas limit paid hosts send their proofs and settlements with (``--chain-gas-limit``): on the
+#: local chain a gas estimate executes the transaction many times over.
+HOST_GAS_LIMIT = 3_000_000
 #: The contract names under which :attr:`LocalNetwork.addresses` also lists each address.
 CONTRACT_NAMES = {
     "node_registry": "NodeRegistry", "model_registry": "ModelRegistry", "multicall": "Multicall3",
@@ -313,20 +330,30 @@ class LocalNetwork:
                                for i, key in enumerate(host_keys)]
             for process, key_file in zip(self._processes, self._key_files):
                 process.args += ["--key-file", key_file]  # it serves encrypted sessions with the key it registers
-                if not self.paid:
-                    process.launch()  # the hosts boot while the chain deploys
-            self._report(f"starting the local chain and {count} host{'' if count == 1 else 's'}")
-            self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
-            rpc = LocalRpcServer(self.chain.provider).start()
-            self._cleanups.append(rpc.stop)
-            self._rpc = rpc
-            if self.paid:  # a paid host needs the chain's URL and the marketplace's address to start
+            # The chain's URL, bound before the chain exists: a paid host's requests wait in its backlog.
+            rpc_socket = socket.create_server(("127.0.0.1", 0))
+            self._cleanups.append(rpc_socket.close)
+            if self.paid:
+                rpc_url = f"http://127.0.0.1:{rpc_socket.getsockname()[1]}"
                 for process in self._processes:
-                    process.args += ["--rpc-url", rpc.url, "--marketplace", self.chain.addresses["job_marketplace"],
+                    process.args += ["--rpc-url", rpc_url, "--marketplace", contract_addresses()["job_marketplace"],
                                      "--model-registry-id", self.model.model_id,
+                                     "--chain-gas-limit", str(HOST_GAS_LIMIT),
+                                     # the chain may take as long to come up as the host itself
+                                     "--chain-connect-timeout", f"{timeout:g}",
                                      # stop() gives a host about 5 s: prove what is pending, leave the rest
                                      "--shutdown-settle-timeout", "2"]
-                    process.launch()
+            for process in self._processes:
+                process.launch()  # the hosts boot while the chain's libraries load and it deploys
+            self._report(f"starting the local chain and {count} host{'' if count == 1 else 's'}")
+            from .chain import LocalChain  # web3, eth-tester and py-evm: about a second of imports
+            from .rpc import LocalRpcServer
+
+            # deployed at the addresses the hosts were given (LocalChain checks them)
+            self.chain = LocalChain(seed=seed, minimum_stake=minimum_stake)
+            rpc = LocalRpcServer(self.chain.provider, sock=rpc_socket).start()
+            self._cleanups.append(rpc.stop)
+            self._rpc = rpc
             self._user = self.chain.create_account(native=USER_NATIVE, usdc=USER_USDC)
             self.user_key_file = _write_key(os.path.join(self._key_dir, "user.key"), self._user.private_key)
             loading = f" (loading {self.model.file.removesuffix('.gguf')})" if backend == "llama-cpp" else ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,8 @@ from typing import Any
 from eth_abi import encode as abi_encode
 from eth_tester.exceptions import BlockNotFound, FilterNotFound, TransactionNotFound
 from web3.providers.eth_tester.middleware import request_formatters, result_formatters
+
+from ..errors import InvalidOptions
 
 __all__ = ["LocalRpcServer", "METHODS", "MAX_BODY"]
 
@@ -80,6 +83,9 @@ class LocalRpcServer:
     Args:
         provider: the chain's provider (its ``make_request`` is thread-safe).
         port: the TCP port (0: a free one).
+        sock: a socket already listening on 127.0.0.1 to serve on instead (``port`` is then
+            ignored). Bound before the chain exists, it gives the chain's URL to processes started
+            early: their requests wait in its backlog until :meth:`start`.
 
     Usage::
 
@@ -87,9 +93,17 @@ class LocalRpcServer:
             w3 = Web3(Web3.HTTPProvider(server.url))
     """
 
-    def __init__(self, provider: Any, *, port: int = 0) -> None:
+    def __init__(self, provider: Any, *, port: int = 0, sock: socket.socket | None = None) -> None:
         self._provider = provider
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        if sock is None:
+            self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        else:
+            address = sock.getsockname()
+            if address[0] != "127.0.0.1":
+                raise InvalidOptions(f"the local RPC server serves loopback only, not {address[0]}", field="sock")
+            self._httpd = ThreadingHTTPServer(address, self._handler_class(), bind_and_activate=False)
+            self._httpd.socket.close()  # the one the constructor made, unbound
+            self._httpd.socket = sock
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
         self.requests_served = 0

@@ -48,6 +48,41 @@ def test_local_chain_deploys_the_registry_and_payment_contracts(chain):
     assert nodes.getAllActiveNodes().call() == []
 
 
+def test_contracts_are_deployed_where_layout_says_before_the_chain_exists(chain):
+    """layout.contract_addresses() (what the local network hands its hosts before the chain exists) is
+    where each contract is: the CREATE rule's address for the deployer and its nonce, as rlp and
+    eth-utils compute it, EIP-55 checksummed like web3's."""
+    import rlp
+    from eth_utils import keccak, to_checksum_address
+
+    from fabstir_jupyter.local.layout import DEPLOYER, checksummed, contract_address, contract_addresses
+
+    expected = contract_addresses()
+    names = ("fab_token", "model_registry", "node_registry", "multicall", "host_earnings", "job_marketplace")
+    assert chain.deployer == DEPLOYER
+    assert {name: chain.addresses[name] for name in names} == {name: expected[name] for name in names}
+    assert expected["usdc"] == chain.usdc.address
+    for nonce in range(128):
+        reference = keccak(rlp.encode([bytes.fromhex(DEPLOYER[2:]), nonce]))[12:]
+        assert contract_address(DEPLOYER, nonce) == to_checksum_address(reference)
+    for raw in (bytes(20), b"\xff" * 20, bytes.fromhex(DEPLOYER[2:]), keccak(b"x")[:20]):
+        assert checksummed(raw) == to_checksum_address(raw)
+    with pytest.raises(ValueError):
+        contract_address(DEPLOYER, 128)
+
+
+def test_derived_keys_are_valid_and_fresh_ones_differ():
+    """derive_key: a seed gives the same key each time, None a fresh valid secp256k1 key each time."""
+    from fabstir_jupyter.crypto import PrivateKey
+    from fabstir_jupyter.local.layout import derive_key
+
+    assert derive_key(5, 0) == derive_key(5, 0) != derive_key(5, 1)
+    fresh = {derive_key(None, 0) for _ in range(20)}
+    assert len(fresh) == 20
+    for key in fresh:
+        assert PrivateKey.from_hex(key).address.startswith("0x")
+
+
 def test_register_host_publishes_a_public_key_matching_its_address(chain):
     """A registered host gets its own key; metadata carries its compressed public key and region."""
     host = chain.register_host("http://127.0.0.1:9001", models=[TINY_VICUNA], region="us-east-1")

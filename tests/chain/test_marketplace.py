@@ -21,6 +21,7 @@ from web3.logs import DISCARD
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import BudgetExceeded, InsufficientFunds, InvalidOptions, SessionNotFound, TransactionFailed
 from fabstir_jupyter.local.chain import NATIVE_TOKEN, LocalChain, model_id
+from fabstir_jupyter.local.rpc import LocalRpcServer
 from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient, deposit_for, job_cost, max_tokens
 
 MODEL = ("fabstir/scripted", "scripted-1")
@@ -285,6 +286,51 @@ def test_a_deposit_leaving_nothing_for_gas_is_insufficient_funds(market):
     with pytest.raises(InsufficientFunds, match="enough balance"):
         client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
     assert m.chain.native_balance(poor.address) == DEPOSIT
+
+
+def test_a_fixed_gas_limit_sends_without_estimates_and_refusals_read_the_same(market, caplog):
+    """With ``gas_limit`` (the local chain's setting: eth-tester's estimate executes a transaction many
+    times over), no eth_estimateGas goes out: a USDC job (approve, create) opens and settles. A job the
+    contract refuses is mined and reverts, and comes back as the same TRANSACTION_FAILED with its
+    reason, naming its transaction; no job is created. No gas at all is INSUFFICIENT_FUNDS."""
+    m = market
+    usdc = m.chain.addresses["stable_token"]
+    marketplace = m.chain.addresses["job_marketplace"]
+    user = m.chain.create_account(native=10**18, usdc=10 * USDC_DEPOSIT)
+    with LocalRpcServer(m.chain.provider) as server, caplog.at_level(logging.DEBUG, "fabstir_jupyter.local.rpc"):
+        client = MarketplaceClient(server.url, marketplace, account=_key(user), receipt_timeout=10,
+                                   gas_limit=3_000_000)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=USDC_DEPOSIT, price_per_token=STABLE_PRICE,
+                                   token=usdc)
+        assert client.get_job(opened.job_id).active
+        settled = client.complete_job(opened.job_id)
+        assert settled.refund == USDC_DEPOSIT
+        next_id = m.chain.job_marketplace.functions.nextJobId().call()
+        error = _refused("Low price", lambda: client.create_job(m.host.address, MODEL_ID, deposit=USDC_DEPOSIT,
+                                                                price_per_token=STABLE_PRICE - 1, token=usdc))
+        assert error.tx_hash is not None and error.retryable is False
+        assert m.chain.job_marketplace.functions.nextJobId().call() == next_id
+        broke = MarketplaceClient(server.url, marketplace, account=_key(m.chain.create_account(native=DEPOSIT)),
+                                  gas_limit=3_000_000)
+        with pytest.raises(InsufficientFunds):
+            broke.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    methods = [r.args[0] for r in caplog.records if r.name == "fabstir_jupyter.local.rpc" and r.msg == "local rpc %s"]
+    # approve and create, complete; approve again (the first job took the allowance) and the refused create;
+    # the create the node refuses for gas
+    assert "eth_estimateGas" not in methods and methods.count("eth_sendRawTransaction") == 6
+    with pytest.raises(InvalidOptions, match="gas_limit"):
+        MarketplaceClient(m.chain.w3, marketplace, gas_limit=20_999)
+
+
+def test_reads_over_http_ask_for_the_chain_id_once(market, caplog):
+    """web3 validates every eth_call against the chain id; over HTTP the client asks for it once, not
+    twice per read (each a round trip: a tenth of a job's time on the local chain)."""
+    m = market
+    with LocalRpcServer(m.chain.provider) as server, caplog.at_level(logging.DEBUG, "fabstir_jupyter.local.rpc"):
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"])
+        assert [client.min_deposit() for _ in range(5)] == [10**14] * 5
+    methods = [r.args[0] for r in caplog.records if r.name == "fabstir_jupyter.local.rpc" and r.msg == "local rpc %s"]
+    assert methods.count("eth_call") == 5 and methods.count("eth_chainId") <= 2
 
 
 def test_bad_arguments_are_invalid_options_before_any_rpc(market):

@@ -13,6 +13,7 @@ from eth_account import Account
 from web3 import Web3
 from web3.exceptions import ContractLogicError
 
+from fabstir_jupyter.errors import InvalidOptions
 from fabstir_jupyter.local.rpc import MAX_BODY, LocalRpcServer
 
 
@@ -163,6 +164,26 @@ def test_it_binds_loopback_only_and_stops(chain):
     server.stop()  # idempotent
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(port)), timeout=2).close()
+
+
+def test_a_socket_bound_before_the_chain_answers_requests_sent_before_start(chain):
+    """Served on a socket bound earlier (the local network binds it before its chain exists, so hosts
+    can have its URL): a request sent before start() waits in the socket's backlog and is answered
+    once the server starts. A socket that is not on loopback is refused."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = LocalRpcServer(chain.provider, sock=sock)
+    assert server.url == f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with ThreadPoolExecutor(1) as pool:
+        early = pool.submit(_post, server.url, {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []})
+        assert server.requests_served == 0
+        server.start()
+        try:
+            assert int(early.result(timeout=30).json()["result"], 16) == chain.chain_id
+            assert server.requests_served == 1
+        finally:
+            server.stop()
+    with socket.create_server(("0.0.0.0", 0)) as anywhere, pytest.raises(InvalidOptions):
+        LocalRpcServer(chain.provider, sock=anywhere)
 
 
 def test_kept_alive_requests_are_not_held_back_by_delayed_acks(served):

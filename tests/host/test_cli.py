@@ -207,10 +207,12 @@ def test_cli_chain_flags_make_a_paid_config(key_file, monkeypatch):
     config = make_config(_paid_args("--rpc-url", "http://127.0.0.1:8545/key/SECRET", "--marketplace", MARKETPLACE,
                                     "--model-registry-id", REGISTRY_ID.upper().replace("0X", "0x"),
                                     "--chain-retry-window", "12", "--shutdown-settle-timeout", "3",
+                                    "--chain-connect-timeout", "7", "--chain-gas-limit", "3000000",
                                     key_file=key_file))
     payment = config.payment
     assert payment is not None and payment.model_registry_id == REGISTRY_ID and payment.marketplace == MARKETPLACE
     assert payment.retry_window == 12 and payment.shutdown_timeout == 3
+    assert payment.connect_timeout == 7 and payment.gas_limit == 3_000_000
     assert "SECRET" not in repr(config) and "SECRET" not in repr(payment)
     monkeypatch.setenv("FABSTIR_HOST_RPC_URL", "https://rpc.example/v2/KEY")
     derived = make_config(_paid_args("--marketplace", MARKETPLACE, "--model-registry-id",
@@ -219,6 +221,7 @@ def test_cli_chain_flags_make_a_paid_config(key_file, monkeypatch):
     assert derived.rpc_url == "https://rpc.example/v2/KEY"
     assert derived.model_registry_id == model_id("CohereForAI/TinyVicuna-1B-32k-GGUF", "tiny-vicuna-1b.q4_k_m.gguf")
     assert derived.model_registry_id == "0x0b75a2061e70e736924a30c0a327db7ab719402129f76f631adbd7b7a5a5bced"
+    assert derived.gas_limit is None and derived.connect_timeout == 30  # estimates, by default
     assert make_config(_paid_args(key_file=key_file)).payment is None  # no chain flags: unpaid
 
 
@@ -235,6 +238,10 @@ def test_cli_chain_flags_make_a_paid_config(key_file, monkeypatch):
      "http(s):// URL"),
     (["--rpc-url", "http://127.0.0.1:1", "--marketplace", "0x12", "--model-registry-id", REGISTRY_ID], True,
      "0x address"),
+    (["--rpc-url", "http://127.0.0.1:1", "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID,
+      "--chain-gas-limit", "20999"], True, "gas_limit must be an integer >= 21000"),
+    (["--rpc-url", "http://127.0.0.1:1", "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID,
+      "--chain-connect-timeout", "0"], True, "connect_timeout must be positive"),
 ])
 def test_cli_refuses_incomplete_chain_flags(extra, with_key, says, key_file, monkeypatch):
     """Chain flags without the operator key, half of the pair, no model registry id or malformed values
@@ -249,21 +256,27 @@ def test_cli_refuses_incomplete_chain_flags(extra, with_key, says, key_file, mon
 
 
 async def test_cli_paid_host_without_a_key_or_a_chain_exits_with_one_line(key_file):
-    """A paid host with no operator key exits 2; with an RPC endpoint nobody answers it exits 1 before it
-    listens; each prints one error line and no ready line."""
+    """A paid host with no operator key exits 2 before it listens; with an RPC endpoint nobody answers it
+    serves (its ready line comes first: the chain client connects in the background) and exits 1 once
+    --chain-connect-timeout has passed; each prints one error line."""
     import socket
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    chain = ["--rpc-url", dead, "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID]
+    chain = ["--rpc-url", dead, "--marketplace", MARKETPLACE, "--model-registry-id", REGISTRY_ID,
+             "--chain-connect-timeout", "1"]
     for extra, status, says in (([], 2, b"operator key"), (["--key-file", key_file], 1, b"CONNECTION_FAILED")):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "fabstir_jupyter.host", "--backend", "scripted", "--port", "0", *chain, *extra,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", **_python_env()},
         )
         out, err = await asyncio.wait_for(process.communicate(), 30)
-        assert process.returncode == status and out == b"", err
+        assert process.returncode == status, err
+        if status == 2:
+            assert out == b""
+        else:
+            assert out.startswith(b"fabstir-host listening on ws://127.0.0.1:") and out.count(b"\n") == 1
         assert says in err and err.count(b"fabstir-host: error:") == 1
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -375,6 +377,84 @@ async def test_the_depositor_completing_first_stops_the_host_quietly(market, pai
     assert [r for r in caplog.records if r.levelno >= logging.WARNING and "payments" in r.name] == []
 
 
+# ---------------------------------------------------------------------------- the chain client connects in the background
+
+
+async def test_a_host_serves_before_its_chain_answers_and_checks_jobs_once_it_does(market, paid_host, make_peer):
+    """The chain's RPC socket listens but nothing serves it yet (as when the local network launches its
+    hosts before its chain exists): the host serves anyway, /health says it is connecting, and two
+    session_inits sent meanwhile wait. Once the chain serves, each is checked there: this host's job is
+    acknowledged and pays for an answer, another host's is refused PAYMENT_REQUIRED."""
+    usable = await asyncio.to_thread(market.open)
+    rivals = await asyncio.to_thread(market.open, host=market.rival.address)
+    sock = socket.create_server(("127.0.0.1", 0))
+    rpc = LocalRpcServer(market.chain.provider, sock=sock)
+    try:
+        server = await paid_host(rpc_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
+        _, version = await get_json(server, "/v1/version")
+        assert "paid-sessions" in version["features"]
+        _, health = await get_json(server, "/health")
+        assert health["payments"]["chain"] == "connecting" and health["payments"]["chain_id"] is None
+        ours, theirs = await make_peer(server), await make_peer(server)
+        await ours.send(session_init_frame(str(usable), job_id=usable, chain_id=market.chain.chain_id))
+        await theirs.send(session_init_frame(str(rivals), job_id=rivals))
+        assert rpc.requests_served == 0
+        rpc.start()
+        ack, refusal = await ours.recv(DEADLINE), await theirs.recv(DEADLINE)
+        assert ack["type"] == "session_init_ack" and ack["job_id"] == usable
+        assert refusal["type"] == "error" and refusal["code"] == "PAYMENT_REQUIRED"
+        assert f"pays host {market.rival.address}" in refusal["message"]
+        assert tokens(await ask(ours, 5)) == 5
+        _, health = await get_json(server, "/health")
+        assert health["payments"]["chain"] == "connected" and health["payments"]["chain_id"] == market.chain.chain_id
+        assert rpc.requests_served > 0
+    finally:
+        rpc.stop()
+
+
+@pytest.mark.parametrize("failure", ["no chain libraries", "not a marketplace", "no answer"])
+async def test_a_host_whose_chain_client_cannot_connect_refuses_jobs_with_a_coded_error(market, make_host, make_peer,
+                                                                                        monkeypatch, failure):
+    """The chain client cannot load (web3 missing), the address is not a JobMarketplace, or nothing
+    answers at the RPC URL within connect_timeout: a session_init naming a job gets HOST_ERROR (the
+    cause's code in the message, never the URL) instead of hanging, and /health says the chain failed."""
+    rpc_url, marketplace, cause = None, market.marketplace, "INVALID_OPTIONS"
+    if failure == "no chain libraries":
+        monkeypatch.setitem(sys.modules, "fabstir_jupyter.marketplace", None)  # its import fails
+    elif failure == "not a marketplace":
+        marketplace = market.chain.addresses["stable_token"]  # a contract, but no disputeWindow()
+    else:
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            rpc_url, cause = f"http://127.0.0.1:{sock.getsockname()[1]}", "CONNECTION_FAILED"
+    payment = PaymentConfig(rpc_url or market.rpc.url, marketplace, MODEL_ID, **{**FAST, "connect_timeout": 1.0})
+    server = await make_host(operator_key=market.host_key, payment=payment)
+    peer = await make_peer(server)
+    reply = await init(peer, 1)
+    assert reply["type"] == "error" and reply["code"] == "HOST_ERROR", reply
+    assert f"no connection to its chain ({cause})" in reply["message"] and "127.0.0.1" not in reply["message"]
+    _, health = await get_json(server, "/health")
+    assert health["payments"]["chain"] == "failed" and health["payments"]["open_jobs"] == 0
+
+
+async def test_a_host_with_a_gas_limit_proves_and_settles_without_estimates(market, paid_host, make_peer, caplog):
+    """With a fixed gas limit (what the local network gives its hosts: eth-tester's estimate executes a
+    transaction many times over), the proof and the settlement go out without eth_estimateGas and land
+    as estimated ones do."""
+    server = await paid_host(gas_limit=3_000_000)
+    job_id = await asyncio.to_thread(market.open)
+    peer = await make_peer(server)
+    assert (await init(peer, job_id))["type"] == "session_init_ack"
+    caplog.set_level(logging.DEBUG, logger="fabstir_jupyter.local.rpc")
+    assert tokens(await ask(peer, 1000)) == 1000
+    await eventually(lambda: market.proofs(job_id) == [1000])
+    await peer.ws.close()
+    await settle(market, job_id, [1000])
+    check_settlement(market, job_id, 1000)
+    methods = [r.args[0] for r in caplog.records if r.name == "fabstir_jupyter.local.rpc" and r.msg == "local rpc %s"]
+    assert methods.count("eth_sendRawTransaction") == 2 and "eth_estimateGas" not in methods
+
+
 # ---------------------------------------------------------------------------- the chain never blocks the stream
 
 
@@ -472,7 +552,8 @@ async def test_a_proof_failing_while_the_rpc_is_down_is_retried_and_lands(market
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert retries and all(f"job {job_id}: proof of 1000 tokens failed ([CONNECTION_FAILED]" in m for m in retries)
     payment_logs = [r.getMessage() for r in caplog.records if r.name == "fabstir_jupyter.host.payments"]
-    assert all(f"job {job_id}" in m for m in payment_logs if "paid sessions on" not in m)
+    connecting = ("paid sessions on", "chain client loaded")  # the host's start, before any job
+    assert all(f"job {job_id}" in m for m in payment_logs if not m.startswith(connecting))
     everything = caplog.text
     assert PROMPT not in everything and answer.text not in everything
     assert market.host.private_key[2:] not in everything and "SECRET-API-KEY" not in everything
@@ -516,13 +597,17 @@ async def test_a_job_left_open_at_shutdown_can_be_timed_out_by_anyone(market, pa
 
 
 async def test_health_and_version_say_the_host_is_paid_and_show_no_secret(market, paid_host):
-    """/v1/version lists paid-sessions; /health names the marketplace, chain and operator, never the
-    key nor the RPC URL."""
+    """/v1/version lists paid-sessions; /health names the marketplace, chain and operator (the chain's
+    id once the host has connected to it, in the background), never the key nor the RPC URL."""
     server = await paid_host()
     _, version = await get_json(server, "/v1/version")
     assert "paid-sessions" in version["features"] and "e2ee" in version["features"]
     _, health = await get_json(server, "/health")
+    assert health["payments"]["chain"] in ("connecting", "connected")
+    await asyncio.wait_for(server.payments.wait_connected(), DEADLINE)
+    _, health = await get_json(server, "/health")
     payments = health["payments"]
+    assert payments["chain"] == "connected"
     assert payments["marketplace"] == market.marketplace and payments["chain_id"] == market.chain.chain_id
     assert payments["operator"] == market.host.address and payments["model_registry_id"] == MODEL_ID
     text = json.dumps(health) + json.dumps(version) + repr(server.config) + repr(server.payments)

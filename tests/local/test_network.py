@@ -28,6 +28,15 @@ def _names(model: LocalModel) -> list[str]:
     return [model.file, f"{model.repo}/{model.file}", f"{model.repo}:{model.file}", model.model_id]
 
 
+def test_importing_the_network_leaves_the_evm_for_its_start():
+    """Importing LocalNetwork loads none of the EVM's libraries (web3, eth-tester, py-evm): a network
+    launches its hosts first and they boot while those load."""
+    code = ("import sys, fabstir_jupyter.local.network; "
+            "print(sorted(m for m in ('web3', 'eth_tester', 'eth', 'eth_account') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
 def test_network_registers_every_host_with_its_own_offer(network):
     """Each host is on chain with distinct stake, prices, region and a publicKey of its own address."""
     hosts = network.source().discover_sync()

@@ -27,7 +27,7 @@ from fabstir_jupyter.inference import InferenceManager
 from fabstir_jupyter.local.network import LocalNetwork
 from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient
 from fabstir_jupyter.networks import ADDRESS_KEYS, NETWORKS, NetworkPreset
-from fabstir_jupyter.payments import PaymentConfig, Payments
+from fabstir_jupyter.payments import LOCAL_GAS_LIMIT, PaymentConfig, Payments
 from fabstir_jupyter.usage import ListSink, UsageLedger
 from fabstir_jupyter.wallet import Wallet
 
@@ -131,6 +131,15 @@ async def test_stateless_calls_share_one_job_per_host_and_close_settles_it(netwo
     settled = manager.payments.settlements
     assert [s.job_id for s in settled] == [job_id] and settled[0].tokens_billed == 120
     assert _reader(network).get_job(job_id).status is JobStatus.COMPLETED
+
+
+def test_the_local_chain_gets_transactions_without_gas_estimates_and_other_networks_estimate(network):
+    """Payments on the embedded network send every transaction with LOCAL_GAS_LIMIT (eth-tester's
+    estimate executes it many times over: most of a job's time); on any other network they estimate."""
+    wallet = Wallet(network.user_key, "test")
+    local = Payments(wallet, _preset(network), PaymentConfig(budget="1"), local=True)
+    live = Payments(wallet, _preset(network, name="base-sepolia"), PaymentConfig(budget="1"), local=False)
+    assert local._chain().gas_limit == LOCAL_GAS_LIMIT and live._chain().gas_limit is None
 
 
 async def test_concurrent_stateless_calls_open_a_job_each_up_to_the_limit(network):
