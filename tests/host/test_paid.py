@@ -413,7 +413,7 @@ async def test_a_host_serves_before_its_chain_answers_and_checks_jobs_once_it_do
 
 
 @pytest.mark.parametrize("failure", ["no chain libraries", "not a marketplace", "no answer"])
-async def test_a_host_whose_chain_client_cannot_connect_refuses_jobs_with_a_coded_error(market, make_host, make_peer,
+async def test_a_host_whose_chain_client_cannot_connect_refuses_jobs_with_a_coded_error(market, start_host, make_peer,
                                                                                         monkeypatch, failure):
     """The chain client cannot load (web3 missing), the address is not a JobMarketplace, or nothing
     answers at the RPC URL within connect_timeout: a session_init naming a job gets HOST_ERROR (the
@@ -428,7 +428,7 @@ async def test_a_host_whose_chain_client_cannot_connect_refuses_jobs_with_a_code
             sock.bind(("127.0.0.1", 0))
             rpc_url, cause = f"http://127.0.0.1:{sock.getsockname()[1]}", "CONNECTION_FAILED"
     payment = PaymentConfig(rpc_url or market.rpc.url, marketplace, MODEL_ID, **{**FAST, "connect_timeout": 1.0})
-    server = await make_host(operator_key=market.host_key, payment=payment)
+    server = await start_host(operator_key=market.host_key, payment=payment)
     peer = await make_peer(server)
     reply = await init(peer, 1)
     assert reply["type"] == "error" and reply["code"] == "HOST_ERROR", reply
