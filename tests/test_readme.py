@@ -44,9 +44,9 @@ def _run(code: str, env: dict[str, str], tmp_path: Path) -> str:
     return done.stdout
 
 
-def test_readme_has_the_three_python_snippets():
-    """The notebook-cell form, the script form and the blocking form are all there."""
-    assert len(_snippets()) == 3
+def test_readme_has_the_four_python_snippets():
+    """The notebook-cell form, the paying one, the script form and the blocking form are all there."""
+    assert len(_snippets()) == 4
 
 
 def test_readme_notebook_cell_snippet_runs_in_ipython(user_env, tmp_path):
@@ -61,6 +61,26 @@ def test_readme_notebook_cell_snippet_runs_in_ipython(user_env, tmp_path):
     out = _run(runner, user_env, tmp_path)
     assert "prompt" in out and "tokens" in out  # the batch frame's columns
     assert re.search(r"\n\s*2\s+three\s", out), out[-800:]  # the third batch row
+
+
+def test_readme_paying_snippet_settles_a_job_that_the_ledger_agrees_with(user_env, tmp_path):
+    """The paying snippet (top-level ``async with``, as in a cell) opens a job, streams 40 tokens on
+    it, settles it, and prints a receipt whose figures the ledger's reconciliation agrees with."""
+    code = _snippet("create_session(deposit=1, budget=5)")
+    runner = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        f"result = shell.run_cell({code!r})\n"
+        "result.raise_error()\n"
+    )
+    out = _run(runner, user_env, tmp_path)
+    receipt = re.search(r"(\d+) (\d+) ([\d.e-]+) ([\d.e-]+)\n", out)
+    assert receipt is not None, out[-800:]
+    job_id, billed, cost, refund = int(receipt[1]), int(receipt[2]), float(receipt[3]), float(receipt[4])
+    assert billed == 100  # 40 tokens, padded to the first proof's minimum of proofInterval (100)
+    assert 0 < cost < 1 and abs(cost + refund - 1) < 1e-9  # the deposit of 1 USDC: billed, or refunded
+    row = re.search(rf"\n\s*\d+\s+{job_id}\s+{billed}\s+\S+\s+True\s", out)
+    assert row is not None, out[-800:]  # reconciled: the chain billed what the cadence implies
 
 
 def test_readme_script_snippet_runs_with_asyncio_run(user_env, tmp_path):
