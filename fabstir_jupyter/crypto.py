@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +37,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "end-to-end encryption needs the crypto extra: pip install 'fabstir-jupyter[crypto]'"
     ) from exc
+
+#: The most of a key file read: a key is 66 characters; a larger file is read no further.
+_MAX_KEY_FILE = 4096
 
 __all__ = [
     "KEY_SIZE",
@@ -206,6 +210,35 @@ class PrivateKey:
         if len(digits) != 2 * KEY_SIZE or not _HEX.fullmatch(digits):
             raise InvalidOptions("a private key is 0x followed by 64 hex characters", field="private_key")
         return cls.from_bytes(bytes.fromhex(digits))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], *, label: str, holder: str, field: str) -> PrivateKey:
+        """Load a key from a file holding ``0x`` and 64 hex characters, that only its owner may read.
+
+        Args:
+            path: the file.
+            label: how messages name the file (``"key file PATH"``, ``"--key-file PATH"``).
+            holder: whose key it holds, for the permission message (``"your wallet's key"``).
+            field: the ``field`` of the errors.
+
+        Raises:
+            InvalidOptions: the file cannot be read, may be read by group or others (POSIX), or holds
+                no key. No message shows the file's content.
+        """
+        try:
+            with open(path, encoding="utf-8") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                if os.name == "posix" and mode & 0o077:
+                    raise InvalidOptions(
+                        f"{label} may be read by group or others (mode {stat.S_IMODE(mode):04o}); it holds "
+                        f"{holder}: run chmod 600 {os.fspath(path)}", field=field)
+                text = handle.read(_MAX_KEY_FILE)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidOptions(f"cannot read {label}: {type(exc).__name__}", field=field) from None
+        try:
+            return cls.from_hex(text)
+        except InvalidOptions as exc:
+            raise InvalidOptions(f"{label} does not hold a usable key: {exc.message}", field=field) from None
 
     def _secret(self) -> bytes:
         return self._key.secret

@@ -14,7 +14,6 @@ balances are read by the payments layer, which knows the chain.
 from __future__ import annotations
 
 import os
-import stat
 from typing import Any, Mapping
 
 from .errors import AuthFailed, InvalidOptions
@@ -25,7 +24,6 @@ __all__ = ["KEY_ENV", "KEY_FILE_ENV", "Wallet", "read_key_file"]
 KEY_ENV = "FABSTIR_PRIVATE_KEY"
 #: The environment variable naming a file that holds the key.
 KEY_FILE_ENV = "FABSTIR_KEY_FILE"
-_MAX_KEY_FILE = 4096
 
 
 def _private_key_class() -> Any:
@@ -47,20 +45,8 @@ def read_key_file(path: str | os.PathLike[str]) -> Any:
             hold a key. No message shows the file's content.
     """
     shown = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if os.name == "posix" and mode & 0o077:
-                raise InvalidOptions(
-                    f"key file {shown} may be read by group or others (mode {stat.S_IMODE(mode):04o}); it holds "
-                    f"your wallet's key: run chmod 600 {shown}", field="key_file")
-            text = handle.read(_MAX_KEY_FILE)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidOptions(f"cannot read key file {shown}: {type(exc).__name__}", field="key_file") from None
-    try:
-        return _private_key_class().from_hex(text.strip())
-    except InvalidOptions as exc:
-        raise InvalidOptions(f"key file {shown} does not hold a usable key: {exc.message}", field="key_file") from None
+    return _private_key_class().from_file(path, label=f"key file {shown}", holder="your wallet's key",
+                                          field="key_file")
 
 
 class Wallet:

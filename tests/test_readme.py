@@ -44,6 +44,17 @@ def _run(code: str, env: dict[str, str], tmp_path: Path) -> str:
     return done.stdout
 
 
+def _run_in_ipython(code: str, env: dict[str, str], tmp_path: Path) -> str:
+    """Run ``code`` as a notebook cell runs it (top-level ``await`` allowed); return what it printed."""
+    runner = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        f"result = shell.run_cell({code!r})\n"
+        "result.raise_error()\n"
+    )
+    return _run(runner, env, tmp_path)
+
+
 def test_readme_has_the_four_python_snippets():
     """The notebook-cell form, the paying one, the script form and the blocking form are all there."""
     assert len(_snippets()) == 4
@@ -52,13 +63,7 @@ def test_readme_has_the_four_python_snippets():
 def test_readme_notebook_cell_snippet_runs_in_ipython(user_env, tmp_path):
     """The top-level ``async with`` snippet runs in IPython (as in a notebook cell) and prints a batch."""
     code = _snippet("async with FabstirSDK() as sdk:                     # the embedded local network")
-    runner = (
-        "from IPython.core.interactiveshell import InteractiveShell\n"
-        "shell = InteractiveShell.instance()\n"
-        f"result = shell.run_cell({code!r})\n"
-        "result.raise_error()\n"
-    )
-    out = _run(runner, user_env, tmp_path)
+    out = _run_in_ipython(code, user_env, tmp_path)
     assert "prompt" in out and "tokens" in out  # the batch frame's columns
     assert re.search(r"\n\s*2\s+three\s", out), out[-800:]  # the third batch row
 
@@ -67,13 +72,7 @@ def test_readme_paying_snippet_settles_a_job_that_the_ledger_agrees_with(user_en
     """The paying snippet (top-level ``async with``, as in a cell) opens a job, streams 40 tokens on
     it, settles it, and prints a receipt whose figures the ledger's reconciliation agrees with."""
     code = _snippet("create_session(deposit=1, budget=5)")
-    runner = (
-        "from IPython.core.interactiveshell import InteractiveShell\n"
-        "shell = InteractiveShell.instance()\n"
-        f"result = shell.run_cell({code!r})\n"
-        "result.raise_error()\n"
-    )
-    out = _run(runner, user_env, tmp_path)
+    out = _run_in_ipython(code, user_env, tmp_path)
     receipt = re.search(r"(\d+) (\d+) ([\d.e-]+) ([\d.e-]+)\n", out)
     assert receipt is not None, out[-800:]
     job_id, billed, cost, refund = int(receipt[1]), int(receipt[2]), float(receipt[3]), float(receipt[4])

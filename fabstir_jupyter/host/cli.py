@@ -38,7 +38,6 @@ import logging
 import os
 import signal
 import ssl
-import stat
 import sys
 import threading
 from collections.abc import Sequence
@@ -225,31 +224,19 @@ def read_operator_key(args: argparse.Namespace) -> PrivateKey | None:
             file's content or the variable's value.
     """
     path = getattr(args, "operator_key_file", None)
-    if path is None:
-        text = os.environ.get(KEY_ENV) or None
-        source = KEY_ENV
-        if text is None:
-            return None
-    else:
-        source = f"--key-file {path}"
-        try:
-            with open(path, encoding="utf-8") as handle:
-                mode = os.fstat(handle.fileno()).st_mode
-                if os.name == "posix" and mode & 0o077:
-                    raise InvalidOptions(
-                        f"{source} may be read by group or others (mode {stat.S_IMODE(mode):04o}); "
-                        f"it holds the operator's key: run chmod 600 {path}", field="operator_key")
-                text = handle.read(4096)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidOptions(f"cannot read {source}: {type(exc).__name__}", field="operator_key") from None
+    text = os.environ.get(KEY_ENV) or None
+    if path is None and text is None:
+        return None
     try:
         from ..crypto import PrivateKey
-
-        return PrivateKey.from_hex(text.strip())
     except ImportError as exc:
         raise InvalidOptions(f"encrypted sessions need the crypto extra: {exc}", field="operator_key") from None
+    if path is not None:
+        return PrivateKey.from_file(path, label=f"--key-file {path}", holder="the operator's key", field="operator_key")
+    try:
+        return PrivateKey.from_hex(text)
     except InvalidOptions as exc:
-        raise InvalidOptions(f"{source} does not hold a usable key: {exc.message}", field="operator_key") from None
+        raise InvalidOptions(f"{KEY_ENV} does not hold a usable key: {exc.message}", field="operator_key") from None
 
 
 def model_registry_id(value: str) -> str:
