@@ -29,8 +29,9 @@ from __future__ import annotations
 import enum
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from .crypto import PrivateKey
@@ -590,7 +591,7 @@ class MarketplaceClient:
             fn.call({"from": sender, "value": value}, block_identifier=max(0, receipt["blockNumber"] - 1))
         except ContractLogicError as exc:
             return self._refusal(what, _reason(exc), tx_hash)
-        except Exception:  # noqa: BLE001 - the reason is a nicety; the failure is what matters
+        except Exception:  # the reason is a nicety; the failure is what matters
             pass
         return TransactionFailed(f"{what}: reverted (transaction {tx_hash})", tx_hash=tx_hash)
 

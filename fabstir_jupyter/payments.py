@@ -46,9 +46,10 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import protocol
 from .billing import (
@@ -71,7 +72,6 @@ from .errors import (
     InsufficientFunds,
     InvalidOptions,
     PaymentRequired,
-    SessionNotFound,
     TransactionFailed,
 )
 from .hosts import HostInfo, HostKeys
@@ -1103,7 +1103,7 @@ class Payments:
                                      marketplace=client.marketplace_address if client else "")
         try:
             record_job(record)
-        except Exception as exc:  # noqa: BLE001 - the ledger must never fail a payment
+        except Exception as exc:  # the ledger must never fail a payment
             logger.warning("job %d: not recorded in the usage ledger: %s", job.job_id, exc)
 
     async def aclose(self) -> None:

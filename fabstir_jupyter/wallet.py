@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import AuthFailed, InvalidOptions
 

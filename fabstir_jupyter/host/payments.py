@@ -36,8 +36,9 @@ import enum
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _compat
 from ..errors import (
@@ -281,7 +282,7 @@ class PaymentManager:
         except SessionNotFound:
             raise SessionNotFound(f"job {job_id} does not exist on marketplace {self.config.marketplace} "
                                   f"(chain {self.chain_id})") from None
-        except Exception as exc:  # noqa: BLE001 - any failure to read is the chain's, not the client's
+        except Exception as exc:  # any failure to read is the chain's, not the client's
             code = exc.code if isinstance(exc, FabstirError) else type(exc).__name__
             logger.warning("job %d: cannot read it from the chain: %s", job_id, code)
             raise HostError(f"job {job_id}: this host cannot read the chain now ({code}); try again") from None

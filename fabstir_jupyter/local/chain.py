@@ -25,9 +25,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterable, Iterator, Mapping, Sequence, Tuple, Union
+from typing import Any, Union
 
 from eth_account import Account
 from eth_keys import keys
@@ -60,8 +61,8 @@ _TX_GAS = 3_000_000  # explicit gas: web3 then skips estimate_gas (a second exec
 FEE_BASIS_POINTS = 1000
 DISPUTE_WINDOW = 30
 
-ModelRef = Union[str, Tuple[str, str]]
-PricePair = Tuple[int, int]
+ModelRef = Union[str, tuple[str, str]]
+PricePair = tuple[int, int]
 
 
 class LocalChainError(RuntimeError):

@@ -57,8 +57,9 @@ import shutil
 import socket
 import tempfile
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..errors import InvalidOptions

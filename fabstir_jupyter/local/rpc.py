@@ -199,7 +199,7 @@ class LocalRpcServer:
             # the client's delayed ACK (40 ms on Linux) before the body, on every request.
             disable_nagle_algorithm = True
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server's naming
                 length = self.headers.get("Content-Length")
                 if length is None or not length.isdigit():
                     self._reply(HTTPStatus.LENGTH_REQUIRED, _error(None, -32600, "content-length required"))
@@ -222,7 +222,7 @@ class LocalRpcServer:
                     return
                 self._reply(HTTPStatus.OK, answer)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._reply(HTTPStatus.METHOD_NOT_ALLOWED, _error(None, -32600, "use POST"))
 
             def _reply(self, status: HTTPStatus, payload: Any) -> None:
@@ -233,7 +233,7 @@ class LocalRpcServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("local rpc http: " + format, *args)
 
         return Handler

@@ -32,9 +32,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar, Union
+from typing import TYPE_CHECKING, Any, TypeVar, Union
 
 from ..errors import Cancelled, FabstirError, InvalidOptions, SessionNotFound
 from ..runner import LoopThread

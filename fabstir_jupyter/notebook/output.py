@@ -24,7 +24,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Protocol, TextIO, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 from .rendering import (
     STATUS_PREFIX,

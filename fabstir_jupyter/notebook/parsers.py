@@ -16,8 +16,9 @@ import argparse
 import keyword
 import re
 import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, NoReturn, Union
+from typing import Any, Literal, NoReturn, Union
 
 from ..config import SELECTION_MODES
 from ..settings import NETWORKS

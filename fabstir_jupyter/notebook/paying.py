@@ -16,9 +16,10 @@ nothing here does I/O or imports IPython, and no key ever reaches them (a
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..billing import format_amount
 from .rendering import STATUS_PREFIX

@@ -13,15 +13,14 @@ from types import SimpleNamespace
 
 import comm
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fabstir_jupyter.errors import ModelNotAvailable
 from fabstir_jupyter.hosts import HostInfo, HostManager
 from fabstir_jupyter.inference import InferenceResult
 from fabstir_jupyter.notebook import widgets
-from fabstir_jupyter.notebook.text_deltas import DeltaBatcher
 from fabstir_jupyter.notebook.tables import HOST_COLUMNS, USAGE_COLUMNS
+from fabstir_jupyter.notebook.text_deltas import DeltaBatcher
 from fabstir_jupyter.notebook.widgets import BatchProgress, HostDashboard, StreamOutput
 from fabstir_jupyter.usage import ListSink, UsageLedger, UsageRecord
 
