@@ -31,4 +31,5 @@ def load_artifact(name: str) -> dict[str, Any]:
     """
     if name not in CONTRACTS:
         raise ValueError(f"unknown contract {name!r}; known: {', '.join(CONTRACTS)}")
-    return json.loads((CONTRACTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    artifact: dict[str, Any] = json.loads((CONTRACTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return artifact
