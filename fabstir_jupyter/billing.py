@@ -38,6 +38,7 @@ __all__ = [
     "Budget",
     "base_units",
     "format_amount",
+    "whole_tokens",
     "tokens_for",
     "cost_of",
     "deposit_for",
@@ -220,6 +221,12 @@ def format_amount(units: int | None, decimals: int, unit: str) -> str:
         return "unlimited"
     text = format(Decimal(units).scaleb(-decimals).normalize(), "f")
     return f"{text} {unit}"
+
+
+def whole_tokens(units: int, decimals: int) -> float:
+    """Base units as whole tokens, a float: ``whole_tokens(1_500_000, 6) == 1.5``."""
+    scale: int = 10**decimals  # (typeshed types int ** int as Any: a negative power is a float)
+    return units / scale
 
 
 @dataclass
