@@ -134,7 +134,7 @@ class LoopTask:
         if task.cancelled():
             self.future.cancel()
         elif task.exception() is not None:
-            self.future.set_exception(task.exception())  # type: ignore[arg-type]
+            self.future.set_exception(task.exception())
         else:
             self.future.set_result(task.result())
         self.done.set()
@@ -465,7 +465,7 @@ class NotebookBridge:
             if entry.settings != key:
                 raise InvalidOptions(f"session {name!r} lives on another network; end it first",
                                      field="session", hint=f"%fabstir end {name}")
-            for what, given, held in zip(("deposit", "budget"), terms, entry.terms):
+            for what, given, held in zip(("deposit", "budget"), terms, entry.terms, strict=True):
                 if given is not None and given != held:
                     was = f"{held.normalize():f}" if held is not None else "none"
                     raise InvalidOptions(f"session {name!r} exists with {what} {was}: --{what} applies when a "
@@ -527,7 +527,8 @@ class NotebookBridge:
 
         async def consume() -> InferenceResult:
             try:
-                if network is not None and await self._wait_showing_steps(network, lambda label: pieces.put(_Step(label))):
+                if network is not None and await self._wait_showing_steps(
+                        network, lambda label: pieces.put(_Step(label))):
                     pieces.put(_READY)
                 stream = await _make(make_stream)
                 made.append(stream)
@@ -773,7 +774,7 @@ async def _make(make_stream: StreamFactory) -> InferenceStream:
     stream = make_stream()
     if inspect.isawaitable(stream):
         stream = await stream
-    return stream  # type: ignore[return-value]
+    return stream
 
 
 def _call_extra(sink: OutputSink, name: str, *args: Any) -> None:
