@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
 from ..errors import Cancelled, FabstirError, InvalidOptions, SessionNotFound
 from ..runner import LoopThread
@@ -97,7 +97,7 @@ class _NamedSession:
     terms: tuple[Decimal | None, Decimal | None] = (None, None)  # the --deposit and --budget it was made with
 
 
-class LoopTask:
+class LoopTask(Generic[T]):
     """A coroutine running on the bridge's loop, seen from another thread.
 
     Unlike the future of ``run_coroutine_threadsafe`` (which is marked cancelled as soon as the
@@ -105,12 +105,12 @@ class LoopTask:
     its cleanup (``stream_cancel``, socket release) included.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T],
                  context: contextvars.Context | None = None) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self.done = threading.Event()
         self._loop = loop
-        self._task: asyncio.Task[Any] | None = None
+        self._task: asyncio.Task[T] | None = None
         self._cancel_requested = False
         context = context if context is not None else contextvars.copy_context()
         try:
@@ -121,7 +121,7 @@ class LoopTask:
             self.done.set()
             raise
 
-    def _start(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+    def _start(self, coro: Coroutine[Any, Any, T], context: contextvars.Context) -> None:
         if self._cancel_requested:
             coro.close()
             self.future.cancel()
@@ -130,7 +130,7 @@ class LoopTask:
         self._task = context.run(self._loop.create_task, coro)
         self._task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
+    def _finished(self, task: asyncio.Task[T]) -> None:
         if task.cancelled():
             self.future.cancel()
         elif task.exception() is not None:
@@ -151,7 +151,7 @@ class LoopTask:
         except RuntimeError:  # the loop is gone: nothing runs any more
             self.done.set()
 
-    def wait(self, poll: float = 0.1) -> Any:
+    def wait(self, poll: float = 0.1) -> T:
         """Wait for the result in short slices (so Ctrl-C stays responsive); re-raise its error.
 
         Raises:
@@ -175,8 +175,9 @@ class BackgroundRun:
         error: the error it failed with, if any.
     """
 
-    def __init__(self, task: LoopTask | None, sink: OutputSink, label: str = "") -> None:
-        self._task: LoopTask = task  # type: ignore[assignment]  # set right after the coroutine is built
+    def __init__(self, task: LoopTask[InferenceResult] | None, sink: OutputSink, label: str = "") -> None:
+        # None only until run_background sets it, right after building the coroutine the task runs
+        self._task: LoopTask[InferenceResult] = task  # type: ignore[assignment]
         self.sink = sink
         self.label = label
         self.started = time.time()
@@ -224,7 +225,7 @@ class BackgroundRun:
             concurrent.futures.CancelledError: it was cancelled.
             TimeoutError: not finished within ``timeout``.
         """
-        return self._task.future.result(timeout)  # type: ignore[no-any-return]
+        return self._task.future.result(timeout)
 
 
 class NotebookBridge:
@@ -244,7 +245,7 @@ class NotebookBridge:
         self.sessions: dict[str, _NamedSession] = {}
         self.background: set[BackgroundRun] = set()
         self.runs: list[BackgroundRun] = []  # every background run, newest last (MAX_RUNS_KEPT at most)
-        self._streams: set[LoopTask] = set()  # blocking streams in progress
+        self._streams: set[LoopTask[Any]] = set()  # blocking streams in progress
         self.closed = False
         atexit.register(self.close)
 
@@ -269,7 +270,7 @@ class NotebookBridge:
                 self._loop = LoopThread(LOOP_THREAD_NAME)
             return self._loop
 
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> LoopTask:
+    def submit(self, coro: Coroutine[Any, Any, T]) -> LoopTask[T]:
         """Schedule ``coro`` on the loop thread, in a copy of this thread's context."""
         return LoopTask(self.loop_thread.loop, coro, contextvars.copy_context())
 
@@ -283,7 +284,7 @@ class NotebookBridge:
         """
         task = self.submit(coro)
         try:
-            return task.wait(poll)  # type: ignore[no-any-return]
+            return task.wait(poll)
         except KeyboardInterrupt:
             task.cancel()
             task.done.wait(cancel_grace)
@@ -579,7 +580,8 @@ class NotebookBridge:
         return result
 
     @staticmethod
-    def _pump(pieces: queue.Queue[Any], sink: OutputSink, *, poll: float, interval: float, task: LoopTask) -> None:
+    def _pump(pieces: queue.Queue[Any], sink: OutputSink, *, poll: float, interval: float,
+              task: LoopTask[Any]) -> None:
         """Move text from the queue to ``sink.append`` until the consumer ends.
 
         When the queue stays empty for ``poll`` seconds after text was appended, ``append("")`` is
