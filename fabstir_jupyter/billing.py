@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import BudgetExceeded, InvalidOptions
 
@@ -37,6 +38,7 @@ __all__ = [
     "Budget",
     "base_units",
     "format_amount",
+    "whole_tokens",
     "tokens_for",
     "cost_of",
     "deposit_for",
@@ -219,6 +221,12 @@ def format_amount(units: int | None, decimals: int, unit: str) -> str:
         return "unlimited"
     text = format(Decimal(units).scaleb(-decimals).normalize(), "f")
     return f"{text} {unit}"
+
+
+def whole_tokens(units: int, decimals: int) -> float:
+    """Base units as whole tokens, a float: ``whole_tokens(1_500_000, 6) == 1.5``."""
+    scale: int = 10**decimals  # (typeshed types int ** int as Any: a negative power is a float)
+    return units / scale
 
 
 @dataclass

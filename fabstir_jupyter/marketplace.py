@@ -29,8 +29,9 @@ from __future__ import annotations
 import enum
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from .crypto import PrivateKey
@@ -47,10 +48,12 @@ from .urls import hide_rpc_url_in_logs, redact_url
 
 try:
     import requests
+    from eth_typing import ChecksumAddress, HexStr
     from eth_utils import to_checksum_address
     from web3 import Web3
     from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
     from web3.logs import DISCARD
+    from web3.types import TxReceipt
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("paid sessions need the chain extra: pip install 'fabstir-jupyter[chain]'") from exc
 
@@ -252,9 +255,10 @@ class SessionJob:
         v = list(values)
         if len(v) != 18:
             raise ValueError(f"sessionJobs returns 18 values, not {len(v)}")
+        deposit, price, used, duration, start, last_proof, interval, window = map(int, v[4:12])
         return cls(int(v[0]), to_checksum_address(v[1]), to_checksum_address(v[2]), to_checksum_address(v[3]),
-                   *map(int, v[4:12]), JobStatus(int(v[12])), int(v[13]), int(v[14]), str(v[15]),
-                   "0x" + bytes(v[16]).hex(), str(v[17]))
+                   deposit, price, used, duration, start, last_proof, interval, window,
+                   JobStatus(int(v[12])), int(v[13]), int(v[14]), str(v[15]), "0x" + bytes(v[16]).hex(), str(v[17]))
 
     @property
     def native(self) -> bool:
@@ -394,7 +398,7 @@ def _amount(value: Any, what: str, *, minimum: int = 0) -> int:
     return value
 
 
-def _address(value: Any, what: str) -> str:
+def _address(value: Any, what: str) -> ChecksumAddress:
     try:
         return to_checksum_address(value)
     except (TypeError, ValueError):
@@ -534,7 +538,7 @@ class MarketplaceClient:
         return self._key
 
     def _transact(self, fn: Any, what: str, *, value: int = 0,
-                  on_sent: Callable[[str], None] | None = None) -> Any:
+                  on_sent: Callable[[str], None] | None = None) -> TxReceipt:
         """Estimate (unless ``gas_limit`` is set), sign, send and wait for ``fn``; return the receipt of a
         successful transaction.
 
@@ -543,7 +547,7 @@ class MarketplaceClient:
         Errors after the signature carry the hash (``tx_hash`` on a :class:`TransactionFailed`).
         """
         key = self._signer(what)
-        address = key.address
+        address = to_checksum_address(key.address)
         chain_id = self.chain_id
         sender = _sender(address)
 
@@ -573,7 +577,7 @@ class MarketplaceClient:
                 raise
         try:
             receipt = self._rpc(what, lambda: self._w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=self.receipt_timeout, poll_latency=self.poll_interval))
+                HexStr(tx_hash), timeout=self.receipt_timeout, poll_latency=self.poll_interval))
         except FabstirError as error:
             _note_tx(error, tx_hash)
             raise
@@ -584,13 +588,14 @@ class MarketplaceClient:
             raise self._mined_refusal(fn, what, address, value, receipt, tx_hash)
         return receipt
 
-    def _mined_refusal(self, fn: Any, what: str, sender: str, value: int, receipt: Any, tx_hash: str) -> FabstirError:
+    def _mined_refusal(self, fn: Any, what: str, sender: str, value: int, receipt: TxReceipt,
+                       tx_hash: str) -> FabstirError:
         # a reverted transaction was mined: replay it as a call before its block for the reason
         try:
             fn.call({"from": sender, "value": value}, block_identifier=max(0, receipt["blockNumber"] - 1))
         except ContractLogicError as exc:
             return self._refusal(what, _reason(exc), tx_hash)
-        except Exception:  # noqa: BLE001 - the reason is a nicety; the failure is what matters
+        except Exception:  # the reason is a nicety; the failure is what matters
             pass
         return TransactionFailed(f"{what}: reverted (transaction {tx_hash})", tx_hash=tx_hash)
 
@@ -598,9 +603,11 @@ class MarketplaceClient:
         return self._rpc(what, fn.call)
 
     def _earnings_contract(self) -> Any:
-        if self._host_earnings_address is None:
-            self._host_earnings_address = self._read(self._marketplace.functions.hostEarnings(), "hostEarnings")
-        return self._w3.eth.contract(address=self._host_earnings_address, abi=HOST_EARNINGS_ABI)
+        address = self._host_earnings_address
+        if address is None:
+            address = to_checksum_address(self._read(self._marketplace.functions.hostEarnings(), "hostEarnings"))
+            self._host_earnings_address = address
+        return self._w3.eth.contract(address=address, abi=HOST_EARNINGS_ABI)
 
     def _token(self, token: str) -> Any:
         return self._w3.eth.contract(address=_address(token, "token"), abi=ERC20_ABI)
@@ -695,7 +702,7 @@ class MarketplaceClient:
 
     def balance(self, token: str = NATIVE_TOKEN, address: str | None = None) -> int:
         """What ``address`` (default: this account) holds of ``token`` (native: wei)."""
-        who = _address(address, "address") if address else self._signer("balance").address
+        who = _address(address, "address") if address else to_checksum_address(self._signer("balance").address)
         if int(token, 16) == 0:
             return int(self._rpc("eth_getBalance", lambda: self._w3.eth.get_balance(who)))
         return int(self._read(self._token(token).functions.balanceOf(who), "balanceOf"))
@@ -786,7 +793,7 @@ class MarketplaceClient:
             ConnectionFailed: the RPC endpoint failed.
         """
         receipt = self._rpc(f"transaction {tx_hash}", lambda: self._w3.eth.wait_for_transaction_receipt(
-            tx_hash, timeout=timeout, poll_latency=self.poll_interval))
+            HexStr(tx_hash), timeout=timeout, poll_latency=self.poll_interval))
         return self._opened(receipt, _bytes32(model_id, "model_id"), _address(token, "token"), price_per_token)
 
     def complete_job(self, job_id: int, conversation_cid: str = "") -> Settlement:
@@ -842,13 +849,13 @@ class MarketplaceClient:
         if not completed:
             return None
         tx_hash = completed[0]["transactionHash"]
-        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(tx_hash))
+        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(HexStr(tx_hash)))
         timed_out = bool(events.SessionTimedOut().process_receipt(receipt, errors=DISCARD))
         return self._settlement(job_id, receipt, timed_out=timed_out)
 
     def transaction_block(self, tx_hash: str) -> int:
         """The block a mined transaction is in."""
-        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(tx_hash))
+        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(HexStr(tx_hash)))
         return int(receipt["blockNumber"])
 
     # ------------------------------------------------------------------ the host's side
@@ -898,8 +905,9 @@ def _note_tx(error: FabstirError, tx_hash: str) -> None:
 def _rpc_message(exc: Web3RPCError) -> str:
     response = getattr(exc, "rpc_response", None)
     error = response.get("error") if isinstance(response, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str):
+        return message
     return str(getattr(exc, "message", None) or exc)
 
 

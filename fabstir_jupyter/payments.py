@@ -46,9 +46,10 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import protocol
 from .billing import (
@@ -61,6 +62,7 @@ from .billing import (
     explain_difference,
     format_amount,
     tokens_for,
+    whole_tokens,
 )
 from .config import InferenceConfig
 from .connections import Channel, Connection, PoolConnector
@@ -71,7 +73,6 @@ from .errors import (
     InsufficientFunds,
     InvalidOptions,
     PaymentRequired,
-    SessionNotFound,
     TransactionFailed,
 )
 from .hosts import HostInfo, HostKeys
@@ -248,7 +249,7 @@ class JobSettlement:
 
     def amount(self, units: int) -> float:
         """Base units as whole tokens."""
-        return units / 10**self.decimals
+        return whole_tokens(units, self.decimals)
 
     @property
     def adds_up(self) -> bool:
@@ -325,7 +326,7 @@ class PaidJob:
     def running_cost(self) -> float:
         """What the job would cost if settled now, in whole tokens of :attr:`unit` (minimum billing included)."""
         billed = self.cadence.settled() if self.cadence.streamed else 0
-        return cost_of(billed, self.price_per_token) / 10**self.decimals
+        return whole_tokens(cost_of(billed, self.price_per_token), self.decimals)
 
     @property
     def usable(self) -> bool:
@@ -689,8 +690,9 @@ class Payments:
         decimals = self._decimals
         units = None if deposit is None else base_units(deposit, decimals, "deposit")
         limit = None if budget is None else base_units(budget, decimals, "budget")
-        terms = SessionTerms(session_id, units, Budget(limit, decimals, self.unit, name=f"session {session_id}'s budget",
-                                                       parent=self.budget))
+        session_budget = Budget(limit, decimals, self.unit, name=f"session {session_id}'s budget",
+                                parent=self.budget)
+        terms = SessionTerms(session_id, units, session_budget)
         if units is not None:
             terms.budget.check(units, f"session {session_id}")
             minimum = self._min_deposit or 0
@@ -1103,7 +1105,7 @@ class Payments:
                                      marketplace=client.marketplace_address if client else "")
         try:
             record_job(record)
-        except Exception as exc:  # noqa: BLE001 - the ledger must never fail a payment
+        except Exception as exc:  # the ledger must never fail a payment
             logger.warning("job %d: not recorded in the usage ledger: %s", job.job_id, exc)
 
     async def aclose(self) -> None:
@@ -1117,7 +1119,7 @@ class Payments:
         pending = [job for job in self._jobs if job.settlement is None]  # an earlier failure is tried again
         results = await asyncio.gather(*(self.settle(job, "the client closed") for job in pending),
                                        return_exceptions=True)
-        for job, result in zip(pending, results):
+        for job, result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
                 logger.warning("job %d left unsettled at close: %s", job.job_id, result)
         while self._background:  # settlements, and job creations that may still open a job to settle

@@ -14,7 +14,8 @@ balances are read by the payments layer, which knows the chain.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import AuthFailed, InvalidOptions
 

@@ -52,25 +52,32 @@ def test_unknown_attribute_is_an_attribute_error():
         fabstir_jupyter.NoSuchThing  # noqa: B018
 
 
-def test_type_checking_block_matches_the_lazy_table():
-    """The TYPE_CHECKING imports name exactly the lazily exported names."""
-    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+@pytest.mark.parametrize("package", ["fabstir_jupyter", "fabstir_jupyter.local", "fabstir_jupyter.notebook"])
+def test_type_checking_block_matches_the_lazy_table(package):
+    """The TYPE_CHECKING imports name exactly the lazily exported names, each as an explicit re-export."""
+    module = importlib.import_module(package)
+    tree = ast.parse(Path(module.__file__).read_text())
     block = next(node for node in tree.body if isinstance(node, ast.If))
-    names = {alias.asname or alias.name for stmt in block.body for alias in stmt.names}
-    assert names == set(fabstir_jupyter.__all__)
+    aliases = [alias for stmt in block.body for alias in stmt.names]
+    assert {alias.name for alias in aliases} == set(module._LAZY) <= set(module.__all__)
+    assert all(alias.asname == alias.name for alias in aliases)
 
 
 def test_type_checkers_see_the_public_names(tmp_path):
     """A user's `from fabstir_jupyter import <every name in __all__>` type-checks under mypy --strict
-    (the package ships py.typed; lazy names must be explicit re-exports), as do the host's and hosts' names."""
+    (the package ships py.typed; lazy names must be explicit re-exports), as do the names of the host,
+    hosts, local and notebook packages."""
     pytest.importorskip("mypy", reason="mypy comes with the test extra")
     import fabstir_jupyter.host
     import fabstir_jupyter.hosts
+    import fabstir_jupyter.local
+    import fabstir_jupyter.notebook
 
     user = tmp_path / "user.py"
     user.write_text("".join(
         f"from {package.__name__} import {', '.join(package.__all__)}\n"
-        for package in (fabstir_jupyter, fabstir_jupyter.host, fabstir_jupyter.hosts)
+        for package in (fabstir_jupyter, fabstir_jupyter.host, fabstir_jupyter.hosts, fabstir_jupyter.local,
+                        fabstir_jupyter.notebook)
     ))
     (tmp_path / "mypy.ini").write_text("[mypy]\n")
     command = [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--config-file", "mypy.ini",

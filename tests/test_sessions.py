@@ -224,10 +224,12 @@ async def test_a_session_init_answered_only_by_chatter_times_out(paid):
             await ws.send(json.dumps({"type": "heartbeat"}))
             await asyncio.sleep(0.02)
 
-    async with serve(chatter, "127.0.0.1", 0) as server:
-        async with WebSocketClient(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/ws") as socket:
-            channel = JobChannel(socket, bound_session="7", job_id=7, chain_id=1) if paid else Channel(socket)
-            with pytest.raises(InferenceTimeout) as info:
-                await asyncio.wait_for(channel.open_session("7", request_id=None, timeout=0.3), 10)
+    async with (
+        serve(chatter, "127.0.0.1", 0) as server,
+        WebSocketClient(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/ws") as socket,
+    ):
+        channel = JobChannel(socket, bound_session="7", job_id=7, chain_id=1) if paid else Channel(socket)
+        with pytest.raises(InferenceTimeout) as info:
+            await asyncio.wait_for(channel.open_session("7", request_id=None, timeout=0.3), 10)
     assert "no session_init_ack within 0.3 s" in info.value.message
     assert inits[0]["type"] == "session_init" and (inits[0].get("job_id") == "7") is paid

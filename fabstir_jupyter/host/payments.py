@@ -36,8 +36,9 @@ import enum
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import _compat
 from ..errors import (
@@ -91,6 +92,11 @@ class _PaidJob:
     queue: asyncio.Queue[Proof | None] = field(default_factory=asyncio.Queue)  # None: settle
     state: _State = _State.OPEN
     worker: asyncio.Task[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether it is over here (settled, closed by another party, or failed); any chain call may end it."""
+        return self.state is _State.DONE
 
 
 class PaymentManager:
@@ -235,7 +241,7 @@ class PaymentManager:
                         ", ".join(str(j) for j in sorted(self._jobs)), self.config.shutdown_timeout)
             _, pending = await asyncio.wait(pending, timeout=self.config.shutdown_timeout)
         for job_id, job in list(self._jobs.items()):
-            if job.state is not _State.DONE:
+            if not job.done:
                 meter = job.meter
                 logger.warning("job %d left open at shutdown: %d tokens proven, %d streamed and not proven; its "
                                "depositor may complete it, anyone may time it out after its proofTimeoutWindow",
@@ -281,7 +287,7 @@ class PaymentManager:
         except SessionNotFound:
             raise SessionNotFound(f"job {job_id} does not exist on marketplace {self.config.marketplace} "
                                   f"(chain {self.chain_id})") from None
-        except Exception as exc:  # noqa: BLE001 - any failure to read is the chain's, not the client's
+        except Exception as exc:  # any failure to read is the chain's, not the client's
             code = exc.code if isinstance(exc, FabstirError) else type(exc).__name__
             logger.warning("job %d: cannot read it from the chain: %s", job_id, code)
             raise HostError(f"job {job_id}: this host cannot read the chain now ({code}); try again") from None
@@ -334,7 +340,7 @@ class PaymentManager:
         if proof is None:
             return
         job = self._jobs.get(meter.job_id)
-        if job is None or job.state is _State.DONE:
+        if job is None or job.done:
             return
         logger.debug("job %d: proof of %d tokens due (%s)", meter.job_id, proof.tokens, proof.reason)
         job.queue.put_nowait(proof)
@@ -420,7 +426,7 @@ class PaymentManager:
     async def _settle(self, job: _PaidJob) -> None:
         """Prove what is pending, wait out the dispute window, complete the job."""
         meter, job_id = job.meter, job.meter.job_id
-        if job.state is _State.DONE:  # closed on chain by someone else meanwhile
+        if job.done:  # closed on chain by someone else meanwhile
             return
         started = time.monotonic()
         last = meter.settle()
@@ -429,7 +435,7 @@ class PaymentManager:
                         meter.unbilled, MIN_PROOF_TOKENS)
         if last is not None:
             await self._prove(job, last)
-        if job.state is _State.DONE:
+        if job.done:  # the proof met Not active: someone else closed it, and _retrying finished it
             return
         client = self._chain()
         deadline = started + self.config.settle_timeout

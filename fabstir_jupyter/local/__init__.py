@@ -6,14 +6,20 @@ and py-evm, so they are imported on first use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
-
-from .process import HostProcess
+from .process import HostProcess as HostProcess
 
 if TYPE_CHECKING:
-    from .network import SCRIPTED_MODEL, SMOLLM2_MODEL, LocalModel, LocalNetwork, LocalNetworkHost
+    # `X as X`: an explicit re-export, so type checkers (mypy --strict) see the lazy names as public.
+    from .network import (
+        SCRIPTED_MODEL as SCRIPTED_MODEL,
+        SMOLLM2_MODEL as SMOLLM2_MODEL,
+        LocalModel as LocalModel,
+        LocalNetwork as LocalNetwork,
+        LocalNetworkHost as LocalNetworkHost,
+    )
 
 _LAZY = {
     "LocalModel": "network",

@@ -25,12 +25,12 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterable, Iterator, Mapping, Sequence, Tuple, Union
+from typing import Any, Final
 
 from eth_account import Account
-from eth_keys import keys
 from eth_tester import EthereumTester, PyEVMBackend
 from eth_tester.exceptions import TransactionFailed
 from eth_utils import to_checksum_address
@@ -38,7 +38,9 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.providers.eth_tester import EthereumTesterProvider
 from web3.providers.eth_tester.middleware import request_formatters, result_formatters
+from web3.types import RPCEndpoint, Wei
 
+from ..crypto import PrivateKey
 from ..errors import InvalidOptions
 from .contracts import load_artifact
 from .layout import DEPLOYER, contract_addresses, derive_key, model_id
@@ -48,8 +50,8 @@ __all__ = [
     "model_id",
 ]
 
-TOKEN_DECIMALS = 18
-USDC_DECIMALS = 6
+TOKEN_DECIMALS: Final = 18
+USDC_DECIMALS: Final = 6
 #: The token address that stands for the chain's native token in prices.
 NATIVE_TOKEN = "0x" + "00" * 20
 _FUNDER_BALANCE = 10**12 * 10**18  # wei in each genesis account: gas for thousands of hosts
@@ -60,8 +62,8 @@ _TX_GAS = 3_000_000  # explicit gas: web3 then skips estimate_gas (a second exec
 FEE_BASIS_POINTS = 1000
 DISPUTE_WINDOW = 30
 
-ModelRef = Union[str, Tuple[str, str]]
-PricePair = Tuple[int, int]
+ModelRef = str | tuple[str, str]
+PricePair = tuple[int, int]
 
 
 class LocalChainError(RuntimeError):
@@ -103,6 +105,8 @@ def _wei(tokens: int | float | Decimal | str) -> int:
 _NODE_SHAPED = frozenset({"eth_getLogs", "eth_getTransactionByHash"})
 #: Requests that run against the pending block: its timestamp is brought up to the wall clock first.
 _PENDING_READERS = frozenset({"eth_call", "eth_estimateGas", "eth_sendRawTransaction", "eth_sendTransaction"})
+#: web3's translations of eth-tester's results into a node's shapes, by method (web3 types it as optional).
+_RESULT_FORMATTERS: dict[RPCEndpoint, Callable[..., Any]] = result_formatters or {}
 _SENDS = frozenset({"eth_sendRawTransaction", "eth_sendTransaction"})
 #: How far in the past the chain starts: room for its setup blocks, so that the clock is not ahead
 #: of the wall when the first user transaction comes.
@@ -136,11 +140,12 @@ class LocalProvider(EthereumTesterProvider):
 
     def __init__(self, ethereum_tester: EthereumTester, default_from: str) -> None:
         super().__init__(ethereum_tester)
+        self._tester = ethereum_tester  # web3 types its own reference (ethereum_tester) as optional
         self.default_from = default_from
         self._lock = threading.RLock()
         self._setup_depth = 0  # > 0 while the chain's own setup transacts (see setup())
 
-    def make_request(self, method: Any, params: Any) -> Any:
+    def make_request(self, method: RPCEndpoint, params: Any) -> Any:
         needs_from = method in ("eth_call", "eth_estimateGas") and params and isinstance(params[0], dict)
         if needs_from and not params[0].get("from"):
             params = [{**params[0], "from": self.default_from}, *params[1:]]
@@ -157,8 +162,8 @@ class LocalProvider(EthereumTesterProvider):
                 self._produce_block_if_idle()
             try:
                 response = super().make_request(method, params)
-                if node_shaped and isinstance(response, dict) and "result" in response and method in result_formatters:
-                    response = {**response, "result": result_formatters[method](response["result"])}
+                if node_shaped and isinstance(response, dict) and "result" in response and method in _RESULT_FORMATTERS:
+                    response = {**response, "result": _RESULT_FORMATTERS[method](response["result"])}
                 return response
             except TransactionFailed as exc:
                 self._current_request_id += 1
@@ -170,7 +175,7 @@ class LocalProvider(EthereumTesterProvider):
 
     def _follow_wall_clock(self) -> int:
         """Stamp the pending block with the wall clock if it is behind; return its timestamp (lock held)."""
-        chain = self.ethereum_tester.backend.chain
+        chain = self._tester.backend.chain
         now = int(time.time())
         if chain.header.timestamp < now:
             chain.header = chain.header.copy(timestamp=now)
@@ -190,15 +195,15 @@ class LocalProvider(EthereumTesterProvider):
 
     def _stamp_setup(self) -> None:
         """Stamp the pending block one second after the latest (lock held): setup takes no wall time."""
-        chain = self.ethereum_tester.backend.chain
+        chain = self._tester.backend.chain
         chain.header = chain.header.copy(timestamp=chain.get_canonical_head().timestamp + 1)
 
     def _produce_block_if_idle(self) -> None:
         """Mine an empty block when the latest one lags the wall clock by BLOCK_TIME or more (lock held)."""
-        latest = self.ethereum_tester.backend.chain.get_canonical_head()
+        latest = self._tester.backend.chain.get_canonical_head()
         if time.time() - latest.timestamp >= BLOCK_TIME:
             self._follow_wall_clock()
-            self.ethereum_tester.mine_blocks(1)
+            self._tester.mine_blocks(1)
 
     def make_batch_request(self, requests: list[tuple[Any, Any]]) -> list[Any]:
         with self._lock:
@@ -399,7 +404,7 @@ class LocalChain:
         if native > 0:
             self._send(
                 lambda: self.w3.eth.send_transaction(
-                    {"from": self.deployer, "to": address, "value": native, "gas": 21_000}
+                    {"from": self.deployer, "to": address, "value": Wei(native), "gas": 21_000}
                 ),
                 f"fund {address}",
             )
@@ -505,7 +510,7 @@ class LocalChain:
         min_stable = min((stable for _native, stable in per_model if stable), default=0)
         key = private_key or self._new_key()
         account = Account.from_key(key)
-        public_key = keys.PrivateKey(bytes(account.key)).public_key.to_compressed_bytes().hex()
+        public_key = PrivateKey.from_bytes(bytes(account.key)).public_key.compressed.hex()
         if isinstance(metadata, str):
             text = metadata
         else:
@@ -520,7 +525,7 @@ class LocalChain:
             self.tester.add_account(account.key.to_0x_hex())
         self._send(
             lambda: self.w3.eth.send_transaction(
-                {"from": self.deployer, "to": account.address, "value": _GAS_ALLOWANCE, "gas": 21_000}
+                {"from": self.deployer, "to": account.address, "value": Wei(_GAS_ALLOWANCE), "gas": 21_000}
             ),
             f"fund {account.address}",
         )
@@ -534,7 +539,7 @@ class LocalChain:
             extra = stake_wei - self.minimum_stake_wei
             self._transact(registry.stake(extra), account.address, f"stake {account.address}")
         stable_token = self.addresses["stable_token"]
-        for mid, (native, stable) in zip(ids, per_model):
+        for mid, (native, stable) in zip(ids, per_model, strict=True):
             for token, price in ((NATIVE_TOKEN, native), (stable_token, stable)):
                 if price:
                     self.set_model_token_pricing(account.address, mid, token, price)
@@ -611,5 +616,6 @@ class LocalChain:
         """Set a host's price for a model it serves in ``token`` (:data:`NATIVE_TOKEN`: native); 0 unsets it."""
         address = self._host(host)
         mid = _model_key(model)
-        fn = self.node_registry.functions.setModelTokenPricing(bytes.fromhex(mid[2:]), to_checksum_address(token), price)
+        fn = self.node_registry.functions.setModelTokenPricing(bytes.fromhex(mid[2:]), to_checksum_address(token),
+                                                               price)
         self._transact(fn, address, f"setModelTokenPricing {address}")

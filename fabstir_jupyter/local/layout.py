@@ -21,7 +21,8 @@ from __future__ import annotations
 import coincurve
 from eth_hash.auto import keccak
 
-__all__ = ["DEPLOYER", "DEPLOY_ORDER", "checksummed", "contract_address", "contract_addresses", "derive_key", "model_id"]
+__all__ = ["DEPLOYER", "DEPLOY_ORDER", "checksummed", "contract_address", "contract_addresses", "derive_key",
+           "model_id"]
 
 #: The account that deploys the local chain's contracts: eth-tester's first genesis account (private
 #: key 1). Its nonce is 0 in the genesis state.
@@ -50,8 +51,8 @@ def checksummed(address: bytes) -> str:
     """A 20-byte address as EIP-55 writes it: hex, a letter upper-case where keccak256 of the
     lower-case hex has a nibble of 8 or more at its place."""
     text = address.hex()
-    nibbles = keccak(text.encode("ascii")).hex()
-    return "0x" + "".join(c.upper() if int(n, 16) >= 8 else c for c, n in zip(text, nibbles))
+    nibbles = keccak(text.encode("ascii")).hex()[: len(text)]  # the hash's first 40 of its 64 nibbles
+    return "0x" + "".join(c.upper() if int(n, 16) >= 8 else c for c, n in zip(text, nibbles, strict=True))
 
 
 def contract_address(sender: str, nonce: int) -> str:

@@ -57,8 +57,9 @@ import shutil
 import socket
 import tempfile
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
 from ..errors import InvalidOptions
@@ -328,7 +329,7 @@ class LocalNetwork:
             host_keys = [derive_key(seed, i) for i in range(count)]
             self._key_files = [_write_key(os.path.join(self._key_dir, f"host-{i}.key"), key)
                                for i, key in enumerate(host_keys)]
-            for process, key_file in zip(self._processes, self._key_files):
+            for process, key_file in zip(self._processes, self._key_files, strict=True):
                 process.args += ["--key-file", key_file]  # it serves encrypted sessions with the key it registers
             # The chain's URL, bound before the chain exists: a paid host's requests wait in its backlog.
             rpc_socket = socket.create_server(("127.0.0.1", 0))
@@ -461,7 +462,8 @@ class LocalNetwork:
         contracts' names (:data:`CONTRACT_NAMES`: ``"JobMarketplace"``, ``"HostEarnings"``,
         ``"USDC"``, ``"FAB"``, ``"NodeRegistry"``, ``"ModelRegistry"``, ``"Multicall3"``)."""
         addresses = dict(self._chain().addresses)
-        addresses.update({CONTRACT_NAMES[key]: value for key, value in list(addresses.items()) if key in CONTRACT_NAMES})
+        addresses.update({CONTRACT_NAMES[key]: value for key, value in list(addresses.items())
+                          if key in CONTRACT_NAMES})
         return addresses
 
     @property

@@ -31,7 +31,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConnectionFailed

@@ -19,6 +19,7 @@ import json
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from eth_abi import encode as abi_encode
 from eth_tester.exceptions import BlockNotFound, FilterNotFound, TransactionNotFound
 from web3.providers.eth_tester.middleware import request_formatters, result_formatters
+from web3.types import RPCEndpoint
 
 from ..errors import InvalidOptions
 
@@ -45,6 +47,8 @@ MAX_BODY = 1 << 20  # bytes of one HTTP request
 _NOT_FOUND = (TransactionNotFound, BlockNotFound)  # a node answers null for these
 _BLOOM_BYTES = 256
 _REVERT_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
+#: web3's translations of eth-tester's results into a node's shapes, by method (web3 types it as optional).
+_RESULT_FORMATTERS: dict[RPCEndpoint, Callable[..., Any]] = result_formatters or {}
 
 
 def _wire(value: Any, key: str = "") -> Any:
@@ -111,8 +115,7 @@ class LocalRpcServer:
     @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT``."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"  # it serves loopback only
 
     def __repr__(self) -> str:
         state = "serving" if self._thread is not None else "stopped"
@@ -154,7 +157,8 @@ class LocalRpcServer:
         return self._one(body)
 
     def _one(self, request: Any) -> dict[str, Any] | None:
-        if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
+        if (not isinstance(request, dict) or request.get("jsonrpc") != "2.0"
+                or not isinstance(request.get("method"), str)):
             return _error(request.get("id") if isinstance(request, dict) else None, -32600, "invalid request")
         request_id = request.get("id")
         method = request["method"]
@@ -180,14 +184,15 @@ class LocalRpcServer:
         return None if request_id is None else {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     def _call(self, method: str, params: list[Any]) -> Any:
-        if method in request_formatters:
-            params = request_formatters[method](params)
-        response = self._provider.make_request(method, params)
+        endpoint = RPCEndpoint(method)
+        if endpoint in request_formatters:
+            params = request_formatters[endpoint](params)
+        response = self._provider.make_request(endpoint, params)
         if "error" in response:
             return response
         result = response["result"]
-        if method in result_formatters:
-            result = result_formatters[method](result)
+        if endpoint in _RESULT_FORMATTERS:
+            result = _RESULT_FORMATTERS[endpoint](result)
         return _wire(result)
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -199,7 +204,7 @@ class LocalRpcServer:
             # the client's delayed ACK (40 ms on Linux) before the body, on every request.
             disable_nagle_algorithm = True
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server's naming
                 length = self.headers.get("Content-Length")
                 if length is None or not length.isdigit():
                     self._reply(HTTPStatus.LENGTH_REQUIRED, _error(None, -32600, "content-length required"))
@@ -222,7 +227,7 @@ class LocalRpcServer:
                     return
                 self._reply(HTTPStatus.OK, answer)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._reply(HTTPStatus.METHOD_NOT_ALLOWED, _error(None, -32600, "use POST"))
 
             def _reply(self, status: HTTPStatus, payload: Any) -> None:
@@ -233,7 +238,7 @@ class LocalRpcServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 logger.debug("local rpc http: " + format, *args)
 
         return Handler

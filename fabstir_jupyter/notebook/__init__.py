@@ -7,17 +7,37 @@ loads neither IPython nor the widgets until one is used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .bridge import BackgroundRun, NotebookBridge, close_bridge, get_bridge
-    from .magics import FabstirMagics, load_ipython_extension, unload_ipython_extension
-    from .output import OutputSink, TextOutput, make_output
-    from .parsers import interpolate
-    from .paying import SettlementReceipt, WalletSummary
-    from .widgets import HostDashboard, StreamOutput
+    # `X as X`: an explicit re-export, so type checkers (mypy --strict) see the lazy names as public.
+    from .bridge import (
+        BackgroundRun as BackgroundRun,
+        NotebookBridge as NotebookBridge,
+        close_bridge as close_bridge,
+        get_bridge as get_bridge,
+    )
+    from .magics import (
+        FabstirMagics as FabstirMagics,
+        load_ipython_extension as load_ipython_extension,
+        unload_ipython_extension as unload_ipython_extension,
+    )
+    from .output import (
+        OutputSink as OutputSink,
+        TextOutput as TextOutput,
+        make_output as make_output,
+    )
+    from .parsers import interpolate as interpolate
+    from .paying import (
+        SettlementReceipt as SettlementReceipt,
+        WalletSummary as WalletSummary,
+    )
+    from .widgets import (
+        HostDashboard as HostDashboard,
+        StreamOutput as StreamOutput,
+    )
 
 _LAZY = {
     "BackgroundRun": "bridge",

@@ -32,9 +32,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, Union
 
 from ..errors import Cancelled, FabstirError, InvalidOptions, SessionNotFound
 from ..runner import LoopThread
@@ -96,7 +97,7 @@ class _NamedSession:
     terms: tuple[Decimal | None, Decimal | None] = (None, None)  # the --deposit and --budget it was made with
 
 
-class LoopTask:
+class LoopTask(Generic[T]):
     """A coroutine running on the bridge's loop, seen from another thread.
 
     Unlike the future of ``run_coroutine_threadsafe`` (which is marked cancelled as soon as the
@@ -104,12 +105,12 @@ class LoopTask:
     its cleanup (``stream_cancel``, socket release) included.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T],
                  context: contextvars.Context | None = None) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self.done = threading.Event()
         self._loop = loop
-        self._task: asyncio.Task[Any] | None = None
+        self._task: asyncio.Task[T] | None = None
         self._cancel_requested = False
         context = context if context is not None else contextvars.copy_context()
         try:
@@ -120,7 +121,7 @@ class LoopTask:
             self.done.set()
             raise
 
-    def _start(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> None:
+    def _start(self, coro: Coroutine[Any, Any, T], context: contextvars.Context) -> None:
         if self._cancel_requested:
             coro.close()
             self.future.cancel()
@@ -129,11 +130,11 @@ class LoopTask:
         self._task = context.run(self._loop.create_task, coro)
         self._task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
+    def _finished(self, task: asyncio.Task[T]) -> None:
         if task.cancelled():
             self.future.cancel()
         elif task.exception() is not None:
-            self.future.set_exception(task.exception())  # type: ignore[arg-type]
+            self.future.set_exception(task.exception())
         else:
             self.future.set_result(task.result())
         self.done.set()
@@ -150,7 +151,7 @@ class LoopTask:
         except RuntimeError:  # the loop is gone: nothing runs any more
             self.done.set()
 
-    def wait(self, poll: float = 0.1) -> Any:
+    def wait(self, poll: float = 0.1) -> T:
         """Wait for the result in short slices (so Ctrl-C stays responsive); re-raise its error.
 
         Raises:
@@ -174,8 +175,9 @@ class BackgroundRun:
         error: the error it failed with, if any.
     """
 
-    def __init__(self, task: LoopTask | None, sink: OutputSink, label: str = "") -> None:
-        self._task: LoopTask = task  # type: ignore[assignment]  # set right after the coroutine is built
+    def __init__(self, task: LoopTask[InferenceResult] | None, sink: OutputSink, label: str = "") -> None:
+        # None only until run_background sets it, right after building the coroutine the task runs
+        self._task: LoopTask[InferenceResult] = task  # type: ignore[assignment]
         self.sink = sink
         self.label = label
         self.started = time.time()
@@ -223,7 +225,7 @@ class BackgroundRun:
             concurrent.futures.CancelledError: it was cancelled.
             TimeoutError: not finished within ``timeout``.
         """
-        return self._task.future.result(timeout)  # type: ignore[no-any-return]
+        return self._task.future.result(timeout)
 
 
 class NotebookBridge:
@@ -243,7 +245,7 @@ class NotebookBridge:
         self.sessions: dict[str, _NamedSession] = {}
         self.background: set[BackgroundRun] = set()
         self.runs: list[BackgroundRun] = []  # every background run, newest last (MAX_RUNS_KEPT at most)
-        self._streams: set[LoopTask] = set()  # blocking streams in progress
+        self._streams: set[LoopTask[Any]] = set()  # blocking streams in progress
         self.closed = False
         atexit.register(self.close)
 
@@ -268,7 +270,7 @@ class NotebookBridge:
                 self._loop = LoopThread(LOOP_THREAD_NAME)
             return self._loop
 
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> LoopTask:
+    def submit(self, coro: Coroutine[Any, Any, T]) -> LoopTask[T]:
         """Schedule ``coro`` on the loop thread, in a copy of this thread's context."""
         return LoopTask(self.loop_thread.loop, coro, contextvars.copy_context())
 
@@ -282,7 +284,7 @@ class NotebookBridge:
         """
         task = self.submit(coro)
         try:
-            return task.wait(poll)  # type: ignore[no-any-return]
+            return task.wait(poll)
         except KeyboardInterrupt:
             task.cancel()
             task.done.wait(cancel_grace)
@@ -464,7 +466,7 @@ class NotebookBridge:
             if entry.settings != key:
                 raise InvalidOptions(f"session {name!r} lives on another network; end it first",
                                      field="session", hint=f"%fabstir end {name}")
-            for what, given, held in zip(("deposit", "budget"), terms, entry.terms):
+            for what, given, held in zip(("deposit", "budget"), terms, entry.terms, strict=True):
                 if given is not None and given != held:
                     was = f"{held.normalize():f}" if held is not None else "none"
                     raise InvalidOptions(f"session {name!r} exists with {what} {was}: --{what} applies when a "
@@ -526,7 +528,8 @@ class NotebookBridge:
 
         async def consume() -> InferenceResult:
             try:
-                if network is not None and await self._wait_showing_steps(network, lambda label: pieces.put(_Step(label))):
+                if network is not None and await self._wait_showing_steps(
+                        network, lambda label: pieces.put(_Step(label))):
                     pieces.put(_READY)
                 stream = await _make(make_stream)
                 made.append(stream)
@@ -577,7 +580,8 @@ class NotebookBridge:
         return result
 
     @staticmethod
-    def _pump(pieces: queue.Queue[Any], sink: OutputSink, *, poll: float, interval: float, task: LoopTask) -> None:
+    def _pump(pieces: queue.Queue[Any], sink: OutputSink, *, poll: float, interval: float,
+              task: LoopTask[Any]) -> None:
         """Move text from the queue to ``sink.append`` until the consumer ends.
 
         When the queue stays empty for ``poll`` seconds after text was appended, ``append("")`` is
@@ -772,7 +776,7 @@ async def _make(make_stream: StreamFactory) -> InferenceStream:
     stream = make_stream()
     if inspect.isawaitable(stream):
         stream = await stream
-    return stream  # type: ignore[return-value]
+    return stream
 
 
 def _call_extra(sink: OutputSink, name: str, *args: Any) -> None:

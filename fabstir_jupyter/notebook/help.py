@@ -122,7 +122,7 @@ def _option_help(action: argparse.Action) -> str:
     name = _flag(action)
     short = [flag for flag in action.option_strings if not flag.startswith("--")]
     head = f"%%fabstir {name}" + (f"   (also {short[0]} {action.metavar})" if short else "")
-    lines = [head] + _wrap(CELL_OPTION_HELP[action.dest])
+    lines = [head, *_wrap(CELL_OPTION_HELP[action.dest])]
     if action.choices:
         lines += _wrap("one of: " + ", ".join(map(str, action.choices)))
     return "\n".join(lines)
@@ -130,7 +130,7 @@ def _option_help(action: argparse.Action) -> str:
 
 def _command_help(name: str, parser: argparse.ArgumentParser) -> str:
     usage_line = parser.format_usage().strip().removeprefix("usage: ")
-    lines = [usage_line] + _wrap(LINE_COMMAND_HELP[name])
+    lines = [usage_line, *_wrap(LINE_COMMAND_HELP[name])]
     rows = [(_flag(action), action.help or "") for action in parser._actions if action.option_strings]
     if rows:
         lines += _columns(rows, _INDENT)

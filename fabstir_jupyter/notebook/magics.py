@@ -29,7 +29,8 @@ import asyncio
 import datetime
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -143,7 +144,7 @@ class FabstirMagics(Magics):
 
     @validate("max_tokens")
     def _check_max_tokens(self, proposal: Any) -> int | None:
-        value = proposal["value"]
+        value: int | None = proposal["value"]  # the Integer trait has checked its type
         if value is not None and value < 1:
             raise TraitError(f"FabstirMagics.max_tokens must be an integer >= 1 (or None), not {value!r}")
         return value
@@ -152,20 +153,21 @@ class FabstirMagics(Magics):
     def _check_hosts(self, proposal: Any) -> list[str]:
         from ..protocol import ws_url
 
-        for url in proposal["value"]:
+        hosts: list[str] = proposal["value"]  # the List(Unicode()) trait has checked its type
+        for url in hosts:
             try:
                 ws_url(url)
             except InvalidOptions as exc:
                 raise TraitError(f"FabstirMagics.hosts: {exc.message}") from None
-        return proposal["value"]
+        return hosts
 
     @validate("usage_db")
     def _check_usage_db(self, proposal: Any) -> str | None:
-        value = proposal["value"]
+        value: str | None = proposal["value"]  # the Unicode trait has checked its type
         if value is not None and not value.strip():
             raise TraitError(f"FabstirMagics.usage_db must be a file path or ':memory:' (None for the default), "
                              f"not {value!r}")
-        return value  # type: ignore[no-any-return]
+        return value
 
     @property
     def bridge(self) -> NotebookBridge:
@@ -404,10 +406,12 @@ class FabstirMagics(Magics):
                 ledger.flush()
             if by:
                 try:
-                    return ledger.summary(by if isinstance(by, str) else tuple(by), **scope)
+                    summary: pd.DataFrame = ledger.summary(by if isinstance(by, str) else tuple(by), **scope)
                 except ValueError as exc:
                     raise UsageError(f"%fabstir usage: {exc}") from None
-            return ledger.to_frame(limit=limit, **scope)
+                return summary
+            records: pd.DataFrame = ledger.to_frame(limit=limit, **scope)
+            return records
         finally:
             if owned:
                 ledger.close()
@@ -478,7 +482,8 @@ class FabstirMagics(Magics):
                 "created": datetime.datetime.fromtimestamp(session.created_at),
             })
         columns = ["name", "session_id", "network", "model", "host", "turns", "messages", "created"]
-        return pd.DataFrame(rows, columns=columns)
+        frame: pd.DataFrame = pd.DataFrame(rows, columns=columns)
+        return frame
 
     def handle_end(self, command: EndCommand) -> SettlementReceipt | None:
         """End a named session; a turn still streaming in it is cancelled on its host.
@@ -563,7 +568,8 @@ class FabstirMagics(Magics):
                 names.setdefault(model, set()).add(alias)
         rows = [{"model": model, "names": ", ".join(sorted(names.get(model, ()))), "hosts": len(urls),
                  "host_urls": ", ".join(urls)} for model, urls in sorted(served.items())]
-        return pd.DataFrame(rows, columns=["model", "names", "hosts", "host_urls"])
+        frame: pd.DataFrame = pd.DataFrame(rows, columns=["model", "names", "hosts", "host_urls"])
+        return frame
 
     def handle_network(self, command: NetworkCommand) -> None:
         """Show the network, or switch to another one (the SDK is recreated on next use)."""

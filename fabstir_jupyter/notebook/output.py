@@ -24,7 +24,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Protocol, TextIO, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO, TypeVar, runtime_checkable
 
 from .rendering import (
     STATUS_PREFIX,
@@ -268,7 +269,10 @@ def widgets_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("ipywidgets", "anywidget"))
 
 
-def _construct(factory: Callable[..., Any], **kwargs: Any) -> Any:
+_Made = TypeVar("_Made")
+
+
+def _construct(factory: Callable[..., _Made], **kwargs: Any) -> _Made:
     """Call ``factory`` with the keyword arguments it accepts."""
     try:
         parameters = inspect.signature(factory).parameters
@@ -292,7 +296,7 @@ def make_output(format: str = "markdown", background: bool = False, *, update_in
         try:
             from .widgets import StreamOutput
 
-            return _construct(StreamOutput, format=format, background=background,  # type: ignore[no-any-return]
+            return _construct(StreamOutput, format=format, background=background,
                               update_interval=update_interval, note=note, started_at=started_at)
         except Exception as exc:  # the fallback must always work
             logger.warning("fabstir: live widget unavailable (%s: %s); streaming as text",

@@ -16,8 +16,9 @@ import argparse
 import keyword
 import re
 import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, NoReturn, Union
+from typing import Any, Literal, NoReturn
 
 from ..config import SELECTION_MODES
 from ..settings import NETWORKS
@@ -362,8 +363,8 @@ class WalletCommand:
     type: Literal["wallet"] = "wallet"
 
 
-LineCommand = Union[HostsCommand, UsageCommand, SessionsCommand, EndCommand, ModelsCommand, NetworkCommand,
-                    ConfigCommand, HelpCommand, StatusCommand, CancelCommand, ManagerCommand, WalletCommand]
+LineCommand = (HostsCommand | UsageCommand | SessionsCommand | EndCommand | ModelsCommand | NetworkCommand
+               | ConfigCommand | HelpCommand | StatusCommand | CancelCommand | ManagerCommand | WalletCommand)
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
@@ -440,7 +441,7 @@ def parse_line_command(line: str) -> LineCommand:
         return HelpCommand(topic=" ".join(words[1:]) or None)
     if words[0] == "config" and len(words) > 3:
         # A value may hold spaces without quotes: %fabstir config hosts ws://a:1 ws://b:2
-        words = words[:2] + [" ".join(words[2:])]
+        words = [*words[:2], " ".join(words[2:])]
     args = line_parser().parse_args(words)
     name = args.command
     if name == "hosts":

@@ -15,10 +15,12 @@ nothing here does I/O or imports IPython, and no key ever reaches them (a
 
 from __future__ import annotations
 
+import functools
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..billing import format_amount
 from .rendering import STATUS_PREFIX
@@ -262,12 +264,13 @@ class SettlementReceipt:
                 "settled_by": s.settled_by, "ledger_tokens": check.ledger_tokens,
                 "expected_tokens": check.expected_tokens, "agrees": check.agrees, "reason": check.reason,
             })
-        return pd.DataFrame(rows)
+        frame: pd.DataFrame = pd.DataFrame(rows)
+        return frame
 
     def _parts(self) -> list[tuple[str, list[tuple[str, str]]]]:
         parts = []
         for s in self.settlements:
-            show = lambda units, s=s: format_amount(units, s.decimals, s.unit)  # noqa: E731
+            show = functools.partial(format_amount, decimals=s.decimals, unit=s.unit)
             by = {"client": "this wallet", "host": "the host", "other": "someone else (a timeout)"}.get(
                 s.settled_by, s.settled_by)
             check = self.check(s)

@@ -16,11 +16,18 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .tables import host_text
+
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
+    from markdown_it.renderer import RendererHTML
+    from markdown_it.token import Token
+    from markdown_it.utils import OptionsDict
 
 __all__ = [
     "STATUS_PREFIX", "ENCRYPTED", "PLAINTEXT", "LiveStatus", "Rendering", "answer_html", "attempt_route",
@@ -100,7 +107,7 @@ def _unfence(text: str) -> tuple[str, str]:
 
 
 @lru_cache(maxsize=1)
-def _markdown() -> Any:
+def _markdown() -> MarkdownIt | None:
     """markdown-it configured like the widget's front end (js/src/markdown.ts), or None if missing."""
     try:
         from markdown_it import MarkdownIt
@@ -108,7 +115,8 @@ def _markdown() -> Any:
         return None
     md = MarkdownIt("js-default", {"html": False, "linkify": False, "typographer": False})
 
-    def link_open(self: Any, tokens: Any, index: int, options: Any, env: Any) -> str:
+    def link_open(self: RendererHTML, tokens: Sequence[Token], index: int, options: OptionsDict,
+                  env: MutableMapping[str, Any]) -> str:
         tokens[index].attrSet("target", "_blank")
         tokens[index].attrSet("rel", "noopener noreferrer")
         return self.renderToken(tokens, index, options, env)

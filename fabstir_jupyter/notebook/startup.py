@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["NetworkStartup"]
 
@@ -101,7 +101,7 @@ class NetworkStartup:
             steps = list(self.steps)
             end = self.ended_at if self.ended_at is not None else self._clock()
         ends = [t for _, t in steps[1:]] + [end]
-        return [(label, stop - began) for (label, began), stop in zip(steps, ends)]
+        return [(label, stop - began) for (label, began), stop in zip(steps, ends, strict=True)]
 
     async def follow(self, on_step: Callable[[str], None] | None = None) -> bool:
         """Wait until the start has ended, calling ``on_step(label)`` with the step in progress

@@ -19,7 +19,8 @@ settled them.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,7 +123,7 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
     for host in hosts:
         url = getattr(host, "api_url", None) or str(host)
         price, unit = _host_price(host)
-        totals = by_host.get(url)
+        host_totals = by_host.get(url)
         failures = int(getattr(host, "failures", 0) or 0)
         rows.append({
             "address": getattr(host, "address", None),
@@ -134,10 +135,10 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
             "price_unit": unit,
             "latency_ms": _clean(getattr(host, "latency_ms", None)),
             "status": getattr(host, "health", None) or "unknown",
-            "requests": totals["requests"] if totals else int(getattr(host, "requests", 0) or 0),
-            "tokens": totals["tokens"] if totals else 0,
-            "failed": totals["failed"] if totals else failures,
-            "retried": totals["retried"] if totals else (None if failures else 0),
+            "requests": host_totals["requests"] if host_totals else int(getattr(host, "requests", 0) or 0),
+            "tokens": host_totals["tokens"] if host_totals else 0,
+            "failed": host_totals["failed"] if host_totals else failures,
+            "retried": host_totals["retried"] if host_totals else (None if failures else 0),
         })
     return rows
 
@@ -172,10 +173,9 @@ def usage_rows(usage: Any, *, all_kernels: bool = False) -> list[dict[str, Any]]
             frame = pd.DataFrame([r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in records])
     if frame.empty:
         return []
-    if "requests" in frame.columns:  # already a summary
-        frame = frame.reset_index()
-    else:
-        frame = summarize(frame, ("host", "model")).reset_index()
+    if "requests" not in frame.columns:  # records, not a summary yet
+        frame = summarize(frame, ("host", "model"))
+    frame = frame.reset_index()
     summary = pd.DataFrame({
         "host": frame.get("host"),
         "model": frame.get("model"),
@@ -250,7 +250,8 @@ def hosts_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
     shown = [{**row, "models": ", ".join(map(str, row.get("models") or ()))} for row in rows]
     frame = pd.DataFrame(shown, columns=list(HOST_COLUMNS))
-    return frame.astype(dict.fromkeys(_COUNTS, "Int64"))  # counts stay integers where one is unknown
+    typed: pd.DataFrame = frame.astype(dict.fromkeys(_COUNTS, "Int64"))  # counts stay integers where one is unknown
+    return typed
 
 
 def usage_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -258,7 +259,8 @@ def usage_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     frame = pd.DataFrame(list(rows), columns=list(USAGE_COLUMNS))
-    return frame.astype(dict.fromkeys(_COUNTS, "Int64"))
+    typed: pd.DataFrame = frame.astype(dict.fromkeys(_COUNTS, "Int64"))
+    return typed
 
 
 def jobs_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -266,8 +268,9 @@ def jobs_dataframe(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     frame = pd.DataFrame(list(rows), columns=list(JOB_COLUMNS))
-    return frame.astype({"job_id": "Int64", "tokens": "Int64", "deposit": "float64", "billed": "float64",
-                         "refund": "float64"})
+    typed: pd.DataFrame = frame.astype({"job_id": "Int64", "tokens": "Int64", "deposit": "float64",
+                                        "billed": "float64", "refund": "float64"})
+    return typed
 
 
 def tables_html(host_table: Iterable[dict[str, Any]], usage_table: Iterable[dict[str, Any]], *,

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["DEFAULT_INTERVAL", "DELTA_KEYS", "SNAPSHOT_KEYS", "DeltaBatcher"]
 

@@ -37,15 +37,15 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import anywidget
 import traitlets
 
 from .rendering import LiveStatus, answer_html, attempt_route, job_text, lock_text, network_part, route_text
-from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
 from .tables import (
     host_rows,
     host_text,
@@ -56,6 +56,7 @@ from .tables import (
     usage_dataframe,
     usage_rows,
 )
+from .text_deltas import DEFAULT_INTERVAL, DeltaBatcher
 
 if TYPE_CHECKING:
     import pandas as pd

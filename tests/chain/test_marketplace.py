@@ -477,7 +477,8 @@ def test_timeout_after_max_duration_even_with_recent_proofs(market):
 
 
 def _client_of(m, account) -> MarketplaceClient:
-    return MarketplaceClient(m.chain.w3, m.chain.addresses["job_marketplace"], account=_key(account), receipt_timeout=10)
+    return MarketplaceClient(m.chain.w3, m.chain.addresses["job_marketplace"], account=_key(account),
+                             receipt_timeout=10)
 
 
 def test_two_clients_of_one_key_sending_at_once_take_distinct_nonces(market, monkeypatch):

@@ -377,7 +377,24 @@ async def test_the_depositor_completing_first_stops_the_host_quietly(market, pai
     assert [r for r in caplog.records if r.levelno >= logging.WARNING and "payments" in r.name] == []
 
 
-# ---------------------------------------------------------------------------- the chain client connects in the background
+async def test_a_job_completed_before_its_settlement_proof_is_left_alone(market, paid_host, make_peer, caplog):
+    """The user completes the job while its only answer is still unproven (50 tokens, under a proof's
+    100): at the close, the host's settlement proof meets Not active, and the host stops there, reading
+    nothing more from the chain for that job (no second "already completed" outcome)."""
+    caplog.set_level(logging.INFO, logger="fabstir_jupyter.host")
+    server = await paid_host()
+    job_id = await asyncio.to_thread(market.open)
+    peer = await make_peer(server)
+    assert (await init(peer, job_id))["type"] == "session_init_ack"
+    assert tokens(await ask(peer, 50)) == 50
+    await asyncio.to_thread(market.as_user.complete_job, job_id)
+    await peer.ws.close()
+    await eventually(lambda: f"job {job_id}: no longer active on chain" in caplog.text)
+    await server.close()  # waits for the job's worker to finish
+    assert market.proofs(job_id) == []
+    check_settlement(market, job_id, 0, by=market.user.address)
+    assert f"job {job_id}: already" not in caplog.text and f"job {job_id} settled" not in caplog.text
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING and "payments" in r.name] == []
 
 
 async def test_a_host_serves_before_its_chain_answers_and_checks_jobs_once_it_does(market, paid_host, make_peer):

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("eth_tester", reason="the local network needs eth-tester and py-evm (the 'chain' extra)")
 
-from fabstir_jupyter.local.network import LocalNetwork  # noqa: E402
+from fabstir_jupyter.local.network import LocalNetwork
 
 PROCESS_DEADLINE = 10.0  # seconds a host may take to die after its parent
 

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,11 @@ def _manager(network: LocalNetwork, *, budget="100", key: PrivateKey | None = No
 
 def _reader(network: LocalNetwork) -> MarketplaceClient:
     return MarketplaceClient(network.w3, network.addresses["JobMarketplace"])
+
+
+def _user_key_hex(network: LocalNetwork) -> str:
+    """The user's private key as its key file holds it (0x-hex)."""
+    return Path(network.user_key_file).read_text().strip()
 
 
 def _next_job_id(network: LocalNetwork) -> int:
@@ -264,7 +270,7 @@ async def test_authenticate_turns_payments_on_for_a_registry_network(network, mo
         manager = sdk.get_inference_manager()
         with pytest.raises(PaymentRequired):
             await manager.ainfer(PROMPT, max_tokens=4)
-        assert sdk.authenticate(open(network.user_key_file).read().strip()) == network.user_address
+        assert sdk.authenticate(_user_key_hex(network)) == network.user_address
         result = await manager.ainfer(PROMPT, max_tokens=4)
         assert result.text == scripted_text(PROMPT, 4) and manager.payments.address == network.user_address
 
@@ -705,7 +711,7 @@ def test_base_sepolia_without_a_key_or_a_budget_says_what_to_set(network, monkey
         with pytest.raises(PaymentRequired) as info:
             sdk.get_inference_manager().infer(PROMPT, max_tokens=5)
         assert "FABSTIR_PRIVATE_KEY" in info.value.message and "FABSTIR_BUDGET" in info.value.message
-    monkeypatch.setenv("FABSTIR_PRIVATE_KEY", open(network.user_key_file).read().strip())
+    monkeypatch.setenv("FABSTIR_PRIVATE_KEY", _user_key_hex(network))
     with FabstirSDK(network=_sepolia_on(network), config=InferenceConfig(usage_db=":memory:")) as sdk:
         assert sdk.address == network.user_address
         with pytest.raises(PaymentRequired):
@@ -716,7 +722,7 @@ def test_base_sepolia_with_a_key_and_a_budget_opens_real_jobs(network, monkeypat
     """With FABSTIR_PRIVATE_KEY and a budget the base-sepolia code path opens a job on the chain, streams,
     and settles it at close; the key shows in no repr, error or log line on the way."""
     caplog.set_level(logging.DEBUG)
-    key = open(network.user_key_file).read().strip()
+    key = _user_key_hex(network)
     monkeypatch.setenv("FABSTIR_PRIVATE_KEY", key)
     monkeypatch.setenv("FABSTIR_BUDGET", "2")
     with FabstirSDK(network=_sepolia_on(network), config=InferenceConfig(usage_db=":memory:")) as sdk:
@@ -740,7 +746,7 @@ def test_a_wallet_never_shows_or_pickles_its_key(network, tmp_path):
     """A wallet shows its address and source; pickling is refused; a key file others may read is refused."""
     import pickle
 
-    key = open(network.user_key_file).read().strip()
+    key = _user_key_hex(network)
     wallet = Wallet.from_file(network.user_key_file)
     assert wallet.address == network.user_address and key not in repr(wallet) and key[2:] not in str(wallet)
     with pytest.raises(TypeError):

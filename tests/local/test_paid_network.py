@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import stat
+from pathlib import Path
 
 import pytest
 from web3 import Web3
@@ -31,7 +32,8 @@ def _port(url: str) -> int:
 
 
 def _secrets(network: LocalNetwork) -> list[str]:
-    keys = [open(h.key_file).read().strip() for h in network.hosts] + [open(network.user_key_file).read().strip()]
+    files = [h.key_file for h in network.hosts] + [network.user_key_file]
+    keys = [Path(f).read_text().strip() for f in files]
     return keys + [k[2:] for k in keys]
 
 
@@ -71,10 +73,10 @@ def test_each_host_has_its_registry_key_in_a_file_only_it_can_read(paid):
         info = os.stat(path)
         assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == os.getuid()
     for host in paid.hosts:
-        key = PrivateKey.from_hex(open(host.key_file).read())
+        key = PrivateKey.from_hex(Path(host.key_file).read_text())
         assert key.address == host.address == host.local.address
         assert paid.chain.native_balance(host.address) > 10**17  # gas for proofs and settlement
-    user = PrivateKey.from_hex(open(paid.user_key_file).read())
+    user = PrivateKey.from_hex(Path(paid.user_key_file).read_text())
     assert user.address == paid.user_address == paid.user_key.address
     assert paid.chain.usdc_balance(paid.user_address) == USER_USDC
     assert paid.chain.native_balance(paid.user_address) == USER_NATIVE
@@ -88,7 +90,8 @@ def test_a_paid_job_runs_over_the_rpc_url_with_the_key_files(paid, caplog):
     host = paid.hosts[0]
     marketplace = paid.addresses["JobMarketplace"]
     as_user = MarketplaceClient(paid.rpc_url, marketplace, account=paid.user_key)
-    as_host = MarketplaceClient(paid.rpc_url, marketplace, account=PrivateKey.from_hex(open(host.key_file).read()))
+    host_key = PrivateKey.from_hex(Path(host.key_file).read_text())
+    as_host = MarketplaceClient(paid.rpc_url, marketplace, account=host_key)
     native_price = host.prices[0]
     opened = as_user.create_job(host.address, paid.model.model_id, deposit=10**15, price_per_token=native_price)
     as_host.submit_proof(opened.job_id, 1000, os.urandom(32), "proof-cid")

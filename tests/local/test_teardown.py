@@ -80,20 +80,43 @@ def test_hosts_die_with_their_parent(how, end, signum):
         assert parent.returncode != 0
 
 
+def _parent_thread(pid: int) -> int | None:
+    """The thread of this process that forked ``pid`` (Linux's /proc/self/task/TID/children), or None."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as children:
+                if str(pid) in children.read().split():
+                    return int(tid)
+        except OSError:  # the thread has just exited
+            continue
+    return None
+
+
 def test_a_host_started_from_a_short_lived_thread_outlives_that_thread():
-    """PR_SET_PDEATHSIG follows the forking thread; hosts are forked by a process-long thread instead."""
+    """PR_SET_PDEATHSIG follows the forking thread; hosts are forked by a process-long thread instead:
+    the host's parent thread is not the short-lived one, and the host runs on once that thread is gone."""
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/children"):
+        pytest.skip("this kernel has no /proc/PID/task/TID/children")
     hosts: list[HostProcess] = []
+    forked_by: list[int | None] = []
 
     def start() -> None:
         host = HostProcess("scripted", start_timeout=30)
         hosts.append(host)
         host.start()
+        assert host.pid is not None
+        forked_by.append(_parent_thread(host.pid))  # read while this thread still lives
 
     worker = threading.Thread(target=start)
     worker.start()
     worker.join()
     try:
-        time.sleep(0.5)  # a death signal would have arrived by now
-        assert hosts[0].running
+        assert forked_by and forked_by[0] is not None and forked_by[0] != worker.native_id
+        # once the kernel has ended the worker thread, a death signal bound to it would have been sent
+        deadline = time.monotonic() + PROCESS_DEADLINE
+        while os.path.exists(f"/proc/self/task/{worker.native_id}") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not os.path.exists(f"/proc/self/task/{worker.native_id}")
+        assert hosts[0].running and _parent_thread(hosts[0].pid) == forked_by[0]
     finally:
         hosts[0].stop()

@@ -15,6 +15,7 @@ import pytest
 
 from fabstir_jupyter.errors import Cancelled, ModelNotAvailable
 from fabstir_jupyter.host.scripted import ScriptedBackend, scripted_text
+from fabstir_jupyter.notebook import bridge as bridge_module
 from fabstir_jupyter.notebook.bridge import (
     LOOP_THREAD_NAME,
     LoopTask,
@@ -38,6 +39,7 @@ class RecordingSink:
         self.interrupt_after = interrupt_after
         self.cancel_callback = None
         self.text_times: list[float] = []  # when each non-empty append came
+        self.clock = time.monotonic  # what text_times reads
 
     def _record(self, name: str, value: object = None) -> None:
         self.calls.append((name, value))
@@ -49,7 +51,7 @@ class RecordingSink:
     def append(self, text):
         self._record("append", text)
         if text:
-            self.text_times.append(time.monotonic())
+            self.text_times.append(self.clock())
         if self.interrupt_after is not None and self.appended_count == self.interrupt_after:
             raise KeyboardInterrupt
 
@@ -108,17 +110,37 @@ def test_run_stream_delivers_every_piece_on_the_main_thread(bridge, host):
     assert sink.threads == {threading.current_thread().name}
 
 
-def test_run_stream_batches_appends_by_interval(bridge, start_host):
-    """With an interval, appends are coalesced: at most one per interval (plus the last), nothing lost."""
+class MainThreadClock:
+    """The ``time`` module as the bridge sees it, remembering the last ``monotonic()`` the main thread
+    read: the batching clock reading just before an append (the loop thread's readings are ignored)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def monotonic(self) -> float:
+        now = time.monotonic()
+        if threading.current_thread() is threading.main_thread():
+            self.last = now
+        return now
+
+
+def test_run_stream_batches_appends_by_interval(bridge, start_host, monkeypatch):
+    """With an interval, appends are coalesced: at most one per interval (plus the last), nothing lost.
+    The gaps are measured on the bridge's own clock readings, so a busy machine cannot shrink them."""
+    clock = MainThreadClock()
+    monkeypatch.setattr(bridge_module, "time", clock)
     slow = start_host(backend=ScriptedBackend(token_rate=400))
     sink = RecordingSink()
+    sink.clock = lambda: clock.last
     result = bridge.run_stream(factory(bridge, settings_for(slow), max_tokens=100), sink, interval=0.05)
     assert sink.text == result.text == scripted_text(PROMPT, 100)
     assert len(sink.text_times) < 100  # tokens were coalesced
-    # Consecutive batches are an interval apart (the last one, flushed at the end, may come sooner);
-    # the slack covers the moment between the bridge reading its clock and the sink reading its own.
+    # Consecutive batches are an interval apart (the last one, flushed at the end, may come sooner).
     gaps = [later - earlier for earlier, later in itertools.pairwise(sink.text_times[:-1])]
-    assert gaps and min(gaps) >= 0.05 - 0.01
+    assert gaps and min(gaps) >= 0.05
 
 
 def test_run_stream_reports_failures_to_the_sink(bridge, host):

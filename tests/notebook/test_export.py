@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import html.parser
 import re
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import nbformat
 import pytest

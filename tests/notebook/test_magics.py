@@ -497,7 +497,7 @@ def test_killing_the_only_host_keeps_the_partial_answer_and_a_later_cell_works(m
                             lambda format, background, **kw: KillingOutput(format, rich=False, pid=lambda: killed))
         failing_cell(ip, "--max-tokens 500 --out partial")
         captured = capsys.readouterr()
-        streamed, error_line = captured.out.rstrip("\n").rsplit("\n", 1)  # the partial answer, then the error
+        _streamed, error_line = captured.out.rstrip("\n").rsplit("\n", 1)  # the partial answer, then the error
         assert error_line.startswith("FabstirError [") and "Traceback" not in captured.out + captured.err
         assert captured.err == ""
         partial = ip.user_ns["partial"]

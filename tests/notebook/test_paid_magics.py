@@ -12,15 +12,15 @@ import pytest
 
 pytest.importorskip("eth_tester", reason="the local network needs eth-tester and py-evm (the 'chain' extra)")
 
-from fabstir_jupyter.billing import cadence_of  # noqa: E402
-from fabstir_jupyter.host.scripted import scripted_text  # noqa: E402
-from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient  # noqa: E402
-from fabstir_jupyter.notebook import magics as magics_module  # noqa: E402
-from fabstir_jupyter.notebook.bridge import close_bridge, get_bridge  # noqa: E402
-from fabstir_jupyter.notebook.paying import SettlementReceipt, WalletSummary, short_hash  # noqa: E402
-from fabstir_jupyter.notebook.tables import JOB_COLUMNS  # noqa: E402
+from fabstir_jupyter.billing import cadence_of
+from fabstir_jupyter.host.scripted import scripted_text
+from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient
+from fabstir_jupyter.notebook import magics as magics_module
+from fabstir_jupyter.notebook.bridge import close_bridge, get_bridge
+from fabstir_jupyter.notebook.paying import SettlementReceipt, WalletSummary, short_hash
+from fabstir_jupyter.notebook.tables import JOB_COLUMNS
 
-from .test_magics import cell, failing_cell, one_line_error  # noqa: E402
+from .test_magics import cell, failing_cell, one_line_error
 
 PROMPT = "Tell me about rivers"
 pytestmark = pytest.mark.timeout(180)

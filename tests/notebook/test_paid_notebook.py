@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("nbclient")
 pytest.importorskip("eth_tester", reason="the local network needs eth-tester and py-evm (the 'chain' extra)")
 
-from fabstir_jupyter.billing import cadence_of  # noqa: E402
-from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient  # noqa: E402
+from fabstir_jupyter.billing import cadence_of
+from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient
 
 pytestmark = pytest.mark.timeout(300)
 

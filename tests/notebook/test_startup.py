@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import ClassVar
 
 import pytest
 from traitlets.config import Config
@@ -93,7 +94,7 @@ def test_durations_run_to_the_next_step_and_to_the_end():
 class RecordingOutput(TextOutput):
     """A text output that records what the cell's wait for the network showed."""
 
-    made: list[RecordingOutput] = []
+    made: ClassVar[list[RecordingOutput]] = []
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, rich=False, **kwargs)

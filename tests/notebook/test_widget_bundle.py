@@ -33,7 +33,8 @@ pytestmark = [
 def _run(args: list[str], *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(args, cwd=JS, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (f"{' '.join(args)} exited {done.returncode}:\n"
+                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
     return done
 
 

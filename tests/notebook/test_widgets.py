@@ -13,15 +13,14 @@ from types import SimpleNamespace
 
 import comm
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fabstir_jupyter.errors import ModelNotAvailable
 from fabstir_jupyter.hosts import HostInfo, HostManager
 from fabstir_jupyter.inference import InferenceResult
 from fabstir_jupyter.notebook import widgets
-from fabstir_jupyter.notebook.text_deltas import DeltaBatcher
 from fabstir_jupyter.notebook.tables import HOST_COLUMNS, USAGE_COLUMNS
+from fabstir_jupyter.notebook.text_deltas import DeltaBatcher
 from fabstir_jupyter.notebook.widgets import BatchProgress, HostDashboard, StreamOutput
 from fabstir_jupyter.usage import ListSink, UsageLedger, UsageRecord
 
@@ -222,7 +221,7 @@ def run_batcher(tokens: list[str], rate: float, **options):
     for index in range(len(starts)):
         ends.append(starts[index + 3] if index + 3 < len(starts) else float("inf"))
     waits, covered = [], 0
-    for message, sent_at in zip(recorder.messages, recorder.times):
+    for message, sent_at in zip(recorder.messages, recorder.times, strict=True):
         first = covered
         covered = covered + len(message) if isinstance(message, str) else len(message["text"])
         waits.append((sent_at - starts[first], ends[first] - starts[first]))
@@ -257,7 +256,7 @@ def test_traffic_at_any_rate_stays_within_25_per_second_and_four_times_the_text(
 @pytest.mark.parametrize("rate", [20, 85, 200])
 def test_the_first_text_goes_out_at_once(rate):
     """Time to first token: the first append sends a snapshot at once, however little text it has."""
-    batcher, recorder, _, arrivals = run_batcher(make_short_tokens(50, seed=rate), rate)
+    _, recorder, _, arrivals = run_batcher(make_short_tokens(50, seed=rate), rate)
     assert recorder.messages[0]["type"] == "snapshot" and recorder.times[0] == arrivals[0]
 
 
@@ -277,7 +276,7 @@ def test_no_character_waits_more_than_100_ms_for_its_message(rate):
     assert total <= 4 * len(widget.text.encode())
 
 
-short_token = st.text(alphabet=st.sampled_from(list("abc \n\"\\<") + ["é", "😀", "\t", "\x01"]),
+short_token = st.text(alphabet=st.sampled_from([*"abc \n\"\\<", "é", "😀", "\t", "\x01"]),
                       min_size=1, max_size=8)
 
 
@@ -413,7 +412,8 @@ def test_interval_must_not_be_negative():
 # --------------------------------------------------------------------------- the view catches up
 
 token_text = st.text(
-    alphabet=st.sampled_from(list("ab c\n\"\\<>") + ["é", "😀", "𝔘", "\t"]), min_size=1, max_size=6
+    # U+1D518, a letter outside the Basic Multilingual Plane (two UTF-16 code units in the view), on purpose
+    alphabet=st.sampled_from([*"ab c\n\"\\<>", "é", "😀", "𝔘", "\t"]), min_size=1, max_size=6  # noqa: RUF001
 )
 
 
@@ -1015,7 +1015,7 @@ def test_js_view_applies_messages_like_the_python_simulator(tmp_path):
     emoji and a missed prefix included."""
     clock = FakeClock()
     rng = random.Random(3)
-    pieces = ["😀", "é", "ab", "\n", "𝔘x", " ", "\"q\"", "<b>"]
+    pieces = ["😀", "é", "ab", "\n", "𝔘x", " ", "\"q\"", "<b>"]  # noqa: RUF001 - U+1D518, outside the BMP on purpose
     widget, recorder = stream_output(clock, interval=0.05)
     widget.start(host=None, model=None)
     for _ in range(600):
@@ -1079,7 +1079,8 @@ def test_js_status_line_matches_python(tmp_path):
         {"state": "done", "host": "http://h", "cost": 0.125, "cost_unit": "ETH", "finish_reason": "stop",
          "route": [{"host": "http://h", "tokens": 3}]},
         {"state": "done", "cost": 0, "tokens": 0, "route": [{"host": "http://a", "tokens": 0},
-                                                         {"host": "http://b", "tokens": 4}, {"host": "http://c", "tokens": 1}]},
+                                                         {"host": "http://b", "tokens": 4},
+                                                         {"host": "http://c", "tokens": 1}]},
         {"state": "done", "cost": 1.23456789, "cost_unit": "USDC"},
         {"state": "cancelled", "host": "http://h", "tokens": 1, "cost": 0.0000035, "cost_unit": "USDC"},
         {"state": "done", "host": "http://h", "model": "smol", "network": 2.14, "ttft": 2.36, "tokens": 3},

@@ -12,7 +12,7 @@ loading one needs no compiler.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ CONTRACTS_DIR = Path(__file__).resolve().parent
 CONTRACTS = ("MockERC20", "ModelRegistry", "NodeRegistry", "Multicall3", "HostEarnings", "JobMarketplace")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_artifact(name: str) -> dict[str, Any]:
     """Return the committed artifact of contract ``name``: ``abi``, ``bytecode`` and build facts.
 
@@ -31,4 +31,5 @@ def load_artifact(name: str) -> dict[str, Any]:
     """
     if name not in CONTRACTS:
         raise ValueError(f"unknown contract {name!r}; known: {', '.join(CONTRACTS)}")
-    return json.loads((CONTRACTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    artifact: dict[str, Any] = json.loads((CONTRACTS_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return artifact
