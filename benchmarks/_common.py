@@ -222,18 +222,23 @@ class FastHost:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        import subprocess
-
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        proc.stdin.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        end_child(proc, 5)
         proc.stdout.close()
+
+
+def end_child(proc: Any, timeout: float = 30.0) -> None:
+    """End a child that exits when its stdin closes: close it, wait ``timeout`` s, else kill it."""
+    import subprocess
+
+    proc.stdin.close()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def fast_host() -> FastHost:

@@ -55,7 +55,7 @@ import sys
 from typing import Any
 
 import _common
-from _common import Generation, PieceClock, fmt_rate, summarize, verdict
+from _common import Generation, PieceClock, end_child, fmt_rate, summarize, verdict
 
 TARGET_RATE_RATIO = 0.95
 TARGET_ADDED_TTFT_MS = 15.0
@@ -136,13 +136,7 @@ class Baseline:
         return Generation(**self._ask({"prompt": prompt, "max_tokens": max_tokens}))
 
     def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_child(self.proc)
 
 
 # --------------------------------------------------------------------------- the comparison

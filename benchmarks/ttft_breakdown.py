@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import _common
-from _common import median
+from _common import end_child, median
 
 FLUSH_PROMPT = "Say hello."
 TRACE = "TRACE "
@@ -127,13 +127,7 @@ class TracedHost:
         return found
 
     def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_child(self.proc)
 
 
 # --------------------------------------------------------------------------- the clients
