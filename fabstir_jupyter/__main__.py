@@ -2,7 +2,8 @@
 
 Starts what ``FabstirSDK()`` starts with no configuration (a local chain with the registry deployed
 and a ``fabstir-host`` with the embedded SmolLM2 model registered on it), discovers the host on
-that chain, streams the answer to the terminal, prints usage, and stops everything.
+that chain, streams the answer to the terminal (paid from the local test account), prints usage and the
+job's settlement as the chain recorded it, and stops everything.
 ``--backend scripted`` runs without the model.
 """
 
@@ -47,6 +48,16 @@ async def _demo(prompt: str, backend: str, max_tokens: int, seed: int | None) ->
                   f"{usage.received_tokens} tokens, finish={stream.finish_reason}, "
                   f"first token {stream.ttft * 1000 if stream.ttft else 0:.0f} ms"
                   + (f", {tps:.1f} tokens/s" if tps else "") + cost)
+        payments = manager.payments
+        if payments is not None:
+            _say(f"settling: the answer was paid from {payments.address} (the local test account) ...")
+    if payments is not None:  # closing the SDK settled its jobs on the chain
+        for settled in payments.settlements:
+            why = f" ({settled.reason})" if settled.reason else ""
+            print(f"job {settled.job_id} settled on the chain: {settled.tokens_billed} tokens billed for "
+                  f"{settled.streamed_tokens} streamed{why}; {settled.amount(settled.cost):.6f} {settled.unit} "
+                  f"paid (host {settled.amount(settled.host_earnings):.6f}, treasury "
+                  f"{settled.amount(settled.treasury_fee):.6f}), {settled.amount(settled.refund):.6f} refunded")
 
 
 def main(argv: list[str] | None = None) -> int:
