@@ -48,6 +48,7 @@ COMMAND_SUMMARY = {
     "network [NAME]": "show the network, or switch to NAME",
     "config [KEY [VALUE]]": "show the settings, or set KEY to VALUE",
     "wallet": "the paying wallet: balances, open jobs, spent, budget",
+    "jobs": "this kernel's paid jobs, open and settled (a DataFrame)",
     "manager": "the InferenceManager the cells use (Python API)",
     "help [TOPIC]": "this help, or the details of TOPIC",
 }

@@ -50,6 +50,7 @@ from .parsers import (
     EndCommand,
     HelpCommand,
     HostsCommand,
+    JobsCommand,
     ManagerCommand,
     ModelsCommand,
     NetworkCommand,
@@ -443,6 +444,10 @@ class FabstirMagics(Magics):
     def jobs_frame(self) -> pd.DataFrame:
         """This kernel's paid jobs as a DataFrame (:data:`.tables.JOB_COLUMNS`; empty where nothing is paid)."""
         return jobs_dataframe(self._job_rows(self._manager()) or [])
+
+    def handle_jobs(self, command: JobsCommand) -> pd.DataFrame:
+        """This kernel's paid jobs, open and settled, as a DataFrame (the dashboard's jobs table)."""
+        return self.jobs_frame()
 
     def handle_hosts(self, command: HostsCommand) -> Any:
         """The host dashboard widget, or (without a widget front end, or with --frame) a DataFrame."""

@@ -34,6 +34,7 @@ __all__ = [
     "HostsCommand",
     "UsageCommand",
     "SessionsCommand",
+    "JobsCommand",
     "EndCommand",
     "ModelsCommand",
     "NetworkCommand",
@@ -363,8 +364,16 @@ class WalletCommand:
     type: Literal["wallet"] = "wallet"
 
 
+@dataclass(frozen=True)
+class JobsCommand:
+    """``%fabstir jobs``: this kernel's paid jobs, open and settled, as a DataFrame."""
+
+    type: Literal["jobs"] = "jobs"
+
+
 LineCommand = (HostsCommand | UsageCommand | SessionsCommand | EndCommand | ModelsCommand | NetworkCommand
-               | ConfigCommand | HelpCommand | StatusCommand | CancelCommand | ManagerCommand | WalletCommand)
+               | ConfigCommand | HelpCommand | StatusCommand | CancelCommand | ManagerCommand | WalletCommand
+               | JobsCommand)
 
 LINE_COMMAND_HELP: dict[str, str] = {
     "hosts": "the host dashboard: discovered hosts with latency, price, stake and usage (--refresh probes "
@@ -387,6 +396,9 @@ LINE_COMMAND_HELP: dict[str, str] = {
     "wallet": "the wallet that pays (its address, never its key), its balances, the open jobs with their "
               "deposits and what they have billed so far (an estimate until settled), what this kernel spent, "
               "the budget and what is left; on a network that pays nothing, it says so",
+    "jobs": "this kernel's paid jobs, open and settled, as a DataFrame: job, host, model, deposit, tokens "
+            "billed, billed, refund, status (an open job's figures are estimates until it settles); empty on a "
+            "network that pays nothing",
     "help": "the short usage; %fabstir help OPTION (e.g. --model) or COMMAND (e.g. hosts) gives the details, "
             "%fabstir help settings how settings are found, %fabstir help all everything",
 }
@@ -424,6 +436,7 @@ def line_parser() -> argparse.ArgumentParser:
     command("cancel")
     command("manager")
     command("wallet")
+    command("jobs")
     command("help").add_argument("topic", metavar="TOPIC", nargs="?")
     return parser
 
@@ -450,6 +463,8 @@ def parse_line_command(line: str) -> LineCommand:
         return UsageCommand(by=tuple(args.by), limit=args.limit, all_kernels=args.all_kernels)
     if name == "sessions":
         return SessionsCommand()
+    if name == "jobs":
+        return JobsCommand()
     if name == "end":
         return EndCommand(name=args.name)
     if name == "models":

@@ -21,7 +21,7 @@ from fabstir_jupyter.local import HostProcess
 from fabstir_jupyter.notebook import magics as magics_module
 from fabstir_jupyter.notebook.magics import FabstirMagics
 from fabstir_jupyter.notebook.output import TextOutput
-from fabstir_jupyter.notebook.tables import HOST_COLUMNS
+from fabstir_jupyter.notebook.tables import HOST_COLUMNS, JOB_COLUMNS
 
 from .conftest import loop_thread_alive, wait_until
 
@@ -111,7 +111,7 @@ def test_cell_magic_help_is_the_short_usage_once(make_shell):
                  "%fabstir help OPTION", "%fabstir help COMMAND"):
         assert text in doc
     commands = ("hosts", "models", "usage", "sessions", "end NAME", "status", "cancel", "network [NAME]",
-                "config [KEY [VALUE]]", "wallet", "manager", "help [TOPIC]")
+                "config [KEY [VALUE]]", "wallet", "jobs", "manager", "help [TOPIC]")
     lines = doc.splitlines()
     for command in commands:
         assert sum(line.startswith(f"  {command}  ") for line in lines) == 1, command
@@ -658,6 +658,8 @@ def test_wallet_on_a_static_network_says_nothing_is_paid(ip):
     assert repr(wallet) == ("[fabstir] no wallet on network static: a list of hosts with no chain, so nothing is "
                             "paid")
     assert "nothing is paid" in wallet._repr_html_() and wallet.jobs_frame.empty
+    jobs = ip.run_line_magic("fabstir", "jobs")
+    assert jobs.empty and list(jobs.columns) == list(JOB_COLUMNS)
 
 
 def test_wallet_on_a_registry_network_says_what_to_set(make_shell, monkeypatch):
