@@ -543,18 +543,25 @@ def _refuse_completion_once(client: MarketplaceClient) -> list[int]:
     return refused
 
 
+async def _end_a_session_whose_settlement_fails(manager, network) -> list[int]:
+    """A session's turn on host 0, then end_session with the node refusing the completion: it raises
+    TransactionFailed. Returns the jobs refused."""
+    host = await _host_of(manager, network, 0)
+    session = await manager.sessions.create_session(host=host)
+    await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
+    refused = _refuse_completion_once(manager.payments._chain())
+    with pytest.raises(TransactionFailed):
+        await manager.sessions.end_session(session.id)
+    return refused
+
+
 async def test_a_settlement_that_failed_can_be_tried_again(network):
     """end_session's settlement fails (the node refuses the transaction): the job is 'unsettled', still
     Active, its deposit held. Payments.settle(job) then settles it. (The failed task was kept and its
     error raised again on every later try: the job could never be settled by this client.)"""
     manager = _manager(network, settle_timeout=2.0)
     async with manager:
-        host = await _host_of(manager, network, 0)
-        session = await manager.sessions.create_session(host=host)
-        await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
-        refused = _refuse_completion_once(manager.payments._chain())
-        with pytest.raises(TransactionFailed):
-            await manager.sessions.end_session(session.id)
+        refused = await _end_a_session_whose_settlement_fails(manager, network)
         (job,) = manager.payments.open_jobs
         assert refused == [job.job_id] and job.state == "unsettled" and manager.payments.held > 0
         assert _reader(network).get_job(job.job_id).status is JobStatus.ACTIVE
@@ -567,12 +574,7 @@ async def test_closing_settles_a_job_whose_settlement_failed_before(network):
     """A job whose settlement failed at end_session is settled when the manager closes."""
     manager = _manager(network, settle_timeout=2.0)
     async with manager:
-        host = await _host_of(manager, network, 0)
-        session = await manager.sessions.create_session(host=host)
-        await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
-        refused = _refuse_completion_once(manager.payments._chain())
-        with pytest.raises(TransactionFailed):
-            await manager.sessions.end_session(session.id)
+        refused = await _end_a_session_whose_settlement_fails(manager, network)
     assert _reader(network).get_job(refused[0]).status is JobStatus.COMPLETED
     assert [s.job_id for s in manager.payments.settlements] == refused and manager.payments.held == 0
 
