@@ -370,6 +370,7 @@ JOB_ROWS = f"""(index) => {{
 }}"""
 LONG_PROMPT = "%%fabstir --max-tokens 400\nTell me a long story about rivers."
 FAILING_PROMPT = "%%fabstir --model no-such-model --max-tokens 4\nWhich model answers?"
+BUSY_CELL = "import time; time.sleep(2)"  # holds the kernel while the cells below it queue
 AFTER_FAILING = "print('the cell after the failed one', 'ran')"  # its output is not its source
 CODE_PROMPT = "%%fabstir --max-tokens 30 --format code\nOne long line of code, please."
 FAILED_LINE = "FabstirError [MODEL_NOT_AVAILABLE]: the request failed (the output above says why)"
@@ -560,12 +561,16 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
 
                 # A cell that fails, with the cell after it queued (Run All Below): the error shows
                 # once (the widget's error state, one error line naming its code, nothing on stderr
-                # besides), and the queued cell never runs.
+                # besides), and the queued cell never runs. The kernel aborts only requests that
+                # reached it before the error, and the failure takes milliseconds, so a busy cell
+                # first holds the kernel until the browser has sent the two below it.
                 _poll(lambda: page.evaluate(KERNEL_IDLE), bool, CELL_TIMEOUT)
+                busy_cell = page.evaluate(APPEND_CELL, BUSY_CELL)
                 failing_cell = page.evaluate(APPEND_CELL, FAILING_PROMPT)
                 after_cell = page.evaluate(APPEND_CELL, AFTER_FAILING)
-                page.evaluate(SELECT_CELL, failing_cell)
-                page.evaluate(RUN_ALL_BELOW, failing_cell)
+                page.evaluate(SELECT_CELL, failing_cell)  # tags it for its screenshots
+                page.evaluate(SELECT_CELL, busy_cell)
+                page.evaluate(RUN_ALL_BELOW, busy_cell)
                 failed = _poll(lambda: page.evaluate(CELL_OUTPUTS, failing_cell), lambda o: bool(o["errors"]),
                                CELL_TIMEOUT)
                 _poll(lambda: page.evaluate(KERNEL_IDLE), bool, CELL_TIMEOUT)
@@ -574,6 +579,8 @@ def test_quickstart_in_the_browser(front_end, browser_stack, server, slow_hosts,
                 assert failed["types"].count("error") == 1 and "stream" not in failed["types"], failed
                 widget = page.evaluate(STREAM_STATE, failing_cell)
                 assert widget["state"] == "error" and "[MODEL_NOT_AVAILABLE]" in widget["problem"], widget
+                busy = page.evaluate(CELL_OUTPUTS, busy_cell)
+                assert busy["count"] == 0 and busy["executionCount"] is not None, busy
                 after = page.evaluate(CELL_OUTPUTS, after_cell)
                 assert after["count"] == 0 and after["executionCount"] is None, after
                 for theme in ("JupyterLab Light", "JupyterLab Dark"):
