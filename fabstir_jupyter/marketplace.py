@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from .chainlogs import LOG_WINDOW, search_logs
 from .crypto import PrivateKey
 from .errors import (
     BudgetExceeded,
@@ -831,24 +832,35 @@ class MarketplaceClient:
                           timed_out, bool(credited), to_checksum_address(paid["completedBy"]),
                           int(receipt["blockNumber"]))
 
-    def find_settlement(self, job_id: int, *, from_block: int = 0) -> Settlement | None:
+    def find_settlement(self, job_id: int, *, from_block: int = 0, window: int = LOG_WINDOW,
+                        deadline: float | None = None) -> Settlement | None:
         """Read how job ``job_id`` was settled from the chain's logs (whoever settled it), or ``None``
         while it is not settled.
 
         Args:
-            from_block: the first block to search (the job's opening block keeps the query small;
-                public endpoints limit log ranges).
+            from_block: the first block to search (the job's opening block keeps the query small).
+            window: blocks per query when the endpoint refuses to search from ``from_block`` to the
+                head at once (public endpoints cap log ranges): the search then walks back from the
+                head, where a settlement just made is.
+            deadline: a ``time.monotonic()`` reading after which that walk stops.
 
         Raises:
             ConnectionFailed: the RPC endpoint failed.
         """
         _amount(job_id, "job_id", minimum=1)
         events = self._marketplace.events
-        query = {"argument_filters": {"jobId": job_id}, "from_block": from_block}
-        completed = self._rpc("eth_getLogs", lambda: events.SessionCompleted().get_logs(**query))
-        if not completed:
+
+        def completed(first: int, last: int | None) -> list[Any]:
+            query = {"argument_filters": {"jobId": job_id}, "from_block": first,
+                     "to_block": "latest" if last is None else last}
+            return list(self._rpc("eth_getLogs", lambda: events.SessionCompleted().get_logs(**query)))
+
+        found = search_logs(completed, lambda: self._rpc("eth_blockNumber", lambda: self._w3.eth.block_number),
+                            from_block=from_block, window=window, deadline=deadline, refused=(TransactionFailed,),
+                            what=f"job {job_id}: SessionCompleted logs")
+        if not found:
             return None
-        tx_hash = completed[0]["transactionHash"]
+        tx_hash = found[0]["transactionHash"]
         receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(HexStr(tx_hash)))
         timed_out = bool(events.SessionTimedOut().process_receipt(receipt, errors=DISCARD))
         return self._settlement(job_id, receipt, timed_out=timed_out)

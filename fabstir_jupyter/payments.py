@@ -1086,8 +1086,10 @@ class Payments:
         client = self._chain()
         loop = asyncio.get_running_loop()
         while True:  # someone else settled it: the event may lag the state on a load-balanced endpoint
-            found = await self._run(lambda: client.find_settlement(job.job_id, from_block=job.open_block or 0),
-                                    self.config.settle_timeout)
+            walk_until = time.monotonic() + max(0.0, deadline - loop.time())  # the windowed log search's bound
+            search = functools.partial(client.find_settlement, job.job_id, from_block=job.open_block or 0,
+                                       deadline=walk_until)
+            found = await self._run(search, self.config.settle_timeout)
             if found is not None:
                 return found
             if loop.time() >= deadline:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._compat import timeout as _timeout
+from ..chainlogs import LOG_WINDOW, search_logs
 from ..errors import EncryptionError, FabstirError
 from .info import HostInfo, HostKey
 
@@ -58,8 +59,6 @@ OPERATOR_EVENTS = (
     "ModelsUpdated(address,bytes32[])",
     "ModelTokenPricingUpdated(address,bytes32,address,uint256)",
 )
-#: Blocks per ``eth_getLogs`` when an endpoint refuses to search the whole chain at once.
-LOG_WINDOW = 10_000
 # Problems are verb phrases about the host: "the host <problem>".
 _NO_CRYPTO = (
     "has a key this client cannot use: the crypto libraries are not installed (pip install 'fabstir-jupyter[crypto]')"
@@ -148,26 +147,14 @@ def registration_key(rpc: Callable[[str, Any], Any], registry: str, address: str
 
 def _operator_logs(rpc: Callable[[str, Any], Any], registry: str, topics: list[Any], deadline: float | None,
                    window: int) -> list[Any]:
-    """The operator's registry logs, oldest first: one search of the whole chain, else windows from the head."""
-    def logs(from_block: int | str, to_block: int | str) -> list[Any]:
-        found = rpc("eth_getLogs", [{"address": registry, "topics": topics,
-                                     "fromBlock": hex(from_block) if isinstance(from_block, int) else from_block,
-                                     "toBlock": hex(to_block) if isinstance(to_block, int) else to_block}])
+    """The operator's registry logs, oldest first: of the whole chain, else of the newest window with any."""
+    def logs(from_block: int, to_block: int | None) -> list[Any]:
+        found = rpc("eth_getLogs", [{"address": registry, "topics": topics, "fromBlock": hex(from_block),
+                                     "toBlock": "latest" if to_block is None else hex(to_block)}])
         return list(found) if isinstance(found, list) else []
 
-    try:
-        return logs(0, "latest")
-    except FabstirError as exc:  # commonly "block range too large": search backwards in windows
-        logger.debug("registry %s: eth_getLogs over the whole chain refused (%s); searching in windows", registry,
-                     exc.message)
-    to_block = _as_int(rpc("eth_blockNumber", []))
-    while to_block >= 0 and (deadline is None or time.monotonic() < deadline):
-        from_block = max(0, to_block - window + 1)
-        found = logs(from_block, to_block)
-        if found:
-            return found
-        to_block = from_block - 1
-    return []
+    return search_logs(logs, lambda: _as_int(rpc("eth_blockNumber", [])), window=window, deadline=deadline,
+                       what=f"registry {registry}: eth_getLogs")
 
 
 class HostKeys:

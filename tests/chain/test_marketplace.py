@@ -13,11 +13,13 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from urllib.parse import urlsplit
 
 import pytest
 from web3.logs import DISCARD
 
+from _rpc import RangeCappedProvider
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import BudgetExceeded, InsufficientFunds, InvalidOptions, SessionNotFound, TransactionFailed
 from fabstir_jupyter.local.chain import NATIVE_TOKEN, LocalChain, model_id
@@ -154,6 +156,39 @@ def test_job_events_carry_production_shapes(market):
         (opened.job_id, m.host.address, 1000, "proof-cid", "delta-cid")]
     completed = events.SessionCompleted().get_logs(from_block=block)
     assert [(e.args.jobId, e.args.totalTokensUsed) for e in completed] == [(opened.job_id, 1000)]
+
+
+def test_a_settlement_is_found_on_an_endpoint_that_caps_log_ranges(market):
+    """A job adopted without its opening block, settled by its host: the search from block 0 is
+    refused, so it walks back from the head in windows and stops at the settlement's."""
+    m = market
+    opened = _open(m)
+    _prove(m, opened.job_id, 1000)
+    m.chain.advance_time(m.as_user.dispute_window() + 1)
+    settled = m.as_host.complete_job(opened.job_id)
+    for _ in range(9):  # later blocks with no settlement of this job
+        m.chain.advance_time(1)
+    capped = RangeCappedProvider(m.chain.provider, cap=4)
+    with LocalRpcServer(capped) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"])
+        found = client.find_settlement(opened.job_id, window=4)
+        assert found is not None and found.tx_hash == settled.tx_hash
+        assert (found.tokens_used, found.payment, found.completed_by) == (1000, settled.payment, m.host.address)
+        head = m.chain.w3.eth.block_number
+        assert capped.ranges[0] == (head - 3, head) and capped.ranges == sorted(capped.ranges, reverse=True)
+        assert all(last - first == 3 for first, last in capped.ranges)
+        assert capped.ranges[-1][0] <= settled.block_number <= capped.ranges[-1][1]
+
+        capped.ranges.clear()  # a window wider than the endpoint's cap is halved until it is answered
+        assert client.find_settlement(opened.job_id).tx_hash == settled.tx_hash
+        assert capped.ranges and all(last - first <= 3 for first, last in capped.ranges)
+
+        capped.ranges.clear()  # nothing after the settlement: the walk stops at from_block, finding none
+        assert client.find_settlement(opened.job_id, from_block=settled.block_number + 1, window=4) is None
+        assert capped.ranges and min(first for first, _ in capped.ranges) == settled.block_number + 1
+        capped.ranges.clear()  # a deadline already past: no window is searched
+        assert client.find_settlement(opened.job_id, window=4, deadline=time.monotonic() - 1) is None
+        assert capped.ranges == []
 
 
 def test_usdc_job_settles_in_usdc_to_the_unit(market):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from _rpc import RangeCappedProvider
 from fabstir_jupyter import FabstirSDK, InferenceConfig
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import (
@@ -26,6 +27,7 @@ from fabstir_jupyter.host.scripted import scripted_text
 from fabstir_jupyter.hosts import HostManager
 from fabstir_jupyter.inference import InferenceManager
 from fabstir_jupyter.local.network import LocalNetwork
+from fabstir_jupyter.local.rpc import LocalRpcServer
 from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient
 from fabstir_jupyter.networks import ADDRESS_KEYS, NETWORKS, NetworkPreset
 from fabstir_jupyter.payments import LOCAL_GAS_LIMIT, PaymentConfig, Payments
@@ -389,6 +391,32 @@ async def test_someone_elses_job_and_a_settled_job_are_refused(network):
         ended = await manager.sessions.end_session(adopted.id)
         assert ended.settlement.job_id == outside.job_id and ended.settlement.settled_by == "client"
     as_other.complete_job(theirs.job_id)
+
+
+async def test_an_adopted_job_settled_elsewhere_is_read_back_through_an_endpoint_capping_log_ranges(network):
+    """A session on a job opened elsewhere (no opening block known) that its depositor settles from
+    another client while the session is open: end_session reads the settlement from the chain's logs,
+    and where the endpoint refuses a search from block 0 it walks back from the head in windows."""
+    as_me = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"], account=network.user_key)
+    local = network.hosts[0]
+    outside = as_me.create_job(local.address, network.model.model_id, deposit=500_000,
+                               price_per_token=local.prices[1], token=network.addresses["USDC"])
+    capped = RangeCappedProvider(network.chain.provider, cap=16)
+    with LocalRpcServer(capped) as server:
+        manager = _manager(network, preset=_preset(network, rpc_url=server.url))
+        async with manager:
+            host = await _host_of(manager, network, 0)
+            session = await manager.sessions.create_session(host=host, job_id=outside.job_id)
+            answer = await manager.sessions.stream(session.id, PROMPT, max_tokens=5).read()
+            assert answer == scripted_text(PROMPT, 5)
+            settled_outside = await asyncio.to_thread(as_me.complete_job, outside.job_id)
+            ended = await manager.sessions.end_session(session.id)
+    receipt = ended.settlement
+    assert receipt.job_id == outside.job_id and receipt.settle_tx == settled_outside.tx_hash
+    assert receipt.settled_by == "client" and receipt.cost == settled_outside.payment
+    assert receipt.refund == settled_outside.refund and receipt.status == "completed"
+    assert capped.ranges and all(last - first <= 15 for first, last in capped.ranges)
+    assert any(first <= settled_outside.block_number <= last for first, last in capped.ranges)
 
 
 async def test_a_job_another_session_holds_is_not_taken_twice(network):

@@ -1,0 +1,25 @@
+"""A chain endpoint that behaves like a public one: it refuses wide ``eth_getLogs`` ranges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RangeCappedProvider:
+    """Wraps a :class:`~fabstir_jupyter.local.chain.LocalProvider` (serve it with ``LocalRpcServer``):
+    ``eth_getLogs`` over more than ``cap`` blocks, or up to ``"latest"``, is answered "block range too
+    large"; the ranges it answered are kept in :attr:`ranges`, in order."""
+
+    def __init__(self, inner: Any, cap: int) -> None:
+        self.inner, self.cap = inner, cap
+        self.ranges: list[tuple[int, int]] = []
+
+    def make_request(self, method: str, params: Any) -> Any:
+        if method == "eth_getLogs":
+            query = params[0]
+            bounds = (query.get("fromBlock", query.get("from_block")), query.get("toBlock", query.get("to_block")))
+            first, last = (int(b, 16) if isinstance(b, str) and b.startswith("0x") else b for b in bounds)
+            if not isinstance(first, int) or not isinstance(last, int) or last - first >= self.cap:
+                return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32005, "message": "block range too large"}}
+            self.ranges.append((first, last))
+        return self.inner.make_request(method, params)
