@@ -108,7 +108,10 @@ JOB_REFUSALS = frozenset({"PAYMENT_REQUIRED", "BUDGET_EXCEEDED", "SESSION_NOT_FO
 _NATIVE = "0x" + "00" * 20
 _BYTES32 = 66  # "0x" + 64 hex digits
 _NOT_ACTIVE = "Not active"
-_POLL = 0.2  # seconds between reads of a job while waiting for its host's last proof
+#: Seconds between reads of a job while waiting for its host's last proof: the first soon (a local
+#: chain mines the proof within tens of milliseconds), doubling up to the last (a live chain's block is
+#: about 2 s).
+_POLL_FIRST, _POLL_MAX = 0.02, 0.2
 #: The gas limit of every transaction on the embedded local chain, which is not estimated there: an
 #: estimate executes the transaction over and over (eth-tester searches for the limit), about 8x the
 #: time of mining it (150 ms against 18 ms for a job). Live networks estimate.
@@ -1029,12 +1032,14 @@ class Payments:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.settle_timeout
         wait_proof_until = loop.time() + self.config.final_proof_timeout
+        poll = _POLL_FIRST
         try:
             while True:
                 onchain = await self._run(lambda: client.get_job(job.job_id), self.config.read_timeout)
                 if not onchain.active or onchain.tokens_used >= expected or loop.time() >= wait_proof_until:
                     break
-                await asyncio.sleep(_POLL)
+                await asyncio.sleep(poll)
+                poll = min(_POLL_MAX, 2 * poll)
             if onchain.tokens_used < expected and onchain.active:
                 logger.info("job %d: the host proved %d of the %d tokens the cadence implies; completing it",
                             job.job_id, onchain.tokens_used, expected)
