@@ -300,7 +300,7 @@ class ProofSubmission:
 
 @dataclass(frozen=True)
 class OpenedJob:
-    """A job just created: its id (from ``SessionJobCreated``) and terms."""
+    """A job just created: its id (from ``SessionJobCreated``), terms and block (where its events start)."""
 
     job_id: int
     tx_hash: str
@@ -310,6 +310,7 @@ class OpenedJob:
     token: str
     deposit: int
     price_per_token: int
+    block_number: int | None = None
 
 
 @dataclass(frozen=True)
@@ -697,6 +698,9 @@ class MarketplaceClient:
         _amount(amount, "amount")
         if self.allowance(token) >= amount:
             return None
+        return self._approve(token, amount)
+
+    def _approve(self, token: str, amount: int) -> str:
         receipt = self._transact(self._token(token).functions.approve(self.marketplace_address, amount),
                                  f"approve {token}")
         return receipt["transactionHash"].to_0x_hex()
@@ -728,11 +732,14 @@ class MarketplaceClient:
         proof_interval: int = DEFAULT_PROOF_INTERVAL,
         proof_timeout_window: int = DEFAULT_PROOF_TIMEOUT_WINDOW,
         on_sent: Callable[[str], None] | None = None,
+        allowance: int | None = None,
     ) -> OpenedJob:
         """Open a job with ``host`` for ``model_id``, paying ``deposit`` (native, or an ERC-20 ``token``).
 
-        For a token, the marketplace's allowance is raised to ``deposit`` first when lower (an
-        ``approve`` transaction). The contract checks the terms (spec/PROTOCOL.md §10).
+        For a token whose allowance for the marketplace is below ``deposit``, it is first raised to
+        ``allowance`` (default: ``deposit``; never less) with an ``approve`` transaction: a caller
+        opening several jobs approves for them all at once. The contract checks the terms
+        (spec/PROTOCOL.md §10).
         ``on_sent`` is called with the creating transaction's hash just before it is sent: if this
         call fails after that, the job may still open (:meth:`opened_job` finds out).
 
@@ -750,6 +757,8 @@ class MarketplaceClient:
         for value, name in ((deposit, "deposit"), (price_per_token, "price_per_token"), (max_duration, "max_duration"),
                             (proof_interval, "proof_interval"), (proof_timeout_window, "proof_timeout_window")):
             _amount(value, name)
+        if allowance is not None:
+            _amount(allowance, "allowance")
         token = _address(token, "token")
         functions = self._marketplace.functions
         what = f"open a job with host {host}"
@@ -764,7 +773,8 @@ class MarketplaceClient:
             have = self.balance(token)
             if have < deposit:
                 raise InsufficientFunds(f"{what}: deposit {deposit} exceeds the token balance of {have}")
-            self.approve(token, deposit)
+            if self.allowance(token) < deposit:
+                self._approve(token, deposit if allowance is None else max(deposit, allowance))
             fn = functions.createSessionJobForModelWithToken(host, model, token, deposit, price_per_token,
                                                              max_duration, proof_interval, proof_timeout_window)
             receipt = self._transact(fn, what, on_sent=on_sent)
@@ -781,7 +791,7 @@ class MarketplaceClient:
             return None
         args = created[0]["args"]
         return OpenedJob(int(args["jobId"]), receipt["transactionHash"].to_0x_hex(), args["depositor"], args["host"],
-                         "0x" + model.hex(), token, int(args["deposit"]), price_per_token)
+                         "0x" + model.hex(), token, int(args["deposit"]), price_per_token, int(receipt["blockNumber"]))
 
     def opened_job(self, tx_hash: str, model_id: bytes | str, *, token: str = NATIVE_TOKEN, price_per_token: int,
                    timeout: float) -> OpenedJob | None:
@@ -864,11 +874,6 @@ class MarketplaceClient:
         receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(HexStr(tx_hash)))
         timed_out = bool(events.SessionTimedOut().process_receipt(receipt, errors=DISCARD))
         return self._settlement(job_id, receipt, timed_out=timed_out)
-
-    def transaction_block(self, tx_hash: str) -> int:
-        """The block a mined transaction is in."""
-        receipt = self._rpc("eth_getTransactionReceipt", lambda: self._w3.eth.get_transaction_receipt(HexStr(tx_hash)))
-        return int(receipt["blockNumber"])
 
     # ------------------------------------------------------------------ the host's side
 

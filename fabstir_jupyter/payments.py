@@ -81,7 +81,7 @@ from .usage import JobRecord, UsageSink
 
 if TYPE_CHECKING:
     from .crypto import PrivateKey, PublicKey
-    from .marketplace import MarketplaceClient
+    from .marketplace import MarketplaceClient, OpenedJob
     from .networks import NetworkPreset
     from .wallet import Wallet
 
@@ -378,7 +378,7 @@ class SessionTerms:
 class _Creation:
     """One job being opened in the thread pool: its terms, whether its caller gave up, its transaction."""
 
-    make_job: Callable[[Any, int | None], PaidJob]
+    make_job: Callable[[OpenedJob], PaidJob]
     budget: Budget
     deposit: int
     model_id: str
@@ -789,10 +789,11 @@ class Payments:
         budget.hold(deposit)
         approve = budget.remaining if token != _NATIVE else None
 
-        def make_job(opened: Any, block: int | None) -> PaidJob:
+        def make_job(opened: OpenedJob) -> PaidJob:
             return PaidJob(job_id=opened.job_id, host=host, model=model, model_id=model_id, token=token,
                            unit=self.unit, decimals=decimals, deposit=deposit, price_per_token=price,
-                           proof_interval=self.config.proof_interval, open_tx=opened.tx_hash, open_block=block,
+                           proof_interval=self.config.proof_interval, open_tx=opened.tx_hash,
+                           open_block=opened.block_number,
                            kind=kind, session_id=session.session_id if session else None, budget=budget)
 
         creation = _Creation(make_job, budget, deposit, model_id, token, price)
@@ -802,14 +803,14 @@ class Payments:
             budget.settle(deposit, 0)
             raise
         try:
-            opened, block = await self._wait(future, self.config.job_timeout)
+            opened = await self._wait(future, self.config.job_timeout)
         except BaseException:
             # Given up (a timeout, a cancelled request, Ctrl-C) or failed after its transaction was
             # sent: whatever the chain makes of it, no deposit stays behind.
             creation.abandoned.set()
             self._follow(creation, future)
             raise
-        job = make_job(opened, block)
+        job = make_job(opened)
         self._jobs.append(job)
         if session is not None:
             session.jobs.append(job)
@@ -828,7 +829,7 @@ class Payments:
             if done.cancelled():
                 creation.budget.settle(creation.deposit, 0)
             elif error is None:
-                self._late_job(creation.make_job(*done.result()))
+                self._late_job(creation.make_job(done.result()))
             elif creation.tx_hash is not None and _outcome_unknown(error):
                 self._track(asyncio.get_running_loop().create_task(self._recover(creation)))
             else:
@@ -867,13 +868,12 @@ class Payments:
         client, tx_hash = self._chain(), creation.tx_hash
         assert tx_hash is not None
 
-        def look() -> tuple[Any, int | None]:
-            opened = client.opened_job(tx_hash, creation.model_id, token=creation.token,
-                                       price_per_token=creation.price, timeout=self.config.job_timeout)
-            return opened, (client.transaction_block(tx_hash) if opened is not None else None)
+        def look() -> Any:
+            return client.opened_job(tx_hash, creation.model_id, token=creation.token, price_per_token=creation.price,
+                                     timeout=self.config.job_timeout)
 
         try:
-            opened, block = await self._run(look, self.config.job_timeout + self.config.read_timeout)
+            opened = await self._run(look, self.config.job_timeout + self.config.read_timeout)
         except FabstirError as exc:
             creation.budget.settle(creation.deposit, 0)
             logger.warning("job creation %s: not found on chain (%s); if it is mined later, its job holds the "
@@ -882,7 +882,7 @@ class Payments:
         if opened is None:
             creation.budget.settle(creation.deposit, 0)
         else:
-            self._late_job(creation.make_job(opened, block))
+            self._late_job(creation.make_job(opened))
 
     def _price(self, client: MarketplaceClient, host: str, model_id: str, token: str, what: str) -> int:
         try:
@@ -897,8 +897,8 @@ class Payments:
                                                        "(payment_token='native')")
         return price
 
-    def _create(self, client: MarketplaceClient, host: str, creation: _Creation, approve: int | None) -> Any:
-        """Open the job (in the thread pool): approve the token if needed, create, find its block."""
+    def _create(self, client: MarketplaceClient, host: str, creation: _Creation, approve: int | None) -> OpenedJob:
+        """Open the job (in the thread pool): approve the token if needed, create."""
         deposit, token = creation.deposit, creation.token
         what = f"open a job with host {host}"
 
@@ -915,13 +915,11 @@ class Payments:
                 opened = client.create_job(host, creation.model_id, **terms)
             else:
                 with self._token_lock:  # another job's create must not spend this one's allowance meanwhile
-                    have = client.balance(token)
-                    if have < deposit:
-                        raise InsufficientFunds(f"{what}: deposit {deposit} exceeds the {self.unit} balance of "
-                                                f"{have} (base units)")
-                    if approve is not None and not creation.abandoned.is_set():
-                        client.approve(token, deposit + approve)  # the rest of the budget too: later jobs need none
-                    opened = client.create_job(host, creation.model_id, token=token, **terms)
+                    if creation.abandoned.is_set():  # nothing sent yet, not even an approval
+                        raise ConnectionFailed(f"{what}: given up before the transaction was sent")
+                    # an approval covers the rest of the budget too: later jobs need none until it is spent
+                    opened = client.create_job(host, creation.model_id, token=token,
+                                               allowance=None if approve is None else deposit + approve, **terms)
         except InsufficientFunds as exc:
             exc.hint = (f"fund {self.wallet.address} on {self.network.name} with {self.unit} for deposits and the "
                         f"native token for gas, or lower the deposit")
@@ -931,11 +929,7 @@ class Payments:
                 exc.retryable = True
                 exc.hint = "the host raised its price: discover the hosts again, or use another host"
             raise
-        try:
-            block = client.transaction_block(opened.tx_hash)  # where to look for its settlement later
-        except FabstirError:
-            block = None
-        return opened, block
+        return opened
 
     async def adopt_job(self, job_id: Any, host: HostInfo, model: str, session: SessionTerms) -> PaidJob:
         """Take job ``job_id`` (opened earlier, by this wallet) for a session.

@@ -23,3 +23,21 @@ class RangeCappedProvider:
                 return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32005, "message": "block range too large"}}
             self.ranges.append((first, last))
         return self.inner.make_request(method, params)
+
+
+class RecordingProvider:
+    """Wraps a chain provider (serve it with ``LocalRpcServer``) and records each request: its method
+    and, for ``eth_call``, the called function's 4-byte selector."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.requests: list[tuple[str, str]] = []
+
+    def make_request(self, method: str, params: Any) -> Any:
+        call = params[0] if method == "eth_call" and params and isinstance(params[0], dict) else {}
+        data = call.get("data") or call.get("input") or ""
+        self.requests.append((method, data[:10] if isinstance(data, str) else "0x" + bytes(data[:4]).hex()))
+        return self.inner.make_request(method, params)
+
+    def count(self, method: str, selector: str = "") -> int:
+        return sum(1 for m, s in self.requests if m == method and (not selector or s == selector))

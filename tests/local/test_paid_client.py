@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _rpc import RangeCappedProvider
+from _rpc import RangeCappedProvider, RecordingProvider
 from fabstir_jupyter import FabstirSDK, InferenceConfig
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import (
@@ -120,6 +120,27 @@ async def test_the_embedded_network_pays_a_session_from_its_test_account_and_the
         assert (row["ledger_tokens"], row["billed_tokens"], row["expected_tokens"]) == (450, 450, 450)
         assert bool(row["agrees"]) and row["ledger_cost"] == pytest.approx(row["chain_cost"])
         assert row["settle_tx"] == settled.settle_tx and row["open_tx"] == settled.open_tx
+
+
+async def test_opening_a_job_reads_the_balance_and_the_allowance_once_and_approves_once(network):
+    """A USDC job reads the balance and the allowance once each; the first job of a budget approves
+    the rest of the budget too, so the second sends no approval (two transactions, then one)."""
+    balance_of, allowance = "0x70a08231", "0xdd62ed3e"  # balanceOf(address), allowance(address,address)
+    recorded = RecordingProvider(network.chain.provider)
+    fresh = network.chain.create_account(native=10**18, usdc=10**7)  # no allowance yet
+    with LocalRpcServer(recorded) as server:
+        manager = _manager(network, key=PrivateKey.from_hex(fresh.private_key), budget="5",
+                           preset=_preset(network, rpc_url=server.url))
+        async with manager:
+            host = await _host_of(manager, network, 0)
+            counts = []
+            for _ in range(2):
+                recorded.requests.clear()
+                session = await manager.sessions.create_session(host=host)
+                counts.append((recorded.count("eth_call", balance_of), recorded.count("eth_call", allowance),
+                               recorded.count("eth_sendRawTransaction")))
+                await manager.sessions.end_session(session.id)
+    assert counts == [(1, 1, 2), (1, 1, 1)], counts
 
 
 async def test_stateless_calls_share_one_job_per_host_and_close_settles_it(network):
@@ -506,13 +527,14 @@ async def test_a_request_cancelled_while_its_job_opens_leaves_no_job_open(networ
 
 
 async def test_a_request_cancelled_before_its_job_is_sent_sends_nothing(network):
-    """Cancelled while the client still approves the token: the job's transaction is never sent."""
+    """Cancelled while the client still reads the token's allowance (before any approval): the job's
+    transaction is never sent."""
     manager = _manager(network)
     async with manager:
         host = await _host_of(manager, network, 0)
         await manager.payments.ensure_ready()
         client = manager.payments._chain()
-        entered, proceed, _ = _gate(client, "approve")
+        entered, proceed, _ = _gate(client, "allowance")
         _, go, created = _gate(client, "create_job")
         go.set()  # (only watched)
         start = _next_job_id(network)
