@@ -18,7 +18,7 @@ to a host whose key is known and checked (``encryption="auto"``, the default), p
 without one, and a refusal (:class:`~fabstir_jupyter.errors.EncryptionUnavailable`, before anything
 is sent) of a host without one under ``encryption="required"`` or of a host whose published key is
 not its own.
-Paid sessions (spec §10) plug in here: :class:`~fabstir_jupyter.payments.PaidConnector` binds
+Paid sessions (spec §10) plug in here: :class:`~fabstir_jupyter.paid_connector.PaidConnector` binds
 each socket to an on-chain job (a few jobs per host for stateless requests, one job per session)
 and passes the job id to ``session_init`` or the encrypted init.
 """

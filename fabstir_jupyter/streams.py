@@ -1138,7 +1138,7 @@ class InferenceCore:
         signer: the client's key that signs encrypted session inits (the SDK passes the
             authenticated user's key); ``None``: a fresh key, kept for the core's life.
         payments: pay for requests (spec/PROTOCOL.md §10): with it the default connector is a
-            :class:`~fabstir_jupyter.payments.PaidConnector`, and a registry network serves inference;
+            :class:`~fabstir_jupyter.paid_connector.PaidConnector`, and a registry network serves inference;
             closing the core settles its open jobs.
 
     The core belongs to one event loop: the first that uses it, or a private loop thread when it is
@@ -1163,7 +1163,7 @@ class InferenceCore:
         self.pool = ConnectionPool(self.config, headers_for=self.config.auth_headers)
         self.payments = payments
         if connector is None and payments is not None:
-            from .payments import PaidConnector
+            from .paid_connector import PaidConnector
 
             connector = PaidConnector(self.pool, self.config, payments, keys=host_manager.keys, signer=signer)
         self.connector: Connector = connector if connector is not None else PoolConnector(
@@ -1188,12 +1188,12 @@ class InferenceCore:
 
     def use_payments(self, payments: Payments) -> None:
         """Pay for later requests with ``payments`` (e.g. once a wallet and a budget are known): the
-        default connector becomes a :class:`~fabstir_jupyter.payments.PaidConnector` on the same pool.
+        default connector becomes a :class:`~fabstir_jupyter.paid_connector.PaidConnector` on the same pool.
 
         Raises:
             InvalidOptions: the core was given a connector of its own, or already pays.
         """
-        from .payments import PaidConnector
+        from .paid_connector import PaidConnector
 
         if self.payments is not None or type(self.connector) is not PoolConnector:
             raise InvalidOptions("this manager already pays, or has a connector of its own", field="payments")

@@ -126,7 +126,7 @@ def test_encryption_loads_no_io_at_run_time():
 #: inference (InferenceManager, the brief's API over all three).
 LAYERS: list[set[str]] = [
     {"errors", "_compat", "_lazy", "runner"},
-    {"urls"},
+    {"urls", "chainlogs"},  # chainlogs: eth_getLogs in windows where an endpoint caps the range
     {"config", "limits", "cache", "billing"},  # billing: the proof cadence, deposits and budgets, no I/O
     {"networks"},
     {"settings"},
@@ -138,7 +138,8 @@ LAYERS: list[set[str]] = [
     {"usage"},
     {"hosts"},
     {"connections"},
-    {"payments"},  # the client's paid sessions: jobs, their sockets, settlement
+    {"payments"},  # the client's paid sessions: jobs, budgets, settlement
+    {"paid_connector"},  # requests over sockets bound to those jobs
     {"streams"},
     {"sessions"},
     {"batch"},

@@ -212,7 +212,7 @@ async def test_a_session_init_answered_only_by_chatter_times_out(paid):
 
     from fabstir_jupyter.connections import Channel
     from fabstir_jupyter.errors import InferenceTimeout
-    from fabstir_jupyter.payments import JobChannel
+    from fabstir_jupyter.paid_connector import JobChannel
     from fabstir_jupyter.transport import WebSocketClient
 
     inits = []
