@@ -11,7 +11,7 @@ host started by a notebook kernel never outlives the kernel (keep the stdin pipe
 
 A private host takes its bearer token from ``--auth-token-file PATH`` or the environment variable
 ``FABSTIR_HOST_TOKEN`` (the file wins), never from a flag value, which other users could read in
-``ps``. ``--certfile``/``--keyfile`` serve ``wss://`` and ``https://``.
+``ps``. ``--tls-cert``/``--tls-key`` (or ``--certfile``/``--keyfile``) serve ``wss://`` and ``https://``.
 
 Encrypted sessions (spec §6) need the operator's key, the one the host uses on chain: from
 ``--key-file PATH`` (``0x`` and 64 hex characters) or the environment variable
@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"require 'Authorization: Bearer <token>' with the token in PATH "
                                f"(or set {TOKEN_ENV}); /health and /v1/version stay public "
                                f"(default: no token, or {TOKEN_ENV} when set)")
-    security.add_argument("--certfile", metavar="PATH",
+    # --certfile/--keyfile (ssl's own names) stay as aliases; --tls-key is harder to mistake for --key-file
+    security.add_argument("--tls-cert", "--certfile", metavar="PATH", dest="certfile",
                           help="PEM certificate chain: serve wss:// and https:// (default: plain ws:// and http://)")
-    security.add_argument("--keyfile", metavar="PATH", help="PEM private key of --certfile (default: in the certfile)")
+    security.add_argument("--tls-key", "--keyfile", metavar="PATH", dest="keyfile",
+                          help="PEM private key of --tls-cert (default: in the certificate file)")
     security.add_argument("--key-file", metavar="PATH", dest="operator_key_file",
                           help=f"the operator's secp256k1 key (0x and 64 hex characters; the host's on-chain "
                                f"key) in PATH, readable by its owner only (or set {KEY_ENV}): serve encrypted "

@@ -105,6 +105,14 @@ def test_cli_flags_reach_the_config():
     assert config.legacy and not config.compression and config.max_concurrent_streams == 9
 
 
+@pytest.mark.parametrize("cert, key", [("--tls-cert", "--tls-key"), ("--certfile", "--keyfile")])
+def test_cli_tls_flags_and_their_ssl_style_aliases_reach_the_config(cert, key):
+    """--tls-cert/--tls-key (hard to mistake for the operator's --key-file) and the older
+    --certfile/--keyfile set the same TLS files; neither is the operator key."""
+    args = build_parser().parse_args(["--backend", "scripted", cert, "/tmp/cert.pem", key, "/tmp/key.pem"])
+    assert (args.certfile, args.keyfile, args.operator_key_file) == ("/tmp/cert.pem", "/tmp/key.pem", None)
+
+
 @pytest.mark.parametrize("flag", ["--help", "--version"])
 def test_cli_help_and_version_exit_zero(flag, capsys):
     """--help and --version print and exit 0."""

@@ -109,13 +109,13 @@ async def test_tls_host_refuses_a_plain_http_probe_and_keeps_serving(start_host,
 
 
 async def test_cli_serves_tls_with_a_token_file(tls_files, tmp_path):
-    """fabstir-host --certfile --keyfile --auth-token-file announces wss:// and guards /v1/models."""
+    """fabstir-host --tls-cert --tls-key --auth-token-file announces wss:// and guards /v1/models."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     env = {k: v for k, v in os.environ.items() if k != "FABSTIR_HOST_TOKEN"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fabstir_jupyter.host", "--backend", "scripted", "--port", "0",
-        "--certfile", tls_files.certfile, "--keyfile", tls_files.keyfile,
+        "--tls-cert", tls_files.certfile, "--tls-key", tls_files.keyfile,
         "--auth-token-file", str(token_file), "--exit-with-parent", "--log-level", "debug",
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
