@@ -15,7 +15,12 @@ receipts with a timeout, and turns refusals into coded errors:
   :class:`~fabstir_jupyter.errors.InsufficientFunds`;
 - an unreachable endpoint is :class:`~fabstir_jupyter.errors.ConnectionFailed`.
 
-Layering: it imports only :mod:`.errors` and :mod:`.crypto` (plus web3), so the reference host,
+A transaction left unmined for ``replace_after`` seconds (priced under a fee spike) is sent again
+with the same nonce and fees raised by a quarter, up to :data:`MAX_REPLACEMENTS` times; whichever of
+them is mined is the transaction's outcome.
+
+Layering: it imports only :mod:`.errors`, :mod:`.crypto`, :mod:`.urls` and :mod:`.chainlogs` (plus
+web3), so the reference host,
 which uses nothing above errors/config/protocol, can import it as well as the client. The ABI
 below is production's, signature for signature (tests/chain holds it to spec/production-abi.txt).
 Everything blocks: async callers run it in a thread.
@@ -27,9 +32,12 @@ the precision factor :data:`PRICE_PRECISION`: cost = tokens × price / 1000.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import re
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -52,7 +60,7 @@ try:
     from eth_typing import ChecksumAddress, HexStr
     from eth_utils import to_checksum_address
     from web3 import Web3
-    from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
+    from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
     from web3.logs import DISCARD
     from web3.types import TxReceipt
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -62,6 +70,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
 T = TypeVar("T")
+logger = logging.getLogger("fabstir_jupyter.chain")
 
 __all__ = [
     "NATIVE_TOKEN",
@@ -92,6 +101,10 @@ DEFAULT_PROOF_TIMEOUT_WINDOW = 300
 
 # Contract refusals that may pass with time: the proof rate, the host's dispute window, the timeout.
 _RETRY_LATER = frozenset({"Too many", "Dispute wait", "Not timeout"})
+#: How many times an unmined transaction is sent again with higher fees (same nonce).
+MAX_REPLACEMENTS = 4
+#: Each replacement's fees over the last one's (nodes want at least +10 %).
+_FEE_BUMP = (5, 4)
 _OVER_DEPOSIT = "Over dep"
 _NO_FUNDS = re.compile(
     r"balance too low|allowance too low|insufficient (funds|balance|allowance)|exceeds (balance|allowance)"
@@ -419,6 +432,9 @@ class MarketplaceClient:
         timeout: seconds per RPC request.
         receipt_timeout: seconds to wait for a transaction to be mined.
         poll_interval: seconds between receipt polls.
+        replace_after: seconds a sent transaction may stay unmined before it is sent again, same
+            nonce, fees up by a quarter (up to :data:`MAX_REPLACEMENTS` times, within
+            ``receipt_timeout``); ``None``: never.
         gas_limit: send every transaction with this gas limit instead of estimating it; for a local
             chain only, where an estimate costs several times the transaction (eth-tester searches
             for the limit by executing it over and over). A transaction the contract refuses is then
@@ -439,6 +455,7 @@ class MarketplaceClient:
         timeout: float = 30.0,
         receipt_timeout: float = 120.0,
         poll_interval: float = 0.2,
+        replace_after: float | None = 30.0,
         gas_limit: int | None = None,
     ) -> None:
         if isinstance(rpc, Web3):
@@ -461,6 +478,10 @@ class MarketplaceClient:
         self._host_earnings_address = _address(host_earnings, "host_earnings") if host_earnings else None
         self.receipt_timeout = receipt_timeout
         self.poll_interval = poll_interval
+        if replace_after is not None and not replace_after > 0:
+            raise InvalidOptions(f"replace_after must be a positive number of seconds or None, not {replace_after!r}",
+                                 field="replace_after")
+        self.replace_after = replace_after
         self.gas_limit = None if gas_limit is None else _amount(gas_limit, "gas_limit", minimum=21_000)
         self._chain_id: int | None = None
 
@@ -504,8 +525,6 @@ class MarketplaceClient:
             raise
         except (requests.ConnectionError, requests.Timeout) as exc:
             error: FabstirError = ConnectionFailed(f"{self._where}: {what}: {type(exc).__name__}")
-        except TimeExhausted:
-            error = TransactionFailed(f"{what}: not mined within {self.receipt_timeout:g} s (it may still be mined)")
         except ContractLogicError as exc:
             error = self._refusal(what, _reason(exc))
         except Web3RPCError as exc:
@@ -544,28 +563,30 @@ class MarketplaceClient:
         """Estimate (unless ``gas_limit`` is set), sign, send and wait for ``fn``; return the receipt of a
         successful transaction.
 
-        ``on_sent`` is called with the transaction's hash just before it is sent: whatever fails after
-        that (the send's answer lost, the receipt not read in time), the transaction may be mined.
-        Errors after the signature carry the hash (``tx_hash`` on a :class:`TransactionFailed`).
+        ``on_sent`` is called with the transaction's hash just before it is sent, and again with each
+        replacement's (see ``replace_after``): whatever fails after that (the send's answer lost,
+        the receipt not read in time), one of them may be mined. Errors after the signature carry
+        the last hash (``tx_hash`` on a :class:`TransactionFailed`).
         """
         key = self._signer(what)
         address = to_checksum_address(key.address)
         chain_id = self.chain_id
         sender = _sender(address)
 
-        def sign() -> tuple[bytes, int]:
+        def build() -> dict[str, Any]:
             if self.gas_limit is not None:
                 gas = self.gas_limit
             else:  # a refusal surfaces here, unsent
                 gas = fn.estimate_gas({"from": address, "value": value}) * 6 // 5 + 10_000
             nonce = sender.nonce(chain_id, self._w3.eth.get_transaction_count(address, "pending"))
-            tx = fn.build_transaction({
+            return dict(fn.build_transaction({
                 "from": address, "value": value, "gas": gas, "chainId": chain_id, "nonce": nonce,
-            })
-            return key.sign_transaction(tx), nonce
+            }))
 
         with sender.lock:  # one transaction of this account at a time, in this process
-            raw, nonce = self._rpc(what, sign)
+            tx = self._rpc(what, build)
+            nonce = int(tx["nonce"])
+            raw = key.sign_transaction(tx)
             tx_hash = Web3.keccak(raw).to_0x_hex()
             sender.sent(chain_id, nonce)
             try:
@@ -577,18 +598,77 @@ class MarketplaceClient:
                 if isinstance(error, FabstirError):
                     _note_tx(error, tx_hash)  # its answer may be lost after the node took it
                 raise
+        hashes = [tx_hash]
         try:
-            receipt = self._rpc(what, lambda: self._w3.eth.wait_for_transaction_receipt(
-                HexStr(tx_hash), timeout=self.receipt_timeout, poll_latency=self.poll_interval))
+            receipt = self._mined(what, hashes, self.receipt_timeout,
+                                  replace=lambda: self._replace(what, key, tx, hashes, on_sent))
         except FabstirError as error:
-            _note_tx(error, tx_hash)
+            _note_tx(error, hashes[-1])
             raise
         finally:
             with sender.lock:
                 sender.forget(chain_id, nonce)
         if receipt["status"] != 1:
-            raise self._mined_refusal(fn, what, address, value, receipt, tx_hash)
+            raise self._mined_refusal(fn, what, address, value, receipt, receipt["transactionHash"].to_0x_hex())
         return receipt
+
+    def _mined(self, what: str, hashes: Sequence[str], timeout: float,
+               replace: Callable[[], None] | None = None) -> TxReceipt:
+        """The receipt of whichever transaction of ``hashes`` is mined first, polled every
+        ``poll_interval`` for ``timeout`` seconds; ``replace`` is called after each ``replace_after``
+        seconds unmined (at most :data:`MAX_REPLACEMENTS` times) and may add a hash.
+
+        Raises:
+            TransactionFailed: none was mined within ``timeout`` (one may still be).
+        """
+        def receipt_of(tx_hash: str) -> TxReceipt | None:
+            try:
+                return self._w3.eth.get_transaction_receipt(HexStr(tx_hash))
+            except TransactionNotFound:  # not mined (yet)
+                return None
+
+        start = time.monotonic()
+        replaced = 0
+        while True:
+            for tx_hash in list(hashes):
+                receipt = self._rpc(what, functools.partial(receipt_of, tx_hash))
+                if receipt is not None:
+                    return receipt
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                raise TransactionFailed(f"{what}: not mined within {timeout:g} s (it may still be mined)")
+            if (replace is not None and self.replace_after is not None and replaced < MAX_REPLACEMENTS
+                    and waited >= self.replace_after * (replaced + 1)):
+                replaced += 1
+                replace()
+            time.sleep(min(self.poll_interval, max(0.0, timeout - waited)))
+
+    def _replace(self, what: str, key: PrivateKey, tx: dict[str, Any], hashes: list[str],
+                 on_sent: Callable[[str], None] | None) -> None:
+        """Send ``tx`` again, same nonce, fees up by a quarter (and to at least what the chain asks
+        now); ``tx`` is updated and the new hash appended to ``hashes``. A node that refuses it (the
+        first was mined meanwhile, or the bump was not enough) leaves the earlier ones to wait on."""
+        up, down = _FEE_BUMP
+        if "maxFeePerGas" in tx:
+            priority = int(tx["maxPriorityFeePerGas"]) * up // down + 1
+            base = self._rpc(what, lambda: self._w3.eth.get_block("latest")).get("baseFeePerGas", 0)
+            tx["maxPriorityFeePerGas"] = priority
+            tx["maxFeePerGas"] = max(int(tx["maxFeePerGas"]) * up // down + 1, 2 * int(base) + priority)
+        else:
+            now = int(self._rpc(what, lambda: self._w3.eth.gas_price))
+            tx["gasPrice"] = max(int(tx["gasPrice"]) * up // down + 1, now)
+        raw = key.sign_transaction(tx)
+        tx_hash = Web3.keccak(raw).to_0x_hex()
+        logger.info("%s: transaction %s not mined after %d s: sent again as %s with higher fees", what, hashes[-1],
+                    round(self.replace_after or 0), tx_hash)
+        if on_sent is not None:
+            on_sent(tx_hash)
+        hashes.append(tx_hash)
+        try:
+            self._rpc(what, lambda: self._w3.eth.send_raw_transaction(raw))
+        except TransactionFailed as exc:  # "nonce too low" (mined meanwhile), "underpriced": wait on the others
+            logger.info("%s: the replacement %s was refused (%s)", what, tx_hash, exc.message)
+            hashes.pop()
 
     def _mined_refusal(self, fn: Any, what: str, sender: str, value: int, receipt: TxReceipt,
                        tx_hash: str) -> FabstirError:
@@ -793,18 +873,22 @@ class MarketplaceClient:
         return OpenedJob(int(args["jobId"]), receipt["transactionHash"].to_0x_hex(), args["depositor"], args["host"],
                          "0x" + model.hex(), token, int(args["deposit"]), price_per_token, int(receipt["blockNumber"]))
 
-    def opened_job(self, tx_hash: str, model_id: bytes | str, *, token: str = NATIVE_TOKEN, price_per_token: int,
-                   timeout: float) -> OpenedJob | None:
-        """The job that transaction ``tx_hash`` (a :meth:`create_job` whose outcome is unknown: its
-        caller gave up, or the answer was lost) opened, waiting up to ``timeout`` seconds for it to be
-        mined; ``None`` when it reverted or opened no job.
+    def opened_job(self, tx_hashes: str | Sequence[str], model_id: bytes | str, *, token: str = NATIVE_TOKEN,
+                   price_per_token: int, timeout: float) -> OpenedJob | None:
+        """The job that a :meth:`create_job` whose outcome is unknown (its caller gave up, or the answer
+        was lost) opened, waiting up to ``timeout`` seconds for its transaction to be mined;
+        ``None`` when it reverted or opened no job.
+
+        Args:
+            tx_hashes: the creating transaction's hash, or the hashes of it and its replacements
+                (whichever is mined).
 
         Raises:
             TransactionFailed: not mined within ``timeout`` (it may have been dropped).
             ConnectionFailed: the RPC endpoint failed.
         """
-        receipt = self._rpc(f"transaction {tx_hash}", lambda: self._w3.eth.wait_for_transaction_receipt(
-            HexStr(tx_hash), timeout=timeout, poll_latency=self.poll_interval))
+        hashes = [tx_hashes] if isinstance(tx_hashes, str) else list(tx_hashes)
+        receipt = self._mined(f"transaction {hashes[-1]}", hashes, timeout)
         return self._opened(receipt, _bytes32(model_id, "model_id"), _address(token, "token"), price_per_token)
 
     def complete_job(self, job_id: int, conversation_cid: str = "") -> Settlement:

@@ -379,7 +379,7 @@ class _Creation:
     token: str
     price: int
     abandoned: threading.Event = field(default_factory=threading.Event)
-    tx_hash: str | None = None  # the creating transaction, once it was sent
+    tx_hashes: list[str] = field(default_factory=list)  # the creating transaction (and its replacements), once sent
 
 
 def _outcome_unknown(error: BaseException) -> bool:
@@ -824,7 +824,7 @@ class Payments:
                 creation.budget.settle(creation.deposit, 0)
             elif error is None:
                 self._late_job(creation.make_job(done.result()))
-            elif creation.tx_hash is not None and _outcome_unknown(error):
+            elif creation.tx_hashes and _outcome_unknown(error):
                 self._track(asyncio.get_running_loop().create_task(self._recover(creation)))
             else:
                 creation.budget.settle(creation.deposit, 0)
@@ -859,11 +859,10 @@ class Payments:
 
     async def _recover(self, creation: _Creation) -> None:
         """Find out whether a creating transaction whose answer was lost opened a job; settle it if so."""
-        client, tx_hash = self._chain(), creation.tx_hash
-        assert tx_hash is not None
+        client, tx_hashes = self._chain(), list(creation.tx_hashes)
 
         def look() -> Any:
-            return client.opened_job(tx_hash, creation.model_id, token=creation.token, price_per_token=creation.price,
+            return client.opened_job(tx_hashes, creation.model_id, token=creation.token, price_per_token=creation.price,
                                      timeout=self.config.job_timeout)
 
         try:
@@ -871,7 +870,8 @@ class Payments:
         except FabstirError as exc:
             creation.budget.settle(creation.deposit, 0)
             logger.warning("job creation %s: not found on chain (%s); if it is mined later, its job holds the "
-                           "deposit until its depositor completes it or anyone times it out", tx_hash, exc.message)
+                           "deposit until its depositor completes it or anyone times it out", " / ".join(tx_hashes),
+                           exc.message)
             return
         if opened is None:
             creation.budget.settle(creation.deposit, 0)
@@ -896,10 +896,10 @@ class Payments:
         deposit, token = creation.deposit, creation.token
         what = f"open a job with host {host}"
 
-        def sending(tx_hash: str) -> None:  # the last moment to give up without a job
-            if creation.abandoned.is_set():
+        def sending(tx_hash: str) -> None:  # (first) the last moment to give up without a job
+            if not creation.tx_hashes and creation.abandoned.is_set():
                 raise ConnectionFailed(f"{what}: given up before the transaction was sent")
-            creation.tx_hash = tx_hash
+            creation.tx_hashes.append(tx_hash)  # a replacement: either may be mined
 
         terms: dict[str, Any] = {"max_duration": self.config.max_duration, "proof_interval": self.config.proof_interval,
                  "proof_timeout_window": self.config.proof_timeout_window, "price_per_token": creation.price,

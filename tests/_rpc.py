@@ -41,3 +41,29 @@ class RecordingProvider:
 
     def count(self, method: str, selector: str = "") -> int:
         return sum(1 for m, s in self.requests if m == method and (not selector or s == selector))
+
+
+class StuckTransactions:
+    """Wraps a chain provider (serve it with ``LocalRpcServer``): the first ``stuck`` raw transactions
+    are answered with their hash but never reach the chain, as a transaction priced under a fee spike
+    waits in a mempool. With ``mine_late``, the first one is mined after all just before the next
+    transaction arrives (a replacement then finds its nonce taken). Every raw transaction received
+    is kept in :attr:`sent`."""
+
+    def __init__(self, inner: Any, stuck: int = 1, *, mine_late: bool = False) -> None:
+        self.inner, self.stuck, self.mine_late = inner, stuck, mine_late
+        self.sent: list[str] = []
+        self.held: list[str] = []
+
+    def make_request(self, method: str, params: Any) -> Any:
+        if method == "eth_sendRawTransaction":
+            raw = params[0] if isinstance(params[0], str) else "0x" + bytes(params[0]).hex()
+            self.sent.append(raw)
+            if len(self.sent) <= self.stuck:
+                from eth_utils import keccak
+
+                self.held.append(raw)
+                return {"jsonrpc": "2.0", "id": 1, "result": "0x" + keccak(hexstr=raw).hex()}
+            if self.mine_late and self.held:
+                self.inner.make_request(method, [self.held.pop(0)])
+        return self.inner.make_request(method, params)

@@ -17,14 +17,23 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+from eth_account.typed_transactions import TypedTransaction
+from hexbytes import HexBytes
 from web3.logs import DISCARD
 
-from _rpc import RangeCappedProvider
+from _rpc import RangeCappedProvider, StuckTransactions
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import BudgetExceeded, InsufficientFunds, InvalidOptions, SessionNotFound, TransactionFailed
 from fabstir_jupyter.local.chain import NATIVE_TOKEN, LocalChain, model_id
 from fabstir_jupyter.local.rpc import LocalRpcServer
-from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient, deposit_for, job_cost, max_tokens
+from fabstir_jupyter.marketplace import (
+    MAX_REPLACEMENTS,
+    JobStatus,
+    MarketplaceClient,
+    deposit_for,
+    job_cost,
+    max_tokens,
+)
 
 MODEL = ("fabstir/scripted", "scripted-1")
 OTHER = ("fabstir/scripted", "scripted-2")
@@ -552,16 +561,16 @@ def test_a_node_behind_on_the_pending_count_does_not_give_two_transactions_one_n
     eth = m.chain.w3.eth
     stale = eth.get_transaction_count(account.address)
     monkeypatch.setattr(eth, "get_transaction_count", lambda *args, **kwargs: stale)
-    real_wait = eth.wait_for_transaction_receipt
+    real_receipt = eth.get_transaction_receipt
     waiting, release = threading.Event(), threading.Event()
 
     def held(tx_hash, *args, **kwargs):
         if not waiting.is_set():  # the first transaction's receipt: hold it
             waiting.set()
             assert release.wait(10)
-        return real_wait(tx_hash, *args, **kwargs)
+        return real_receipt(tx_hash, *args, **kwargs)
 
-    monkeypatch.setattr(eth, "wait_for_transaction_receipt", held)
+    monkeypatch.setattr(eth, "get_transaction_receipt", held)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.approve, usdc, 10)
         assert waiting.wait(10)
@@ -569,6 +578,65 @@ def test_a_node_behind_on_the_pending_count_does_not_give_two_transactions_one_n
         release.set()
         assert first.result(10)
     assert second and m.chain.w3.eth.get_transaction(second)["nonce"] == stale + 1
+
+
+def _fees(raw: str) -> tuple[int, int, int]:
+    """(nonce, maxFeePerGas, maxPriorityFeePerGas) of a signed EIP-1559 transaction."""
+    fields = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()
+    return int(fields["nonce"]), int(fields["maxFeePerGas"]), int(fields["maxPriorityFeePerGas"])
+
+
+def test_a_transaction_left_unmined_is_sent_again_with_higher_fees_and_the_replacement_counts(market):
+    """A job's creating transaction stays unmined (priced under a fee spike): after replace_after it is
+    sent again with the same nonce and fees up by at least a quarter; the replacement is mined and opens
+    the job; on_sent heard both hashes."""
+    m = market
+    stuck = StuckTransactions(m.chain.provider, stuck=1)
+    heard: list[str] = []
+    with LocalRpcServer(stuck) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE,
+                                   on_sent=heard.append)
+        assert client.get_job(opened.job_id).deposit == DEPOSIT
+    (first_nonce, first_fee, first_tip), (nonce, fee, tip) = (_fees(raw) for raw in stuck.sent)
+    assert len(stuck.sent) == 2 and nonce == first_nonce
+    assert fee * 4 >= first_fee * 5 and tip * 4 >= first_tip * 5
+    assert heard[1] == opened.tx_hash != heard[0] and len(heard) == 2
+    with pytest.raises(Exception, match="not found"):
+        m.chain.w3.eth.get_transaction(heard[0])  # the stuck one never reached the chain
+
+
+def test_the_original_mined_while_its_replacement_is_sent_is_the_outcome(market):
+    """The stuck transaction is mined just as its replacement arrives: the node refuses the replacement
+    (nonce taken) and the client takes the original's receipt."""
+    m = market
+    stuck = StuckTransactions(m.chain.provider, stuck=1, mine_late=True)
+    with LocalRpcServer(stuck) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert len(stuck.sent) == 2
+    assert opened.tx_hash == m.chain.w3.eth.get_transaction_receipt(opened.tx_hash)["transactionHash"].to_0x_hex()
+    assert _fees(stuck.sent[0])[0] == m.chain.w3.eth.get_transaction(opened.tx_hash)["nonce"]
+    assert client.get_job(opened.job_id).active
+
+
+def test_a_transaction_never_mined_is_replaced_at_most_max_replacements_times_then_fails(market):
+    """Nothing the client sends is mined: it replaces the transaction MAX_REPLACEMENTS times, then fails
+    TRANSACTION_FAILED naming the wait, with the last hash; it is not refused (it may still be mined)."""
+    m = market
+    stuck = StuckTransactions(m.chain.provider, stuck=100)
+    with LocalRpcServer(stuck) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=1.5, poll_interval=0.02, replace_after=0.1)
+        with pytest.raises(TransactionFailed, match=r"not mined within 1\.5 s") as caught:
+            client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert len(stuck.sent) == 1 + MAX_REPLACEMENTS
+    assert len({_fees(raw)[0] for raw in stuck.sent}) == 1
+    assert caught.value.tx_hash is not None and caught.value.reason is None
+    with pytest.raises(InvalidOptions):
+        MarketplaceClient(m.chain.w3, m.chain.addresses["job_marketplace"], replace_after=0)
 
 
 def test_an_rpc_url_holding_an_api_key_shows_in_no_log_line_at_debug(market, caplog):

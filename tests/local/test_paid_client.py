@@ -511,7 +511,7 @@ async def test_a_request_cancelled_while_its_job_opens_leaves_no_job_open(networ
     async with manager:
         host = await _host_of(manager, network, 0)
         await manager.payments.ensure_ready()
-        entered, proceed, _ = _gate(manager.payments._chain().w3.eth, "wait_for_transaction_receipt")
+        entered, proceed, _ = _gate(manager.payments._chain().w3.eth, "get_transaction_receipt")
         start = _next_job_id(network)
         request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
         assert await asyncio.to_thread(entered.wait, 30)
@@ -559,7 +559,7 @@ async def test_a_job_whose_creation_answer_was_lost_is_found_and_settled(network
         host = await _host_of(manager, network, 0)
         await manager.payments.ensure_ready()
         eth = manager.payments._chain().w3.eth
-        real, failed = eth.wait_for_transaction_receipt, []
+        real, failed = eth.get_transaction_receipt, []
 
         def lost_once(tx_hash, *args, **kwargs):
             if not failed:
@@ -567,7 +567,7 @@ async def test_a_job_whose_creation_answer_was_lost_is_found_and_settled(network
                 raise requests.ConnectionError("connection reset by peer")
             return real(tx_hash, *args, **kwargs)
 
-        eth.wait_for_transaction_receipt = lost_once
+        eth.get_transaction_receipt = lost_once
         start = _next_job_id(network)
         result = await manager.ainfer(PROMPT, max_tokens=5, host=host)
         assert result.text == scripted_text(PROMPT, 5) and failed
