@@ -20,10 +20,9 @@ with the same nonce and fees raised by a quarter, up to :data:`MAX_REPLACEMENTS`
 them is mined is the transaction's outcome.
 
 Layering: it imports only :mod:`.errors`, :mod:`.crypto`, :mod:`.urls` and :mod:`.chainlogs` (plus
-web3), so the reference host,
-which uses nothing above errors/config/protocol, can import it as well as the client. The ABI
-below is production's, signature for signature (tests/chain holds it to spec/production-abi.txt).
-Everything blocks: async callers run it in a thread.
+web3), so the reference host, which uses nothing above errors/config/protocol, can import it as
+well as the client. The ABI below is production's, signature for signature (tests/chain holds it to
+spec/production-abi.txt). Everything blocks: async callers run it in a thread.
 
 Amounts are integers in base units (wei, or the token's units: USDC has 6 decimals); prices carry
 the precision factor :data:`PRICE_PRECISION`: cost = tokens × price / 1000.
@@ -666,9 +665,13 @@ class MarketplaceClient:
         hashes.append(tx_hash)
         try:
             self._rpc(what, lambda: self._w3.eth.send_raw_transaction(raw))
-        except TransactionFailed as exc:  # "nonce too low" (mined meanwhile), "underpriced": wait on the others
+        except (TransactionFailed, InsufficientFunds) as exc:
+            # "nonce too low" (mined meanwhile), "underpriced", or the higher fee is more than the
+            # account holds: the earlier ones may still be mined, so wait on them
             logger.info("%s: the replacement %s was refused (%s)", what, tx_hash, exc.message)
             hashes.pop()
+        except ConnectionFailed as exc:  # the node may have taken it: wait on it too
+            logger.info("%s: the replacement %s may not have been sent (%s)", what, tx_hash, exc.message)
 
     def _mined_refusal(self, fn: Any, what: str, sender: str, value: int, receipt: TxReceipt,
                        tx_hash: str) -> FabstirError:

@@ -47,11 +47,12 @@ class StuckTransactions:
     """Wraps a chain provider (serve it with ``LocalRpcServer``): the first ``stuck`` raw transactions
     are answered with their hash but never reach the chain, as a transaction priced under a fee spike
     waits in a mempool. With ``mine_late``, the first one is mined after all just before the next
-    transaction arrives (a replacement then finds its nonce taken). Every raw transaction received
-    is kept in :attr:`sent`."""
+    transaction arrives (a replacement then finds its nonce taken). With ``refuse``, the next
+    transaction is answered with that error instead, and the first one is mined then. Every raw
+    transaction received is kept in :attr:`sent`."""
 
-    def __init__(self, inner: Any, stuck: int = 1, *, mine_late: bool = False) -> None:
-        self.inner, self.stuck, self.mine_late = inner, stuck, mine_late
+    def __init__(self, inner: Any, stuck: int = 1, *, mine_late: bool = False, refuse: str | None = None) -> None:
+        self.inner, self.stuck, self.mine_late, self.refuse = inner, stuck, mine_late, refuse
         self.sent: list[str] = []
         self.held: list[str] = []
 
@@ -64,6 +65,8 @@ class StuckTransactions:
 
                 self.held.append(raw)
                 return {"jsonrpc": "2.0", "id": 1, "result": "0x" + keccak(hexstr=raw).hex()}
-            if self.mine_late and self.held:
+            if (self.mine_late or self.refuse) and self.held:
                 self.inner.make_request(method, [self.held.pop(0)])
+            if self.refuse:
+                return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": self.refuse}}
         return self.inner.make_request(method, params)

@@ -622,6 +622,21 @@ def test_the_original_mined_while_its_replacement_is_sent_is_the_outcome(market)
     assert client.get_job(opened.job_id).active
 
 
+@pytest.mark.parametrize("refusal", ["replacement transaction underpriced",
+                                     "insufficient funds for gas * price + value"])
+def test_a_refused_replacement_leaves_the_original_to_be_waited_on(market, refusal):
+    """The node refuses the replacement (its fee bump too small, or more than the account holds):
+    the client keeps waiting on the original, which is mined, and the job opens."""
+    m = market
+    stuck = StuckTransactions(m.chain.provider, stuck=1, refuse=refusal)
+    with LocalRpcServer(stuck) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert len(stuck.sent) == 2 and client.get_job(opened.job_id).active
+    assert m.chain.w3.eth.get_transaction(opened.tx_hash)["nonce"] == _fees(stuck.sent[0])[0]
+
+
 def test_a_transaction_never_mined_is_replaced_at_most_max_replacements_times_then_fails(market):
     """Nothing the client sends is mined: it replaces the transaction MAX_REPLACEMENTS times, then fails
     TRANSACTION_FAILED naming the wait, with the last hash; it is not refused (it may still be mined)."""
