@@ -74,7 +74,7 @@ class _Tab:
 
 class PaidConnector(PoolConnector):
     """A :class:`~fabstir_jupyter.connections.PoolConnector` whose sockets to registered hosts are bound
-    to paid jobs (see the module docstring); unregistered hosts go through the pool unpaid on the
+    to paid jobs (the rules: :mod:`fabstir_jupyter.payments`); unregistered hosts go through the pool unpaid on the
     local network and are refused elsewhere.
 
     Args:
