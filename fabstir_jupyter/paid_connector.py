@@ -74,8 +74,8 @@ class _Tab:
 
 class PaidConnector(PoolConnector):
     """A :class:`~fabstir_jupyter.connections.PoolConnector` whose sockets to registered hosts are bound
-    to paid jobs (the rules: :mod:`fabstir_jupyter.payments`); unregistered hosts go through the pool unpaid on the
-    local network and are refused elsewhere.
+    to paid jobs (the rules: :mod:`fabstir_jupyter.payments`); unregistered hosts go through the pool
+    unpaid on the local network and are refused elsewhere.
 
     Args:
         pool, config, keys, signer: as :class:`~fabstir_jupyter.connections.PoolConnector`'s.
