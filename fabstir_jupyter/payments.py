@@ -296,6 +296,7 @@ class PaidJob:
         self.budget = budget
         self.cadence = ProofCadence(proof_interval, tokens_used)
         self.received_tokens = 0
+        self.all_reported = True  # every answer on the job ended with the host's own count of its tokens
         self.requests = 0
         self.socket: WebSocketClient | None = None
         self.initialised: set[str] = set()  # plaintext session ids bound on the socket
@@ -1067,6 +1068,11 @@ class Payments:
             received_tokens=job.received_tokens, streamed_tokens=streamed, expected_tokens=expected,
             reason=explain_difference(settled.tokens_used, streamed, job.cadence),
         )
+        over = settled.tokens_used - expected
+        if over > 0 and job.all_reported:  # (an answer cut off may have had tokens the client never saw)
+            job.host.overbilled_tokens += over
+            logger.warning("job %d: host %s proved %d tokens more than the %d it reported streaming implies; it is "
+                           "chosen only when no other host fits", job.job_id, job.host.api_url, over, streamed)
         job.settlement = record
         job.state = "settled"
         job.budget.settle(job.deposit, settled.payment)

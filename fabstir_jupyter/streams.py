@@ -887,6 +887,8 @@ class InferenceStream:
             if job is not None:
                 generated = reader.usage.completion_tokens if reader.usage is not None else reader.host_tokens
                 job.cadence.answer(generated)  # what the host counts against the job, as it proves it
+                if reader.usage is None:  # cut off: the host may have made tokens that never arrived
+                    job.all_reported = False
                 job.received_tokens += reader.received_tokens
             connection.release(clean=clean)
         self.finish_reason = reader.finish_reason

@@ -241,6 +241,22 @@ def test_busy_hosts_are_kept_for_when_nothing_else_fits():
     assert select_host([busy], rng=rng) is busy
 
 
+def test_hosts_that_overbilled_are_chosen_only_when_nothing_else_fits():
+    """A host that proved more tokens than it reported on a settled job is passed over while any other
+    host fits, even a busy one; alone (or beside only others like it), it is still chosen."""
+    from fabstir_jupyter.errors import HostBusy
+
+    greedy = host("greedy", price=100, latency=5.0, stake=10000)  # the best on every factor
+    greedy.overbilled_tokens = 200
+    busy = host("busy", price=90000, latency=4000.0)
+    busy.record_error(HostBusy("connect: host refused the websocket upgrade with HTTP 503"))
+    free = host("free", price=90000, latency=4000.0)
+    rng = random.Random(5)
+    assert {select_host([greedy, busy, free], rng=rng).api_url for _ in range(DRAWS)} == {free.api_url}
+    assert {select_host([greedy, busy], rng=rng).api_url for _ in range(DRAWS)} == {busy.api_url}
+    assert select_host([greedy], rng=rng) is greedy
+
+
 def test_no_usable_host_lists_reasons_bounded_with_a_shared_hint():
     """Each unusable host is listed with its code and reason, the first five then a count; a hint
     all of them share is kept, differing hints are not guessed between."""

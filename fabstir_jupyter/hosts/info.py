@@ -61,7 +61,9 @@ class HostInfo:
     ``last_error`` keeps why the last probe or request to the host failed (``None`` after a success),
     so "no host is usable" can say, per host, why. ``encryption_key`` caches what
     :class:`~fabstir_jupyter.hosts.keys.HostKeys` found out about the host's encryption key
-    (``None`` until it was first needed).
+    (``None`` until it was first needed). ``overbilled_tokens`` counts the tokens this host proved on
+    settled jobs beyond what its own reports of the answers imply (:mod:`fabstir_jupyter.payments`):
+    such a host is chosen only when no other fits.
     """
 
     api_url: str
@@ -80,6 +82,7 @@ class HostInfo:
     max_concurrent_streams: int | None = None  # as the host states it (``/v1/version``)
     requests: int = 0
     failures: int = 0
+    overbilled_tokens: int = 0
     last_error: FabstirError | None = field(default=None, repr=False)
     encryption_key: HostKey | None = field(default=None, repr=False)
 

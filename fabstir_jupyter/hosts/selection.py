@@ -4,8 +4,9 @@ Selection runs in three steps (spec/PROTOCOL.md §9):
 
 1. **Filter** (:func:`eligible_hosts`): unreachable hosts, hosts that do not serve the model, and
    hosts below ``min_stake`` or above ``max_latency`` are dropped; busy hosts are kept only when
-   nothing else is left. When nothing is left, the error lists what is available, or each host
-   with the reason it is not usable (its ``last_error``).
+   nothing else is left, and hosts that billed a paid job for more tokens than they reported
+   (``overbilled_tokens``) only when nothing but them is left. When nothing is left, the error
+   lists what is available, or each host with the reason it is not usable (its ``last_error``).
 2. **Score** (:func:`score_host`): ``w_stake·stake + w_price·price + w_uptime·uptime +
    w_latency·latency`` with the production SDK's weights per mode (:data:`MODE_WEIGHTS`), each factor
    in [0, 1] (:func:`score_factors`):
@@ -149,7 +150,8 @@ def _serves(host: HostInfo, model: str | None) -> bool:
 def eligible_hosts(hosts: Iterable[HostInfo], requirements: HostRequirements) -> list[HostInfo]:
     """Return the hosts that satisfy every hard requirement.
 
-    Busy hosts are returned only when no other host fits.
+    Busy hosts are returned only when no other host fits; hosts that overbilled a paid job only when
+    no other host (busy or not) fits.
 
     Raises:
         NoHostsAvailable: no host is known or reachable (the message names the first
@@ -176,8 +178,9 @@ def eligible_hosts(hosts: Iterable[HostInfo], requirements: HostRequirements) ->
             f"{len(serving)} hosts serve the model but none meets min_stake={requirements.min_stake} "
             f"and max_latency={requirements.max_latency} ms"
         )
-    ready = [h for h in fitting if h.health != "busy"]
-    return ready or fitting
+    honest = [h for h in fitting if not h.overbilled_tokens]
+    ready = [h for h in honest if h.health != "busy"]
+    return ready or honest or fitting
 
 
 def stable_price(host: HostInfo, model: str | None = None) -> int | None:

@@ -14,6 +14,7 @@ import pytest
 
 from _rpc import RangeCappedProvider, RecordingProvider
 from fabstir_jupyter import FabstirSDK, InferenceConfig
+from fabstir_jupyter.config import HostRequirements
 from fabstir_jupyter.crypto import PrivateKey
 from fabstir_jupyter.errors import (
     BudgetExceeded,
@@ -141,6 +142,33 @@ async def test_opening_a_job_reads_the_balance_and_the_allowance_once_and_approv
                                recorded.count("eth_sendRawTransaction")))
                 await manager.sessions.end_session(session.id)
     assert counts == [(1, 1, 2), (1, 1, 1)], counts
+
+
+async def test_a_host_that_proves_more_than_it_streamed_is_passed_over_after_settlement(network):
+    """A hostile host proves 200 tokens more on a session's job than its answers reported (the extra
+    proof is sent with its key from outside, as a modified host would): the settlement bills them and says
+    so, the host is marked (overbilled_tokens) and selection passes it over while the honest host fits."""
+    manager = _manager(network)
+    async with manager:
+        greedy = await _host_of(manager, network, 0)
+        honest = await _host_of(manager, network, 1)
+        session = await manager.sessions.create_session(host=greedy)
+        answer = await manager.sessions.stream(session.id, PROMPT, max_tokens=300).read()
+        assert answer == scripted_text(PROMPT, 300)
+        reader = _reader(network)
+        await asyncio.to_thread(_wait_for, lambda: reader.get_job(session.job_id).tokens_used == 300)
+        as_host = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"],
+                                    account=PrivateKey.from_hex(Path(network.hosts[0].key_file).read_text().strip()))
+        network.chain.advance_time(10)  # the contract allows 2000 tokens per second since the last proof
+        await asyncio.to_thread(as_host.submit_proof, session.job_id, 200, os.urandom(32))
+        ended = await manager.sessions.end_session(session.id)
+        settled = ended.settlement
+        assert (settled.expected_tokens, settled.tokens_billed) == (300, 500)
+        assert "200 tokens more than the proof cadence implies" in settled.reason
+        assert greedy.overbilled_tokens == 200 and honest.overbilled_tokens == 0
+        requirements = HostRequirements(model=MODEL)
+        picks = {(await manager.host_manager.select_best_host(requirements)).key for _ in range(10)}
+        assert picks == {honest.key}
 
 
 async def test_stateless_calls_share_one_job_per_host_and_close_settles_it(network):
