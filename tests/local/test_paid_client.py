@@ -158,7 +158,7 @@ async def test_a_host_that_proves_more_than_it_streamed_is_passed_over_after_set
         reader = _reader(network)
         await asyncio.to_thread(_wait_for, lambda: reader.get_job(session.job_id).tokens_used == 300)
         as_host = MarketplaceClient(network.rpc_url, network.addresses["JobMarketplace"],
-                                    account=PrivateKey.from_hex(Path(network.hosts[0].key_file).read_text().strip()))
+                                    account=PrivateKey.from_hex(network.hosts[0].local.private_key))
         network.chain.advance_time(10)  # the contract allows 2000 tokens per second since the last proof
         await asyncio.to_thread(as_host.submit_proof, session.job_id, 200, os.urandom(32))
         ended = await manager.sessions.end_session(session.id)
