@@ -106,6 +106,13 @@ def _host_price(host: Any) -> tuple[float | None, str | None]:
     return None, None
 
 
+def _status(host: Any) -> str:
+    """The host's health, or ``"overbilled"`` for a reachable host that billed a paid job for more
+    tokens than it reported (selection passes it over)."""
+    health = getattr(host, "health", None) or "unknown"
+    return "overbilled" if getattr(host, "overbilled_tokens", 0) and health != "unreachable" else health
+
+
 def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Return one JSON-safe row per host (:data:`HOST_COLUMNS`).
 
@@ -134,7 +141,7 @@ def host_rows(hosts: Iterable[HostInfo], usage: Sequence[dict[str, Any]] = ()) -
             "price": _clean(price),
             "price_unit": unit,
             "latency_ms": _clean(getattr(host, "latency_ms", None)),
-            "status": getattr(host, "health", None) or "unknown",
+            "status": _status(host),
             "requests": host_totals["requests"] if host_totals else int(getattr(host, "requests", 0) or 0),
             "tokens": host_totals["tokens"] if host_totals else 0,
             "failed": host_totals["failed"] if host_totals else failures,

@@ -31,6 +31,7 @@ from fabstir_jupyter.local.network import LocalNetwork
 from fabstir_jupyter.local.rpc import LocalRpcServer
 from fabstir_jupyter.marketplace import JobStatus, MarketplaceClient
 from fabstir_jupyter.networks import ADDRESS_KEYS, NETWORKS, NetworkPreset
+from fabstir_jupyter.notebook.tables import host_rows
 from fabstir_jupyter.payments import LOCAL_GAS_LIMIT, PaymentConfig, Payments
 from fabstir_jupyter.usage import ListSink, UsageLedger
 from fabstir_jupyter.wallet import Wallet
@@ -166,6 +167,8 @@ async def test_a_host_that_proves_more_than_it_streamed_is_passed_over_after_set
         assert (settled.expected_tokens, settled.tokens_billed) == (300, 500)
         assert "200 tokens more than the proof cadence implies" in settled.reason
         assert greedy.overbilled_tokens == 200 and honest.overbilled_tokens == 0
+        shown = {row["url"]: row["status"] for row in host_rows([greedy, honest])}  # the dashboard's rows
+        assert shown == {greedy.api_url: "overbilled", honest.api_url: "ok"}
         requirements = HostRequirements(model=MODEL)
         picks = {(await manager.host_manager.select_best_host(requirements)).key for _ in range(10)}
         assert picks == {honest.key}
