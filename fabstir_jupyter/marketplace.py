@@ -52,14 +52,19 @@ from .errors import (
     SessionNotFound,
     TransactionFailed,
 )
-from .urls import hide_rpc_url_in_logs, redact_url
+from .urls import hide_rpc_url_in_logs, hide_rpc_urls, redact_url
 
 try:
     import requests
     from eth_typing import ChecksumAddress, HexStr
     from eth_utils import to_checksum_address
     from web3 import Web3
-    from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+    from web3.exceptions import (
+        ContractLogicError,
+        TransactionIndexingInProgress,
+        TransactionNotFound,
+        Web3RPCError,
+    )
     from web3.logs import DISCARD
     from web3.types import TxReceipt
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -524,6 +529,9 @@ class MarketplaceClient:
             raise
         except (requests.ConnectionError, requests.Timeout) as exc:
             error: FabstirError = ConnectionFailed(f"{self._where}: {what}: {type(exc).__name__}")
+        except requests.HTTPError as exc:  # 429, 5xx, 403...: its text quotes the URL, and with it any API key
+            status = exc.response.status_code if exc.response is not None else "error"
+            error = ConnectionFailed(f"{self._where}: {what}: HTTP {status}")
         except ContractLogicError as exc:
             error = self._refusal(what, _reason(exc))
         except Web3RPCError as exc:
@@ -531,7 +539,7 @@ class MarketplaceClient:
             error = (InsufficientFunds(f"{what}: {message}") if _NO_FUNDS.search(message)
                      else TransactionFailed(f"{what}: the node refused it: {message}"))
         except Exception as exc:  # an in-process chain raises its own errors (eth-tester's ValidationError)
-            message = str(exc) or type(exc).__name__
+            message = hide_rpc_urls(str(exc)) or type(exc).__name__
             error = (InsufficientFunds(f"{what}: {message}") if _NO_FUNDS.search(message)
                      else TransactionFailed(f"{what}: {type(exc).__name__}: {message}"))
         raise error
@@ -623,7 +631,7 @@ class MarketplaceClient:
         def receipt_of(tx_hash: str) -> TxReceipt | None:
             try:
                 return self._w3.eth.get_transaction_receipt(HexStr(tx_hash))
-            except TransactionNotFound:  # not mined (yet)
+            except (TransactionNotFound, TransactionIndexingInProgress):  # not mined (yet), or not indexed yet
                 return None
 
         start = time.monotonic()
@@ -633,6 +641,8 @@ class MarketplaceClient:
                 receipt = self._rpc(what, functools.partial(receipt_of, tx_hash))
                 if receipt is not None:
                     return receipt
+                if time.monotonic() - start >= timeout:
+                    break
             waited = time.monotonic() - start
             if waited >= timeout:
                 raise TransactionFailed(f"{what}: not mined within {timeout:g} s (it may still be mined)")
@@ -645,17 +655,26 @@ class MarketplaceClient:
     def _replace(self, what: str, key: PrivateKey, tx: dict[str, Any], hashes: list[str],
                  on_sent: Callable[[str], None] | None) -> None:
         """Send ``tx`` again, same nonce, fees up by a quarter (and to at least what the chain asks
-        now); ``tx`` is updated and the new hash appended to ``hashes``. A node that refuses it (the
-        first was mined meanwhile, or the bump was not enough) leaves the earlier ones to wait on."""
+        now); ``tx`` is updated and the new hash appended to ``hashes``. Whatever goes wrong here
+        leaves the earlier transactions to wait on: a failed fee read skips this round, a node that
+        refuses the replacement (the first was mined meanwhile, the bump was not enough, the account
+        cannot pay the higher fee) drops its hash, a send whose answer was lost keeps it."""
         up, down = _FEE_BUMP
-        if "maxFeePerGas" in tx:
-            priority = int(tx["maxPriorityFeePerGas"]) * up // down + 1
-            base = self._rpc(what, lambda: self._w3.eth.get_block("latest")).get("baseFeePerGas", 0)
-            tx["maxPriorityFeePerGas"] = priority
-            tx["maxFeePerGas"] = max(int(tx["maxFeePerGas"]) * up // down + 1, 2 * int(base) + priority)
-        else:
-            now = int(self._rpc(what, lambda: self._w3.eth.gas_price))
-            tx["gasPrice"] = max(int(tx["gasPrice"]) * up // down + 1, now)
+        try:
+            if "maxFeePerGas" in tx:
+                asked = int(self._rpc(what, lambda: self._w3.eth.max_priority_fee))
+                priority = max(int(tx["maxPriorityFeePerGas"]) * up // down + 1, asked)
+                base = int(self._rpc(what, lambda: self._w3.eth.get_block("latest")).get("baseFeePerGas", 0))
+                fees = {"maxPriorityFeePerGas": priority,
+                        "maxFeePerGas": max(int(tx["maxFeePerGas"]) * up // down + 1, 2 * base + priority)}
+            else:  # a legacy transaction (a Web3 given a gas price strategy)
+                now = int(self._rpc(what, lambda: self._w3.eth.gas_price))
+                fees = {"gasPrice": max(int(tx["gasPrice"]) * up // down + 1, now)}
+        except FabstirError as exc:
+            logger.info("%s: transaction %s not mined; fees not read (%s), not replaced this time", what, hashes[-1],
+                        exc.message)
+            return
+        tx.update(fees)
         raw = key.sign_transaction(tx)
         tx_hash = Web3.keccak(raw).to_0x_hex()
         logger.info("%s: transaction %s not mined after %d s: sent again as %s with higher fees", what, hashes[-1],
@@ -665,12 +684,10 @@ class MarketplaceClient:
         hashes.append(tx_hash)
         try:
             self._rpc(what, lambda: self._w3.eth.send_raw_transaction(raw))
-        except (TransactionFailed, InsufficientFunds) as exc:
-            # "nonce too low" (mined meanwhile), "underpriced", or the higher fee is more than the
-            # account holds: the earlier ones may still be mined, so wait on them
+        except (TransactionFailed, InsufficientFunds) as exc:  # refused by the node: it is not in its pool
             logger.info("%s: the replacement %s was refused (%s)", what, tx_hash, exc.message)
             hashes.pop()
-        except ConnectionFailed as exc:  # the node may have taken it: wait on it too
+        except FabstirError as exc:  # the node may have taken it: wait on it too
             logger.info("%s: the replacement %s may not have been sent (%s)", what, tx_hash, exc.message)
 
     def _mined_refusal(self, fn: Any, what: str, sender: str, value: int, receipt: TxReceipt,
@@ -939,7 +956,8 @@ class MarketplaceClient:
             window: blocks per query when the endpoint refuses to search from ``from_block`` to the
                 head at once (public endpoints cap log ranges): the search then walks back from the
                 head, where a settlement just made is.
-            deadline: a ``time.monotonic()`` reading after which that walk stops.
+            deadline: a ``time.monotonic()`` reading after which that walk stops (``None``: it stops
+                only at ``from_block``; for a job not settled yet that is every window back to it).
 
         Raises:
             ConnectionFailed: the RPC endpoint failed.

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InvalidOptions
 
-__all__ = ["WS_PATH", "ws_url", "http_url", "redact_url", "hide_rpc_url_in_logs"]
+__all__ = ["WS_PATH", "ws_url", "http_url", "redact_url", "hide_rpc_url_in_logs", "hide_rpc_urls"]
 
 #: The path of a host's WebSocket endpoint.
 WS_PATH = "/v1/ws"
@@ -102,17 +102,20 @@ class _RpcUrlFilter(logging.Filter):
         super().__init__()
         self.urls: set[str] = set()
 
+    def hide(self, text: str) -> str:
+        for url in self.urls:
+            text = text.replace(url, redact_url(url, keep_path=False) or "rpc")
+            parts = urlsplit(url)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if target != "/":
+                text = text.replace(target, "/…")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.urls:
             return True
         message = record.getMessage()
-        hidden = message
-        for url in self.urls:
-            hidden = hidden.replace(url, redact_url(url, keep_path=False) or "rpc")
-            parts = urlsplit(url)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            if target != "/":
-                hidden = hidden.replace(target, "/…")
+        hidden = self.hide(message)
         if hidden != message:
             record.msg, record.args = hidden, ()
         return True
@@ -131,3 +134,9 @@ def hide_rpc_url_in_logs(url: str) -> None:
         for name in _RPC_LOGGERS:
             logging.getLogger(name).addFilter(_RPC_URL_FILTER)
     _RPC_URL_FILTER.urls.add(url)
+
+
+def hide_rpc_urls(text: str) -> str:
+    """``text`` with every URL given to :func:`hide_rpc_url_in_logs` shown as its scheme, host and
+    port (its path and query as ``/…``): for error messages that quote a request's URL."""
+    return _RPC_URL_FILTER.hide(text)

@@ -70,3 +70,28 @@ class StuckTransactions:
             if self.refuse:
                 return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": self.refuse}}
         return self.inner.make_request(method, params)
+
+
+class FailingRequests:
+    """Wraps a chain provider: the calls of each named method whose 0-based index is listed in
+    ``failures[method]`` are answered with JSON-RPC error ``message`` (default: a server error).
+    With ``after``, calls count only once a request of that method has passed through."""
+
+    def __init__(self, inner: Any, failures: dict[str, set[int]], message: str = "internal error", *,
+                 after: str | None = None) -> None:
+        self.inner, self.failures, self.message = inner, failures, message
+        self.armed = after is None
+        self.after = after
+        self.calls: dict[str, int] = {}
+        self.failed: list[str] = []
+
+    def make_request(self, method: str, params: Any) -> Any:
+        if self.armed:
+            index = self.calls.get(method, 0)
+            self.calls[method] = index + 1
+            if index in self.failures.get(method, ()):
+                self.failed.append(method)
+                return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": self.message}}
+        elif method == self.after:
+            self.armed = True
+        return self.inner.make_request(method, params)

@@ -21,9 +21,16 @@ from eth_account.typed_transactions import TypedTransaction
 from hexbytes import HexBytes
 from web3.logs import DISCARD
 
-from _rpc import RangeCappedProvider, StuckTransactions
+from _rpc import FailingRequests, RangeCappedProvider, StuckTransactions
 from fabstir_jupyter.crypto import PrivateKey
-from fabstir_jupyter.errors import BudgetExceeded, InsufficientFunds, InvalidOptions, SessionNotFound, TransactionFailed
+from fabstir_jupyter.errors import (
+    BudgetExceeded,
+    ConnectionFailed,
+    InsufficientFunds,
+    InvalidOptions,
+    SessionNotFound,
+    TransactionFailed,
+)
 from fabstir_jupyter.local.chain import NATIVE_TOKEN, LocalChain, model_id
 from fabstir_jupyter.local.rpc import LocalRpcServer
 from fabstir_jupyter.marketplace import (
@@ -652,6 +659,66 @@ def test_a_transaction_never_mined_is_replaced_at_most_max_replacements_times_th
     assert caught.value.tx_hash is not None and caught.value.reason is None
     with pytest.raises(InvalidOptions):
         MarketplaceClient(m.chain.w3, m.chain.addresses["job_marketplace"], replace_after=0)
+
+
+def test_a_failed_fee_read_skips_one_replacement_and_the_next_goes_out(market):
+    """The node fails the base-fee read of the first replacement round: that round sends nothing, the
+    wait goes on, the next round replaces the stuck transaction and it is mined."""
+    m = market
+    stuck = StuckTransactions(m.chain.provider, stuck=1)
+    # the first block read after the transaction went out is the first replacement round's (its base fee)
+    failing = FailingRequests(stuck, {"eth_getBlockByNumber": {0}}, after="eth_sendRawTransaction")
+    with LocalRpcServer(failing) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert failing.failed == ["eth_getBlockByNumber"] and failing.calls["eth_getBlockByNumber"] == 2
+    assert len(stuck.sent) == 2
+    assert client.get_job(opened.job_id).active and opened.tx_hash != stuck.held[0]
+
+
+def test_a_node_still_indexing_its_transactions_is_waited_on(market):
+    """A node that answers the receipt poll with "transaction indexing is in progress" (after a restart):
+    the client keeps polling instead of failing the transaction."""
+    m = market
+    indexing = FailingRequests(m.chain.provider, {"eth_getTransactionReceipt": {0, 1, 2}},
+                               message="transaction indexing is in progress")
+    with LocalRpcServer(indexing) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert indexing.failed == ["eth_getTransactionReceipt"] * 3 and client.get_job(opened.job_id).active
+
+
+def test_an_http_error_status_is_connection_failed_and_hides_the_rpc_url(caplog):
+    """An endpoint answering 429 (rate limited) or 503: CONNECTION_FAILED naming the status, retryable;
+    the API key in the URL's path and query is in neither the error nor any log line."""
+    import http.server
+
+    class Limited(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(429 if "v2" in self.path else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Limited)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for path, status in (("/v2/SECRETKEY123?apikey=SECRETKEY123", 429), ("/v3/SECRETKEY123", 503)):
+            url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+            client = MarketplaceClient(url, "0x" + "11" * 20, timeout=5)
+            with caplog.at_level(logging.DEBUG), pytest.raises(ConnectionFailed) as caught:
+                client.find_settlement(1, window=4)
+            assert f"HTTP {status}" in caught.value.message and caught.value.retryable
+            assert "SECRETKEY123" not in str(caught.value) and "SECRETKEY123" not in caplog.text
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_an_rpc_url_holding_an_api_key_shows_in_no_log_line_at_debug(market, caplog):
