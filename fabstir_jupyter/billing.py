@@ -124,6 +124,16 @@ class ProofCadence:
         if self.pending >= MIN_PROOF_TOKENS:
             self._prove(self.pending)
 
+    def most_billable(self) -> int:
+        """The most an honest host may have billed for the job: what it had used when the client took
+        it, every token the host reported (a node may fold a short tail into a proof in flight
+        instead of leaving it unbilled), and for a new job the first proof's padding to
+        ``proofInterval``, that proof coming as early as the first :data:`MIN_PROOF_TOKENS` tokens."""
+        padding = 0
+        if self.streamed and not self.tokens_used:
+            padding = max(0, self.proof_interval - min(self.streamed, MIN_PROOF_TOKENS))
+        return self.tokens_used + self.streamed + padding
+
     def settled(self) -> int:
         """The job's ``tokensUsed`` after settlement: the claims so far and the last proof at close."""
         final = self.copy()

@@ -296,7 +296,8 @@ class PaidJob:
         self.budget = budget
         self.cadence = ProofCadence(proof_interval, tokens_used)
         self.received_tokens = 0
-        self.all_reported = True  # every answer on the job ended with the host's own count of its tokens
+        # every answer on the job ended with the host's own count of its tokens (its bill can be judged)
+        self.all_reported = True
         self.requests = 0
         self.socket: WebSocketClient | None = None
         self.initialised: set[str] = set()  # plaintext session ids bound on the socket
@@ -971,6 +972,8 @@ class Payments:
                       price_per_token=onchain.price_per_token, proof_interval=onchain.proof_interval,
                       open_tx="", open_block=None, kind="session", session_id=session.session_id,
                       budget=session.budget, tokens_used=onchain.tokens_used)
+        # Proofs of its earlier answers may still land (their socket's settlement): its bill is not judged.
+        job.all_reported = False
         self._jobs.append(job)
         session.jobs.append(job)
         self._record(job)
@@ -1060,6 +1063,7 @@ class Payments:
         settled_by = "client" if who.lower() == me else ("host" if who.lower() == (job.host.address or "").lower()
                                                          else "other")
         streamed = job.cadence.streamed
+        expected = job.cadence.settled()  # again: an answer may have been counted since the wait began
         record = JobSettlement(
             job_id=job.job_id, host=job.host.api_url, model=job.model, unit=job.unit, decimals=job.decimals,
             status=final.status.name.lower(), deposit=job.deposit, tokens_billed=settled.tokens_used,
@@ -1068,11 +1072,13 @@ class Payments:
             received_tokens=job.received_tokens, streamed_tokens=streamed, expected_tokens=expected,
             reason=explain_difference(settled.tokens_used, streamed, job.cadence),
         )
-        over = settled.tokens_used - expected
-        if over > 0 and job.all_reported:  # (an answer cut off may have had tokens the client never saw)
+        # (an answer cut off may have had tokens the client never saw: then the bill is not judged)
+        over = settled.tokens_used - job.cadence.most_billable()
+        if over > 0 and job.all_reported:
             job.host.overbilled_tokens += over
-            logger.warning("job %d: host %s proved %d tokens more than the %d it reported streaming implies; it is "
-                           "chosen only when no other host fits", job.job_id, job.host.api_url, over, streamed)
+            logger.warning("job %d: host %s billed %d tokens, %d more than the %d it reported streaming allow; it is "
+                           "chosen only when no other host fits", job.job_id, job.host.api_url,
+                           settled.tokens_used, over, streamed)
         job.settlement = record
         job.state = "settled"
         job.budget.settle(job.deposit, settled.payment)

@@ -71,6 +71,41 @@ def test_room_is_what_the_host_lets_stream_before_it_caps(answers, extra, proof_
     assert served == room
 
 
+@settings(max_examples=150, deadline=None)
+@given(answers=answers_strategy, proof_interval=st.sampled_from([100, 250, 1000, 1500]),
+       used=st.sampled_from([0, 0, 500]))
+def test_an_honest_bill_never_passes_most_billable(answers, proof_interval, used):
+    """The reference host's bill (cadence, unbilled tail) and a node folding the tail into its last
+    proof both stay within most_billable: a bill above it is tokens the host did not report."""
+    cadence = ProofCadence(proof_interval, used)
+    for tokens in answers:
+        cadence.answer(tokens)
+    ceiling = cadence.most_billable()
+    assert cadence.settled() <= ceiling
+    folded = cadence.copy()  # a node that proves the unbilled tail too
+    folded.settle()
+    assert folded.claimed + folded.unbilled <= ceiling
+    if used == 0 and proof_interval == 100 and sum(answers) >= 100:
+        assert ceiling == sum(answers)  # the default proof interval: no slack beyond what was reported
+
+
+def test_most_billable_counts_the_tail_the_padding_and_an_adopted_jobs_start():
+    """1050 tokens: the cadence bills 1000 (50 left unbilled), a folding node 1050; a 30-token first
+    answer is padded to the proof interval; an adopted job adds what it had used."""
+    long = ProofCadence(100)
+    long.answer(1050)
+    assert (long.settled(), long.most_billable()) == (1000, 1050)
+    short = ProofCadence(100)
+    short.answer(30)
+    assert short.most_billable() == 100 == short.settled()
+    wide = ProofCadence(1500)  # the first proof may come after the first 100 tokens, padded to 1500
+    wide.answer(1100)
+    assert (wide.settled(), wide.most_billable()) == (1600, 2500)
+    adopted = ProofCadence(100, 500)
+    adopted.answer(30)
+    assert adopted.most_billable() == 530 and ProofCadence(100, 500).most_billable() == 500
+
+
 def test_a_short_first_answer_is_billed_the_proof_interval():
     """600 + 600 tokens with production's proofInterval of 1000 bill 1600 (the first proof is padded);
     with the contract's minimum of 100 they bill 1200."""
