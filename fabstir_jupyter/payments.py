@@ -154,6 +154,8 @@ class PaymentConfig:
         read_timeout: seconds for a chain read (a price, a job, a balance).
         final_proof_timeout: seconds to wait after closing a job's socket for its host's last proof.
         settle_timeout: seconds to settle a job, retries included.
+        replace_after: seconds a transaction may wait unmined before it is sent again with higher
+            fees (see :class:`~fabstir_jupyter.marketplace.MarketplaceClient`); ``None``: never.
     """
 
     token: str = "stable"
@@ -169,6 +171,7 @@ class PaymentConfig:
     read_timeout: float = 30.0
     final_proof_timeout: float = 10.0
     settle_timeout: float = 60.0
+    replace_after: float | None = 30.0
 
     def __post_init__(self) -> None:
         token = {"usdc": "stable", "eth": "native"}.get(str(self.token).lower(), str(self.token).lower())
@@ -189,8 +192,10 @@ class PaymentConfig:
         if not 60 <= self.proof_timeout_window <= 3600:
             raise InvalidOptions("proof_timeout_window must be between 60 and 3600 seconds",
                                  field="proof_timeout_window")
-        for name in ("job_timeout", "read_timeout", "final_proof_timeout", "settle_timeout"):
+        for name in ("job_timeout", "read_timeout", "final_proof_timeout", "settle_timeout", "replace_after"):
             value = getattr(self, name)
+            if value is None and name == "replace_after":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InvalidOptions(f"{name} must be a positive number of seconds, not {value!r}", field=name)
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 1:
@@ -596,6 +601,7 @@ class Payments:
             self._client = MarketplaceClient(rpc, marketplace, account=self.wallet._key,
                                              timeout=self.config.read_timeout,
                                              receipt_timeout=self.config.job_timeout, poll_interval=0.05,
+                                             replace_after=self.config.replace_after,
                                              gas_limit=LOCAL_GAS_LIMIT if self.local else None)
         return self._client
 

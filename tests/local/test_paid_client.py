@@ -202,6 +202,20 @@ def test_the_local_chain_gets_transactions_without_gas_estimates_and_other_netwo
     assert local._chain().gas_limit == LOCAL_GAS_LIMIT and live._chain().gas_limit is None
 
 
+def test_the_replacement_delay_reaches_the_chain_client_and_is_checked(network):
+    """PaymentConfig.replace_after sets the chain client's (None turns replacement off); zero or a
+    negative number is INVALID_OPTIONS naming it."""
+    wallet = Wallet(network.user_key, "test")
+    assert Payments(wallet, _preset(network), PaymentConfig(budget="1"), local=True)._chain().replace_after == 30.0
+    for value in (5, None):
+        payments = Payments(wallet, _preset(network), PaymentConfig(budget="1", replace_after=value), local=True)
+        assert payments._chain().replace_after == value
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(InvalidOptions) as info:
+            PaymentConfig(replace_after=bad)
+        assert info.value.field == "replace_after"
+
+
 async def test_concurrent_stateless_calls_open_a_job_each_up_to_the_limit(network):
     """Four requests at once to one host with jobs_per_host=2 run on two jobs (one socket each), never more."""
     manager = _manager(network, jobs_per_host=2)
