@@ -79,6 +79,8 @@ logger = logging.getLogger("fabstir_jupyter.chain")
 __all__ = [
     "NATIVE_TOKEN",
     "PRICE_PRECISION",
+    "MAX_REPLACEMENTS",
+    "RECEIPT_POLL_FAILURES",
     "JobStatus",
     "SessionJob",
     "ProofSubmission",
@@ -109,6 +111,8 @@ _RETRY_LATER = frozenset({"Too many", "Dispute wait", "Not timeout"})
 MAX_REPLACEMENTS = 4
 #: Each replacement's fees over the last one's (nodes want at least +10 %).
 _FEE_BUMP = (5, 4)
+#: Receipt polls failing in a row before the wait gives up (fewer are a passing blip of the endpoint).
+RECEIPT_POLL_FAILURES = 3
 _OVER_DEPOSIT = "Over dep"
 _NO_FUNDS = re.compile(
     r"balance too low|allowance too low|insufficient (funds|balance|allowance)|exceeds (balance|allowance)"
@@ -627,6 +631,7 @@ class MarketplaceClient:
 
         Raises:
             TransactionFailed: none was mined within ``timeout`` (one may still be).
+            FabstirError: the endpoint failed :data:`RECEIPT_POLL_FAILURES` polls in a row (the last error).
         """
         def receipt_of(tx_hash: str) -> TxReceipt | None:
             try:
@@ -635,10 +640,18 @@ class MarketplaceClient:
                 return None
 
         start = time.monotonic()
-        replaced = 0
+        replaced = failed = 0
         while True:
             for tx_hash in list(hashes):
-                receipt = self._rpc(what, functools.partial(receipt_of, tx_hash))
+                try:
+                    receipt = self._rpc(what, functools.partial(receipt_of, tx_hash))
+                except FabstirError as exc:  # a blip (a 503, a reset) must not lose track of a sent transaction
+                    failed += 1
+                    if failed >= RECEIPT_POLL_FAILURES:
+                        raise
+                    logger.debug("%s: receipt poll failed (%s); polling on", what, exc.message)
+                    break
+                failed = 0
                 if receipt is not None:
                     return receipt
                 if time.monotonic() - start >= timeout:

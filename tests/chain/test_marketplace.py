@@ -690,6 +690,25 @@ def test_a_node_still_indexing_its_transactions_is_waited_on(market):
     assert indexing.failed == ["eth_getTransactionReceipt"] * 3 and client.get_job(opened.job_id).active
 
 
+def test_a_receipt_poll_blip_is_polled_through_and_a_dead_endpoint_is_not(market):
+    """Two receipt polls failing in a row (an endpoint's blip) are polled through and the job opens;
+    three in a row end the wait with the endpoint's error (the transaction's hash on it)."""
+    m = market
+    blip = FailingRequests(m.chain.provider, {"eth_getTransactionReceipt": {0, 1}})
+    with LocalRpcServer(blip) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02)
+        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert blip.failed == ["eth_getTransactionReceipt"] * 2 and client.get_job(opened.job_id).active
+    dead = FailingRequests(m.chain.provider, {"eth_getTransactionReceipt": set(range(3))})
+    with LocalRpcServer(dead) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
+                                   receipt_timeout=20, poll_interval=0.02)
+        with pytest.raises(TransactionFailed, match="internal error") as caught:
+            client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    assert dead.failed == ["eth_getTransactionReceipt"] * 3 and caught.value.tx_hash
+
+
 def test_an_http_error_status_is_connection_failed_and_hides_the_rpc_url(caplog):
     """An endpoint answering 429 (rate limited) or 503: CONNECTION_FAILED naming the status, retryable;
     the API key in the URL's path and query is in neither the error nor any log line."""
