@@ -1,4 +1,6 @@
-"""A chain endpoint that behaves like a public one: it refuses wide ``eth_getLogs`` ranges."""
+"""Chain endpoints that misbehave as public ones do, for tests: each wraps the local chain's provider
+(serve it with ``LocalRpcServer``) and caps log ranges, records requests, holds transactions unmined,
+or fails chosen requests."""
 
 from __future__ import annotations
 
