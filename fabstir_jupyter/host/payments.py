@@ -399,6 +399,7 @@ class PaymentManager:
             raise
         except Exception:  # a bug must not take the host down; say which job it hit
             logger.exception("job %d: payment worker failed", job_id)
+            job.meter.close(HostError(f"job {job_id}: this host's payment worker failed; open a new job"))
             self._finish(job, "failed")
 
     async def _prove(self, job: _PaidJob, proof: Proof) -> bool:
@@ -418,6 +419,10 @@ class PaymentManager:
                 return True
             logger.error("job %d: proof of %d tokens (total %d) abandoned, unpaid: %s", job_id, proof.tokens,
                          proof.total, exc)
+            # Serving on would be unpaid: a lost first proof makes every later one "Low first", and the
+            # chain may stay out of reach. The client takes a new job (PAYMENT_REQUIRED ends this one).
+            job.meter.close(PaymentRequired(f"job {job_id}: this host could not prove its tokens on chain "
+                                            f"({exc.code}); it serves the job no more: open a new job"))
             return False
         logger.info("job %d: proved %d tokens (%s), total %d, tx %s", job_id, proof.tokens, proof.reason,
                     proof.total, tx_hash)

@@ -377,6 +377,25 @@ async def test_the_depositor_completing_first_stops_the_host_quietly(market, pai
     assert [r for r in caplog.records if r.levelno >= logging.WARNING and "payments" in r.name] == []
 
 
+async def test_a_job_whose_proof_cannot_land_is_served_no_more(market, paid_host, make_peer, caplog):
+    """A job whose first proof the contract refuses until its retry window runs out ("Too many": a
+    proofInterval of 200 000 tokens needs 100 s since the job opened): the host abandons the proof and
+    serves the job no more (PAYMENT_REQUIRED naming why) instead of streaming on unpaid to the deposit."""
+    caplog.set_level(logging.INFO, logger="fabstir_jupyter.host")
+    server = await paid_host(retry_window=0.5)
+    job_id = await asyncio.to_thread(market.open, proof_interval=200_000)
+    peer = await make_peer(server)
+    assert (await init(peer, job_id))["type"] == "session_init_ack"
+    first = await ask(peer, 1000, rid="a")
+    assert tokens(first) == 1000  # the stream never waits for the proof
+    await eventually(lambda: f"job {job_id}: proof of 200000 tokens" in caplog.text and "abandoned" in caplog.text)
+    refused = await ask(peer, 5, rid="b")
+    assert refused.errors[0]["code"] == "PAYMENT_REQUIRED" and "could not prove" in refused.errors[0]["message"]
+    assert market.job(job_id).tokens_used == 0
+    await peer.ws.close()
+    await server.close()
+
+
 async def test_a_job_completed_before_its_settlement_proof_is_left_alone(market, paid_host, make_peer, caplog):
     """The user completes the job while its only answer is still unproven (50 tokens, under a proof's
     100): at the close, the host's settlement proof meets Not active, and the host stops there, reading
