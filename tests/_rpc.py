@@ -73,6 +73,12 @@ class StuckTransactions:
                 return {"jsonrpc": "2.0", "id": 1, "error": {"code": -32000, "message": self.refuse}}
         return self.inner.make_request(method, params)
 
+    def release(self) -> None:
+        """Hold nothing more, and send what was held on to the chain, in order."""
+        self.stuck = 0
+        while self.held:
+            self.inner.make_request("eth_sendRawTransaction", [self.held.pop(0)])
+
 
 class FailingRequests:
     """Wraps a chain provider: the calls of each named method whose 0-based index is listed in

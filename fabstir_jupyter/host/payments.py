@@ -65,6 +65,8 @@ logger = logging.getLogger("fabstir_jupyter.host.payments")
 
 #: Listed by /v1/version on a paid host.
 PAID_FEATURE = "paid-sessions"
+#: Threads for job checks (reads only), beside the pool that sends proofs and settlements.
+_READ_THREADS = 2
 _MAX_FINISHED = 10_000  # settled job ids remembered, so that none is served again
 _PROOF_LANDED = "Proof already used"  # an earlier try of the same proof was mined
 _NOT_ACTIVE = "Not active"
@@ -120,6 +122,9 @@ class PaymentManager:
         self._client: MarketplaceClient | None = None  # set once connected
         self._connecting: asyncio.Task[None] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Job checks read on threads of their own: a client's session_init must not queue behind proof
+        # transactions, each holding a pool thread while it waits to be mined.
+        self._reads: concurrent.futures.ThreadPoolExecutor | None = None
         self._jobs: dict[int, _PaidJob] = {}
         self._finished: OrderedDict[int, str] = OrderedDict()  # job id -> how it ended
         self._owners: dict[object, set[int]] = {}
@@ -144,6 +149,7 @@ class PaymentManager:
             return
         self._pool = concurrent.futures.ThreadPoolExecutor(self.config.chain_threads,
                                                            thread_name_prefix="fabstir-host-chain")
+        self._reads = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="fabstir-host-chain-read")
         self._connecting = asyncio.get_running_loop().create_task(self._connect(), name="fabstir-host-chain-connect")
         # A failure is reported by wait_connected, open_job and /health; never as an unretrieved exception.
         self._connecting.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -253,8 +259,9 @@ class PaymentManager:
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
             await asyncio.gather(self._connecting, return_exceptions=True)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._reads):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ what the server asks
 
@@ -282,8 +289,8 @@ class PaymentManager:
         if chain_id is not None and chain_id != self.chain_id:
             raise PaymentRequired(f"job {job_id}: this host is paid on chain {self.chain_id}, not chain {chain_id}")
         try:
-            job = await self._call(lambda: client.get_job(job_id))
-            model = await self._call(lambda: client.session_model(job_id))
+            job = await self._read(lambda: client.get_job(job_id))
+            model = await self._read(lambda: client.session_model(job_id))
         except SessionNotFound:
             raise SessionNotFound(f"job {job_id} does not exist on marketplace {self.config.marketplace} "
                                   f"(chain {self.chain_id})") from None
@@ -547,6 +554,15 @@ class PaymentManager:
         """Run a blocking web3 call in the chain pool (the event loop never blocks on the chain)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, call)
+
+    async def _read(self, call: Callable[[], T]) -> T:
+        """Run a blocking chain read for a job check on the read threads, within twice the RPC timeout.
+
+        Raises:
+            TimeoutError: no answer in time (the thread finishes on its own).
+        """
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._reads, call), 2 * self.config.rpc_timeout)
 
 
 class _JobInactive(Exception):

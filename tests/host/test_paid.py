@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from _rpc import StuckTransactions
+
 pytest.importorskip("eth_tester", reason="paid sessions need the local chain (the 'chain' extra)")
 
 from fabstir_jupyter.crypto import PrivateKey
@@ -394,6 +396,28 @@ async def test_a_job_whose_proof_cannot_land_is_served_no_more(market, paid_host
     assert market.job(job_id).tokens_used == 0
     await peer.ws.close()
     await server.close()
+
+
+async def test_a_job_check_does_not_queue_behind_a_proof_waiting_to_be_mined(market, paid_host, make_peer, caplog):
+    """One chain thread, held by a proof whose transaction is never mined (a fee spike): a new client's
+    session_init is still checked and acknowledged while that proof waits (job checks read on threads
+    of their own), before the proof's wait runs out."""
+    caplog.set_level(logging.INFO, logger="fabstir_jupyter.host")
+    stuck = StuckTransactions(market.chain.provider, stuck=100)
+    with LocalRpcServer(stuck) as rpc:
+        server = await paid_host(rpc_url=rpc.url, chain_threads=1, receipt_timeout=20.0)
+        first_job = await asyncio.to_thread(market.open)
+        second_job = await asyncio.to_thread(market.open)
+        first = await make_peer(server)
+        assert (await init(first, first_job))["type"] == "session_init_ack"
+        await ask(first, 1000, rid="a")  # its proof goes out, and is never mined
+        await eventually(lambda: len(stuck.sent) >= 1)
+        second = await make_peer(server)
+        assert (await init(second, second_job))["type"] == "session_init_ack"
+        assert "not mined within" not in caplog.text  # the proof still waits: the check did not queue behind it
+        stuck.release()  # the fee spike passes: the proof is mined, and no thread of this host is left waiting
+        await eventually(lambda: market.proofs(first_job) == [1000])
+        await server.close()
 
 
 async def test_a_job_completed_before_its_settlement_proof_is_left_alone(market, paid_host, make_peer, caplog):
