@@ -78,6 +78,7 @@ class JobMeter:
         self.threshold = threshold
         self.streamed = 0  # tokens streamed for the job by this host
         self.proven = 0  # of those, the ones covered by a proof made so far
+        self.tokens_used = tokens_used  # on chain when the host took the job
         self.claimed = tokens_used  # the chain total the proofs made so far add up to
         self.unbilled = 0  # tokens dropped at settlement (a remainder the contract would refuse)
         self.proofs = 0

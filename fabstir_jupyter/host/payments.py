@@ -94,6 +94,7 @@ class _PaidJob:
     queue: asyncio.Queue[Proof | None] = field(default_factory=asyncio.Queue)  # None: settle
     state: _State = _State.OPEN
     worker: asyncio.Task[None] | None = None
+    landed: int = 0  # tokens of this host's proofs known to be on chain
 
     @property
     def done(self) -> bool:
@@ -249,9 +250,11 @@ class PaymentManager:
         for job_id, job in list(self._jobs.items()):
             if not job.done:
                 meter = job.meter
-                logger.warning("job %d left open at shutdown: %d tokens proven, %d streamed and not proven; its "
-                               "depositor may complete it, anyone may time it out after its proofTimeoutWindow",
-                               job_id, meter.claimed, meter.pending)
+                on_chain = meter.tokens_used + job.landed
+                logger.warning("job %d left open at shutdown: %d tokens proven on chain, %d more in proofs not "
+                               "landed, %d streamed and not proven; its depositor may complete it, anyone may "
+                               "time it out after its proofTimeoutWindow", job_id, on_chain,
+                               max(0, meter.claimed - on_chain), meter.pending)
         for task in pending:
             task.cancel()
         if pending:
@@ -423,6 +426,7 @@ class PaymentManager:
         except FabstirError as exc:
             if isinstance(exc, TransactionFailed) and exc.reason == _PROOF_LANDED:
                 logger.info("job %d: proof of %d tokens was already mined by an earlier try", job_id, proof.tokens)
+                job.landed += proof.tokens
                 return True
             logger.error("job %d: proof of %d tokens (total %d) abandoned, unpaid: %s", job_id, proof.tokens,
                          proof.total, exc)
@@ -433,6 +437,7 @@ class PaymentManager:
             return False
         logger.info("job %d: proved %d tokens (%s), total %d, tx %s", job_id, proof.tokens, proof.reason,
                     proof.total, tx_hash)
+        job.landed += proof.tokens
         return True
 
     async def _settle(self, job: _PaidJob) -> None:

@@ -396,6 +396,9 @@ async def test_a_job_whose_proof_cannot_land_is_served_no_more(market, paid_host
     assert market.job(job_id).tokens_used == 0
     await peer.ws.close()
     await server.close()
+    # its settlement's proof meets "Low first" (the first was lost): left open, the log tells what landed
+    assert f"job {job_id} left open at shutdown: 0 tokens proven on chain, 200000 more in proofs not landed" \
+        in caplog.text
 
 
 async def test_a_job_check_does_not_queue_behind_a_proof_waiting_to_be_mined(market, paid_host, make_peer, caplog):
@@ -649,7 +652,8 @@ async def test_a_job_left_open_at_shutdown_can_be_timed_out_by_anyone(market, pa
     started = time.monotonic()
     await server.close()
     assert time.monotonic() - started < 10
-    assert f"job {job_id} left open at shutdown" in caplog.text
+    assert f"job {job_id} left open at shutdown: 1000 tokens proven on chain, 0 more in proofs not landed" \
+        in caplog.text
     assert market.job(job_id).status is JobStatus.ACTIVE
     market.chain.advance_time(61)
     settled = await asyncio.to_thread(market.as_rival.trigger_timeout, job_id)
