@@ -37,6 +37,7 @@ from fabstir_jupyter.marketplace import (
     MAX_REPLACEMENTS,
     JobStatus,
     MarketplaceClient,
+    OpenedJob,
     deposit_for,
     job_cost,
     max_tokens,
@@ -593,6 +594,16 @@ def _fees(raw: str) -> tuple[int, int, int]:
     return int(fields["nonce"]), int(fields["maxFeePerGas"]), int(fields["maxPriorityFeePerGas"])
 
 
+def _open_via(m, provider, *, on_sent=None, **options) -> OpenedJob:
+    """Open a native job as the user through ``provider`` served over HTTP (receipts polled every 20 ms,
+    within 20 s unless ``options`` say otherwise); check it afterwards on the chain itself."""
+    options = {"receipt_timeout": 20, "poll_interval": 0.02, **options}
+    with LocalRpcServer(provider) as server:
+        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user), **options)
+        return client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE,
+                                 on_sent=on_sent)
+
+
 def test_a_transaction_left_unmined_is_sent_again_with_higher_fees_and_the_replacement_counts(market):
     """A job's creating transaction stays unmined (priced under a fee spike): after replace_after it is
     sent again with the same nonce and fees up by at least a quarter; the replacement is mined and opens
@@ -600,12 +611,8 @@ def test_a_transaction_left_unmined_is_sent_again_with_higher_fees_and_the_repla
     m = market
     stuck = StuckTransactions(m.chain.provider, stuck=1)
     heard: list[str] = []
-    with LocalRpcServer(stuck) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
-        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE,
-                                   on_sent=heard.append)
-        assert client.get_job(opened.job_id).deposit == DEPOSIT
+    opened = _open_via(m, stuck, on_sent=heard.append, replace_after=0.2)
+    assert m.as_user.get_job(opened.job_id).deposit == DEPOSIT
     (first_nonce, first_fee, first_tip), (nonce, fee, tip) = (_fees(raw) for raw in stuck.sent)
     assert len(stuck.sent) == 2 and nonce == first_nonce
     assert fee * 4 >= first_fee * 5 and tip * 4 >= first_tip * 5
@@ -619,14 +626,11 @@ def test_the_original_mined_while_its_replacement_is_sent_is_the_outcome(market)
     (nonce taken) and the client takes the original's receipt."""
     m = market
     stuck = StuckTransactions(m.chain.provider, stuck=1, mine_late=True)
-    with LocalRpcServer(stuck) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
-        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    opened = _open_via(m, stuck, replace_after=0.2)
     assert len(stuck.sent) == 2
     assert opened.tx_hash == m.chain.w3.eth.get_transaction_receipt(opened.tx_hash)["transactionHash"].to_0x_hex()
     assert _fees(stuck.sent[0])[0] == m.chain.w3.eth.get_transaction(opened.tx_hash)["nonce"]
-    assert client.get_job(opened.job_id).active
+    assert m.as_user.get_job(opened.job_id).active
 
 
 @pytest.mark.parametrize("refusal", ["replacement transaction underpriced",
@@ -636,11 +640,8 @@ def test_a_refused_replacement_leaves_the_original_to_be_waited_on(market, refus
     the client keeps waiting on the original, which is mined, and the job opens."""
     m = market
     stuck = StuckTransactions(m.chain.provider, stuck=1, refuse=refusal)
-    with LocalRpcServer(stuck) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
-        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
-    assert len(stuck.sent) == 2 and client.get_job(opened.job_id).active
+    opened = _open_via(m, stuck, replace_after=0.2)
+    assert len(stuck.sent) == 2 and m.as_user.get_job(opened.job_id).active
     assert m.chain.w3.eth.get_transaction(opened.tx_hash)["nonce"] == _fees(stuck.sent[0])[0]
 
 
@@ -649,11 +650,8 @@ def test_a_transaction_never_mined_is_replaced_at_most_max_replacements_times_th
     TRANSACTION_FAILED naming the wait, with the last hash; it is not refused (it may still be mined)."""
     m = market
     stuck = StuckTransactions(m.chain.provider, stuck=100)
-    with LocalRpcServer(stuck) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=1.5, poll_interval=0.02, replace_after=0.1)
-        with pytest.raises(TransactionFailed, match=r"not mined within 1\.5 s") as caught:
-            client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    with pytest.raises(TransactionFailed, match=r"not mined within 1\.5 s") as caught:
+        _open_via(m, stuck, receipt_timeout=1.5, replace_after=0.1)
     assert len(stuck.sent) == 1 + MAX_REPLACEMENTS
     assert len({_fees(raw)[0] for raw in stuck.sent}) == 1
     assert caught.value.tx_hash is not None and caught.value.reason is None
@@ -668,13 +666,10 @@ def test_a_failed_fee_read_skips_one_replacement_and_the_next_goes_out(market):
     stuck = StuckTransactions(m.chain.provider, stuck=1)
     # the first block read after the transaction went out is the first replacement round's (its base fee)
     failing = FailingRequests(stuck, {"eth_getBlockByNumber": {0}}, after="eth_sendRawTransaction")
-    with LocalRpcServer(failing) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02, replace_after=0.2)
-        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    opened = _open_via(m, failing, replace_after=0.2)
     assert failing.failed == ["eth_getBlockByNumber"] and failing.calls["eth_getBlockByNumber"] == 2
     assert len(stuck.sent) == 2
-    assert client.get_job(opened.job_id).active and opened.tx_hash != stuck.held[0]
+    assert m.as_user.get_job(opened.job_id).active and opened.tx_hash != stuck.held[0]
 
 
 def test_a_node_still_indexing_its_transactions_is_waited_on(market):
@@ -683,11 +678,8 @@ def test_a_node_still_indexing_its_transactions_is_waited_on(market):
     m = market
     indexing = FailingRequests(m.chain.provider, {"eth_getTransactionReceipt": {0, 1, 2}},
                                message="transaction indexing is in progress")
-    with LocalRpcServer(indexing) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02)
-        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
-    assert indexing.failed == ["eth_getTransactionReceipt"] * 3 and client.get_job(opened.job_id).active
+    opened = _open_via(m, indexing)
+    assert indexing.failed == ["eth_getTransactionReceipt"] * 3 and m.as_user.get_job(opened.job_id).active
 
 
 def test_a_receipt_poll_blip_is_polled_through_and_a_dead_endpoint_is_not(market):
@@ -695,17 +687,11 @@ def test_a_receipt_poll_blip_is_polled_through_and_a_dead_endpoint_is_not(market
     three in a row end the wait with the endpoint's error (the transaction's hash on it)."""
     m = market
     blip = FailingRequests(m.chain.provider, {"eth_getTransactionReceipt": {0, 1}})
-    with LocalRpcServer(blip) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02)
-        opened = client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
-    assert blip.failed == ["eth_getTransactionReceipt"] * 2 and client.get_job(opened.job_id).active
+    opened = _open_via(m, blip)
+    assert blip.failed == ["eth_getTransactionReceipt"] * 2 and m.as_user.get_job(opened.job_id).active
     dead = FailingRequests(m.chain.provider, {"eth_getTransactionReceipt": set(range(3))})
-    with LocalRpcServer(dead) as server:
-        client = MarketplaceClient(server.url, m.chain.addresses["job_marketplace"], account=_key(m.user),
-                                   receipt_timeout=20, poll_interval=0.02)
-        with pytest.raises(TransactionFailed, match="internal error") as caught:
-            client.create_job(m.host.address, MODEL_ID, deposit=DEPOSIT, price_per_token=NATIVE_PRICE)
+    with pytest.raises(TransactionFailed, match="internal error") as caught:
+        _open_via(m, dead)
     assert dead.failed == ["eth_getTransactionReceipt"] * 3 and caught.value.tx_hash
 
 

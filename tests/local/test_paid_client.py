@@ -540,6 +540,18 @@ def _gate(owner, name: str):
     return entered, proceed, left
 
 
+async def _cancel_inside(gate, request) -> None:
+    """Run ``request`` until it enters the gated chain call (``gate``: what :func:`_gate` returned),
+    cancel it there (what Ctrl-C does), check that it ends cancelled, then let the chain call go on."""
+    entered, proceed, _ = gate
+    task = asyncio.ensure_future(request)
+    assert await asyncio.to_thread(entered.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proceed.set()
+
+
 def _all_refunded(network: LocalNetwork, job_ids) -> None:
     reader = _reader(network)
     for job_id in job_ids:
@@ -556,14 +568,9 @@ async def test_a_request_cancelled_while_its_job_opens_leaves_no_job_open(networ
     async with manager:
         host = await _host_of(manager, network, 0)
         await manager.payments.ensure_ready()
-        entered, proceed, _ = _gate(manager.payments._chain().w3.eth, "get_transaction_receipt")
+        gate = _gate(manager.payments._chain().w3.eth, "get_transaction_receipt")
         start = _next_job_id(network)
-        request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
-        assert await asyncio.to_thread(entered.wait, 30)
-        request.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await request
-        proceed.set()
+        await _cancel_inside(gate, manager.ainfer(PROMPT, max_tokens=5, host=host))
     opened = list(range(start, _next_job_id(network)))
     assert len(opened) == 1
     _all_refunded(network, opened)
@@ -579,16 +586,11 @@ async def test_a_request_cancelled_before_its_job_is_sent_sends_nothing(network)
         host = await _host_of(manager, network, 0)
         await manager.payments.ensure_ready()
         client = manager.payments._chain()
-        entered, proceed, _ = _gate(client, "allowance")
+        gate = _gate(client, "allowance")
         _, go, created = _gate(client, "create_job")
         go.set()  # (only watched)
         start = _next_job_id(network)
-        request = asyncio.ensure_future(manager.ainfer(PROMPT, max_tokens=5, host=host))
-        assert await asyncio.to_thread(entered.wait, 30)
-        request.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await request
-        proceed.set()
+        await _cancel_inside(gate, manager.ainfer(PROMPT, max_tokens=5, host=host))
     assert await asyncio.to_thread(created.wait, 30)  # the thread's create_job returned (or refused to send)
     assert _next_job_id(network) == start and manager.payments.held == 0 and not manager.payments.settlements
 
