@@ -109,6 +109,10 @@ class _RpcUrlFilter(logging.Filter):
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             if target != "/":
                 text = text.replace(target, "/…")
+            # what is left of a secret quoted piecemeal: credentials, the path or the query alone
+            for part in (parts.netloc.rpartition("@")[0], parts.path.rstrip("/"), parts.query):
+                if len(part) > 1:
+                    text = text.replace(part, "…")
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:

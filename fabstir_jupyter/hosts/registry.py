@@ -45,11 +45,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 from ..errors import ChainError, ConnectionFailed, EncryptionError, InvalidOptions
 from ..networks import NetworkPreset
-from ..urls import hide_rpc_url_in_logs, redact_url
+from ..urls import hide_rpc_url_in_logs, hide_rpc_urls, redact_url
 from .info import HostInfo
 
 if TYPE_CHECKING:
@@ -344,10 +343,9 @@ def build_host(
 class _Rpc:
     """Raw JSON-RPC ``eth_call`` over a sync web3 provider, counting round trips."""
 
-    def __init__(self, provider: Any, label: str, hidden: Sequence[str] = ()) -> None:
+    def __init__(self, provider: Any, label: str) -> None:
         self.provider = provider
         self.label = label
-        self._hidden = [h for h in hidden if len(h) > 1]  # URL parts kept out of error texts
         self.round_trips = 0
         self.requests = 0
         self._batch = callable(getattr(provider, "make_batch_request", None))
@@ -363,9 +361,7 @@ class _Rpc:
         return [{"to": to, "data": "0x" + data.hex()}, "latest"]
 
     def _failure(self, exc: Exception) -> ConnectionFailed:
-        text = str(exc) or type(exc).__name__
-        for part in self._hidden:
-            text = text.replace(part, "…")
+        text = hide_rpc_urls(str(exc)) or type(exc).__name__  # an RPC URL's path and query may hold a key
         return ConnectionFailed(f"registry rpc {self.label}: {text}", retryable=True)
 
     def _send(self, method: str, params: Any) -> Any:
@@ -493,15 +489,12 @@ class ChainRegistrySource:
     ) -> None:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise InvalidOptions(f"chunk_size must be a positive integer, not {chunk_size!r}", field="chunk_size")
-        hidden: list[str] = []
         if isinstance(web3_or_rpc_url, str):
             from web3 import HTTPProvider  # deferred: web3 is heavy
 
             provider = HTTPProvider(web3_or_rpc_url, request_kwargs={"timeout": timeout})
             hide_rpc_url_in_logs(web3_or_rpc_url)  # web3 logs the whole URI at DEBUG
             label = redact_url(web3_or_rpc_url, keep_path=False) or "rpc"  # the path may hold an API key
-            parts = urlsplit(web3_or_rpc_url)
-            hidden = [web3_or_rpc_url, parts.netloc.rpartition("@")[0], parts.path.rstrip("/"), parts.query]
         elif callable(getattr(web3_or_rpc_url, "make_request", None)):
             provider, label = web3_or_rpc_url, type(web3_or_rpc_url).__name__
         elif callable(getattr(getattr(web3_or_rpc_url, "provider", None), "make_request", None)):
@@ -515,7 +508,7 @@ class ChainRegistrySource:
         self.chunk_size = chunk_size
         self.read_prices = read_prices
         self._executor = executor
-        self._rpc = _Rpc(provider, label, hidden)
+        self._rpc = _Rpc(provider, label)
         self._warned: set[str] = set()
 
     @classmethod
